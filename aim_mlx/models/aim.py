@@ -1,0 +1,321 @@
+"""AIM v1 (Autoregressive Image Models) in MLX.
+
+Parameter names are the official PyTorch ones, so a converted checkpoint loads without renaming.
+The one layout change: `preprocessor.patchifier.proj.weight` is stored OHWI (MLX's convolution
+layout) instead of PyTorch's OIHW.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import ops
+
+
+@dataclass
+class ModelArgs:
+    embed_dim: int
+    num_blocks: int
+    num_heads: int
+    probe_layers: tuple[int, ...]
+    patch_size: int = 14
+    img_size: int = 224
+    num_classes: int = 1000
+    mlp_ratio: int = 4
+    norm_eps: float = 1e-6
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, params: dict) -> ModelArgs:
+        """Build from a config dict, ignoring keys that are not fields."""
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in names and k != "extra"})
+
+    def __post_init__(self):
+        self.probe_layers = tuple(int(i) for i in self.probe_layers)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.embed_dim % 4:
+            raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of 4 (sin-cos)")
+        if not self.probe_layers:
+            raise ValueError("probe_layers is empty")
+        bad = [i for i in self.probe_layers if not 0 <= i < self.num_blocks]
+        if bad:
+            raise ValueError(f"probe layers {bad} are outside blocks 0..{self.num_blocks - 1}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        d["probe_layers"] = list(self.probe_layers)
+        return d
+
+
+# Official architectures (head_dim 128, 224 px) and their two heads' probe layers.
+PRESETS = {
+    "aim-600M": dict(embed_dim=1536, num_blocks=24, num_heads=12, best=range(14, 20)),
+    "aim-1B": dict(embed_dim=2048, num_blocks=24, num_heads=16, best=range(12, 18)),
+    "aim-3B": dict(embed_dim=3072, num_blocks=24, num_heads=24, best=range(12, 18)),
+    "aim-7B": dict(embed_dim=4096, num_blocks=32, num_heads=32, best=range(14, 20)),
+}
+LAST_LAYERS = 6  # the "last layers" heads read the last six blocks
+
+
+def last_probe_layers(num_blocks: int) -> tuple[int, ...]:
+    return tuple(range(max(0, num_blocks - LAST_LAYERS), num_blocks))
+
+
+def preset_args(name: str, head: str = "best", **overrides) -> ModelArgs:
+    """ModelArgs of an official size; `head` is "best" or "last"."""
+    p = dict(PRESETS[name])
+    best = p.pop("best")
+    layers = tuple(best) if head == "best" else last_probe_layers(p["num_blocks"])
+    return ModelArgs(**{**p, "probe_layers": layers, **overrides})
+
+
+@lru_cache(maxsize=32)
+def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> mx.array:
+    """Fixed 2-D sin-cos embedding, (grid_h * grid_w, dim), row-major patch order.
+
+    The first dim/2 channels encode the column index, the second dim/2 the row index.
+    """
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+
+    def encode(pos):  # (h*w,) -> (h*w, dim/2)
+        out = pos.reshape(-1, 1).astype(np.float64) * omega
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return mx.array(np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32))
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose stored weights may be narrower than the activations.
+
+    Half-precision weights used with float32 activations are widened just before the matmul
+    (one layer at a time), so a small model file can still compute in float32.
+    """
+
+    def __init__(self, in_dims: int, out_dims: int):
+        super().__init__(in_dims, out_dims, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self.weight
+        return x @ (w if w.dtype == x.dtype else w.astype(x.dtype)).T
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
+        return QuantizedLinear.from_linear(self, group_size, bits)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """Quantized weights; on the CPU they are dequantized for a float32 BLAS matmul."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if ops.widen_low_precision():
+            w = mx.dequantize(
+                self.weight, self.scales, self.biases, self.group_size, self.bits
+            )
+            return x @ w.astype(x.dtype).T
+        return mx.quantized_matmul(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+        ).astype(x.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int, bits: int) -> QuantizedLinear:
+        out_dims, in_dims = linear.weight.shape
+        ql = cls(in_dims, out_dims, bias=False, group_size=group_size, bits=bits)
+        ql.weight, ql.scales, ql.biases = mx.quantize(linear.weight, group_size, bits)
+        return ql
+
+
+class LayerNorm(nn.LayerNorm):
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(
+            x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps
+        )
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        p = args.patch_size
+        self.proj = nn.Conv2d(3, args.embed_dim, kernel_size=p, stride=p, bias=True)
+        self.norm = LayerNorm(args.embed_dim, eps=args.norm_eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # x: (B, H, W, 3) -> tokens (B, h*w, D)
+        w, b = self.proj.weight.astype(x.dtype), self.proj.bias.astype(x.dtype)
+        x = mx.conv2d(x, w, stride=self.proj.stride) + b
+        B, h, w_, D = x.shape
+        return self.norm(x.reshape(B, h * w_, D))
+
+
+class Preprocessor(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.patch_size = args.patch_size
+        self.patchifier = PatchEmbed(args)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # x: (B, 3, H, W) -> (B, N, D)
+        B, C, H, W = x.shape
+        p = self.patch_size
+        if C != 3 or H % p or W % p:
+            raise ValueError(
+                f"expected input (B, 3, H, W) with H and W multiples of {p}, got {x.shape}"
+            )
+        tokens = self.patchifier(x.transpose(0, 2, 3, 1))
+        pos = sincos_pos_embed(H // p, W // p, tokens.shape[-1])
+        return tokens + pos.astype(tokens.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, N, D = x.shape
+        H = self.num_heads
+        qkv = self.qkv(x).reshape(B, N, 3, H, D // H).transpose(2, 0, 3, 1, 4)
+        out = ops.attention(qkv[0], qkv[1], qkv[2], self.scale)  # (B, H, N, hd)
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(ops.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D = args.embed_dim
+        self.norm_1 = LayerNorm(D, eps=args.norm_eps)
+        self.attn = Attention(D, args.num_heads)
+        self.norm_2 = LayerNorm(D, eps=args.norm_eps)
+        self.mlp = MLP(D, args.mlp_ratio * D)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.attn(self.norm_1(x))
+        return x + self.mlp(self.norm_2(x))
+
+
+class Trunk(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.blocks = [Block(args) for _ in range(args.num_blocks)]
+        # Kept for the checkpoint's sake; the classifier does not use its output.
+        self.post_trunk_norm = LayerNorm(args.embed_dim, eps=args.norm_eps)
+
+
+class AttentionPoolingHead(nn.Module):
+    """BatchNorm (running statistics) then one learned query attending over the tokens."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D = args.embed_dim
+        self.num_heads = args.num_heads
+        self.scale = args.head_dim**-0.5
+        self.cls_token = mx.zeros((1, 1, D))
+        self.k = Linear(D, D)
+        self.v = Linear(D, D)
+        self.linear = Linear(D, args.num_classes)
+        self.bn = nn.BatchNorm(D, eps=args.norm_eps, affine=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # x: (B, N, D) -> logits (B, num_classes)
+        bn = self.bn
+        mean, var = bn.running_mean.astype(x.dtype), bn.running_var.astype(x.dtype)
+        x = (x - mean) * mx.rsqrt(var + bn.eps)
+        B, N, D = x.shape
+        H = self.num_heads
+        q = self.cls_token.astype(x.dtype).reshape(1, H, 1, D // H)
+        q = mx.broadcast_to(q, (B, H, 1, D // H))
+        k = self.k(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+        v = self.v(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+        pooled = ops.attention(q, k, v, self.scale).reshape(B, D)  # one query per head
+        return self.linear(pooled)
+
+
+class AIM(nn.Module):
+    """AIM v1 classifier: `model(x)` maps (B, 3, H, W) float images to logits (B, classes)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.preprocessor = Preprocessor(args)
+        self.trunk = Trunk(args)
+        self.head = AttentionPoolingHead(args)
+        self.compute_dtype = None  # None: chosen per device (see `activation_dtype`)
+        self.eval()
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The dtype the weights are stored in."""
+        return self.trunk.post_trunk_norm.weight.dtype
+
+    def activation_dtype(self) -> mx.Dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return mx.float32 if ops.widen_low_precision() else self.dtype
+
+    def extract_features(self, x: mx.array, max_block_id: int | None = None) -> list[mx.array]:
+        """Outputs of blocks 0..max_block_id, each (B, N, D).
+
+        `max_block_id` None stops at the last probe layer, -1 runs every block.
+        """
+        n = self.args.num_blocks
+        if max_block_id is None:
+            max_block_id = max(self.args.probe_layers)
+        elif max_block_id == -1:
+            max_block_id = n - 1
+        if not 0 <= max_block_id < n:
+            raise ValueError(f"max_block_id must be -1 or in 0..{n - 1}, got {max_block_id}")
+        x = self.preprocessor(x.astype(self.activation_dtype()))
+        features = []
+        for block in self.trunk.blocks[: max_block_id + 1]:
+            x = block(x)
+            features.append(x)
+        return features
+
+    def head_input(self, features: list[mx.array]) -> mx.array:
+        """Mean of the probe layers' raw outputs, (B, N, D)."""
+        layers = self.args.probe_layers
+        return sum(features[i] for i in layers) / len(layers)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        logits = self.head(self.head_input(self.extract_features(x)))
+        return logits.astype(mx.float32)
+
+    def num_parameters(self) -> int:
+        from mlx.utils import tree_flatten
+
+        return sum(math.prod(v.shape) for _, v in tree_flatten(self.parameters()))
