@@ -1,4 +1,4 @@
-"""Read PyTorch zip checkpoints and safetensors files without PyTorch and without running pickle code.
+"""Read PyTorch zip checkpoints and safetensors files without PyTorch or running pickle code.
 
 A PyTorch checkpoint is a zip archive: `<name>/data.pkl` describes the state dict and each tensor
 storage is a raw little-endian file `<name>/data/<key>`. The pickle is read by a restricted
@@ -67,8 +67,9 @@ class TensorInfo:
         return self.storage.dtype
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(
+    storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None
+):
     if not isinstance(storage, Storage):
         raise UnsafePickleError("_rebuild_tensor_v2 called on something that is not a storage")
     return TensorInfo(storage, int(storage_offset), tuple(size), tuple(stride))
@@ -115,8 +116,11 @@ class _StateDictUnpickler(pickle._Unpickler):
     def load_build(self):
         state = self.stack.pop()
         inst = self.stack[-1]
-        if not (isinstance(inst, collections.OrderedDict) and isinstance(state, dict)
-                and set(state) <= {"_metadata"}):
+        if not (
+            isinstance(inst, collections.OrderedDict)
+            and isinstance(state, dict)
+            and set(state) <= {"_metadata"}
+        ):
             raise UnsafePickleError(f"refusing BUILD on {type(inst).__name__}")
         inst.__dict__.update(state)
 
@@ -215,7 +219,7 @@ class TorchCheckpoint:
             arr = arr.reshape(t.shape)
         else:
             arr = np.lib.stride_tricks.as_strided(
-                arr[t.offset:], t.shape, [s * itemsize for s in t.stride]
+                arr[t.offset :], t.shape, [s * itemsize for s in t.stride]
             ).copy()
         out = mx.array(arr)
         return out.view(mx.bfloat16) if t.dtype == "bfloat16" else out
@@ -249,8 +253,14 @@ def _span(shape, stride) -> int:
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
 
 
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "U32": "uint32"}
+_SAFETENSORS_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "U32": "uint32",
+}
 
 
 class SafetensorsCheckpoint:
@@ -307,7 +317,8 @@ def _safetensors_header(path: Path) -> dict:
     header.pop("__metadata__", None)
     for key, entry in header.items():
         if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry.get('dtype')}")
+            dtype = entry.get("dtype")
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
         if 8 + n + entry["data_offsets"][1] > size:
             raise CheckpointError(f"{path}: truncated (tensor {key!r} reaches past the end)")
     return header

@@ -125,9 +125,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if ops.widen_low_precision():
-            w = mx.dequantize(
-                self.weight, self.scales, self.biases, self.group_size, self.bits
-            )
+            w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
             return x @ w.astype(x.dtype).T
         return mx.quantized_matmul(
             x,
