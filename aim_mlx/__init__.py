@@ -1,6 +1,11 @@
 """aim-mlx: Apple's AIM v1 vision models in pure MLX."""
 
-from importlib.metadata import PackageNotFoundError, version
+# First, before anything imports mlx.core: an optimized BLAS for MLX on the Linux CPU.
+from . import blas
+
+blas.setup()
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
 try:
     __version__ = version("aim-mlx")

@@ -1,6 +1,9 @@
 import json
 from pathlib import Path
 
+import aim_mlx  # noqa: F401  (first: it loads an optimized BLAS before mlx.core)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 import pytest
