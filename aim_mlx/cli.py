@@ -83,5 +83,100 @@ def convert(
     click.echo(f"wrote {path}")
 
 
+def _int_list(ctx, param, value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected integers like 1,8,32, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise click.BadParameter(f"expected positive integers like 1,8,32, got {value!r}")
+    return items
+
+
+def _dtype_list(ctx, param, value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in ("float32", "float16", "bfloat16")]
+    if bad or not items:
+        raise click.BadParameter(
+            f"expected float32, float16 and/or bfloat16 (comma-separated), got {value!r}"
+        )
+    return items
+
+
+@main.command()
+@click.option(
+    "--model",
+    default="aim-600M",
+    show_default=True,
+    help="A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.",
+)
+@click.option(
+    "--batch-size", default="1", callback=_int_list, show_default=True, help="E.g. 1,8,32."
+)
+@click.option(
+    "--dtype",
+    default="float32",
+    callback=_dtype_list,
+    show_default=True,
+    help="Weight dtypes, e.g. float32,float16,bfloat16.",
+)
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
+@click.option("--img-size", type=click.IntRange(min=14), help="Input size (default: the model's).")
+@click.option(
+    "--head",
+    type=click.Choice(["best", "last"]),
+    default="best",
+    show_default=True,
+    help="Sizes only: the best-layers head stops the trunk early, the last-layers one runs it all.",
+)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per configuration per line.")
+def bench(
+    model, batch_size, dtype, quantize, q_bits, compile_, img_size, head, warmup, iters, as_json
+):
+    """Images/s, latency and memory of a model (offline: sizes use random weights)."""
+    import json
+
+    from . import bench as lib
+
+    rows = []
+    for config in lib.configs(
+        model,
+        batch_size,
+        dtype,
+        int(q_bits) if quantize else None,
+        compile_,
+        img_size,
+        head,
+        warmup,
+        iters,
+    ):
+        if not as_json:
+            click.echo(
+                f"running {config.model} batch {config.batch_size} {config.dtype} ...", err=True
+            )
+        try:
+            row = lib.run(config)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+        rows.append(row)
+        if as_json:
+            click.echo(json.dumps(row), nl=True)
+    if not as_json:
+        click.echo(lib.format_table(rows))
+
+
+@main.command()
+def info():
+    """Versions, device and the BLAS that MLX's CPU matmuls use."""
+    from . import bench as lib
+
+    for key, value in lib.environment().items():
+        click.echo(f"{key}: {value}")
+
+
 if __name__ == "__main__":
     main()

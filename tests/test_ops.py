@@ -80,3 +80,29 @@ def test_fast_paths_keep_reference_parity(variant):
     x = mx.array(np.load(REF / "input.npy"))
     ref = np.load(REF / f"logits_{variant}.npy")
     assert rel_err(to_np(model(x)), ref) <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])
+def test_dequantize_float32_matches_mlx(bits, group_size, dtype):
+    w = (0.02 * mx.random.normal((48, 256), key=mx.random.key(bits))).astype(dtype)
+    packed, scales, biases = mx.quantize(w, group_size, bits)
+    out = ops.dequantize_float32(packed, scales, biases, group_size, bits)
+    assert out.dtype == mx.float32 and out.shape == (48, 256)
+    s32, b32 = scales.astype(mx.float32), biases.astype(mx.float32)
+    ref = to_np(mx.dequantize(packed, s32, b32, group_size, bits))
+    assert np.abs(to_np(out) - ref).max() <= 1e-7
+
+
+def test_quantized_linear_on_cpu_uses_float32():
+    from aim_mlx.models.aim import Linear
+
+    lin = Linear(128, 64)
+    lin.weight = (0.05 * mx.random.normal((64, 128), key=mx.random.key(3))).astype(mx.float16)
+    q = lin.to_quantized(group_size=64, bits=4)
+    x = mx.random.normal((5, 128), key=mx.random.key(4))
+    w = mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32), 64, 4)
+    out = q(x)
+    assert out.dtype == mx.float32
+    assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 1e-5

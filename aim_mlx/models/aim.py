@@ -125,7 +125,14 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array) -> mx.array:
         if ops.widen_low_precision():
-            w = mx.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits)
+            if self.mode == "affine":
+                w = ops.dequantize_float32(
+                    self.weight, self.scales, self.biases, self.group_size, self.bits
+                )
+            else:
+                w = mx.dequantize(
+                    self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode
+                )
             return x @ w.astype(x.dtype).T
         return mx.quantized_matmul(
             x,

@@ -89,6 +89,33 @@ def gelu(x: mx.array) -> mx.array:
     return fast(x) if fast is not None else nn.gelu(x)
 
 
+def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+    # w: (O, I * bits / 32) uint32, scales/biases: (O, I / group_size) -> (O, I) float32
+    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
+    q = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (O, I * bits / 32, 32 / bits)
+    q = q.reshape(w.shape[0], -1, group_size).astype(mx.float32)
+    s = scales.astype(mx.float32)[..., None]
+    b = biases.astype(mx.float32)[..., None]
+    return (q * s + b).reshape(w.shape[0], -1)
+
+
+_dequantize_compiled = mx.compile(_dequantize_arith)
+
+
+def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.array:
+    """Affine-quantized weights as float32, for a BLAS matmul on the CPU.
+
+    A fused shift-mask-scale kernel with float32 scales: about 5x faster on the CPU than
+    `mx.dequantize` with half-precision scales followed by a cast (which also rounds the
+    weights to half precision on the way).
+    """
+    if 32 % bits or _compiled_gelu() is None:  # 3, 5, 6 bits or no compiler: MLX's own
+        return mx.dequantize(
+            w, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits
+        )
+    return _dequantize_compiled(w, scales, biases, group_size, bits)
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v over (B, H, N, head_dim) arrays."""
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -1,0 +1,252 @@
+"""Throughput, latency and memory of AIM models: the library behind `aim-mlx bench`.
+
+Preset names get random weights created layer by layer in the requested dtype (and quantized as
+they are made), so aim-7B at 4 bits never exists in float32 and every size runs offline.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from . import __version__, blas
+from .convert.converter import QUANTIZED_LAYER
+from .models import AIM, PRESETS, ModelArgs, preset_args
+from .models.aim import QuantizedLinear
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+GB = 1024**3
+
+
+@dataclass
+class BenchConfig:
+    model: str  # a preset name or a converted folder
+    batch_size: int = 1
+    dtype: str = "float32"
+    q_bits: int | None = None  # None: not quantized
+    q_group_size: int = 64
+    compile: bool = False
+    img_size: int | None = None  # None: the model's own
+    head: str = "best"  # presets only: "best" or "last" layers
+    warmup: int = 1
+    iters: int = 5
+
+
+def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) for one image through `num_blocks` blocks and the head.
+
+    Counted: patch embedding, qkv, attention q k^T and a v, proj, fc1, fc2, and the head's
+    k, v, one-query attention and classifier. Element-wise work (norms, GELU, softmax) is not.
+    """
+    p, D = args.patch_size, args.embed_dim
+    N = (img_h // p) * (img_w // p)
+    hidden = args.mlp_ratio * D
+    patch = 2 * N * (3 * p * p) * D
+    qkv, proj = 2 * N * D * 3 * D, 2 * N * D * D
+    scores_and_mix = 2 * (2 * N * N * D)  # q k^T and a v, all heads together
+    mlp = 2 * (2 * N * D * hidden)
+    head = 2 * (2 * N * D * D) + 2 * (2 * N * D) + 2 * D * args.num_classes
+    return patch + num_blocks * (qkv + scores_and_mix + proj + mlp) + head
+
+
+def blocks_run(args: ModelArgs) -> int:
+    """The forward pass stops after the last probe layer."""
+    return max(args.probe_layers) + 1
+
+
+def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, seed=0) -> AIM:
+    """An AIM with random weights made one layer at a time, each quantized as soon as it exists.
+
+    The trunk's matmul layers are quantized (as `aim-mlx convert -q` does); everything else is
+    stored in `dtype`. Peak memory stays at the final model plus one layer in float32.
+    """
+    model = AIM(args)  # its own random init is lazy and never computed
+    if q_bits:
+        nn.quantize(
+            model,
+            group_size=group_size,
+            bits=q_bits,
+            class_predicate=lambda path, m: (
+                isinstance(m, nn.Linear) and QUANTIZED_LAYER.match(path) is not None
+            ),
+        )
+    key = mx.random.key(seed)
+    for _, module in model.named_modules():
+        key, sub = mx.random.split(key)
+        if isinstance(module, QuantizedLinear):
+            out_dims = module.scales.shape[0]
+            in_dims = module.scales.shape[1] * module.group_size
+            w = 0.02 * mx.random.normal((out_dims, in_dims), key=sub)
+            q = mx.quantize(w.astype(dtype), module.group_size, module.bits)
+            module.weight, module.scales, module.biases = q
+            mx.eval(module.parameters())
+            continue
+        own = {k: v for k, v in module.items() if isinstance(v, mx.array)}  # not children's
+        for name, v in own.items():
+            if name in ("weight", "cls_token") and v.ndim >= 2:
+                v = 0.02 * mx.random.normal(v.shape, key=sub)
+            # else: norm scales/offsets, biases, BatchNorm statistics keep their defaults
+            own[name] = v.astype(dtype)
+            setattr(module, name, own[name])
+        mx.eval(list(own.values()))
+    model.eval()
+    return model
+
+
+def make_model(config: BenchConfig) -> AIM:
+    dtype = DTYPES[config.dtype]
+    overrides = {"img_size": config.img_size} if config.img_size else {}
+    if config.model in PRESETS:
+        args = preset_args(config.model, head=config.head, **overrides)
+        return random_model(args, dtype, config.q_bits, config.q_group_size)
+    path = Path(config.model)
+    if not path.is_dir():
+        names = ", ".join(PRESETS)
+        raise ValueError(f"--model {config.model!r}: not a preset ({names}) nor a model folder")
+    from .loader import load_model
+
+    if config.q_bits or config.dtype != "float32":
+        raise ValueError(
+            f"--model {path}: a converted folder is benchmarked as it was converted; "
+            "--dtype and --quantize apply to preset names only"
+        )
+    model = load_model(path)
+    mx.eval(model.parameters())
+    return model
+
+
+def model_dtype_and_bits(model: AIM) -> tuple[str, int | None]:
+    names = {v: k for k, v in DTYPES.items()}
+    bits = None
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            bits = m.bits
+            break
+    return names.get(model.dtype, str(model.dtype)), bits
+
+
+def weight_bytes(model: AIM) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def chip() -> str:
+    if sys.platform == "darwin":
+        try:
+            info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+            return str(info.get("device_name", platform.machine()))
+        except Exception:
+            return platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment() -> dict:
+    return {
+        "device": str(mx.default_device()),
+        "chip": chip(),
+        "mlx_version": mx.__version__,
+        "aim_mlx_version": __version__,
+        "blas": blas.describe(),
+    }
+
+
+def run(config: BenchConfig, model: AIM | None = None) -> dict:
+    """Time `config`; returns one result row (see `aim-mlx bench --json`)."""
+    mx.reset_peak_memory()
+    model = model if model is not None else make_model(config)
+    build_peak = mx.get_peak_memory()
+    args = model.args
+    size = config.img_size or args.img_size
+    x = mx.random.normal((config.batch_size, 3, size, size), key=mx.random.key(1))
+    mx.eval(x)
+    forward = mx.compile(model) if config.compile else model
+    mx.reset_peak_memory()
+    times = []
+    for i in range(config.warmup + config.iters):
+        start = time.perf_counter()
+        mx.eval(forward(x))
+        if i >= config.warmup:
+            times.append(time.perf_counter() - start)
+    blocks = blocks_run(args)
+    flops = flops_per_image(args, blocks, size, size)
+    images_per_s = config.batch_size * len(times) / sum(times)
+    dtype, bits = model_dtype_and_bits(model)
+    return {
+        "model": config.model if config.model in PRESETS else Path(config.model).name,
+        "head": config.head if config.model in PRESETS else "converted",
+        "blocks": blocks,
+        "batch_size": config.batch_size,
+        "dtype": dtype,
+        "quantization": bits,
+        "compile": config.compile,
+        "img_size": size,
+        "images_per_s": images_per_s,
+        "latency_ms_p50": 1e3 * float(np.percentile(times, 50)),
+        "latency_ms_p90": 1e3 * float(np.percentile(times, 90)),
+        "peak_memory_gb": mx.get_peak_memory() / GB,
+        "build_peak_memory_gb": build_peak / GB,
+        "weight_gb": weight_bytes(model) / GB,
+        "gflops_per_image": flops / 1e9,
+        "gflops_per_s": flops * images_per_s / 1e9,
+        "iters": len(times),
+        "warmup": config.warmup,
+        **environment(),
+    }
+
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("blocks", "blocks", "{}"),
+    ("batch_size", "batch", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("quantization", "bits", "{}"),
+    ("compile", "compile", "{}"),
+    ("images_per_s", "img/s", "{:.3g}"),
+    ("latency_ms_p50", "p50 ms", "{:.1f}"),
+    ("latency_ms_p90", "p90 ms", "{:.1f}"),
+    ("peak_memory_gb", "peak GB", "{:.2f}"),
+    ("weight_gb", "weights GB", "{:.2f}"),
+    ("gflops_per_image", "GFLOP/img", "{:.1f}"),
+    ("gflops_per_s", "GFLOP/s", "{:.1f}"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table of result rows, with the environment on top."""
+    if not rows:
+        return ""
+    env = rows[0]
+    head = [
+        f"device {env['device']} | {env['chip']} | MLX {env['mlx_version']} | "
+        f"aim-mlx {env['aim_mlx_version']}",
+        f"BLAS: {env['blas']}",
+    ]
+    cells = [[label for _, label, _ in COLUMNS]]
+    for r in rows:
+        cells.append(["-" if r[k] is None else fmt.format(r[k]) for k, _, fmt in COLUMNS])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(head + [""] + lines)
+
+
+def configs(model, batch_sizes, dtypes, q_bits, compile_, img_size, head, warmup, iters):
+    """Every combination of the listed batch sizes and dtypes."""
+    for dtype in dtypes:
+        for b in batch_sizes:
+            yield BenchConfig(model, b, dtype, q_bits, 64, compile_, img_size, head, warmup, iters)

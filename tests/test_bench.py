@@ -1,0 +1,167 @@
+"""`aim-mlx bench` and `info`: the FLOP count, random models made layer by layer, result rows."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF, reference_args
+from mlx.utils import tree_flatten
+
+from aim_mlx import bench
+from aim_mlx.cli import main
+from aim_mlx.convert import convert
+from aim_mlx.convert.converter import QUANTIZED_LAYER
+from aim_mlx.models import AIM, ModelArgs, preset_args
+
+
+def test_flops_per_image_by_hand():
+    # The fixture shape: D = 64, 16 x 16 = 256 patches of 14 x 14 x 3 = 588 values, MLP 256.
+    args = reference_args("best")
+    patch = 2 * 256 * 588 * 64  # 19,267,584
+    qkv = 2 * 256 * 64 * 192  # 6,291,456
+    proj = 2 * 256 * 64 * 64  # 2,097,152
+    attn = 2 * 256 * 256 * 64 * 2  # q k^T and a v: 16,777,216
+    mlp = 2 * 256 * 64 * 256 * 2  # fc1 and fc2: 16,777,216
+    head = 2 * 256 * 64 * 64 * 2 + 2 * 256 * 64 * 2 + 2 * 64 * 1000  # k, v; 1 query; linear
+    assert patch + 7 * (qkv + proj + attn + mlp) + head == 317_256_704
+    assert bench.flops_per_image(args, 7, 224, 224) == 317_256_704
+    # Non-square input: 18 x 14 patches.
+    n = 18 * 14
+    block = 2 * n * 64 * 192 + 2 * n * 64 * 64 + 4 * n * n * 64 + 4 * n * 64 * 256
+    head = 4 * n * 64 * 64 + 4 * n * 64 + 2 * 64 * 1000
+    assert bench.flops_per_image(args, 2, 252, 196) == 2 * n * 588 * 64 + 2 * block + head
+
+
+def test_flops_aim_600m():
+    # 24 D^2 N + 4 N^2 D per block: about 358 GFLOP per image for aim-600M's trunk at 224 px.
+    args = preset_args("aim-600M", head="last")
+    total = bench.flops_per_image(args, 24, 224, 224)
+    trunk = 24 * (24 * 1536**2 * 256 + 4 * 256**2 * 1536)
+    assert trunk == 357_556_027_392
+    assert 0 < total - trunk < 0.01 * trunk  # patch embedding and head add under 1%
+    assert bench.blocks_run(args) == 24
+    assert bench.blocks_run(preset_args("aim-600M")) == 20  # best layers 14..19
+
+
+SMALL = ModelArgs(embed_dim=256, num_blocks=3, num_heads=2, probe_layers=(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_random_model_dtypes(dtype):
+    model = bench.random_model(SMALL, dtype)
+    params = dict(tree_flatten(model.parameters()))
+    assert {v.dtype for v in params.values()} == {dtype}
+    assert not model.training
+    w = np.array(params["trunk.blocks.0.mlp.fc1.weight"].astype(mx.float32))
+    assert 0.015 < w.std() < 0.025  # random, at a ViT's init scale
+    out = model(mx.random.normal((1, 3, 56, 56), key=mx.random.key(0)))
+    assert out.shape == (1, 1000) and np.isfinite(np.array(out)).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_random_model_quantized_like_the_converter(bits):
+    model = bench.random_model(SMALL, mx.float16, q_bits=bits)
+    quantized = {p for p, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)}
+    linears = {
+        p for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+    }
+    assert quantized == {p for p in linears if QUANTIZED_LAYER.match(p)}
+    assert len(quantized) == 4 * SMALL.num_blocks
+    assert all(m.bits == bits for p, m in model.named_modules() if p in quantized)
+    assert bench.model_dtype_and_bits(model) == ("float16", bits)
+
+
+def test_random_model_never_holds_float32_weights():
+    """Made layer by layer: peak memory is the 4-bit model plus about one float32 layer."""
+    args = ModelArgs(embed_dim=512, num_blocks=8, num_heads=4, probe_layers=(7,))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    model = bench.random_model(args, mx.float16, q_bits=4)
+    peak = mx.get_peak_memory() - base
+    weights = bench.weight_bytes(model)
+    float32 = AIM(args).num_parameters() * 4  # lazy: shapes only, nothing is computed
+    fc1_float32 = 512 * 2048 * 4
+    assert weights < float32 / 5
+    assert peak < weights + 3 * fc1_float32 < float32 / 3
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    convert(
+        out,
+        backbone=REF / "backbone.pth",
+        head=REF / "head_best_layers.pth",
+        num_heads=4,
+        probe_layers="1,2,3,4,5,6",
+        progress=False,
+    )
+    return out
+
+
+def test_cli_bench_json_on_a_converted_folder(converted):
+    res = CliRunner().invoke(
+        main, ["bench", "--model", str(converted), "--batch-size", "1,2", "--iters", "2", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert [r["batch_size"] for r in rows] == [1, 2]
+    for r in rows:
+        assert (r["model"], r["dtype"], r["quantization"], r["blocks"]) == (
+            "tiny",
+            "float32",
+            None,
+            7,
+        )
+        assert r["images_per_s"] > 0 and 0 < r["latency_ms_p50"] <= r["latency_ms_p90"]
+        assert r["peak_memory_gb"] >= r["weight_gb"] > 0
+        assert r["gflops_per_image"] == pytest.approx(0.317256704)
+        assert r["gflops_per_s"] == pytest.approx(r["gflops_per_image"] * r["images_per_s"])
+        assert r["iters"] == 2 and r["blas"] and r["mlx_version"] == mx.__version__
+
+
+def test_cli_bench_table_and_compile(converted):
+    res = CliRunner().invoke(
+        main, ["bench", "--model", str(converted), "--compile", "--iters", "1"]
+    )
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[1].startswith("BLAS: ")
+    header = lines[3].split()
+    assert header[:3] == ["model", "blocks", "batch"] and "img/s" in header
+    row = lines[5].split()
+    assert row[:5] == ["tiny", "7", "1", "float32", "-"] and row[5] == "True"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "aim-9B"], "not a preset"),
+        (["--batch-size", "0"], "positive integers"),
+        (["--batch-size", "1,x"], "expected integers"),
+        (["--dtype", "float64"], "float32, float16 and/or bfloat16"),
+        (["--q-bits", "3"], "'3' is not one of"),
+    ],
+)
+def test_cli_bench_bad_input(args, message):
+    res = CliRunner().invoke(main, ["bench", *args])
+    assert res.exit_code != 0
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_bench_folder_refuses_dtype(converted):
+    res = CliRunner().invoke(main, ["bench", "--model", str(converted), "--dtype", "float16"])
+    assert res.exit_code == 1 and "converted folder" in res.output
+
+
+def test_cli_info():
+    res = CliRunner().invoke(main, ["info"])
+    assert res.exit_code == 0
+    info = dict(line.split(": ", 1) for line in res.output.splitlines())
+    assert info["mlx_version"] == mx.__version__
+    assert set(info) >= {"device", "chip", "blas", "aim_mlx_version"}
