@@ -63,15 +63,43 @@ def test_gelu_keeps_other_dtypes_exact():
     assert np.array_equal(to_np(out), to_np(nn.gelu(x)))
 
 
-def test_attention_matches_numpy():
+def test_exp_neg_approx_error_bound():
+    x = np.concatenate([np.linspace(-40.0, 0.0, 400_001), [-1e30, -np.inf]]).astype(np.float32)
+    ref = np.exp(x.astype(np.float64))
+    for fn in (ops.exp_neg_approx, lambda a: ops._compiled_exp_scaled(1.0)(a, mx.array(0.0))):
+        out = np.array(fn(mx.array(x)), dtype=np.float64)
+        assert np.abs(out - ref).max() <= 2.5e-7
+        near = x >= -1.0
+        assert (np.abs(out - ref) / ref)[near].max() <= 5e-7
+        assert out.min() >= 0.0 and out[-1] == 0.0 and out[x == 0.0][0] == 1.0
+
+
+def attention64(q, k, v, scale):
+    qn, kn, vn = (to_np(a).astype(np.float64) for a in (q, k, v))
+    s = qn @ kn.transpose(0, 1, 3, 2) * scale
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ vn
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0])  # near-uniform and very peaked attention
+def test_attention_matches_float64(spread):
     keys = mx.random.split(mx.random.key(2), 3)
     q, k, v = (mx.random.normal((2, 3, 17, 16), key=kk) for kk in keys)
-    out = to_np(ops.attention(q, k, v, 0.25))
-    qn, kn, vn = (to_np(a).astype(np.float64) for a in (q, k, v))
-    s = qn @ kn.transpose(0, 1, 3, 2) * 0.25
-    p = np.exp(s - s.max(-1, keepdims=True))
-    ref = (p / p.sum(-1, keepdims=True)) @ vn
-    assert np.abs(out - ref).max() <= 1e-5
+    q = q * spread
+    ref = attention64(q, k, v, 0.25)
+    err = np.abs(to_np(ops.attention(q, k, v, 0.25)) - ref).max()
+    fused = to_np(mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25))
+    # As accurate as MLX's own kernel (with peaked attention float32 scores limit both).
+    assert err <= 2 * np.abs(fused - ref).max() + 1e-6
+
+
+def test_attention_one_query_strided_inputs():
+    """The head's shape: one broadcast query; k and v transposed views, as the model makes them."""
+    x = mx.random.normal((2, 40, 3, 4, 16), key=mx.random.key(5)).transpose(2, 0, 3, 1, 4)
+    q = mx.broadcast_to(mx.random.normal((1, 4, 1, 16), key=mx.random.key(6)), (2, 4, 1, 16))
+    out = to_np(ops.attention(q, x[1], x[2], 0.25))
+    assert out.shape == (2, 4, 1, 16)
+    assert np.abs(out - attention64(q, x[1], x[2], 0.25)).max() <= 2e-6
 
 
 def test_fast_paths_keep_reference_parity(variant):
