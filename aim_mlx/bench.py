@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -155,6 +156,12 @@ def chip() -> str:
     return f"{platform.machine()} ({os.cpu_count()} cores)"
 
 
+def max_rss_bytes() -> int:
+    """This process's peak resident set so far."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
 def environment() -> dict:
     return {
         "device": str(mx.default_device()),
@@ -201,6 +208,7 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
         "peak_memory_gb": mx.get_peak_memory() / GB,
         "build_peak_memory_gb": build_peak / GB,
         "weight_gb": weight_bytes(model) / GB,
+        "max_rss_gb": max_rss_bytes() / GB,
         "gflops_per_image": flops / 1e9,
         "gflops_per_s": flops * images_per_s / 1e9,
         "iters": len(times),

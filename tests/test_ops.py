@@ -46,9 +46,11 @@ def test_gelu_error_bound(compiled):
     x = x32.astype(np.float64)
     err = np.abs(out - gelu64(x)) / np.maximum(1.0, np.abs(x))
     assert err.max() <= 1e-6
-    # Large negative inputs give exactly 0, large positive ones exactly x.
-    big = mx.array([-1e30, -1e4, -20.0, 20.0, 1e4])
-    assert to_np(ops.gelu(big)).tolist() == [0.0, 0.0, 0.0, 20.0, 1e4]
+    # Far outside the fitted range: about 0 for large negative inputs, about x for large ones.
+    big = np.array([-np.inf, -1e30, -1e4, -20.0, 20.0, 1e4, 1e30], dtype=np.float32)
+    out = to_np(fn(mx.array(big)))
+    assert np.abs(out[:4]).max() <= 3e-7
+    assert np.abs(out[4:] / big[4:] - 1).max() <= 2e-7
 
 
 def test_gelu_matches_mlx_exact_gelu():
@@ -66,7 +68,7 @@ def test_gelu_keeps_other_dtypes_exact():
 def test_exp_neg_approx_error_bound():
     x = np.concatenate([np.linspace(-40.0, 0.0, 400_001), [-1e30, -np.inf]]).astype(np.float32)
     ref = np.exp(x.astype(np.float64))
-    for fn in (ops.exp_neg_approx, lambda a: ops._compiled_exp_scaled(1.0)(a, mx.array(0.0))):
+    for fn in (ops.exp_neg_approx, lambda a: ops._compiled_exp(1.0)(a, mx.array(0.0))):
         out = np.array(fn(mx.array(x)), dtype=np.float64)
         assert np.abs(out - ref).max() <= 2.5e-7
         near = x >= -1.0

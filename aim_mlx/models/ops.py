@@ -8,6 +8,7 @@ one vectorised loop) with a tested error bound.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import mlx.core as mx
@@ -60,6 +61,16 @@ def _poly(coeffs, s):
     return out
 
 
+def _poly6(c, s):
+    """c[0] + c[1] s + ... + c[5] s^5, evaluated in 5 dependent steps (Estrin), not 10.
+
+    `mx.compile` fuses chains of at most 11 dependent element-wise operations into one kernel;
+    anything deeper is split into several kernels with full-size intermediates in between.
+    """
+    s2 = s * s
+    return (c[0] + c[1] * s) + s2 * (c[2] + c[3] * s) + (s2 * s2) * (c[4] + c[5] * s)
+
+
 def erf_approx(x: mx.array) -> mx.array:
     """erf from plain arithmetic: |error| <= 4e-7 in float32 (tested in tests/test_ops.py)."""
     x = mx.clip(x, -ERF_CLAMP, ERF_CLAMP)
@@ -67,9 +78,24 @@ def erf_approx(x: mx.array) -> mx.array:
     return mx.clip(x * _poly(ERF_P, s) / _poly(ERF_Q, s), -1.0, 1.0)
 
 
+# 0.5 erf(x / sqrt(2)) = x GELU_P(x^2) / GELU_Q(x^2): ERF_P, ERF_Q with the scalings folded in.
+GELU_P = tuple(c * 0.5 / math.sqrt(2) / 2**i for i, c in enumerate(ERF_P))
+GELU_Q = tuple(c / 2**i for i, c in enumerate(ERF_Q))
+GELU_CLAMP = ERF_CLAMP * math.sqrt(2)
+
+
 def gelu_approx(x: mx.array) -> mx.array:
-    """Exact-form GELU, x Phi(x), with `erf_approx`: |error| <= 1e-6 max(1, |x|)."""
-    return 0.5 * x * (1.0 + erf_approx(x * 0.7071067811865476))
+    """Exact-form GELU, x Phi(x), with the erf of `erf_approx`: |error| <= 1e-6 max(1, |x|).
+
+    Written as (0.5 x Q + x t P) / Q so that its longest chain is 11 operations: `mx.compile`
+    makes it one kernel, a single pass over the activations. Below -GELU_CLAMP (-5.66, where
+    GELU is above -5e-8) x is clamped too, so large negative inputs give |GELU| < 3e-7.
+    """
+    t = mx.clip(x, -GELU_CLAMP, GELU_CLAMP)
+    s = t * t
+    q = _poly6(GELU_Q, s)
+    x = mx.maximum(x, -GELU_CLAMP)
+    return ((x * t) * _poly6(GELU_P, s) + (0.5 * x) * q) / q
 
 
 @lru_cache(maxsize=1)
@@ -129,27 +155,39 @@ EXP_SQUARINGS = 5  # exp(x) = exp(x / 32) ** 32
 EXP_FLOOR = -32.0  # exp(-32) = 1.3e-14: anything below it is 0 to float32 softmax weights
 
 
-def exp_neg_approx(x: mx.array) -> mx.array:
-    """exp(x) for x <= 0 from plain arithmetic: absolute error <= 2.5e-7 (tests/test_ops.py).
+def _expm1_small(x: mx.array, scale: float) -> mx.array:
+    # t = x * scale / 32 in [-1, 0]; returns exp(t) - 1 (9 dependent operations)
+    t = mx.maximum(x * (scale * 0.5**EXP_SQUARINGS), EXP_FLOOR * 0.5**EXP_SQUARINGS)
+    return t * _poly6(EXPM1_P, t)
 
-    Squares exp(x / 32) five times, carried as r = exp(.) - 1 (r <- r (2 + r)) so that no
-    rounding near 1 is amplified; softmax only needs this absolute accuracy.
-    """
-    t = mx.maximum(x, EXP_FLOOR) * (0.5**EXP_SQUARINGS)
-    r = t * _poly(EXPM1_P, t)
+
+def _square_up(r: mx.array) -> mx.array:
+    # exp(t) - 1 -> exp(32 t), carried as r = exp(.) - 1 (11 dependent operations)
     for _ in range(EXP_SQUARINGS):
         r = r * (2.0 + r)
-    return mx.maximum(1.0 + r, 0.0)
+    return 1.0 + r
+
+
+def exp_neg_approx(x: mx.array, scale: float = 1.0) -> mx.array:
+    """exp(x * scale) for x * scale <= 0, from plain arithmetic: absolute error <= 2.5e-7.
+
+    Squares exp(x / 32) five times, carried as r = exp(.) - 1 (r <- r (2 + r)) so that no
+    rounding near 1 is amplified; softmax only needs this absolute accuracy. Two fused kernels
+    on the CPU (see `_poly6` on depth); tested in tests/test_ops.py.
+    """
+    return _square_up(_expm1_small(x, scale))
 
 
 @lru_cache(maxsize=32)
-def _compiled_exp_scaled(scale: float):
-    return mx.compile(lambda s, m: exp_neg_approx((s - m) * scale))
+def _compiled_exp(scale: float):
+    small = mx.compile(lambda s, m: _expm1_small(s - m, scale))
+    square = mx.compile(_square_up)
+    return lambda s, m: square(small(s, m))
 
 
 def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     s = q @ k.swapaxes(-1, -2)  # (B, H, Nq, Nk), unscaled
-    e = _compiled_exp_scaled(scale)(s, s.max(-1, keepdims=True))  # one fused pass
+    e = _compiled_exp(scale)(s, s.max(-1, keepdims=True))  # exp((s - max) * scale)
     # Normalise after the product with v: a pass over (Nq, head_dim) instead of (Nq, Nk).
     return (e @ v) / e.sum(-1, keepdims=True)
 
