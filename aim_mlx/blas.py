@@ -104,6 +104,21 @@ def info() -> dict:
     return {"name": name, "fast": True, "path": path, "detail": config or ""}
 
 
+def set_threads(n: int | None = None) -> bool:
+    """Set OpenBLAS's thread count for the calls that follow.
+
+    None restores the default: `OPENBLAS_NUM_THREADS` if set, else one per core.
+
+    Returns False where the active BLAS has no such control (macOS, other libraries).
+    """
+    try:
+        fn = ctypes.CDLL(None).openblas_set_num_threads
+    except (AttributeError, OSError):
+        return False
+    fn(int(n or os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1))
+    return True
+
+
 def describe() -> str:
     """One line for `aim-mlx info` and `bench`."""
     i = info()

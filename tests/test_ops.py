@@ -136,3 +136,29 @@ def test_quantized_linear_on_cpu_uses_float32():
     out = q(x)
     assert out.dtype == mx.float32
     assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [2, 3])
+def test_batch_split_over_cpu_streams(monkeypatch, batch):
+    """Splitting a batch over two CPU streams changes nothing but where it runs."""
+    model = build_reference_model("last")
+    x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(7))
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
+    split = to_np(model(x))
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
+    whole = to_np(model(x))
+    one_by_one = np.concatenate([to_np(model(x[i : i + 1])) for i in range(batch)])
+    assert split.shape == (batch, 1000)
+    assert rel_err(split, whole) <= 1e-6 and rel_err(split, one_by_one) <= 1e-6
+
+
+def test_map_batch_splits_unevenly():
+    seen = []
+
+    def fn(part):
+        seen.append(part.shape[0])
+        return part * 2
+
+    x = mx.arange(5 * 3).reshape(5, 3)
+    assert to_np(ops.map_batch(fn, x)).tolist() == to_np(x * 2).tolist()
+    assert seen == ([2, 3] if ops.cpu_streams() == 2 else [5])

@@ -317,6 +317,9 @@ class AIM(nn.Module):
         return sum(features[i] for i in layers) / len(layers)
 
     def __call__(self, x: mx.array) -> mx.array:
+        return ops.map_batch(self._logits, x)  # on the CPU: the batch over two streams
+
+    def _logits(self, x: mx.array) -> mx.array:
         logits = self.head(self.head_input(self.extract_features(x)))
         return logits.astype(mx.float32)
 

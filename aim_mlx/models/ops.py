@@ -9,14 +9,52 @@ one vectorised loop) with a tested error bound.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import blas
+
 
 def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
+
+
+def cpu_streams() -> int:
+    """How many CPU streams a batch is split over (`AIM_MLX_CPU_STREAMS`, default 2).
+
+    MLX's CPU element-wise kernels run on one thread; splitting the batch over two streams
+    runs them on two cores at once, beside the BLAS (see benchmarks/README.md).
+    """
+    return max(1, int(os.environ.get("AIM_MLX_CPU_STREAMS", "2")))
+
+
+@lru_cache(maxsize=4)
+def _new_cpu_streams(n: int) -> tuple:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+
+
+def map_batch(fn, x: mx.array) -> mx.array:
+    """fn(x) for a function of independent images, the batch split over CPU streams.
+
+    On Metal, for a batch of 1, or with one stream configured, simply fn(x).
+    """
+    if on_gpu():
+        return fn(x)
+    n = min(cpu_streams(), x.shape[0])
+    # Each stream's matmuls get one BLAS thread; unsplit, the BLAS uses every core. (Set when
+    # the graph is built, which is just before it runs when `model(x)` is evaluated.)
+    blas.set_threads(1 if n > 1 else None)
+    if n < 2:
+        return fn(x)
+    bounds = [x.shape[0] * i // n for i in range(1, n)]
+    outs = []
+    for stream, part in zip(_new_cpu_streams(n), mx.split(x, bounds), strict=True):
+        with mx.stream(stream):
+            outs.append(fn(part))
+    return mx.concatenate(outs)
 
 
 def widen_low_precision() -> bool:
