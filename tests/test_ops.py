@@ -149,7 +149,8 @@ def test_batch_split_over_cpu_streams(monkeypatch, batch):
     whole = to_np(model(x))
     one_by_one = np.concatenate([to_np(model(x[i : i + 1])) for i in range(batch)])
     assert split.shape == (batch, 1000)
-    assert rel_err(split, whole) <= 1e-6 and rel_err(split, one_by_one) <= 1e-6
+    # Only float32 rounding differs (matmuls of other shapes): far below the 1e-4 parity bound.
+    assert rel_err(split, whole) <= 1e-5 and rel_err(split, one_by_one) <= 1e-5
 
 
 def test_map_batch_splits_unevenly():
