@@ -163,3 +163,21 @@ def test_map_batch_splits_unevenly():
     x = mx.arange(5 * 3).reshape(5, 3)
     assert to_np(ops.map_batch(fn, x)).tolist() == to_np(x * 2).tolist()
     assert seen == ([2, 3] if ops.cpu_streams() == 2 else [5])
+
+
+def test_token_split_for_one_image(monkeypatch):
+    """One image: the tokens over two CPU streams give the same features and logits."""
+    model = build_reference_model("best")
+    x = mx.array(np.load(REF / "input_252x196.npy"))  # 18 x 14 patches: 252 tokens
+    ref = np.load(REF / "logits_best_252x196.npy")
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
+    split = model.extract_features(x, max_block_id=-1)
+    assert ops.token_streams(mx.zeros((1, 252, 64))) != ()
+    logits = to_np(model(x))
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
+    whole = model.extract_features(x, max_block_id=-1)
+    assert ops.token_streams(mx.zeros((1, 252, 64))) == ()
+    assert len(split) == len(whole) == 8
+    for a, b in zip(split, whole, strict=True):
+        assert a.shape == b.shape and rel_err(to_np(a), to_np(b)) <= 1e-5
+    assert rel_err(logits, ref) <= 1e-4

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import ops
+from . import ops, parallel
 
 
 @dataclass
@@ -305,8 +305,11 @@ class AIM(nn.Module):
         if not 0 <= max_block_id < n:
             raise ValueError(f"max_block_id must be -1 or in 0..{n - 1}, got {max_block_id}")
         x = self.preprocessor(x.astype(self.activation_dtype()))
+        blocks = self.trunk.blocks[: max_block_id + 1]
+        if streams := ops.token_streams(x):  # on the CPU: the tokens over two streams
+            return parallel.run_blocks(blocks, x, streams)
         features = []
-        for block in self.trunk.blocks[: max_block_id + 1]:
+        for block in blocks:
             x = block(x)
             features.append(x)
         return features

@@ -8,6 +8,7 @@ one vectorised loop) with a tested error bound.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 from functools import lru_cache
@@ -23,12 +24,18 @@ def on_gpu() -> bool:
 
 
 def cpu_streams() -> int:
-    """How many CPU streams a batch is split over (`AIM_MLX_CPU_STREAMS`, default 2).
+    """How many CPU streams the work is split over (`AIM_MLX_CPU_STREAMS`, default 2).
 
-    MLX's CPU element-wise kernels run on one thread; splitting the batch over two streams
-    runs them on two cores at once, beside the BLAS (see benchmarks/README.md).
+    MLX's CPU element-wise kernels run on one thread; splitting the batch (or, for a single
+    image, its tokens) over two streams runs them on two cores at once, and the BLAS with the
+    cores divided between the streams: measured faster on 2 cores (benchmarks/README.md).
     """
-    return max(1, int(os.environ.get("AIM_MLX_CPU_STREAMS", "2")))
+    default = "2" if (os.cpu_count() or 1) > 1 else "1"
+    return max(1, int(os.environ.get("AIM_MLX_CPU_STREAMS", default)))
+
+
+def _blas_threads_per_stream(n: int) -> None:
+    blas.set_threads(max(1, (os.cpu_count() or 1) // n) if n > 1 else None)
 
 
 @lru_cache(maxsize=4)
@@ -36,25 +43,39 @@ def _new_cpu_streams(n: int) -> tuple:
     return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
-def map_batch(fn, x: mx.array) -> mx.array:
-    """fn(x) for a function of independent images, the batch split over CPU streams.
+_in_batch_split = contextvars.ContextVar("aim_mlx_in_batch_split", default=False)
 
-    On Metal, for a batch of 1, or with one stream configured, simply fn(x).
+
+def map_batch(fn, x: mx.array) -> mx.array:
+    """fn(x) for a function of independent images; on the CPU, a batch split over two streams.
+
+    The streams share the cores for their BLAS threads. (Set when the graph is built, which is
+    just before it runs when `model(x)` is evaluated.) On Metal, or with one stream, fn(x).
     """
-    if on_gpu():
-        return fn(x)
     n = min(cpu_streams(), x.shape[0])
-    # Each stream's matmuls get one BLAS thread; unsplit, the BLAS uses every core. (Set when
-    # the graph is built, which is just before it runs when `model(x)` is evaluated.)
-    blas.set_threads(1 if n > 1 else None)
-    if n < 2:
+    if on_gpu() or n < 2:
         return fn(x)
+    _blas_threads_per_stream(n)
     bounds = [x.shape[0] * i // n for i in range(1, n)]
     outs = []
-    for stream, part in zip(_new_cpu_streams(n), mx.split(x, bounds), strict=True):
-        with mx.stream(stream):
-            outs.append(fn(part))
+    token = _in_batch_split.set(True)
+    try:
+        for stream, part in zip(_new_cpu_streams(n), mx.split(x, bounds), strict=True):
+            with mx.stream(stream):
+                outs.append(fn(part))
+    finally:
+        _in_batch_split.reset(token)
     return mx.concatenate(outs)
+
+
+def token_streams(x: mx.array) -> tuple:
+    """CPU streams to split the tokens of x (B, N, D) over: for one image, where `map_batch`
+    cannot split; () on Metal, with one stream, or inside `map_batch`."""
+    if on_gpu() or _in_batch_split.get():
+        return ()
+    n = min(cpu_streams(), x.shape[1])
+    _blas_threads_per_stream(n)
+    return _new_cpu_streams(n) if n > 1 else ()
 
 
 def widen_low_precision() -> bool:
