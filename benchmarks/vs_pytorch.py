@@ -46,9 +46,9 @@ def numpy_peak(batch: int, reps: int = 3) -> float:
 
 
 class Torch:
-    def __init__(self, python: str, threads: int):
+    def __init__(self, python: str, threads: int, device: str):
         self.proc = subprocess.Popen(
-            [python, str(HERE / "_torch_worker.py"), str(threads)],
+            [python, str(HERE / "_torch_worker.py"), str(threads), device],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -77,6 +77,7 @@ def main():
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--torch-device", default="cpu", help="cpu, or mps on Apple silicon")
     p.add_argument("--gap", type=float, default=1.0, help="seconds of rest between measurements")
     p.add_argument("--json", help="also write the per-round results here")
     a = p.parse_args()
@@ -89,7 +90,7 @@ def main():
         name: bench.flops_per_image(m.args, bench.blocks_run(m.args), 224, 224)
         for name, m in (("last", last), ("best", best))
     }
-    torch = Torch(a.torch_python, a.threads) if a.torch_python else None
+    torch = Torch(a.torch_python, a.threads, a.torch_device) if a.torch_python else None
     env = bench.environment()
     print(json.dumps({**env, "torch": torch and torch.info, "threads": a.threads}))
 
