@@ -112,23 +112,19 @@ def model_options(f):
             default=None,
             help="Weight dtype. Default: float16 on the GPU (Metal), float32 on the CPU.",
         ),
-        click.option(
-            "--quantize",
-            "quantize_bits",
-            type=click.Choice(["4", "8"]),
-            default=None,
-            help="Quantize the linear layers to this many bits.",
-        ),
+        click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."),
+        click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def load_for_cli(model, head, dtype, quantize_bits, progress=True):
+def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
     from .resolve import load
 
-    bits = int(quantize_bits) if quantize_bits else None
+    _exit_on_sigterm()  # a conversion into the cache cleans up when terminated
+    bits = int(q_bits) if quantize else None
     try:
         return load(model, head, dtype, quantize_bits=bits, progress=progress)
     except (ValueError, RuntimeError, OSError) as e:  # registry, hub, conversion, file errors
@@ -148,18 +144,18 @@ def report_error(path: str, reason: str) -> None:
 @click.option("--csv", "as_csv", is_flag=True, help="Rows of path,rank,index,label,prob.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 def classify(
-    inputs, model, head, dtype, quantize_bits, top_k, batch_size, as_json, as_csv, progress
+    inputs, model, head, dtype, quantize, q_bits, top_k, batch_size, as_json, as_csv, progress
 ):
     """Top-k ImageNet classes of images (files, or folders searched recursively)."""
     import csv
     import json
     import sys
 
-    from .classify import classify_iter
+    from .classifier import classify_iter
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    net = load_for_cli(model, head, dtype, quantize_bits, progress)
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer:
         writer.writerow(["path", "rank", "index", "label", "prob"])
@@ -209,7 +205,7 @@ def classify(
 @model_options
 @click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
-def embed(inputs, out, layers, pool, model, head, dtype, quantize_bits, batch_size, progress):
+def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch_size, progress):
     """Write image features to a .safetensors or .npy file.
 
     safetensors: tensor `features`, the image order as JSON in the metadata key `paths`.
@@ -222,7 +218,7 @@ def embed(inputs, out, layers, pool, model, head, dtype, quantize_bits, batch_si
 
     if not out.endswith((".safetensors", ".npy")):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
-    net = load_for_cli(model, head, dtype, quantize_bits, progress)
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     try:
         parse_layers(layers, net.args.num_blocks)
     except ValueError as e:
@@ -261,7 +257,7 @@ def embed(inputs, out, layers, pool, model, head, dtype, quantize_bits, batch_si
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
 def eval_command(
-    data_path, model, head, dtype, quantize_bits, limit, batch_size, as_json, progress
+    data_path, model, head, dtype, quantize, q_bits, limit, batch_size, as_json, progress
 ):
     """Top-1 / top-5 accuracy on an ImageNet-style folder."""
     import json
@@ -269,7 +265,7 @@ def eval_command(
 
     from .evaluate import DatasetError, evaluate
 
-    net = load_for_cli(model, head, dtype, quantize_bits, progress)
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     try:
         result = evaluate(net, data_path, limit=limit, batch_size=batch_size, progress=progress)
     except DatasetError as e:
@@ -354,17 +350,19 @@ def cache_list():
     default=None,
     help="Default: float16 on the GPU (Metal), float32 on the CPU.",
 )
-@click.option("--quantize", "quantize_bits", type=click.Choice(["4", "8"]), default=None)
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
 @click.option(
     "--drop-downloads",
     is_flag=True,
     help="Delete the downloaded PyTorch checkpoints once converted.",
 )
-def cache_add(model, head, dtype, quantize_bits, drop_downloads):
+def cache_add(model, head, dtype, quantize, q_bits, drop_downloads):
     """Download and convert a model now, without running it."""
     from .resolve import resolve
 
-    bits = int(quantize_bits) if quantize_bits else None
+    _exit_on_sigterm()
+    bits = int(q_bits) if quantize else None
     try:
         path = resolve(model, head, dtype, quantize_bits=bits, keep_downloads=not drop_downloads)
     except (ValueError, RuntimeError, OSError) as e:

@@ -111,6 +111,8 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
+    from . import __version__
+
     where = f"{file.filename} from {spec.repo}"
     try:
         return Path(
@@ -120,6 +122,8 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                 revision=spec.revision,
                 cache_dir=cache_dir,
                 endpoint=endpoint,
+                library_name="aim-mlx",
+                library_version=__version__,
             )
         )
     except LocalEntryNotFoundError as e:

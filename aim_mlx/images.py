@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from .preprocess import ImageError, preprocess
+from .transforms import ImageError, preprocess
 
 IMAGE_SUFFIXES = {
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",

@@ -12,12 +12,13 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, hub, registry
+from .loader import ModelLoadError
 
 DTYPES = ("float32", "float16", "bfloat16")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(ModelLoadError):
     """Neither a known model name nor a usable folder."""
 
 
@@ -70,7 +71,7 @@ def resolve(
             f"{model!r} is neither a known model ({known}) nor an existing folder"
         )
     if _is_converted(path):
-        return _check_converted(path)
+        return path  # the loader checks its format version
     return _from_checkpoints(path, **options)
 
 
@@ -81,7 +82,10 @@ def load(model: str | Path, head: str = "best", dtype: str | None = None, **kwar
     """
     from .loader import load_model
 
-    return load_model(resolve(model, head, dtype, **kwargs))
+    net = load_model(resolve(model, head, dtype, **kwargs))
+    if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
+        net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
+    return net
 
 
 def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:
@@ -147,20 +151,6 @@ def _is_converted(path: Path) -> bool:
     return bool(config) and "format_version" in config
 
 
-def _check_converted(path: Path) -> Path:
-    from .convert import FORMAT_VERSION
-
-    found = cache.read_config(path).get("format_version")
-    if found != FORMAT_VERSION:
-        raise ModelNotFoundError(
-            f"{path} was converted by another aim-mlx version (format {found}, this one reads "
-            f"{FORMAT_VERSION}); convert the checkpoints again with `aim-mlx convert`"
-        )
-    if not cache.has_weights(path):
-        raise ModelNotFoundError(f"{path} has a config.json but no model.safetensors")
-    return path
-
-
 def find_checkpoints(folder: Path, head: str) -> dict:
     """The converter's source arguments for a folder of PyTorch checkpoints."""
     if not folder.is_dir():
@@ -173,6 +163,12 @@ def find_checkpoints(folder: Path, head: str) -> dict:
         return dict(hf_path=folder)
     backbones = sorted(folder.glob("*backbone*.pth"))
     heads = sorted(folder.glob(f"*head_{head}*.pth"))
+    if not backbones and not heads:
+        raise ModelNotFoundError(
+            f"{folder}: no config.json and no checkpoints: neither a converted aim-mlx folder "
+            f"nor a folder of PyTorch checkpoints (*backbone*.pth + *head_{head}*.pth, or "
+            "config.json + pytorch_model.bin)"
+        )
     if len(backbones) != 1 or len(heads) != 1:
         raise ModelNotFoundError(
             f"{folder}: expected one *backbone*.pth and one *head_{head}*.pth file (or a hub-style "
@@ -206,15 +202,29 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     sources = find_checkpoints(folder, head)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
-    return _convert_into_cache(
-        key,
-        progress,
-        lambda: sources,
-        dtype=dtype,
-        name=folder.resolve().name,
-        **_official_match(sources, head),
-        **_quant_kwargs(quant),
-    )
+    from .convert import ConversionError
+
+    def checked_sources() -> dict:
+        files = list(map(Path, sources.values()))
+        nbytes = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.iterdir()))
+        hub.check_disk_space({cache.cache_root(): nbytes * ITEMSIZE[dtype] // 4}, str(folder))
+        return sources
+
+    try:
+        return _convert_into_cache(
+            key,
+            progress,
+            checked_sources,
+            dtype=dtype,
+            name=folder.resolve().name,
+            **_official_match(sources, head),
+            **_quant_kwargs(quant),
+        )
+    except ConversionError as e:
+        raise ConversionError(
+            f"{folder}: {e}. Convert it with `aim-mlx convert` and the options it needs "
+            "(--out DIR), then pass that folder as the model."
+        ) from None
 
 
 def models_overview(hf_cache_dir: str | Path | None = None) -> list[dict]:
