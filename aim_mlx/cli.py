@@ -326,7 +326,10 @@ def cache(ctx):
 
 @cache.command("list")
 def cache_list():
-    """Converted models with their sizes."""
+    """Converted models and raw downloads, with their sizes."""
+    from huggingface_hub import constants
+
+    from . import hub, registry
     from .cache import cache_root, list_entries
 
     entries = list_entries()
@@ -339,6 +342,15 @@ def cache_list():
     total = sum(e.size for e in entries)
     if entries:
         click.echo(f"  total {_gb(total)}")
+    downloads = [
+        (spec.name, file, path)
+        for spec in registry.all_models().values()
+        for file, path in hub.downloaded(spec)
+    ]
+    if downloads:
+        click.echo(f"downloads: {constants.HF_HUB_CACHE}  (HF_HOME; `cache rm-downloads`)")
+    for name, file, path in downloads:
+        click.echo(f"  {name:<10} {file.filename:<50} {_gb(path.stat().st_size):>10}")
 
 
 @cache.command("add")
@@ -371,35 +383,41 @@ def cache_add(model, head, dtype, quantize, q_bits, drop_downloads):
 
 
 @cache.command("rm")
-@click.argument("keys", nargs=-1)
+@click.argument("names", nargs=-1)
 @click.option("--all", "remove_all", is_flag=True, help="Remove every converted model.")
-@click.option(
-    "--downloads",
-    is_flag=True,
-    help="Also delete the named models' raw downloads (Hugging Face cache).",
-)
-def cache_rm(keys, remove_all, downloads):
-    """Remove converted models: by entry (as `aim-mlx cache list` shows) or by model name."""
+def cache_rm(names, remove_all):
+    """Remove converted models: entries as `aim-mlx cache list` shows them, or every entry of a
+    model name (aim-1B). The raw downloads stay: see `aim-mlx cache rm-downloads`."""
     from . import cache as model_cache
+
+    if not names and not remove_all:
+        raise click.UsageError("name entries or models to remove, or pass --all")
+    entries = [e.key for e in model_cache.list_entries()]
+    chosen = set(entries) if remove_all else set()
+    for name in names:
+        prefix = name.lower() + "--"
+        matches = {key for key in entries if key == name or key.lower().startswith(prefix)}
+        if not matches:
+            raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
+        chosen |= matches
+    for key in sorted(chosen):
+        click.echo(f"removed {key} ({_gb(model_cache.remove(key))})")
+
+
+@cache.command("rm-downloads")
+@click.argument("models", nargs=-1)
+def cache_rm_downloads(models):
+    """Delete the raw downloaded checkpoints of these models (all known models if none are
+    named) from the Hugging Face cache; converted models stay usable."""
     from . import hub, registry
 
-    entries = model_cache.list_entries()
-    chosen = {e.key for e in entries} if remove_all else set()
-    for key in keys:
-        matches = {e.key for e in entries if e.key == key or e.key.startswith(key + "--")}
-        if not matches and not (downloads and registry.is_known(key)):
-            raise click.ClickException(f"nothing cached under {key!r}; see `aim-mlx cache list`")
-        chosen |= matches
-    if not keys and not remove_all:
-        raise click.UsageError("name entries or models to remove, or pass --all")
-    for key in sorted(chosen):
-        freed = model_cache.remove(key)
-        click.echo(f"removed {key} ({_gb(freed)})")
-    if downloads:
-        names = [k for k in keys if registry.is_known(k)]
-        for name in names or ([] if keys else registry.all_models()):
-            spec = registry.get(name)
-            click.echo(f"removed {spec.name} downloads ({_gb(hub.remove_downloads(spec))})")
+    try:
+        specs = [registry.get(m) for m in models] or list(registry.all_models().values())
+    except registry.RegistryError as e:
+        raise click.ClickException(str(e)) from None
+    for spec in specs:
+        if freed := hub.remove_downloads(spec):
+            click.echo(f"removed {spec.name} downloads ({_gb(freed)})")
 
 
 if __name__ == "__main__":

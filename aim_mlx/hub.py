@@ -62,10 +62,9 @@ def plan(spec: ModelSpec, head: str, cache_dir=None, endpoint=None) -> list[Plan
 
 def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
     """The size the hub reports for a file, or None when it cannot be asked (offline)."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.constants import is_offline_mode
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
-    if is_offline_mode():
+    if constants.HF_HUB_OFFLINE:
         return None
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
@@ -88,11 +87,11 @@ def download(
     `also_needed` adds other space requirements ({folder: bytes}, e.g. the converted model) to
     the free-space check made before the first byte is fetched.
     """
-    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub import constants
 
     planned = plan(spec, head, cache_dir, endpoint)
     missing = [p for p in planned if p.local is None]
-    hub_dir = Path(cache_dir or HF_HUB_CACHE)
+    hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
     needs = dict(also_needed or {})
     if missing:
         needs[hub_dir] = needs.get(hub_dir, 0) + sum(p.size for p in missing)
@@ -109,7 +108,7 @@ def download(
 def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> Path:
     """hf_hub_download with the failures turned into HubError messages."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     from . import __version__
 
@@ -182,14 +181,15 @@ def remove_cached_file(path: Path) -> int:
     return size
 
 
+def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
+    """The model's files that are in the download cache."""
+    files = [spec.backbone, *spec.heads.values()]
+    return [(f, path) for f in files if (path := cached_path(spec, f, cache_dir))]
+
+
 def remove_downloads(spec: ModelSpec, cache_dir=None) -> int:
     """Drop a model's raw checkpoints from the download cache; bytes freed."""
-    freed = 0
-    for file in [spec.backbone, *spec.heads.values()]:
-        path = cached_path(spec, file, cache_dir)
-        if path is not None:
-            freed += remove_cached_file(path)
-    return freed
+    return sum(remove_cached_file(path) for _, path in downloaded(spec, cache_dir))
 
 
 def free_bytes(folder: Path) -> tuple[Path, int]:

@@ -20,7 +20,8 @@ def imagenet_classes() -> tuple[ImageNetClass, ...]:
     text = files("aim_mlx").joinpath("data/imagenet1k_classes.tsv").read_text(encoding="utf-8")
     rows = [line.split("\t") for line in text.splitlines()[1:] if line.strip()]
     classes = tuple(ImageNetClass(int(i), wnid, name) for i, wnid, name in rows)
-    assert [c.index for c in classes] == list(range(len(classes))), "class list out of order"
+    if [c.index for c in classes] != list(range(len(classes))):
+        raise RuntimeError("the shipped imagenet1k_classes.tsv is out of order")
     return classes
 
 

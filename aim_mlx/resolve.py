@@ -71,6 +71,11 @@ def resolve(
             f"{model!r} is neither a known model ({known}) nor an existing folder"
         )
     if _is_converted(path):
+        if quant:
+            raise ModelLoadError(
+                f"{path} is already converted; quantization applies when converting "
+                "(`aim-mlx convert -q`, or a model name or checkpoint folder with --quantize)"
+            )
         return path  # the loader checks its format version
     return _from_checkpoints(path, **options)
 

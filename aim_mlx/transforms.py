@@ -51,7 +51,7 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError("is a directory, not an image") from None
     except UnidentifiedImageError:
         raise ImageError("not an image PIL can read (empty, damaged or another format)") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+    except Exception as e:  # truncated or corrupt data, bad EXIF: PIL raises many kinds
         raise ImageError(f"cannot decode the image: {e}") from None
 
 

@@ -210,8 +210,15 @@ def test_drop_downloads_models_listing_and_cache_rm(env, hub):
     assert [c["key"] for c in tiny["converted"]] == [ENTRY]
     assert classify_json(env, offline=True).returncode == 0
 
+    # Downloads kept by default, listed, then dropped on request.
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float16").returncode == 0
     listed = aim_mlx(env, "cache", "list").stdout
-    assert ENTRY in listed and "MB" in listed
+    assert ENTRY in listed and "aim-tiny--best--float16" in listed and "MB" in listed
+    assert "aim-tiny   backbone.pth" in listed and "head_best_layers.pth" in listed
+    dropped = aim_mlx(env, "cache", "rm-downloads")
+    assert dropped.returncode == 0 and "removed aim-tiny downloads" in dropped.stdout
+    assert list(blobs.iterdir()) == [] and "backbone.pth" not in aim_mlx(env, "cache").stdout
+
     removed = aim_mlx(env, "cache", "rm", "aim-tiny")
     assert removed.returncode == 0 and f"removed {ENTRY}" in removed.stdout
     assert not (Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY).exists()
