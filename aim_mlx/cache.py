@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 CACHE_ENV = "AIM_MLX_CACHE"
 
@@ -47,11 +48,23 @@ def entry_dir(key: str) -> Path:
     return cache_root() / "models" / key
 
 
-def lock(key: str, timeout: float = -1) -> FileLock:
-    """An inter-process lock for converting one entry (blocks until free by default)."""
+@contextmanager
+def lock(key: str, on_wait=None):
+    """Hold the inter-process lock of one entry, waiting as long as it takes; `on_wait()` is
+    called once if another process holds it."""
     path = cache_root() / ".locks" / f"{key}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(path, timeout=timeout)
+    file_lock = FileLock(path)
+    try:
+        file_lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait:
+            on_wait()
+        file_lock.acquire()
+    try:
+        yield
+    finally:
+        file_lock.release()
 
 
 def read_config(folder: Path) -> dict | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,10 @@ def download(
     if missing:
         needs[hub_dir] = needs.get(hub_dir, 0) + sum(p.size for p in missing)
     check_disk_space(needs, what=f"{spec.name} ({head} head)")
+    if missing and progress:
+        total = sum(p.size for p in missing) / GB
+        names = ", ".join(p.file.filename for p in missing)
+        print(f"downloading {names} ({total:.2f} GB) from {spec.repo}", file=sys.stderr)
 
     paths = []
     for p in planned:
@@ -105,33 +111,61 @@ def download(
     return paths
 
 
+ATTEMPTS = 3
+
+
 def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> Path:
-    """hf_hub_download with the failures turned into HubError messages."""
+    """hf_hub_download, tried again after a transient failure (huggingface_hub resumes or
+    restarts the file, depending on its version); failures become HubError messages."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     from . import __version__
 
     where = f"{file.filename} from {spec.repo}"
-    try:
-        return Path(
-            hf_hub_download(
-                spec.repo,
-                file.filename,
-                revision=spec.revision,
-                cache_dir=cache_dir,
-                endpoint=endpoint,
-                library_name="aim-mlx",
-                library_version=__version__,
+    attempt = 1
+    while True:
+        try:
+            return Path(
+                hf_hub_download(
+                    spec.repo,
+                    file.filename,
+                    revision=spec.revision,
+                    cache_dir=cache_dir,
+                    endpoint=endpoint,
+                    library_name="aim-mlx",
+                    library_version=__version__,
+                )
             )
-        )
-    except LocalEntryNotFoundError as e:
-        raise HubError(
-            f"{where} is not downloaded yet and the hub cannot be reached "
-            f"(HF_HUB_OFFLINE is set, or no network): {e} Run once with network access."
-        ) from None
-    except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
-        raise HubError(f"downloading {where} failed: {e}") from e
+        except LocalEntryNotFoundError as e:
+            raise HubError(
+                f"{where} is not downloaded yet and the hub cannot be reached "
+                f"(HF_HUB_OFFLINE is set, or no network): {e} Run once with network access."
+            ) from None
+        except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
+            if _is_permanent(e) or attempt == ATTEMPTS:
+                raise HubError(f"downloading {where} failed: {e}") from e
+            attempt += 1
+            print(f"{where}: {e}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
+            time.sleep(attempt - 1)
+
+
+def _is_permanent(error: Exception) -> bool:
+    """Errors that another attempt cannot fix: missing repo, file or revision, no access."""
+    from huggingface_hub import utils
+
+    missing = (
+        utils.EntryNotFoundError,
+        utils.RepositoryNotFoundError,
+        utils.RevisionNotFoundError,
+        utils.GatedRepoError,
+        utils.OfflineModeIsEnabled,
+    )
+    if isinstance(error, missing):
+        return True
+    response = getattr(error, "response", None)
+    status = getattr(response, "status_code", None) or 0
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def sha256_file(path: Path, progress: bool = True) -> str:

@@ -100,7 +100,9 @@ def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs
     out = cache.entry_dir(key)
     if cache.is_current(out):
         return out
-    with cache.lock(key):
+    with cache.lock(
+        key, on_wait=lambda: say(f"waiting for another process making {out}", progress)
+    ):
         if cache.is_current(out):  # another process converted it while we waited
             return out
         sources = make_sources()
@@ -115,7 +117,6 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     def download() -> dict:
         params = spec.params or sum(registry.estimated_sizes(spec)) // 4
         converted_bytes = params * ITEMSIZE[dtype]
-        say(f"{spec.name}: fetching {spec.repo} files (first use; cached afterwards)", progress)
         backbone, head_file = hub.download(
             spec,
             head,

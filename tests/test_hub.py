@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,6 @@ def test_interrupted_download_recovers(env, hub):
     hub.interrupt_once["backbone.pth"] = size // 2
     result = classify_json(env)
     assert result.returncode == 0, result.stderr
-    assert "Trying to resume download" in result.stderr  # huggingface_hub's retry
     assert_ranks_match_reference(result.stdout)
     assert len(hub.downloads("backbone.pth")) == 2
 
@@ -155,6 +155,15 @@ def test_interrupted_download_resumes_where_it_stopped(env, hub):
     assert cut < size
 
 
+def test_file_missing_on_the_hub_is_not_retried(env, hub):
+    del hub.repos[REPO]["head_last_layers.pth"]
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--head", "last")
+    assert result.returncode == 1
+    assert "downloading head_last_layers.pth from aim-test-org/AIM-tiny failed" in result.stderr
+    assert "trying again" not in result.stderr and "Traceback" not in result.stderr
+    assert hub.downloads("head_last_layers.pth") == []  # 404 on the metadata request
+
+
 def test_offline_without_cache_is_a_clear_error(env, hub):
     result = classify_json(env, offline=True)
     assert result.returncode == 1
@@ -177,6 +186,24 @@ def test_concurrent_first_runs_convert_once(env, hub):
     assert len(hub.downloads("backbone.pth")) == 1
     assert sorted(p.name for p in entry.parent.iterdir()) == [ENTRY]  # no leftovers
     assert classify_json(env, offline=True).returncode == 0
+
+
+def test_a_process_waits_while_another_holds_the_entry_lock(env, hub, tmp_path, monkeypatch):
+    from aim_mlx import cache
+
+    monkeypatch.setenv("AIM_MLX_CACHE", env["AIM_MLX_CACHE"])
+    args = [sys.executable, "-m", "aim_mlx.cli", "cache", "add", "aim-tiny", "--dtype", "float32"]
+    log = tmp_path / "stderr.txt"
+    with cache.lock(ENTRY), open(log, "w") as stderr:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 60
+        while "waiting for another process" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None and hub.downloads() == []  # blocked before downloading
+    assert proc.wait(timeout=120) == 0
+    assert entry_config(env)["format_version"] == FORMAT_VERSION
 
 
 def test_older_format_entry_is_converted_again(env, hub):
