@@ -93,6 +93,12 @@ def download(
 
     planned = plan(spec, head, cache_dir, endpoint)
     missing = [p for p in planned if p.local is None]
+    names = ", ".join(p.file.filename for p in missing)
+    if missing and constants.HF_HUB_OFFLINE:
+        raise HubError(
+            f"{spec.name} needs {names} from {spec.repo}, not downloaded yet, and HF_HUB_OFFLINE "
+            "is set: run once with network access, or pass a local folder as the model."
+        )
     hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
     needs = dict(also_needed or {})
     if missing:
@@ -100,7 +106,6 @@ def download(
     check_disk_space(needs, what=f"{spec.name} ({head} head)")
     if missing and progress:
         total = sum(p.size for p in missing) / GB
-        names = ", ".join(p.file.filename for p in missing)
         print(f"downloading {names} ({total:.2f} GB) from {spec.repo}", file=sys.stderr)
 
     paths = []
@@ -139,8 +144,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
             )
         except LocalEntryNotFoundError as e:
             raise HubError(
-                f"{where} is not downloaded yet and the hub cannot be reached "
-                f"(HF_HUB_OFFLINE is set, or no network): {e} Run once with network access."
+                f"{where} is not downloaded yet and the hub cannot be reached: {e}"
             ) from None
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
             if _is_permanent(e) or attempt == ATTEMPTS:
