@@ -115,3 +115,21 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     assert cache.entry_key("aim-1B", "last", "float16", {"bits": 4, "group_size": 64}) == (
         "aim-1B--last--float16--q4g64"
     )
+
+
+def test_folder_of_official_layout_checkpoints_uses_the_registry_architecture(tmp_path):
+    """A folder of .pth files named as a registered model's files converts without options."""
+    registry.register(registry_entry())  # aim-tiny: backbone.pth, head_{best,last}_layers.pth
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in FILES:
+        (folder / name).symlink_to(REF / name)
+    for head in ("best", "last"):
+        model = aim_mlx.load(folder, head=head, progress=False)
+        assert model.args.num_heads == 4
+        logits = np.array(model(mx.array(np.load(REF / "input.npy"))))
+        assert rel_err(logits, np.load(REF / f"logits_{head}.npy")) < 1e-5
+    assert [e.key.split("--", 1)[1] for e in cache.list_entries()] == [
+        "best--float32",
+        "last--float32",
+    ]
