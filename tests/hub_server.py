@@ -61,11 +61,13 @@ class HubServer:
         return data
 
     def downloads(self, filename: str | None = None) -> list[Request]:
-        """The GET requests, for one file or all."""
+        """The GET requests for repository files (one file, or all)."""
         return [
             r
             for r in self.requests
-            if r.method == "GET" and (filename is None or r.path.endswith("/" + filename))
+            if r.method == "GET"
+            and "/resolve/" in r.path
+            and (filename is None or r.path.endswith("/" + filename))
         ]
 
 
