@@ -10,6 +10,7 @@ connection part-way through a file once (an interrupted download) and can serve 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+_REPO_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(/revision/[^/]+)?$")
+_TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/[^/]+$")
 
 
 @dataclass
@@ -86,6 +89,26 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, body: bool):
         hub = self.hub
         hub.requests.append(Request(self.command, self.path, self.headers.get("Range")))
+        path = self.path.split("?")[0]
+        info, tree = _REPO_INFO.match(path), _TREE.match(path)
+        if (info or tree) and (info or tree)["repo"] in hub.repos:  # what snapshot_download asks
+            repo = hub.repos[(info or tree)["repo"]]
+            if info:
+                files = [{"rfilename": f} for f in repo]
+                listing = {"id": info["repo"], "sha": COMMIT, "siblings": files}
+            else:
+                listing = [
+                    {"type": "file", "path": f, "size": p.stat().st_size, "oid": COMMIT}
+                    for f, p in repo.items()
+                ]
+            data = json.dumps(listing).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+            return
         m = _RESOLVE.match(self.path.split("?")[0])
         data = m and hub.content(m["repo"], m["file"])
         if data is None:

@@ -269,3 +269,22 @@ def test_disk_space_is_checked_before_downloading(tmp_path, hub, monkeypatch):
     monkeypatch.undo()
     paths = hub_module.download(spec, "best", cache_dir=tmp_path / "hf", endpoint=hub.url)
     assert [sha256(p) for p in paths] == [sha256(REF / f) for f in FILES[:2]]
+
+
+def test_convert_from_a_hub_repo_id(tmp_path):
+    """`aim-mlx convert --hf-path org/name` downloads config.json and the weights, then converts."""
+    repo = "aim-test-org/AIM-tiny-hf"
+    hf = REF / "hf_repo"
+    server = HubServer({repo: {f: hf / f for f in ("config.json", "pytorch_model.bin")}}).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"))
+        out = tmp_path / "converted"
+        run = aim_mlx(env, "convert", "--hf-path", repo, "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        config = json.loads((out / "config.json").read_text())
+        assert config["probe_layers"] == [1, 2, 3, 4, 5, 6] and config["num_heads"] == 4
+        assert [s["file"] for s in config["sources"]] == ["pytorch_model.bin"]
+        assert len(server.downloads("pytorch_model.bin")) == 1
+    finally:
+        server.stop()
