@@ -81,6 +81,20 @@ def test_sharded_output_loads_identically(tmp_path, monkeypatch):
     assert rel_err(logits, REF_BEST) < 1e-4
 
 
+def test_hub_folder_with_safetensors(tmp_path):
+    """A hub-style folder may hold model.safetensors (official names and layout) instead of .bin."""
+    from safetensors.numpy import save_file
+
+    hub = REF / "hf_repo"
+    ckpt = open_checkpoint(hub / "pytorch_model.bin")
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    save_file({k: np.array(ckpt.load(k)) for k in ckpt.keys()}, folder / "model.safetensors")
+    (folder / "config.json").write_text((hub / "config.json").read_text())
+    model = aim_mlx.load(convert(tmp_path / "m", hf_path=folder, progress=False))
+    assert rel_err(np.array(model(X)), REF_BEST) < 1e-4
+
+
 def test_quantized_8bit_close_and_4bit_runs(tmp_path):
     q8 = aim_mlx.load(run(tmp_path / "q8", quantize=True, q_bits=8))
     # Trunk quantized, head in full precision.

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,10 +106,9 @@ def convert(
         "format_version": FORMAT_VERSION,
         "preprocess": {**PREPROCESS, "crop_size": args.img_size},
         "layout": {PATCH_WEIGHT: "OHWI (PyTorch: OIHW)", "dropped": list(DROPPED_KEYS)},
-        "sources": [_describe(f) for f in files],
         "converter": f"aim-mlx {__version__}",
     }
-    return _write_folder(out, plan, config, force, progress)
+    return _write_folder(out, plan, config, force, progress, _SourceHasher(files))
 
 
 def parse_probe_layers(value: str | Sequence[int] | None):
@@ -362,7 +362,7 @@ def _shards(plan) -> list[list]:
     return [*shards, current]
 
 
-def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool) -> Path:
+def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, hasher) -> Path:
     from tqdm import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -401,9 +401,11 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool) ->
                 (tmp / "model.safetensors.index.json").write_text(
                     json.dumps({"metadata": {"format": "mlx"}, "weight_map": index}, indent=1)
                 )
+            config["sources"] = hasher.result()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _move_into_place(tmp, out, force)
     except BaseException:
+        hasher.stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -439,12 +441,29 @@ def _move_into_place(tmp: Path, out: Path, force: bool):
         tmp.rename(out)
 
 
-def _describe(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+class _SourceHasher(threading.Thread):
+    """SHA-256 of the source files, computed on a second thread while the conversion runs."""
+
+    def __init__(self, files: list[Path]):
+        super().__init__(daemon=True)
+        self.files, self.stop, self._result = files, threading.Event(), None
+        self.start()
+
+    def run(self):
+        described = []
+        for path in self.files:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while (chunk := f.read(1 << 22)) and not self.stop.is_set():
+                    digest.update(chunk)
+            described.append(
+                {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+            )
+        self._result = described
+
+    def result(self) -> list[dict]:
+        self.join()
+        return self._result
 
 
 def _default_name(args: ModelArgs) -> str:

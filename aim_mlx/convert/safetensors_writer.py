@@ -58,7 +58,10 @@ class SafetensorsWriter:
                 f"writer expected {expected_name} {dtype} {tuple(shape)}, "
                 f"got {name} {array.dtype} {tuple(array.shape)}"
             )
-        self._file.write(memoryview(mx.contiguous(array)).cast("B"))
+        view = memoryview(array)
+        if not view.c_contiguous:
+            view = memoryview(mx.contiguous(array))
+        self._file.write(view.cast("B"))
 
     def close(self):
         self._file.close()
