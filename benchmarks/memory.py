@@ -23,7 +23,13 @@ PARAMS = {
     "aim-3B": 2_741_981_184,
     "aim-7B": 6_483_066_880,
 }  # with head (SPEC.md)
-CONFIGS = [("float32", None), ("float16", None), ("bfloat16", None), ("float16", 8), ("float16", 4)]
+CONFIGS = {
+    "f32": ("float32", None),
+    "f16": ("float16", None),
+    "bf16": ("bfloat16", None),
+    "q8": ("float16", 8),
+    "q4": ("float16", 4),
+}
 GB = 1024**3
 
 
@@ -60,6 +66,7 @@ def run_one(size: str, dtype: str, bits: int | None, batch: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default=",".join(PARAMS))
+    p.add_argument("--configs", default=",".join(CONFIGS), help="of " + ",".join(CONFIGS))
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--out", help="append JSON rows here")
     a = p.parse_args()
@@ -67,7 +74,7 @@ def main():
     print("| model | weights | peak memory (MLX) | weights alone | peak RSS | img/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in a.sizes.split(","):
-        for dtype, bits in CONFIGS:
+        for dtype, bits in (CONFIGS[c] for c in a.configs.split(",")):
             label = f"{dtype}" if not bits else f"{bits}-bit ({dtype} scales)"
             per_weight = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
             if not bits and PARAMS[size] * per_weight > 0.9 * limit:
