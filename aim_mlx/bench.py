@@ -63,10 +63,33 @@ def blocks_run(args: ModelArgs) -> int:
     return max(args.probe_layers) + 1
 
 
-def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, seed=0) -> AIM:
-    """An AIM with random weights made one layer at a time, each quantized as soon as it exists.
+WEIGHT_STD = 0.02  # a ViT's initial weights
 
-    The trunk's matmul layers are quantized (as `aim-mlx convert -q` does); everything else is
+
+def _uniform(shape, key) -> mx.array:
+    # uniform with std WEIGHT_STD: about 4x cheaper to draw than normal, as good for timing
+    bound = WEIGHT_STD * 3**0.5
+    return mx.random.uniform(-bound, bound, shape, key=key)
+
+
+def _random_quantized(module: QuantizedLinear, dtype: mx.Dtype, key) -> None:
+    """Random packed weights, scales and biases drawn directly: no float weights at all."""
+    k1, k2 = mx.random.split(key)
+    levels = 2**module.bits - 1
+    # two 16-bit halves: randint draws through float32, exact only up to 24 bits
+    halves = mx.random.randint(0, 2**16, (2, *module.weight.shape), key=k1).astype(mx.uint32)
+    scale = WEIGHT_STD * 12**0.5 / levels  # uniform over the levels: std WEIGHT_STD
+    scales = scale * mx.random.uniform(0.9, 1.1, module.scales.shape, key=k2)
+    module.weight = (halves[0] << 16) | halves[1]
+    module.scales = scales.astype(dtype)
+    module.biases = (-0.5 * levels * scales).astype(dtype)  # centred on 0
+
+
+def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, seed=0) -> AIM:
+    """An AIM with random weights, made one layer at a time in its final dtype.
+
+    The trunk's matmul layers are quantized (as `aim-mlx convert -q` does) and their packed
+    weights drawn directly; everything else is drawn in float32 one tensor at a time and
     stored in `dtype`. Peak memory stays at the final model plus one layer in float32.
     """
     model = AIM(args)  # its own random init is lazy and never computed
@@ -83,17 +106,13 @@ def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, s
     for _, module in model.named_modules():
         key, sub = mx.random.split(key)
         if isinstance(module, QuantizedLinear):
-            out_dims = module.scales.shape[0]
-            in_dims = module.scales.shape[1] * module.group_size
-            w = 0.02 * mx.random.normal((out_dims, in_dims), key=sub)
-            q = mx.quantize(w.astype(dtype), module.group_size, module.bits)
-            module.weight, module.scales, module.biases = q
+            _random_quantized(module, dtype, sub)
             mx.eval(module.parameters())
             continue
         own = {k: v for k, v in module.items() if isinstance(v, mx.array)}  # not children's
         for name, v in own.items():
             if name in ("weight", "cls_token") and v.ndim >= 2:
-                v = 0.02 * mx.random.normal(v.shape, key=sub)
+                v = _uniform(v.shape, sub)
             # else: norm scales/offsets, biases, BatchNorm statistics keep their defaults
             own[name] = v.astype(dtype)
             setattr(module, name, own[name])

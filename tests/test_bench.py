@@ -56,7 +56,7 @@ def test_random_model_dtypes(dtype):
     assert {v.dtype for v in params.values()} == {dtype}
     assert not model.training
     w = np.array(params["trunk.blocks.0.mlp.fc1.weight"].astype(mx.float32))
-    assert 0.015 < w.std() < 0.025  # random, at a ViT's init scale
+    assert 0.017 < w.std() < 0.023 and abs(w.mean()) < 1e-3  # random, at a ViT's init scale
     out = model(mx.random.normal((1, 3, 56, 56), key=mx.random.key(0)))
     assert out.shape == (1, 1000) and np.isfinite(np.array(out)).all()
 
@@ -72,6 +72,11 @@ def test_random_model_quantized_like_the_converter(bits):
     assert len(quantized) == 4 * SMALL.num_blocks
     assert all(m.bits == bits for p, m in model.named_modules() if p in quantized)
     assert bench.model_dtype_and_bits(model) == ("float16", bits)
+    fc1 = model.trunk.blocks[0].mlp.fc1
+    w = mx.dequantize(fc1.weight, fc1.scales, fc1.biases, fc1.group_size, bits)
+    w = np.array(w.astype(mx.float32))
+    assert 0.017 < w.std() < 0.023 and abs(w.mean()) < 1e-3  # drawn at a ViT's init scale
+    assert len(np.unique(w[0, :64])) > 2**bits // 2  # packed bits drawn over their full range
 
 
 def test_random_model_never_holds_float32_weights():
