@@ -76,7 +76,7 @@ def test_random_model_quantized_like_the_converter(bits):
     w = mx.dequantize(fc1.weight, fc1.scales, fc1.biases, fc1.group_size, bits)
     w = np.array(w.astype(mx.float32))
     assert 0.017 < w.std() < 0.023 and abs(w.mean()) < 1e-3  # drawn at a ViT's init scale
-    assert len(np.unique(w[0, :64])) > 2**bits // 2  # packed bits drawn over their full range
+    assert len(np.unique(w[0])) > 2**bits // 2  # packed bits drawn over their full range
 
 
 def test_random_model_never_holds_float32_weights():
