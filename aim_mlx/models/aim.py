@@ -112,9 +112,13 @@ class Linear(nn.Linear):
     def __init__(self, in_dims: int, out_dims: int):
         super().__init__(in_dims, out_dims, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def weight_as(self, dtype: mx.Dtype) -> mx.array:
+        """The (out, in) weight in `dtype`: widened on the fly if stored narrower."""
         w = self.weight
-        return x @ (w if w.dtype == x.dtype else w.astype(x.dtype)).T
+        return w if w.dtype == dtype else w.astype(dtype)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.weight_as(x.dtype).T
 
     def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
         return QuantizedLinear.from_linear(self, group_size, bits)
@@ -123,17 +127,21 @@ class Linear(nn.Linear):
 class QuantizedLinear(nn.QuantizedLinear):
     """Quantized weights; on the CPU they are dequantized for a float32 BLAS matmul."""
 
+    def weight_as(self, dtype: mx.Dtype) -> mx.array:
+        """The dequantized (out, in) weight in `dtype`."""
+        if self.mode == "affine":
+            w = ops.dequantize_float32(
+                self.weight, self.scales, self.biases, self.group_size, self.bits
+            )
+        else:
+            w = mx.dequantize(
+                self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode
+            )
+        return w.astype(dtype)
+
     def __call__(self, x: mx.array) -> mx.array:
         if ops.widen_low_precision():
-            if self.mode == "affine":
-                w = ops.dequantize_float32(
-                    self.weight, self.scales, self.biases, self.group_size, self.bits
-                )
-            else:
-                w = mx.dequantize(
-                    self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode
-                )
-            return x @ w.astype(x.dtype).T
+            return x @ self.weight_as(x.dtype).T
         return mx.quantized_matmul(
             x,
             self.weight,
@@ -320,7 +328,12 @@ class AIM(nn.Module):
         return sum(features[i] for i in layers) / len(layers)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return ops.map_batch(self._logits, x)  # on the CPU: the batch over two streams
+        # On the CPU, the batch is split over two streams. Narrow (half-precision or quantized)
+        # weights would then be widened twice: their tokens are split instead (parallel.py).
+        narrow = self.dtype != mx.float32 or isinstance(
+            self.trunk.blocks[0].mlp.fc1, nn.QuantizedLinear
+        )
+        return self._logits(x) if narrow else ops.map_batch(self._logits, x)
 
     def _logits(self, x: mx.array) -> mx.array:
         logits = self.head(self.head_input(self.extract_features(x)))

@@ -176,12 +176,13 @@ def gelu(x: mx.array) -> mx.array:
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
     # w: (O, I * bits / 32) uint32, scales/biases: (O, I / group_size) -> (O, I) float32
+    rows = w.shape[0]
+    words = group_size * bits // 32  # uint32 words per group
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    q = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (O, I * bits / 32, 32 / bits)
-    q = q.reshape(w.shape[0], -1, group_size).astype(mx.float32)
-    s = scales.astype(mx.float32)[..., None]
-    b = biases.astype(mx.float32)[..., None]
-    return (q * s + b).reshape(w.shape[0], -1)
+    q = (w.reshape(rows, -1, words, 1) >> shifts) & ((1 << bits) - 1)  # (O, groups, words, 32/bits)
+    s = scales.astype(mx.float32)[..., None, None]
+    b = biases.astype(mx.float32)[..., None, None]
+    return (q.astype(mx.float32) * s + b).reshape(rows, -1)  # one fused kernel, then a free view
 
 
 _dequantize_compiled = mx.compile(_dequantize_arith)
@@ -194,7 +195,7 @@ def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.arra
     `mx.dequantize` with half-precision scales followed by a cast (which also rounds the
     weights to half precision on the way).
     """
-    if 32 % bits or _compiled_gelu() is None:  # 3, 5, 6 bits or no compiler: MLX's own
+    if 32 % bits or (group_size * bits) % 32 or _compiled_gelu() is None:  # else MLX's own
         return mx.dequantize(
             w, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits
         )
