@@ -1,9 +1,10 @@
-"""Device-aware building blocks: attention, GELU and the low-precision policy.
+"""Device-aware building blocks: attention, GELU, the low-precision policy, CPU streams.
 
 On Metal the GPU computes erf and exp in hardware: the fused MLX kernels are used as they are.
 On MLX's CPU backend erf and exp are scalar library calls that cost more than the matmuls
 around them, so there they are rebuilt from plain arithmetic (which `mx.compile` fuses into
-one vectorised loop) with a tested error bound.
+one vectorised loop) with a tested error bound, and the work is split over two CPU streams
+so that these single-threaded kernels run on both cores.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def map_batch(fn, x: mx.array) -> mx.array:
 
 
 def token_streams(x: mx.array) -> tuple:
-    """CPU streams to split the tokens of x (B, N, D) over: for one image, where `map_batch`
-    cannot split; () on Metal, with one stream, or inside `map_batch`."""
+    """CPU streams to split the tokens of x (B, N, D) over (parallel.py), where the batch is not
+    split: one image, or narrow weights; () on Metal, with one stream, or inside `map_batch`."""
     if on_gpu() or _in_batch_split.get():
         return ()
     n = min(cpu_streams(), x.shape[1])
