@@ -1,0 +1,393 @@
+"""Core ML export: the saved package, read back and evaluated in numpy, against the MLX model.
+
+Linux has no Core ML runtime, so `tests/mil_numpy.py` runs the saved ML Program op by op
+(coremltools' own value inference, numpy for the rest). On macOS the last test also runs
+`MLModel.predict`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF, build_reference_model
+
+from aim_mlx.convert import coreml
+from aim_mlx.models.aim import Linear
+
+try:
+    ct = coreml.require_coremltools()
+except coreml.ExportError:
+    pytest.skip("coremltools is not installed (the `coreml` extra)", allow_module_level=True)
+
+import mil_numpy  # noqa: E402  (needs coremltools)
+
+MEAN = np.array(coreml.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+STD = np.array(coreml.IMAGENET_STD).reshape(1, 3, 1, 1)
+
+# Largest |probability - MLX probability| of a compressed fixture package (float16, k-means
+# or int8), measured on the inputs below with coremltools 9.0 (tests/mil_numpy.py):
+#   int8        iOS17 0.022  iOS18 0.022
+#   palettize6  iOS17 0.046  iOS18 0.071
+#   palettize4  iOS17 0.128  iOS18 0.180
+# The bounds leave ~1.4x room. The fixture is a stress test (embed 64, random weights at a
+# trained network's scale, weights rounded by 0.6% / 2.4% / 10% RMS), not a prediction of the
+# accuracy lost by the official models.
+COMPRESSION_BOUNDS = {"int8": 0.03, "palettize6": 0.1, "palettize4": 0.25}
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: pixels (N, 3, 224, 224) as a camera hands them to Core ML, and the MLX reference
+
+
+def to_pixels(normalised: np.ndarray) -> np.ndarray:
+    """Undo the normalisation of preprocessed images and round to 8-bit pixel values."""
+    return np.clip(np.round((normalised * STD + MEAN) * 255), 0, 255).astype(np.uint8)
+
+
+def normalise(pixels: np.ndarray) -> mx.array:
+    return mx.array(((pixels / 255.0 - MEAN) / STD).astype(np.float32))
+
+
+def photo_pixels() -> np.ndarray:
+    pre = np.load(REF / "preprocessed_224.npz")
+    return to_pixels(np.stack([pre[k] for k in pre.files]))
+
+
+def confident_pixels(model, pixels: np.ndarray, steps: int = 2) -> np.ndarray:
+    """The images nudged (signed gradient ascent, 2 levels a step) towards their top class.
+
+    The random fixture model is unsure about real photographs (top-1 margins 0.0005-0.1);
+    these inputs give large margins, so that "keeps the top-1" can be tested.
+    """
+    x = mx.array(pixels.astype(np.float32))
+    top = mx.argmax(model(normalise(pixels)), axis=-1)
+
+    def loss(x):
+        logp = nn.log_softmax(model((x / 255 - mx.array(MEAN)) / mx.array(STD)), axis=-1)
+        return -mx.take_along_axis(logp, top[:, None], axis=-1).sum()
+
+    grad = mx.grad(loss)
+    for _ in range(steps):
+        x = mx.clip(x - 2 * mx.sign(grad(x)), 0, 255)
+    return np.round(np.array(x)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_reference_model("best")
+
+
+@pytest.fixture(scope="module")
+def inputs(model):
+    """pixels (N, 3, 224, 224) uint8 and the MLX model's probabilities (N, 1000)."""
+    photos = photo_pixels()
+    pixels = np.concatenate([photos, to_pixels(np.load(REF / "input.npy")), confident_pixels(model, photos)])
+    probs = np.array(mx.softmax(model(normalise(pixels)), axis=-1))
+    return pixels, probs
+
+
+@pytest.fixture(scope="module")
+def export(model, tmp_path_factory):
+    """export(**options) -> path of the fixture model's package (built once per options)."""
+    built = {}
+    root = tmp_path_factory.mktemp("coreml")
+
+    def get(**options):
+        key = tuple(sorted(options.items()))
+        if key not in built:
+            name = "-".join(f"{v}" for _, v in key) or "default"
+            built[key] = coreml.export_coreml(model, root / f"{name}.mlpackage", **options)
+        return built[key]
+
+    return get
+
+
+def package_probs(path, pixels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """Probabilities (N, 1000) in label order and the predicted labels, from numpy evaluation."""
+    prog, _ = mil_numpy.load_program(path)
+    labels = coreml.imagenet_labels()
+    probs, top = [], []
+    for p in pixels:
+        out = mil_numpy.evaluate(prog, {"image": p[None].astype(np.float32)})
+        probs.append([out["classLabel_probs"][name] for name in labels])
+        top.append(out["classLabel"])
+    return np.array(probs), top
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_labels_are_the_1000_imagenet_classes_and_unique():
+    labels = coreml.imagenet_labels()
+    assert len(labels) == 1000 == len(set(labels))
+    assert labels[0] == "tench, Tinca tinca"
+    assert labels[134] == "crane (n02012849)" and labels[517] == "crane (n03126707)"
+    assert labels[999].startswith("toilet tissue")
+
+
+def test_folded_patch_embedding_matches_the_mlx_convolution_on_normalised_input(model):
+    pixels = photo_pixels()[:2]
+    proj = model.preprocessor.patchifier.proj
+    ref = np.array(proj(normalise(pixels).transpose(0, 2, 3, 1)))  # (2, 16, 16, D)
+    w, b = coreml.folded_patch_embed(np.array(proj.weight), np.array(proj.bias))
+    x = pixels.astype(np.float64) / 255  # what the package's convolution sees
+    p = w.shape[-1]
+    patches = x.reshape(2, 3, 16, p, 16, p)
+    out = np.einsum("bchiwj,ocij->bhwo", patches, w) + b
+    assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_activation_ranges_follow_the_model(model, inputs):
+    x = normalise(inputs[0][:2])
+    stats = coreml.activation_ranges(model, x)
+    assert set(stats) == coreml.FP16_KINDS["float16"]
+    logits = np.array(model(x))
+    assert stats["logits"][0] == pytest.approx(np.abs(logits).max(), rel=1e-5)
+    feats = model.extract_features(x)
+    assert stats["residual"][0] >= max(np.abs(np.array(f)).max() for f in feats) * (1 - 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the package
+
+
+def test_spec_is_an_xcode_image_classifier(export):
+    path = export(precision="float32", name="fixture", source="backbone.pth + head.pth")
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    d = spec.description
+    (image,) = d.input
+    assert image.name == "image"
+    assert image.type.WhichOneof("Type") == "imageType"
+    assert (image.type.imageType.width, image.type.imageType.height) == (224, 224)
+    assert image.type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    assert [o.name for o in d.output] == ["classLabel", "classLabel_probs"]
+    assert d.output[0].type.WhichOneof("Type") == "stringType"
+    assert d.output[1].type.WhichOneof("Type") == "dictionaryType"
+    assert d.predictedFeatureName == "classLabel"
+    assert d.predictedProbabilitiesName == "classLabel_probs"
+    meta = d.metadata
+    assert meta.userDefined[coreml.PREVIEW_TYPE_KEY] == "imageClassifier"
+    assert meta.userDefined["aim_mlx.model"] == "fixture"
+    assert meta.userDefined["aim_mlx.source"] == "backbone.pth + head.pth"
+    assert meta.userDefined["aim_mlx.img_size"] == "224"
+    assert "Apple Sample Code License" in meta.license
+    assert "fixture" in meta.shortDescription and "224x224" in meta.shortDescription
+    assert "256" in d.input[0].shortDescription  # resize to ceil(224 / 0.875) then crop
+    # the class labels: stored once, in logit order (the program's classify op holds them)
+    prog, _ = mil_numpy.load_program(path)
+    (classify,) = [op for op in prog.functions["main"].operations if op.op_type == "classify"]
+    assert list(classify.classes.val) == coreml.imagenet_labels()
+
+
+@pytest.mark.parametrize("target", coreml.TARGETS)
+def test_float32_package_matches_mlx(export, inputs, target):
+    pixels, ref = inputs
+    probs, top = package_probs(export(precision="float32", target=target), pixels)
+    assert np.abs(probs - ref).max() < 1e-5
+    labels = coreml.imagenet_labels()
+    assert top == [labels[i] for i in ref.argmax(axis=1)]
+
+
+def test_float32_package_matches_the_official_pytorch_logits(export):
+    """Independent of MLX: the photographs' probabilities from the reference implementation."""
+    ref_logits = np.load(REF / "logits_images_best.npz")
+    pre = np.load(REF / "preprocessed_224.npz")
+    # feed the exact preprocessed tensors (unrounded pixels) to compare like with like
+    pixels = np.stack([pre[k] for k in pre.files]) * STD + MEAN
+    probs, _ = package_probs(export(precision="float32"), pixels * 255)
+    ref = np.stack([ref_logits[k] for k in pre.files]).reshape(len(pre.files), -1)
+    ref = np.exp(ref - ref.max(1, keepdims=True))
+    assert np.abs(probs - ref / ref.sum(1, keepdims=True)).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "precision,target", [("float16", "iOS17"), ("float16", "iOS18"), ("mixed", "iOS17")]
+)
+def test_half_precision_package_matches_mlx(export, inputs, precision, target):
+    pixels, ref = inputs
+    path = export(precision=precision, target=target)
+    probs, _ = package_probs(path, pixels)
+    assert np.abs(probs - ref).max() < 1e-3
+    # the dtypes each kind of op computes in: mixed keeps layer norms and attention in float32
+    prog, _ = mil_numpy.load_program(path)
+    dtypes = {}
+    for op in prog.functions["main"].operations:
+        if op.op_type not in ("const", "classify"):
+            dtypes.setdefault(op.op_type, set()).add(op.outputs[0].dtype.__name__)
+    hi = "fp32" if precision == "mixed" else "fp16"
+    attention = "scaled_dot_product_attention" if target == "iOS18" else "matmul"
+    assert dtypes["linear"] == {"fp16"}
+    assert dtypes["layer_norm"] == dtypes[attention] == {hi}
+
+
+def test_float16_package_stores_weights_in_half_the_space(export):
+    full = coreml.weight_file_size(export(precision="float32"))
+    half = coreml.weight_file_size(export(precision="float16"))
+    assert 0.45 < half / full < 0.55
+
+
+def test_features_variant_outputs_the_pooled_descriptor(export, model, inputs):
+    pixels = inputs[0][:3]
+    path = export(precision="float32", features=True)
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    assert [o.name for o in spec.description.output] == ["features"]
+    assert coreml.PREVIEW_TYPE_KEY not in spec.description.metadata.userDefined
+    prog, _ = mil_numpy.load_program(path)
+    out = np.concatenate(
+        [mil_numpy.evaluate(prog, {"image": p[None].astype(np.float32)})["features"] for p in pixels]
+    )
+    # reference: the MLX model with its last linear layer removed
+    linear = model.head.linear
+    model.head.linear = nn.Identity()
+    try:
+        ref = np.array(model(normalise(pixels)))
+    finally:
+        model.head.linear = linear
+    assert out.shape == (3, 64)
+    assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
+
+
+def test_quantized_model_is_dequantized(tmp_path, inputs):
+    q = build_reference_model("best")
+    nn.quantize(q, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, Linear))
+    assert isinstance(q.trunk.blocks[0].attn.qkv, nn.QuantizedLinear)
+    pixels = inputs[0][:2]
+    ref = np.array(mx.softmax(q(normalise(pixels)), axis=-1))
+    path = coreml.export_coreml(q, tmp_path / "q.mlpackage", precision="float32")
+    probs, _ = package_probs(path, pixels)
+    assert np.abs(probs - ref).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# compression
+
+
+@pytest.mark.parametrize("target", coreml.TARGETS)
+@pytest.mark.parametrize("compress", ["int8", "palettize6", "palettize4"])
+def test_compressed_package_stays_within_its_bound(export, inputs, compress, target):
+    pixels, ref = inputs
+    path = export(precision="float16", compress=compress, target=target)
+    probs, _ = package_probs(path, pixels)
+    bound = COMPRESSION_BOUNDS[compress]
+    assert np.abs(probs - ref).max() < bound
+    # the top-1 survives wherever the float model's margin exceeds the bound
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    sure = top2[:, 1] - top2[:, 0] > bound
+    assert sure.sum() >= 3  # the test must not be vacuous
+    assert (probs.argmax(1) == ref.argmax(1))[sure].all()
+    # the weights really are compressed: constexpr ops, and a smaller weight file
+    prog, _ = mil_numpy.load_program(path)
+    kinds = {op.op_type for op in prog.functions["main"].operations}
+    assert kinds & {"constexpr_lut_to_dense", "constexpr_affine_dequantize",
+                    "constexpr_blockwise_shift_scale"}
+    ratio = coreml.weight_file_size(path) / coreml.weight_file_size(export(precision="float16"))
+    assert ratio < {"int8": 0.6, "palettize6": 0.5, "palettize4": 0.4}[compress]
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 range check
+
+
+def overflowing_model(where: str):
+    """The fixture with activations pushed past float16's range.
+
+    "residual": the patch embedding's LayerNorm scaled 1e5x, so the residual stream reaches
+    ~1e5 while each block's normalised inputs stay small; the head's BatchNorm statistics are
+    scaled to match, so its output is unchanged. "linear": an MLP weight scaled so that a
+    linear layer's output overflows.
+    """
+    m = build_reference_model("best")
+    if where == "residual":
+        norm = m.preprocessor.patchifier.norm
+        norm.weight = norm.weight * 1e5
+        norm.bias = norm.bias * 1e5
+        bn = m.head.bn
+        bn.running_mean = bn.running_mean * 1e5
+        bn.running_var = bn.running_var * 1e10
+    else:
+        fc1 = m.trunk.blocks[3].mlp.fc1
+        fc1.weight = fc1.weight * 1e5
+    return m
+
+
+def test_float16_export_refuses_overflow_and_suggests_mixed(tmp_path):
+    m = overflowing_model("residual")
+    out = tmp_path / "m.mlpackage"
+    with pytest.raises(coreml.ExportError, match="--precision mixed") as e:
+        coreml.export_coreml(m, out, precision="float16")
+    assert "residual" in str(e.value)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    # mixed keeps the residual stream in float32: it exports and still matches MLX
+    pixels = photo_pixels()[:2]
+    ref = np.array(mx.softmax(m(normalise(pixels)), axis=-1))
+    probs, _ = package_probs(coreml.export_coreml(m, out, precision="mixed"), pixels)
+    assert np.abs(probs - ref).max() < 1e-3
+
+
+def test_mixed_export_refuses_overflow_in_linear_layers(tmp_path):
+    with pytest.raises(coreml.ExportError, match="--precision float32"):
+        coreml.export_coreml(overflowing_model("linear"), tmp_path / "m.mlpackage", precision="mixed")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_exports_a_model(tmp_path, monkeypatch, model):
+    import aim_mlx
+
+    monkeypatch.setattr(aim_mlx, "load", lambda ref: model, raising=False)
+    out = tmp_path / "Fixture.mlpackage"
+    from aim_mlx.cli import main
+
+    args = ["export", "coreml", "--model", "fixture", "--out", str(out), "--precision", "float32"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.output and out.is_dir()
+    spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
+    assert spec.description.metadata.userDefined["aim_mlx.model"] == "fixture"
+    # an existing package is not replaced without --force
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "already exists" in res.output and "--force" in res.output
+    assert "Traceback" not in res.output
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    res = CliRunner().invoke(main, [*args[:-2], "--img-size", "100", "--force"])
+    assert res.exit_code == 1 and "multiple of the patch size 14" in res.output
+
+
+def test_cli_without_coremltools_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # import coremltools -> ImportError
+    from aim_mlx.cli import main
+
+    args = ["export", "coreml", "--model", "aim-600M", "--out", str(tmp_path / "m.mlpackage")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1
+    assert "pip install 'aim-mlx[coreml]'" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# macOS
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
+@pytest.mark.parametrize("precision,tol", [("float32", 1e-4), ("float16", 1e-2)])
+def test_coreml_predict_matches_mlx(export, inputs, precision, tol):
+    from PIL import Image
+
+    pixels, ref = inputs
+    path = export(precision=precision)
+    units = ct.ComputeUnit.CPU_ONLY if precision == "float32" else ct.ComputeUnit.ALL
+    mlmodel = ct.models.MLModel(str(path), compute_units=units)
+    labels = coreml.imagenet_labels()
+    for p, r in zip(pixels, ref, strict=True):
+        out = mlmodel.predict({"image": Image.fromarray(p.transpose(1, 2, 0))})
+        probs = np.array([out["classLabel_probs"][name] for name in labels])
+        assert np.abs(probs - r).max() < tol
+        if np.sort(r)[-1] - np.sort(r)[-2] > 2 * tol:
+            assert out["classLabel"] == labels[int(r.argmax())]
