@@ -59,8 +59,12 @@ def run_one(name: str, precision: str, compress: str, target: str, out_dir: Path
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="aim-600M")
-    p.add_argument("--configs", nargs="+", default=["float16:none", "float16:palettize4"],
-                   help="precision:compress pairs")
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=["float16:none", "float16:palettize4"],
+        help="precision:compress pairs",
+    )
     p.add_argument("--target", default="iOS18")
     p.add_argument("--out-dir", type=Path, default=None, help="keep the packages here")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # child process: precision compress
@@ -74,16 +78,35 @@ def main():
     with tempfile.TemporaryDirectory(dir=a.out_dir) as tmp:
         for config in a.configs:
             precision, compress = config.split(":")
-            cmd = [sys.executable, __file__, "--model", a.model, "--target", a.target,
-                   "--out-dir", tmp, "--one", precision, compress]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                a.model,
+                "--target",
+                a.target,
+                "--out-dir",
+                tmp,
+                "--one",
+                precision,
+                compress,
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 sys.exit(f"{config} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
 
-    keys = ["precision", "compress", "target", "init_s", "export_s", "peak_rss_gib",
-            "package_mib", "weights_mib"]
+    keys = [
+        "precision",
+        "compress",
+        "target",
+        "init_s",
+        "export_s",
+        "peak_rss_gib",
+        "package_mib",
+        "weights_mib",
+    ]
     print(f"\n{a.model} ({rows[0]['params']:,} parameters, random weights)\n")
     print("| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))

@@ -36,14 +36,14 @@ def _conv(op, x, weight, bias):
         raise NotImplementedError("dilated conv")
     if op.groups is not None and op.groups.val != 1:
         raise NotImplementedError("grouped conv")
-    pad = [int(p) for p in op.pad.val] if op.pad is not None else [0, 0, 0, 0]
     if op.pad_type.val not in ("valid", "custom"):
         raise NotImplementedError(f"pad_type {op.pad_type.val}")
+    pad = [int(p) for p in op.pad.val] if op.pad_type.val == "custom" else [0, 0, 0, 0]
     x = np.pad(x, [(0, 0), (0, 0), (pad[0], pad[1]), (pad[2], pad[3])])
-    O, C, kh, kw = weight.shape
+    out_ch, _, kh, kw = weight.shape
     win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
     y = np.einsum("bchwij,ocij->bohw", win, weight, optimize=True)  # (B, O, h, w)
-    return y if bias is None else y + bias.reshape(1, O, 1, 1)
+    return y if bias is None else y + bias.reshape(1, out_ch, 1, 1)
 
 
 def _classify(op, probs):
@@ -80,18 +80,20 @@ def _round_to(var, a):
     return a
 
 
-def _run_op(op, inputs):
+def _run_op(op):
     """Outputs (tuple) of one op."""
     t = op.op_type
     if t == "conv":
-        return (_conv(op, *(_wide(_value(v)) if v is not None else None
-                            for v in (op.x, op.weight, op.bias))),)
+        return (
+            _conv(
+                op,
+                *(_wide(_value(v)) if v is not None else None for v in (op.x, op.weight, op.bias)),
+            ),
+        )
     if t == "classify":
         return _classify(op, _value(op.probabilities))
-    if t.startswith("constexpr_"):
-        out = op.materialized_val_inference()
-    else:
-        out = op.value_inference()
+    # constexpr_* ops decompress weights (palettized / quantized) with their own numpy code
+    out = op.materialized_val_inference() if t.startswith("constexpr_") else op.value_inference()
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -112,7 +114,7 @@ def evaluate(prog, feeds: dict[str, np.ndarray], record: bool = False) -> dict:
             if isinstance(val, np.ndarray) and val.dtype == np.float16:
                 _bind(op.outputs[0], _wide(val))
             continue
-        outs = _run_op(op, None)
+        outs = _run_op(op)
         if op.op_type == "classify":
             for var, val in zip(op.outputs, outs, strict=True):
                 values[var.name] = val

@@ -86,7 +86,9 @@ def model():
 def inputs(model):
     """pixels (N, 3, 224, 224) uint8 and the MLX model's probabilities (N, 1000)."""
     photos = photo_pixels()
-    pixels = np.concatenate([photos, to_pixels(np.load(REF / "input.npy")), confident_pixels(model, photos)])
+    pixels = np.concatenate(
+        [photos, to_pixels(np.load(REF / "input.npy")), confident_pixels(model, photos)]
+    )
     probs = np.array(mx.softmax(model(normalise(pixels)), axis=-1))
     return pixels, probs
 
@@ -240,7 +242,10 @@ def test_features_variant_outputs_the_pooled_descriptor(export, model, inputs):
     assert coreml.PREVIEW_TYPE_KEY not in spec.description.metadata.userDefined
     prog, _ = mil_numpy.load_program(path)
     out = np.concatenate(
-        [mil_numpy.evaluate(prog, {"image": p[None].astype(np.float32)})["features"] for p in pixels]
+        [
+            mil_numpy.evaluate(prog, {"image": p[None].astype(np.float32)})["features"]
+            for p in pixels
+        ]
     )
     # reference: the MLX model with its last linear layer removed
     linear = model.head.linear
@@ -284,8 +289,11 @@ def test_compressed_package_stays_within_its_bound(export, inputs, compress, tar
     # the weights really are compressed: constexpr ops, and a smaller weight file
     prog, _ = mil_numpy.load_program(path)
     kinds = {op.op_type for op in prog.functions["main"].operations}
-    assert kinds & {"constexpr_lut_to_dense", "constexpr_affine_dequantize",
-                    "constexpr_blockwise_shift_scale"}
+    assert kinds & {
+        "constexpr_lut_to_dense",
+        "constexpr_affine_dequantize",
+        "constexpr_blockwise_shift_scale",
+    }
     ratio = coreml.weight_file_size(path) / coreml.weight_file_size(export(precision="float16"))
     assert ratio < {"int8": 0.6, "palettize6": 0.5, "palettize4": 0.4}[compress]
 
@@ -332,7 +340,9 @@ def test_float16_export_refuses_overflow_and_suggests_mixed(tmp_path):
 
 def test_mixed_export_refuses_overflow_in_linear_layers(tmp_path):
     with pytest.raises(coreml.ExportError, match="--precision float32"):
-        coreml.export_coreml(overflowing_model("linear"), tmp_path / "m.mlpackage", precision="mixed")
+        coreml.export_coreml(
+            overflowing_model("linear"), tmp_path / "m.mlpackage", precision="mixed"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

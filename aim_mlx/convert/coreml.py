@@ -103,9 +103,7 @@ def imagenet_labels() -> list[str]:
     text = resources.files("aim_mlx").joinpath("data/imagenet1k_classes.tsv").read_text()
     rows = [line.split("\t") for line in text.splitlines()[1:] if line]
     names = [name for _, _, name in rows]
-    return [
-        f"{name} ({wnid})" if names.count(name) > 1 else name for (_, wnid, name) in rows
-    ]
+    return [f"{name} ({wnid})" if names.count(name) > 1 else name for (_, wnid, name) in rows]
 
 
 def describe_model_ref(ref: str) -> tuple[str, str]:
@@ -351,7 +349,9 @@ class _Graph:
             self.heads(self.linear(h, f"{pre}.attn.qkv.weight", rows=slice(j * D, (j + 1) * D)), n)
             for j in range(3)
         )
-        o = mb.reshape(x=mb.transpose(x=self.attention(q, k, v), perm=[0, 2, 1, 3]), shape=[1, n, D])
+        o = mb.reshape(
+            x=mb.transpose(x=self.attention(q, k, v), perm=[0, 2, 1, 3]), shape=[1, n, D]
+        )
         x = mb.add(x=x, y=self.linear(o, f"{pre}.attn.proj.weight"))
         h = self.layer_norm(x, f"{pre}.norm_2")
         h = mb.gelu(x=self.linear(h, f"{pre}.mlp.fc1.weight", out_dtype=self.lo), mode="EXACT")
@@ -425,8 +425,9 @@ def _compress(ct, mlmodel, compress: str, target: str):
     return fn(mlmodel, config)
 
 
-def _describe(mlmodel, *, name, source, license, args, img_size, precision, compress, target,
-              features):
+def _describe(
+    mlmodel, *, name, source, license, args, img_size, precision, compress, target, features
+):
     kind = "feature extractor" if features else "image classifier (ImageNet-1k)"
     mlmodel.short_description = (
         f"{name}: AIM v1 {kind}, {img_size}x{img_size} RGB input, {precision} weights"
@@ -511,7 +512,6 @@ def export_coreml(
     def program(image):
         return graph.forward(image, img_size, features)
 
-    del graph  # the program holds the weights it needs
     mlmodel = ct.convert(
         program,
         inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],

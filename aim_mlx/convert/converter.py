@@ -1,0 +1,471 @@
+"""One-shot conversion of official AIM v1 checkpoints into an MLX model folder.
+
+The output folder holds `config.json` and safetensors weights under the official key names. Two
+things differ from the PyTorch state dict: `preprocessor.patchifier.proj.weight` is stored OHWI
+(MLX's convolution layout) instead of OIHW, and `head.bn.num_batches_tracked` (a training counter)
+is dropped. Tensors are streamed one at a time from the checkpoint to the output, so memory stays
+at about one tensor whatever the model size. Everything is written to a temporary folder that is
+renamed into place at the end: a failed or interrupted conversion leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .. import __version__
+from ..models.aim import AIM, PRESETS, ModelArgs, last_probe_layers
+from .checkpoint import CheckpointError, open_checkpoint
+from .safetensors_writer import SafetensorsWriter, tensor_nbytes
+
+FORMAT_VERSION = 1
+SHARD_BYTES = 5 * 1024**3
+PATCH_WEIGHT = "preprocessor.patchifier.proj.weight"
+DROPPED_KEYS = ("head.bn.num_batches_tracked",)
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# The trunk's matmul weights are quantized. The head (k, v, linear: about 3% of the weights) stays
+# in the chosen float dtype: quantizing it measurably moves the logits (tests/test_convert.py).
+QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
+PREPROCESS = {
+    "resize_ratio": 0.875,
+    "interpolation": "bicubic",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+class ConversionError(ValueError):
+    """A conversion that cannot proceed; the message says what to do."""
+
+
+@dataclass
+class Source:
+    """One tensor to convert: where it comes from and what the model expects."""
+
+    key: str
+    checkpoint: object
+    shape: tuple[int, ...]  # in the model's layout
+
+
+def convert(
+    out: str | Path,
+    *,
+    backbone: str | Path | None = None,
+    head: str | Path | None = None,
+    hf_path: str | Path | None = None,
+    probe_layers: str | Sequence[int] | None = None,
+    num_heads: int | None = None,
+    img_size: int | None = None,
+    dtype: str = "float32",
+    quantize: bool = False,
+    q_bits: int = 8,
+    q_group_size: int = 64,
+    force: bool = False,
+    progress: bool = True,
+    name: str | None = None,
+) -> Path:
+    """Convert a backbone + head pair, or a hub-style folder / repo id, into an MLX folder `out`.
+
+    `probe_layers` is "best", "last" or a list of block indices; None takes it from the hub
+    config, or from a head file named `*_best_layers*` / `*_last_layers*`.
+    """
+    out = Path(out)
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quantize and q_bits not in (4, 8):
+        raise ConversionError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists; choose another --out or pass --force")
+
+    files, hub_config = _source_files(backbone, head, hf_path)
+    checkpoints = [_open(f) for f in files]
+    tensors = _merge(checkpoints)
+    args = _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
+    sources = _match(tensors, args)
+
+    q = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"} if quantize else None
+    plan = _plan(sources, DTYPES[dtype], q)
+    config = {
+        "model_type": "aim-v1",
+        "name": name or _default_name(args),
+        **args.to_dict(),
+        "dtype": dtype,
+        "quantization": q and {**q, "layers": sorted(_quantized_layers(sources, q))},
+        "format_version": FORMAT_VERSION,
+        "preprocess": {**PREPROCESS, "crop_size": args.img_size},
+        "layout": {PATCH_WEIGHT: "OHWI (PyTorch: OIHW)", "dropped": list(DROPPED_KEYS)},
+        "converter": f"aim-mlx {__version__}",
+    }
+    return _write_folder(out, plan, config, force, progress, _SourceHasher(files))
+
+
+def parse_probe_layers(value: str | Sequence[int] | None):
+    """'best' / 'last' / 'I,J,...' (or a sequence of ints) -> 'best' | 'last' | tuple | None."""
+    if value is None or isinstance(value, str) and value in ("best", "last"):
+        return value
+    if isinstance(value, str):
+        try:
+            return tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise ConversionError(
+                f"--probe-layers must be best, last or block indices like 12,13,14; got {value!r}"
+            ) from None
+    return tuple(int(v) for v in value)
+
+
+def _source_files(backbone, head, hf_path) -> tuple[list[Path], dict]:
+    if hf_path is not None:
+        if backbone or head:
+            raise ConversionError("give either --hf-path or --backbone/--head, not both")
+        folder = _hub_folder(hf_path)
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        files = sorted(folder.glob("model*.safetensors")) or sorted(
+            folder.glob("pytorch_model*.bin")
+        )
+        if not files:
+            raise ConversionError(
+                f"{folder}: no model.safetensors or pytorch_model.bin found in the folder"
+            )
+        return files, config
+    if not backbone or not head:
+        raise ConversionError(
+            "give --backbone FILE and --head FILE (official *_backbone.pth and *_head_*.pth), "
+            "or --hf-path FOLDER_OR_REPO"
+        )
+    for f in (backbone, head):
+        if not Path(f).is_file():
+            raise ConversionError(f"{f}: no such file")
+    return [Path(backbone), Path(head)], {}
+
+
+def _hub_folder(hf_path) -> Path:
+    path = Path(hf_path)
+    if path.is_dir():
+        return path
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(hf_path)):
+        raise ConversionError(f"{hf_path}: not a folder, nor a hub repo id like apple/AIM-600M")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "model*.safetensors", "pytorch_model*.bin", "*.json"]
+    try:
+        return Path(snapshot_download(str(hf_path), allow_patterns=patterns))
+    except Exception as e:
+        raise ConversionError(f"could not download {hf_path} from the hub: {e}") from None
+
+
+def _open(path: Path):
+    try:
+        return open_checkpoint(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _merge(checkpoints) -> dict[str, object]:
+    """key -> checkpoint holding it; a key in two files is an error."""
+    owner = {}
+    for ckpt in checkpoints:
+        for key in ckpt.keys():
+            if key in owner:
+                raise ConversionError(
+                    f"key {key!r} is in both {owner[key].path} and {ckpt.path}; "
+                    "pass one backbone and one head"
+                )
+            owner[key] = ckpt
+    return owner
+
+
+def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size) -> ModelArgs:
+    """Architecture from tensor shapes, completed by the hub config, a preset or the options."""
+    if PATCH_WEIGHT not in tensors:
+        raise ConversionError(
+            f"no {PATCH_WEIGHT} in {', '.join(str(f) for f in files)}: not an AIM v1 backbone"
+        )
+    embed_dim, channels, patch, patch_w = tensors[PATCH_WEIGHT].shape(PATCH_WEIGHT)
+    blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))}
+    if not blocks:
+        raise ConversionError("no trunk.blocks.* keys: the backbone file is missing")
+    num_blocks = max(blocks) + 1
+    found = {"embed_dim": embed_dim, "num_blocks": num_blocks, "patch_size": patch}
+    for field, value in found.items():
+        if field in hub_config and hub_config[field] != value:
+            raise ConversionError(
+                f"config.json says {field}={hub_config[field]} but the weights have {value}"
+            )
+    preset = _preset_for(embed_dim, num_blocks, patch)
+    num_heads = (
+        num_heads or hub_config.get("num_heads") or (preset and PRESETS[preset]["num_heads"])
+    )
+    if not num_heads:
+        raise ConversionError(
+            f"the weights (embed_dim {embed_dim}, {num_blocks} blocks) are not an official AIM "
+            "size, and the head count cannot be read from them: pass --num-heads"
+        )
+    layers = _resolve_probe_layers(
+        parse_probe_layers(probe_layers), hub_config, files, preset, num_blocks
+    )
+    head_w = tensors.get("head.linear.weight")
+    fc1 = tensors.get("trunk.blocks.0.mlp.fc1.weight")
+    try:
+        return ModelArgs(
+            embed_dim=embed_dim,
+            num_blocks=num_blocks,
+            num_heads=int(num_heads),
+            probe_layers=layers,
+            patch_size=patch,
+            img_size=int(img_size or hub_config.get("img_size") or 224),
+            num_classes=head_w.shape("head.linear.weight")[0] if head_w else 1000,
+            mlp_ratio=fc1.shape("trunk.blocks.0.mlp.fc1.weight")[0] // embed_dim if fc1 else 4,
+        )
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tuple[int, ...]:
+    if choice is None:
+        if "probe_layers" in hub_config:
+            return tuple(hub_config["probe_layers"])
+        names = " ".join(f.name for f in files)
+        if "last_layers" in names:
+            choice = "last"
+        elif "best_layers" in names or (hub_config and preset):
+            choice = "best"  # the official hub repos carry the best-layers head
+        else:
+            raise ConversionError(
+                "cannot tell which blocks the head reads: pass --probe-layers best, last or "
+                "a list like 1,2,3,4,5,6"
+            )
+    if choice == "last":
+        return last_probe_layers(num_blocks)
+    if choice == "best":
+        if not preset:
+            raise ConversionError(
+                "--probe-layers best is only known for the official sizes; pass the block "
+                "indices, e.g. --probe-layers 1,2,3,4,5,6"
+            )
+        return tuple(PRESETS[preset]["best"])
+    return choice
+
+
+def _match(tensors, args: ModelArgs) -> list[Source]:
+    """Check the checkpoint against the model's parameters: every key, every shape."""
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(AIM(args).parameters())}
+    unexpected = sorted(set(tensors) - set(expected) - set(DROPPED_KEYS))
+    if unexpected:
+        k = unexpected[0]
+        raise ConversionError(
+            f"unexpected key {k!r} in {tensors[k].path} ({len(unexpected)} in all); "
+            "is this an AIM v1 checkpoint?"
+        )
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        part = "head" if missing[0].startswith("head.") else "backbone"
+        raise ConversionError(
+            f"missing key {missing[0]!r} (shape {expected[missing[0]]}, {len(missing)} missing "
+            f"in all): is the {part} file the right one?"
+        )
+    sources = []
+    for key, shape in expected.items():
+        ckpt = tensors[key]
+        if tuple(ckpt.shape(key)) != _checkpoint_shape(key, shape):
+            raise ConversionError(
+                f"shape mismatch for {key!r}: {ckpt.path} has {tuple(ckpt.shape(key))}, "
+                f"the model expects {_checkpoint_shape(key, shape)}"
+            )
+        if ckpt.dtype(key) not in DTYPES:
+            raise ConversionError(f"{key!r} in {ckpt.path} is {ckpt.dtype(key)}, not a float")
+        sources.append(Source(key, ckpt, shape))
+    return sources
+
+
+def _checkpoint_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A parameter's shape in the PyTorch checkpoint (the patch weight is OIHW there)."""
+    return (shape[0], shape[3], shape[1], shape[2]) if key == PATCH_WEIGHT else shape
+
+
+def _preset_for(embed_dim: int, num_blocks: int, patch_size: int) -> str | None:
+    for name, p in PRESETS.items():
+        if (p["embed_dim"], p["num_blocks"], 14) == (embed_dim, num_blocks, patch_size):
+            return name
+    return None
+
+
+def _quantized_layers(sources, q) -> set[str]:
+    if not q:
+        return set()
+    return {
+        s.key.removesuffix(".weight")
+        for s in sources
+        if s.key.endswith(".weight")
+        and QUANTIZED_LAYER.match(s.key.removesuffix(".weight"))
+        and s.shape[-1] % q["group_size"] == 0
+    }
+
+
+def _plan(sources: list[Source], dtype: mx.Dtype, q: dict | None):
+    """[(source, [(name, dtype, shape), ...])]: what each source tensor becomes."""
+    layers = _quantized_layers(sources, q)
+    plan = []
+    for s in sources:
+        layer = s.key.removesuffix(".weight")
+        if layer in layers:
+            out_dim, in_dim = s.shape
+            packed = (out_dim, in_dim * q["bits"] // 32)
+            groups = (out_dim, in_dim // q["group_size"])
+            outputs = [
+                (f"{layer}.weight", mx.uint32, packed),
+                (f"{layer}.scales", dtype, groups),
+                (f"{layer}.biases", dtype, groups),
+            ]
+        else:
+            outputs = [(s.key, dtype, s.shape)]
+        plan.append((s, outputs))
+    return plan
+
+
+def _produce(source: Source, outputs, dtype: mx.Dtype, q: dict | None) -> list[mx.array]:
+    w = source.checkpoint.load(source.key)
+    if source.key == PATCH_WEIGHT:
+        w = w.transpose(0, 2, 3, 1)
+    w = w.astype(dtype)
+    quantized = len(outputs) == 3  # weight, scales, biases
+    arrays = list(mx.quantize(w, q["group_size"], q["bits"])) if quantized else [w]
+    mx.eval(arrays)
+    return arrays
+
+
+def _source_nbytes(s: Source) -> int:
+    return tensor_nbytes(DTYPES[s.checkpoint.dtype(s.key)], s.shape)
+
+
+def _shards(plan) -> list[list]:
+    shards, current, size = [], [], 0
+    for item in plan:
+        nbytes = sum(tensor_nbytes(d, s) for _, d, s in item[1])
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += nbytes
+    return [*shards, current]
+
+
+def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, hasher) -> Path:
+    from tqdm import tqdm
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    dtype, q = DTYPES[config["dtype"]], config["quantization"]
+    shards = _shards(plan)
+    total = sum(_source_nbytes(s) for s, _ in plan)
+    try:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc="converting",
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar:
+            index = {}
+            for i, shard in enumerate(shards):
+                name = (
+                    "model.safetensors"
+                    if len(shards) == 1
+                    else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                )
+                entries = [e for _, outputs in shard for e in outputs]
+                with SafetensorsWriter(tmp / name, entries, {"format": "mlx"}) as writer:
+                    for source, outputs in shard:
+                        arrays = _produce(source, outputs, dtype, q)
+                        for (key, _, _), array in zip(outputs, arrays, strict=True):
+                            writer.write(key, array)
+                            index[key] = name
+                        del arrays
+                        bar.update(_source_nbytes(source))
+            if len(shards) > 1:
+                (tmp / "model.safetensors.index.json").write_text(
+                    json.dumps({"metadata": {"format": "mlx"}, "weight_map": index}, indent=1)
+                )
+            config["sources"] = hasher.result()
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _move_into_place(tmp, out, force)
+    except BaseException:
+        hasher.stop.set()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _remove_stale_partials(out: Path):
+    """Remove temporary folders left by conversions whose process was killed (SIGKILL)."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit("-", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path, force: bool):
+    if out.exists():
+        if not force:
+            raise ConversionError(f"{out} appeared during the conversion; pass --force to replace")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+class _SourceHasher(threading.Thread):
+    """SHA-256 of the source files, computed on a second thread while the conversion runs."""
+
+    def __init__(self, files: list[Path]):
+        super().__init__(daemon=True)
+        self.files, self.stop, self._result = files, threading.Event(), None
+        self.start()
+
+    def run(self):
+        described = []
+        for path in self.files:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while (chunk := f.read(1 << 22)) and not self.stop.is_set():
+                    digest.update(chunk)
+            described.append(
+                {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
+            )
+        self._result = described
+
+    def result(self) -> list[dict]:
+        self.join()
+        return self._result
+
+
+def _default_name(args: ModelArgs) -> str:
+    preset = _preset_for(args.embed_dim, args.num_blocks, args.patch_size)
+    return preset or f"aim-custom-{args.embed_dim}x{args.num_blocks}"

@@ -1,0 +1,136 @@
+"""Converting a full-size aim-600M float32 checkpoint: time and peak RSS, against reading it.
+
+Writes an aim-600M-shaped backbone + head pair (random weights, official key names and shapes,
+PyTorch zip format, about 2.75 GB) the first time, then runs, each in a fresh process and
+interleaved: reading both files once; copying them (the floor for any tool that must write its
+output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM.
+
+    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from torch_zip import random_maker, save_torch_zip  # noqa: E402
+
+SHAPES = ROOT / "tests/fixtures/reference/official_parameter_shapes.json"
+
+# Each child prints its own peak RSS (VmHWM) last: ru_maxrss would include the parent's, from fork.
+PEAK = """
+print([line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+"""
+READ = (
+    """
+import sys
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        while f.read(1 << 22):
+            pass
+"""
+    + PEAK
+)
+
+COPY = (
+    """
+import shutil, sys
+shutil.copyfile(sys.argv[1], sys.argv[3] + ".backbone")
+shutil.copyfile(sys.argv[2], sys.argv[3] + ".head")
+"""
+    + PEAK
+)
+
+CONVERT = (
+    """
+import sys
+from aim_mlx.convert import convert
+backbone, head, out, dtype, bits = sys.argv[1:]
+convert(out, backbone=backbone, head=head, dtype=dtype, quantize=bits != "0",
+        q_bits=int(bits) or 8, progress=False, force=True)
+"""
+    + PEAK
+)
+
+
+def write_checkpoints(workdir: Path) -> tuple[Path, Path]:
+    backbone = workdir / "aim_600m_2bimgs_attnprobe_backbone.pth"
+    head = workdir / "aim_600m_2bimgs_attnprobe_head_best_layers.pth"
+    if backbone.exists() and head.exists():
+        return backbone, head
+    import numpy as np
+
+    shapes = json.loads(SHAPES.read_text())["aim-600M"]
+    parts = {"backbone": {}, "head": {}}
+    for i, (key, (shape, dtype)) in enumerate(shapes.items()):
+        part = parts["head" if key.startswith("head.") else "backbone"]
+        if dtype == "int64":
+            part[key] = np.array(1000, dtype=np.int64)
+        elif key.endswith("running_var"):
+            part[key] = np.ones(shape, np.float32)
+        else:
+            part[key] = (tuple(shape), np.float32, random_maker(tuple(shape), seed=i))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"writing {backbone.name} and {head.name} ...", flush=True)
+    save_torch_zip(backbone, parts["backbone"])
+    save_torch_zip(head, parts["head"])
+    return backbone, head
+
+
+def run_child(code: str, *args) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of a fresh Python process."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - start
+    return elapsed, int(proc.stdout.split()[-1]) / 1024
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks/out")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    backbone, head = write_checkpoints(args.workdir)
+    size_gb = (backbone.stat().st_size + head.stat().st_size) / 1e9
+    out = args.workdir / "converted"
+    cases = {
+        "read both files": (READ, backbone, head),
+        "copy both files": (COPY, backbone, head, args.workdir / "copy"),
+        "convert float32": (CONVERT, backbone, head, out, "float32", 0),
+        "convert float16": (CONVERT, backbone, head, out, "float16", 0),
+        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4),
+    }
+    results = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, (code, *child_args) in cases.items():
+            results[name].append(run_child(code, *child_args))
+    shutil.rmtree(out, ignore_errors=True)
+    for leftover in args.workdir.glob("copy.*"):
+        leftover.unlink()
+
+    print(
+        f"\naim-600M checkpoint, {size_gb:.2f} GB, {platform.machine()}, {os.cpu_count()} cores,"
+        f" Python {platform.python_version()}, best of {args.repeats}"
+    )
+    read_time = min(t for t, _ in results["read both files"])
+    print(f"{'case':<18}{'time s':>9}{'x read':>9}{'peak RSS MB':>14}")
+    for name, runs in results.items():
+        t = min(r[0] for r in runs)
+        rss = max(r[1] for r in runs)
+        print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{rss:>14.0f}")
+
+
+if __name__ == "__main__":
+    main()

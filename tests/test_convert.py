@@ -1,0 +1,303 @@
+"""The converter: output layout, dtypes, quantization, sharding, and refusing bad input safely."""
+
+import hashlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF, rel_err
+from safetensors import safe_open
+from torch_zip import save_torch_zip
+
+import aim_mlx
+from aim_mlx.cli import main
+from aim_mlx.convert import ConversionError, convert, open_checkpoint
+from aim_mlx.convert import converter as converter_module
+
+BACKBONE, HEAD_BEST, HEAD_LAST = (
+    REF / "backbone.pth",
+    REF / "head_best_layers.pth",
+    REF / "head_last_layers.pth",
+)
+X = mx.array(np.load(REF / "input.npy"))
+REF_BEST = np.load(REF / "logits_best.npy")
+
+
+def run(out, **kw):
+    kw = {
+        "backbone": BACKBONE,
+        "head": HEAD_BEST,
+        "num_heads": 4,
+        "probe_layers": "1,2,3,4,5,6",
+        "progress": False,
+        **kw,
+    }
+    return convert(out, **kw)
+
+
+def test_output_folder_layout(tmp_path):
+    out = run(tmp_path / "m", dtype="bfloat16")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["format_version"] == aim_mlx.convert.FORMAT_VERSION
+    assert (config["embed_dim"], config["num_blocks"], config["num_heads"]) == (64, 8, 4)
+    assert config["probe_layers"] == [1, 2, 3, 4, 5, 6]
+    assert config["dtype"] == "bfloat16" and config["quantization"] is None
+    assert [s["file"] for s in config["sources"]] == ["backbone.pth", "head_best_layers.pth"]
+    assert config["sources"][0]["sha256"] == hashlib.sha256(BACKBONE.read_bytes()).hexdigest()
+    # The safetensors library reads it; names are the official ones minus the dropped counter.
+    official = set(open_checkpoint(BACKBONE).keys()) | set(open_checkpoint(HEAD_BEST).keys())
+    with safe_open(out / "model.safetensors", framework="numpy") as f:
+        assert f.metadata() == {"format": "mlx"}
+        assert set(f.keys()) == official - {"head.bn.num_batches_tracked"}
+    weights = mx.load(str(out / "model.safetensors"))
+    assert all(w.dtype == mx.bfloat16 for w in weights.values())
+    assert weights["preprocessor.patchifier.proj.weight"].shape == (64, 14, 14, 3)
+    src = np.array(open_checkpoint(BACKBONE).load("preprocessor.patchifier.proj.weight"))
+    f32 = mx.load(str(run(tmp_path / "f32") / "model.safetensors"))
+    np.testing.assert_array_equal(
+        np.array(f32["preprocessor.patchifier.proj.weight"]), src.transpose(0, 2, 3, 1)
+    )
+
+
+def test_sharded_output_loads_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(converter_module, "SHARD_BYTES", 300_000)
+    out = run(tmp_path / "sharded")
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:
+        assert (out / shard).stat().st_size <= 300_000 + 64_000 + 10_000  # one tensor may spill
+    logits = np.array(aim_mlx.load(out)(X))
+    assert rel_err(logits, REF_BEST) < 1e-4
+
+
+def test_hub_folder_with_safetensors(tmp_path):
+    """A hub-style folder may hold model.safetensors (official names and layout) instead of .bin."""
+    from safetensors.numpy import save_file
+
+    hub = REF / "hf_repo"
+    ckpt = open_checkpoint(hub / "pytorch_model.bin")
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    save_file({k: np.array(ckpt.load(k)) for k in ckpt.keys()}, folder / "model.safetensors")
+    (folder / "config.json").write_text((hub / "config.json").read_text())
+    model = aim_mlx.load(convert(tmp_path / "m", hf_path=folder, progress=False))
+    assert rel_err(np.array(model(X)), REF_BEST) < 1e-4
+
+
+def test_quantized_8bit_close_and_4bit_runs(tmp_path):
+    q8 = aim_mlx.load(run(tmp_path / "q8", quantize=True, q_bits=8))
+    # Trunk quantized, head in full precision.
+    assert isinstance(q8.trunk.blocks[0].mlp.fc1, nn.QuantizedLinear)
+    assert not isinstance(q8.head.k, nn.QuantizedLinear)
+    config = json.loads((tmp_path / "q8" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8 and len(config["quantization"]["layers"]) == 32
+    out8 = np.array(q8(X))
+    assert rel_err(out8, REF_BEST) < 0.05  # measured 0.032 x std on the fixture
+    np.testing.assert_array_equal(out8.argmax(1), REF_BEST.argmax(1))
+    # Native quantized matmul (the Metal path) agrees with the dequantize-then-matmul CPU path.
+    q8.compute_dtype = mx.float32
+    from aim_mlx.models import ops
+
+    native = ops.widen_low_precision
+    try:
+        ops.widen_low_precision = lambda: False
+        np.testing.assert_allclose(np.array(q8(X)), out8, rtol=1e-4, atol=1e-4)
+    finally:
+        ops.widen_low_precision = native
+    q4 = aim_mlx.load(run(tmp_path / "q4", quantize=True, q_bits=4, q_group_size=32))
+    out4 = np.array(q4(X))
+    assert out4.shape == (2, 1000) and np.isfinite(out4).all()
+    assert rel_err(out4, REF_BEST) < 1.0  # measured 0.49 x std: tiny rows quantize coarsely
+
+
+def test_quantizing_the_head_measurably_hurts(tmp_path, monkeypatch):
+    """Why the head stays in full precision: its 3 layers cost more than their share."""
+    trunk_only = rel_err(np.array(aim_mlx.load(run(tmp_path / "a", quantize=True))(X)), REF_BEST)
+    pattern = converter_module.QUANTIZED_LAYER.pattern.removesuffix("$") + r"|head\.(k|v|linear)$"
+    monkeypatch.setattr(converter_module, "QUANTIZED_LAYER", re.compile(pattern))
+    with_head = rel_err(np.array(aim_mlx.load(run(tmp_path / "b", quantize=True))(X)), REF_BEST)
+    assert with_head > 1.2 * trunk_only  # measured 0.042 vs 0.032 x std
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = run(tmp_path / "m")
+    marker = out / "config.json"
+    before = marker.read_text()
+    with pytest.raises(ConversionError, match="already exists.*--force"):
+        run(out, dtype="float16")
+    assert marker.read_text() == before
+    run(out, dtype="float16", force=True)
+    assert json.loads(marker.read_text())["dtype"] == "float16"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left
+
+
+def _broken_head(tmp_path, drop=None, add=None, reshape=None):
+    ckpt = open_checkpoint(HEAD_BEST)
+    tensors = {k: np.array(ckpt.load(k)) for k in ckpt.keys() if k != drop}
+    if add:
+        tensors[add] = np.zeros(3, np.float32)
+    if reshape:
+        tensors[reshape] = tensors[reshape][:, :32]
+    return save_torch_zip(tmp_path / "head.pth", tensors)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"drop": "head.k.weight"}, r"missing key 'head.k.weight' \(shape \(64, 64\).*head file"),
+        ({"add": "head.extra.bias"}, r"unexpected key 'head.extra.bias' in .*head.pth"),
+        (
+            {"reshape": "head.v.weight"},
+            r"shape mismatch for 'head.v.weight': .*head.pth has \(64, 32\), "
+            r"the model expects \(64, 64\)",
+        ),
+    ],
+)
+def test_key_and_shape_errors(tmp_path, change, message):
+    head = _broken_head(tmp_path, **change)
+    with pytest.raises(ConversionError, match=message):
+        run(tmp_path / "out", head=head)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unresolvable_shapes_name_the_option(tmp_path):
+    with pytest.raises(ConversionError, match="--num-heads"):
+        run(tmp_path / "o", num_heads=None)
+    with pytest.raises(ConversionError, match="--probe-layers"):
+        run(tmp_path / "o", probe_layers="best")  # not an official size
+    renamed = tmp_path / "my_head.pth"
+    renamed.write_bytes(HEAD_BEST.read_bytes())
+    with pytest.raises(ConversionError, match="--probe-layers"):
+        run(tmp_path / "o", head=renamed, probe_layers=None)
+    # The official file names say which head it is.
+    out = run(tmp_path / "last", head=HEAD_LAST, probe_layers=None)
+    assert json.loads((out / "config.json").read_text())["probe_layers"] == [2, 3, 4, 5, 6, 7]
+
+
+def test_backbone_and_head_sharing_a_key(tmp_path):
+    with pytest.raises(ConversionError, match="'head.cls_token' is in both"):
+        run(tmp_path / "o", backbone=HEAD_LAST)
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    produce, calls = converter_module._produce, []
+
+    def interrupt_on_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return produce(*args)
+
+    monkeypatch.setattr(converter_module, "_produce", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_cli_conversion_leaves_nothing(tmp_path, sig):
+    """A real signal mid-conversion: the CLI exits non-zero and removes its temporary folder."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        from aim_mlx.convert import converter
+        produce, calls = converter._produce, []
+        def produce_then_signal(*args):
+            calls.append(1)
+            if len(calls) == 5:
+                os.kill(os.getpid(), {int(sig)})
+            return produce(*args)
+        converter._produce = produce_then_signal
+        from aim_mlx.cli import main
+        sys.argv = ["aim-mlx", "convert", "--backbone", {str(BACKBONE)!r}, "--head",
+                    {str(HEAD_LAST)!r}, "--num-heads", "4", "--out", {str(tmp_path / "out")!r}]
+        main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_partial_folder_of_a_dead_process_is_removed(tmp_path):
+    stale = tmp_path / ".out.partial-999999999-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    run(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_cli_convert(tmp_path):
+    runner = CliRunner()
+    args = [
+        "convert",
+        "--backbone",
+        str(BACKBONE),
+        "--head",
+        str(HEAD_LAST),
+        "--num-heads",
+        "4",
+        "--out",
+        str(tmp_path / "m"),
+        "--dtype",
+        "float16",
+    ]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
+    again = runner.invoke(main, args)
+    assert again.exit_code == 1
+    assert "already exists" in again.output and "Traceback" not in again.output
+    bad = runner.invoke(
+        main,
+        [
+            "convert",
+            "--backbone",
+            str(REF / "input.npy"),
+            "--head",
+            str(HEAD_LAST),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert bad.exit_code == 1 and "not a PyTorch checkpoint" in bad.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_version():
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and aim_mlx.__version__ in result.output
+
+
+def test_loader_errors(tmp_path):
+    from aim_mlx.loader import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        aim_mlx.load(tmp_path)
+    out = run(tmp_path / "m")
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "format_version": 0}))
+    with pytest.raises(ModelLoadError, match="format version 0.*convert the checkpoints again"):
+        aim_mlx.load(out)
+    (out / "config.json").write_text(json.dumps({**config, "num_blocks": 9}))
+    with pytest.raises(ModelLoadError, match="lack 'trunk.blocks.8"):
+        aim_mlx.load(out)
+
+
+def test_load_is_lazy(tmp_path):
+    out = run(tmp_path / "m")
+    before = mx.get_active_memory()
+    model = aim_mlx.load(out)
+    assert mx.get_active_memory() - before < 100_000  # the 2 MB of weights are not read yet
+    mx.eval(model.parameters())
+    assert mx.get_active_memory() - before > 1_500_000
+    assert not model.training

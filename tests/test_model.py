@@ -1,0 +1,193 @@
+"""The MLX model against the official PyTorch outputs, through the real convert -> load path."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import FIXTURE_CONFIG, REF, build_reference_model, rel_err, to_np
+
+import aim_mlx
+from aim_mlx.convert import convert
+from aim_mlx.models import AIM, PRESETS, ModelArgs, preset_args, sincos_pos_embed
+
+INPUTS = {"input.npy": "", "input_252x196.npy": "_252x196"}
+PROBE = {v: ",".join(map(str, c["probe_layers"])) for v, c in FIXTURE_CONFIG["variants"].items()}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """{(variant, dtype): folder} converted from the fixture's .pth files."""
+    root = tmp_path_factory.mktemp("converted")
+    folders = {}
+    for variant, cfg in FIXTURE_CONFIG["variants"].items():
+        for dtype in ("float32", "float16", "bfloat16"):
+            folders[variant, dtype] = convert(
+                root / f"{variant}-{dtype}",
+                backbone=REF / "backbone.pth",
+                head=REF / cfg["head"],
+                num_heads=4,
+                probe_layers=PROBE[variant],
+                dtype=dtype,
+                progress=False,
+            )
+    return folders
+
+
+def logits(model, input_name):
+    return np.array(model(mx.array(np.load(REF / input_name))))
+
+
+@pytest.mark.parametrize("input_name", INPUTS)
+def test_float32_logits_match_reference(converted, variant, input_name):
+    model = aim_mlx.load(converted[variant, "float32"])
+    ref = np.load(REF / f"logits_{variant}{INPUTS[input_name]}.npy")
+    out = logits(model, input_name)
+    assert out.shape == ref.shape and out.dtype == np.float32
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_block_features_match_reference(converted, variant):
+    model = aim_mlx.load(converted[variant, "float32"])
+    ref = np.load(REF / f"features_{variant}.npy")  # (blocks, 1, 256, 64)
+    feats = model.extract_features(mx.array(np.load(REF / "input.npy")[:1]))
+    assert (
+        len(feats) == ref.shape[0] == max(FIXTURE_CONFIG["variants"][variant]["probe_layers"]) + 1
+    )
+    assert rel_err(np.stack([to_np(f) for f in feats]), ref) < 1e-4
+
+
+TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
+
+
+@pytest.mark.parametrize("dtype", TOLERANCE)
+@pytest.mark.parametrize("native", [False, True], ids=["widened", "native"])
+@pytest.mark.parametrize("input_name", INPUTS)
+def test_half_precision(converted, variant, dtype, native, input_name):
+    """Half-precision weights, computed in float32 (CPU default) or natively (Metal default)."""
+    model = aim_mlx.load(converted[variant, dtype])
+    assert model.dtype == getattr(mx, dtype)
+    if native:
+        model.compute_dtype = model.dtype
+    ref = np.load(REF / f"logits_{variant}{INPUTS[input_name]}.npy")
+    out = logits(model, input_name)
+    tol = TOLERANCE[dtype]
+    assert rel_err(out, ref) < tol
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol * ref.std()
+    np.testing.assert_array_equal(out.argmax(1)[clear], ref.argmax(1)[clear])
+
+
+def test_native_half_precision_computes_in_half(converted):
+    model = aim_mlx.load(converted["best", "float16"])
+    x = mx.array(np.load(REF / "input.npy"))
+    assert model.extract_features(x)[0].dtype == mx.float32  # widened on the CPU
+    model.compute_dtype = mx.float16
+    assert model.extract_features(x)[0].dtype == mx.float16
+
+
+def test_hub_folder_equals_backbone_and_head(converted, tmp_path):
+    hub = aim_mlx.load(convert(tmp_path / "hub", hf_path=REF / "hf_repo", progress=False))
+    pair = aim_mlx.load(converted["best", "float32"])
+    assert hub.args.probe_layers == pair.args.probe_layers == (1, 2, 3, 4, 5, 6)
+    np.testing.assert_array_equal(logits(hub, "input.npy"), logits(pair, "input.npy"))
+
+
+def test_extract_features_block_selection():
+    model = build_reference_model("best")  # probe layers 1..6 of 8 blocks
+    x = mx.array(np.load(REF / "input.npy")[:1])
+    all_blocks = model.extract_features(x, max_block_id=-1)
+    assert len(all_blocks) == 8
+    assert len(model.extract_features(x)) == 7
+    first3 = model.extract_features(x, max_block_id=2)
+    assert len(first3) == 3
+    np.testing.assert_array_equal(to_np(first3[2]), to_np(all_blocks[2]))
+    for bad in (8, -2):
+        with pytest.raises(ValueError, match="max_block_id"):
+            model.extract_features(x, max_block_id=bad)
+
+
+def test_head_reads_the_mean_of_probe_layers():
+    model = build_reference_model("last")
+    x = mx.array(np.load(REF / "input.npy"))
+    feats = model.extract_features(x)
+    manual = np.mean([to_np(feats[i]) for i in (2, 3, 4, 5, 6, 7)], axis=0)
+    np.testing.assert_allclose(to_np(model.head_input(feats)), manual, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_forward_matches():
+    model = build_reference_model("best")
+    x = mx.array(np.load(REF / "input.npy"))
+    compiled = mx.compile(model)
+    np.testing.assert_allclose(np.array(compiled(x)), np.array(model(x)), rtol=1e-5, atol=1e-5)
+    x2 = mx.array(np.load(REF / "input_252x196.npy"))  # a new shape retraces
+    ref = np.load(REF / "logits_best_252x196.npy")
+    assert rel_err(np.array(compiled(x2)), ref) < 1e-4
+
+
+def test_bad_input_shape_is_explained():
+    model = build_reference_model("best")
+    with pytest.raises(ValueError, match="multiples of 14"):
+        model(mx.zeros((1, 3, 225, 224)))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(mx.zeros((1, 224, 224, 3)))
+
+
+def test_sincos_position_embedding_by_hand():
+    # grid of 2 rows x 3 columns, dim 8: omega = [1, 1/100]
+    emb = np.array(sincos_pos_embed(2, 3, 8))
+    assert emb.shape == (6, 8)
+    omega = np.array([1.0, 0.01])
+    for idx in range(6):
+        row, col = divmod(idx, 3)
+        expected = np.concatenate(
+            [np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)]
+        )
+        np.testing.assert_allclose(emb[idx], expected, rtol=1e-6, atol=1e-7)
+    assert sincos_pos_embed(2, 3, 8) is sincos_pos_embed(2, 3, 8)  # cached per grid
+
+
+def test_model_args_from_dict_ignores_unknown_keys():
+    args = ModelArgs.from_dict(
+        {
+            "embed_dim": 64,
+            "num_blocks": 8,
+            "num_heads": 4,
+            "probe_layers": [1, 2],
+            "dtype": "float16",
+            "whatever": 1,
+        }
+    )
+    assert (args.embed_dim, args.probe_layers, args.head_dim) == (64, (1, 2), 16)
+    with pytest.raises(ValueError, match="outside blocks"):
+        ModelArgs(embed_dim=64, num_blocks=8, num_heads=4, probe_layers=(8,))
+    with pytest.raises(ValueError, match="divisible"):
+        ModelArgs(embed_dim=64, num_blocks=8, num_heads=5, probe_layers=(1,))
+
+
+OFFICIAL = json.loads((REF / "official_parameter_shapes.json").read_text())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_official_parameter_names_and_shapes(name):
+    """Every official key and shape, without allocating the weights (MLX init is lazy)."""
+    from mlx.utils import tree_flatten
+
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    model = AIM(preset_args(name))
+    ours = {k: list(v.shape) for k, v in tree_flatten(model.parameters())}
+    assert mx.get_active_memory() - before < 1 << 20  # nothing was materialised
+    official = {k: shape for k, (shape, _) in OFFICIAL[name].items()}
+    assert official.pop("head.bn.num_batches_tracked") == []  # the dropped counter
+    o, i, h, w = official["preprocessor.patchifier.proj.weight"]
+    official["preprocessor.patchifier.proj.weight"] = [o, h, w, i]  # OIHW -> OHWI
+    assert ours == official
+    assert sum(int(np.prod(s)) for s in ours.values()) == OFFICIAL[f"{name}:num_params"]
+
+
+def test_presets_best_and_last_layers():
+    assert preset_args("aim-600M").probe_layers == tuple(range(14, 20))
+    assert preset_args("aim-1B").probe_layers == tuple(range(12, 18))
+    assert preset_args("aim-7B", head="last").probe_layers == tuple(range(26, 32))
+    assert preset_args("aim-3B", head="last").probe_layers == tuple(range(18, 24))
