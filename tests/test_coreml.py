@@ -29,15 +29,23 @@ import mil_numpy  # noqa: E402  (needs coremltools)
 MEAN = np.array(coreml.IMAGENET_MEAN).reshape(1, 3, 1, 1)
 STD = np.array(coreml.IMAGENET_STD).reshape(1, 3, 1, 1)
 
-# Largest |probability - MLX probability| of a compressed fixture package (float16, k-means
-# or int8), measured on the inputs below with coremltools 9.0 (tests/mil_numpy.py):
-#   int8        iOS17 0.022  iOS18 0.022
-#   palettize6  iOS17 0.046  iOS18 0.071
-#   palettize4  iOS17 0.128  iOS18 0.180
-# The bounds leave ~1.4x room. The fixture is a stress test (embed 64, random weights at a
-# trained network's scale, weights rounded by 0.6% / 2.4% / 10% RMS), not a prediction of the
-# accuracy lost by the official models.
-COMPRESSION_BOUNDS = {"int8": 0.03, "palettize6": 0.1, "palettize4": 0.25}
+# Largest |probability - MLX probability| of a compressed fixture package (float16 weights),
+# measured on the 10 inputs of `inputs` with coremltools 9.0 and tests/mil_numpy.py:
+#                 iOS17    iOS18
+#   int8          0.0175   0.0175   (linear, per channel)
+#   palettize6    0.078    0.072    (k-means, per tensor / per 16 channels)
+#   palettize4    0.138    0.273
+# The bounds leave about 1.4x room. The fixture is a stress test (embed 64, random weights at
+# a trained network's scale, so every weight is "important"; the weights themselves move by
+# 0.6% / 2.4% / 10% RMS), not a prediction of the accuracy the official models lose.
+COMPRESSION_BOUNDS = {
+    ("int8", "iOS17"): 0.025,
+    ("int8", "iOS18"): 0.025,
+    ("palettize6", "iOS17"): 0.11,
+    ("palettize6", "iOS18"): 0.11,
+    ("palettize4", "iOS17"): 0.2,
+    ("palettize4", "iOS18"): 0.4,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,15 +90,27 @@ def model():
     return build_reference_model("best")
 
 
+def with_probs(model, pixels):
+    """pixels (N, 3, 224, 224) uint8 and the MLX model's probabilities (N, 1000)."""
+    return pixels, np.array(mx.softmax(model(normalise(pixels)), axis=-1))
+
+
+@pytest.fixture(scope="module")
+def photos(model):
+    """The four photographs."""
+    return with_probs(model, photo_pixels())
+
+
 @pytest.fixture(scope="module")
 def inputs(model):
-    """pixels (N, 3, 224, 224) uint8 and the MLX model's probabilities (N, 1000)."""
+    """10 inputs: the photographs, the two random inputs, and confident versions of the photos."""
     photos = photo_pixels()
-    pixels = np.concatenate(
-        [photos, to_pixels(np.load(REF / "input.npy")), confident_pixels(model, photos)]
+    return with_probs(
+        model,
+        np.concatenate(
+            [photos, to_pixels(np.load(REF / "input.npy")), confident_pixels(model, photos)]
+        ),
     )
-    probs = np.array(mx.softmax(model(normalise(pixels)), axis=-1))
-    return pixels, probs
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +165,8 @@ def test_folded_patch_embedding_matches_the_mlx_convolution_on_normalised_input(
     assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
-def test_activation_ranges_follow_the_model(model, inputs):
-    x = normalise(inputs[0][:2])
+def test_activation_ranges_follow_the_model(model, photos):
+    x = normalise(photos[0][:2])
     stats = coreml.activation_ranges(model, x)
     assert set(stats) == coreml.FP16_KINDS["float16"]
     logits = np.array(model(x))
@@ -188,8 +208,8 @@ def test_spec_is_an_xcode_image_classifier(export):
 
 
 @pytest.mark.parametrize("target", coreml.TARGETS)
-def test_float32_package_matches_mlx(export, inputs, target):
-    pixels, ref = inputs
+def test_float32_package_matches_mlx(export, photos, target):
+    pixels, ref = photos
     probs, top = package_probs(export(precision="float32", target=target), pixels)
     assert np.abs(probs - ref).max() < 1e-5
     labels = coreml.imagenet_labels()
@@ -211,8 +231,8 @@ def test_float32_package_matches_the_official_pytorch_logits(export):
 @pytest.mark.parametrize(
     "precision,target", [("float16", "iOS17"), ("float16", "iOS18"), ("mixed", "iOS17")]
 )
-def test_half_precision_package_matches_mlx(export, inputs, precision, target):
-    pixels, ref = inputs
+def test_half_precision_package_matches_mlx(export, photos, precision, target):
+    pixels, ref = photos
     path = export(precision=precision, target=target)
     probs, _ = package_probs(path, pixels)
     assert np.abs(probs - ref).max() < 1e-3
@@ -234,8 +254,8 @@ def test_float16_package_stores_weights_in_half_the_space(export):
     assert 0.45 < half / full < 0.55
 
 
-def test_features_variant_outputs_the_pooled_descriptor(export, model, inputs):
-    pixels = inputs[0][:3]
+def test_features_variant_outputs_the_pooled_descriptor(export, model, photos):
+    pixels = photos[0][:3]
     path = export(precision="float32", features=True)
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
     assert [o.name for o in spec.description.output] == ["features"]
@@ -258,11 +278,11 @@ def test_features_variant_outputs_the_pooled_descriptor(export, model, inputs):
     assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
-def test_quantized_model_is_dequantized(tmp_path, inputs):
+def test_quantized_model_is_dequantized(tmp_path, photos):
     q = build_reference_model("best")
     nn.quantize(q, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, Linear))
     assert isinstance(q.trunk.blocks[0].attn.qkv, nn.QuantizedLinear)
-    pixels = inputs[0][:2]
+    pixels = photos[0][:2]
     ref = np.array(mx.softmax(q(normalise(pixels)), axis=-1))
     path = coreml.export_coreml(q, tmp_path / "q.mlpackage", precision="float32")
     probs, _ = package_probs(path, pixels)
@@ -273,13 +293,15 @@ def test_quantized_model_is_dequantized(tmp_path, inputs):
 # compression
 
 
-@pytest.mark.parametrize("target", coreml.TARGETS)
-@pytest.mark.parametrize("compress", ["int8", "palettize6", "palettize4"])
+# palettize6 on iOS18 takes the same code path as palettize4 there (and its k-means is slow)
+@pytest.mark.parametrize(
+    "compress,target", sorted(set(COMPRESSION_BOUNDS) - {("palettize6", "iOS18")})
+)
 def test_compressed_package_stays_within_its_bound(export, inputs, compress, target):
     pixels, ref = inputs
     path = export(precision="float16", compress=compress, target=target)
     probs, _ = package_probs(path, pixels)
-    bound = COMPRESSION_BOUNDS[compress]
+    bound = COMPRESSION_BOUNDS[compress, target]
     assert np.abs(probs - ref).max() < bound
     # the top-1 survives wherever the float model's margin exceeds the bound
     top2 = np.sort(ref, axis=1)[:, -2:]
@@ -294,8 +316,23 @@ def test_compressed_package_stays_within_its_bound(export, inputs, compress, tar
         "constexpr_affine_dequantize",
         "constexpr_blockwise_shift_scale",
     }
+    # (on iOS18 the fixture's head.linear, 1000 x 64 and 14% of its weights, stays float16:
+    # 1000 rows are not a multiple of the palettization group of 16)
     ratio = coreml.weight_file_size(path) / coreml.weight_file_size(export(precision="float16"))
-    assert ratio < {"int8": 0.6, "palettize6": 0.5, "palettize4": 0.4}[compress]
+    assert ratio < {"int8": 0.6, "palettize6": 0.5, "palettize4": 0.45}[compress]
+
+
+def test_compression_with_shared_zero_constants(tmp_path, photos):
+    """Zero LayerNorm biases (fresh weights) equal the linear layers' zero biases; the export
+    must not merge them into one constant that the compressor then refuses."""
+    m = build_reference_model("best")
+    for blk in m.trunk.blocks:
+        blk.norm_1.bias = mx.zeros_like(blk.norm_1.bias)
+    pixels = photos[0][:1]
+    ref = np.array(mx.softmax(m(normalise(pixels)), axis=-1))
+    path = coreml.export_coreml(m, tmp_path / "m.mlpackage", compress="int8")
+    probs, _ = package_probs(path, pixels)
+    assert np.abs(probs - ref).max() < COMPRESSION_BOUNDS["int8", "iOS17"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,26 +386,32 @@ def test_mixed_export_refuses_overflow_in_linear_layers(tmp_path):
 # command line
 
 
-def test_cli_exports_a_model(tmp_path, monkeypatch, model):
-    import aim_mlx
-
-    monkeypatch.setattr(aim_mlx, "load", lambda ref: model, raising=False)
-    out = tmp_path / "Fixture.mlpackage"
+def test_cli_exports_a_converted_folder(tmp_path, photos):
     from aim_mlx.cli import main
+    from aim_mlx.convert import convert
 
-    args = ["export", "coreml", "--model", "fixture", "--out", str(out), "--precision", "float32"]
-    res = CliRunner().invoke(main, args)
+    folder = convert(tmp_path / "fixture", hf_path=REF / "hf_repo", progress=False, name="tiny")
+    out = tmp_path / "Tiny.mlpackage"
+    args = ["export", "coreml", "--model", str(folder), "--out", str(out)]
+    res = CliRunner().invoke(main, [*args, "--precision", "float32"])
     assert res.exit_code == 0, res.output
-    assert "wrote" in res.output and out.is_dir()
-    spec = ct.models.MLModel(str(out), skip_model_load=True).get_spec()
-    assert spec.description.metadata.userDefined["aim_mlx.model"] == "fixture"
-    # an existing package is not replaced without --force
+    assert f"wrote {out}" in res.output
+    meta = ct.models.MLModel(str(out), skip_model_load=True).get_spec().description.metadata
+    assert meta.userDefined["aim_mlx.model"] == "tiny"
+    assert "pytorch_model.bin" in meta.userDefined["aim_mlx.source"]
+    # the hub folder holds the best-layers head: same probabilities as the fixture model
+    pixels, ref = photos
+    probs, _ = package_probs(out, pixels[:1])
+    assert np.abs(probs - ref[:1]).max() < 1e-5
+    # user mistakes: a clear message, no traceback, nothing replaced
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "already exists" in res.output and "--force" in res.output
-    assert "Traceback" not in res.output
-    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
-    res = CliRunner().invoke(main, [*args[:-2], "--img-size", "100", "--force"])
+    res = CliRunner().invoke(main, [*args, "--force", "--img-size", "100"])
     assert res.exit_code == 1 and "multiple of the patch size 14" in res.output
+    res = CliRunner().invoke(main, ["export", "coreml", "--model", "aim-600M", "--out", "x"])
+    assert res.exit_code == 1 and "convert" in res.output
+    assert "Traceback" not in res.output
+    assert CliRunner().invoke(main, [*args, "--force", "--features"]).exit_code == 0
 
 
 def test_cli_without_coremltools_says_how_to_install(tmp_path, monkeypatch):
@@ -387,10 +430,10 @@ def test_cli_without_coremltools_says_how_to_install(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
 @pytest.mark.parametrize("precision,tol", [("float32", 1e-4), ("float16", 1e-2)])
-def test_coreml_predict_matches_mlx(export, inputs, precision, tol):
+def test_coreml_predict_matches_mlx(export, photos, precision, tol):
     from PIL import Image
 
-    pixels, ref = inputs
+    pixels, ref = photos
     path = export(precision=precision)
     units = ct.ComputeUnit.CPU_ONLY if precision == "float32" else ct.ComputeUnit.ALL
     mlmodel = ct.models.MLModel(str(path), compute_units=units)

@@ -512,8 +512,13 @@ def export_coreml(
     def program(image):
         return graph.forward(image, img_size, features)
 
+    # No constant deduplication: a linear layer's zero bias merged with a LayerNorm's zero beta
+    # (as in freshly initialised weights) makes the compressors refuse the shared constant.
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes({"common::const_deduplication"})
     mlmodel = ct.convert(
         program,
+        pass_pipeline=pipeline,
         inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
         classifier_config=None if features else ct.ClassifierConfig(labels),
         minimum_deployment_target=opset,
