@@ -3,8 +3,8 @@
 The `.mlpackage` is read back with coremltools (spec + weight blob) into a MIL program, exactly
 as saved, and its ops run one by one: with coremltools' own `value_inference` (or
 `materialized_val_inference` for the compressed-weight `constexpr_*` ops) where the op has one,
-with the small numpy versions below otherwise (conv, classify, and a few ops coremltools does
-not evaluate).
+with the small numpy versions below otherwise (conv and classify, which coremltools does not
+evaluate, and the exact GELU, which it evaluates one element at a time).
 
 float16 is emulated as "float16 storage, float32 arithmetic": every op computes in float32 and
 its float16 outputs are rounded to float16, as GPUs and the Neural Engine accumulate in wider
@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from scipy.special import erf
 
 
 def load_program(path):
@@ -92,6 +93,9 @@ def _run_op(op):
         )
     if t == "classify":
         return _classify(op, _value(op.probabilities))
+    if t == "gelu" and op.mode.val == "EXACT":  # coremltools' own runs math.erf per element
+        x = _value(op.x)
+        return (0.5 * x * (1 + erf(x / np.sqrt(2))),)
     # constexpr_* ops decompress weights (palettized / quantized) with their own numpy code
     out = op.materialized_val_inference() if t.startswith("constexpr_") else op.value_inference()
     return out if isinstance(out, tuple) else (out,)

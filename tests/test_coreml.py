@@ -216,6 +216,18 @@ def test_float32_package_matches_mlx(export, photos, target):
     assert top == [labels[i] for i in ref.argmax(axis=1)]
 
 
+def test_other_image_size(export, model, photos):
+    """112 px: an 8 x 8 patch grid, so the position embedding is computed for that grid."""
+    pixels = photos[0][:2, :, 56:168, 56:168]
+    ref = np.array(mx.softmax(model(normalise(pixels)), axis=-1))
+    path = export(precision="float32", img_size=112)
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    assert spec.description.input[0].type.imageType.width == 112
+    assert "128" in spec.description.input[0].shortDescription  # ceil(112 / 0.875)
+    probs, _ = package_probs(path, pixels)
+    assert np.abs(probs - ref).max() < 1e-5
+
+
 def test_float32_package_matches_the_official_pytorch_logits(export):
     """Independent of MLX: the photographs' probabilities from the reference implementation."""
     ref_logits = np.load(REF / "logits_images_best.npz")

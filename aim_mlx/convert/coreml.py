@@ -4,7 +4,7 @@ No PyTorch: the ML Program is written with coremltools' MIL builder from the MLX
 `ct.convert` serialises it (this works on Linux; only prediction needs macOS).
 
 The classifier takes an RGB `image` (already resized and center-cropped to img_size, see
-`PREPROCESSING`), scaled by 1/255 by Core ML; the ImageNet mean/std are folded into the
+`preprocessing_note`), scaled by 1/255 by Core ML; the ImageNet mean/std are folded into the
 patch-embedding convolution. It outputs `classLabel` and `classLabel_probs` (softmax over the
 labels). With `features=True` the model outputs `features`: the attention-pooled descriptor of
 the head, (1, embed_dim), the vector the classifier's last linear layer reads.
@@ -430,7 +430,7 @@ def _describe(
 ):
     kind = "feature extractor" if features else "image classifier (ImageNet-1k)"
     mlmodel.short_description = (
-        f"{name}: AIM v1 {kind}, {img_size}x{img_size} RGB input, {precision} weights"
+        f"{name}: AIM v1 {kind}, {img_size}x{img_size} RGB input, {precision} precision"
         f"{'' if compress == 'none' else ', ' + compress}. Exported by aim-mlx {__version__}."
     )
     mlmodel.author = "Apple (AIM v1); Core ML export by aim-mlx"
@@ -497,7 +497,9 @@ def export_coreml(
     if not features:
         labels = labels or imagenet_labels()
         if len(labels) != args.num_classes:
-            raise ExportError(f"{len(labels)} labels for {args.num_classes} classes")
+            raise ExportError(
+                f"the model has {args.num_classes} classes but {len(labels)} labels were given"
+            )
     ct = require_coremltools()
     from coremltools.converters.mil import Builder as mb
 
