@@ -387,6 +387,15 @@ def test_float16_export_refuses_overflow_and_suggests_mixed(tmp_path):
     assert np.abs(probs - ref).max() < 1e-3
 
 
+def test_range_check_covers_only_what_the_package_computes(tmp_path):
+    """Logits past float16's range: the classifier is refused, the feature extractor is not."""
+    m = build_reference_model("best")
+    m.head.linear.weight = m.head.linear.weight * 1e6
+    with pytest.raises(coreml.ExportError, match="logits"):
+        coreml.export_coreml(m, tmp_path / "c.mlpackage")
+    assert coreml.export_coreml(m, tmp_path / "f.mlpackage", features=True).is_dir()
+
+
 def test_mixed_export_refuses_overflow_in_linear_layers(tmp_path):
     with pytest.raises(coreml.ExportError, match="--precision float32"):
         coreml.export_coreml(

@@ -207,11 +207,15 @@ def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
     return stats
 
 
-def check_fp16_range(model, precision: str, sample: mx.array) -> None:
-    """Raise ExportError if the float16 tensors of `precision` would leave float16's range."""
+def check_fp16_range(model, precision: str, sample: mx.array, features: bool = False) -> None:
+    """Raise ExportError if the float16 tensors of `precision` would leave float16's range.
+
+    `features`: the export stops before the classifier's logits, so they are not checked.
+    """
     limit = FP16_MAX / FP16_HEADROOM
+    kinds = FP16_KINDS[precision] - ({"logits"} if features else set())
     stats = activation_ranges(model, sample)
-    over = {k: v for k, v in stats.items() if k in FP16_KINDS[precision] and v[0] > limit}
+    over = {k: v for k, v in stats.items() if k in kinds and v[0] > limit}
     if not over:
         return
     kind, (value, block) = max(over.items(), key=lambda kv: kv[1][0])
@@ -504,7 +508,8 @@ def export_coreml(
     from coremltools.converters.mil import Builder as mb
 
     if precision != "float32":
-        check_fp16_range(model, precision, synthetic_sample(img_size) if sample is None else sample)
+        sample = synthetic_sample(img_size) if sample is None else sample
+        check_fp16_range(model, precision, sample, features)
 
     graph = _Graph(mb, float_weights(model), args, precision, target)
     opset = getattr(ct.target, target)
