@@ -104,19 +104,9 @@ def main():
     with tempfile.TemporaryDirectory(dir=a.out_dir) as tmp:
         for config in a.configs:
             precision, compress = config.split(":")
-            cmd = [
-                sys.executable,
-                __file__,
-                "--model",
-                a.model,
-                "--target",
-                a.target,
-                "--out-dir",
-                tmp,
-                "--one",
-                precision,
-                compress,
-            ]
+            cmd = [sys.executable, __file__, "--model", a.model, "--target", a.target]
+            cmd += ["--out-dir", tmp, "--one", precision, compress]
+            cmd += ["--no-openblas"] if a.no_openblas else []
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 sys.exit(f"{config} failed:\n{res.stderr[-3000:]}")
