@@ -8,8 +8,24 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 
-def load(path):
-    """Load a converted aim-mlx model folder; returns `aim_mlx.models.AIM` in eval mode."""
-    from .loader import load_model
+def load(model, head="best", dtype=None, **kwargs):
+    """An AIM model (`aim_mlx.models.AIM`, eval mode) from a model name such as "aim-600M"
+    (downloaded and converted into the cache on first use), a converted folder, or a folder of
+    PyTorch checkpoints. See `aim_mlx.resolve.resolve` for the options."""
+    from .resolve import load as load_resolved
 
-    return load_model(path)
+    return load_resolved(model, head, dtype, **kwargs)
+
+
+def preprocess(image, size=224):
+    """A PIL image or an image path -> float32 array (3, size, size), the evaluation transform."""
+    from .transforms import preprocess as run
+
+    return run(image, size)
+
+
+def classify(model, inputs, **kwargs):
+    """Top-k ImageNet classes for image files and folders; see `aim_mlx.classifier.classify`."""
+    from .classifier import classify as run
+
+    return run(model, inputs, **kwargs)

@@ -85,20 +85,344 @@ def convert(
     click.echo(f"wrote {path}")
 
 
-def _load_model(ref: str):
-    """A converted model folder, loaded lazily."""
-    from . import load
-    from .loader import ModelLoadError
+# ---- Model names, the cache, classify / embed / eval (issue 3) --------------------------------
 
-    if not Path(ref).is_dir():
-        raise click.ClickException(
-            f"{ref}: not a model folder; convert the checkpoints first (aim-mlx convert --out "
-            "FOLDER ...) and pass --model FOLDER"
-        )
+DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
+
+
+def model_options(f):
+    """--model, --head, --dtype, --quantize: what to load (fetched and converted on first use)."""
+    options = [
+        click.option(
+            "--model",
+            "-m",
+            default="aim-600M",
+            show_default=True,
+            help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
+            "converted folder, or a folder of PyTorch checkpoints.",
+        ),
+        click.option(
+            "--head",
+            type=click.Choice(["best", "last"]),
+            default="best",
+            show_default=True,
+            help="Which official head: trained on the best or on the last six layers.",
+        ),
+        click.option(
+            "--dtype",
+            type=DTYPE_CHOICE,
+            default=None,
+            help="Weight dtype. Default: float16 on the GPU (Metal), float32 on the CPU.",
+        ),
+        click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."),
+        click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
+    from .resolve import load
+
+    _exit_on_sigterm()  # a conversion into the cache cleans up when terminated
+    bits = int(q_bits) if quantize else None
     try:
-        return load(ref)
-    except ModelLoadError as e:
+        return load(model, head, dtype, quantize_bits=bits, progress=progress)
+    except (ValueError, RuntimeError, OSError) as e:  # registry, hub, conversion, file errors
         raise click.ClickException(str(e)) from None
+
+
+def report_error(path: str, reason: str) -> None:
+    click.echo(f"error: {path}: {reason}", err=True)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@model_options
+@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
+@click.option("--csv", "as_csv", is_flag=True, help="Rows of path,rank,index,label,prob.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+def classify(
+    inputs, model, head, dtype, quantize, q_bits, top_k, batch_size, as_json, as_csv, progress
+):
+    """Top-k ImageNet classes of images (files, or folders searched recursively)."""
+    import csv
+    import json
+    import sys
+
+    from .classifier import classify_iter
+
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
+    if writer:
+        writer.writerow(["path", "rank", "index", "label", "prob"])
+    failed = 0
+    rows = classify_iter(net, inputs, k=top_k, batch_size=batch_size, progress=progress)
+    for row in rows:
+        if "error" in row:
+            failed += 1
+            report_error(row["path"], row["error"])
+        elif as_json:
+            click.echo(json.dumps(row))
+        elif writer:
+            for rank, p in enumerate(row["top_k"], 1):
+                writer.writerow([row["path"], rank, p["index"], p["label"], f"{p['prob']:.6g}"])
+            sys.stdout.flush()
+        else:
+            click.echo(row["path"])
+            for rank, p in enumerate(row["top_k"], 1):
+                click.echo(f"  {rank}. {100 * p['prob']:6.2f}%  {p['label']}  ({p['index']})")
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output file: .safetensors or .npy.",
+)
+@click.option(
+    "--layers",
+    default="head",
+    show_default=True,
+    help="head (the head's averaged probe layers), last (the last block), or block "
+    "numbers like 12,15,-1 (stacked along a layer axis).",
+)
+@click.option(
+    "--pool",
+    type=click.Choice(["mean", "tokens"]),
+    default="mean",
+    show_default=True,
+    help="mean: one vector per layer; tokens: every patch token.",
+)
+@model_options
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch_size, progress):
+    """Write image features to a .safetensors or .npy file.
+
+    safetensors: tensor `features`, the image order as JSON in the metadata key `paths`.
+    npy: the array, with the image order in FILE.paths.txt (one path per line).
+    """
+    import sys
+
+    from .embed import embed as embed_images
+    from .embed import parse_layers, save
+
+    if not out.endswith((".safetensors", ".npy")):
+        raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    try:
+        parse_layers(layers, net.args.num_blocks)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--layers") from None
+    emb = embed_images(
+        net, inputs, layers=layers, pool=pool, batch_size=batch_size, progress=progress
+    )
+    for path, reason in emb.errors:
+        report_error(path, reason)
+    if emb.paths:
+        meta = dict(model=model, head=head, layers=layers, pool=pool)
+        written = save(out, emb, meta)
+        shape = "x".join(map(str, emb.features.shape))
+        click.echo(f"wrote {shape} features to {', '.join(map(str, written))}", err=True)
+    else:
+        click.echo("no features written: no image could be read", err=True)
+    if emb.errors or not emb.paths:
+        sys.exit(1)
+
+
+@main.command("eval")
+@click.option(
+    "--data-path",
+    required=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="An ImageNet-style folder: one sub-folder of images per WordNet id.",
+)
+@model_options
+@click.option(
+    "--limit",
+    type=click.IntRange(1),
+    default=None,
+    help="Evaluate this many images, taken round-robin over the classes.",
+)
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+def eval_command(
+    data_path, model, head, dtype, quantize, q_bits, limit, batch_size, as_json, progress
+):
+    """Top-1 / top-5 accuracy on an ImageNet-style folder."""
+    import json
+    import sys
+
+    from .evaluate import DatasetError, evaluate
+
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    try:
+        result = evaluate(net, data_path, limit=limit, batch_size=batch_size, progress=progress)
+    except DatasetError as e:
+        raise click.ClickException(str(e)) from None
+    for path, reason in result.failed:
+        report_error(path, reason)
+    if as_json:
+        info = dict(model=model, head=head, dtype=str(net.dtype).split(".")[-1])
+        click.echo(json.dumps({**info, **result.to_dict()}))
+    else:
+        click.echo(
+            f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+            f"({result.images} images, {result.classes} classes)"
+        )
+    if result.failed:
+        sys.exit(1)
+
+
+def _gb(nbytes: int | None, exact: bool = True) -> str:
+    if nbytes is None:
+        return "?"
+    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+    return size if exact else "~" + size
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def models(as_json):
+    """The known models: size, published accuracy, files and what is cached."""
+    import json
+
+    from .resolve import models_overview
+
+    rows = models_overview()
+    if as_json:
+        click.echo(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        params = f"{r['params'] / 1e9:.2f}B params" if r["params"] else "params ?"
+        acc = ", ".join(f"{h} {v}%" for h, v in r["top1"].items())
+        click.echo(f"{r['name']}  ({params}; ImageNet-1k top-1: {acc or 'n/a'})  hub: {r['repo']}")
+        for f in r["files"]:
+            mark = "downloaded" if f["downloaded"] else "not downloaded"
+            size = _gb(f["size"], f["size_exact"])
+            click.echo(f"    {f['role']:<9}{f['filename']}  {size}  sha256 {f['sha256']}  [{mark}]")
+        for c in r["converted"]:
+            state = "" if c["current"] else "  (old format: converted again on use)"
+            click.echo(f"    converted {c['key']}  {_gb(c['size'])}{state}")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def cache(ctx):
+    """List, fill and empty the cache of converted models (and the raw downloads)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_list)
+
+
+@cache.command("list")
+def cache_list():
+    """Converted models and raw downloads, with their sizes."""
+    from huggingface_hub import constants
+
+    from . import hub, registry
+    from .cache import cache_root, list_entries
+
+    entries = list_entries()
+    click.echo(f"cache: {cache_root()}  (AIM_MLX_CACHE)")
+    if not entries:
+        click.echo("  no converted models")
+    for e in entries:
+        state = "" if e.current else "  (old format: converted again on use)"
+        click.echo(f"  {e.key:<40} {_gb(e.size):>10}{state}")
+    total = sum(e.size for e in entries)
+    if entries:
+        click.echo(f"  total {_gb(total)}")
+    downloads = [
+        (spec.name, file, path)
+        for spec in registry.all_models().values()
+        for file, path in hub.downloaded(spec)
+    ]
+    if downloads:
+        click.echo(f"downloads: {constants.HF_HUB_CACHE}  (HF_HOME; `cache rm-downloads`)")
+    for name, file, path in downloads:
+        click.echo(f"  {name:<10} {file.filename:<50} {_gb(path.stat().st_size):>10}")
+
+
+@cache.command("add")
+@click.argument("model")
+@click.option("--head", type=click.Choice(["best", "last"]), default="best", show_default=True)
+@click.option(
+    "--dtype",
+    type=DTYPE_CHOICE,
+    default=None,
+    help="Default: float16 on the GPU (Metal), float32 on the CPU.",
+)
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
+@click.option(
+    "--drop-downloads",
+    is_flag=True,
+    help="Delete the downloaded PyTorch checkpoints once converted.",
+)
+def cache_add(model, head, dtype, quantize, q_bits, drop_downloads):
+    """Download and convert a model now, without running it."""
+    from .resolve import resolve
+
+    _exit_on_sigterm()
+    bits = int(q_bits) if quantize else None
+    try:
+        path = resolve(model, head, dtype, quantize_bits=bits, keep_downloads=not drop_downloads)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(str(path))
+
+
+@cache.command("rm")
+@click.argument("names", nargs=-1)
+@click.option("--all", "remove_all", is_flag=True, help="Remove every converted model.")
+def cache_rm(names, remove_all):
+    """Remove converted models: entries as `aim-mlx cache list` shows them, or every entry of a
+    model name (aim-1B). The raw downloads stay: see `aim-mlx cache rm-downloads`."""
+    from . import cache as model_cache
+
+    if not names and not remove_all:
+        raise click.UsageError("name entries or models to remove, or pass --all")
+    entries = [e.key for e in model_cache.list_entries()]
+    chosen = set(entries) if remove_all else set()
+    for name in names:
+        prefix = name.lower() + "--"
+        matches = {key for key in entries if key == name or key.lower().startswith(prefix)}
+        if not matches:
+            raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
+        chosen |= matches
+    for key in sorted(chosen):
+        click.echo(f"removed {key} ({_gb(model_cache.remove(key))})")
+
+
+@cache.command("rm-downloads")
+@click.argument("models", nargs=-1)
+def cache_rm_downloads(models):
+    """Delete the raw downloaded checkpoints of these models (all known models if none are
+    named) from the Hugging Face cache; converted models stay usable."""
+    from . import hub, registry
+
+    try:
+        specs = [registry.get(m) for m in models] or list(registry.all_models().values())
+    except registry.RegistryError as e:
+        raise click.ClickException(str(e)) from None
+    for spec in specs:
+        if freed := hub.remove_downloads(spec):
+            click.echo(f"removed {spec.name} downloads ({_gb(freed)})")
+
+
+# ---- Export (issue 5) ------------------------------------------------------------------------
 
 
 @main.group()
@@ -107,23 +431,21 @@ def export():
 
 
 @export.command("coreml")
-@click.option(
-    "--model", "model_ref", required=True, help="Official name (aim-600M...) or model folder."
-)
+@model_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mlpackage.")
 @click.option(
     "--precision",
     type=click.Choice(coreml.PRECISIONS),
     default="float16",
     show_default=True,
-    help="mixed: float32 layer norms, attention, residual stream.",
+    help="mixed: float32 layer norms, attention and residual stream.",
 )
 @click.option(
     "--compress",
     type=click.Choice(coreml.COMPRESSIONS),
     default="none",
     show_default=True,
-    help="Weight compression.",
+    help="Weight compression (int8: linear; palettize: k-means look-up tables).",
 )
 @click.option("--img-size", type=int, default=None, help="Input size [default: the model's].")
 @click.option(
@@ -135,13 +457,36 @@ def export():
 )
 @click.option("--features", is_flag=True, help="Output the pooled features, not class labels.")
 @click.option("--force", is_flag=True, help="Replace an existing package.")
-def export_coreml(model_ref, out, precision, compress, img_size, target, features, force):
+def export_coreml(
+    model,
+    head,
+    dtype,
+    quantize,
+    q_bits,
+    out,
+    precision,
+    compress,
+    img_size,
+    target,
+    features,
+    force,
+):
     """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
+    from .resolve import resolve
+
     try:
         coreml.require_coremltools()
-        name, source = coreml.describe_model_ref(model_ref)
+        coreml.check_output(out, force)  # before a download or conversion
+    except coreml.ExportError as e:
+        raise click.ClickException(str(e)) from None
+    net = load_for_cli(model, head, dtype, quantize, q_bits)
+    bits = int(q_bits) if quantize else None
+    name, source = coreml.describe_model_ref(
+        resolve(model, head, dtype, quantize_bits=bits, progress=False)  # cached by now
+    )
+    try:
         path = coreml.export_coreml(
-            _load_model(model_ref),
+            net,
             out,
             precision=precision,
             compress=compress,

@@ -494,10 +494,10 @@ def export_coreml(
     target: "iOS17" (attention as matmul/softmax) or "iOS18" (fused scaled_dot_product_attention).
     features: output the attention-pooled `features` instead of the classifier's outputs.
     """
-    out = Path(out)
+    out = check_output(out, overwrite)
     args = model.args
     img_size = img_size or args.img_size
-    _check_options(precision, compress, target, img_size, args.patch_size, out, overwrite)
+    _check_options(precision, compress, target, img_size, args.patch_size)
     if not features:
         labels = labels or imagenet_labels()
         if len(labels) != args.num_classes:
@@ -559,7 +559,19 @@ def export_coreml(
     return out
 
 
-def _check_options(precision, compress, target, img_size, patch, out: Path, overwrite: bool):
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """The output path, if usable: a .mlpackage in an existing folder, new unless `overwrite`."""
+    out = Path(out)
+    if out.suffix != ".mlpackage":
+        raise ExportError(f"the output must end in .mlpackage, got {out}")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (overwrite it with --force)")
+    if not out.parent.is_dir():
+        raise ExportError(f"the output folder {out.parent} does not exist")
+    return out
+
+
+def _check_options(precision, compress, target, img_size, patch):
     for what, value, choices in (
         ("precision", precision, PRECISIONS),
         ("compress", compress, COMPRESSIONS),
@@ -569,9 +581,3 @@ def _check_options(precision, compress, target, img_size, patch, out: Path, over
             raise ExportError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
     if img_size <= 0 or img_size % patch:
         raise ExportError(f"img_size must be a positive multiple of the patch size {patch}")
-    if out.suffix != ".mlpackage":
-        raise ExportError(f"the output must end in .mlpackage, got {out}")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (overwrite it with --force)")
-    if not out.parent.is_dir():
-        raise ExportError(f"the output folder {out.parent} does not exist")

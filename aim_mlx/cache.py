@@ -1,0 +1,124 @@
+"""The cache of converted models: one MLX model folder per (model, head, dtype, quantization).
+
+Layout under the cache root (AIM_MLX_CACHE, else the user's cache folder + "aim-mlx"):
+
+    models/<name>--<head>--<dtype>[--q<bits>g<group>]/   config.json + safetensors
+    .locks/<key>.lock                                     held while that entry is converted
+
+Entries appear atomically (the converter writes a temporary folder and renames it), so readers
+need no lock; writers take the entry's lock so two processes never convert the same model at once.
+An entry written by another converter format version counts as absent and is converted again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+CACHE_ENV = "AIM_MLX_CACHE"
+
+
+def cache_root() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "aim-mlx"
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "aim-mlx" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aim-mlx"
+
+
+def entry_key(name: str, head: str, dtype: str, quantization: dict | None = None) -> str:
+    key = f"{name}--{head}--{dtype}"
+    if quantization:
+        key += f"--q{quantization['bits']}g{quantization['group_size']}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+def entry_dir(key: str) -> Path:
+    return cache_root() / "models" / key
+
+
+@contextmanager
+def lock(key: str, on_wait=None):
+    """Hold the inter-process lock of one entry, waiting as long as it takes; `on_wait()` is
+    called once if another process holds it."""
+    path = cache_root() / ".locks" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_lock = FileLock(path)
+    try:
+        file_lock.acquire(timeout=0)
+    except Timeout:
+        if on_wait:
+            on_wait()
+        file_lock.acquire()
+    try:
+        yield
+    finally:
+        file_lock.release()
+
+
+def read_config(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def has_weights(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() or (
+        folder / "model.safetensors.index.json"
+    ).is_file()
+
+
+def is_current(folder: Path) -> bool:
+    """A complete entry written by this converter format version."""
+    from .convert import FORMAT_VERSION
+
+    config = read_config(folder)
+    return bool(config) and config.get("format_version") == FORMAT_VERSION and has_weights(folder)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@dataclass
+class Entry:
+    key: str
+    path: Path
+    size: int
+    config: dict | None
+    current: bool  # False: an older (or unreadable) format, converted again on next use
+
+
+def list_entries() -> list[Entry]:
+    models = cache_root() / "models"
+    if not models.is_dir():
+        return []
+    entries = []
+    for path in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        entries.append(
+            Entry(path.name, path, folder_size(path), read_config(path), is_current(path))
+        )
+    return entries
+
+
+def remove(key: str) -> int:
+    """Delete one entry (under its lock); bytes freed."""
+    path = entry_dir(key)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no cache entry {key!r} in {cache_root() / 'models'}")
+    with lock(key):
+        size = folder_size(path)
+        shutil.rmtree(path)
+    return size

@@ -1,0 +1,72 @@
+"""Top-k ImageNet classes for images and folders of images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from . import images
+from .labels import label
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def top_k(logits: np.ndarray, k: int = 5) -> list[dict]:
+    """[{"index", "label", "prob"}] for one image's logits (1000,), most likely first."""
+    probs = softmax(logits)
+    order = np.argsort(-logits, kind="stable")[:k]
+    return [{"index": int(i), "label": label(int(i)), "prob": float(probs[i])} for i in order]
+
+
+def classify_iter(
+    model,
+    inputs: Iterable[str | os.PathLike],
+    *,
+    k: int = 5,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> Iterator[dict]:
+    """Like `classify`, one row at a time as batches finish."""
+    items = images.collect(inputs)
+
+    def logits(x: mx.array) -> np.ndarray:
+        return np.array(model(x).astype(mx.float32))
+
+    for item, row in images.run(
+        logits,
+        items,
+        size=model.args.img_size,
+        batch_size=batch_size,
+        progress=progress,
+        desc="classify",
+    ):
+        if item.error:
+            yield {"path": item.path, "error": item.error}
+        else:
+            yield {"path": item.path, "top_k": top_k(row, k)}
+
+
+def classify(
+    model,
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    k: int = 5,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list[dict]:
+    """Classify image files and folders (searched recursively, sorted).
+
+    `model`: an AIM model (see `aim_mlx.load`). Returns one row per image, in order:
+    `{"path": ..., "top_k": [{"index": i, "label": ..., "prob": p}, ...]}`, or
+    `{"path": ..., "error": reason}` for a file that could not be read.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return list(classify_iter(model, inputs, k=k, batch_size=batch_size, progress=progress))

@@ -1,0 +1,92 @@
+"""Top-1 / top-5 accuracy on an ImageNet-style folder (one sub-folder per WordNet id)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import images
+from .labels import wnid_to_index
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def imagenet_folder(data_path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
+    """(image path, class index) pairs from `data_path/<wnid>/**/<image>`.
+
+    With `limit`, images are taken round-robin over the classes (the first of each class, then
+    the second, ...) so that a small limit still covers every class.
+    """
+    root = Path(data_path)
+    if not root.is_dir():
+        raise DatasetError(f"{root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    index = wnid_to_index()
+    unknown = [p.name for p in folders if p.name not in index]
+    if unknown:
+        raise DatasetError(
+            f"{root}: sub-folders must be ImageNet-1k WordNet ids like n01440764; "
+            f"not: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+        )
+    per_class = [[(path, index[f.name]) for path in images.walk_images(str(f))] for f in folders]
+    pairs = [p for p in itertools.chain(*itertools.zip_longest(*per_class)) if p is not None]
+    if not pairs:
+        raise DatasetError(f"{root}: no images found in WordNet-id sub-folders")
+    return pairs[:limit] if limit else pairs
+
+
+@dataclass
+class EvalResult:
+    top1: float  # percent
+    top5: float
+    images: int  # images evaluated
+    classes: int  # distinct classes among them
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["failed"] = [{"path": p, "error": e} for p, e in self.failed]
+        return d
+
+
+def evaluate(
+    model,
+    data_path: str | Path,
+    *,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> EvalResult:
+    pairs = imagenet_folder(data_path, limit)
+    target = dict(pairs)
+    hits1 = hits5 = n = 0
+    classes, failed = set(), []
+
+    def best5(x: mx.array) -> np.ndarray:  # (B, 5) class indices, most likely first
+        return np.array(mx.argsort(-model(x), axis=-1)[:, :5])
+
+    items = [images.Item(p) for p, _ in pairs]
+    for item, pred in images.run(
+        best5,
+        items,
+        size=model.args.img_size,
+        batch_size=batch_size,
+        progress=progress,
+        desc="eval",
+    ):
+        if item.error:
+            failed.append((item.path, item.error))
+            continue
+        y = target[item.path]
+        hits1 += int(pred[0] == y)
+        hits5 += int(y in pred)
+        n += 1
+        classes.add(y)
+    top1, top5 = (100.0 * hits1 / n, 100.0 * hits5 / n) if n else (0.0, 0.0)
+    return EvalResult(top1, top5, n, len(classes), failed)

@@ -1,0 +1,106 @@
+"""Finding images and feeding them to a model in batches, one error per unreadable file."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from .transforms import ImageError, preprocess
+
+IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+    ".pnm", ".jfif", ".jp2", ".j2k", ".tga", ".ico", ".dib",
+}  # fmt: skip
+
+
+@dataclass
+class Item:
+    path: str  # as given, or the folder as given joined with the path found inside it
+    error: str | None = None
+
+
+def is_image_name(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
+
+
+def walk_images(folder: str) -> list[str]:
+    """Image files under a folder, recursively, in sorted order; hidden files and folders
+    (such as macOS `._name.jpg` resource forks) are skipped."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, n) for n in names if is_image_name(n)]
+    return sorted(found)
+
+
+def collect(inputs: Iterable[str | os.PathLike]) -> list[Item]:
+    """Files as given (whatever their suffix) and the images inside folders; a missing path or
+    a folder without images becomes an Item with an error."""
+    items = []
+    for given in map(str, inputs):
+        if os.path.isdir(given):
+            found = walk_images(given)
+            if not found:
+                suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+                items.append(Item(given, f"folder has no images (looked for {suffixes})"))
+            items += [Item(p) for p in found]
+        elif os.path.exists(given):
+            items.append(Item(given))
+        else:
+            items.append(Item(given, "no such file or folder"))
+    return items
+
+
+def _load(path: str, size: int) -> np.ndarray | str:
+    try:
+        return preprocess(path, size)
+    except ImageError as e:
+        return str(e)
+
+
+def _loaded_batches(items: list[Item], batch_size: int, size: int, pool) -> Iterator:
+    """(items, arrays or error messages) per batch, decoding the next batch in the background."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+    def submit(chunk):
+        return [pool.submit(_load, it.path, size) for it in chunk if it.error is None]
+
+    pending = submit(chunks[0]) if chunks else []
+    for i, chunk in enumerate(chunks):
+        current, pending = pending, submit(chunks[i + 1]) if i + 1 < len(chunks) else []
+        yield chunk, [f.result() for f in current]
+
+
+def run(
+    fn: Callable[[mx.array], np.ndarray],
+    items: list[Item],
+    *,
+    size: int = 224,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "images",
+) -> Iterator[tuple[Item, np.ndarray | None]]:
+    """Apply `fn` (a batch (B, 3, size, size) -> a numpy array with B rows) to every readable
+    image; yield (item, its row) in input order, or (item with .error, None)."""
+    workers = min(8, os.cpu_count() or 1)
+    with (
+        ThreadPoolExecutor(workers) as pool,
+        tqdm(total=len(items), desc=desc, unit="img", disable=not progress or None) as bar,
+    ):
+        for chunk, loaded in _loaded_batches(items, batch_size, size, pool):
+            ok = [it for it in chunk if it.error is None]
+            for it, x in zip(ok, loaded, strict=True):
+                if isinstance(x, str):
+                    it.error = x
+            arrays = [x for x in loaded if not isinstance(x, str)]
+            rows = iter(fn(mx.array(np.stack(arrays))) if arrays else [])
+            for it in chunk:
+                yield it, (None if it.error else next(rows))
+            bar.update(len(chunk))

@@ -1,0 +1,177 @@
+"""Known models: name -> hub repo, files with their SHA-256 prefixes, architecture, probe layers.
+
+The official AIM v1 models are built in. More can be added with `register(...)` or with a JSON
+file named by the environment variable AIM_MLX_REGISTRY:
+
+    {"models": [{"name": "my-aim", "repo": "me/AIM", "revision": "main",
+                 "backbone": {"filename": "backbone.pth", "sha256": "0d6f6b8f"},
+                 "heads": {"best": {"filename": "head_best.pth", "sha256": "ebd45c05"}},
+                 "probe_layers": {"best": [1, 2, 3, 4, 5, 6]},
+                 "arch": {"embed_dim": 64, "num_blocks": 8, "num_heads": 4}}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .models import PRESETS, ModelArgs, last_probe_layers
+
+REGISTRY_ENV = "AIM_MLX_REGISTRY"
+HEADS = ("best", "last")
+OFFICIAL_REPO = "apple/AIM"
+
+
+class RegistryError(ValueError):
+    """An unknown model name or a malformed registry entry."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    filename: str
+    sha256: str  # hex prefix of the file's SHA-256 (8 digits for the official files) or all of it
+    size: int | None = None  # bytes, when known exactly
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[0-9a-f]{8,64}", self.sha256):
+            raise RegistryError(
+                f"{self.filename}: sha256 must be 8 to 64 lowercase hex digits, got {self.sha256!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    repo: str
+    backbone: HubFile
+    heads: dict[str, HubFile]  # "best" / "last" -> head file
+    probe_layers: dict[str, tuple[int, ...]]  # "best" / "last" -> blocks the head reads
+    arch: dict  # ModelArgs fields except probe_layers
+    revision: str = "main"
+    params: int | None = None
+    top1: dict[str, float] = field(default_factory=dict)  # published ImageNet-1k top-1 per head
+
+    def head_file(self, head: str) -> HubFile:
+        if head not in self.heads:
+            raise RegistryError(
+                f"model {self.name} has no {head!r} head (it has: {', '.join(self.heads)})"
+            )
+        return self.heads[head]
+
+    def model_args(self, head: str) -> ModelArgs:
+        self.head_file(head)
+        return ModelArgs.from_dict({**self.arch, "probe_layers": self.probe_layers[head]})
+
+    def files(self, head: str) -> list[HubFile]:
+        return [self.backbone, self.head_file(head)]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelSpec:
+        try:
+            heads = {h: HubFile(**f) for h, f in d["heads"].items()}
+            spec = cls(
+                name=d["name"],
+                repo=d["repo"],
+                revision=d.get("revision", "main"),
+                backbone=HubFile(**d["backbone"]),
+                heads=heads,
+                probe_layers={h: tuple(v) for h, v in d["probe_layers"].items()},
+                arch=dict(d["arch"]),
+                params=d.get("params"),
+                top1=dict(d.get("top1", {})),
+            )
+        except (KeyError, TypeError) as e:
+            raise RegistryError(f"registry entry {d.get('name', d)!r} is incomplete: {e}") from None
+        for head in spec.heads:
+            if head not in HEADS or head not in spec.probe_layers:
+                raise RegistryError(
+                    f"{spec.name}: head {head!r} must be one of {HEADS}, with probe_layers"
+                )
+            spec.model_args(head)  # validates the architecture
+        return spec
+
+
+# (name, file stem, embed_dim, blocks, heads, best layers, params, top-1 last, top-1 best,
+#  sha256 prefix of backbone / last head / best head), from the upstream README.
+_OFFICIAL = [
+    ("aim-600M", "aim_600m_2bimgs", 686_794_752, 78.5, 79.4, "0d6f6b8f", "5ce5a341", "ebd45c05"),
+    ("aim-1B", "aim_1b_5bimgs", 1_219_813_376, 80.6, 82.3, "d254ecd3", "db3be2ad", "f1ed7852"),
+    ("aim-3B", "aim_3b_5bimgs", 2_741_981_184, 82.2, 83.3, "8475ce4e", "5c057b30", "ad380e16"),
+    ("aim-7B", "aim_7b_5bimgs", 6_483_066_880, 82.4, 84.0, "184ed94c", "1e5c99ba", "73ecd732"),
+]
+
+
+def _official(name, stem, params, top1_last, top1_best, sha_bb, sha_last, sha_best) -> ModelSpec:
+    preset = dict(PRESETS[name])
+    best = tuple(preset.pop("best"))
+    return ModelSpec(
+        name=name,
+        repo=OFFICIAL_REPO,
+        backbone=HubFile(f"{stem}_attnprobe_backbone.pth", sha_bb),
+        heads={
+            "best": HubFile(f"{stem}_attnprobe_head_best_layers.pth", sha_best),
+            "last": HubFile(f"{stem}_attnprobe_head_last_layers.pth", sha_last),
+        },
+        probe_layers={"best": best, "last": last_probe_layers(preset["num_blocks"])},
+        arch=preset,
+        params=params,
+        top1={"best": top1_best, "last": top1_last},
+    )
+
+
+_BUILTIN = {row[0]: _official(*row) for row in _OFFICIAL}
+_registered: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec | dict, replace: bool = False) -> ModelSpec:
+    """Add a model to the registry (a ModelSpec or its dict form, as in a registry file)."""
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_dict(spec)
+    if not replace and spec.name.lower() in {n.lower() for n in all_models()}:
+        raise RegistryError(f"a model named {spec.name!r} is already registered")
+    _registered[spec.name] = spec
+    return spec
+
+
+def _from_env() -> dict[str, ModelSpec]:
+    path = os.environ.get(REGISTRY_ENV)
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RegistryError(f"cannot read the registry file {path} ({REGISTRY_ENV}): {e}") from None
+    entries = data["models"] if isinstance(data, dict) else data
+    specs = [ModelSpec.from_dict(d) for d in entries]
+    return {s.name: s for s in specs}
+
+
+def all_models() -> dict[str, ModelSpec]:
+    """Every known model: built-in, then from AIM_MLX_REGISTRY, then registered in this process."""
+    return {**_BUILTIN, **_from_env(), **_registered}
+
+
+def get(name: str) -> ModelSpec:
+    """The spec of a model name (case-insensitive)."""
+    models = all_models()
+    for key, spec in models.items():
+        if key.lower() == name.lower():
+            return spec
+    raise RegistryError(f"unknown model {name!r}; known models: {', '.join(models)}")
+
+
+def is_known(name: str) -> bool:
+    return any(key.lower() == name.lower() for key in all_models())
+
+
+def estimated_sizes(spec: ModelSpec) -> tuple[int, int]:
+    """(backbone, head) float32 file sizes in bytes, from the architecture."""
+    D, L, p = spec.arch["embed_dim"], spec.arch["num_blocks"], spec.arch.get("patch_size", 14)
+    hidden = spec.arch.get("mlp_ratio", 4) * D
+    block = 4 * D * D + 2 * D * hidden + 4 * D  # qkv, proj, fc1, fc2, two LayerNorms
+    backbone = 3 * p * p * D + 3 * D + L * block + 2 * D
+    head = 2 * D * D + spec.arch.get("num_classes", 1000) * D + 3 * D
+    return 4 * backbone, 4 * head

@@ -1,0 +1,272 @@
+"""From what the user names (`aim-1B`, a converted folder, a folder of PyTorch checkpoints) to a
+converted MLX model folder, downloading and converting into the cache on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import cache, hub, registry
+from .loader import ModelLoadError
+
+DTYPES = ("float32", "float16", "bfloat16")
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+class ModelNotFoundError(ModelLoadError):
+    """Neither a known model name nor a usable folder."""
+
+
+def default_dtype() -> str:
+    """float16 on the GPU (Metal); float32 on the CPU, where half precision is 40-100x slower."""
+    on_gpu = mx.metal.is_available() and mx.default_device() == mx.gpu
+    return "float16" if on_gpu else "float32"
+
+
+def say(message: str, progress: bool = True) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+def resolve(
+    model: str | Path,
+    head: str = "best",
+    dtype: str | None = None,
+    *,
+    quantize_bits: int | None = None,
+    q_group_size: int = 64,
+    keep_downloads: bool = True,
+    progress: bool = True,
+    endpoint: str | None = None,
+    hf_cache_dir: str | Path | None = None,
+) -> Path:
+    """The converted MLX folder for a model name or path, converting it into the cache if needed.
+
+    `model`: a registered name (`aim-600M`, `aim-1B`, `aim-3B`, `aim-7B`, or one added to the
+    registry), a converted folder, or a folder of PyTorch checkpoints (the official
+    `*_backbone.pth` + `*_head_{best,last}_layers.pth` files, or a hub folder with `config.json`
+    and `pytorch_model.bin`). `dtype` None picks `default_dtype()`.
+    """
+    if head not in registry.HEADS:
+        raise ValueError(f"head must be one of {registry.HEADS}, got {head!r}")
+    dtype = dtype or default_dtype()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
+    options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
+
+    if registry.is_known(str(model)):
+        spec = registry.get(str(model))
+        hub_options = dict(endpoint=endpoint, hf_cache_dir=hf_cache_dir, keep=keep_downloads)
+        return _from_hub(spec, **options, **hub_options)
+    path = Path(model).expanduser()
+    if not path.exists():
+        known = ", ".join(registry.all_models())
+        raise ModelNotFoundError(
+            f"{model!r} is neither a known model ({known}) nor an existing folder"
+        )
+    if _is_converted(path):
+        if quant:
+            raise ModelLoadError(
+                f"{path} is already converted; quantization applies when converting "
+                "(`aim-mlx convert -q`, or a model name or checkpoint folder with --quantize)"
+            )
+        return path  # the loader checks its format version
+    return _from_checkpoints(path, **options)
+
+
+def load(model: str | Path, head: str = "best", dtype: str | None = None, **kwargs):
+    """An AIM model, ready to call: `load("aim-600M")`, `load("path/to/folder")`.
+
+    Accepts what `resolve` accepts; downloads and converts on first use.
+    """
+    from .loader import load_model
+
+    net = load_model(resolve(model, head, dtype, **kwargs))
+    if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
+        net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
+    return net
+
+
+def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:
+    """Convert once into the cache entry `key`; concurrent callers wait and reuse the result."""
+    from .convert import convert
+
+    out = cache.entry_dir(key)
+    if cache.is_current(out):
+        return out
+    with cache.lock(
+        key, on_wait=lambda: say(f"waiting for another process making {out}", progress)
+    ):
+        if cache.is_current(out):  # another process converted it while we waited
+            return out
+        sources = make_sources()
+        say(f"converting to {convert_kwargs['dtype']} into {out}", progress)
+        convert(out, **sources, **convert_kwargs, force=True, progress=progress)
+    return out
+
+
+def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) -> Path:
+    key = cache.entry_key(spec.name, head, dtype, quant)
+
+    def download() -> dict:
+        params = spec.params or sum(registry.estimated_sizes(spec)) // 4
+        converted_bytes = params * ITEMSIZE[dtype]
+        backbone, head_file = hub.download(
+            spec,
+            head,
+            cache_dir=hf_cache_dir,
+            endpoint=endpoint,
+            also_needed={cache.cache_root(): converted_bytes},
+            progress=progress,
+        )
+        return dict(backbone=backbone, head=head_file)
+
+    args = spec.model_args(head)
+    out = _convert_into_cache(
+        key,
+        progress,
+        download,
+        probe_layers=list(args.probe_layers),
+        num_heads=args.num_heads,
+        img_size=args.img_size,
+        dtype=dtype,
+        name=spec.name,
+        **_quant_kwargs(quant),
+    )
+    if not keep:
+        freed = hub.remove_downloads(spec, hf_cache_dir)
+        if freed:
+            say(f"removed {freed / 1e9:.2f} GB of downloaded checkpoints", progress)
+    return out
+
+
+def _quant_kwargs(quant: dict | None) -> dict:
+    if not quant:
+        return {}
+    return dict(quantize=True, q_bits=quant["bits"], q_group_size=quant["group_size"])
+
+
+def _is_converted(path: Path) -> bool:
+    config = cache.read_config(path) if path.is_dir() else None
+    return bool(config) and "format_version" in config
+
+
+def find_checkpoints(folder: Path, head: str) -> dict:
+    """The converter's source arguments for a folder of PyTorch checkpoints."""
+    if not folder.is_dir():
+        raise ModelNotFoundError(f"{folder} is not a folder of checkpoints or a converted model")
+    if (folder / "config.json").is_file() and (folder / "pytorch_model.bin").is_file():
+        if head != "best":
+            raise ModelNotFoundError(
+                f"{folder} is a hub-style folder holding only the best-layers head; use --head best"
+            )
+        return dict(hf_path=folder)
+    backbones = sorted(folder.glob("*backbone*.pth"))
+    heads = sorted(folder.glob(f"*head_{head}*.pth"))
+    if not backbones and not heads:
+        raise ModelNotFoundError(
+            f"{folder}: no config.json and no checkpoints: neither a converted aim-mlx folder "
+            f"nor a folder of PyTorch checkpoints (*backbone*.pth + *head_{head}*.pth, or "
+            "config.json + pytorch_model.bin)"
+        )
+    if len(backbones) != 1 or len(heads) != 1:
+        raise ModelNotFoundError(
+            f"{folder}: expected one *backbone*.pth and one *head_{head}*.pth file (or a hub-style "
+            f"config.json + pytorch_model.bin), found {len(backbones)} backbone and "
+            f"{len(heads)} head files"
+        )
+    return dict(backbone=backbones[0], head=heads[0])
+
+
+def _fingerprint(folder: Path, sources: dict) -> str:
+    h = hashlib.sha256(str(folder.resolve()).encode())
+    for path in sorted(Path(p) for p in sources.values()):
+        for f in [path] if path.is_file() else sorted(path.iterdir()):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
+
+
+def _official_match(sources: dict, head: str) -> dict:
+    """Architecture options when the files carry an official name, else none (the converter
+    then reads what it can from the tensors and the folder's config.json)."""
+    name = Path(sources.get("backbone", "")).name
+    for spec in registry.all_models().values():
+        if spec.backbone.filename == name and head in spec.heads:
+            args = spec.model_args(head)
+            return dict(probe_layers=list(args.probe_layers), num_heads=args.num_heads)
+    return {}
+
+
+def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
+    sources = find_checkpoints(folder, head)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)
+    key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
+    from .convert import ConversionError
+
+    def checked_sources() -> dict:
+        files = list(map(Path, sources.values()))
+        nbytes = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.iterdir()))
+        hub.check_disk_space({cache.cache_root(): nbytes * ITEMSIZE[dtype] // 4}, str(folder))
+        return sources
+
+    try:
+        return _convert_into_cache(
+            key,
+            progress,
+            checked_sources,
+            dtype=dtype,
+            name=folder.resolve().name,
+            **_official_match(sources, head),
+            **_quant_kwargs(quant),
+        )
+    except ConversionError as e:
+        raise ConversionError(
+            f"{folder}: {e}. Convert it with `aim-mlx convert` and the options it needs "
+            "(--out DIR), then pass that folder as the model."
+        ) from None
+
+
+def models_overview(hf_cache_dir: str | Path | None = None) -> list[dict]:
+    """Every known model with its parameters, published accuracy, files and what is cached."""
+    entries = cache.list_entries()
+    rows = []
+    for spec in registry.all_models().values():
+        est_backbone, est_head = registry.estimated_sizes(spec)
+        files = []
+        for role, file in [("backbone", spec.backbone), *spec.heads.items()]:
+            local = hub.cached_path(spec, file, hf_cache_dir)
+            size = local.stat().st_size if local else file.size
+            files.append(
+                dict(
+                    role=role,
+                    filename=file.filename,
+                    sha256=file.sha256,
+                    size=size or (est_backbone if role == "backbone" else est_head),
+                    size_exact=bool(size),
+                    downloaded=local is not None,
+                )
+            )
+        converted = [
+            dict(key=e.key, path=str(e.path), size=e.size, current=e.current)
+            for e in entries
+            if e.key.lower().startswith(spec.name.lower() + "--")
+        ]
+        rows.append(
+            dict(
+                name=spec.name,
+                repo=spec.repo,
+                params=spec.params,
+                top1=spec.top1,
+                probe_layers={h: list(v) for h, v in spec.probe_layers.items()},
+                files=files,
+                converted=converted,
+            )
+        )
+    return rows

@@ -1,0 +1,104 @@
+"""The upstream evaluation transform, in PIL and numpy.
+
+`Resize(ceil(size / 0.875))` of the shorter side (PIL bicubic, antialiased), `CenterCrop(size)`,
+scale to [0, 1], normalise with the ImageNet mean and std: what AIM's `val_transforms` does with
+torchvision on a PIL image. Two deliberate differences from upstream, both before the transform:
+the EXIF orientation is applied, and 16-bit images are scaled to 8 bits (PIL's `convert("RGB")`
+clips them instead).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+CROP_RATIO = 0.875
+
+# Modes holding more than 8 bits per sample: scaled down, not clipped.
+_WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class ImageError(ValueError):
+    """An image that cannot be read or is refused (the message names the reason)."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image as RGB, upright (EXIF orientation applied).
+
+    Raises ImageError for a missing, unreadable, truncated or oversized file.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(
+            f"refused as a possible decompression bomb: {e} "
+            "(raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine)"
+        ) from None
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image PIL can read (empty, damaged or another format)") from None
+    except Exception as e:  # truncated or corrupt data, bad EXIF: PIL raises many kinds
+        raise ImageError(f"cannot decode the image: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; alpha is dropped as `convert("RGB")` does."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _WIDE_MODES:
+        a = np.asarray(img, dtype=np.float64)  # 16-bit samples, 0..65535
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    with warnings.catch_warnings():
+        # "Palette images with Transparency expressed in bytes should be converted to RGBA".
+        warnings.simplefilter("ignore", UserWarning)
+        return img.convert("RGB")
+
+
+def resize_shorter_side(img: Image.Image, short: int) -> Image.Image:
+    """Scale so the shorter side is `short`, as torchvision's Resize(int) computes the sizes."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
+    if new_w * new_h > (Image.MAX_IMAGE_PIXELS or math.inf):
+        raise ImageError(f"aspect ratio {w}x{h} too extreme: resizing would make {new_w}x{new_h}")
+    return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def transform(img: Image.Image, size: int = 224) -> np.ndarray:
+    """An RGB PIL image -> normalised float32 array (3, size, size)."""
+    img = center_crop(resize_shorter_side(img, math.ceil(size / CROP_RATIO)), size)
+    x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0  # (3, size, size)
+    return (x - MEAN) / STD
+
+
+def preprocess(image: str | Path | Image.Image, size: int = 224) -> np.ndarray:
+    """A PIL image or an image path -> the model's input, float32 (3, size, size).
+
+    Paths are opened with `open_image` (EXIF orientation, 16-bit scaling, bomb check);
+    a PIL image is converted to RGB as it is.
+    """
+    img = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
+    return transform(img, size)

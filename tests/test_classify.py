@@ -1,0 +1,268 @@
+"""classify / embed / eval on the fixture model: rankings, outputs, and per-file errors."""
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURE_CONFIG, REF
+from PIL import Image
+from test_preprocess import png_header
+
+import aim_mlx
+from aim_mlx.cli import main
+from aim_mlx.convert import convert
+from aim_mlx.labels import imagenet_classes
+
+LOGITS = np.load(REF / "logits_images_best.npz")
+PROBE = FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "aim-tiny"
+    return convert(
+        out,
+        backbone=REF / "backbone.pth",
+        head=REF / "head_best_layers.pth",
+        num_heads=4,
+        probe_layers=PROBE,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return aim_mlx.load(model_dir)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def expected_top(name: str, k: int = 5) -> list[int]:
+    return np.argsort(-LOGITS[name])[:k].tolist()
+
+
+def test_python_api_ranks_like_the_reference(model):
+    rows = aim_mlx.classify(model, [REF / "images"], k=5, batch_size=3)
+    assert [Path(r["path"]).name for r in rows] == sorted(LOGITS.files)
+    for row in rows:
+        name = Path(row["path"]).name
+        assert [t["index"] for t in row["top_k"]] == expected_top(name)
+        logits = LOGITS[name].astype(np.float64)
+        probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(
+            [t["prob"] for t in row["top_k"]], probs[expected_top(name)], rtol=1e-4
+        )
+        assert row["top_k"][0]["label"] == imagenet_classes()[expected_top(name)[0]].name
+
+
+def test_json_output_and_paths_as_given(model_dir):
+    folder = str(REF / "images")
+    result = cli("classify", folder, REF / "images" / "rocket.jpg", "--model", model_dir,
+                 "--json", "--dtype", "float32", "-k", "3", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["path"] for r in rows] == [
+        *(f"{folder}/{n}" for n in sorted(LOGITS.files)),
+        str(REF / "images" / "rocket.jpg"),
+    ]
+    for row in rows:
+        assert set(row) == {"path", "top_k"} and len(row["top_k"]) == 3
+        assert [t["index"] for t in row["top_k"]] == expected_top(Path(row["path"]).name, 3)
+        assert set(row["top_k"][0]) == {"index", "label", "prob"}
+
+
+def test_csv_output(model_dir):
+    result = cli("classify", REF / "images" / "chelsea.png", "--model", model_dir, "--csv")
+    assert result.exit_code == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0] == ["path", "rank", "index", "label", "prob"]
+    assert [int(r[2]) for r in rows[1:]] == expected_top("chelsea.png")
+    assert [r[1] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    assert rows[1][3] == imagenet_classes()[expected_top("chelsea.png")[0]].name  # commas quoted
+
+
+def bad_and_odd_images(folder: Path) -> dict[str, str | None]:
+    """Files -> expected error fragment (None: must be classified)."""
+    photo = Image.open(REF / "images" / "rocket.jpg").convert("RGB")
+    (folder / "empty.jpg").write_bytes(b"")
+    full = (REF / "images" / "rocket.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "notes.jpg").write_text("this is text\n")
+    (folder / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    wide = (np.asarray(photo.convert("L")).astype(np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(wide).save(folder / "sixteen.png")
+    photo.convert("CMYK").save(folder / "cmyk.jpg")
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    palette.info["transparency"] = 0
+    palette.save(folder / "palette.png")
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(folder / "dot.png")
+    (folder / "readme.txt").write_text("skipped: not an image name")
+    return {
+        "bomb.png": "decompression bomb",
+        "cmyk.jpg": None,
+        "dot.png": None,
+        "empty.jpg": "not an image",
+        "notes.jpg": "not an image",
+        "palette.png": None,
+        "sixteen.png": None,
+        "truncated.jpg": "truncated",
+    }
+
+
+def test_bad_files_get_one_error_each_and_the_rest_are_classified(model_dir, tmp_path):
+    expected = bad_and_odd_images(tmp_path)
+    missing = tmp_path / "missing.jpg"
+    result = cli("classify", tmp_path, missing, "--model", model_dir, "--json", "-b", "3")
+    assert result.exit_code == 1
+    classified = [Path(json.loads(line)["path"]).name for line in result.stdout.splitlines()]
+    assert classified == sorted(n for n, e in expected.items() if e is None)
+    errors = result.stderr.strip().splitlines()
+    failing = {n: e for n, e in expected.items() if e} | {"missing.jpg": "no such file"}
+    assert len(errors) == len(failing)
+    for line in errors:
+        name = Path(line.split(": ")[1]).name
+        assert line.startswith(f"error: {tmp_path}") and failing[name] in line
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_path_alone_is_a_file_error_not_a_usage_error(model_dir, tmp_path):
+    result = cli("classify", tmp_path / "nope.jpg", "--model", model_dir)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope.jpg'}: no such file or folder"
+
+
+def test_folder_without_images_says_so(model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    result = cli("classify", tmp_path, "--model", model_dir)
+    assert result.exit_code == 1 and result.stdout == ""
+    assert f"error: {tmp_path}: folder has no images" in result.stderr
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    result = cli("classify", REF / "images", "--model", "aim-13B")
+    assert result.exit_code == 1
+    assert "'aim-13B' is neither a known model (aim-600M, aim-1B" in result.stderr
+
+
+def test_folder_of_checkpoints_is_converted_into_the_cache(tmp_path):
+    hub_style = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hub_style)
+    first = cli("classify", REF / "images", "--model", hub_style, "--json", "--dtype", "float32")
+    assert first.exit_code == 0, first.stderr
+    assert "converting to float32" in first.stderr
+    rows = [json.loads(line) for line in first.stdout.splitlines()]
+    assert [[t["index"] for t in r["top_k"]] for r in rows] == [
+        expected_top(n) for n in sorted(LOGITS.files)
+    ]
+    again = cli("classify", REF / "images", "--model", hub_style, "--json", "--dtype", "float32")
+    assert again.stdout == first.stdout and "converting" not in again.stderr
+    entries = list((tmp_path / "cache" / "models").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("local-hf-")
+    # A folder the converter cannot complete on its own says what to do.
+    bare = cli("classify", REF / "images", "--model", REF)
+    assert bare.exit_code == 1 and "--num-heads" in bare.stderr and "aim-mlx convert" in bare.stderr
+
+
+def test_embed_head_layers_match_the_reference_features(model):
+    from aim_mlx.embed import features
+
+    x = mx.array(np.load(REF / "input.npy")[:1])
+    blocks = np.load(REF / "features_best.npy")  # (blocks, 1, N, D): blocks 0..max(PROBE)
+    head_tokens = blocks[PROBE].mean(axis=0)  # (1, N, D)
+    np.testing.assert_allclose(features(model, x, "head", "tokens"), head_tokens, atol=2e-5)
+    np.testing.assert_allclose(
+        features(model, x, "head", "mean"), head_tokens.mean(axis=1), atol=2e-5
+    )
+    chosen = features(model, x, (1, 4), "mean")  # (1, 2, D)
+    np.testing.assert_allclose(chosen, blocks[[1, 4]].mean(axis=2).transpose(1, 0, 2), atol=2e-5)
+
+
+def test_embed_cli_safetensors_and_npy(model, model_dir, tmp_path):
+    from safetensors import safe_open
+
+    from aim_mlx.embed import features
+
+    out = tmp_path / "feats.safetensors"
+    result = cli("embed", REF / "images", "--out", out, "--model", model_dir, "--layers", "last")
+    assert result.exit_code == 0, result.stderr
+    with safe_open(out, framework="numpy") as f:
+        feats, paths = f.get_tensor("features"), json.loads(f.metadata()["paths"])
+    assert [Path(p).name for p in paths] == sorted(LOGITS.files)
+    assert feats.shape == (4, 64) and feats.dtype == np.float32
+    x = mx.array(np.stack([aim_mlx.preprocess(p) for p in paths]))
+    np.testing.assert_allclose(feats, features(model, x, "last", "mean"), atol=1e-5)
+
+    npy = tmp_path / "tokens.npy"
+    args = ["--layers", "2,-1", "--pool", "tokens", "--model", model_dir]
+    result = cli("embed", REF / "images" / "rocket.jpg", tmp_path / "gone.png", "--out", npy, *args)
+    assert result.exit_code == 1  # one missing file, reported; the other embedded
+    assert "gone.png: no such file" in result.stderr
+    assert np.load(npy).shape == (1, 2, 256, 64)
+    assert (tmp_path / "tokens.npy.paths.txt").read_text() == f"{REF / 'images' / 'rocket.jpg'}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "feats.safetensors", "tokens.npy", "tokens.npy.paths.txt"
+    ]  # fmt: skip
+
+    bad = cli("embed", REF / "images", "--out", tmp_path / "f.npy", "--layers", "8",
+              "--model", model_dir)  # fmt: skip
+    assert bad.exit_code == 2 and "outside 0..7" in bad.stderr
+
+
+def imagenet_folder(root: Path, placement: dict[str, int]) -> Path:
+    wnids = {c.index: c.wnid for c in imagenet_classes()}
+    for name, cls in placement.items():
+        (root / wnids[cls]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(REF / "images" / name, root / wnids[cls] / name)
+    return root
+
+
+def test_eval_top1_top5(model_dir, tmp_path):
+    # chelsea, camera: in their top-1 class; coffee: in its fourth; rocket: in its 100th.
+    placement = {
+        "chelsea.png": expected_top("chelsea.png")[0],
+        "camera.png": expected_top("camera.png")[0],
+        "coffee.png": expected_top("coffee.png")[3],
+        "rocket.jpg": int(np.argsort(-LOGITS["rocket.jpg"])[99]),
+    }
+    data = imagenet_folder(tmp_path / "val", placement)
+    result = cli("eval", "--data-path", data, "--model", model_dir, "--json", "-b", "3")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["top1"], report["top5"]) == (50.0, 75.0)
+    assert (report["images"], report["classes"], report["failed"]) == (4, 4, [])
+
+    text = cli("eval", "--data-path", data, "--model", model_dir, "--limit", "1")
+    # --limit takes images round-robin over classes sorted by WordNet id: the first class's image.
+    first = min(placement, key=lambda n: imagenet_classes()[placement[n]].wnid)
+    hit = placement[first] == expected_top(first)[0]
+    assert (
+        text.stdout.startswith(f"top-1 {100.0 * hit:.2f}%")
+        and "(1 images, 1 classes)" in text.stdout
+    )
+
+
+def test_eval_refuses_folders_that_are_not_wordnet_ids(model_dir, tmp_path):
+    (tmp_path / "cats").mkdir()
+    shutil.copy(REF / "images" / "chelsea.png", tmp_path / "cats")
+    result = cli("eval", "--data-path", tmp_path, "--model", model_dir)
+    assert result.exit_code == 1 and "not: cats" in result.stderr
+
+
+def test_models_lists_the_official_sizes():
+    result = cli("models")
+    assert result.exit_code == 0
+    assert "aim-1B  (1.22B params; ImageNet-1k top-1: best 82.3%, last 80.6%)" in result.stdout
+    assert "aim_7b_5bimgs_attnprobe_backbone.pth  ~25.78 GB  sha256 184ed94c" in result.stdout

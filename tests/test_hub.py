@@ -1,0 +1,290 @@
+"""Model name -> download -> checksum -> convert -> cache -> classify, against a local hub server.
+
+huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported, so the runs go through
+the real `aim-mlx` command in a subprocess, as a user would run it.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURE_CONFIG, REF
+from hub_server import HubServer
+
+from aim_mlx.convert import FORMAT_VERSION
+
+REPO = "aim-test-org/AIM-tiny"
+FILES = ["backbone.pth", "head_best_layers.pth", "head_last_layers.pth"]
+LOGITS = np.load(REF / "logits_images_best.npz")
+ENTRY = "aim-tiny--best--float32"
+AIM_MLX = Path(sys.executable).with_name("aim-mlx")  # the installed console script
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def registry_entry() -> dict:
+    variants = FIXTURE_CONFIG["variants"]
+    return {
+        "name": "aim-tiny",
+        "repo": REPO,
+        "backbone": {"filename": "backbone.pth", "sha256": sha256(REF / "backbone.pth")[:8]},
+        "heads": {
+            v: {"filename": variants[v]["head"], "sha256": sha256(REF / variants[v]["head"])[:8]}
+            for v in ("best", "last")
+        },
+        "probe_layers": {v: variants[v]["probe_layers"] for v in ("best", "last")},
+        "arch": FIXTURE_CONFIG["config"],
+    }
+
+
+@pytest.fixture
+def hub():
+    server = HubServer({REPO: {f: REF / f for f in FILES}}).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def env(tmp_path, hub):
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": [registry_entry()]}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "AIM_MLX_"))}
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp_path / "hf"),
+        AIM_MLX_CACHE=str(tmp_path / "cache"),
+        AIM_MLX_REGISTRY=str(registry),
+    )
+    return env
+
+
+def aim_mlx(env, *args, offline=False, command=(sys.executable, "-m", "aim_mlx.cli")):
+    """Run the CLI in a fresh process (optionally with HF_HUB_OFFLINE=1)."""
+    env = {**env, "HF_HUB_OFFLINE": "1"} if offline else env
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def classify_json(env, *extra, **kw):
+    args = ["classify", str(REF / "images"), "--model", "aim-tiny", "--json", "--dtype", "float32"]
+    return aim_mlx(env, *args, *extra, **kw)
+
+
+def assert_ranks_match_reference(stdout: str):
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [Path(r["path"]).name for r in rows] == sorted(LOGITS.files)
+    for row in rows:
+        expected = np.argsort(-LOGITS[Path(row["path"]).name])[:5]
+        assert [t["index"] for t in row["top_k"]] == expected.tolist()
+
+
+def entry_config(env) -> dict:
+    return json.loads((Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY / "config.json").read_text())
+
+
+def test_first_run_downloads_converts_caches_and_second_run_is_offline(env, hub):
+    first = classify_json(env, command=[str(AIM_MLX)])  # the installed entry point, once
+    assert first.returncode == 0, first.stderr
+    assert_ranks_match_reference(first.stdout)
+    # One download per file needed: the backbone and the best head, not the last head.
+    assert len(hub.downloads("backbone.pth")) == 1
+    assert len(hub.downloads("head_best_layers.pth")) == 1
+    assert hub.downloads("head_last_layers.pth") == []
+    assert entry_config(env)["format_version"] == FORMAT_VERSION
+    assert entry_config(env)["probe_layers"] == FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
+
+    hub.requests.clear()
+    second = classify_json(env, offline=True)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    assert hub.requests == []  # the converted cache was used: no network at all
+
+
+def test_corrupted_file_is_refused_then_fetched_afresh(env, hub):
+    hub.corrupt.add("head_best_layers.pth")
+    bad = classify_json(env)
+    assert bad.returncode == 1
+    assert "checksum mismatch for head_best_layers.pth" in bad.stderr
+    assert "Traceback" not in bad.stderr and bad.stdout == ""
+    assert not (Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY).exists()
+    # The bad file left the download cache, so a run against a repaired hub fetches it again.
+    hub.corrupt.clear()
+    good = classify_json(env)
+    assert good.returncode == 0, good.stderr
+    assert_ranks_match_reference(good.stdout)
+    assert len(hub.downloads("head_best_layers.pth")) == 2
+    assert len(hub.downloads("backbone.pth")) == 1  # the good backbone was kept
+
+
+def test_interrupted_download_recovers(env, hub):
+    size = (REF / "backbone.pth").stat().st_size
+    hub.interrupt_once["backbone.pth"] = size // 2
+    result = classify_json(env)
+    assert result.returncode == 0, result.stderr
+    assert_ranks_match_reference(result.stdout)
+    assert len(hub.downloads("backbone.pth")) == 2
+
+
+# huggingface_hub writes what it received in 10 MB pieces, so a resume point exists only past
+# 10 MB; the fixture backbone is 1.7 MB. This run lowers that piece size to 64 KB.
+SMALL_CHUNKS = (
+    sys.executable,
+    "-c",
+    "import sys, huggingface_hub.constants as c; c.DOWNLOAD_CHUNK_SIZE = 65536; "
+    "from aim_mlx.cli import main; sys.argv[0] = 'aim-mlx'; main()",
+)
+
+
+def test_interrupted_download_resumes_where_it_stopped(env, hub):
+    size = (REF / "backbone.pth").stat().st_size
+    hub.interrupt_once["backbone.pth"] = cut = 10 * 65536 + 123
+    result = classify_json(env, command=SMALL_CHUNKS)
+    assert result.returncode == 0, result.stderr
+    assert_ranks_match_reference(result.stdout)
+    gets = hub.downloads("backbone.pth")
+    assert [g.range for g in gets] == [None, f"bytes={cut // 65536 * 65536}-"]
+    assert cut < size
+
+
+def test_file_missing_on_the_hub_is_not_retried(env, hub):
+    del hub.repos[REPO]["head_last_layers.pth"]
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--head", "last")
+    assert result.returncode == 1
+    assert "downloading head_last_layers.pth from aim-test-org/AIM-tiny failed" in result.stderr
+    assert "trying again" not in result.stderr and "Traceback" not in result.stderr
+    assert hub.downloads("head_last_layers.pth") == []  # 404 on the metadata request
+
+
+def test_offline_without_cache_is_a_clear_error(env, hub):
+    result = classify_json(env, offline=True)
+    assert result.returncode == 1
+    expected = (
+        "aim-tiny needs backbone.pth, head_best_layers.pth from aim-test-org/AIM-tiny, "
+        "not downloaded yet, and HF_HUB_OFFLINE is set"
+    )
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert hub.requests == []
+
+
+def test_concurrent_first_runs_convert_once(env, hub):
+    args = [sys.executable, "-m", "aim_mlx.cli", "cache", "add", "aim-tiny", "--dtype", "float32"]
+    procs = [
+        subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    entry = Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY
+    assert {out.strip() for out, _ in outs} == {str(entry)}
+    assert sum(err.count("converting to float32") for _, err in outs) == 1
+    assert len(hub.downloads("backbone.pth")) == 1
+    assert sorted(p.name for p in entry.parent.iterdir()) == [ENTRY]  # no leftovers
+    assert classify_json(env, offline=True).returncode == 0
+
+
+def test_a_process_waits_while_another_holds_the_entry_lock(env, hub, tmp_path, monkeypatch):
+    from aim_mlx import cache
+
+    monkeypatch.setenv("AIM_MLX_CACHE", env["AIM_MLX_CACHE"])
+    args = [sys.executable, "-m", "aim_mlx.cli", "cache", "add", "aim-tiny", "--dtype", "float32"]
+    log = tmp_path / "stderr.txt"
+    with cache.lock(ENTRY), open(log, "w") as stderr:
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + 60
+        while "waiting for another process" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert proc.poll() is None and hub.downloads() == []  # blocked before downloading
+    assert proc.wait(timeout=120) == 0
+    assert entry_config(env)["format_version"] == FORMAT_VERSION
+
+
+def test_older_format_entry_is_converted_again(env, hub):
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    config_file = Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "format_version": FORMAT_VERSION - 1}))
+    assert "old format" in aim_mlx(env, "cache", "list").stdout
+
+    result = classify_json(env, offline=True)  # the downloads are still cached
+    assert result.returncode == 0, result.stderr
+    assert "converting to float32" in result.stderr
+    assert entry_config(env)["format_version"] == FORMAT_VERSION
+    assert_ranks_match_reference(result.stdout)
+
+
+def test_drop_downloads_models_listing_and_cache_rm(env, hub):
+    listing = json.loads(aim_mlx(env, "models", "--json").stdout)
+    tiny = next(m for m in listing if m["name"] == "aim-tiny")
+    assert not any(f["downloaded"] for f in tiny["files"]) and tiny["converted"] == []
+    assert [m["name"] for m in listing[:4]] == ["aim-600M", "aim-1B", "aim-3B", "aim-7B"]
+
+    add = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32", "--drop-downloads")
+    assert add.returncode == 0, add.stderr
+    blobs = Path(env["HF_HOME"]) / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs"
+    assert list(blobs.iterdir()) == []  # raw checkpoints gone, converted model kept
+    tiny = next(
+        m for m in json.loads(aim_mlx(env, "models", "--json").stdout) if m["name"] == "aim-tiny"
+    )
+    assert not any(f["downloaded"] for f in tiny["files"])
+    assert [c["key"] for c in tiny["converted"]] == [ENTRY]
+    assert classify_json(env, offline=True).returncode == 0
+
+    # Downloads kept by default, listed, then dropped on request.
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float16").returncode == 0
+    listed = aim_mlx(env, "cache", "list").stdout
+    assert ENTRY in listed and "aim-tiny--best--float16" in listed and "MB" in listed
+    assert "aim-tiny   backbone.pth" in listed and "head_best_layers.pth" in listed
+    dropped = aim_mlx(env, "cache", "rm-downloads")
+    assert dropped.returncode == 0 and "removed aim-tiny downloads" in dropped.stdout
+    assert list(blobs.iterdir()) == [] and "backbone.pth" not in aim_mlx(env, "cache").stdout
+
+    removed = aim_mlx(env, "cache", "rm", "aim-tiny")
+    assert removed.returncode == 0 and f"removed {ENTRY}" in removed.stdout
+    assert not (Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY).exists()
+    assert aim_mlx(env, "cache", "rm", "aim-tiny").returncode == 1  # nothing left to remove
+
+
+def test_disk_space_is_checked_before_downloading(tmp_path, hub, monkeypatch):
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    spec = ModelSpec.from_dict(registry_entry())
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(hub_module.shutil, "disk_usage", lambda p: usage._replace(free=1_000_000))
+    with pytest.raises(hub_module.DiskSpaceError, match="not enough free disk space for aim-tiny"):
+        hub_module.download(spec, "best", cache_dir=tmp_path / "hf", endpoint=hub.url)
+    assert hub.downloads() == []
+    monkeypatch.undo()
+    paths = hub_module.download(spec, "best", cache_dir=tmp_path / "hf", endpoint=hub.url)
+    assert [sha256(p) for p in paths] == [sha256(REF / f) for f in FILES[:2]]
+
+
+def test_convert_from_a_hub_repo_id(tmp_path):
+    """`aim-mlx convert --hf-path org/name` downloads config.json and the weights, then converts."""
+    repo = "aim-test-org/AIM-tiny-hf"
+    hf = REF / "hf_repo"
+    server = HubServer({repo: {f: hf / f for f in ("config.json", "pytorch_model.bin")}}).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+        env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"))
+        out = tmp_path / "converted"
+        run = aim_mlx(env, "convert", "--hf-path", repo, "--out", str(out))
+        assert run.returncode == 0, run.stderr
+        config = json.loads((out / "config.json").read_text())
+        assert config["probe_layers"] == [1, 2, 3, 4, 5, 6] and config["num_heads"] == 4
+        assert [s["file"] for s in config["sources"]] == ["pytorch_model.bin"]
+        assert len(server.downloads("pytorch_model.bin")) == 1
+    finally:
+        server.stop()

@@ -1,0 +1,124 @@
+"""The evaluation transform, image modes, EXIF orientation and refused files."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import REF
+from PIL import Image
+
+import aim_mlx
+from aim_mlx.transforms import ImageError, open_image, preprocess
+
+EXPECTED = np.load(REF / "preprocessed_224.npz")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED.files))
+def test_matches_the_reference_transform(name):
+    x = aim_mlx.preprocess(REF / "images" / name)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    np.testing.assert_allclose(x, EXPECTED[name], rtol=0, atol=1e-5)
+    # A PIL image and a string path give the same.
+    np.testing.assert_array_equal(preprocess(Image.open(REF / "images" / name)), x)
+    np.testing.assert_array_equal(preprocess(str(REF / "images" / name)), x)
+
+
+def test_other_sizes_resize_to_size_over_0875():
+    img = Image.open(REF / "images" / "chelsea.png")  # 451 x 300
+    x = preprocess(img, size=112)
+    assert x.shape == (3, 112, 112)
+    # Hand-made: shorter side to ceil(112 / 0.875) = 128, longer int(128 * 451 / 300) = 192,
+    # centre crop at (round((192 - 112) / 2), round((128 - 112) / 2)) = (40, 8).
+    small = img.convert("RGB").resize((192, 128), Image.Resampling.BICUBIC)
+    crop = np.asarray(small, dtype=np.float32)[8:120, 40:152].transpose(2, 0, 1) / 255.0
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    np.testing.assert_allclose(x, (crop - mean) / std, atol=1e-6)
+
+
+def rgb_photo() -> Image.Image:
+    return Image.open(REF / "images" / "rocket.jpg").convert("RGB")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    gray8 = Image.open(REF / "images" / "camera.png")  # 8-bit grayscale
+    wide = (np.asarray(gray8).astype(np.uint16) * 257).astype(np.uint16)  # same image, 16-bit
+    path = tmp_path / "wide.png"
+    Image.fromarray(wide).save(path)
+    assert Image.open(path).mode.startswith("I")
+    np.testing.assert_array_equal(preprocess(path), EXPECTED["camera.png"])
+
+
+def test_modes_become_rgb_like_convert(tmp_path):
+    photo = rgb_photo()
+    cmyk = tmp_path / "cmyk.jpg"
+    photo.convert("CMYK").save(cmyk, quality=95)
+    assert Image.open(cmyk).mode == "CMYK"
+    expected = preprocess(Image.open(cmyk).convert("RGB"))
+    np.testing.assert_array_equal(preprocess(cmyk), expected)
+
+    rgba = photo.copy()
+    rgba.putalpha(0)  # fully transparent: alpha is dropped, colours kept
+    np.testing.assert_array_equal(preprocess(rgba), preprocess(photo))
+
+    palette = photo.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    path = tmp_path / "palette.png"
+    palette.save(path)
+    assert Image.open(path).mode == "P" and "transparency" in Image.open(path).info
+    np.testing.assert_array_equal(preprocess(path), preprocess(palette.convert("RGB")))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    photo = rgb_photo()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.png"
+    photo.save(path, exif=exif)
+    upright = photo.transpose(Image.Transpose.ROTATE_270)
+    np.testing.assert_array_equal(preprocess(path), preprocess(upright))
+    assert not np.array_equal(preprocess(path), preprocess(photo))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (and holds no pixel data)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [12_000, 100_000])  # past the limit, and past twice the limit
+def test_decompression_bombs_are_refused(tmp_path, side):
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_header(side, side))
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_image(path)
+
+
+def test_unreadable_files_are_refused_with_a_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not a picture\n")
+    full = (REF / "images" / "rocket.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(full[: len(full) // 2])
+    for name, reason in [
+        ("empty.jpg", "not an image"),
+        ("text.jpg", "not an image"),
+        ("truncated.jpg", "truncated"),
+        ("missing.jpg", "no such file"),
+    ]:
+        with pytest.raises(ImageError, match=reason):
+            open_image(tmp_path / name)
+
+
+def test_one_pixel_image(tmp_path):
+    Image.new("RGB", (1, 1), (200, 30, 40)).save(tmp_path / "dot.png")
+    x = preprocess(tmp_path / "dot.png")
+    expected = (np.array([200, 30, 40]) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(x[:, 100, 100], expected, atol=1e-5)
+    assert np.ptp(x, axis=(1, 2)).max() < 1e-6  # a flat colour stays flat

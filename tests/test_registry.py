@@ -1,0 +1,135 @@
+"""The model registry (built-in, registered, from a file), the cache layout and `aim_mlx.load`."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import REF, rel_err
+from hub_server import HubServer
+from test_hub import FILES, REPO, registry_entry
+
+import aim_mlx
+from aim_mlx import cache, registry
+from aim_mlx.resolve import default_dtype, resolve
+
+SHAPES = json.loads((REF / "official_parameter_shapes.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(registry.REGISTRY_ENV, raising=False)
+    yield
+    registry._registered.clear()
+
+
+@pytest.mark.parametrize("name", ["aim-600M", "aim-1B", "aim-3B", "aim-7B"])
+def test_official_specs_agree_with_the_official_parameter_shapes(name):
+    spec = registry.get(name.lower())  # names are case-insensitive
+    shapes = SHAPES[name]
+    floats = {k: np.prod(s) for k, (s, dtype) in shapes.items() if dtype == "float32"}
+    backbone = sum(n for k, n in floats.items() if not k.startswith("head."))
+    head = sum(n for k, n in floats.items() if k.startswith("head."))
+    assert registry.estimated_sizes(spec) == (4 * backbone, 4 * head)
+    assert spec.params == SHAPES[f"{name}:num_params"]
+    args = spec.model_args("best")
+    assert args.embed_dim == shapes["head.cls_token"][0][-1]
+    assert args.num_blocks == 1 + max(
+        int(k.split(".")[2]) for k in shapes if k.startswith("trunk.blocks.")
+    )
+    last = spec.model_args("last").probe_layers
+    assert last == tuple(range(args.num_blocks - 6, args.num_blocks))
+    assert spec.repo == "apple/AIM" and spec.backbone.filename.endswith("_attnprobe_backbone.pth")
+
+
+def test_registry_file_and_register_api(tmp_path, monkeypatch):
+    with pytest.raises(registry.RegistryError, match="unknown model 'aim-tiny'; known models"):
+        registry.get("aim-tiny")
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": [registry_entry()]}))
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(path))
+    assert registry.get("AIM-TINY").model_args("last").probe_layers == (2, 3, 4, 5, 6, 7)
+    with pytest.raises(registry.RegistryError, match="already registered"):
+        registry.register(registry_entry())
+    spec = registry.register({**registry_entry(), "name": "aim-tiny-2"})
+    assert registry.get("aim-tiny-2") is spec
+
+    path.write_text("{not json")
+    with pytest.raises(registry.RegistryError, match="cannot read the registry file"):
+        registry.all_models()
+    bad = registry_entry()
+    bad["backbone"]["sha256"] = "xyz"
+    with pytest.raises(registry.RegistryError, match="sha256 must be 8 to 64 lowercase hex"):
+        registry.register(bad)
+    del bad["heads"]
+    with pytest.raises(registry.RegistryError, match="incomplete"):
+        registry.register(bad)
+
+
+def test_load_by_name_downloads_converts_and_matches_the_reference(tmp_path):
+    registry.register(registry_entry())
+    server = HubServer({REPO: {f: REF / f for f in FILES}}).start()
+    try:
+        hf = tmp_path / "hf"
+        model = aim_mlx.load("aim-tiny", endpoint=server.url, hf_cache_dir=hf, progress=False)
+        logits = np.array(model(mx.array(np.load(REF / "input.npy"))))
+        assert rel_err(logits, np.load(REF / "logits_best.npy")) < 1e-5
+        assert model.dtype == mx.float32 == getattr(mx, default_dtype())  # the CPU default
+        entry = cache.entry_dir("aim-tiny--best--float32")
+        assert cache.is_current(entry)
+
+        last = aim_mlx.load("aim-tiny", head="last", endpoint=server.url, hf_cache_dir=hf)
+        logits = np.array(last(mx.array(np.load(REF / "input.npy"))))
+        assert rel_err(logits, np.load(REF / "logits_last.npy")) < 1e-5
+        assert len(server.downloads("backbone.pth")) == 1  # shared by both heads
+
+        half = resolve("aim-tiny", dtype="float16", endpoint=server.url, hf_cache_dir=hf)
+        assert half.name == "aim-tiny--best--float16"
+        q8 = aim_mlx.load("aim-tiny", quantize_bits=8, endpoint=server.url, hf_cache_dir=hf)
+        q8_config = cache.read_config(cache.entry_dir("aim-tiny--best--float32--q8g64"))
+        assert q8_config["quantization"]["bits"] == 8
+        logits = np.array(q8(mx.array(np.load(REF / "input.npy"))))
+        assert rel_err(logits, np.load(REF / "logits_best.npy")) < 0.05
+        keys = [e.key for e in cache.list_entries()]
+        assert keys == [
+            "aim-tiny--best--float16",
+            "aim-tiny--best--float32",
+            "aim-tiny--best--float32--q8g64",
+            "aim-tiny--last--float32",
+        ]
+        assert cache.remove("aim-tiny--best--float16") > 0
+        assert not half.exists()
+    finally:
+        server.stop()
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    assert cache.cache_root() == tmp_path / "cache"
+    monkeypatch.delenv(cache.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cache.sys, "platform", "linux")
+    assert cache.cache_root() == tmp_path / "xdg" / "aim-mlx"
+    monkeypatch.setattr(cache.sys, "platform", "darwin")
+    assert cache.cache_root().parts[-3:] == ("Library", "Caches", "aim-mlx")
+    assert cache.entry_key("aim-1B", "last", "float16", {"bits": 4, "group_size": 64}) == (
+        "aim-1B--last--float16--q4g64"
+    )
+
+
+def test_folder_of_official_layout_checkpoints_uses_the_registry_architecture(tmp_path):
+    """A folder of .pth files named as a registered model's files converts without options."""
+    registry.register(registry_entry())  # aim-tiny: backbone.pth, head_{best,last}_layers.pth
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in FILES:
+        (folder / name).symlink_to(REF / name)
+    for head in ("best", "last"):
+        model = aim_mlx.load(folder, head=head, progress=False)
+        assert model.args.num_heads == 4
+        logits = np.array(model(mx.array(np.load(REF / "input.npy"))))
+        assert rel_err(logits, np.load(REF / f"logits_{head}.npy")) < 1e-5
+    assert sorted(e.key.split("--", 1)[1] for e in cache.list_entries()) == [
+        "best--float32",
+        "last--float32",
+    ]
