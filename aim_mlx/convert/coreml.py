@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-from importlib import resources
 from pathlib import Path
 
 import mlx.core as mx
@@ -26,6 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 
 PRECISIONS = ("float16", "float32", "mixed")
@@ -100,10 +100,9 @@ def imagenet_labels() -> list[str]:
     Two classes are both called "crane" (the bird and the machine); a repeated name gets its
     WordNet id appended, e.g. "crane (n02012849)".
     """
-    text = resources.files("aim_mlx").joinpath("data/imagenet1k_classes.tsv").read_text()
-    rows = [line.split("\t") for line in text.splitlines()[1:] if line]
-    names = [name for _, _, name in rows]
-    return [f"{name} ({wnid})" if names.count(name) > 1 else name for (_, wnid, name) in rows]
+    classes = imagenet_classes()
+    names = [c.name for c in classes]
+    return [f"{c.name} ({c.wnid})" if names.count(c.name) > 1 else c.name for c in classes]
 
 
 def describe_model_ref(ref: str) -> tuple[str, str]:
