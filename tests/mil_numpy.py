@@ -71,6 +71,7 @@ def _wide(a):
 
 
 def _round_to(var, a):
+    """A float op output rounded to its declared dtype (float16 or float32), held as float32."""
     from coremltools.converters.mil.mil import types
 
     a = np.asarray(a)
@@ -101,16 +102,16 @@ def _run_op(op):
     return out if isinstance(out, tuple) else (out,)
 
 
-def evaluate(prog, feeds: dict[str, np.ndarray], record: bool = False) -> dict:
+def evaluate(prog, feeds: dict[str, np.ndarray]) -> dict:
     """Run the program's main function; returns its outputs by name.
 
     feeds: input name -> array (an image input takes float pixel values 0..255, NCHW, as
-    Core ML hands them to the program). With `record`, every op output is returned too.
+    Core ML hands them to the program).
     """
     fn = prog.functions["main"]
     for name, var in fn.inputs.items():
         _bind(var, np.asarray(feeds[name], dtype=np.float32))
-    values = {}
+    results = {}  # the classify op's label and dictionary (not tensors)
     for op in fn.operations:
         if op.op_type == "const":
             # weights stay as loaded; float16 ones are widened for the float32 arithmetic
@@ -120,17 +121,10 @@ def evaluate(prog, feeds: dict[str, np.ndarray], record: bool = False) -> dict:
             continue
         outs = _run_op(op)
         if op.op_type == "classify":
-            for var, val in zip(op.outputs, outs, strict=True):
-                values[var.name] = val
+            results.update(zip((v.name for v in op.outputs), outs, strict=True))
             continue
         for var, val in zip(op.outputs, outs, strict=True):
             if val is None:
                 raise NotImplementedError(f"no value for {op.op_type} ({op.name})")
-            val = _round_to(var, val)
-            _bind(var, val)
-            if record:
-                values[var.name] = val
-    result = {v.name: values[v.name] if v.name in values else _value(v) for v in fn.outputs}
-    if record:
-        result["_all"] = values
-    return result
+            _bind(var, _round_to(var, val))
+    return {v.name: results[v.name] if v.name in results else _value(v) for v in fn.outputs}
