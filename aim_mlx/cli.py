@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import signal
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
+from .convert import coreml
 
 
 def _exit_on_sigterm():
@@ -513,6 +515,92 @@ def cache_rm_downloads(models):
     for spec in specs:
         if freed := hub.remove_downloads(spec):
             click.echo(f"removed {spec.name} downloads ({_gb(freed)})")
+
+
+# ---- Export (issue 5) ------------------------------------------------------------------------
+
+
+@main.group()
+def export():
+    """Export a model to another format."""
+
+
+@export.command("coreml")
+@model_options
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mlpackage.")
+@click.option(
+    "--precision",
+    type=click.Choice(coreml.PRECISIONS),
+    default="float16",
+    show_default=True,
+    help="mixed: float32 layer norms, attention and residual stream.",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(coreml.COMPRESSIONS),
+    default="none",
+    show_default=True,
+    help="Weight compression (int8: linear; palettize: k-means look-up tables).",
+)
+@click.option("--img-size", type=int, default=None, help="Input size [default: the model's].")
+@click.option(
+    "--target",
+    type=click.Choice(coreml.TARGETS),
+    default="iOS17",
+    show_default=True,
+    help="iOS18 uses the fused scaled_dot_product_attention op.",
+)
+@click.option("--features", is_flag=True, help="Output the pooled features, not class labels.")
+@click.option("--force", is_flag=True, help="Replace an existing package.")
+def export_coreml(
+    model,
+    head,
+    dtype,
+    quantize,
+    q_bits,
+    out,
+    precision,
+    compress,
+    img_size,
+    target,
+    features,
+    force,
+):
+    """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
+    from .resolve import resolve
+
+    try:
+        coreml.require_coremltools()
+        coreml.check_output(out, force)  # before a download or conversion
+    except coreml.ExportError as e:
+        raise click.ClickException(str(e)) from None
+    net = load_for_cli(model, head, dtype, quantize, q_bits)
+    bits = int(q_bits) if quantize else None
+    name, source = coreml.describe_model_ref(
+        resolve(model, head, dtype, quantize_bits=bits, progress=False)  # cached by now
+    )
+    try:
+        path = coreml.export_coreml(
+            net,
+            out,
+            precision=precision,
+            compress=compress,
+            img_size=img_size,
+            target=target,
+            features=features,
+            name=name,
+            source=source,
+            overwrite=force,
+        )
+    except coreml.ExportError as e:
+        raise click.ClickException(str(e)) from None
+    weights = coreml.weight_file_size(path)
+    click.echo(f"wrote {path} (weights {weights / 2**20:.1f} MiB)")
+    if weights > coreml.ANE_WEIGHT_LIMIT:
+        click.echo(
+            "note: the weight file is over the Neural Engine's 2 GiB limit; Core ML will run "
+            "it on the GPU/CPU. --compress palettize4 / palettize6 / int8 make it smaller."
+        )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,582 @@
+"""Core ML export: an `.mlpackage` built straight from an AIM model's weights.
+
+No PyTorch: the ML Program is written with coremltools' MIL builder from the MLX weights, then
+`ct.convert` serialises it (this works on Linux; only prediction needs macOS).
+
+The classifier takes an RGB `image` (already resized and center-cropped to img_size, see
+`preprocessing_note`), scaled by 1/255 by Core ML; the ImageNet mean/std are folded into the
+patch-embedding convolution. It outputs `classLabel` and `classLabel_probs` (softmax over the
+labels). With `features=True` the model outputs `features`: the attention-pooled descriptor of
+the head, (1, embed_dim), the vector the classifier's last linear layer reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .. import __version__
+from ..labels import imagenet_classes
+from ..models import PRESETS, ops, sincos_pos_embed
+
+PRECISIONS = ("float16", "float32", "mixed")
+COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
+TARGETS = ("iOS17", "iOS18")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = 0.875  # upstream eval transform: resize the shorter side to ceil(size / 0.875)
+
+FP16_MAX = 65504.0
+# A sample cannot bound every input: refuse float16 once activations pass half of its range.
+FP16_HEADROOM = 2.0
+# Which intermediate tensors are stored in float16 under each precision (see `_Graph`).
+# "mixed" keeps the residual stream, layer norms, attention and the head's pooling in float32,
+# but casts the inputs of the linear layers (layer-norm outputs, head norm) to float16.
+FP16_KINDS = {
+    "float16": {
+        "patch_embed",
+        "residual",
+        "layer_norm",
+        "linear",
+        "attention_scores",
+        "head_norm",
+        "logits",
+    },
+    "mixed": {"patch_embed", "layer_norm", "linear", "head_norm", "logits"},
+}
+# Palettization: one look-up table per 16 output channels on iOS18, one per tensor before.
+PALETTE_GROUP_SIZE = 16
+
+INSTALL_HINT = "Core ML export needs coremltools: pip install 'aim-mlx[coreml]'"
+LICENSE_NOTE = (
+    "Weights: Apple's AIM v1 (github.com/apple/ml-aim), released under the Apple Sample Code "
+    "License; the terms of the source checkpoint apply to this model."
+)
+PREVIEW_TYPE_KEY = "com.apple.coreml.model.preview.type"
+# The Neural Engine refuses a weight file over 2 GiB ("Weight file size ... exceeds the maximum
+# (2147483648 bytes)"); Core ML then runs the model on the GPU / CPU.
+ANE_WEIGHT_LIMIT = 2**31
+
+
+class ExportError(ValueError):
+    """A user-facing export problem (bad option, unsafe precision, existing output)."""
+
+
+def require_coremltools():
+    """Import coremltools (the `coreml` extra) quietly, or raise ExportError saying how to."""
+    log = logging.getLogger("coremltools")
+    level = log.level
+    log.setLevel(logging.ERROR)  # Linux: "Failed to load _MLModelProxy" etc. on import
+    try:
+        import coremltools
+    except ImportError as e:
+        raise ExportError(f"{INSTALL_HINT} ({e})") from None
+    finally:
+        log.setLevel(level)
+    return coremltools
+
+
+def preprocessing_note(img_size: int) -> str:
+    resize = math.ceil(img_size / CROP_RATIO)
+    return (
+        f"RGB image {img_size}x{img_size}: resize the shorter side to {resize} (bicubic), "
+        f"center-crop {img_size}. ImageNet mean/std normalisation is part of the model."
+    )
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names in logit order, made unique for Core ML.
+
+    Two classes are both called "crane" (the bird and the machine); a repeated name gets its
+    WordNet id appended, e.g. "crane (n02012849)".
+    """
+    classes = imagenet_classes()
+    names = [c.name for c in classes]
+    return [f"{c.name} ({c.wnid})" if names.count(c.name) > 1 else c.name for c in classes]
+
+
+def describe_model_ref(ref: str) -> tuple[str, str]:
+    """(name, source) for the metadata of a model given as an official name or a folder."""
+    config = Path(ref) / "config.json"
+    if config.is_file():
+        c = json.loads(config.read_text())
+        sources = c.get("sources")
+        return c.get("name") or Path(ref).name, json.dumps(sources) if sources else str(ref)
+    return Path(ref).name, str(ref)
+
+
+def weight_file_size(package: str | Path) -> int:
+    """Bytes of the package's weight file(s), the size the Neural Engine limit applies to."""
+    weights = Path(package) / "Data" / "com.apple.CoreML" / "weights"
+    return sum(f.stat().st_size for f in weights.glob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 range check
+
+
+def synthetic_sample(img_size: int, seed: int = 0) -> mx.array:
+    """Two normalised (2, 3, S, S) images: uniform pixel noise and a smooth colour pattern."""
+    rng = np.random.default_rng(seed)
+    noise = rng.uniform(0, 1, (3, img_size, img_size))
+    t = np.linspace(0, 1, img_size)
+    yy, xx = np.meshgrid(t, t, indexing="ij")
+    pattern = np.stack([xx, yy, 0.5 + 0.5 * np.sin(6 * np.pi * (xx + yy))])
+    x = np.stack([noise, pattern])
+    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    return mx.array(((x - mean) / std).astype(np.float32))
+
+
+def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
+    """Largest |value| of each kind of intermediate tensor in the float32 forward pass on x.
+
+    Returns kind -> (max |value|, block index or -1 outside the trunk). The kinds are those of
+    `FP16_KINDS`; "logits" is the model's output.
+    """
+    stats: dict[str, tuple[float, int]] = {}
+
+    def see(kind, a, block=-1):
+        m = mx.abs(a).max().item()
+        if kind not in stats or m > stats[kind][0]:
+            stats[kind] = (m, block)
+
+    x = x.astype(mx.float32)  # every layer widens its weights to the activations' dtype
+    proj = model.preprocessor.patchifier.proj
+    w, b = proj.weight.astype(mx.float32), proj.bias.astype(mx.float32)
+    see("patch_embed", mx.conv2d(x.transpose(0, 2, 3, 1), w, stride=proj.stride) + b)
+    x = model.preprocessor(x)
+    see("residual", x)
+
+    feats = []
+    for i, blk in enumerate(model.trunk.blocks[: max(model.args.probe_layers) + 1]):
+        B, N, D = x.shape
+        attn = blk.attn
+        H = attn.num_heads
+        h = blk.norm_1(x)
+        see("layer_norm", h, i)
+        qkv = attn.qkv(h)
+        see("linear", qkv, i)
+        q, k, v = qkv.reshape(B, N, 3, H, D // H).transpose(2, 0, 3, 1, 4)
+        s = (q * attn.scale) @ k.swapaxes(-1, -2)  # (B, H, N, N)
+        see("attention_scores", s, i)
+        o = (mx.softmax(s, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(B, N, D)
+        o = attn.proj(o)
+        see("linear", o, i)
+        x = x + o
+        see("residual", x, i)
+        h = blk.norm_2(x)
+        see("layer_norm", h, i)
+        f = blk.mlp.fc1(h)
+        see("linear", f, i)
+        f = blk.mlp.fc2(ops.gelu(f))
+        see("linear", f, i)
+        x = x + f
+        see("residual", x, i)
+        feats.append(x)
+        mx.eval(x)
+
+    head = model.head
+    x = model.head_input(feats)
+    bn = head.bn
+    x = (x - bn.running_mean.astype(x.dtype)) * mx.rsqrt(bn.running_var.astype(x.dtype) + bn.eps)
+    see("head_norm", x)
+    B, N, D = x.shape
+    H = head.num_heads
+    k, v = head.k(x), head.v(x)
+    see("linear", k)
+    see("linear", v)
+    q = head.cls_token.astype(x.dtype).reshape(1, H, 1, D // H)
+    k = k.reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+    v = v.reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
+    s = (q * head.scale) @ k.swapaxes(-1, -2)  # (B, H, 1, N)
+    see("attention_scores", s)
+    pooled = (mx.softmax(s, axis=-1) @ v).reshape(B, D)
+    see("logits", head.linear(pooled))
+    return stats
+
+
+def check_fp16_range(model, precision: str, sample: mx.array, features: bool = False) -> None:
+    """Raise ExportError if the float16 tensors of `precision` would leave float16's range.
+
+    `features`: the export stops before the classifier's logits, so they are not checked.
+    """
+    limit = FP16_MAX / FP16_HEADROOM
+    kinds = FP16_KINDS[precision] - ({"logits"} if features else set())
+    stats = activation_ranges(model, sample)
+    over = {k: v for k, v in stats.items() if k in kinds and v[0] > limit}
+    if not over:
+        return
+    kind, (value, block) = max(over.items(), key=lambda kv: kv[1][0])
+    where = f"block {block}" if block >= 0 else "outside the trunk"
+    fix = (
+        "use precision 'mixed' (--precision mixed), which keeps layer norms, attention and the "
+        "residual stream in float32"
+        if precision == "float16"
+        else "use precision 'float32' (--precision float32)"
+    )
+    raise ExportError(
+        f"{precision} export refused: on the range-check sample the {kind.replace('_', ' ')} "
+        f"activations reach {value:.4g} ({where}), beyond float16's range (max 65504, checked "
+        f"with {FP16_HEADROOM:g}x headroom: limit {limit:g}); {fix}."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# weights
+
+
+def float_weights(model) -> dict[str, mx.array]:
+    """Every parameter under its official name, quantized layers dequantized (lazy arrays)."""
+    params = dict(tree_flatten(model.parameters()))
+    for name, m in model.named_modules():
+        if isinstance(m, nn.QuantizedLinear):
+            biases = params.pop(f"{name}.biases", None)
+            params[f"{name}.weight"] = mx.dequantize(
+                m.weight, params.pop(f"{name}.scales"), biases, m.group_size, m.bits, mode=m.mode
+            )
+    return params
+
+
+def folded_patch_embed(weight: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the ImageNet normalisation into the patch convolution (float64 math, exact).
+
+    weight (D, p, p, 3) OHWI, bias (D,) -> OIHW weight and bias for inputs in [0, 1]:
+    conv((x - mean) / std, w) + b == conv(x, w / std) + (b - sum(w * mean / std)).
+    """
+    w = weight.astype(np.float64).transpose(0, 3, 1, 2)  # (D, 3, p, p)
+    mean = np.array(IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD).reshape(1, 3, 1, 1)
+    w = w / std
+    return w, bias.astype(np.float64) - (w * mean).sum(axis=(1, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# the MIL program
+
+
+class _Graph:
+    """Builds the AIM program with coremltools' MIL builder.
+
+    Two compute dtypes: `lo` for the weight-heavy layers (patch convolution, linear layers,
+    GELU) and `hi` for the rest (layer norms, residual stream, attention, head pooling).
+    float32: both fp32; float16: both fp16; mixed: lo fp16, hi fp32. Weights are handed to
+    coremltools already in their final dtype, so a float16 export never holds float32 copies.
+    """
+
+    def __init__(self, mb, weights: dict, args, precision: str, target: str):
+        self.mb, self.weights, self.args, self.target = mb, weights, args, target
+        self.lo = "fp32" if precision == "float32" else "fp16"
+        self.hi = "fp16" if precision == "float16" else "fp32"
+
+    def w(self, name: str, dtype: str) -> np.ndarray:
+        a = self.weights[name].astype(mx.float16 if dtype == "fp16" else mx.float32)
+        return np.array(a)
+
+    def np_const(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        return a.astype(np.float16 if dtype == "fp16" else np.float32)
+
+    def cast(self, x, dtype: str):
+        return x if x.dtype.__name__ == dtype else self.mb.cast(x=x, dtype=dtype)
+
+    def linear(self, x, name: str, out_dtype: str | None = None, rows=None):
+        """x @ W.T with W = weights[name] (or rows of it), computed in `lo`."""
+        w = self.w(name, self.lo)
+        if rows is not None:
+            w = w[rows]
+        y = self.mb.linear(x=self.cast(x, self.lo), weight=w)
+        return self.cast(y, out_dtype or self.hi)
+
+    def layer_norm(self, x, prefix: str):
+        mb, hi = self.mb, self.hi
+        return mb.layer_norm(
+            x=self.cast(x, hi),
+            axes=[-1],
+            gamma=self.w(f"{prefix}.weight", hi),
+            beta=self.w(f"{prefix}.bias", hi),
+            epsilon=np.float16(self.args.norm_eps) if hi == "fp16" else self.args.norm_eps,
+        )
+
+    def heads(self, x, n: int):
+        """(1, n, D) -> (1, H, n, head_dim)"""
+        H, D = self.args.num_heads, self.args.embed_dim
+        x = self.mb.reshape(x=x, shape=[1, n, H, D // H])
+        return self.mb.transpose(x=x, perm=[0, 2, 1, 3])
+
+    def attention(self, q, k, v):
+        """softmax(q k^T / sqrt(head_dim)) v over (1, H, n, head_dim), in `hi`."""
+        mb = self.mb
+        if self.target == "iOS18":
+            return mb.scaled_dot_product_attention(query=q, key=k, value=v)
+        scale = self.args.head_dim**-0.5
+        q = mb.mul(x=q, y=np.float16(scale) if self.hi == "fp16" else np.float32(scale))
+        scores = mb.matmul(x=q, y=k, transpose_y=True)
+        return mb.matmul(x=mb.softmax(x=scores, axis=-1), y=v)
+
+    def patch_embed(self, image, img_size: int):
+        """(1, 3, S, S) pixels in [0, 1] -> tokens (1, N, D) in `hi`."""
+        mb, D, p = self.mb, self.args.embed_dim, self.args.patch_size
+        pre = "preprocessor.patchifier"
+        w, b = folded_patch_embed(
+            np.array(self.weights[f"{pre}.proj.weight"].astype(mx.float32)),
+            np.array(self.weights[f"{pre}.proj.bias"].astype(mx.float32)),
+        )
+        x = mb.conv(
+            x=self.cast(image, self.lo),
+            weight=self.np_const(w, self.lo),
+            bias=self.np_const(b, self.lo),
+            strides=[p, p],
+            pad_type="valid",
+        )  # (1, D, g, g)
+        g = img_size // p
+        x = mb.transpose(x=mb.reshape(x=x, shape=[1, D, g * g]), perm=[0, 2, 1])
+        x = self.layer_norm(x, f"{pre}.norm")
+        pos = sincos_pos_embed(g, g, D)
+        return mb.add(x=x, y=self.np_const(np.array(pos)[None], self.hi))
+
+    def block(self, x, i: int, n: int):
+        mb, D = self.mb, self.args.embed_dim
+        pre = f"trunk.blocks.{i}"
+        h = self.layer_norm(x, f"{pre}.norm_1")
+        q, k, v = (
+            self.heads(self.linear(h, f"{pre}.attn.qkv.weight", rows=slice(j * D, (j + 1) * D)), n)
+            for j in range(3)
+        )
+        o = mb.reshape(
+            x=mb.transpose(x=self.attention(q, k, v), perm=[0, 2, 1, 3]), shape=[1, n, D]
+        )
+        x = mb.add(x=x, y=self.linear(o, f"{pre}.attn.proj.weight"))
+        h = self.layer_norm(x, f"{pre}.norm_2")
+        h = mb.gelu(x=self.linear(h, f"{pre}.mlp.fc1.weight", out_dtype=self.lo), mode="EXACT")
+        return mb.add(x=x, y=self.linear(h, f"{pre}.mlp.fc2.weight"))
+
+    def pooled(self, x, n: int):
+        """Attention-pooling head up to its last linear layer: (1, N, D) -> (1, D) in `hi`."""
+        mb, args, hi = self.mb, self.args, self.hi
+        H, D = args.num_heads, args.embed_dim
+        mean = self.w("head.bn.running_mean", "fp32").astype(np.float64)
+        var = self.w("head.bn.running_var", "fp32").astype(np.float64)
+        scale = 1 / np.sqrt(var + args.norm_eps)
+        x = mb.add(x=mb.mul(x=x, y=self.np_const(scale, hi)), y=self.np_const(-mean * scale, hi))
+        k = self.heads(self.linear(x, "head.k.weight"), n)
+        v = self.heads(self.linear(x, "head.v.weight"), n)
+        q = self.w("head.cls_token", hi).reshape(1, H, 1, D // H)
+        return mb.reshape(x=self.attention(q, k, v), shape=[1, D])
+
+    def forward(self, image, img_size: int, features: bool):
+        mb, args = self.mb, self.args
+        n = (img_size // args.patch_size) ** 2
+        x = self.patch_embed(image, img_size)
+        probe = []
+        for i in range(max(args.probe_layers) + 1):
+            x = self.block(x, i, n)
+            if i in args.probe_layers:
+                probe.append(x)
+        x = probe[0]
+        for f in probe[1:]:
+            x = mb.add(x=x, y=f)
+        one = 1.0 / len(probe)
+        x = mb.mul(x=x, y=np.float16(one) if self.hi == "fp16" else np.float32(one))
+        pooled = self.pooled(x, n)
+        if features:
+            return mb.cast(x=pooled, dtype="fp32", name="features")
+        logits = self.linear(pooled, "head.linear.weight", out_dtype="fp32")
+        return mb.softmax(x=logits, axis=-1, name="probabilities")
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def default_name(args) -> str:
+    for name, p in PRESETS.items():
+        if (p["embed_dim"], p["num_blocks"]) == (args.embed_dim, args.num_blocks):
+            return name
+    return f"AIM v1 (embed {args.embed_dim}, {args.num_blocks} blocks)"
+
+
+def _compress(ct, mlmodel, compress: str, target: str):
+    """Compress the weights of the linear layers and the patch convolution."""
+    if compress == "none":
+        return mlmodel
+    cto = ct.optimize.coreml
+    if compress == "int8":
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel"
+        )
+        fn = cto.linear_quantize_weights
+    else:
+        grouped = target == "iOS18"  # per-grouped-channel tables need iOS18
+        op = cto.OpPalettizerConfig(
+            mode="kmeans",
+            nbits=int(compress.removeprefix("palettize")),
+            granularity="per_grouped_channel" if grouped else "per_tensor",
+            group_size=PALETTE_GROUP_SIZE,
+        )
+        fn = cto.palettize_weights
+    config = cto.OptimizationConfig(op_type_configs={"linear": op, "conv": op})
+    return fn(mlmodel, config)
+
+
+def _describe(
+    mlmodel, *, name, source, license, args, img_size, precision, compress, target, features
+):
+    kind = "feature extractor" if features else "image classifier (ImageNet-1k)"
+    mlmodel.short_description = (
+        f"{name}: AIM v1 {kind}, {img_size}x{img_size} RGB input, {precision} precision"
+        f"{'' if compress == 'none' else ', ' + compress}. Exported by aim-mlx {__version__}."
+    )
+    mlmodel.author = "Apple (AIM v1); Core ML export by aim-mlx"
+    mlmodel.license = license
+    mlmodel.version = __version__
+    mlmodel.input_description["image"] = preprocessing_note(img_size)
+    if features:
+        mlmodel.output_description["features"] = (
+            f"attention-pooled descriptor ({args.embed_dim} floats) of probe layers "
+            f"{list(args.probe_layers)}"
+        )
+    else:
+        mlmodel.output_description["classLabel"] = "most likely ImageNet-1k class"
+        mlmodel.output_description["classLabel_probs"] = "probability of each class (softmax)"
+    meta = mlmodel.user_defined_metadata
+    if not features:
+        meta[PREVIEW_TYPE_KEY] = "imageClassifier"
+    meta.update(
+        {
+            "aim_mlx.model": name,
+            "aim_mlx.source": source,
+            "aim_mlx.img_size": str(img_size),
+            "aim_mlx.preprocessing": preprocessing_note(img_size),
+            "aim_mlx.precision": precision,
+            "aim_mlx.compression": compress,
+            "aim_mlx.target": target,
+            "aim_mlx.probe_layers": ",".join(str(i) for i in args.probe_layers),
+            "aim_mlx.version": __version__,
+        }
+    )
+
+
+def export_coreml(
+    model,
+    out: str | Path,
+    *,
+    precision: str = "float16",
+    compress: str = "none",
+    img_size: int | None = None,
+    target: str = "iOS17",
+    features: bool = False,
+    name: str | None = None,
+    source: str | None = None,
+    license: str = LICENSE_NOTE,
+    labels: list[str] | None = None,
+    sample: mx.array | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `model` (an `aim_mlx.models.AIM`) as a Core ML `.mlpackage` at `out`.
+
+    precision: "float16", "float32" or "mixed" (float16 weights and linear layers; layer norms,
+        attention, the residual stream and the head's pooling in float32). Before a float16 or
+        mixed export the model runs on `sample` (normalised NCHW images; default
+        `synthetic_sample`) and the export is refused if activations would overflow float16.
+    compress: "none", "int8" (per-channel linear quantization), "palettize4" / "palettize6"
+        (k-means look-up tables: per 16 channels on iOS18, per tensor on iOS17).
+    target: "iOS17" (attention as matmul/softmax) or "iOS18" (fused scaled_dot_product_attention).
+    features: output the attention-pooled `features` instead of the classifier's outputs.
+    """
+    out = check_output(out, overwrite)
+    args = model.args
+    img_size = img_size or args.img_size
+    _check_options(precision, compress, target, img_size, args.patch_size)
+    if not features:
+        labels = labels or imagenet_labels()
+        if len(labels) != args.num_classes:
+            raise ExportError(
+                f"the model has {args.num_classes} classes but {len(labels)} labels were given"
+            )
+    ct = require_coremltools()
+    from coremltools.converters.mil import Builder as mb
+
+    if precision != "float32":
+        sample = synthetic_sample(img_size) if sample is None else sample
+        check_fp16_range(model, precision, sample, features)
+
+    graph = _Graph(mb, float_weights(model), args, precision, target)
+    opset = getattr(ct.target, target)
+    shape = (1, 3, img_size, img_size)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=shape)], opset_version=opset)
+    def program(image):
+        return graph.forward(image, img_size, features)
+
+    # No constant deduplication: a linear layer's zero bias merged with a LayerNorm's zero beta
+    # (as in freshly initialised weights) makes the compressors refuse the shared constant.
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes({"common::const_deduplication"})
+    mlmodel = ct.convert(
+        program,
+        pass_pipeline=pipeline,
+        inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
+        classifier_config=None if features else ct.ClassifierConfig(labels),
+        minimum_deployment_target=opset,
+        compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
+        convert_to="mlprogram",
+        skip_model_load=True,
+    )
+    del program
+    mlmodel = _compress(ct, mlmodel, compress, target)
+    _describe(
+        mlmodel,
+        name=name or default_name(args),
+        source=source or "unknown",
+        license=license,
+        args=args,
+        img_size=img_size,
+        precision=precision,
+        compress=compress,
+        target=target,
+        features=features,
+    )
+    tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")  # keeps the .mlpackage suffix
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        mlmodel.save(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_output(out: str | Path, overwrite: bool = False) -> Path:
+    """The output path, if usable: a .mlpackage in an existing folder, new unless `overwrite`."""
+    out = Path(out)
+    if out.suffix != ".mlpackage":
+        raise ExportError(f"the output must end in .mlpackage, got {out}")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists (overwrite it with --force)")
+    if not out.parent.is_dir():
+        raise ExportError(f"the output folder {out.parent} does not exist")
+    return out
+
+
+def _check_options(precision, compress, target, img_size, patch):
+    for what, value, choices in (
+        ("precision", precision, PRECISIONS),
+        ("compress", compress, COMPRESSIONS),
+        ("target", target, TARGETS),
+    ):
+        if value not in choices:
+            raise ExportError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    if img_size <= 0 or img_size % patch:
+        raise ExportError(f"img_size must be a positive multiple of the patch size {patch}")
