@@ -551,6 +551,12 @@ def export():
     help="iOS18 uses the fused scaled_dot_product_attention op.",
 )
 @click.option("--features", is_flag=True, help="Output the pooled features, not class labels.")
+@click.option(
+    "--sample",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Image(s) for the float16 range check (repeatable) [default: synthetic images].",
+)
 @click.option("--force", is_flag=True, help="Replace an existing package.")
 def export_coreml(
     model,
@@ -564,10 +570,15 @@ def export_coreml(
     img_size,
     target,
     features,
+    sample,
     force,
 ):
     """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
+    import mlx.core as mx
+    import numpy as np
+
     from .resolve import resolve
+    from .transforms import ImageError, preprocess
 
     try:
         coreml.require_coremltools()
@@ -575,6 +586,14 @@ def export_coreml(
     except coreml.ExportError as e:
         raise click.ClickException(str(e)) from None
     net = load_for_cli(model, head, dtype, quantize, q_bits)
+    size = img_size or net.args.img_size
+    images = []
+    for path in sample:
+        try:
+            images.append(preprocess(path, size))
+        except (ImageError, OSError) as e:
+            raise click.ClickException(f"--sample {path}: {e}") from None
+    images = mx.array(np.stack(images)) if images else None
     bits = int(q_bits) if quantize else None
     name, source = coreml.describe_model_ref(
         resolve(model, head, dtype, quantize_bits=bits, progress=False)  # cached by now
@@ -590,6 +609,7 @@ def export_coreml(
             features=features,
             name=name,
             source=source,
+            sample=images,
             overwrite=force,
         )
     except coreml.ExportError as e:

@@ -3,8 +3,8 @@
 Random weights (no download): `AIM(preset_args(NAME))` initialised by MLX, in float32 like a
 default `aim-mlx convert` folder. Each configuration runs in its own process so that its peak
 RSS (ru_maxrss) is its own. `check_s` is the float16 range check (an MLX forward pass on two
-images) inside `export_s`. On Linux, OpenBLAS is preloaded (--no-openblas to skip): stock
-`mlx[cpu]` matmuls are ~40x slower without it (see the CPU profile notes).
+images) inside `export_s`. On Linux, aim-mlx loads OpenBLAS itself (--no-openblas runs the
+children with AIM_MLX_BLAS=off): stock `mlx[cpu]` matmuls are ~40x slower without it.
 
     python benchmarks/coreml_export.py --model aim-600M --configs float16:none float16:palettize4
 """
@@ -12,9 +12,8 @@ images) inside `export_s`. On Linux, OpenBLAS is preloaded (--no-openblas to ski
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -29,15 +28,6 @@ def peak_rss_gib() -> float:
 
 def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def preload_openblas() -> bool:
-    """Load OpenBLAS globally before MLX so that MLX's CPU matmuls use it (Linux)."""
-    lib = ctypes.util.find_library("openblas")
-    if lib is None:
-        return False
-    ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-    return True
 
 
 def run_one(name: str, precision: str, compress: str, target: str, out_dir: Path) -> dict:
@@ -96,8 +86,11 @@ def main():
     a = p.parse_args()
 
     if a.one:
-        blas = not a.no_openblas and preload_openblas()
-        print(json.dumps({**run_one(a.model, *a.one, a.target, a.out_dir), "openblas": blas}))
+        from aim_mlx import blas
+
+        print(
+            json.dumps({**run_one(a.model, *a.one, a.target, a.out_dir), "blas": blas.describe()})
+        )
         return
 
     rows = []
@@ -106,8 +99,8 @@ def main():
             precision, compress = config.split(":")
             cmd = [sys.executable, __file__, "--model", a.model, "--target", a.target]
             cmd += ["--out-dir", tmp, "--one", precision, compress]
-            cmd += ["--no-openblas"] if a.no_openblas else []
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            env = {**os.environ, "AIM_MLX_BLAS": "off"} if a.no_openblas else None
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode:
                 sys.exit(f"{config} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))

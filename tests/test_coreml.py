@@ -435,6 +435,14 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     assert res.exit_code == 1 and "neither a known model" in res.output
     assert "Traceback" not in res.output
     assert CliRunner().invoke(main, [*args, "--force", "--features"]).exit_code == 0
+    # the float16 range check on the user's own photographs
+    photo = str(REF / "images" / "rocket.jpg")
+    res = CliRunner().invoke(main, [*args, "--force", "--sample", photo, "--sample", photo])
+    assert res.exit_code == 0, res.output
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    res = CliRunner().invoke(main, [*args, "--force", "--sample", str(not_an_image)])
+    assert res.exit_code == 1 and "--sample" in res.output and "notes.jpg" in res.output
 
 
 def test_cli_without_coremltools_says_how_to_install(tmp_path, monkeypatch):
