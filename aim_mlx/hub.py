@@ -7,7 +7,6 @@ is fetched, and the SHA-256 of every file against the prefix the registry publis
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -15,8 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
+from .convert.checkpoint import file_sha256
 from .registry import HubFile, ModelSpec, estimated_sizes
 
 GB = 1e9
@@ -172,32 +170,12 @@ def _is_permanent(error: Exception) -> bool:
     return 400 <= status < 500 and status not in (408, 429)
 
 
-def sha256_file(path: Path, progress: bool = True) -> str:
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with (
-        open(path, "rb") as f,
-        tqdm(
-            total=size,
-            unit="B",
-            unit_scale=True,
-            desc=f"checking {path.name}",
-            disable=not progress or size < 64 * 2**20,
-            leave=False,
-        ) as bar,
-    ):
-        while chunk := f.read(16 * 2**20):
-            h.update(chunk)
-            bar.update(len(chunk))
-    return h.hexdigest()
-
-
 def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) -> None:
     """Refuse a file whose SHA-256 does not start with the registry's prefix.
 
     A file that fails is removed from the download cache, so the next run fetches it afresh.
     """
-    digest = sha256_file(path, progress)
+    digest = file_sha256(path, progress=progress)
     if digest.startswith(file.sha256):
         return
     remove_cached_file(path)

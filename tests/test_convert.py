@@ -301,3 +301,17 @@ def test_load_is_lazy(tmp_path):
     mx.eval(model.parameters())
     assert mx.get_active_memory() - before > 1_500_000
     assert not model.training
+
+
+def test_a_checked_source_is_not_hashed_again(tmp_path, monkeypatch):
+    """The SHA-256 computed when a download is checked is reused for the folder's record."""
+    from aim_mlx.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_DIGESTS", {})
+    digest = checkpoint.file_sha256(BACKBONE)  # as hub.verify does after a download
+    hashed, real_sha256 = [], checkpoint.hashlib.sha256
+    monkeypatch.setattr(checkpoint.hashlib, "sha256", lambda: hashed.append(1) or real_sha256())
+    out = run(tmp_path / "m")
+    sources = json.loads((out / "config.json").read_text())["sources"]
+    assert sources[0]["sha256"] == digest == hashlib.sha256(BACKBONE.read_bytes()).hexdigest()
+    assert len(hashed) == 1  # the head only

@@ -10,11 +10,14 @@ from their offset in the file.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import math
+import os
 import pickle
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,3 +363,41 @@ def open_checkpoint(path: str | Path) -> TorchCheckpoint | SafetensorsCheckpoint
         except CheckpointError:
             pass
     raise CheckpointError(_not_zip_reason(path))
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path, *, progress: bool = False, stop: threading.Event | None = None):
+    """A file's SHA-256 hex digest (None if `stop` is set midway).
+
+    Remembered for this process per (path, size, mtime), so a file checked after its download
+    is not read again for the converter's record.
+    """
+    from tqdm import tqdm
+
+    path = Path(path)
+    st = path.stat()
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = hashlib.sha256()
+    show = progress and st.st_size >= 64 * 2**20
+    with (
+        open(path, "rb") as f,
+        tqdm(
+            total=st.st_size,
+            unit="B",
+            unit_scale=True,
+            leave=False,
+            desc=f"checking {path.name}",
+            disable=not show,
+        ) as bar,
+    ):
+        while chunk := f.read(16 * 2**20):
+            if stop is not None and stop.is_set():
+                return None
+            digest.update(chunk)
+            bar.update(len(chunk))
+    _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]

@@ -10,7 +10,6 @@ renamed into place at the end: a failed or interrupted conversion leaves nothing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from mlx.utils import tree_flatten
 
 from .. import __version__
 from ..models.aim import AIM, PRESETS, ModelArgs, last_probe_layers
-from .checkpoint import CheckpointError, open_checkpoint
+from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 
 FORMAT_VERSION = 1
@@ -450,16 +449,10 @@ class _SourceHasher(threading.Thread):
         self.start()
 
     def run(self):
-        described = []
-        for path in self.files:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while (chunk := f.read(1 << 22)) and not self.stop.is_set():
-                    digest.update(chunk)
-            described.append(
-                {"file": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
-            )
-        self._result = described
+        self._result = [
+            {"file": p.name, "size": p.stat().st_size, "sha256": file_sha256(p, stop=self.stop)}
+            for p in self.files
+        ]
 
     def result(self) -> list[dict]:
         self.join()
