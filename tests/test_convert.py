@@ -309,9 +309,15 @@ def test_a_checked_source_is_not_hashed_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "_DIGESTS", {})
     digest = checkpoint.file_sha256(BACKBONE)  # as hub.verify does after a download
+    assert digest == hashlib.sha256(BACKBONE.read_bytes()).hexdigest()
     hashed, real_sha256 = [], checkpoint.hashlib.sha256
-    monkeypatch.setattr(checkpoint.hashlib, "sha256", lambda: hashed.append(1) or real_sha256())
+
+    def counting_sha256(*data):
+        hashed.append(data)
+        return real_sha256(*data)
+
+    monkeypatch.setattr(checkpoint.hashlib, "sha256", counting_sha256)
     out = run(tmp_path / "m")
     sources = json.loads((out / "config.json").read_text())["sources"]
-    assert sources[0]["sha256"] == digest == hashlib.sha256(BACKBONE.read_bytes()).hexdigest()
+    assert sources[0]["sha256"] == digest
     assert len(hashed) == 1  # the head only
