@@ -217,6 +217,14 @@ def test_reads_safetensors(tmp_path):
     assert sorted(ckpt.keys()) == ["x", "y"]
     for k, v in tensors.items():
         np.testing.assert_array_equal(np.array(ckpt.load(k)), v)
+    # bfloat16 (numpy has none): written by the converter's writer, read back bit for bit
+    from aim_mlx.convert.safetensors_writer import SafetensorsWriter
+
+    bf16 = mx.array([[1.0, -2.5], [3.140625, 0.0]]).astype(mx.bfloat16)
+    with SafetensorsWriter(tmp_path / "b.safetensors", [("w", bf16.dtype, bf16.shape)]) as w:
+        w.write("w", bf16)
+    back = open_checkpoint(tmp_path / "b.safetensors").load("w")
+    assert back.dtype == mx.bfloat16 and mx.array_equal(back, bf16).item()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((tmp_path / "m.safetensors").read_bytes()[:-4])
     with pytest.raises(CheckpointError, match="truncated"):

@@ -273,7 +273,7 @@ class SafetensorsCheckpoint:
         from safetensors import safe_open
 
         self.path = Path(path)
-        self._header = _safetensors_header(self.path)
+        self._header, self._data_start = _safetensors_header(self.path)
         try:
             self._file = safe_open(str(self.path), framework="numpy")
         except Exception as e:
@@ -297,16 +297,12 @@ class SafetensorsCheckpoint:
             return mx.array(raw.reshape(self.shape(key))).view(mx.bfloat16)
         return mx.array(self._file.get_tensor(key))
 
-    @property
-    def _data_start(self) -> int:
-        with open(self.path, "rb") as f:
-            return 8 + struct.unpack("<Q", f.read(8))[0]
-
     def close(self):
         pass
 
 
-def _safetensors_header(path: Path) -> dict:
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensor entries of a safetensors header, and the file offset where the data starts."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -324,7 +320,7 @@ def _safetensors_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
         if 8 + n + entry["data_offsets"][1] > size:
             raise CheckpointError(f"{path}: truncated (tensor {key!r} reaches past the end)")
-    return header
+    return header, 8 + n
 
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
