@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .convert import coreml
+from .export import coreml
 
 
 def _exit_on_sigterm():

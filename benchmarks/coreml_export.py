@@ -33,7 +33,7 @@ def dir_size(path: Path) -> int:
 def run_one(name: str, precision: str, compress: str, target: str, out_dir: Path) -> dict:
     import mlx.core as mx
 
-    from aim_mlx.convert import coreml
+    from aim_mlx.export import coreml
     from aim_mlx.models import AIM, preset_args
 
     check_s = []

@@ -7,7 +7,7 @@ counts of SPEC section 1), not measured; `coreml_export.py` measures aim-600M.
 
 from __future__ import annotations
 
-from aim_mlx.convert.coreml import ANE_WEIGHT_LIMIT, PALETTE_GROUP_SIZE
+from aim_mlx.export.coreml import ANE_WEIGHT_LIMIT, PALETTE_GROUP_SIZE
 from aim_mlx.models import PRESETS, preset_args
 
 SPEC_PARAMS = {  # SPEC section 1, "params (with head)"

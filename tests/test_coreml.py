@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import REF, build_reference_model
 
-from aim_mlx.convert import coreml
+from aim_mlx.export import coreml
 from aim_mlx.models.aim import Linear
 
 try:

@@ -1,4 +1,4 @@
-"""Checkpoint reading, conversion to MLX, and export."""
+"""Checkpoint reading and conversion to MLX."""
 
 from .checkpoint import CheckpointError, UnsafePickleError, open_checkpoint
 from .converter import FORMAT_VERSION, ConversionError, convert, parse_probe_layers

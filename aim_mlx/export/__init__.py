@@ -1,0 +1,1 @@
+"""Exports of a converted model to other formats (Core ML)."""
