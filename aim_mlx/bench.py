@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__, blas
 from .convert.converter import QUANTIZED_LAYER
-from .models import AIM, PRESETS, ModelArgs, ops, preset_args
+from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.aim import QuantizedLinear
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -188,7 +188,7 @@ def environment() -> dict:
         "mlx_version": mx.__version__,
         "aim_mlx_version": __version__,
         "blas": blas.describe(),
-        "cpu_streams": None if ops.on_gpu() else ops.cpu_streams(),
+        "cpu_streams": None if ops.on_gpu() else cpu_runner.streams(),
     }
 
 

@@ -1,13 +1,16 @@
-"""aim-mlx against PyTorch (timm) and against the machine's matmul peak, interleaved in one run.
+"""aim-mlx against PyTorch (timm), the machine's matmul peak, and optionally an older aim-mlx,
+interleaved in one run.
 
     python benchmarks/vs_pytorch.py --torch-python /tmp/venv-torch/bin/python
+    git worktree add /tmp/aim-old HEAD~1
+    python benchmarks/vs_pytorch.py --baseline /tmp/aim-old --dtypes float32,float16,4bit
 
-Each round times, one after the other: aim-mlx aim-600M float32 with all 24 blocks (the
-last-layers head), the same network in PyTorch (timm's VisionTransformer, in a separate
-process that sleeps while MLX runs), aim-mlx stopping at block 19 (the best-layers head), and
-numpy's float32 matmul at the fc1 shape (the machine's practical BLAS peak). Ratios are
-computed within each round, so load from other programs hits both sides alike; the summary
-gives their median and range.
+Each round times, one after the other: aim-mlx aim-600M with all 24 blocks (the last-layers
+head, random weights) in each dtype, the older aim-mlx the same way (`--baseline`), the same
+network in PyTorch (timm's VisionTransformer, float32), and numpy's float32 matmul at the fc1
+shape (the machine's practical BLAS peak). Every model runs in its own process that sleeps while
+the others run. Ratios are computed within each round, so load from other programs hits both
+sides alike; the summary gives their median and range.
 """
 
 from __future__ import annotations
@@ -20,16 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import aim_mlx  # noqa: F401  (first: it loads an optimized BLAS before mlx.core)
-
-# isort: split
-import mlx.core as mx
 import numpy as np
 
-from aim_mlx import bench
-from aim_mlx.models import AIM, preset_args
-
 HERE = Path(__file__).parent
+ROOT = HERE.parent
+PEAK_DTYPE = "float32"  # the dtype whose GFLOP/s is compared with numpy's float32 matmul
 
 
 def numpy_peak(batch: int, reps: int = 3) -> float:
@@ -45,18 +43,15 @@ def numpy_peak(batch: int, reps: int = 3) -> float:
     return 2 * a.shape[0] * 1536 * 6144 / best / 1e9
 
 
-class Torch:
-    def __init__(self, python: str, threads: int, device: str):
-        self.proc = subprocess.Popen(
-            [python, str(HERE / "_torch_worker.py"), str(threads), device],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+class Worker:
+    """A benchmark process: one request per line on stdin, one JSON answer per line."""
+
+    def __init__(self, argv: list[str]):
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = json.loads(self.proc.stdout.readline())
 
-    def seconds(self, batch: int) -> float:
-        self.proc.stdin.write(f"{batch}\n")
+    def seconds(self, request: str) -> float:
+        self.proc.stdin.write(request + "\n")
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())["seconds"]
 
@@ -65,16 +60,23 @@ class Torch:
         self.proc.wait()
 
 
-def mlx_seconds(model, x) -> float:
-    start = time.perf_counter()
-    mx.eval(model(x))
-    return time.perf_counter() - start
+def mlx_worker(source: Path) -> Worker:
+    return Worker([sys.executable, str(HERE / "_mlx_worker.py"), str(source)])
+
+
+def parse_dtype(name: str) -> tuple[str, int]:
+    """float32 / float16 / bfloat16, or 4bit / 8bit (float16 weights, quantized trunk)."""
+    if name.endswith("bit"):
+        return "float16", int(name[:-3])
+    return name, 0
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--torch-python", help="python of a venv with torch and timm (omit: no torch)")
+    p.add_argument("--baseline", type=Path, help="an older aim-mlx source tree to compare with")
     p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--dtypes", default="float32", help="e.g. float32,float16,4bit")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--torch-device", default="cpu", help="cpu, or mps on Apple silicon")
@@ -82,75 +84,93 @@ def main():
     p.add_argument("--json", help="also write the per-round results here")
     a = p.parse_args()
 
-    last = bench.random_model(preset_args("aim-600M", head="last"), mx.float32)
-    best = AIM(preset_args("aim-600M", head="best"))  # the same weights, stops at block 19
-    best.update(last.parameters())
-    best.eval()
-    flops = {
-        name: bench.flops_per_image(m.args, bench.blocks_run(m.args), 224, 224)
-        for name, m in (("last", last), ("best", best))
-    }
-    torch = Torch(a.torch_python, a.threads, a.torch_device) if a.torch_python else None
-    env = bench.environment()
-    print(json.dumps({**env, "torch": torch and torch.info, "threads": a.threads}))
+    sys.path.insert(0, str(ROOT))
+    import aim_mlx  # noqa: F401  (first: it loads an optimized BLAS before mlx.core)
+    from aim_mlx import bench
+    from aim_mlx.models import preset_args
 
+    flops = bench.flops_per_image(preset_args("aim-600M", head="last"), 24, 224, 224)
+    new = mlx_worker(ROOT)
+    old = mlx_worker(a.baseline) if a.baseline else None
+    torch = None
+    if a.torch_python:
+        argv = [a.torch_python, str(HERE / "_torch_worker.py"), str(a.threads), a.torch_device]
+        torch = Worker(argv)
+    env = bench.environment()
+    print(json.dumps({**env, "torch": torch and torch.info, "baseline": old and old.info}))
+
+    dtypes = a.dtypes.split(",")
     results = []
     for batch in [int(b) for b in a.batch_sizes.split(",")]:
-        x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(0))
-        mx.eval(x)
-        mlx_seconds(last, x)  # warm-up
+        requests = {d: "{} {} {}".format(*parse_dtype(d), batch) for d in dtypes}
+        for request in requests.values():  # warm-up (and model building)
+            new.seconds(request)
+            if old:
+                old.seconds(request)
         if torch:
-            torch.seconds(batch)
+            torch.seconds(str(batch))
         for r in range(a.rounds):
             row = {"batch": batch, "round": r}
-            time.sleep(a.gap)
-            row["mlx_s"] = mlx_seconds(last, x)
+            for d, request in requests.items():
+                time.sleep(a.gap)
+                row[f"mlx_s_{d}"] = new.seconds(request)
+                if old:
+                    time.sleep(a.gap)
+                    row[f"old_s_{d}"] = old.seconds(request)
+                    row[f"vs_old_{d}"] = row[f"old_s_{d}"] / row[f"mlx_s_{d}"]
             if torch:
                 time.sleep(a.gap)
-                row["torch_s"] = torch.seconds(batch)
-            time.sleep(a.gap)
-            row["mlx_best_s"] = mlx_seconds(best, x)
-            time.sleep(a.gap)
-            row["numpy_gflops"] = numpy_peak(batch)
-            row["mlx_gflops"] = flops["last"] * batch / row["mlx_s"] / 1e9
-            row["peak_fraction"] = row["mlx_gflops"] / row["numpy_gflops"]
-            row["best_speedup"] = row["mlx_s"] / row["mlx_best_s"]
-            if torch:
-                row["vs_torch"] = row["torch_s"] / row["mlx_s"]
+                row["torch_s"] = torch.seconds(str(batch))
+            if PEAK_DTYPE in requests:
+                time.sleep(a.gap)
+                row["numpy_gflops"] = numpy_peak(batch)
+                row["mlx_gflops"] = flops * batch / row[f"mlx_s_{PEAK_DTYPE}"] / 1e9
+                row["peak_fraction"] = row["mlx_gflops"] / row["numpy_gflops"]
+                if torch:
+                    row["vs_torch"] = row["torch_s"] / row[f"mlx_s_{PEAK_DTYPE}"]
             results.append(row)
             print(json.dumps(row), flush=True)
-    if torch:
-        torch.close()
+    for w in (new, old, torch):
+        if w:
+            w.close()
     if a.json:
         Path(a.json).write_text(json.dumps({"env": env, "rows": results}, indent=1))
-    summarize(results)
+    summarize(results, dtypes)
 
 
-def summarize(rows):
+def summarize(rows, dtypes):
     def stat(values, fmt):
         v = np.array(values)
         return f"{fmt.format(np.median(v))} ({fmt.format(v.min())}-{fmt.format(v.max())})"
 
     print("\nmedian (min-max) over rounds; ratios are taken within each round")
-    print(
-        "| batch | aim-mlx img/s | PyTorch img/s | aim-mlx / PyTorch | aim-mlx GFLOP/s |"
-        " numpy GFLOP/s | of peak | best-layers head speed-up |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in sorted({r["batch"] for r in rows}):
         rs = [r for r in rows if r["batch"] == batch]
-        torch = [batch / r["torch_s"] for r in rs if "torch_s" in r]
-        cells = [
-            str(batch),
-            stat([batch / r["mlx_s"] for r in rs], "{:.3f}"),
-            stat(torch, "{:.3f}") if torch else "-",
-            stat([r["vs_torch"] for r in rs], "{:.2f}x") if torch else "-",
-            stat([r["mlx_gflops"] for r in rs], "{:.0f}"),
-            stat([r["numpy_gflops"] for r in rs], "{:.0f}"),
-            stat([100 * r["peak_fraction"] for r in rs], "{:.0f}%"),
-            stat([r["best_speedup"] for r in rs], "{:.2f}x"),
-        ]
-        print("| " + " | ".join(cells) + " |")
+        print(f"\nbatch {batch}")
+        print("| dtype | aim-mlx img/s | baseline img/s | new / baseline |")
+        print("| --- | --- | --- | --- |")
+        for d in dtypes:
+            old = [batch / r[f"old_s_{d}"] for r in rs if f"old_s_{d}" in r]
+            cells = [
+                d,
+                stat([batch / r[f"mlx_s_{d}"] for r in rs], "{:.3f}"),
+                stat(old, "{:.3f}") if old else "-",
+                stat([r[f"vs_old_{d}"] for r in rs], "{:.3f}x") if old else "-",
+            ]
+            print("| " + " | ".join(cells) + " |")
+        if "numpy_gflops" in rs[0]:
+            torch = [batch / r["torch_s"] for r in rs if "torch_s" in r]
+            header = "PyTorch img/s | aim-mlx / PyTorch | aim-mlx GFLOP/s | numpy GFLOP/s | of peak"
+            print(f"\n| {header} |")
+            print("| --- | --- | --- | --- | --- |")
+            cells = [
+                stat(torch, "{:.3f}") if torch else "-",
+                stat([r["vs_torch"] for r in rs], "{:.2f}x") if torch else "-",
+                stat([r["mlx_gflops"] for r in rs], "{:.0f}"),
+                stat([r["numpy_gflops"] for r in rs], "{:.0f}"),
+                stat([100 * r["peak_fraction"] for r in rs], "{:.0f}%"),
+            ]
+            print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,23 @@ def test_activation_ranges_follow_the_model(model, photos):
     assert stats["residual"][0] >= max(np.abs(np.array(f)).max() for f in feats) * (1 - 1e-6)
 
 
+def test_activation_ranges_run_the_models_own_forward(model, photos):
+    """A change to the model shows in the ranges (no re-implementation), and the check leaves
+    the model as it was."""
+    x = normalise(photos[0][:2])
+    before = np.array(model(x))
+    fc2 = model.trunk.blocks[3].mlp.fc2
+    weight = fc2.weight
+    try:
+        fc2.weight = weight * 1e4
+        value, block = coreml.activation_ranges(model, x)["linear"]
+        assert block == 3 and value > 1e3
+    finally:
+        fc2.weight = weight
+    assert type(model.trunk.blocks[3].mlp.fc2).__name__ == "Linear"
+    np.testing.assert_array_equal(np.array(model(x)), before)
+
+
 # ---------------------------------------------------------------------------------------------
 # the package
 

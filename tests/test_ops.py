@@ -1,4 +1,7 @@
-"""The CPU fast paths: error bounds against float64 references, and model parity."""
+"""The CPU fast paths: error bounds against float64 references, and model parity.
+
+Pinned to the CPU: these kernels are what MLX's CPU backend runs (the GPU uses MLX's own).
+"""
 
 import math
 
@@ -9,6 +12,15 @@ import pytest
 from conftest import REF, build_reference_model, rel_err, to_np
 
 from aim_mlx.models import ops
+
+
+@pytest.fixture(autouse=True)
+def cpu_device():
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(device)
+
 
 GRID = np.linspace(-8.0, 8.0, 400_001)  # step 4e-5, covers the clamp at +-4 and beyond
 
@@ -136,48 +148,3 @@ def test_quantized_linear_on_cpu_uses_float32():
     out = q(x)
     assert out.dtype == mx.float32
     assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 1e-5
-
-
-@pytest.mark.parametrize("batch", [2, 3])
-def test_batch_split_over_cpu_streams(monkeypatch, batch):
-    """Splitting a batch over two CPU streams changes nothing but where it runs."""
-    model = build_reference_model("last")
-    x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(7))
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
-    split = to_np(model(x))
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
-    whole = to_np(model(x))
-    one_by_one = np.concatenate([to_np(model(x[i : i + 1])) for i in range(batch)])
-    assert split.shape == (batch, 1000)
-    # Only float32 rounding differs (matmuls of other shapes): far below the 1e-4 parity bound.
-    assert rel_err(split, whole) <= 1e-5 and rel_err(split, one_by_one) <= 1e-5
-
-
-def test_map_batch_splits_unevenly():
-    seen = []
-
-    def fn(part):
-        seen.append(part.shape[0])
-        return part * 2
-
-    x = mx.arange(5 * 3).reshape(5, 3)
-    assert to_np(ops.map_batch(fn, x)).tolist() == to_np(x * 2).tolist()
-    assert seen == ([2, 3] if ops.cpu_streams() == 2 else [5])
-
-
-def test_token_split_for_one_image(monkeypatch):
-    """One image: the tokens over two CPU streams give the same features and logits."""
-    model = build_reference_model("best")
-    x = mx.array(np.load(REF / "input_252x196.npy"))  # 18 x 14 patches: 252 tokens
-    ref = np.load(REF / "logits_best_252x196.npy")
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
-    split = model.extract_features(x, max_block_id=-1)
-    assert ops.token_streams(mx.zeros((1, 252, 64))) != ()
-    logits = to_np(model(x))
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
-    whole = model.extract_features(x, max_block_id=-1)
-    assert ops.token_streams(mx.zeros((1, 252, 64))) == ()
-    assert len(split) == len(whole) == 8
-    for a, b in zip(split, whole, strict=True):
-        assert a.shape == b.shape and rel_err(to_np(a), to_np(b)) <= 1e-5
-    assert rel_err(logits, ref) <= 1e-4

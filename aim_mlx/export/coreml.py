@@ -138,71 +138,87 @@ def synthetic_sample(img_size: int, seed: int = 0) -> mx.array:
     return mx.array(((x - mean) / std).astype(np.float32))
 
 
+class _Observed(nn.Module):
+    """A layer that reports the largest |value| of its input and output as the model runs."""
+
+    def __init__(self, layer, see, block: int, out_kind: str, in_kind: str | None = None):
+        super().__init__()
+        self.layer = layer
+        self._see, self._block, self._kinds = see, block, (in_kind, out_kind)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        in_kind, out_kind = self._kinds
+        if in_kind:
+            self._see(in_kind, x, self._block)
+        out = self.layer(x)
+        self._see(out_kind, out, self._block)
+        return out
+
+    def widened(self, dtype):  # as the layer it wraps (see `Block.widened`)
+        wide = self.layer.widened(dtype)
+        if wide is self.layer:
+            return self
+        in_kind, out_kind = self._kinds
+        return _Observed(wide, self._see, self._block, out_kind, in_kind)
+
+
+def _observation_points(model) -> list[tuple[nn.Module, str, int, str, str | None]]:
+    """(parent, child name, block, output kind, input kind) for every observed layer."""
+    points = [(model.preprocessor.patchifier, "proj", -1, "patch_embed", None)]
+    for i, blk in enumerate(model.trunk.blocks):
+        points += [
+            (blk, "norm_1", i, "layer_norm", "residual"),  # input: the residual stream
+            (blk.attn, "qkv", i, "linear", None),
+            (blk.attn, "proj", i, "linear", None),
+            (blk, "norm_2", i, "layer_norm", "residual"),  # input: after attention
+            (blk.mlp, "fc1", i, "linear", None),
+            (blk.mlp, "fc2", i, "linear", None),
+        ]
+    head = model.head
+    return points + [
+        (head, "bn", -1, "head_norm", None),
+        (head, "k", -1, "linear", None),
+        (head, "v", -1, "linear", None),
+        (head, "linear", -1, "logits", None),
+    ]
+
+
 def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
-    """Largest |value| of each kind of intermediate tensor in the float32 forward pass on x.
+    """Largest |value| of each kind of intermediate tensor in the model's own float32 forward
+    pass on x.
 
     Returns kind -> (max |value|, block index or -1 outside the trunk). The kinds are those of
-    `FP16_KINDS`; "logits" is the model's output.
+    `FP16_KINDS`: each layer is wrapped for the pass to report its output (and the layer norms
+    their input, the residual stream), and attention reports its scores.
     """
     stats: dict[str, tuple[float, int]] = {}
+    block = [-1]  # the block whose attention runs next
 
-    def see(kind, a, block=-1):
+    def see(kind, a, where=-1):
         m = mx.abs(a).max().item()
         if kind not in stats or m > stats[kind][0]:
-            stats[kind] = (m, block)
+            stats[kind] = (m, where)
+        if kind == "residual" or kind == "head_norm":
+            block[0] = where
 
-    x = x.astype(mx.float32)  # every layer widens its weights to the activations' dtype
-    proj = model.preprocessor.patchifier.proj
-    w, b = proj.weight.astype(mx.float32), proj.bias.astype(mx.float32)
-    see("patch_embed", mx.conv2d(x.transpose(0, 2, 3, 1), w, stride=proj.stride) + b)
-    x = model.preprocessor(x)
-    see("residual", x)
+    def attention(q, k, v, scale):
+        see("attention_scores", (q * scale) @ k.swapaxes(-1, -2), block[0])
+        return original_attention(q, k, v, scale)
 
-    feats = []
-    for i, blk in enumerate(model.trunk.blocks[: max(model.args.probe_layers) + 1]):
-        B, N, D = x.shape
-        attn = blk.attn
-        H = attn.num_heads
-        h = blk.norm_1(x)
-        see("layer_norm", h, i)
-        qkv = attn.qkv(h)
-        see("linear", qkv, i)
-        q, k, v = qkv.reshape(B, N, 3, H, D // H).transpose(2, 0, 3, 1, 4)
-        s = (q * attn.scale) @ k.swapaxes(-1, -2)  # (B, H, N, N)
-        see("attention_scores", s, i)
-        o = (mx.softmax(s, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(B, N, D)
-        o = attn.proj(o)
-        see("linear", o, i)
-        x = x + o
-        see("residual", x, i)
-        h = blk.norm_2(x)
-        see("layer_norm", h, i)
-        f = blk.mlp.fc1(h)
-        see("linear", f, i)
-        f = blk.mlp.fc2(ops.gelu(f))
-        see("linear", f, i)
-        x = x + f
-        see("residual", x, i)
-        feats.append(x)
-        mx.eval(x)
-
-    head = model.head
-    x = model.head_input(feats)
-    bn = head.bn
-    x = (x - bn.running_mean.astype(x.dtype)) * mx.rsqrt(bn.running_var.astype(x.dtype) + bn.eps)
-    see("head_norm", x)
-    B, N, D = x.shape
-    H = head.num_heads
-    k, v = head.k(x), head.v(x)
-    see("linear", k)
-    see("linear", v)
-    q = head.cls_token.astype(x.dtype).reshape(1, H, 1, D // H)
-    k = k.reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
-    v = v.reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
-    s = (q * head.scale) @ k.swapaxes(-1, -2)  # (B, H, 1, N)
-    see("attention_scores", s)
-    pooled = (mx.softmax(s, axis=-1) @ v).reshape(B, D)
-    see("logits", head.linear(pooled))
+    points = _observation_points(model)
+    original_attention, compute_dtype = ops.attention, model.compute_dtype
+    try:
+        for parent, name, i, out_kind, in_kind in points:
+            parent[name] = _Observed(parent[name], see, i, out_kind, in_kind)
+        ops.attention, model.compute_dtype = attention, mx.float32
+        feats = model.extract_features(x)
+        for i, f in enumerate(feats):
+            see("residual", f, i)
+        model.head(model.head_input(feats))
+    finally:
+        ops.attention, model.compute_dtype = original_attention, compute_dtype
+        for parent, name, *_ in points:
+            parent[name] = parent[name].layer
     return stats
 
 

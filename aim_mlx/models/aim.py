@@ -7,6 +7,7 @@ layout) instead of PyTorch's OIHW.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
@@ -17,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import ops, parallel
+from . import ops
 
 
 @dataclass
@@ -112,10 +113,22 @@ class Linear(nn.Linear):
     def __init__(self, in_dims: int, out_dims: int):
         super().__init__(in_dims, out_dims, bias=False)
 
+    @classmethod
+    def of(cls, weight: mx.array) -> Linear:
+        """A layer holding `weight` (out, in) as it is."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.weight = weight
+        return layer
+
     def weight_as(self, dtype: mx.Dtype) -> mx.array:
         """The (out, in) weight in `dtype`: widened on the fly if stored narrower."""
         w = self.weight
         return w if w.dtype == dtype else w.astype(dtype)
+
+    def widened(self, dtype: mx.Dtype) -> Linear:
+        """This layer with its weight already in `dtype` (itself if it is)."""
+        return self if self.weight.dtype == dtype else Linear.of(self.weight_as(dtype))
 
     def __call__(self, x: mx.array) -> mx.array:
         return x @ self.weight_as(x.dtype).T
@@ -125,7 +138,8 @@ class Linear(nn.Linear):
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """Quantized weights; on the CPU they are dequantized for a float32 BLAS matmul."""
+    """Quantized weights; where `ops.widen_low_precision()` (the CPU) they are dequantized for a
+    float32 matmul."""
 
     def weight_as(self, dtype: mx.Dtype) -> mx.array:
         """The dequantized (out, in) weight in `dtype`."""
@@ -138,6 +152,9 @@ class QuantizedLinear(nn.QuantizedLinear):
                 self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode
             )
         return w.astype(dtype)
+
+    def widened(self, dtype: mx.Dtype) -> nn.Module:
+        return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
 
     def __call__(self, x: mx.array) -> mx.array:
         if ops.widen_low_precision():
@@ -161,25 +178,42 @@ class QuantizedLinear(nn.QuantizedLinear):
 
 
 class LayerNorm(nn.LayerNorm):
+    """Layer norm in the activations' dtype, whatever the dtype of its scale and offset."""
+
     def __call__(self, x: mx.array) -> mx.array:
         return mx.fast.layer_norm(
             x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps
         )
 
 
+class PatchConv(nn.Conv2d):
+    """The patch-embedding convolution in the activations' dtype."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w, b = self.weight.astype(x.dtype), self.bias.astype(x.dtype)
+        return mx.conv2d(x, w, stride=self.stride) + b
+
+
+class FrozenBatchNorm(nn.BatchNorm):
+    """BatchNorm with its running statistics, in the activations' dtype."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
+        return (x - mean) * mx.rsqrt(var + self.eps)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         p = args.patch_size
-        self.proj = nn.Conv2d(3, args.embed_dim, kernel_size=p, stride=p, bias=True)
+        self.proj = PatchConv(3, args.embed_dim, kernel_size=p, stride=p, bias=True)
         self.norm = LayerNorm(args.embed_dim, eps=args.norm_eps)
 
     def __call__(self, x: mx.array) -> mx.array:
         # x: (B, H, W, 3) -> tokens (B, h*w, D)
-        w, b = self.proj.weight.astype(x.dtype), self.proj.bias.astype(x.dtype)
-        x = mx.conv2d(x, w, stride=self.proj.stride) + b
-        B, h, w_, D = x.shape
-        return self.norm(x.reshape(B, h * w_, D))
+        x = self.proj(x)
+        B, h, w, D = x.shape
+        return self.norm(x.reshape(B, h * w, D))
 
 
 class Preprocessor(nn.Module):
@@ -192,10 +226,6 @@ class Preprocessor(nn.Module):
         # x: (B, 3, H, W) -> (B, N, D)
         B, C, H, W = x.shape
         p = self.patch_size
-        if C != 3 or H % p or W % p:
-            raise ValueError(
-                f"expected input (B, 3, H, W) with H and W multiples of {p}, got {x.shape}"
-            )
         tokens = self.patchifier(x.transpose(0, 2, 3, 1))
         pos = sincos_pos_embed(H // p, W // p, tokens.shape[-1])
         return tokens + pos.astype(tokens.dtype)
@@ -209,12 +239,20 @@ class Attention(nn.Module):
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        # x: (B, N, D) -> q, k, v, each (B, H, N, head_dim)
         B, N, D = x.shape
-        H = self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, H, D // H).transpose(2, 0, 3, 1, 4)
-        out = ops.attention(qkv[0], qkv[1], qkv[2], self.scale)  # (B, H, N, hd)
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, D))
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        # softmax(q k^T / sqrt(head_dim)) v, heads merged and projected: (B, Nq, D)
+        out = ops.attention(q, k, v, self.scale)  # (B, H, Nq, head_dim)
+        B, H, N, hd = out.shape
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, H * hd))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.attend(*self.project(x))
 
 
 class MLP(nn.Module):
@@ -228,6 +266,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm_1(x)), then x + mlp(norm_2(x)).
+
+    Split in two steps so that a runner can apply it to parts of the tokens: `queries_keys_values`
+    (per token) and `update` (each token's attention over all keys and values, then its MLP).
+    """
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         D = args.embed_dim
@@ -236,9 +280,32 @@ class Block(nn.Module):
         self.norm_2 = LayerNorm(D, eps=args.norm_eps)
         self.mlp = MLP(D, args.mlp_ratio * D)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = x + self.attn(self.norm_1(x))
+    def queries_keys_values(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.attn.project(self.norm_1(x))
+
+    def update(self, x: mx.array, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """x's tokens after this block, given their queries and the keys and values they see."""
+        x = x + self.attn.attend(q, k, v)
         return x + self.mlp(self.norm_2(x))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.update(x, *self.queries_keys_values(x))
+
+    def widened(self, dtype: mx.Dtype) -> Block:
+        """This block with its matmul weights as `dtype` arrays, widened (or dequantized) once
+        here, for applying it to several parts of the input; itself if nothing needs widening."""
+        layers = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
+        wide = {
+            (m, n): getattr(self[m], n).widened(dtype) for m, names in layers.items() for n in names
+        }
+        if all(wide[m, n] is getattr(self[m], n) for m, n in wide):
+            return self
+        block = copy.copy(self)
+        for m in layers:
+            block[m] = copy.copy(self[m])
+        for (m, n), layer in wide.items():
+            block[m][n] = layer
+        return block
 
 
 class Trunk(nn.Module):
@@ -250,7 +317,8 @@ class Trunk(nn.Module):
 
 
 class AttentionPoolingHead(nn.Module):
-    """BatchNorm (running statistics) then one learned query attending over the tokens."""
+    """BatchNorm (running statistics), then one learned query per head attending over the
+    tokens, then a linear classifier."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -261,13 +329,11 @@ class AttentionPoolingHead(nn.Module):
         self.k = Linear(D, D)
         self.v = Linear(D, D)
         self.linear = Linear(D, args.num_classes)
-        self.bn = nn.BatchNorm(D, eps=args.norm_eps, affine=False)
+        self.bn = FrozenBatchNorm(D, eps=args.norm_eps, affine=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         # x: (B, N, D) -> logits (B, num_classes)
-        bn = self.bn
-        mean, var = bn.running_mean.astype(x.dtype), bn.running_var.astype(x.dtype)
-        x = (x - mean) * mx.rsqrt(var + bn.eps)
+        x = self.bn(x)
         B, N, D = x.shape
         H = self.num_heads
         q = self.cls_token.astype(x.dtype).reshape(1, H, 1, D // H)
@@ -300,7 +366,7 @@ class AIM(nn.Module):
             return self.compute_dtype
         return mx.float32 if ops.widen_low_precision() else self.dtype
 
-    def extract_features(self, x: mx.array, max_block_id: int | None = None) -> list[mx.array]:
+    def extract_features(self, x, max_block_id: int | None = None) -> list[mx.array]:
         """Outputs of blocks 0..max_block_id, each (B, N, D).
 
         `max_block_id` None stops at the last probe layer, -1 runs every block.
@@ -312,32 +378,34 @@ class AIM(nn.Module):
             max_block_id = n - 1
         if not 0 <= max_block_id < n:
             raise ValueError(f"max_block_id must be -1 or in 0..{n - 1}, got {max_block_id}")
-        x = self.preprocessor(x.astype(self.activation_dtype()))
-        blocks = self.trunk.blocks[: max_block_id + 1]
-        if streams := ops.token_streams(x):  # on the CPU: the tokens over two streams
-            return parallel.run_blocks(blocks, x, streams)
-        features = []
-        for block in blocks:
-            x = block(x)
-            features.append(x)
-        return features
+        x = self.preprocessor(self._check_input(x).astype(self.activation_dtype()))
+        return ops.run_blocks(self.trunk.blocks[: max_block_id + 1], x)
 
     def head_input(self, features: list[mx.array]) -> mx.array:
         """Mean of the probe layers' raw outputs, (B, N, D)."""
         layers = self.args.probe_layers
         return sum(features[i] for i in layers) / len(layers)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        # On the CPU, the batch is split over two streams. Narrow (half-precision or quantized)
-        # weights would then be widened twice: their tokens are split instead (parallel.py).
-        narrow = self.dtype != mx.float32 or isinstance(
-            self.trunk.blocks[0].mlp.fc1, nn.QuantizedLinear
-        )
-        return self._logits(x) if narrow else ops.map_batch(self._logits, x)
-
-    def _logits(self, x: mx.array) -> mx.array:
+    def __call__(self, x) -> mx.array:
         logits = self.head(self.head_input(self.extract_features(x)))
         return logits.astype(mx.float32)
+
+    def _check_input(self, x) -> mx.array:
+        """x as an mx.array of shape (B, 3, H, W), H and W multiples of the patch size."""
+        if not isinstance(x, mx.array):
+            x = mx.array(np.asarray(x, dtype=np.float32))
+        p = self.args.patch_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+            hint = " (one image: add a batch axis, x[None])" if x.ndim == 3 else ""
+            raise ValueError(
+                f"expected input (B, 3, H, W) with H and W multiples of {p}, got shape "
+                f"{tuple(x.shape)}{hint}"
+            )
+        if not mx.issubdtype(x.dtype, mx.floating):
+            raise ValueError(
+                f"expected float images (normalised as aim_mlx.preprocess does), got {x.dtype}"
+            )
+        return x
 
     def num_parameters(self) -> int:
         from mlx.utils import tree_flatten

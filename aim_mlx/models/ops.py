@@ -1,91 +1,59 @@
-"""Device-aware building blocks: attention, GELU, the low-precision policy, CPU streams.
+"""Device-dependent kernels: attention, GELU, dequantization, and how the trunk's blocks run.
 
-On Metal the GPU computes erf and exp in hardware: the fused MLX kernels are used as they are.
-On MLX's CPU backend erf and exp are scalar library calls that cost more than the matmuls
-around them, so there they are rebuilt from plain arithmetic (which `mx.compile` fuses into
-one vectorised loop) with a tested error bound, and the work is split over two CPU streams
-so that these single-threaded kernels run on both cores.
+On Metal (and MLX's CUDA backend) the GPU computes erf and exp in hardware: MLX's fused kernels
+are used as they are. On MLX's CPU backend erf and exp are scalar library calls that cost more
+than the matmuls around them, so there they are rebuilt from plain arithmetic (which
+`mx.compile` fuses into one vectorised loop) with a tested error bound, and the blocks run
+through `cpu_runner`, which spreads the work over CPU streams (measured in benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
-import os
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from .. import blas
 
 
 def on_gpu() -> bool:
     return mx.default_device() == mx.gpu
 
 
-def cpu_streams() -> int:
-    """How many CPU streams the work is split over (`AIM_MLX_CPU_STREAMS`, default 2).
-
-    MLX's CPU element-wise kernels run on one thread; splitting the batch (or, for a single
-    image, its tokens) over two streams runs them on two cores at once, and the BLAS with the
-    cores divided between the streams: measured faster on 2 cores (benchmarks/README.md).
-    """
-    default = "2" if (os.cpu_count() or 1) > 1 else "1"
-    return max(1, int(os.environ.get("AIM_MLX_CPU_STREAMS", default)))
-
-
-def _blas_threads_per_stream(n: int) -> None:
-    blas.set_threads(max(1, (os.cpu_count() or 1) // n) if n > 1 else None)
-
-
-@lru_cache(maxsize=4)
-def _new_cpu_streams(n: int) -> tuple:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
-
-
-_in_batch_split = contextvars.ContextVar("aim_mlx_in_batch_split", default=False)
-
-
-def map_batch(fn, x: mx.array) -> mx.array:
-    """fn(x) for a function of independent images; on the CPU, a batch split over two streams.
-
-    The streams share the cores for their BLAS threads. (Set when the graph is built, which is
-    just before it runs when `model(x)` is evaluated.) On Metal, or with one stream, fn(x).
-    """
-    n = min(cpu_streams(), x.shape[0])
-    if on_gpu() or n < 2:
-        return fn(x)
-    _blas_threads_per_stream(n)
-    bounds = [x.shape[0] * i // n for i in range(1, n)]
-    outs = []
-    token = _in_batch_split.set(True)
-    try:
-        for stream, part in zip(_new_cpu_streams(n), mx.split(x, bounds), strict=True):
-            with mx.stream(stream):
-                outs.append(fn(part))
-    finally:
-        _in_batch_split.reset(token)
-    return mx.concatenate(outs)
-
-
-def token_streams(x: mx.array) -> tuple:
-    """CPU streams to split the tokens of x (B, N, D) over (parallel.py), where the batch is not
-    split: one image, or narrow weights; () on Metal, with one stream, or inside `map_batch`."""
-    if on_gpu() or _in_batch_split.get():
-        return ()
-    n = min(cpu_streams(), x.shape[1])
-    _blas_threads_per_stream(n)
-    return _new_cpu_streams(n) if n > 1 else ()
-
-
 def widen_low_precision() -> bool:
     """Compute half-precision / quantized weights in float32 (True on the CPU).
 
-    Only float32 reaches the BLAS on MLX's CPU backend; half precision and quantized
-    matmuls run 40-100x slower there. On Metal they run natively.
+    Only float32 reaches the BLAS on MLX's CPU backend, where half-precision and quantized
+    matmuls are much slower; on the GPU they run natively.
     """
     return not on_gpu()
+
+
+@lru_cache(maxsize=1)
+def can_compile() -> bool:
+    """Whether `mx.compile` works here (MLX's CPU backend compiles with a C++ compiler at run
+    time; without one the fused CPU kernels below fall back to MLX's own)."""
+    try:
+        mx.eval(mx.compile(lambda a: a * 2 + 1)(mx.zeros((4,))))
+    except Exception:
+        return False
+    return True
+
+
+def run_blocks(blocks, x: mx.array) -> list[mx.array]:
+    """Outputs of `blocks` applied in turn to x (B, N, D), each (B, N, D).
+
+    On the GPU one after the other; on the CPU as `cpu_runner` schedules them.
+    """
+    if not on_gpu():
+        from . import cpu_runner
+
+        return cpu_runner.run_blocks(blocks, x)
+    outputs = []
+    for block in blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs
 
 
 # erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4] (erf(4) = 1 - 1.5e-8: beyond, the clamp gives +-1).
@@ -158,21 +126,14 @@ def gelu_approx(x: mx.array) -> mx.array:
     return ((x * t) * _poly6(GELU_P, s) + (0.5 * x) * q) / q
 
 
-@lru_cache(maxsize=1)
-def _compiled_gelu():
-    """`mx.compile`d `gelu_approx`, or None where compiling fails (no C++ compiler)."""
-    fn = mx.compile(gelu_approx)
-    try:
-        mx.eval(fn(mx.zeros((4,))))
-    except Exception:  # MLX's CPU compile needs a C++ compiler at run time
-        return None
-    return fn
+_gelu_compiled = mx.compile(gelu_approx)
 
 
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU: MLX's kernel on Metal, the fused arithmetic one on the CPU."""
-    fast = None if on_gpu() or x.dtype != mx.float32 else _compiled_gelu()
-    return fast(x) if fast is not None else nn.gelu(x)
+    """Exact (erf) GELU: MLX's kernel on the GPU, the fused arithmetic one on the CPU."""
+    if on_gpu() or x.dtype != mx.float32 or not can_compile():
+        return nn.gelu(x)
+    return _gelu_compiled(x)
 
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
@@ -192,11 +153,11 @@ _dequantize_compiled = mx.compile(_dequantize_arith)
 def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.array:
     """Affine-quantized weights as float32, for a BLAS matmul on the CPU.
 
-    A fused shift-mask-scale kernel with float32 scales: about 5x faster on the CPU than
-    `mx.dequantize` with half-precision scales followed by a cast (which also rounds the
-    weights to half precision on the way).
+    A fused shift-mask-scale kernel with float32 scales: faster on the CPU than `mx.dequantize`
+    with half-precision scales followed by a cast (which also rounds the weights to half
+    precision on the way).
     """
-    if 32 % bits or (group_size * bits) % 32 or _compiled_gelu() is None:  # else MLX's own
+    if 32 % bits or (group_size * bits) % 32 or not can_compile():  # else MLX's own
         return mx.dequantize(
             w, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits
         )
@@ -256,9 +217,9 @@ def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.ar
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q k^T * scale) v over (B, H, N, head_dim) arrays.
 
-    MLX's fused kernel on Metal; on the CPU a softmax with `exp_neg_approx`, whose exp is
-    about 3x cheaper than the library one that dominates attention there.
+    MLX's fused kernel on the GPU; on the CPU a softmax with `exp_neg_approx`, whose exp is
+    cheaper than the library one that dominates attention there.
     """
-    if on_gpu() or q.dtype != mx.float32 or _compiled_gelu() is None:
+    if on_gpu() or q.dtype != mx.float32 or not can_compile():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     return _attention_cpu(q, k, v, scale)

@@ -1,0 +1,109 @@
+"""How the trunk runs on MLX's CPU backend: the work over CPU streams, the cores over the BLAS.
+
+MLX runs each CPU stream's kernels on its own thread, and its element-wise kernels (GELU, softmax,
+layer norms) are single-threaded: with one stream, all cores but one idle through them. So the
+blocks run on `streams()` CPU streams at once, with the BLAS on cores // streams threads each:
+
+- several images: each stream takes its share of the batch through every block;
+- one image: each stream takes its share of the tokens through the per-token steps of a block
+  (`Block.queries_keys_values`, `Block.update`), and every share's queries attend over the keys
+  and values of all shares: the one point per block where the streams wait for each other.
+
+Half-precision and quantized weights are widened once per block (`Block.widened`) for all streams.
+
+Settings, read each time a forward pass is built: `AIM_MLX_CPU_STREAMS` (default 2 where there
+are several cores; 1 turns the split off) and `AIM_MLX_CPU_CORES` (the cores this process may use;
+default all of them; a launcher that runs several processes on one machine divides them).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import mlx.core as mx
+
+from .. import blas
+
+STREAMS_ENV = "AIM_MLX_CPU_STREAMS"
+CORES_ENV = "AIM_MLX_CPU_CORES"
+
+
+def cores() -> int:
+    """The cores this process may use (`AIM_MLX_CPU_CORES`, default all)."""
+    return max(1, int(os.environ.get(CORES_ENV) or os.cpu_count() or 1))
+
+
+def streams() -> int:
+    """How many CPU streams the blocks run on (`AIM_MLX_CPU_STREAMS`; default 2, 1 on one core)."""
+    default = "2" if cores() > 1 else "1"
+    return max(1, int(os.environ.get(STREAMS_ENV) or default))
+
+
+@lru_cache(maxsize=4)
+def _new_streams(n: int) -> tuple:
+    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+
+
+def _bounds(size: int, parts: int) -> list[int]:
+    return [size * i // parts for i in range(1, parts)]
+
+
+def run_blocks(blocks, x: mx.array) -> list[mx.array]:
+    """Outputs of `blocks` applied in turn to x (B, N, D), each (B, N, D).
+
+    The BLAS thread count is process-wide: it is set here to cores // streams, the same for
+    every forward pass under the same settings, so the graphs built before an evaluation agree.
+    """
+    n = min(streams(), x.shape[1])
+    default = n == 1 and not os.environ.get(CORES_ENV)  # OPENBLAS_NUM_THREADS or all cores
+    blas.set_threads(None if default else max(1, cores() // n))
+    if n < 2:
+        return _one_stream(blocks, x)
+    if x.shape[0] >= n:
+        return _split_batch(blocks, x, _new_streams(n))
+    return _split_tokens(blocks, x, _new_streams(n))
+
+
+def _one_stream(blocks, x: mx.array) -> list[mx.array]:
+    outputs = []
+    for block in blocks:
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def _split_batch(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
+    parts = mx.split(x, _bounds(x.shape[0], len(streams)), axis=0)
+    outputs = []
+    for block in blocks:
+        with mx.stream(streams[0]):
+            block = block.widened(x.dtype)
+        new_parts = []
+        for stream, part in zip(streams, parts, strict=True):
+            with mx.stream(stream):
+                new_parts.append(block(part))
+        parts = new_parts
+        outputs.append(mx.concatenate(parts, axis=0))  # lazy: only the probe layers are used
+    return outputs
+
+
+def _split_tokens(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
+    parts = mx.split(x, _bounds(x.shape[1], len(streams)), axis=1)
+    outputs = []
+    for block in blocks:
+        with mx.stream(streams[0]):
+            block = block.widened(x.dtype)
+        qkv = []
+        for stream, part in zip(streams, parts, strict=True):
+            with mx.stream(stream):
+                qkv.append(block.queries_keys_values(part))  # each (B, H, n, head_dim)
+        new_parts = []
+        for stream, part, (q, _, _) in zip(streams, parts, qkv, strict=True):
+            with mx.stream(stream):
+                k = mx.concatenate([t[1] for t in qkv], axis=2)  # every token's keys
+                v = mx.concatenate([t[2] for t in qkv], axis=2)
+                new_parts.append(block.update(part, q, k, v))
+        parts = new_parts
+        outputs.append(mx.concatenate(parts, axis=1))  # lazy: only the probe layers are used
+    return outputs
