@@ -8,13 +8,7 @@ from conftest import REF, build_reference_model, rel_err, to_np
 
 from aim_mlx.models import cpu_runner
 
-
-@pytest.fixture(autouse=True)
-def cpu_device():
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
+pytestmark = pytest.mark.usefixtures("cpu_device")
 
 
 def spy_on_streams(monkeypatch) -> list:

@@ -9,7 +9,7 @@ from conftest import FIXTURE_CONFIG, REF, build_reference_model, rel_err, to_np
 
 import aim_mlx
 from aim_mlx.convert import convert
-from aim_mlx.models import AIM, PRESETS, ModelArgs, preset_args, sincos_pos_embed
+from aim_mlx.models import AIM, PRESETS, ModelArgs, ops, preset_args, sincos_pos_embed
 
 INPUTS = {"input.npy": "", "input_252x196.npy": "_252x196"}
 PROBE = {v: ",".join(map(str, c["probe_layers"])) for v, c in FIXTURE_CONFIG["variants"].items()}
@@ -78,12 +78,16 @@ def test_half_precision(converted, variant, dtype, native, input_name):
     np.testing.assert_array_equal(out.argmax(1)[clear], ref.argmax(1)[clear])
 
 
-def test_native_half_precision_computes_in_half(converted):
+def test_half_precision_compute_dtype(converted):
+    """By default float16 weights compute in float32 on the CPU and natively on the GPU;
+    `compute_dtype` overrides it on either."""
     model = aim_mlx.load(converted["best", "float16"])
     x = mx.array(np.load(REF / "input.npy"))
-    assert model.extract_features(x)[0].dtype == mx.float32  # widened on the CPU
-    model.compute_dtype = mx.float16
-    assert model.extract_features(x)[0].dtype == mx.float16
+    default = mx.float16 if ops.on_gpu() else mx.float32
+    assert model.extract_features(x)[0].dtype == default
+    for dtype in (mx.float16, mx.float32):
+        model.compute_dtype = dtype
+        assert model.extract_features(x)[0].dtype == dtype
 
 
 def test_hub_folder_equals_backbone_and_head(converted, tmp_path):
@@ -123,6 +127,16 @@ def test_compiled_forward_matches():
     x2 = mx.array(np.load(REF / "input_252x196.npy"))  # a new shape retraces
     ref = np.load(REF / "logits_best_252x196.npy")
     assert rel_err(np.array(compiled(x2)), ref) < 1e-4
+
+
+def test_numpy_input_and_bad_inputs():
+    model = build_reference_model("best")
+    x = np.load(REF / "input.npy")
+    np.testing.assert_array_equal(to_np(model(x)), to_np(model(mx.array(x))))
+    with pytest.raises(ValueError, match=r"x\[None\]"):
+        model(x[0])  # one image without its batch axis
+    with pytest.raises(ValueError, match="float images"):
+        model(mx.zeros((1, 3, 224, 224), dtype=mx.uint8))
 
 
 def test_bad_input_shape_is_explained():

@@ -13,13 +13,7 @@ from conftest import REF, build_reference_model, rel_err, to_np
 
 from aim_mlx.models import ops
 
-
-@pytest.fixture(autouse=True)
-def cpu_device():
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
+pytestmark = pytest.mark.usefixtures("cpu_device")
 
 
 GRID = np.linspace(-8.0, 8.0, 400_001)  # step 4e-5, covers the clamp at +-4 and beyond

@@ -60,9 +60,9 @@ def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     blas.set_threads(None if default else max(1, cores() // n))
     if n < 2:
         return _one_stream(blocks, x)
-    if x.shape[0] >= n:
-        return _split_batch(blocks, x, _new_streams(n))
-    return _split_tokens(blocks, x, _new_streams(n))
+    if x.shape[0] >= n:  # each stream takes its share of the images through whole blocks
+        return _split(blocks, x, _new_streams(n), axis=0, step=_images_step)
+    return _split(blocks, x, _new_streams(n), axis=1, step=_tokens_step)
 
 
 def _one_stream(blocks, x: mx.array) -> list[mx.array]:
@@ -73,37 +73,34 @@ def _one_stream(blocks, x: mx.array) -> list[mx.array]:
     return outputs
 
 
-def _split_batch(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
-    parts = mx.split(x, _bounds(x.shape[0], len(streams)), axis=0)
+def _split(blocks, x: mx.array, streams: tuple, axis: int, step) -> list[mx.array]:
+    parts = mx.split(x, _bounds(x.shape[axis], len(streams)), axis=axis)
     outputs = []
     for block in blocks:
         with mx.stream(streams[0]):
-            block = block.widened(x.dtype)
-        new_parts = []
-        for stream, part in zip(streams, parts, strict=True):
-            with mx.stream(stream):
-                new_parts.append(block(part))
-        parts = new_parts
-        outputs.append(mx.concatenate(parts, axis=0))  # lazy: only the probe layers are used
+            block = block.widened(x.dtype)  # narrow weights: widened once, for every stream
+        parts = step(block, parts, streams)
+        outputs.append(mx.concatenate(parts, axis=axis))  # lazy: only the probe layers are used
     return outputs
 
 
-def _split_tokens(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
-    parts = mx.split(x, _bounds(x.shape[1], len(streams)), axis=1)
-    outputs = []
-    for block in blocks:
-        with mx.stream(streams[0]):
-            block = block.widened(x.dtype)
-        qkv = []
-        for stream, part in zip(streams, parts, strict=True):
-            with mx.stream(stream):
-                qkv.append(block.queries_keys_values(part))  # each (B, H, n, head_dim)
-        new_parts = []
-        for stream, part, (q, _, _) in zip(streams, parts, qkv, strict=True):
-            with mx.stream(stream):
-                k = mx.concatenate([t[1] for t in qkv], axis=2)  # every token's keys
-                v = mx.concatenate([t[2] for t in qkv], axis=2)
-                new_parts.append(block.update(part, q, k, v))
-        parts = new_parts
-        outputs.append(mx.concatenate(parts, axis=1))  # lazy: only the probe layers are used
-    return outputs
+def _images_step(block, parts: list, streams: tuple) -> list[mx.array]:
+    out = []
+    for stream, part in zip(streams, parts, strict=True):
+        with mx.stream(stream):
+            out.append(block(part))
+    return out
+
+
+def _tokens_step(block, parts: list, streams: tuple) -> list[mx.array]:
+    qkv = []
+    for stream, part in zip(streams, parts, strict=True):
+        with mx.stream(stream):
+            qkv.append(block.queries_keys_values(part))  # each (B, H, n, head_dim)
+    out = []
+    for stream, part, (q, _, _) in zip(streams, parts, qkv, strict=True):
+        with mx.stream(stream):
+            k = mx.concatenate([t[1] for t in qkv], axis=2)  # every token's keys
+            v = mx.concatenate([t[2] for t in qkv], axis=2)
+            out.append(block.update(part, q, k, v))
+    return out
