@@ -122,3 +122,50 @@ def remove(key: str) -> int:
         size = folder_size(path)
         shutil.rmtree(path)
     return size
+
+
+# ---- cached features of trained heads (aim_mlx.probe.features): features/<set key>/ ----------
+
+
+def features_root() -> Path:
+    return cache_root() / "features"
+
+
+@dataclass
+class FeatureSetEntry:
+    key: str
+    path: Path
+    size: int
+    images: int
+    info: dict | None
+
+
+def list_feature_sets() -> list[FeatureSetEntry]:
+    root = features_root()
+    if not root.is_dir():
+        return []
+    entries = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [p for p in path.iterdir() if p.is_file()]
+        images = sum(1 for p in files if p.suffix == ".npy" and not p.name.startswith("."))
+        size = sum(p.stat().st_size for p in files)
+        info = _read_json(path / "info.json")
+        entries.append(FeatureSetEntry(path.name, path, size, images, info))
+    return entries
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def remove_feature_set(key: str) -> int:
+    """Delete one feature set; bytes freed."""
+    path = features_root() / key
+    if not path.is_dir():
+        raise FileNotFoundError(f"no feature set {key!r} in {features_root()}")
+    size = folder_size(path)
+    shutil.rmtree(path)
+    return size

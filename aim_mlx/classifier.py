@@ -18,11 +18,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def top_k(logits: np.ndarray, k: int = 5) -> list[dict]:
-    """[{"index", "label", "prob"}] for one image's logits (1000,), most likely first."""
+def top_k(logits: np.ndarray, k: int = 5, labels=None) -> list[dict]:
+    """[{"index", "label", "prob"}] for one image's logits, most likely first; `labels`: the
+    class names (default: ImageNet-1k's)."""
     probs = softmax(logits)
     order = np.argsort(-logits, kind="stable")[:k]
-    return [{"index": int(i), "label": label(int(i)), "prob": float(probs[i])} for i in order]
+    name = labels.__getitem__ if labels is not None else label
+    return [{"index": int(i), "label": name(int(i)), "prob": float(probs[i])} for i in order]
 
 
 def classify_iter(
@@ -35,6 +37,8 @@ def classify_iter(
 ) -> Iterator[dict]:
     """Like `classify`, one row at a time as batches finish."""
     items = images.collect(inputs)
+    labels = model.labels  # None: ImageNet-1k's
+    k = min(k, model.args.num_classes)
 
     def logits(x: mx.array) -> np.ndarray:
         return np.array(model(x).astype(mx.float32))
@@ -50,7 +54,7 @@ def classify_iter(
         if item.error:
             yield {"path": item.path, "error": item.error}
         else:
-            yield {"path": item.path, "top_k": top_k(row, k)}
+            yield {"path": item.path, "top_k": top_k(row, k, labels)}
 
 
 def classify(
@@ -63,7 +67,8 @@ def classify(
 ) -> list[dict]:
     """Classify image files and folders (searched recursively, sorted).
 
-    `model`: an AIM model (see `aim_mlx.load`). Returns one row per image, in order:
+    `model`: an AIM model (see `aim_mlx.load`; with a trained head, its classes are the labels
+    and `k` is clamped to their number). Returns one row per image, in order:
     `{"path": ..., "top_k": [{"index": i, "label": ..., "prob": p}, ...]}`, or
     `{"path": ..., "error": reason}` for a file that could not be read.
     """

@@ -185,8 +185,23 @@ def info():
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
 
-def model_options(f):
-    """--model, --head, --dtype, --quantize: what to load (fetched and converted on first use)."""
+class HeadParam(click.ParamType):
+    """best, last (the official heads) or a trained head's folder; the keywords win."""
+
+    name = "best|last|DIR"
+
+    def convert(self, value, param, ctx):
+        if value in ("best", "last") or Path(value).is_dir():
+            return value
+        self.fail(f"{value!r} is neither best, last nor a folder (made by `aim-mlx probe train`)")
+
+
+def model_options(f, trained_heads: bool = False):
+    """--model, --head, --dtype, --quantize: what to load (fetched and converted on first use).
+    `trained_heads`: --head also takes a trained head's folder."""
+    head_help = "Which official head: trained on the best or on the last six layers."
+    if trained_heads:
+        head_help += " Or a folder made by `aim-mlx probe train` (a folder named best: ./best)."
     options = [
         click.option(
             "--model",
@@ -198,10 +213,10 @@ def model_options(f):
         ),
         click.option(
             "--head",
-            type=click.Choice(["best", "last"]),
+            type=HeadParam() if trained_heads else click.Choice(["best", "last"]),
             default="best",
             show_default=True,
-            help="Which official head: trained on the best or on the last six layers.",
+            help=head_help,
         ),
         click.option(
             "--dtype",
@@ -215,6 +230,10 @@ def model_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def head_model_options(f):
+    return model_options(f, trained_heads=True)
 
 
 def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
@@ -234,7 +253,7 @@ def report_error(path: str, reason: str) -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@model_options
+@head_model_options
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
@@ -243,7 +262,8 @@ def report_error(path: str, reason: str) -> None:
 def classify(
     inputs, model, head, dtype, quantize, q_bits, top_k, batch_size, as_json, as_csv, progress
 ):
-    """Top-k ImageNet classes of images (files, or folders searched recursively)."""
+    """Top-k classes of images (files, or folders searched recursively): ImageNet's, or a
+    trained head's (--head DIR; --top-k is clamped to its number of classes)."""
     import csv
     import json
     import sys
@@ -427,7 +447,7 @@ def cache_list():
     from huggingface_hub import constants
 
     from . import hub, registry
-    from .cache import cache_root, list_entries
+    from .cache import cache_root, features_root, list_entries, list_feature_sets
 
     entries = list_entries()
     click.echo(f"cache: {cache_root()}  (AIM_MLX_CACHE)")
@@ -448,6 +468,11 @@ def cache_list():
         click.echo(f"downloads: {constants.HF_HUB_CACHE}  (HF_HOME; `cache rm-downloads`)")
     for name, file, path in downloads:
         click.echo(f"  {name:<10} {file.filename:<50} {_gb(path.stat().st_size):>10}")
+    feature_sets = list_feature_sets()
+    if feature_sets:
+        click.echo(f"features: {features_root()}  (`aim-mlx probe train`)")
+    for e in feature_sets:
+        click.echo(f"  {e.key:<60} {e.images:>7} images {_gb(e.size):>10}")
 
 
 @cache.command("add")
@@ -481,16 +506,23 @@ def cache_add(model, head, dtype, quantize, q_bits, drop_downloads):
 
 @cache.command("rm")
 @click.argument("names", nargs=-1)
-@click.option("--all", "remove_all", is_flag=True, help="Remove every converted model.")
+@click.option(
+    "--all", "remove_all", is_flag=True, help="Remove every converted model and feature set."
+)
 def cache_rm(names, remove_all):
     """Remove converted models: entries as `aim-mlx cache list` shows them, or every entry of a
-    model name (aim-1B). The raw downloads stay: see `aim-mlx cache rm-downloads`."""
+    model name (aim-1B), and feature sets (by their key). The raw downloads stay: see
+    `aim-mlx cache rm-downloads`."""
     from . import cache as model_cache
 
     if not names and not remove_all:
         raise click.UsageError("name entries or models to remove, or pass --all")
     entries = [e.key for e in model_cache.list_entries()]
     chosen = set(entries) if remove_all else set()
+    feature_sets = {e.key for e in model_cache.list_feature_sets()}
+    for key in sorted(feature_sets & set(names) if not remove_all else feature_sets):
+        click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")
+    names = [n for n in names if n not in feature_sets]
     for name in names:
         prefix = name.lower() + "--"
         matches = {key for key in entries if key == name or key.lower().startswith(prefix)}
@@ -526,7 +558,7 @@ def export():
 
 
 @export.command("coreml")
-@model_options
+@head_model_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mlpackage.")
 @click.option(
     "--precision",
@@ -595,8 +627,9 @@ def export_coreml(
             raise click.ClickException(f"--sample {path}: {e}") from None
     images = mx.array(np.stack(images)) if images else None
     bits = int(q_bits) if quantize else None
+    official_head = head if head in ("best", "last") else "best"  # a trained head: its trunk
     name, source = coreml.describe_model_ref(
-        resolve(model, head, dtype, quantize_bits=bits, progress=False)  # cached by now
+        resolve(model, official_head, dtype, quantize_bits=bits, progress=False)  # cached by now
     )
     try:
         path = coreml.export_coreml(
@@ -621,6 +654,230 @@ def export_coreml(
             "note: the weight file is over the Neural Engine's 2 GiB limit; Core ML will run "
             "it on the GPU/CPU. --compress palettize4 / palettize6 / int8 make it smaller."
         )
+
+
+# ---- Your own classifier: a head trained on the frozen trunk ---------------------------------
+
+
+def _progress_default(progress):
+    """--progress/--no-progress; unset: bars only when stderr is a terminal."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
+@main.group()
+def probe():
+    """Train your own classifier (a head on the frozen trunk) and evaluate it."""
+
+
+@probe.command("train")
+@click.argument("train_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "-m", default="aim-600M", show_default=True, help="The trunk to use.")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Output head folder.")
+@click.option(
+    "--val",
+    "val_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Validation folder with the same classes (default: --val-split).",
+)
+@click.option(
+    "--val-split",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Share of each class held out for validation [default: 0.2].",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["attention", "linear"]),
+    default="attention",
+    show_default=True,
+    help="attention: the ImageNet heads' attention pooling; "
+    "linear: mean-pooled tokens and a linear layer (fast baseline).",
+)
+@click.option(
+    "--probe-layers",
+    help="Blocks whose mean the head reads: best, last or I,J,... [default: the model's].",
+)
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--batch-size",
+    "-b",
+    default=32,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Training batch (images of cached features).",
+)
+@click.option(
+    "--lr",
+    default=1e-3,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Peak learning rate (linear warmup, cosine decay).",
+)
+@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--warmup", default=3.0, show_default=True, type=click.FloatRange(0), help="Warmup epochs."
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--dtype",
+    type=DTYPE_CHOICE,
+    default=None,
+    help="Trunk weight dtype [default: float16 on the GPU, float32 on the CPU].",
+)
+@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
+@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
+@click.option(
+    "--extract-batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Images per trunk batch when extracting features.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr [default: when stderr is a terminal].",
+)
+def probe_train(
+    train_dir,
+    model,
+    out,
+    val_dir,
+    val_split,
+    kind,
+    probe_layers,
+    epochs,
+    batch_size,
+    lr,
+    weight_decay,
+    warmup,
+    seed,
+    dtype,
+    quantize,
+    q_bits,
+    extract_batch_size,
+    force,
+    as_json,
+    progress,
+):
+    """Train a classifier head on TRAIN_DIR (one sub-folder of images per class).
+
+    The trunk's features are extracted once per image and cached (see `aim-mlx cache`); the
+    head (weights + config.json) is written to --out. Use it with `classify --head DIR`,
+    `probe eval`, `export coreml --head DIR` or `aim_mlx.load(M, head=DIR)`.
+    """
+    import json
+
+    from .probe import ProbeError, Settings, train
+
+    _exit_on_sigterm()
+    if val_dir and val_split:
+        raise click.UsageError("give --val or --val-split, not both")
+    settings = Settings(kind, epochs, batch_size, lr, weight_decay, warmup, seed)
+    try:
+        result = train(
+            model,
+            train_dir,
+            out,
+            val_dir=val_dir,
+            val_split=val_split,
+            probe_layers=probe_layers,
+            settings=settings,
+            dtype=dtype,
+            quantize_bits=int(q_bits) if quantize else None,
+            extract_batch_size=extract_batch_size,
+            progress=_progress_default(progress),
+            force=force,
+            log=lambda line: click.echo(line, err=True),
+        )
+    except KeyboardInterrupt:
+        click.echo("interrupted; extracted features stay cached, the next run resumes", err=True)
+        sys.exit(130)
+    except (ProbeError, ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    for path, reason in result.errors:
+        report_error(path, reason)
+    best = result.best
+    top5 = f", top-5 {best.val_top5:.1f}%" if best.val_top5 is not None else ""
+    click.echo(
+        f"best epoch {best.epoch}: val top-1 {best.val_top1:.1f}%{top5} "
+        f"({result.train_images} training, {result.val_images} validation images, "
+        f"{len(result.classes)} classes; {result.extracted} images through the trunk)",
+        err=True,
+    )
+    click.echo(f"wrote {result.out}", err=True)
+    if as_json:
+        click.echo(json.dumps(json.loads((result.out / "config.json").read_text())))
+
+
+@probe.command("eval")
+@click.argument("val_dir", type=click.Path(exists=True, file_okay=False))
+@head_model_options
+@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--confusion",
+    type=click.Path(dir_okay=False),
+    help="Write the confusion matrix as a PNG picture.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --confusion file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bars on stderr [default: when stderr is a terminal].",
+)
+def probe_eval(
+    val_dir, model, head, dtype, quantize, q_bits, batch_size, confusion, force, as_json, progress
+):
+    """Top-1 (top-5 with 5+ classes) and per-class accuracy of a trained head (--head DIR) on
+    VAL_DIR, one sub-folder per class."""
+    import json
+
+    from .probe.evaluate import evaluate_head, save_confusion
+    from .probe.head import is_head_folder
+
+    if not is_head_folder(head):
+        raise click.UsageError("--head must be a trained head's folder (from `probe train`)")
+    if confusion:
+        target = Path(confusion)
+        if target.suffix.lower() != ".png":
+            raise click.BadParameter("must end in .png", param_hint="--confusion")
+        if target.exists() and not force:
+            raise click.ClickException(f"{target} already exists (overwrite it with --force)")
+        if not target.absolute().parent.is_dir():
+            raise click.ClickException(f"cannot write {target}: its folder does not exist")
+    progress = _progress_default(progress)
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    try:
+        result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    for path, reason in result.failed:
+        report_error(path, reason)
+    if confusion:
+        save_confusion(
+            result,
+            confusion,
+            f"{Path(head).name}: top-1 {result.top1:.1f}% on {result.images} images of {val_dir}",
+        )
+    if as_json:
+        info = dict(model=model, head=str(head), dtype=str(net.dtype).split(".")[-1])
+        click.echo(json.dumps({**info, **result.to_dict()}))
+    else:
+        top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
+        click.echo(
+            f"top-1 {result.top1:.2f}%{top5}  ({result.images} images, {result.classes} classes)"
+        )
+        for name, row in result.per_class().items():
+            acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
+            click.echo(f"  {acc}  {name}  ({row['images']} images)")
+    if confusion:
+        click.echo(f"wrote {confusion}", err=True)
+    if result.failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -83,9 +83,15 @@ def resolve(
 def load(model: str | Path, head: str = "best", dtype: str | None = None, **kwargs):
     """An AIM model, ready to call: `load("aim-600M")`, `load("path/to/folder")`.
 
-    Accepts what `resolve` accepts; downloads and converts on first use.
+    Accepts what `resolve` accepts; downloads and converts on first use. `head` may also be a
+    trained head's folder (`aim-mlx probe train`); the keywords best / last win over a folder
+    of that name (give it as ./best).
     """
     from .loader import load_model
+    from .probe.head import is_head_folder, load_with_head
+
+    if is_head_folder(head):
+        return load_with_head(model, head, dtype, **kwargs)
 
     net = load_model(resolve(model, head, dtype, **kwargs))
     if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):

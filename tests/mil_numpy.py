@@ -4,7 +4,7 @@ The `.mlpackage` is read back with coremltools (spec + weight blob) into a MIL p
 as saved, and its ops run one by one: with coremltools' own `value_inference` (or
 `materialized_val_inference` for the compressed-weight `constexpr_*` ops) where the op has one,
 with the small numpy versions below otherwise (conv and classify, which coremltools does not
-evaluate, and the exact GELU, which it evaluates one element at a time).
+evaluate, reduce_mean, and the exact GELU, which it evaluates one element at a time).
 
 float16 is emulated as "float16 storage, float32 arithmetic": every op computes in float32 and
 its float16 outputs are rounded to float16, as GPUs and the Neural Engine accumulate in wider
@@ -94,6 +94,9 @@ def _run_op(op):
         )
     if t == "classify":
         return _classify(op, _value(op.probabilities))
+    if t == "reduce_mean":  # coremltools' own trips over numpy's bool keep_dims
+        axes = tuple(int(a) for a in op.axes.val)
+        return (np.mean(_value(op.x), axis=axes, keepdims=bool(op.keep_dims.val)),)
     if t == "gelu" and op.mode.val == "EXACT":  # coremltools' own runs math.erf per element
         x = _value(op.x)
         return (0.5 * x * (1 + erf(x / np.sqrt(2))),)

@@ -6,8 +6,9 @@ No PyTorch: the ML Program is written with coremltools' MIL builder from the MLX
 The classifier takes an RGB `image` (already resized and center-cropped to img_size, see
 `preprocessing_note`), scaled by 1/255 by Core ML; the ImageNet mean/std are folded into the
 patch-embedding convolution. It outputs `classLabel` and `classLabel_probs` (softmax over the
-labels). With `features=True` the model outputs `features`: the attention-pooled descriptor of
-the head, (1, embed_dim), the vector the classifier's last linear layer reads.
+labels: ImageNet-1k's, or a trained head's classes). With `features=True` the model outputs
+`features`: the head's pooled descriptor, (1, embed_dim), the vector its last linear layer reads
+(attention-pooled, or for a linear head the standardised mean token).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mlx.utils import tree_flatten
 from .. import __version__
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
+from ..models.heads import LinearPoolingHead
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
@@ -175,6 +177,8 @@ def _observation_points(model) -> list[tuple[nn.Module, str, int, str, str | Non
             (blk.mlp, "fc2", i, "linear", None),
         ]
     head = model.head
+    if isinstance(head, LinearPoolingHead):  # its linear layer reads the standardised mean
+        return points + [(head, "linear", -1, "logits", "head_norm")]
     return points + [
         (head, "bn", -1, "head_norm", None),
         (head, "k", -1, "linear", None),
@@ -290,8 +294,9 @@ class _Graph:
     coremltools already in their final dtype, so a float16 export never holds float32 copies.
     """
 
-    def __init__(self, mb, weights: dict, args, precision: str, target: str):
+    def __init__(self, mb, weights: dict, args, precision: str, target: str, head_kind: str):
         self.mb, self.weights, self.args, self.target = mb, weights, args, target
+        self.head_kind = head_kind  # "attention" or "linear" (`LinearPoolingHead`)
         self.lo = "fp32" if precision == "float32" else "fp16"
         self.hi = "fp16" if precision == "float16" else "fp32"
 
@@ -305,12 +310,13 @@ class _Graph:
     def cast(self, x, dtype: str):
         return x if x.dtype.__name__ == dtype else self.mb.cast(x=x, dtype=dtype)
 
-    def linear(self, x, name: str, out_dtype: str | None = None, rows=None):
-        """x @ W.T with W = weights[name] (or rows of it), computed in `lo`."""
+    def linear(self, x, name: str, out_dtype: str | None = None, rows=None, bias=None):
+        """x @ W.T (+ b) with W = weights[name] (or rows of it), b = weights[bias], in `lo`."""
         w = self.w(name, self.lo)
         if rows is not None:
             w = w[rows]
-        y = self.mb.linear(x=self.cast(x, self.lo), weight=w)
+        b = {} if bias is None else {"bias": self.w(bias, self.lo)}
+        y = self.mb.linear(x=self.cast(x, self.lo), weight=w, **b)
         return self.cast(y, out_dtype or self.hi)
 
     def layer_norm(self, x, prefix: str):
@@ -377,13 +383,17 @@ class _Graph:
         return mb.add(x=x, y=self.linear(h, f"{pre}.mlp.fc2.weight"))
 
     def pooled(self, x, n: int):
-        """Attention-pooling head up to its last linear layer: (1, N, D) -> (1, D) in `hi`."""
+        """The head up to its last linear layer: (1, N, D) -> (1, D) in `hi`."""
         mb, args, hi = self.mb, self.args, self.hi
         H, D = args.num_heads, args.embed_dim
         mean = self.w("head.bn.running_mean", "fp32").astype(np.float64)
         var = self.w("head.bn.running_var", "fp32").astype(np.float64)
         scale = 1 / np.sqrt(var + args.norm_eps)
+        if self.head_kind == "linear":  # the mean token, standardised
+            x = mb.reduce_mean(x=x, axes=[1], keep_dims=False)
         x = mb.add(x=mb.mul(x=x, y=self.np_const(scale, hi)), y=self.np_const(-mean * scale, hi))
+        if self.head_kind == "linear":
+            return x
         k = self.heads(self.linear(x, "head.k.weight"), n)
         v = self.heads(self.linear(x, "head.v.weight"), n)
         q = self.w("head.cls_token", hi).reshape(1, H, 1, D // H)
@@ -406,7 +416,8 @@ class _Graph:
         pooled = self.pooled(x, n)
         if features:
             return mb.cast(x=pooled, dtype="fp32", name="features")
-        logits = self.linear(pooled, "head.linear.weight", out_dtype="fp32")
+        bias = "head.linear.bias" if self.head_kind == "linear" else None
+        logits = self.linear(pooled, "head.linear.weight", out_dtype="fp32", bias=bias)
         return mb.softmax(x=logits, axis=-1, name="probabilities")
 
 
@@ -445,9 +456,21 @@ def _compress(ct, mlmodel, compress: str, target: str):
 
 
 def _describe(
-    mlmodel, *, name, source, license, args, img_size, precision, compress, target, features
+    mlmodel,
+    *,
+    name,
+    source,
+    license,
+    args,
+    img_size,
+    precision,
+    compress,
+    target,
+    features,
+    trained_head=None,
 ):
-    kind = "feature extractor" if features else "image classifier (ImageNet-1k)"
+    classes = f"{args.num_classes} classes of a trained head" if trained_head else "ImageNet-1k"
+    kind = "feature extractor" if features else f"image classifier ({classes})"
     mlmodel.short_description = (
         f"{name}: AIM v1 {kind}, {img_size}x{img_size} RGB input, {precision} precision"
         f"{'' if compress == 'none' else ', ' + compress}. Exported by aim-mlx {__version__}."
@@ -457,12 +480,14 @@ def _describe(
     mlmodel.version = __version__
     mlmodel.input_description["image"] = preprocessing_note(img_size)
     if features:
+        linear = trained_head is not None and trained_head.kind == "linear"
+        pooling = "standardised mean-pooled" if linear else "attention-pooled"
         mlmodel.output_description["features"] = (
-            f"attention-pooled descriptor ({args.embed_dim} floats) of probe layers "
-            f"{list(args.probe_layers)}"
+            f"{pooling} descriptor ({args.embed_dim} floats) of probe "
+            f"layers {list(args.probe_layers)}"
         )
     else:
-        mlmodel.output_description["classLabel"] = "most likely ImageNet-1k class"
+        mlmodel.output_description["classLabel"] = f"most likely class ({classes})"
         mlmodel.output_description["classLabel_probs"] = "probability of each class (softmax)"
     meta = mlmodel.user_defined_metadata
     if not features:
@@ -480,6 +505,14 @@ def _describe(
             "aim_mlx.version": __version__,
         }
     )
+    if trained_head:
+        meta.update(
+            {
+                "aim_mlx.head": Path(trained_head.path).name,
+                "aim_mlx.head_kind": trained_head.kind,
+                "aim_mlx.head_trunk_sha256": trained_head.config["trunk"]["sha256"],
+            }
+        )
 
 
 def export_coreml(
@@ -507,14 +540,17 @@ def export_coreml(
     compress: "none", "int8" (per-channel linear quantization), "palettize4" / "palettize6"
         (k-means look-up tables: per 16 channels on iOS18, per tensor on iOS17).
     target: "iOS17" (attention as matmul/softmax) or "iOS18" (fused scaled_dot_product_attention).
-    features: output the attention-pooled `features` instead of the classifier's outputs.
+    features: output the head's pooled `features` instead of the classifier's outputs.
+    labels: the class names in logit order; default: a trained head's classes
+        (`aim_mlx.load(M, head=FOLDER)`), else ImageNet-1k's.
     """
     out = check_output(out, overwrite)
     args = model.args
     img_size = img_size or args.img_size
     _check_options(precision, compress, target, img_size, args.patch_size)
+    trained = getattr(model, "trained_head", None)
     if not features:
-        labels = labels or imagenet_labels()
+        labels = labels or (list(trained.classes) if trained else imagenet_labels())
         if len(labels) != args.num_classes:
             raise ExportError(
                 f"the model has {args.num_classes} classes but {len(labels)} labels were given"
@@ -526,7 +562,8 @@ def export_coreml(
         sample = synthetic_sample(img_size) if sample is None else sample
         check_fp16_range(model, precision, sample, features)
 
-    graph = _Graph(mb, float_weights(model), args, precision, target)
+    head_kind = "linear" if isinstance(model.head, LinearPoolingHead) else "attention"
+    graph = _Graph(mb, float_weights(model), args, precision, target, head_kind)
     opset = getattr(ct.target, target)
     shape = (1, 3, img_size, img_size)
 
@@ -561,6 +598,7 @@ def export_coreml(
         compress=compress,
         target=target,
         features=features,
+        trained_head=trained,
     )
     tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")  # keeps the .mlpackage suffix
     shutil.rmtree(tmp, ignore_errors=True)

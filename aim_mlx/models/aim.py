@@ -353,7 +353,21 @@ class AIM(nn.Module):
         self.preprocessor = Preprocessor(args)
         self.trunk = Trunk(args)
         self.head = AttentionPoolingHead(args)
+        self.labels: tuple[str, ...] | None = None  # class names; None: ImageNet-1k's
         self.compute_dtype = None  # None: chosen per device (see `activation_dtype`)
+        self.eval()
+
+    def replace_head(self, head: nn.Module, probe_layers, labels, img_size: int | None = None):
+        """Classify with `head` (the mean of `probe_layers`' outputs (B, N, D) -> logits
+        (B, len(labels))) instead of the official one: a trained probe."""
+        self.args = dataclasses.replace(
+            self.args,
+            probe_layers=tuple(probe_layers),
+            num_classes=len(labels),
+            img_size=img_size or self.args.img_size,
+        )
+        self.head = head
+        self.labels = tuple(labels)
         self.eval()
 
     @property

@@ -1,0 +1,122 @@
+"""Labelled image folders (one sub-folder per class), their checks and a stratified split."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import images
+from ..errors import AimMlxError
+
+
+class ProbeError(AimMlxError, ValueError):
+    """A user-facing problem with a dataset, a head folder or the training options."""
+
+
+@dataclass
+class Sample:
+    path: str
+    label: int  # index into the class list
+
+
+@dataclass
+class Dataset:
+    root: str
+    classes: list[str]  # sorted sub-folder names
+    samples: list[Sample]
+    skipped: list[tuple[str, str]]  # (path, reason): files that are not readable images
+
+    def counts(self) -> list[int]:
+        return np.bincount([s.label for s in self.samples], minlength=len(self.classes)).tolist()
+
+
+def _header_error(path: str) -> str | None:
+    """Why PIL cannot even identify this file, or None. Only the header is read: a truncated
+    image passes here and is caught when decoded for feature extraction."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path):
+                return None
+    except Exception:
+        return "not an image PIL can read (empty, damaged or another format)"
+
+
+def class_folders(root: str | Path, what: str = "training folder") -> dict[str, list[str]]:
+    """{class name: image paths} of the non-hidden sub-folders of `root`, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ProbeError(f"{what} {root} is not a folder")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ProbeError(
+            f"{what} {root} has no class sub-folders: put each class's images in its own "
+            f"sub-folder ({root}/cat/..., {root}/dog/...)"
+        )
+    return {f.name: images.walk_images(str(f)) for f in folders}
+
+
+def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
+    """The labelled images of `root`; files PIL cannot identify are listed in `skipped`.
+
+    Raises ProbeError for a missing folder, fewer than two classes, or a class without a
+    usable image.
+    """
+    found = class_folders(root, what)
+    if len(found) < 2:
+        (name,) = found
+        raise ProbeError(
+            f"{what} {root} has a single class ({name!r}); a classifier needs at least two "
+            "class sub-folders"
+        )
+    classes = list(found)
+    samples, skipped, empty = [], [], []
+    for label, name in enumerate(classes):
+        usable = 0
+        for path in found[name]:
+            if reason := _header_error(path):
+                skipped.append((path, reason))
+                continue
+            samples.append(Sample(path, label))
+            usable += 1
+        if not usable:
+            empty.append(name)
+    if empty:
+        raise ProbeError(
+            f"{what} {root}: class folder(s) {', '.join(map(repr, empty))} hold no usable image; "
+            "add images or remove the folder"
+        )
+    return Dataset(str(root), classes, samples, skipped)
+
+
+def check_same_classes(train: Dataset, val: Dataset) -> None:
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise ProbeError(
+            f"the training folder {train.root} and the validation folder {val.root} must have "
+            f"the same class sub-folders; only in training: {only_train or 'none'}, only in "
+            f"validation: {only_val or 'none'}"
+        )
+
+
+def stratified_split(
+    dataset: Dataset, val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """(train, val): `val_fraction` of each class (at least one image when the class has two or
+    more), chosen with a seeded generator; each list keeps the folder order."""
+    if not 0 < val_fraction < 1:
+        raise ProbeError(f"the validation split must be between 0 and 1, got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in range(len(dataset.classes)):
+        members = [i for i, s in enumerate(dataset.samples) if s.label == label]
+        n_val = min(len(members) - 1, max(1, round(val_fraction * len(members))))
+        chosen = set(rng.permutation(members)[:n_val].tolist())
+        train += [i for i in members if i not in chosen]
+        val += [i for i in members if i in chosen]
+    return [dataset.samples[i] for i in sorted(train)], [dataset.samples[i] for i in sorted(val)]

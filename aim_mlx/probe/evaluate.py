@@ -1,0 +1,152 @@
+"""Accuracy of a trained head on a labelled folder, per class, and a confusion-matrix picture."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .. import images
+from .data import ProbeError, class_folders
+
+
+@dataclass
+class HeadEvalResult:
+    top1: float  # percent, as `aim_mlx.evaluate.EvalResult`
+    top5: float | None  # None with fewer than 5 classes
+    images: int
+    classes: int  # distinct classes among the images
+    labels: list[str]  # the head's classes, in logit order
+    confusion: np.ndarray  # (C, C) counts: row = true class, column = predicted
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+    def per_class(self) -> dict[str, dict]:
+        """{class: {"images": n, "top1": percent or None}}"""
+        out = {}
+        for i, name in enumerate(self.labels):
+            n = int(self.confusion[i].sum())
+            out[name] = {"images": n, "top1": 100.0 * self.confusion[i, i] / n if n else None}
+        return out
+
+    def to_dict(self) -> dict:
+        return dict(
+            top1=self.top1,
+            top5=self.top5,
+            images=self.images,
+            classes=self.classes,
+            failed=[{"path": p, "error": e} for p, e in self.failed],
+            per_class=self.per_class(),
+            labels=self.labels,
+            confusion=self.confusion.tolist(),
+        )
+
+
+def evaluate_head(
+    model, data_path: str | Path, *, batch_size: int = 8, progress: bool = False
+) -> HeadEvalResult:
+    """`model`: an AIM with a trained head (`aim_mlx.load(M, head=FOLDER)`). `data_path` has one
+    sub-folder per class, named like the head's classes (a subset of them is fine)."""
+    trained = getattr(model, "trained_head", None)
+    if trained is None:
+        raise ProbeError("the model has no trained head; load it with head=FOLDER")
+    labels = list(trained.classes)
+    found = class_folders(data_path, "evaluation folder")
+    unknown = sorted(set(found) - set(labels))
+    if unknown:
+        raise ProbeError(
+            f"evaluation folder {data_path}: class sub-folder(s) {unknown} are not classes of the "
+            f"head {trained.path} ({', '.join(labels)})"
+        )
+    pairs = [(p, labels.index(name)) for name, paths in found.items() for p in paths]
+    if not pairs:
+        raise ProbeError(f"evaluation folder {data_path}: no images in its class sub-folders")
+    target = dict(pairs)
+    C = len(labels)
+    confusion = np.zeros((C, C), dtype=np.int64)
+    hits5, failed = 0, []
+
+    def best5(x: mx.array) -> np.ndarray:
+        return np.array(mx.argsort(-model(x), axis=-1)[:, :5])
+
+    for item, pred in images.run(
+        best5,
+        [images.Item(p) for p, _ in pairs],
+        size=model.args.img_size,
+        batch_size=batch_size,
+        progress=progress,
+        desc="eval",
+    ):
+        if item.error:
+            failed.append((item.path, item.error))
+            continue
+        y = target[item.path]
+        confusion[y, pred[0]] += 1
+        hits5 += int(y in pred)
+    n = int(confusion.sum())
+    top1 = 100.0 * np.trace(confusion) / n if n else 0.0
+    top5 = (100.0 * hits5 / n if n else 0.0) if C >= 5 else None
+    present = int((confusion.sum(axis=1) > 0).sum())
+    return HeadEvalResult(top1, top5, n, present, labels, confusion, failed)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
+    """The confusion matrix as a picture: rows are the true classes, columns the predicted
+    ones; each cell is shaded by the share of its row and shows the count."""
+    labels, m = result.labels, result.confusion
+    C = len(labels)
+    cell = max(28, min(64, 900 // max(C, 1)))
+    font, small = _font(max(11, cell // 3)), _font(14)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width(text, f):
+        return probe.textbbox((0, 0), text, font=f)[2]
+
+    margin = max(width(name, small) for name in labels) + 16
+    top = margin + 48
+    left = margin + 40
+    img = Image.new("RGB", (left + C * cell + 20, top + C * cell + 20), "white")
+    draw = ImageDraw.Draw(img)
+    heading = title or f"top-1 {result.top1:.1f}% on {result.images} images"
+    draw.text((10, 8), heading, fill="black", font=_font(16))
+    rows = m.sum(axis=1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)
+    for i in range(C):
+        for j in range(C):
+            x0, y0 = left + j * cell, top + i * cell
+            level = int(255 * (1 - share[i, j]))
+            colour = (level, level, 255) if i == j else (255, level, level)
+            draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=colour, outline=(200, 200, 200))
+            text = str(int(m[i, j]))
+            ink = "white" if share[i, j] > 0.6 else "black"
+            tw = width(text, font)
+            draw.text((x0 + (cell - tw) / 2, y0 + cell / 2 - cell / 6), text, fill=ink, font=font)
+    for i, name in enumerate(labels):  # true classes down the left
+        y = top + i * cell + cell / 2 - 7
+        draw.text((left - 8 - width(name, small), y), name, fill="black", font=small)
+        # predicted classes across the top, written upwards
+        strip = Image.new("RGB", (width(name, small) + 4, 18), "white")
+        ImageDraw.Draw(strip).text((2, 0), name, fill="black", font=small)
+        strip = strip.rotate(90, expand=True)
+        img.paste(strip, (int(left + i * cell + cell / 2 - 9), top - 8 - strip.height))
+    draw.text((left, top - margin - 26), "predicted", fill=(90, 90, 90), font=small)
+    axis = Image.new("RGB", (width("true", small) + 4, 18), "white")
+    ImageDraw.Draw(axis).text((2, 0), "true", fill=(90, 90, 90), font=small)
+    axis = axis.rotate(90, expand=True)
+    img.paste(axis, (4, int(top + C * cell / 2 - axis.height / 2)))
+    return img
+
+
+def save_confusion(result: HeadEvalResult, path: str | Path, title: str = "") -> Path:
+    path = Path(path)
+    confusion_image(result, title).save(path, format="PNG")
+    return path

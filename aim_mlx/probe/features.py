@@ -1,0 +1,221 @@
+"""The on-disk cache of the trunk's features: the head's input, extracted once per image.
+
+Layout under the cache root (AIM_MLX_CACHE):
+
+    features/<set key>/info.json          what the set holds (trunk, dtype, layers, image size)
+    features/<set key>/<sha256>.npy       one image: float16 (N_tokens, D), the head's input
+
+A set is keyed by the trunk (the SHA-256 of its source weights), its dtype and quantization,
+the probe layers and the image size; an image by the SHA-256 of its file's bytes. Each image is
+written to a temporary file and renamed, so an interrupted extraction leaves only complete
+files and the next run computes only the missing ones. Features are stored in float16 whatever
+the trunk computes in (half the disk of float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .. import cache, images
+from .data import ProbeError, Sample
+
+FEATURE_DTYPE = np.float16
+SET_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrunkInfo:
+    """What identifies a feature extractor: the source weights and how they are stored."""
+
+    name: str
+    sha256: str  # of the trunk's source checkpoint(s), whatever dtype the model runs in
+    dtype: str
+    quantization: str  # "none" or e.g. "q4g64"
+    embed_dim: int
+    num_blocks: int
+    img_size: int
+
+    def describe(self) -> str:
+        return f"{self.name} (weights sha256 {self.sha256[:12]})"
+
+
+def trunk_info(model_dir: str | Path) -> TrunkInfo:
+    """The identity of the trunk in a converted model folder, from its config.json.
+
+    The SHA-256 is the backbone checkpoint's (head files are left out; a hub-style
+    `pytorch_model.bin` holding both is taken whole; several backbone shards are combined).
+    """
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    sources = [s for s in config.get("sources") or [] if "head" not in s["file"].lower()]
+    if not sources:
+        raise ProbeError(
+            f"{model_dir}/config.json records no trunk source files and their SHA-256, which a "
+            "trained head is tied to; convert the checkpoints again with this aim-mlx"
+        )
+    if len(sources) == 1:
+        sha = sources[0]["sha256"]
+    else:
+        sha = hashlib.sha256("".join(s["sha256"] for s in sources).encode()).hexdigest()
+    q = config.get("quantization")
+    return TrunkInfo(
+        name=config.get("name") or model_dir.name,
+        sha256=sha,
+        dtype=config["dtype"],
+        quantization=f"q{q['bits']}g{q['group_size']}" if q else "none",
+        embed_dim=config["embed_dim"],
+        num_blocks=config["num_blocks"],
+        img_size=config.get("img_size", 224),
+    )
+
+
+def set_key(trunk: TrunkInfo, probe_layers, img_size: int, dtype: str) -> str:
+    """The feature set's folder name. `dtype`: the weights' dtype the trunk ran with."""
+    layers = "-".join(str(i) for i in probe_layers)
+    key = f"{trunk.name}-{trunk.sha256[:12]}--{dtype}--{trunk.quantization}--L{layers}"
+    key += f"--{img_size}px"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureSet:
+    """One folder of cached features; `load(keys)` reads a batch."""
+
+    def __init__(self, folder: Path, info: dict):
+        self.folder, self.info = folder, info
+
+    @classmethod
+    def open(cls, key: str, info: dict) -> FeatureSet:
+        folder = cache.features_root() / key
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            info_file = folder / "info.json"
+            if not info_file.is_file():
+                _write_atomic(info_file, lambda f: f.write(json.dumps(info, indent=1).encode()))
+        except OSError as e:
+            raise ProbeError(
+                f"cannot write the feature cache {folder} ({e.strerror}); set {cache.CACHE_ENV} "
+                "to a writable folder"
+            ) from None
+        return cls(folder, info)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.npy"
+
+    def has(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def write(self, key: str, features: np.ndarray) -> None:
+        _write_atomic(self.path(key), lambda f: np.save(f, features))
+
+    def load(self, keys: list[str]) -> np.ndarray:
+        """(len(keys), N, D) float16."""
+        return np.stack([np.load(self.path(k)) for k in keys])
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Extracted:
+    samples: list[Sample]  # the usable ones, in input order
+    keys: list[str]  # their feature keys (image content SHA-256)
+    errors: list[tuple[str, str]]  # (path, reason)
+    computed: int  # images run through the trunk now (the others came from the cache)
+
+
+def extract(
+    model,
+    trunk: TrunkInfo,
+    samples: list[Sample],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[FeatureSet, Extracted]:
+    """Make sure every readable image of `samples` has its features in the cache.
+
+    `model`: the trunk (an AIM whose `args.probe_layers` are the layers to average).
+    """
+    args = model.args
+    dtype = str(model.dtype).split(".")[-1]
+    key = set_key(trunk, args.probe_layers, args.img_size, dtype)
+    info = dict(
+        format=SET_FORMAT,
+        trunk=asdict(trunk),
+        dtype=dtype,
+        probe_layers=list(args.probe_layers),
+        img_size=args.img_size,
+        feature_dtype=np.dtype(FEATURE_DTYPE).name,
+    )
+    store = FeatureSet.open(key, info)
+
+    items, keys = [], []
+    for s in samples:
+        try:
+            keys.append(file_sha256(s.path))
+            items.append(images.Item(s.path))
+        except OSError as e:
+            keys.append("")
+            items.append(images.Item(s.path, f"cannot read the file ({e.strerror})"))
+    todo, seen = [], set()
+    for item, k in zip(items, keys, strict=True):
+        if item.error is None and not store.has(k) and k not in seen:
+            todo.append((item, k))
+            seen.add(k)
+
+    def head_input(x: mx.array) -> np.ndarray:
+        out = model.head_input(model.extract_features(x)).astype(mx.float32)
+        return np.array(out)
+
+    todo_key = {id(item): k for item, k in todo}
+    computed = 0
+    for item, row in images.run(
+        head_input,
+        [item for item, _ in todo],
+        size=args.img_size,
+        batch_size=batch_size,
+        progress=progress,
+        desc="features",
+    ):
+        if row is None:
+            continue
+        narrow = row.astype(FEATURE_DTYPE)
+        if not np.isfinite(narrow).all():
+            raise ProbeError(
+                f"{item.path}: its features leave float16's range (max |value| "
+                f"{np.abs(row).max():.4g}); the feature cache cannot store them"
+            )
+        store.write(todo_key[id(item)], narrow)
+        computed += 1
+
+    ok, ok_keys, errors = [], [], []
+    for s, item, k in zip(samples, items, keys, strict=True):
+        if item.error is None and store.has(k):
+            ok.append(s)
+            ok_keys.append(k)
+        else:
+            errors.append((s.path, item.error or "could not be read"))
+    return store, Extracted(ok, ok_keys, errors, computed)

@@ -1,0 +1,163 @@
+"""A trained head's folder (weights + config.json), and attaching it to a trunk.
+
+head.safetensors   the head module's parameters (float32)
+config.json        format, kind, classes in order, probe layers, image size, the trunk it
+                   was trained on (the SHA-256 of its source weights), training settings
+                   and validation metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..models import AIM
+from ..models.aim import AttentionPoolingHead
+from ..models.heads import LinearPoolingHead
+from .data import ProbeError
+from .features import TrunkInfo, trunk_info
+
+HEAD_FORMAT = "aim-mlx-trained-head"
+HEAD_FORMAT_VERSION = 1
+KINDS = ("attention", "linear")
+WEIGHTS = "head.safetensors"
+KEYWORDS = ("best", "last")  # the official heads; a folder of that name is given as ./best
+
+
+def is_head_folder(head) -> bool:
+    """True when `head` names a trained head's folder rather than an official head keyword."""
+    return not (isinstance(head, str) and head in KEYWORDS)
+
+
+def make_head(kind: str, args, num_classes: int) -> nn.Module:
+    """A new head for a trunk with ModelArgs `args`."""
+    if kind == "attention":
+        return AttentionPoolingHead(dataclasses.replace(args, num_classes=num_classes))
+    if kind == "linear":
+        return LinearPoolingHead(args.embed_dim, num_classes, eps=args.norm_eps)
+    raise ProbeError(f"head kind must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+@dataclass(frozen=True)
+class TrainedHead:
+    """What `attach` records on the model (as `model.trained_head`)."""
+
+    path: str
+    kind: str
+    classes: tuple[str, ...]
+    config: dict
+
+
+def check_output(out: str | Path, force: bool = False) -> Path:
+    """The head folder to write, checked before any work: new (or `force`), parent writable."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ProbeError(f"{out} already exists (overwrite it with --force)")
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"{out} exists and is not a folder")
+    parent = out.absolute().parent
+    if not parent.is_dir():
+        raise ProbeError(f"cannot create {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ProbeError(f"cannot create {out}: the folder {parent} is not writable")
+    return out
+
+
+def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = False) -> Path:
+    """Write the folder atomically (a temporary folder renamed at the end)."""
+    out = check_output(out, force)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        weights = {k: v.astype(mx.float32) for k, v in tree_flatten(head.parameters())}
+        mx.save_safetensors(str(tmp / WEIGHTS), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    file = folder / "config.json"
+    if not folder.is_dir():
+        raise ProbeError(f"--head {folder}: not best, last or a trained head's folder")
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ProbeError(
+            f"--head {folder}: no config.json; not a trained head's folder (make one with "
+            "`aim-mlx probe train`)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"{file}: cannot read it ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != HEAD_FORMAT:
+        raise ProbeError(f"{file}: not a trained head's config (no format {HEAD_FORMAT!r})")
+    if config.get("format_version") != HEAD_FORMAT_VERSION:
+        raise ProbeError(
+            f"{file}: format version {config.get('format_version')}, this aim-mlx reads "
+            f"{HEAD_FORMAT_VERSION}; train the head again"
+        )
+    return config
+
+
+def check_trunk(config: dict, trunk: TrunkInfo, folder) -> None:
+    want = config["trunk"]
+    if want["sha256"] != trunk.sha256:
+        raise ProbeError(
+            f"the head {folder} was trained on the trunk {want['name']} (weights sha256 "
+            f"{want['sha256'][:12]}), not on {trunk.describe()}; use it with the model it was "
+            "trained on, or train a head for this one"
+        )
+
+
+def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
+    """Replace the model's head by the trained head in `folder`; the model then reads the
+    head's probe layers, takes its image size by default and carries `model.trained_head`."""
+    config = read_config(folder)
+    check_trunk(config, trunk, folder)
+    classes = config["classes"]
+    head = make_head(config["kind"], model.args, len(classes))
+    try:
+        weights = mx.load(str(Path(folder) / WEIGHTS))
+        head.load_weights(list(weights.items()), strict=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ProbeError(f"{folder}/{WEIGHTS}: cannot load the head's weights ({e})") from None
+    model.replace_head(head, config["probe_layers"], classes, config["img_size"])
+    model.trained_head = TrainedHead(str(folder), config["kind"], tuple(classes), config)
+    return model
+
+
+def load_trunk(model, dtype: str | None = None, **kwargs) -> tuple[AIM, TrunkInfo]:
+    """The model (with its official head) and its trunk's identity; what `resolve` accepts."""
+    from ..loader import load_model
+    from ..resolve import resolve
+
+    folder = resolve(model, "best", dtype, **kwargs)
+    net = load_model(folder)
+    if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
+        net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
+    return net, trunk_info(folder)
+
+
+def load_with_head(model, head, dtype: str | None = None, **kwargs) -> AIM:
+    """`aim_mlx.load(model, head=FOLDER)`: the trunk of `model` with a trained head."""
+    read_config(head)  # a bad head folder is reported before any download or conversion
+    net, trunk = load_trunk(model, dtype, **kwargs)
+    return attach(net, head, trunk)

@@ -1,0 +1,333 @@
+"""Training a head on cached features: AdamW, linear warmup + cosine decay, seeded, the best
+epoch (validation top-1, then validation loss) kept."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .. import __version__
+from ..models import PRESETS, last_probe_layers
+from . import data, features, head
+from .data import ProbeError, Sample
+
+
+@dataclass
+class Settings:
+    kind: str = "attention"
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05
+    warmup_epochs: float = 3.0
+    seed: int = 0
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    loss: float
+    train_top1: float  # percent, on the training batches as they were seen
+    val_loss: float
+    val_top1: float
+    val_top5: float | None  # with 5 classes or more
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    history: list[EpochStats]
+    best: EpochStats
+    classes: list[str]
+    train_images: int
+    val_images: int
+    extracted: int  # images run through the trunk (the others came from the feature cache)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # unreadable files
+
+
+def parse_probe_layers(value, args) -> tuple[int, ...]:
+    """best | last | "I,J,..." (or ints) -> block indices of a trunk with ModelArgs `args`.
+
+    best: the official best-layers head's blocks for an official size, else the model's own.
+    """
+    if value is None:
+        return tuple(args.probe_layers)
+    if value == "last":
+        return last_probe_layers(args.num_blocks)
+    if value == "best":
+        for p in PRESETS.values():
+            if (p["embed_dim"], p["num_blocks"]) == (args.embed_dim, args.num_blocks):
+                return tuple(p["best"])
+        return tuple(args.probe_layers)
+    try:
+        parts = value.split(",") if isinstance(value, str) else value
+        layers = tuple(int(i) for i in parts)
+    except ValueError:
+        raise ProbeError(
+            f"--probe-layers must be best, last or block indices like 3,4,5; got {value!r}"
+        ) from None
+    bad = [i for i in layers if not 0 <= i < args.num_blocks]
+    if bad or not layers:
+        raise ProbeError(f"probe layers {bad or value} are outside blocks 0..{args.num_blocks - 1}")
+    return layers
+
+
+def feature_stats(store: features.FeatureSet, keys: list[str], batch: int = 64):
+    """Per-channel mean and (biased) variance over every token of the given images."""
+    total = total_sq = None
+    count = 0
+    for i in range(0, len(keys), batch):
+        x = store.load(keys[i : i + batch]).astype(np.float64)
+        x = x.reshape(-1, x.shape[-1])
+        s, sq = x.sum(axis=0), np.square(x).sum(axis=0)
+        total, total_sq = (s, sq) if total is None else (total + s, total_sq + sq)
+        count += len(x)
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0)
+    return mx.array(mean.astype(np.float32)), mx.array(var.astype(np.float32))
+
+
+def batches(
+    store: features.FeatureSet, keys: list[str], labels: np.ndarray, size: int, order=None
+) -> Iterator[tuple[mx.array, mx.array]]:
+    """(features float32 (B, N, D), labels (B,)) batches; the next one is read from disk while
+    the current one is used, so memory holds two batches whatever the dataset size."""
+    order = np.arange(len(keys)) if order is None else order
+    chunks = [order[i : i + size] for i in range(0, len(order), size)]
+
+    def read(idx):
+        return store.load([keys[i] for i in idx]), labels[idx]
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            x, y = pending.result()
+            pending = pool.submit(read, chunks[i + 1]) if i + 1 < len(chunks) else None
+            yield mx.array(x).astype(mx.float32), mx.array(y)
+
+
+def schedule(settings: Settings, steps_per_epoch: int):
+    total = max(1, settings.epochs * steps_per_epoch)
+    warmup = min(int(settings.warmup_epochs * steps_per_epoch), total // 2)
+    cosine = optim.cosine_decay(settings.lr, total - warmup, settings.lr * 0.01)
+    if warmup == 0:
+        return cosine
+    return optim.join_schedules(
+        [optim.linear_schedule(settings.lr / warmup, settings.lr, warmup), cosine], [warmup]
+    )
+
+
+def evaluate_features(model: nn.Module, store, keys, labels, batch_size: int):
+    """(mean loss, top-1 %, top-5 % or None) of a head on cached features."""
+    loss = hits1 = hits5 = 0.0
+    classes = model_classes(model)
+    for x, y in batches(store, keys, labels, batch_size):
+        logits = model(x).astype(mx.float32)
+        loss += nn.losses.cross_entropy(logits, y, reduction="sum").item()
+        top = mx.argsort(-logits, axis=-1)[:, :5]
+        hits1 += (top[:, 0] == y).sum().item()
+        hits5 += (top == y[:, None]).any(axis=-1).sum().item()
+    n = len(keys)
+    return loss / n, 100 * hits1 / n, (100 * hits5 / n if classes >= 5 else None)
+
+
+def model_classes(module: nn.Module) -> int:
+    return module.linear.weight.shape[0]
+
+
+def fit(
+    module: nn.Module,
+    store: features.FeatureSet,
+    train: tuple[list[str], np.ndarray],
+    val: tuple[list[str], np.ndarray],
+    settings: Settings,
+    log: Callable[[str], None],
+) -> tuple[list[EpochStats], EpochStats]:
+    """Train `module` in place on cached features; it ends holding the best epoch's weights."""
+    train_keys, train_labels = train
+    rng = np.random.default_rng(settings.seed)
+    batch = min(settings.batch_size, len(train_keys))
+    steps = -(-len(train_keys) // batch)
+    optimizer = optim.AdamW(schedule(settings, steps), weight_decay=settings.weight_decay)
+
+    def loss_fn(m, x, y):
+        logits = m(x)
+        return nn.losses.cross_entropy(logits, y, reduction="mean"), logits
+
+    loss_and_grad = nn.value_and_grad(module, loss_fn)
+
+    def step(x, y):
+        (loss, logits), grads = loss_and_grad(module, x, y)
+        optimizer.update(module, grads)
+        hits = (mx.argmax(logits, axis=-1) == y).sum()
+        mx.eval(module.parameters(), optimizer.state, loss, hits)
+        return loss.item() * len(y), hits.item()
+
+    log(f"epoch {'loss':>8} {'train top-1':>11} {'val loss':>9} {'val top-1':>9} {'time':>7}")
+    history, best, best_weights = [], None, None
+    for epoch in range(1, settings.epochs + 1):
+        start = time.perf_counter()
+        module.train()
+        total = hits = 0.0
+        order = rng.permutation(len(train_keys))
+        for x, y in batches(store, train_keys, train_labels, batch, order):
+            loss, h = step(x, y)
+            total, hits = total + loss, hits + h
+        module.eval()
+        val_loss, val_top1, val_top5 = evaluate_features(module, store, *val, batch)
+        stats = EpochStats(
+            epoch,
+            total / len(train_keys),
+            100 * hits / len(train_keys),
+            val_loss,
+            val_top1,
+            val_top5,
+            time.perf_counter() - start,
+        )
+        history.append(stats)
+        score = (stats.val_top1, -stats.val_loss)
+        improved = best is None or score > (best.val_top1, -best.val_loss)
+        if improved:
+            best, best_weights = stats, tree_flatten(module.parameters())
+        log(
+            f"{epoch:>5} {stats.loss:>8.4f} {stats.train_top1:>10.1f}% {stats.val_loss:>9.4f} "
+            f"{stats.val_top1:>8.1f}% {stats.seconds:>6.2f}s{'  *' if improved else ''}"
+        )
+    module.load_weights(best_weights)
+    return history, best
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def train(
+    model,
+    train_dir: str | Path,
+    out: str | Path,
+    *,
+    val_dir: str | Path | None = None,
+    val_split: float | None = None,
+    probe_layers=None,
+    settings: Settings | None = None,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    extract_batch_size: int = 8,
+    progress: bool = False,
+    force: bool = False,
+    log: Callable[[str], None] = _stderr,
+) -> TrainResult:
+    """Train a head on a folder of labelled images (one sub-folder per class) and write it to
+    the folder `out`.
+
+    `model`: what `aim_mlx.load` accepts (its trunk is used, frozen). Validation: `val_dir` with
+    the same classes, or a stratified, seeded `val_split` of `train_dir` (0.2 by default).
+    Everything the user can get wrong (output, folders, classes, options) is checked before any
+    download, conversion or extraction.
+    """
+    settings = settings or Settings()
+    if settings.kind not in head.KINDS:
+        raise ProbeError(f"head kind must be one of {', '.join(head.KINDS)}, got {settings.kind!r}")
+    if settings.epochs < 1 or settings.batch_size < 1:
+        raise ProbeError("epochs and batch size must be at least 1")
+    if val_dir is not None and val_split is not None:
+        raise ProbeError("give a validation folder or a validation split, not both")
+    head.check_output(out, force)
+    dataset = data.read_dataset(train_dir)
+    if val_dir is not None:
+        val_set = data.read_dataset(val_dir, "validation folder")
+        data.check_same_classes(dataset, val_set)
+        train_samples, val_samples = dataset.samples, val_set.samples
+        skipped = dataset.skipped + val_set.skipped
+    else:
+        split = 0.2 if val_split is None else val_split
+        train_samples, val_samples = data.stratified_split(dataset, split, settings.seed)
+        skipped = dataset.skipped
+
+    net, trunk = head.load_trunk(model, dtype, quantize_bits=quantize_bits, progress=progress)
+    layers = parse_probe_layers(probe_layers, net.args)
+    net.args = dataclasses.replace(net.args, probe_layers=layers)
+
+    store, ext = features.extract(
+        net, trunk, train_samples + val_samples, batch_size=extract_batch_size, progress=progress
+    )
+    usable = dict(zip((s.path for s in ext.samples), ext.keys, strict=True))
+
+    def keyed(samples: list[Sample], what: str):
+        ok = [s for s in samples if s.path in usable]
+        have = {s.label for s in ok}
+        missing = [c for i, c in enumerate(dataset.classes) if i not in have]
+        if what == "training" and missing:
+            raise ProbeError(
+                f"no readable {what} image left in class(es) {', '.join(map(repr, missing))}"
+            )
+        if not ok:
+            raise ProbeError(f"no readable {what} image")
+        return [usable[s.path] for s in ok], np.array([s.label for s in ok], dtype=np.int32)
+
+    train_data, val_data = keyed(train_samples, "training"), keyed(val_samples, "validation")
+
+    mx.random.seed(settings.seed)
+    module = head.make_head(settings.kind, net.args, len(dataset.classes))
+    if settings.kind == "attention":
+        module.cls_token = 0.02 * mx.random.normal(module.cls_token.shape)
+    module.bn.running_mean, module.bn.running_var = feature_stats(store, train_data[0])
+    log(
+        f"training a {settings.kind} head on {len(train_data[0])} images "
+        f"({len(dataset.classes)} classes), validating on {len(val_data[0])}"
+    )
+    history, best = fit(module, store, train_data, val_data, settings, log)
+
+    config = dict(
+        format=head.HEAD_FORMAT,
+        format_version=head.HEAD_FORMAT_VERSION,
+        kind=settings.kind,
+        classes=dataset.classes,
+        probe_layers=list(layers),
+        img_size=net.args.img_size,
+        embed_dim=net.args.embed_dim,
+        trunk=dataclasses.asdict(trunk),
+        training=dict(
+            **dataclasses.asdict(settings),
+            optimizer="AdamW",
+            schedule="linear warmup, cosine decay to 1% of lr",
+            train_dir=str(train_dir),
+            val=str(val_dir) if val_dir is not None else f"split {val_split or 0.2}",
+            train_images=len(train_data[0]),
+            val_images=len(val_data[0]),
+            feature_dtype=store.info["feature_dtype"],
+            trunk_dtype=store.info["dtype"],
+        ),
+        metrics=dict(
+            best_epoch=best.epoch,
+            val_top1=best.val_top1,
+            val_top5=best.val_top5,
+            val_loss=best.val_loss,
+            train_top1=best.train_top1,
+            train_loss=best.loss,
+        ),
+        created_by=f"aim-mlx {__version__}",
+    )
+    path = head.save_head(out, module, config, force)
+    return TrainResult(
+        path,
+        history,
+        best,
+        dataset.classes,
+        len(train_data[0]),
+        len(val_data[0]),
+        ext.computed,
+        skipped + ext.errors,
+    )

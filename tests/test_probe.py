@@ -1,0 +1,387 @@
+"""Your own classifier: probe train / eval, heads in folders, classify / load / Core ML with them.
+
+The dataset is drawn here: five colour classes, each image a random stripe texture (angle,
+frequency, phase) with colour, brightness, contrast and pixel-noise jitter. The fixture's random
+trunk separates colours, not the textures: the head has to learn which features matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF
+from PIL import Image
+
+import aim_mlx
+from aim_mlx.cli import main
+from aim_mlx.convert import convert
+from aim_mlx.probe import ProbeError, Settings, train
+from aim_mlx.probe import features as feature_cache
+from aim_mlx.probe import head as head_lib
+
+COLOURS = {
+    "red": (0.8, 0.2, 0.2),
+    "yellow": (0.8, 0.75, 0.2),
+    "green": (0.2, 0.7, 0.3),
+    "blue": (0.2, 0.3, 0.8),
+    "magenta": (0.75, 0.2, 0.7),
+}
+
+
+def draw_dataset(root: Path, per_class: int = 20, seed: int = 10, size: int = 64) -> Path:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            angle, f, p = rng.uniform(0, np.pi), rng.uniform(2, 8), rng.uniform(0, 1)
+            t = np.sin(2 * np.pi * (f * (np.cos(angle) * xx + np.sin(angle) * yy) + p))
+            c = np.array(colour) + rng.normal(0, 0.08, 3)
+            img = c * rng.uniform(0.6, 1.1) * (1 + rng.uniform(0.1, 0.5) * t[..., None])
+            img = img + rng.normal(0, 0.06, (size, size, 3))
+            pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("probe")
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(workdir, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+    with mx.stream(mx.cpu):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir) -> Path:
+    return convert(
+        workdir / "aim-tiny",
+        backbone=REF / "backbone.pth",
+        head=REF / "head_best_layers.pth",
+        num_heads=4,
+        probe_layers=[1, 2, 3, 4, 5, 6],
+        progress=False,
+        name="aim-tiny",
+    )
+
+
+@pytest.fixture(scope="module")
+def data(workdir) -> Path:
+    return draw_dataset(workdir / "data")
+
+
+@pytest.fixture(scope="module")
+def heads(workdir, model_dir, data, tmp_path_factory):
+    """Both kinds trained with the defaults (the cache env is set by hand: module scope)."""
+    with pytest.MonkeyPatch.context() as mp, mx.stream(mx.cpu):
+        mp.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+        lines = []
+        return {
+            kind: train(
+                model_dir, data, workdir / f"head-{kind}", settings=Settings(kind=kind),
+                log=lines.append,
+            )
+            for kind in ("attention", "linear")
+        }  # fmt: skip
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.mark.parametrize("kind", ["attention", "linear"])
+def test_head_learns_the_drawn_classes(heads, kind):
+    result = heads[kind]
+    assert result.best.val_top1 >= 95.0
+    assert (result.train_images, result.val_images) == (80, 20)  # 20% of each class held out
+    assert result.history[0].train_top1 < 80.0  # it did have to learn
+    assert result.best.epoch == max(
+        result.history, key=lambda s: (s.val_top1, -s.val_loss)
+    ).epoch  # fmt: skip
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["classes"] == sorted(COLOURS)
+    assert config["kind"] == kind and config["probe_layers"] == [1, 2, 3, 4, 5, 6]
+    assert config["trunk"]["sha256"] == sha256(REF / "backbone.pth")
+    assert config["metrics"]["val_top1"] == result.best.val_top1
+    assert config["metrics"]["best_epoch"] == result.best.epoch
+    assert config["training"]["seed"] == 0 and config["training"]["epochs"] == 30
+
+
+def test_training_is_seeded(heads, model_dir, data, tmp_path):
+    again = train(model_dir, data, tmp_path / "again", settings=Settings(kind="linear"),
+                  log=lambda _: None)  # fmt: skip
+    assert again.extracted == 0  # every image came from the feature cache
+    a = mx.load(str(heads["linear"].out / "head.safetensors"))
+    b = mx.load(str(again.out / "head.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.array_equal(np.array(a[k]), np.array(b[k])), k
+
+
+def numpy_head(folder: Path, tokens: np.ndarray) -> np.ndarray:
+    """The saved head applied to (B, N, D) tokens, written out in numpy (float64)."""
+    w = {
+        k: np.array(v, dtype=np.float64)
+        for k, v in mx.load(str(folder / "head.safetensors")).items()
+    }
+    x = (tokens - w["bn.running_mean"]) / np.sqrt(w["bn.running_var"] + 1e-6)
+    if "k.weight" not in w:  # linear: mean token, then W x + b
+        return x.mean(axis=1) @ w["linear.weight"].T + w["linear.bias"]
+    B, N, D = x.shape
+    H = 4
+    k = (x @ w["k.weight"].T).reshape(B, N, H, D // H)
+    v = (x @ w["v.weight"].T).reshape(B, N, H, D // H)
+    q = w["cls_token"].reshape(H, D // H)
+    scores = np.einsum("hd,bnhd->bhn", q, k) / np.sqrt(D // H)
+    attn = np.exp(scores - scores.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    pooled = np.einsum("bhn,bnhd->bhd", attn, v).reshape(B, D)
+    return pooled @ w["linear.weight"].T
+
+
+@pytest.mark.parametrize("kind", ["attention", "linear"])
+def test_head_folder_round_trip(heads, model_dir, data, kind):
+    folder = heads[kind].out
+    model = aim_mlx.load(model_dir, head=folder)
+    assert model.trained_head.classes == tuple(sorted(COLOURS))
+    assert model.args.num_classes == 5
+    x = mx.array(np.stack([aim_mlx.preprocess(p) for p in sorted(data.glob("*/00[0-2].png"))]))
+    trunk = aim_mlx.load(model_dir)
+    tokens = np.array(trunk.head_input(trunk.extract_features(x)), dtype=np.float64)
+    expected = numpy_head(folder, tokens)
+    got = np.array(model(x))
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+def test_probe_layers_last(model_dir, data, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    res = train(model_dir, data, tmp_path / "h", probe_layers="last",
+                settings=Settings(kind="linear", epochs=2), log=lambda _: None)  # fmt: skip
+    assert json.loads((res.out / "config.json").read_text())["probe_layers"] == [2, 3, 4, 5, 6, 7]
+    assert res.extracted == 100  # other layers: another feature set
+    assert aim_mlx.load(model_dir, head=res.out).args.probe_layers == (2, 3, 4, 5, 6, 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# using the head: classify, probe eval, Core ML
+
+
+def test_classify_and_probe_eval_agree(heads, model_dir, data, tmp_path):
+    head = heads["attention"].out
+    res = cli("classify", data, "-m", model_dir, "--head", head, "-k", "10", "--json",
+              "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(rows) == 100
+    classes = sorted(COLOURS)
+    for row in rows:
+        assert len(row["top_k"]) == 5  # -k 10 clamped to the 5 classes
+        assert {t["label"] for t in row["top_k"]} == set(classes)
+        assert all(classes[t["index"]] == t["label"] for t in row["top_k"])
+        assert abs(sum(t["prob"] for t in row["top_k"]) - 1) < 1e-6
+    right = [Path(r["path"]).parent.name == r["top_k"][0]["label"] for r in rows]
+
+    picture = tmp_path / "confusion.png"
+    res = cli("probe", "eval", data, "-m", model_dir, "--head", head, "--json",
+              "--confusion", picture)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["top1"] == pytest.approx(100 * np.mean(right))
+    assert out["top5"] == 100.0 and out["images"] == 100 and out["classes"] == 5
+    for name in classes:
+        mine = [ok for r, ok in zip(rows, right, strict=True) if f"/{name}/" in r["path"]]
+        assert out["per_class"][name] == {"images": 20, "top1": pytest.approx(100 * np.mean(mine))}
+    assert np.array(out["confusion"]).sum() == 100
+    with Image.open(picture) as img:
+        assert img.format == "PNG" and min(img.size) > 200
+    # the picture is not overwritten without --force; a non-PNG name is a usage error
+    res = cli("probe", "eval", data, "-m", model_dir, "--head", head, "--confusion", picture)
+    assert res.exit_code == 1 and "--force" in res.output
+    res = cli("probe", "eval", data, "-m", model_dir, "--head", head, "--confusion", "c.jpg")
+    assert res.exit_code == 2 and ".png" in res.output
+
+
+@pytest.mark.parametrize("kind", ["attention", "linear"])
+def test_core_ml_export_agrees_with_mlx(heads, model_dir, data, tmp_path, kind):
+    coreml = pytest.importorskip("aim_mlx.export.coreml")
+    try:
+        coreml.require_coremltools()
+    except coreml.ExportError:
+        pytest.skip("coremltools is not installed")
+    import mil_numpy
+
+    out = tmp_path / "Colours.mlpackage"
+    res = cli("export", "coreml", "-m", model_dir, "--head", heads[kind].out, "--out", out,
+              "--precision", "float32")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = aim_mlx.load(model_dir, head=heads[kind].out)
+    paths = sorted(data.glob("*/001.png"))
+    x = np.stack([aim_mlx.preprocess(p) for p in paths])
+    ref = np.array(mx.softmax(model(mx.array(x)), axis=-1))
+    mean = np.array(coreml.IMAGENET_MEAN).reshape(1, 3, 1, 1)
+    std = np.array(coreml.IMAGENET_STD).reshape(1, 3, 1, 1)
+    pixels = (x * std + mean) * 255  # the preprocessed images as Core ML receives them
+    prog, spec = mil_numpy.load_program(out)
+    classes = sorted(COLOURS)
+    for p, r in zip(pixels, ref, strict=True):
+        got = mil_numpy.evaluate(prog, {"image": p[None].astype(np.float32)})
+        probs = np.array([got["classLabel_probs"][c] for c in classes])
+        assert np.abs(probs - r).max() < 1e-5
+        assert got["classLabel"] == classes[int(r.argmax())]
+    meta = spec.description.metadata.userDefined
+    assert meta["aim_mlx.head_kind"] == kind
+    assert meta["aim_mlx.head_trunk_sha256"] == sha256(REF / "backbone.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# mistakes: clear errors before any work
+
+
+@pytest.fixture
+def no_trunk(monkeypatch):
+    """Fail the test if the trunk is loaded (that is, if work starts)."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the trunk was loaded")
+
+    monkeypatch.setattr(head_lib, "load_trunk", refuse)
+
+
+def make_classes(root: Path, data: Path, names: list[str]) -> Path:
+    for name in names:
+        shutil.copytree(data / name, root / name)
+    return root
+
+
+def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_trunk):
+    out = tmp_path / "head"
+    one = make_classes(tmp_path / "one", data, ["red"])
+    with pytest.raises(ProbeError, match="single class"):
+        train(model_dir, one, out)
+    empty = make_classes(tmp_path / "empty", data, ["red", "blue"])
+    (empty / "green").mkdir()
+    (empty / "green" / "notes.png").write_text("not an image")
+    with pytest.raises(ProbeError, match="'green' hold no usable image"):
+        train(model_dir, empty, out)
+    val = make_classes(tmp_path / "val", data, ["red", "green"])
+    with pytest.raises(ProbeError, match=r"only in training: \['blue'\].*validation: none"):
+        train(model_dir, make_classes(tmp_path / "t", data, ["red", "blue", "green"]), out,
+              val_dir=val)  # fmt: skip
+    assert not out.exists()
+    # the command line: one clean line, exit 1 (usage errors 2), nothing written
+    res = cli("probe", "train", one, "-m", model_dir, "-o", out)
+    assert res.exit_code == 1 and "single class" in res.output and "Traceback" not in res.output
+    res = cli("probe", "train", data, "-m", model_dir, "-o", out, "--val", val, "--val-split", 0.3)
+    assert res.exit_code == 2
+    res = cli("probe", "train", data, "-m", model_dir, "-o", out, "--kind", "mlp")
+    assert res.exit_code == 2
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    res = cli("probe", "train", data, "-m", model_dir, "-o", existing)
+    assert res.exit_code == 1 and "--force" in res.output
+    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "no" / "such" / "head")
+    assert res.exit_code == 1 and "does not exist" in res.output
+    assert not out.exists()
+
+
+def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    (root / "red" / "empty.png").write_bytes(b"")
+    good = (root / "blue" / "000.png").read_bytes()
+    (root / "blue" / "truncated.png").write_bytes(good[: len(good) // 2])
+    res = cli("probe", "train", root, "-m", model_dir, "-o", tmp_path / "h", "--epochs", "2",
+              "--kind", "linear")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"error: {root / 'red' / 'empty.png'}: not an image" in res.stderr
+    assert f"error: {root / 'blue' / 'truncated.png'}:" in res.stderr
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert config["training"]["train_images"] + config["training"]["val_images"] == 40
+
+
+def test_head_with_another_trunk_is_refused(heads, tmp_path):
+    # the same architecture from other source weights (the hub-style file): another trunk
+    other = convert(tmp_path / "other", hf_path=REF / "hf_repo", progress=False, name="other")
+    head = heads["attention"].out
+    with pytest.raises(ProbeError) as e:
+        aim_mlx.load(other, head=head)
+    message = str(e.value)
+    assert "aim-tiny" in message and "other" in message
+    assert sha256(REF / "backbone.pth")[:12] in message
+    assert sha256(REF / "hf_repo" / "pytorch_model.bin")[:12] in message
+    res = cli("classify", REF / "images", "-m", other, "--head", head)
+    assert res.exit_code == 1 and "was trained on the trunk aim-tiny" in res.output
+
+
+def test_head_keywords_win_over_folders(heads, model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(heads["linear"].out, tmp_path / "best")
+    assert aim_mlx.load(model_dir, head="best").args.num_classes == 1000
+    assert aim_mlx.load(model_dir, head="./best").args.num_classes == 5
+    res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", "nowhere")
+    assert res.exit_code == 2 and "neither best, last nor a folder" in res.output
+    res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", tmp_path)
+    assert res.exit_code == 1 and "no config.json" in res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# the feature cache
+
+
+def test_interrupted_extraction_resumes(data, model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    write = feature_cache.FeatureSet.write
+    calls = []
+
+    def interrupted_after_7(self, key, array):
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        calls.append(key)
+        write(self, key, array)
+
+    monkeypatch.setattr(feature_cache.FeatureSet, "write", interrupted_after_7)
+    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--no-progress")
+    assert res.exit_code == 130 and not (tmp_path / "h").exists()
+    (folder,) = (tmp_path / "cache" / "features").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{k}.npy" for k in calls] + ["info.json"]
+    )  # fmt: skip
+    monkeypatch.setattr(feature_cache.FeatureSet, "write", write)
+    result = train(model_dir, data, tmp_path / "h", settings=Settings(epochs=2),
+                   log=lambda _: None)  # fmt: skip
+    assert result.extracted == 100 - 7
+    # the cached features are the trunk's head input, in float16
+    trunk = aim_mlx.load(model_dir)
+    path = sorted(data.glob("red/*.png"))[0]
+    tokens = trunk.head_input(trunk.extract_features(mx.array(aim_mlx.preprocess(path)[None])))
+    cached = np.load(folder / f"{sha256(path)}.npy")
+    assert cached.dtype == np.float16 and cached.shape == (256, 64)
+    np.testing.assert_allclose(cached, np.array(tokens[0]), rtol=2e-3, atol=1e-3)
+
+
+def test_cache_lists_and_removes_feature_sets(heads, workdir):
+    res = cli("cache")
+    assert res.exit_code == 0, res.output
+    (key,) = [p.name for p in (workdir / "cache" / "features").iterdir()]
+    assert key in res.output and "100 images" in res.output
+    res = cli("cache", "rm", key)
+    assert res.exit_code == 0 and f"removed features {key}" in res.output
+    assert not (workdir / "cache" / "features" / key).exists()
