@@ -24,7 +24,9 @@ REPO = "aim-test-org/AIM-tiny"
 FILES = ["backbone.pth", "head_best_layers.pth", "head_last_layers.pth"]
 LOGITS = np.load(REF / "logits_images_best.npz")
 ENTRY = "aim-tiny--best--float32"
-AIM_MLX = Path(sys.executable).with_name("aim-mlx")  # the installed console script
+# The installed console script: beside this Python (a venv), else on PATH (a --target install).
+AIM_MLX = Path(sys.executable).with_name("aim-mlx")
+AIM_MLX = AIM_MLX if AIM_MLX.exists() else Path(shutil.which("aim-mlx") or AIM_MLX)
 
 
 def sha256(path: Path) -> str:
