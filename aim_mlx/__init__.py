@@ -4,6 +4,7 @@
 # optimized BLAS for MLX on the Linux CPU (blas.py).
 from . import blas, runtime
 
+runtime.check_backend()
 runtime.setup()
 blas.setup()
 

@@ -16,9 +16,11 @@ defaults. `aim_mlx/__init__.py` calls `setup()` before anything imports `mlx.cor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
+from pathlib import Path
 
 BUFFER_ENV = "MLX_MAX_MB_PER_BUFFER"
 OFF_ENV = "AIM_MLX_BUFFER_LIMIT"
@@ -57,6 +59,22 @@ def setup() -> None:
             f"memory); import aim_mlx first, or set {BUFFER_ENV} in the environment.",
             RuntimeWarning,
             stacklevel=3,
+        )
+
+
+def check_backend() -> None:
+    """On Linux, MLX without a backend (`pip install aim-mlx` with no extra) cannot load:
+    say which install command fixes it, instead of MLX's "libmlx.so: cannot open" later."""
+    if not sys.platform.startswith("linux"):
+        return
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return  # no MLX at all: importing it says so
+    if not any((Path(p) / "lib" / "libmlx.so").exists() for p in spec.submodule_search_locations):
+        raise ImportError(
+            "aim-mlx: MLX is installed without a backend (no libmlx.so in the mlx package). "
+            'Install one: pip install "aim-mlx[cpu]" (CPU), "aim-mlx[cuda]" (NVIDIA GPU, CUDA 13) '
+            'or "aim-mlx[cuda12]" (CUDA 12); from a source tree: pip install ".[cpu]".'
         )
 
 

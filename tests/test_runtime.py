@@ -78,6 +78,17 @@ def test_late_import_warns_only_where_cuda_reads_the_limit():
     assert "import aim_mlx first" in on_cuda["warnings"][0]
 
 
+@linux
+def test_mlx_without_a_backend_names_the_install_command(tmp_path):
+    (tmp_path / "mlx").mkdir()
+    (tmp_path / "mlx" / "__init__.py").write_text("")  # the bare `mlx` wheel: no lib/libmlx.so
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", "import aim_mlx"], env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 1
+    assert "without a backend" in out.stderr and 'pip install "aim-mlx[cpu]"' in out.stderr
+
+
 @pytest.mark.skipif(sys.platform != "darwin", reason="macOS only")
 def test_metal_keeps_its_own_limits():
     assert probe()["after"] is None
