@@ -1,8 +1,11 @@
 """aim-mlx: Apple's AIM v1 vision models in pure MLX."""
 
-# First, before anything imports mlx.core: an optimized BLAS for MLX on the Linux CPU.
-from . import blas
+# First, before anything imports mlx.core: a bounded GPU command buffer (runtime.py) and an
+# optimized BLAS for MLX on the Linux CPU (blas.py).
+from . import blas, runtime
 
+runtime.check_backend()
+runtime.setup()
 blas.setup()
 
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402

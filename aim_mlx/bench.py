@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import __version__, blas
+from . import __version__, blas, runtime
 from .convert.converter import QUANTIZED_LAYER
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.aim import QuantizedLinear
@@ -181,10 +181,27 @@ def max_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
+def gpu() -> str | None:
+    """The GPU MLX can use: name, backend and memory; None without one."""
+    backend = "Metal" if mx.metal.is_available() else "CUDA" if mx.cuda.is_available() else None
+    if backend is None:
+        return None
+    try:
+        info = mx.device_info(mx.gpu) if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:
+        return f"{backend} GPU"
+    memory = info.get("total_memory") or info.get("memory_size")
+    size = f", {int(memory) / 2**30:.1f} GiB" if memory else ""
+    return f"{info.get('device_name', 'GPU')} ({backend}{size})"
+
+
 def environment() -> dict:
+    gpu_name = gpu()
     return {
         "device": str(mx.default_device()),
         "chip": chip(),
+        "gpu": gpu_name,
+        "gpu_runtime": runtime.describe() if gpu_name else None,
         "mlx_version": mx.__version__,
         "aim_mlx_version": __version__,
         "blas": blas.describe(),

@@ -173,7 +173,7 @@ def bench(
 
 @main.command()
 def info():
-    """Versions, device and the BLAS that MLX's CPU matmuls use."""
+    """Versions, device, GPU and the BLAS that MLX's CPU matmuls use."""
     from . import bench as lib
 
     for key, value in lib.environment().items():

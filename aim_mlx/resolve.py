@@ -23,8 +23,8 @@ class ModelNotFoundError(ModelLoadError):
 
 
 def default_dtype() -> str:
-    """float16 on the GPU (Metal); float32 on the CPU, where half precision is 40-100x slower."""
-    on_gpu = mx.metal.is_available() and mx.default_device() == mx.gpu
+    """float16 on a GPU (Metal, CUDA); float32 on the CPU (half precision: 40-100x slower)."""
+    on_gpu = mx.default_device() == mx.gpu
     return "float16" if on_gpu else "float32"
 
 

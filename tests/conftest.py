@@ -1,7 +1,13 @@
 import json
+import os
 from pathlib import Path
 
-import aim_mlx  # noqa: F401  (first: it loads an optimized BLAS before mlx.core)
+# Full float32 matmuls on a GPU (MLX's CUDA backend multiplies float32 in TF32 by default), so
+# that float32 parity keeps tight bounds there too. Read when MLX starts: set before it loads.
+# The CPU backend does not read it; subprocesses inherit it.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import aim_mlx  # noqa: E402, F401  (first: it loads an optimized BLAS before mlx.core)
 
 # isort: split
 import mlx.core as mx
@@ -10,6 +16,44 @@ import pytest
 
 REF = Path(__file__).parent / "fixtures" / "reference"
 FIXTURE_CONFIG = json.loads((REF / "fixtures.json").read_text())
+
+TF32 = os.environ.get("MLX_ENABLE_TF32", "1").strip() != "0"
+TF32_BOUND = 5e-3  # float32 logits with TF32 matmuls: measured 2.0-2.7e-3 x std on an H100
+
+
+def gpu_available() -> bool:
+    """A GPU MLX can run on (Metal or CUDA); then it is MLX's default device."""
+    return mx.metal.is_available() or mx.cuda.is_available()
+
+
+def float32_bound(bound: float, gpu: bool | None = None) -> float:
+    """A float32 parity bound (x std) on the device the computation runs on (default: MLX's
+    default device): `bound` unless float32 matmuls run in TF32 there (CUDA, TF32 on)."""
+    gpu = mx.default_device() == mx.gpu if gpu is None else gpu
+    return max(bound, TF32_BOUND) if gpu and TF32 and mx.cuda.is_available() else bound
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs only where MLX's default device is a GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if mx.default_device() == mx.gpu:
+        return
+    skip = pytest.mark.skip(reason="GPU-only behaviour: MLX's default device here is the CPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def pin_cpu():
+    """MLX's default device is the CPU for a module whose tests are about CPU machinery
+    (conversion, caching, the CLI) rather than the device's arithmetic."""
+    previous = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    yield
+    mx.set_default_device(previous)
 
 
 def reference_weights(variant: str) -> dict:

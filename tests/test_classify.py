@@ -19,6 +19,10 @@ from aim_mlx.cli import main
 from aim_mlx.convert import convert
 from aim_mlx.labels import imagenet_classes
 
+# classify / embed / eval machinery, checked against float32 reference values at CPU bounds:
+# MLX's default device (a GPU where there is one, with float16 by default) is pinned to the CPU.
+pytestmark = pytest.mark.usefixtures("pin_cpu")
+
 LOGITS = np.load(REF / "logits_images_best.npz")
 PROBE = FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
 

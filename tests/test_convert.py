@@ -22,6 +22,9 @@ from aim_mlx.cli import main
 from aim_mlx.convert import ConversionError, convert, open_checkpoint
 from aim_mlx.convert import converter as converter_module
 
+# Conversion, and float32 parity at CPU bounds: on the CPU whatever MLX's default device is.
+pytestmark = pytest.mark.usefixtures("pin_cpu")
+
 BACKBONE, HEAD_BEST, HEAD_LAST = (
     REF / "backbone.pth",
     REF / "head_best_layers.pth",

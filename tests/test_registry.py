@@ -13,6 +13,9 @@ import aim_mlx
 from aim_mlx import cache, registry
 from aim_mlx.resolve import default_dtype, resolve
 
+# Names, the cache and the CPU's default dtype: on the CPU whatever MLX's default device is.
+pytestmark = pytest.mark.usefixtures("pin_cpu")
+
 SHAPES = json.loads((REF / "official_parameter_shapes.json").read_text())
 
 

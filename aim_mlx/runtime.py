@@ -1,0 +1,94 @@
+"""MLX settings that aim-mlx applies before `mlx.core` is first imported.
+
+MLX's GPU backends (Metal and CUDA) group operations into command buffers (CUDA graphs) and
+keep every input of a buffer's operations alive until the buffer has finished on the GPU; up to
+ten committed buffers may be in flight. How much one buffer may hold therefore decides the
+forward pass's peak memory. MLX reads that limit from the environment, once per process, when
+its first GPU stream is created (there is no `mx.*` function for it): `MLX_MAX_MB_PER_BUFFER`
+(and `MLX_MAX_OPS_PER_BUFFER`). On Metal its defaults are small (40-50 MB, by chip); on CUDA
+they are large (1000 MB on an H100), and the activations then cost several times the
+weights. So on Linux aim-mlx sets `MLX_MAX_MB_PER_BUFFER` (default below) unless it is set
+already; MLX's CPU backend does not read it. Where and why: benchmarks/README.md, "GPU memory".
+
+`MLX_MAX_MB_PER_BUFFER=N` set by the user wins; `AIM_MLX_BUFFER_LIMIT=off` keeps MLX's own
+defaults. `aim_mlx/__init__.py` calls `setup()` before anything imports `mlx.core`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+BUFFER_ENV = "MLX_MAX_MB_PER_BUFFER"
+OFF_ENV = "AIM_MLX_BUFFER_LIMIT"
+BUFFER_MB = 256
+TF32_ENV = "MLX_ENABLE_TF32"
+
+_state = {"done": False, "source": None, "late": False}
+
+
+def _off() -> bool:
+    return os.environ.get(OFF_ENV, "").strip().lower() in ("off", "0", "none", "false")
+
+
+def setup() -> None:
+    """Bound MLX's GPU command buffers on Linux (the CUDA backend), once per process."""
+    if _state["done"]:
+        return
+    _state["done"] = True
+    if not sys.platform.startswith("linux"):
+        _state["source"] = "mlx"  # Metal's own limits are already small
+        return
+    if os.environ.get(BUFFER_ENV, "").strip():
+        _state["source"] = "user"
+        return
+    if _off():
+        _state["source"] = "mlx"
+        return
+    os.environ[BUFFER_ENV] = str(BUFFER_MB)
+    _state["source"] = "aim-mlx"
+    _state["late"] = "mlx.core" in sys.modules
+    if _state["late"] and _cuda_backend():
+        # MLX may already have created its GPU stream, and read the limit with it.
+        warnings.warn(
+            f"aim-mlx: mlx.core was imported before aim_mlx, so {BUFFER_ENV}={BUFFER_MB} may come "
+            f"too late and the GPU keep MLX's larger command buffers (several times the peak "
+            f"memory); import aim_mlx first, or set {BUFFER_ENV} in the environment.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def check_backend() -> None:
+    """On Linux, MLX without a backend (`pip install aim-mlx` with no extra) cannot load:
+    say which install command fixes it, instead of MLX's "libmlx.so: cannot open" later."""
+    if not sys.platform.startswith("linux"):
+        return
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return  # no MLX at all: importing it says so
+    if not any((Path(p) / "lib" / "libmlx.so").exists() for p in spec.submodule_search_locations):
+        raise ImportError(
+            "aim-mlx: MLX is installed without a backend (no libmlx.so in the mlx package). "
+            'Install one: pip install "aim-mlx[cpu]" (CPU), "aim-mlx[cuda]" (NVIDIA GPU, CUDA 13) '
+            'or "aim-mlx[cuda12]" (CUDA 12); from a source tree: pip install ".[cpu]".'
+        )
+
+
+def _cuda_backend() -> bool:
+    mx = sys.modules.get("mlx.core")
+    return bool(mx is not None and mx.cuda.is_available())
+
+
+def describe() -> str:
+    """One line for `aim-mlx info`: the GPU command-buffer limit and float32 matmul precision."""
+    value = os.environ.get(BUFFER_ENV, "").strip()
+    if sys.platform.startswith("linux") and value:
+        limit = f"{BUFFER_ENV}={value} ({_state['source'] or 'user'})"
+    else:
+        limit = "MLX's default"
+    tf32 = "off" if os.environ.get(TF32_ENV, "").strip() == "0" else "MLX's default (on)"
+    return f"command buffer: {limit}; float32 matmuls TF32: {tf32}"

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The GPU lane: the whole test suite with the GPU as MLX's default device, then aim-mlx against
+# PyTorch side by side (benchmarks/vs_pytorch_gpu.py). Everything it writes goes to $OUT.
+# On the borrowed GPU machine, from the project's root, after `eval "$(bash .gpu/bootstrap.sh)"`
+# (the exact calls: benchmarks/gpu_lane_commands.md). LANE_SMOKE=1 runs a small version of it
+# anywhere (the GPU tests and the benchmark's --smoke), which is how tests check this script.
+#   LANE_TEST_TIMEOUT   seconds for the test suite (default 300)
+#   LANE_BENCH_SECONDS  seconds for the benchmark (default 190; it stops starting new work 25 s
+#                       before, and keeps what it measured)
+#   LANE_PARTS          "tests bench" (default), or one of them
+#   LANE_BENCH_ARGS     more arguments for vs_pytorch_gpu.py (e.g. "--models aim-600M,aim-1B")
+set -uo pipefail
+: "${OUT:?set OUT to the folder whose files come back}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+SMOKE=${LANE_SMOKE:-0}
+PARTS=${LANE_PARTS:-tests bench}
+status=0
+
+{
+  date -u
+  nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+  $PY -m aim_mlx.cli info
+} > "$OUT/machine.txt" 2>&1
+
+if [[ " $PARTS " == *" tests "* ]]; then
+  args=(-q -p no:cacheprovider --junitxml "$OUT/pytest.xml")
+  $PY -c "import coremltools" 2>/dev/null || args+=(--ignore tests/test_coreml.py)
+  if [ "$SMOKE" = 1 ]; then args+=(tests/test_gpu.py tests/test_runtime.py); else args+=(tests); fi
+  timeout "${LANE_TEST_TIMEOUT:-300}" $PY -m pytest "${args[@]}" > "$OUT/pytest.txt" 2>&1
+  rc=$?
+  echo "pytest exit status: $rc" >> "$OUT/pytest.txt"
+  tail -n 15 "$OUT/pytest.txt"
+  [ "$rc" = 0 ] || status=1
+fi
+
+if [[ " $PARTS " == *" bench "* ]]; then
+  seconds=${LANE_BENCH_SECONDS:-190}
+  args=(--out "$OUT" --max-seconds "$((seconds - 25))")
+  [ "$SMOKE" = 1 ] && args+=(--smoke)
+  read -r -a extra <<< "${LANE_BENCH_ARGS:-}"
+  args+=("${extra[@]}")
+  timeout "$seconds" $PY benchmarks/vs_pytorch_gpu.py "${args[@]}" > "$OUT/bench.log" 2>&1
+  rc=$?
+  echo "benchmark exit status: $rc" >> "$OUT/bench.log"
+  if [ -f "$OUT/vs_pytorch_gpu.md" ]; then cat "$OUT/vs_pytorch_gpu.md"; else tail -n 20 "$OUT/bench.log"; fi
+  [ "$rc" = 0 ] || status=1
+fi
+exit $status

@@ -1,0 +1,365 @@
+"""aim-mlx on a GPU against PyTorch on the same GPU, side by side, interleaved, in one run.
+
+    python benchmarks/vs_pytorch_gpu.py --out results/          # on the GPU machine (gpu_lane.sh)
+    python benchmarks/vs_pytorch_gpu.py --smoke --out /tmp/s    # anywhere: a tiny model, batch 2
+
+For each model size (batch 64; aim-7B 32; 224 px; all blocks, the last-layers head) and dtype
+(bfloat16, float16), each round times aim-mlx (`aim_mlx.bench.run`: images/s and
+`mx.get_peak_memory()` over the timed iterations, weights included) and then PyTorch: timm's
+VisionTransformer of the same shape (embed dim, depth, heads, MLP ratio 4, patch 14, no biases
+in the trunk's matmuls, average pooling + linear instead of AIM's attention-pooling head),
+float32 weights under `torch.autocast` to the dtype, fused SDPA, inference mode, in a separate
+process (`torch.cuda.max_memory_allocated()`). Ratios are taken within each round; the table
+gives their median and range. TFLOP/s use aim-mlx's matmul FLOP count for both sides.
+
+Then the levers, at aim-600M bfloat16 batch 64, each in a fresh process (MLX reads its
+command-buffer limits once per process): aim-mlx's default, MLX's own limits, other
+MLX_MAX_MB_PER_BUFFER values, `mx.compile`, and the peak at other batch sizes.
+
+Writes vs_pytorch_gpu.json (after every measurement, so a run cut short keeps what it did) and
+vs_pytorch_gpu.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aim_mlx  # noqa: F401  (first: it sets MLX's GPU buffer limit before mlx.core loads)
+
+# isort: split
+import mlx.core as mx
+
+from aim_mlx import bench, runtime
+from aim_mlx.models import ModelArgs, preset_args
+
+HERE = Path(__file__).parent
+SIZES = {"aim-600M": 64, "aim-1B": 64, "aim-3B": 64, "aim-7B": 32}
+DTYPES = ("bfloat16", "float16")
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet
+SMOKE_ARGS = dict(embed_dim=64, num_blocks=8, num_heads=4)  # the test fixture's shape
+BUFFER_KEYS = (runtime.BUFFER_ENV, "MLX_MAX_OPS_PER_BUFFER", runtime.OFF_ENV)
+
+
+def model_args(name: str) -> ModelArgs:
+    if name == "aim-tiny":
+        return ModelArgs(**SMOKE_ARGS, probe_layers=range(2, 8))
+    return preset_args(name, head="last")
+
+
+def measure_mlx(name: str, batch: int, dtype: str, model, warmup: int, iters: int, **kw) -> dict:
+    config = bench.BenchConfig(
+        model=name, batch_size=batch, dtype=dtype, head="last", warmup=warmup, iters=iters, **kw
+    )
+    row = bench.run(config, model=model)
+    keep = ("images_per_s", "peak_memory_gb", "weight_gb", "gflops_per_image", "blocks")
+    return {k: row[k] for k in keep}
+
+
+# ---- PyTorch, in its own process (benchmarks/_torch_gpu_worker.py) ---------------------------
+
+
+class Torch:
+    """The PyTorch side: a worker process, or nothing where torch (or its device) is missing."""
+
+    def __init__(self, python: str, device: str):
+        self.proc, self.info = None, {"skipped": "torch device none"}
+        if device == "none":
+            return
+        probe = subprocess.run([python, "-c", "import torch, timm"], capture_output=True)
+        if probe.returncode != 0:
+            self.info = {"skipped": f"no torch/timm in {python}"}
+            return
+        self.proc = subprocess.Popen(
+            [python, str(HERE / "_torch_gpu_worker.py"), device],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info = json.loads(self.proc.stdout.readline())
+        if self.info.get("device") == "none":
+            self.close()
+            self.info["skipped"] = "no CUDA or MPS device for torch"
+
+    def measure(self, args: ModelArgs, batch: int, dtype: str, warmup: int, iters: int) -> dict:
+        if self.proc is None:
+            return {}
+        req = dict(
+            embed_dim=args.embed_dim,
+            depth=args.num_blocks,
+            num_heads=args.num_heads,
+            img_size=args.img_size,
+            batch=batch,
+            dtype=dtype,
+            warmup=warmup,
+            iters=iters,
+        )
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait()
+            self.proc = None
+
+
+# ---- Levers: one fresh process each ----------------------------------------------------------
+
+
+def levers(smoke: bool) -> list[dict]:
+    own = {runtime.OFF_ENV: "off"}
+    rows = [
+        dict(lever=f"aim-mlx default ({runtime.BUFFER_ENV}={runtime.BUFFER_MB})", env={}),
+        dict(lever="MLX's own buffer limits", env=own),
+    ]
+    for mb in (64,) if smoke else (64, 128, 512):
+        rows.append(dict(lever=f"{runtime.BUFFER_ENV}={mb}", env={runtime.BUFFER_ENV: str(mb)}))
+    rows.append(dict(lever="mx.compile, aim-mlx default", env={}, compile=True))
+    if not smoke:
+        rows += [
+            dict(
+                lever="MLX_MAX_OPS_PER_BUFFER=8, MLX's MB limit",
+                env={**own, "MLX_MAX_OPS_PER_BUFFER": "8"},
+            )
+        ]
+        for batch in (16, 128):
+            rows += [
+                dict(lever=f"aim-mlx default, batch {batch}", env={}, batch=batch),
+                dict(lever=f"MLX's own buffer limits, batch {batch}", env=own, batch=batch),
+            ]
+    return rows
+
+
+def run_lever(spec: dict) -> None:
+    """In a fresh process: one bench.run, printed as JSON."""
+    name, dtype = spec["model"], spec["dtype"]
+    model = bench.random_model(model_args(name), bench.DTYPES[dtype])
+    row = measure_mlx(
+        name,
+        spec["batch"],
+        dtype,
+        model,
+        spec["warmup"],
+        spec["iters"],
+        compile=spec.get("compile", False),
+    )
+    row["buffer_setting"] = runtime.describe()
+    print(json.dumps(row), flush=True)
+
+
+def lever_in_subprocess(spec: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in BUFFER_KEYS}
+    env.update(spec["env"])
+    out = subprocess.run(
+        [sys.executable, __file__, "--lever", json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- The report ------------------------------------------------------------------------------
+
+
+def summarize(rounds: list[dict], peak_tflops: float) -> dict:
+    mlx_ips = [r["mlx"]["images_per_s"] for r in rounds if "images_per_s" in r.get("mlx", {})]
+    torch_ips = [r["torch"]["images_per_s"] for r in rounds if "images_per_s" in r.get("torch", {})]
+    ratios = [
+        r["mlx"]["images_per_s"] / r["torch"]["images_per_s"]
+        for r in rounds
+        if "images_per_s" in r.get("mlx", {}) and "images_per_s" in r.get("torch", {})
+    ]
+    s = {}
+    if mlx_ips:
+        gflop = rounds[0]["mlx"]["gflops_per_image"]
+        s["mlx_images_per_s"] = statistics.median(mlx_ips)
+        s["mlx_tflops"] = gflop * s["mlx_images_per_s"] / 1e3
+        s["mlx_fraction_of_peak"] = s["mlx_tflops"] / peak_tflops
+        s["mlx_peak_gb"] = max(r["mlx"]["peak_memory_gb"] for r in rounds if "mlx" in r)
+        if torch_ips:
+            s["torch_images_per_s"] = statistics.median(torch_ips)
+            s["torch_tflops"] = gflop * s["torch_images_per_s"] / 1e3
+            peaks = [r["torch"].get("peak_memory_gb") for r in rounds]
+            s["torch_peak_gb"] = max((p for p in peaks if p is not None), default=None)
+    if ratios:
+        s["ratio_median"], s["ratio_min"], s["ratio_max"] = (
+            statistics.median(ratios),
+            min(ratios),
+            max(ratios),
+        )
+    return s
+
+
+def fmt(v, spec="{:.3g}") -> str:
+    return "-" if v is None else spec.format(v)
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# aim-mlx vs PyTorch on a GPU",
+        "",
+        f"- device: {meta['gpu']}; MLX {meta['mlx_version']}; {meta['buffer_setting']}",
+        f"- PyTorch side: {meta['torch']}",
+        f"- command: `{meta['command']}`; {meta['rounds']} interleaved rounds, "
+        f"{meta['warmup']} warmup + {meta['iters']} timed iterations each; 224 px, all blocks",
+        f"- TFLOP/s from aim-mlx's matmul FLOP count; fraction of {meta['peak_tflops']:g} "
+        "TFLOP/s (H100 SXM bf16 dense peak); peak GiB: mx.get_peak_memory vs "
+        "torch.cuda.max_memory_allocated (weights included; PyTorch's are float32 under autocast)",
+        "",
+        "| model (batch) | dtype | aim-mlx img/s | PyTorch img/s | ratio (median, range) "
+        "| aim-mlx TFLOP/s | PyTorch TFLOP/s | aim-mlx of peak | peak GiB aim-mlx / PyTorch |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results["comparison"]:
+        s = row["summary"]
+        if "error" in row or not s:
+            lines.append(
+                f"| {row['model']} ({row['batch']}) | {row['dtype']} | "
+                f"{row.get('error', 'no result')} | | | | | | |"
+            )
+            continue
+        ratio = (
+            f"{s['ratio_median']:.2f}x ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
+            if "ratio_median" in s
+            else "-"
+        )
+        lines.append(
+            f"| {row['model']} ({row['batch']}) | {row['dtype']} "
+            f"| {fmt(s.get('mlx_images_per_s'))} "
+            f"| {fmt(s.get('torch_images_per_s'))} | {ratio} | {fmt(s.get('mlx_tflops'))} "
+            f"| {fmt(s.get('torch_tflops'))} | {fmt(s.get('mlx_fraction_of_peak'), '{:.0%}')} "
+            f"| {fmt(s.get('mlx_peak_gb'), '{:.2f}')} / {fmt(s.get('torch_peak_gb'), '{:.2f}')} |"
+        )
+    if results["levers"]:
+        first = results["levers"][0]
+        lines += [
+            "",
+            f"Levers: {first['model']} {first['dtype']}, each in a fresh process",
+            "",
+            "| lever | batch | img/s | vs default | peak GiB |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        base = first.get("result", {}).get("images_per_s")
+        for lever in results["levers"]:
+            r = lever.get("result", {})
+            ips = r.get("images_per_s")
+            rel = f"{ips / base:.2f}x" if ips and base and lever["batch"] == first["batch"] else "-"
+            peak = fmt(r.get("peak_memory_gb"), "{:.2f}")
+            lines.append(
+                f"| {lever['lever']} | {lever['batch']} | {fmt(ips)} | {rel} | {peak}"
+                f"{r.get('error', '')} |"
+            )
+    lines += ["", *results["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON and markdown")
+    p.add_argument("--models", default=",".join(SIZES), help="comma-separated preset names")
+    p.add_argument("--dtypes", default=",".join(DTYPES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--torch-python", default=sys.executable)
+    p.add_argument("--torch-device", default="auto", help="auto (cuda, mps or none), cpu, none")
+    p.add_argument("--no-levers", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    p.add_argument("--max-seconds", type=float, default=None, help="stop starting new work after")
+    p.add_argument("--smoke", action="store_true", help="the fixture-sized model, batch 2, 1 round")
+    a = p.parse_args()
+    start = time.perf_counter()
+    sizes = {"aim-tiny": 2} if a.smoke else {m: SIZES[m] for m in a.models.split(",")}
+    rounds, warmup, iters = (1, 1, 1) if a.smoke else (a.rounds, a.warmup, a.iters)
+    torch_device = "cpu" if a.smoke and a.torch_device == "auto" else a.torch_device
+    a.out.mkdir(parents=True, exist_ok=True)
+    torch_side = Torch(a.torch_python, torch_device)
+    results = {
+        "meta": {
+            "gpu": bench.gpu() or f"no GPU: {mx.default_device()}",
+            "mlx_version": mx.__version__,
+            "buffer_setting": runtime.describe(),
+            "torch": torch_side.info,
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "rounds": rounds,
+            "warmup": warmup,
+            "iters": iters,
+            "peak_tflops": a.peak_tflops,
+        },
+        "comparison": [],
+        "levers": [],
+        "notes": [],
+    }
+
+    def save():
+        (a.out / "vs_pytorch_gpu.json").write_text(json.dumps(results, indent=1))
+        (a.out / "vs_pytorch_gpu.md").write_text(markdown(results))
+
+    def out_of_time(what: str) -> bool:
+        if a.max_seconds is not None and time.perf_counter() - start > a.max_seconds:
+            results["notes"].append(f"not run (time budget of {a.max_seconds:g} s): {what}")
+            return True
+        return False
+
+    for name, batch in sizes.items():
+        args = model_args(name)
+        for dtype in a.dtypes.split(","):
+            if out_of_time(f"{name} {dtype}"):
+                continue
+            row = {"model": name, "batch": batch, "dtype": dtype, "rounds": [], "summary": {}}
+            results["comparison"].append(row)
+            try:
+                model = bench.random_model(args, bench.DTYPES[dtype])
+                for _ in range(rounds):
+                    mlx_row = measure_mlx(name, batch, dtype, model, warmup, iters)
+                    torch_row = torch_side.measure(args, batch, dtype, warmup, iters)
+                    row["rounds"].append({"mlx": mlx_row, "torch": torch_row})
+                    print(name, dtype, json.dumps(row["rounds"][-1]), flush=True)
+            except Exception as e:  # e.g. out of memory: record it, go on
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            model = None
+            gc.collect()
+            mx.clear_cache()
+            row["summary"] = summarize(row["rounds"], a.peak_tflops) if row["rounds"] else {}
+            save()
+    torch_side.close()
+
+    if not a.no_levers:
+        lever_model = "aim-tiny" if a.smoke else "aim-600M"
+        for spec in levers(a.smoke):
+            if out_of_time(spec["lever"]):
+                continue
+            spec = {
+                "model": lever_model,
+                "dtype": "bfloat16",
+                "batch": sizes.get(lever_model, 64),
+                "warmup": warmup,
+                "iters": iters,
+                **spec,
+            }
+            spec["result"] = lever_in_subprocess(spec)
+            print("lever", json.dumps(spec), flush=True)
+            results["levers"].append(spec)
+            save()
+    save()
+    print((a.out / "vs_pytorch_gpu.md").read_text())
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--lever"]:
+        run_lever(json.loads(sys.argv[2]))
+    else:
+        main()

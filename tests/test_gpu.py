@@ -1,0 +1,144 @@
+"""The GPU path: what runs where MLX's default device is a GPU (Metal on a Mac; MLX's CUDA
+backend as the stand-in elsewhere). Skipped, saying why, where the default device is the CPU."""
+
+import math
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from conftest import FIXTURE_CONFIG, REF, TF32_BOUND, float32_bound, rel_err, to_np
+
+import aim_mlx
+from aim_mlx import bench, runtime
+from aim_mlx.convert import convert
+from aim_mlx.models import ops
+from aim_mlx.resolve import default_dtype
+
+pytestmark = pytest.mark.gpu
+
+INPUTS = {"input.npy": "", "input_252x196.npy": "_252x196"}
+# Logits against the reference, x std: float32 is the CPU's bound (TF32 off) or TF32's;
+# measured on an H100: float16 3.8-4.0e-3, bfloat16 2.7e-2.
+HALF_BOUND = {"float16": 1e-2, "bfloat16": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-converted")
+    folders = {}
+    for variant, cfg in FIXTURE_CONFIG["variants"].items():
+        for dtype in ("float32", "float16", "bfloat16"):
+            folders[variant, dtype] = convert(
+                root / f"{variant}-{dtype}",
+                backbone=REF / "backbone.pth",
+                head=REF / cfg["head"],
+                num_heads=4,
+                probe_layers=",".join(map(str, cfg["probe_layers"])),
+                dtype=dtype,
+                progress=False,
+            )
+    return folders
+
+
+def test_gpu_defaults():
+    assert ops.on_gpu() and not ops.widen_low_precision()
+    assert default_dtype() == "float16"
+    env = bench.environment()
+    assert "GiB" in env["gpu"] and "command buffer" in env["gpu_runtime"]
+
+
+@pytest.mark.parametrize("dtype", HALF_BOUND)
+def test_native_half_precision_in_the_forward(converted, dtype):
+    model = aim_mlx.load(converted["best", dtype])
+    assert model.activation_dtype() == getattr(mx, dtype)  # no widening to float32
+    x = mx.array(np.load(REF / "input.npy"))
+    assert all(f.dtype == getattr(mx, dtype) for f in model.extract_features(x))
+    assert model(x).dtype == mx.float32
+
+
+@pytest.mark.parametrize("input_name", INPUTS)
+@pytest.mark.parametrize("dtype", ["float32", *HALF_BOUND])
+def test_parity_with_the_reference(converted, variant, dtype, input_name):
+    model = aim_mlx.load(converted[variant, dtype])
+    ref = np.load(REF / f"logits_{variant}{INPUTS[input_name]}.npy")
+    out = np.array(model(mx.array(np.load(REF / input_name))))
+    bound = float32_bound(1e-4) if dtype == "float32" else HALF_BOUND[dtype]
+    assert out.shape == ref.shape and rel_err(out, ref) < bound
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * bound * ref.std()
+    np.testing.assert_array_equal(out.argmax(1)[clear], ref.argmax(1)[clear])
+
+
+def test_quantized_runs_natively(tmp_path):
+    out = convert(tmp_path / "q8", backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth",
+                  num_heads=4, probe_layers="1,2,3,4,5,6", dtype="float16", quantize=True,
+                  q_bits=8, progress=False)  # fmt: skip
+    model = aim_mlx.load(out)
+    assert isinstance(model.trunk.blocks[0].mlp.fc1, nn.QuantizedLinear)
+    ref = np.load(REF / "logits_best.npy")
+    logits = np.array(model(mx.array(np.load(REF / "input.npy"))))
+    assert rel_err(logits, ref) < 0.05  # 8-bit trunk: 0.032 x std on the CPU
+
+
+def softmax_attention_f64(q, k, v, scale):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    s = q @ k.swapaxes(-1, -2) * scale
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("n_query", [257, 1], ids=["self", "pooling"])
+@pytest.mark.parametrize("dtype, bound", [("float32", 3e-5), ("float16", 1e-2)])
+def test_fused_attention(n_query, dtype, bound):
+    keys = mx.random.split(mx.random.key(3), 3)
+    q = mx.random.normal((2, 4, n_query, 16), key=keys[0]).astype(getattr(mx, dtype))
+    k, v = (mx.random.normal((2, 4, 257, 16), key=kk).astype(q.dtype) for kk in keys[1:])
+    out = ops.attention(q, k, v, 0.25)
+    fused = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25)
+    np.testing.assert_array_equal(to_np(out), to_np(fused))  # the fused kernel is what runs
+    ref = softmax_attention_f64(to_np(q), to_np(k), to_np(v), 0.25)
+    assert rel_err(to_np(out), ref) < (float32_bound(bound) if dtype == "float32" else bound)
+
+
+def test_gelu_and_layer_norm_use_mlx_kernels():
+    x = mx.random.normal((4096,), key=mx.random.key(4)) * 4
+    np.testing.assert_array_equal(np.array(ops.gelu(x)), np.array(nn.gelu(x)))
+    xs = np.array(x, np.float64)
+    exact = xs * 0.5 * (1 + np.array([math.erf(t / math.sqrt(2)) for t in xs]))
+    assert np.max(np.abs(np.array(ops.gelu(x)) - exact) / np.maximum(1, np.abs(xs))) < 2e-6
+    rows = mx.random.normal((8, 256), key=mx.random.key(5))
+    w, b = mx.ones((256,)) * 1.5, mx.ones((256,)) * 0.1
+    out = np.array(mx.fast.layer_norm(rows, w, b, 1e-6))
+    r = np.array(rows, np.float64)
+    ref = (r - r.mean(-1, keepdims=True)) / np.sqrt(r.var(-1, keepdims=True) + 1e-6) * 1.5 + 0.1
+    assert np.abs(out - ref).max() < 1e-5
+
+
+MATMUL = """
+import aim_mlx, mlx.core as mx, numpy as np
+a = mx.random.normal((512, 1024), key=mx.random.key(0))
+b = mx.random.normal((1024, 512), key=mx.random.key(1))
+ref = np.array(a, np.float64) @ np.array(b, np.float64)
+print(float(np.abs(np.array(a @ b) - ref).max() / ref.std()))
+"""
+
+
+def matmul_error(tf32: str) -> float:
+    env = {**os.environ, runtime.TF32_ENV: tf32}
+    out = subprocess.run([sys.executable, "-c", MATMUL], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout)
+
+
+def test_float32_matmul_is_full_precision_with_tf32_off():
+    assert matmul_error("0") < 1e-5  # float32 accumulation over 1024 terms: about 1e-6
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="TF32 by default is CUDA's")
+def test_tf32_is_on_by_default_on_cuda_and_within_its_bound():
+    error = matmul_error("1")
+    assert 1e-5 < error < TF32_BOUND  # TF32 keeps 10 mantissa bits: about 1e-3

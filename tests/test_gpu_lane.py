@@ -1,0 +1,44 @@
+"""benchmarks/gpu_lane.sh and vs_pytorch_gpu.py in their smoke mode: the GPU lane's script runs
+end to end here (tiny model, batch 2), so a call to the GPU machine does not fail on a typo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_lane_smoke_writes_its_results(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "LANE_SMOKE": "1", "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lane.sh")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "mlx_version" in (out / "machine.txt").read_text()
+
+    suite = ET.parse(out / "pytest.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) > 0 and suite.get("failures") == suite.get("errors") == "0"
+
+    results = json.loads((out / "vs_pytorch_gpu.json").read_text())
+    assert [(r["model"], r["batch"], r["dtype"]) for r in results["comparison"]] == [
+        ("aim-tiny", 2, "bfloat16"),
+        ("aim-tiny", 2, "float16"),
+    ]
+    for row in results["comparison"]:
+        mlx = row["rounds"][0]["mlx"]
+        assert mlx["images_per_s"] > 0 and mlx["peak_memory_gb"] >= mlx["weight_gb"] > 0
+        assert row["summary"]["mlx_tflops"] > 0
+    # Each lever ran in its own process, with its own buffer setting.
+    settings = {lever["lever"]: lever["result"]["buffer_setting"] for lever in results["levers"]}
+    assert "MLX_MAX_MB_PER_BUFFER=256 (aim-mlx)" in settings[next(iter(settings))]
+    assert "MLX's default" in settings["MLX's own buffer limits"]
+    assert "MLX_MAX_MB_PER_BUFFER=64 (user)" in settings["MLX_MAX_MB_PER_BUFFER=64"]
+    table = (out / "vs_pytorch_gpu.md").read_text()
+    assert "| aim-tiny (2) | bfloat16 |" in table and "| mx.compile, aim-mlx default | 2 |" in table
