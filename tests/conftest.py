@@ -82,15 +82,6 @@ def ref_dir() -> Path:
     return REF
 
 
-@pytest.fixture
-def cpu_device():
-    """MLX's default device set to the CPU for one test (tests of CPU-only machinery)."""
-    device = mx.default_device()
-    mx.set_default_device(mx.cpu)
-    yield
-    mx.set_default_device(device)
-
-
 @pytest.fixture(params=["best", "last"])
 def variant(request) -> str:
     return request.param

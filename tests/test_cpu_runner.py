@@ -8,7 +8,7 @@ from conftest import REF, build_reference_model, rel_err, to_np
 
 from aim_mlx.models import cpu_runner
 
-pytestmark = pytest.mark.usefixtures("cpu_device")
+pytestmark = pytest.mark.usefixtures("pin_cpu")
 
 
 def spy_on_streams(monkeypatch) -> list:

@@ -13,7 +13,7 @@ from conftest import REF, build_reference_model, rel_err, to_np
 
 from aim_mlx.models import ops
 
-pytestmark = pytest.mark.usefixtures("cpu_device")
+pytestmark = pytest.mark.usefixtures("pin_cpu")
 
 
 GRID = np.linspace(-8.0, 8.0, 400_001)  # step 4e-5, covers the clamp at +-4 and beyond
