@@ -1,10 +1,9 @@
 """Give MLX's Linux CPU backend an optimized BLAS.
 
-The `mlx[cpu]` wheel links the reference BLAS: a 1024^3 float32 matmul runs at about
-3 GFLOP/s, against about 130 GFLOP/s with OpenBLAS on the same machine. Loading an
-optimized library with RTLD_GLOBAL before `mlx.core` is first imported makes MLX's
-matmuls resolve to it (same results, 40x faster). `aim_mlx/__init__.py` calls `setup()`
-before anything imports `mlx.core`.
+The `mlx[cpu]` wheel links the reference BLAS, many times slower than an optimized one
+(measured in README.md, "Performance"). Loading an optimized library with RTLD_GLOBAL before
+`mlx.core` is first imported makes MLX's matmuls resolve to it (same results, faster).
+`aim_mlx/__init__.py` calls `setup()` before anything imports `mlx.core`.
 
 `AIM_MLX_BLAS=/path/to/lib.so` names the library, `AIM_MLX_BLAS=off` turns this off.
 On macOS nothing is done: MLX uses Accelerate there.
@@ -140,7 +139,7 @@ def _maybe_warn() -> None:
     else:
         why = "no optimized BLAS found; install OpenBLAS (Debian/Ubuntu: apt install libopenblas0)"
     warnings.warn(
-        f"aim-mlx: MLX's CPU matmuls use the slow reference BLAS (about 40x slower): {why}, "
+        f"aim-mlx: MLX's CPU matmuls use the slow reference BLAS: {why}, "
         f"or set {ENV}=/path/to/libblas.so ({ENV}=off silences this).",
         RuntimeWarning,
         stacklevel=3,

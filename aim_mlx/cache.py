@@ -23,6 +23,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .loader import ModelLoadError, read_config
+
 CACHE_ENV = "AIM_MLX_CACHE"
 
 
@@ -67,10 +69,11 @@ def lock(key: str, on_wait=None):
         file_lock.release()
 
 
-def read_config(folder: Path) -> dict | None:
+def _config(folder: Path) -> dict | None:
+    """The entry's config, None where it is missing or unreadable (converted again on use)."""
     try:
-        return json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_config(folder, check_version=False)
+    except ModelLoadError:
         return None
 
 
@@ -84,7 +87,7 @@ def is_current(folder: Path) -> bool:
     """A complete entry written by this converter format version."""
     from .convert import FORMAT_VERSION
 
-    config = read_config(folder)
+    config = _config(folder)
     return bool(config) and config.get("format_version") == FORMAT_VERSION and has_weights(folder)
 
 
@@ -108,7 +111,7 @@ def list_entries() -> list[Entry]:
     entries = []
     for path in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
         entries.append(
-            Entry(path.name, path, folder_size(path), read_config(path), is_current(path))
+            Entry(path.name, path, folder_size(path), _config(path), is_current(path))
         )
     return entries
 

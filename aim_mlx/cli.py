@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .constants import DTYPES, GB
 from .export import coreml
 
 
@@ -36,7 +37,7 @@ def main():
 @click.option("--img-size", type=int, help="Default input size (default 224).")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=click.Choice(DTYPES),
     default="float32",
     show_default=True,
 )
@@ -97,7 +98,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 def _dtype_list(ctx, param, value: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in ("float32", "float16", "bfloat16")]
+    bad = [v for v in items if v not in DTYPES]
     if bad or not items:
         raise click.BadParameter(
             f"expected float32, float16 and/or bfloat16 (comma-separated), got {value!r}"
@@ -180,9 +181,9 @@ def info():
         click.echo(f"{key}: {value}")
 
 
-# ---- Model names, the cache, classify / embed / eval (issue 3) --------------------------------
+# ---- Model names, the cache, classify / embed / eval -------------------------------------------
 
-DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
+DTYPE_CHOICE = click.Choice(DTYPES)
 
 
 class HeadParam(click.ParamType):
@@ -404,7 +405,7 @@ def eval_command(
 def _gb(nbytes: int | None, exact: bool = True) -> str:
     if nbytes is None:
         return "?"
-    size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+    size = f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.1f} MB"
     return size if exact else "~" + size
 
 
@@ -549,7 +550,7 @@ def cache_rm_downloads(models):
             click.echo(f"removed {spec.name} downloads ({_gb(freed)})")
 
 
-# ---- Export (issue 5) ------------------------------------------------------------------------
+# ---- Export ---------------------------------------------------------------------------------
 
 
 @main.group()

@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import GB
 from .convert.checkpoint import file_sha256
 from .registry import HubFile, ModelSpec, estimated_sizes
-
-GB = 1e9
 
 
 class HubError(RuntimeError):

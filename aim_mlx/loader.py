@@ -17,7 +17,9 @@ class ModelLoadError(ValueError):
     """A model folder that cannot be loaded; the message says why."""
 
 
-def read_config(path: str | Path) -> dict:
+def read_config(path: str | Path, check_version: bool = True) -> dict:
+    """A model folder's config.json; ModelLoadError if it is missing, unreadable, not a JSON
+    object, or (`check_version`) written by another converter format version."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -27,8 +29,12 @@ def read_config(path: str | Path) -> dict:
         )
     try:
         config = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{config_file}: cannot read it as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{config_file}: not a JSON object")
+    if not check_version:
+        return config
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelLoadError(

@@ -12,10 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, hub, registry
-from .loader import ModelLoadError
-
-DTYPES = ("float32", "float16", "bfloat16")
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+from .constants import DTYPES, GB, ITEMSIZE
+from .loader import ModelLoadError, read_config
 
 
 class ModelNotFoundError(ModelLoadError):
@@ -23,7 +21,8 @@ class ModelNotFoundError(ModelLoadError):
 
 
 def default_dtype() -> str:
-    """float16 on a GPU (Metal, CUDA); float32 on the CPU (half precision: 40-100x slower)."""
+    """float16 on a GPU (Metal, CUDA); float32 on the CPU, where half precision is much slower
+    (README.md, "Performance")."""
     on_gpu = mx.default_device() == mx.gpu
     return "float16" if on_gpu else "float32"
 
@@ -148,7 +147,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     if not keep:
         freed = hub.remove_downloads(spec, hf_cache_dir)
         if freed:
-            say(f"removed {freed / 1e9:.2f} GB of downloaded checkpoints", progress)
+            say(f"removed {freed / GB:.2f} GB of downloaded checkpoints", progress)
     return out
 
 
@@ -159,8 +158,10 @@ def _quant_kwargs(quant: dict | None) -> dict:
 
 
 def _is_converted(path: Path) -> bool:
-    config = cache.read_config(path) if path.is_dir() else None
-    return bool(config) and "format_version" in config
+    """A folder with an aim-mlx config.json (a malformed one is an error, not "no config")."""
+    if not (path / "config.json").is_file():
+        return False
+    return "format_version" in read_config(path, check_version=False)
 
 
 def find_checkpoints(folder: Path, head: str) -> dict:

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
-CROP_RATIO = 0.875
+from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+
+MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 # Modes holding more than 8 bits per sample: scaled down, not clipped.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}

@@ -11,6 +11,7 @@ from test_hub import FILES, REPO, registry_entry
 
 import aim_mlx
 from aim_mlx import cache, registry
+from aim_mlx.loader import read_config
 from aim_mlx.resolve import default_dtype, resolve
 
 # Names, the cache and the CPU's default dtype: on the CPU whatever MLX's default device is.
@@ -90,7 +91,7 @@ def test_load_by_name_downloads_converts_and_matches_the_reference(tmp_path):
         half = resolve("aim-tiny", dtype="float16", endpoint=server.url, hf_cache_dir=hf)
         assert half.name == "aim-tiny--best--float16"
         q8 = aim_mlx.load("aim-tiny", quantize_bits=8, endpoint=server.url, hf_cache_dir=hf)
-        q8_config = cache.read_config(cache.entry_dir("aim-tiny--best--float32--q8g64"))
+        q8_config = read_config(cache.entry_dir("aim-tiny--best--float32--q8g64"))
         assert q8_config["quantization"]["bits"] == 8
         logits = np.array(q8(mx.array(np.load(REF / "input.npy"))))
         assert rel_err(logits, np.load(REF / "logits_best.npy")) < 0.05
@@ -136,3 +137,28 @@ def test_folder_of_official_layout_checkpoints_uses_the_registry_architecture(tm
         "best--float32",
         "last--float32",
     ]
+
+
+def test_malformed_config_is_reported_as_such(tmp_path):
+    """A model folder whose config.json is broken is named as such, not as "no config.json"."""
+    from aim_mlx.loader import ModelLoadError
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"format_version": 1,')  # cut short
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"config.json: cannot read it as JSON"):
+        aim_mlx.load(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match=r"config.json: not a JSON object"):
+        aim_mlx.load(folder)
+
+
+def test_cache_entry_with_broken_config_is_not_current(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path))
+    entry = cache.entry_dir("aim-tiny--best--float32")
+    entry.mkdir(parents=True)
+    (entry / "config.json").write_text("{not json")
+    (entry / "model.safetensors").write_bytes(b"x")
+    (listed,) = cache.list_entries()
+    assert listed.config is None and listed.current is False

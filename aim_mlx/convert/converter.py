@@ -25,23 +25,25 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, GiB
+from ..constants import DTYPES as DTYPE_NAMES
 from ..models.aim import AIM, PRESETS, ModelArgs, last_probe_layers
 from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 
 FORMAT_VERSION = 1
-SHARD_BYTES = 5 * 1024**3
+SHARD_BYTES = 5 * GiB
 PATCH_WEIGHT = "preprocessor.patchifier.proj.weight"
 DROPPED_KEYS = ("head.bn.num_batches_tracked",)
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 # The trunk's matmul weights are quantized. The head (k, v, linear: about 3% of the weights) stays
 # in the chosen float dtype: quantizing it measurably moves the logits (tests/test_convert.py).
 QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 PREPROCESS = {
-    "resize_ratio": 0.875,
+    "resize_ratio": CROP_RATIO,
     "interpolation": "bicubic",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
 }
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
@@ -34,9 +35,6 @@ PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
 TARGETS = ("iOS17", "iOS18")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_RATIO = 0.875  # upstream eval transform: resize the shorter side to ceil(size / 0.875)
 
 FP16_MAX = 65504.0
 # A sample cannot bound every input: refuse float16 once activations pass half of its range.

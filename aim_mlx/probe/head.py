@@ -93,7 +93,7 @@ def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = Fals
     return out
 
 
-def read_config(folder: str | Path) -> dict:
+def read_head_config(folder: str | Path) -> dict:
     folder = Path(folder)
     file = folder / "config.json"
     if not folder.is_dir():
@@ -130,7 +130,7 @@ def check_trunk(config: dict, trunk: TrunkInfo, folder) -> None:
 def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
     """Replace the model's head by the trained head in `folder`; the model then reads the
     head's probe layers, takes its image size by default and carries `model.trained_head`."""
-    config = read_config(folder)
+    config = read_head_config(folder)
     check_trunk(config, trunk, folder)
     classes = config["classes"]
     head = make_head(config["kind"], model.args, len(classes))
@@ -158,6 +158,6 @@ def load_trunk(model, dtype: str | None = None, **kwargs) -> tuple[AIM, TrunkInf
 
 def load_with_head(model, head, dtype: str | None = None, **kwargs) -> AIM:
     """`aim_mlx.load(model, head=FOLDER)`: the trunk of `model` with a trained head."""
-    read_config(head)  # a bad head folder is reported before any download or conversion
+    read_head_config(head)  # a bad head folder is reported before any download or conversion
     net, trunk = load_trunk(model, dtype, **kwargs)
     return attach(net, head, trunk)
