@@ -11,6 +11,7 @@ from test_hub import FILES, REPO, registry_entry
 
 import aim_mlx
 from aim_mlx import cache, registry
+from aim_mlx.loader import read_config
 from aim_mlx.resolve import default_dtype, resolve
 
 SHAPES = json.loads((REF / "official_parameter_shapes.json").read_text())
@@ -87,7 +88,7 @@ def test_load_by_name_downloads_converts_and_matches_the_reference(tmp_path):
         half = resolve("aim-tiny", dtype="float16", endpoint=server.url, hf_cache_dir=hf)
         assert half.name == "aim-tiny--best--float16"
         q8 = aim_mlx.load("aim-tiny", quantize_bits=8, endpoint=server.url, hf_cache_dir=hf)
-        q8_config = cache.read_config(cache.entry_dir("aim-tiny--best--float32--q8g64"))
+        q8_config = read_config(cache.entry_dir("aim-tiny--best--float32--q8g64"))
         assert q8_config["quantization"]["bits"] == 8
         logits = np.array(q8(mx.array(np.load(REF / "input.npy"))))
         assert rel_err(logits, np.load(REF / "logits_best.npy")) < 0.05

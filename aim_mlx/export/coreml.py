@@ -12,11 +12,13 @@ the head, (1, embed_dim), the vector the classifier's last linear layer reads.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -25,16 +27,15 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
+from ..output import prepare_output
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
 TARGETS = ("iOS17", "iOS18")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_RATIO = 0.875  # upstream eval transform: resize the shorter side to ceil(size / 0.875)
 
 FP16_MAX = 65504.0
 # A sample cannot bound every input: refuse float16 once activations pass half of its range.
@@ -68,7 +69,7 @@ PREVIEW_TYPE_KEY = "com.apple.coreml.model.preview.type"
 ANE_WEIGHT_LIMIT = 2**31
 
 
-class ExportError(ValueError):
+class ExportError(AimMlxError, ValueError):
     """A user-facing export problem (bad option, unsafe precision, existing output)."""
 
 
@@ -405,6 +406,20 @@ def default_name(args) -> str:
     return f"AIM v1 (embed {args.embed_dim}, {args.num_blocks} blocks)"
 
 
+@contextmanager
+def _progress_bars(progress: bool):
+    """coremltools draws tqdm bars with no option to hide them: while it runs, tqdm's default
+    becomes "only on a terminal" (progress) or "never"."""
+    from tqdm import tqdm
+
+    init = tqdm.__dict__["__init__"]
+    tqdm.__init__ = functools.partialmethod(init, disable=None if progress else True)
+    try:
+        yield
+    finally:
+        tqdm.__init__ = init
+
+
 def _compress(ct, mlmodel, compress: str, target: str):
     """Compress the weights of the linear layers and the patch convolution."""
     if compress == "none":
@@ -481,6 +496,7 @@ def export_coreml(
     labels: list[str] | None = None,
     sample: mx.array | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write `model` (an `aim_mlx.models.AIM`) as a Core ML `.mlpackage` at `out`.
 
@@ -492,6 +508,7 @@ def export_coreml(
         (k-means look-up tables: per 16 channels on iOS18, per tensor on iOS17).
     target: "iOS17" (attention as matmul/softmax) or "iOS18" (fused scaled_dot_product_attention).
     features: output the attention-pooled `features` instead of the classifier's outputs.
+    progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
     """
     out = check_output(out, overwrite)
     args = model.args
@@ -522,18 +539,19 @@ def export_coreml(
     # (as in freshly initialised weights) makes the compressors refuse the shared constant.
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes({"common::const_deduplication"})
-    mlmodel = ct.convert(
-        program,
-        pass_pipeline=pipeline,
-        inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
-        classifier_config=None if features else ct.ClassifierConfig(labels),
-        minimum_deployment_target=opset,
-        compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
-        convert_to="mlprogram",
-        skip_model_load=True,
-    )
-    del program
-    mlmodel = _compress(ct, mlmodel, compress, target)
+    with _progress_bars(progress):
+        mlmodel = ct.convert(
+            program,
+            pass_pipeline=pipeline,
+            inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
+            classifier_config=None if features else ct.ClassifierConfig(labels),
+            minimum_deployment_target=opset,
+            compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
+            convert_to="mlprogram",
+            skip_model_load=True,
+        )
+        del program
+        mlmodel = _compress(ct, mlmodel, compress, target)
     _describe(
         mlmodel,
         name=name or default_name(args),
@@ -559,15 +577,15 @@ def export_coreml(
 
 
 def check_output(out: str | Path, overwrite: bool = False) -> Path:
-    """The output path, if usable: a .mlpackage in an existing folder, new unless `overwrite`."""
+    """The output path, if usable: a .mlpackage that can be written (missing folders are
+    created), new unless `overwrite`."""
     out = Path(out)
     if out.suffix != ".mlpackage":
         raise ExportError(f"the output must end in .mlpackage, got {out}")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (overwrite it with --force)")
-    if not out.parent.is_dir():
-        raise ExportError(f"the output folder {out.parent} does not exist")
-    return out
+    try:
+        return prepare_output(out, force=overwrite)
+    except OutputError as e:
+        raise ExportError(str(e)) from None
 
 
 def _check_options(precision, compress, target, img_size, patch):
