@@ -457,3 +457,21 @@ def test_rm_downloads_says_when_there_is_nothing(tmp_path, monkeypatch):
     result = cli("cache", "rm-downloads", "aim-1B")
     clean(result, 0)
     assert "nothing to remove: no downloads of aim-1B" in result.stdout
+
+
+def test_a_write_failure_during_conversion_is_one_line(tmp_path, monkeypatch):
+    from aim_mlx.convert import converter
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(converter.SafetensorsWriter, "write", disk_full)
+    err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", tmp_path / "m"), 1)
+    assert "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux's")
+def test_convert_into_proc_is_refused_before_work(tmp_path):
+    err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", "/proc/m"), 1)
+    assert "cannot write /proc/m" in err

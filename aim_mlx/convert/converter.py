@@ -407,9 +407,11 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             config["sources"] = hasher.result()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _move_into_place(tmp, out, force)
-    except BaseException:
+    except BaseException as e:
         hasher.stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, AimMlxError):  # disk full, I/O error
+            raise ConversionError(f"{e.filename or out}: {e.strerror or e}") from None
         raise
     return out
 

@@ -571,6 +571,8 @@ def export_coreml(
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:  # disk full, I/O error
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
