@@ -16,11 +16,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+local"
 
 
-def load(model, head="best", dtype=None, **kwargs):
+def load(model, head=None, dtype=None, **kwargs):
     """An AIM model (`aim_mlx.models.AIM`, eval mode) from a model name such as "aim-600M"
     (downloaded and converted into the cache on first use), a converted folder, or a folder of
-    PyTorch checkpoints. `head`: "best", "last" or a trained head's folder (`aim-mlx probe
-    train`). See `aim_mlx.resolve.resolve` for the options."""
+    PyTorch checkpoints. `head`: "best", "last", or a trained head's folder (`aim-mlx probe
+    train`); None takes a converted folder's own head, else best. See `aim_mlx.resolve.resolve`
+    for the options."""
     from .resolve import load as load_resolved
 
     return load_resolved(model, head, dtype, **kwargs)

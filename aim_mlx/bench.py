@@ -19,13 +19,11 @@ import mlx.nn as nn
 import numpy as np
 
 from . import __version__, blas, runtime
-from .constants import DTYPES as DTYPE_NAMES
-from .constants import GiB
+from .constants import MX_DTYPES, GiB
 from .convert.converter import QUANTIZED_LAYER
+from .errors import OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.aim import QuantizedLinear
-
-DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 
 
 @dataclass
@@ -123,7 +121,7 @@ def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, s
 
 
 def make_model(config: BenchConfig) -> AIM:
-    dtype = DTYPES[config.dtype]
+    dtype = MX_DTYPES[config.dtype]
     overrides = {"img_size": config.img_size} if config.img_size else {}
     if config.model in PRESETS:
         args = preset_args(config.model, head=config.head, **overrides)
@@ -131,11 +129,11 @@ def make_model(config: BenchConfig) -> AIM:
     path = Path(config.model)
     if not path.is_dir():
         names = ", ".join(PRESETS)
-        raise ValueError(f"--model {config.model!r}: not a preset ({names}) nor a model folder")
+        raise OptionError(f"--model {config.model!r}: not a preset ({names}) nor a model folder")
     from .loader import load_model
 
     if config.q_bits or config.dtype != "float32":
-        raise ValueError(
+        raise OptionError(
             f"--model {path}: a converted folder is benchmarked as it was converted; "
             "--dtype and --quantize apply to preset names only"
         )
@@ -145,7 +143,7 @@ def make_model(config: BenchConfig) -> AIM:
 
 
 def model_dtype_and_bits(model: AIM) -> tuple[str, int | None]:
-    names = {v: k for k, v in DTYPES.items()}
+    names = {v: k for k, v in MX_DTYPES.items()}
     bits = None
     for _, m in model.named_modules():
         if isinstance(m, nn.QuantizedLinear):
@@ -243,7 +241,7 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
         "images_per_s": images_per_s,
         "latency_ms_p50": 1e3 * float(np.percentile(times, 50)),
         "latency_ms_p90": 1e3 * float(np.percentile(times, 90)),
-        "peak_memory_gb": mx.get_peak_memory() / GiB,  # GiB, as named below
+        "peak_memory_gb": mx.get_peak_memory() / GiB,
         "build_peak_memory_gb": build_peak / GiB,
         "weight_gb": weight_bytes(model) / GiB,
         "max_rss_gb": max_rss_bytes() / GiB,

@@ -23,9 +23,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .loader import ModelLoadError, read_config
+from .errors import AimMlxError
+from .output import check_writable
 
 CACHE_ENV = "AIM_MLX_CACHE"
+
+
+class CacheError(AimMlxError, OSError):
+    """The cache cannot be written, or has no such entry."""
 
 
 def cache_root() -> Path:
@@ -50,12 +55,27 @@ def entry_dir(key: str) -> Path:
     return cache_root() / "models" / key
 
 
+def ensure_writable() -> Path:
+    """The cache root, its folders created; CacheError naming AIM_MLX_CACHE if it cannot be
+    written."""
+    root = cache_root()
+    try:
+        for folder in (root / "models", root / ".locks"):
+            folder.mkdir(parents=True, exist_ok=True)
+            check_writable(folder, "cannot write the cache")
+    except OSError as e:
+        raise CacheError(
+            f"cannot write the model cache {root} ({e.strerror or e}); set {CACHE_ENV} to a "
+            "writable folder"
+        ) from None
+    return root
+
+
 @contextmanager
 def lock(key: str, on_wait=None):
     """Hold the inter-process lock of one entry, waiting as long as it takes; `on_wait()` is
     called once if another process holds it."""
-    path = cache_root() / ".locks" / f"{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = ensure_writable() / ".locks" / f"{key}.lock"
     file_lock = FileLock(path)
     try:
         file_lock.acquire(timeout=0)
@@ -69,14 +89,6 @@ def lock(key: str, on_wait=None):
         file_lock.release()
 
 
-def _config(folder: Path) -> dict | None:
-    """The entry's config, None where it is missing or unreadable (converted again on use)."""
-    try:
-        return read_config(folder, check_version=False)
-    except ModelLoadError:
-        return None
-
-
 def has_weights(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() or (
         folder / "model.safetensors.index.json"
@@ -87,8 +99,18 @@ def is_current(folder: Path) -> bool:
     """A complete entry written by this converter format version."""
     from .convert import FORMAT_VERSION
 
-    config = _config(folder)
+    config = _config_or_none(folder)
     return bool(config) and config.get("format_version") == FORMAT_VERSION and has_weights(folder)
+
+
+def _config_or_none(folder: Path) -> dict | None:
+    """An entry's config, or None for a missing or damaged one (converted again on use)."""
+    from .loader import ModelLoadError, read_config
+
+    try:
+        return read_config(folder)
+    except ModelLoadError:
+        return None
 
 
 def folder_size(folder: Path) -> int:
@@ -111,7 +133,7 @@ def list_entries() -> list[Entry]:
     entries = []
     for path in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
         entries.append(
-            Entry(path.name, path, folder_size(path), _config(path), is_current(path))
+            Entry(path.name, path, folder_size(path), _config_or_none(path), is_current(path))
         )
     return entries
 
@@ -120,10 +142,13 @@ def remove(key: str) -> int:
     """Delete one entry (under its lock); bytes freed."""
     path = entry_dir(key)
     if not path.is_dir():
-        raise FileNotFoundError(f"no cache entry {key!r} in {cache_root() / 'models'}")
+        raise CacheError(f"no cache entry {key!r} in {cache_root() / 'models'}")
     with lock(key):
         size = folder_size(path)
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except OSError as e:
+            raise CacheError(f"cannot remove {path}: {e.strerror or e} ({CACHE_ENV})") from None
     return size
 
 

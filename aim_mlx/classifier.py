@@ -34,6 +34,7 @@ def classify_iter(
     k: int = 5,
     batch_size: int = 8,
     progress: bool = False,
+    img_size: int | None = None,
 ) -> Iterator[dict]:
     """Like `classify`, one row at a time as batches finish."""
     items = images.collect(inputs)
@@ -46,7 +47,7 @@ def classify_iter(
     for item, row in images.run(
         logits,
         items,
-        size=model.args.img_size,
+        size=images.input_size(model, img_size),
         batch_size=batch_size,
         progress=progress,
         desc="classify",
@@ -64,14 +65,20 @@ def classify(
     k: int = 5,
     batch_size: int = 8,
     progress: bool = False,
+    img_size: int | None = None,
 ) -> list[dict]:
     """Classify image files and folders (searched recursively, sorted).
 
     `model`: an AIM model (see `aim_mlx.load`; with a trained head, its classes are the labels
     and `k` is clamped to their number). Returns one row per image, in order:
     `{"path": ..., "top_k": [{"index": i, "label": ..., "prob": p}, ...]}`, or
-    `{"path": ..., "error": reason}` for a file that could not be read.
+    `{"path": ..., "error": reason}` for a file that could not be read. `img_size`: the input
+    size, a multiple of the patch size (default: the model's).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    return list(classify_iter(model, inputs, k=k, batch_size=batch_size, progress=progress))
+    return list(
+        classify_iter(
+            model, inputs, k=k, batch_size=batch_size, progress=progress, img_size=img_size
+        )
+    )

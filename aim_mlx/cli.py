@@ -2,23 +2,162 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .constants import DTYPES, GB
+from .constants import DTYPE_NAMES, GB, MB, MiB
+from .errors import AimMlxError, OptionError
 from .export import coreml
+
+INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 
 def _exit_on_sigterm():
     """Turn SIGTERM into SystemExit so that cleanup code (temporary folders) runs."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@contextmanager
+def _reported(ctx: click.Context):
+    """The project's errors as one line: an option the library refuses is a usage error (exit
+    2), any other AimMlxError exits 1; Ctrl-C exits 130. Anything else is a bug: traceback."""
+    try:
+        yield
+    except OptionError as e:
+        raise click.UsageError(str(e), ctx) from None
+    except AimMlxError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted", err=True)
+        raise click.exceptions.Exit(INTERRUPTED) from None
+
+
+class Command(click.Command):
+    def invoke(self, ctx):
+        with _reported(ctx):
+            return super().invoke(ctx)
+
+
+class Group(click.Group):
+    command_class = Command
+    group_class = type  # sub-groups are of this class too
+
+    def invoke(self, ctx):
+        _exit_on_sigterm()
+        with _reported(ctx):
+            return super().invoke(ctx)
+
+
+# ---- Option sets shared by the commands ---------------------------------------------------
+
+
+def _options(*options):
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
+def _img_size(ctx, param, value: int | None) -> int | None:
+    if value is not None and (value <= 0 or value % 14):
+        raise click.BadParameter(f"must be a positive multiple of 14 (the patch size), got {value}")
+    return value
+
+
+weight_options = _options(
+    click.option(
+        "--head",
+        default=None,
+        help="best or last: which official head (the best or the last six layers), or a "
+        "folder made by `aim-mlx probe train` (a folder named best: ./best). "
+        "Default: a converted folder's own head, else best.",
+    ),
+    click.option(
+        "--dtype",
+        type=click.Choice(DTYPE_NAMES),
+        default=None,
+        help="Weight dtype. Default: float16 on the GPU (Metal), float32 on the CPU.",
+    ),
+    click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."),
+    click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True),
+)
+"""--head, --dtype, -q/--quantize, --q-bits: which weights to load or convert."""
+
+model_options = _options(
+    click.option(
+        "--model",
+        "-m",
+        default="aim-600M",
+        show_default=True,
+        help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
+        "converted folder, or a folder of PyTorch checkpoints.",
+    ),
+    weight_options,
+)
+"""-m/--model and the weight options: what to load (fetched and converted on first use)."""
+
+
+def output_options(help: str, **path_kwargs):
+    """-o/--out (required) and --force (replace an existing output)."""
+    return _options(
+        click.option("--out", "-o", required=True, type=click.Path(**path_kwargs), help=help),
+        click.option("--force", is_flag=True, help="Replace an existing output."),
+    )
+
+
+progress_option = click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Progress messages on stderr, and bars when stderr is a terminal.",
+)
+img_size_option = click.option(
+    "--img-size",
+    type=int,
+    default=None,
+    callback=_img_size,
+    help="Input size, a multiple of 14 [default: the model's, 224].",
+)
+
+
+def batch_size_option(default: int = 8):
+    return click.option(
+        "--batch-size", "-b", default=default, show_default=True, type=click.IntRange(1)
+    )
+
+
+def json_option(help: str):
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def _bits(quantize: bool, q_bits: str) -> int | None:
+    return int(q_bits) if quantize else None
+
+
+def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
+    from .resolve import load
+
+    return load(model, head, dtype, quantize_bits=_bits(quantize, q_bits), progress=progress)
+
+
+def report_error(path: str, reason: str) -> None:
+    click.echo(f"error: {path}: {reason}", err=True)
+
+
+# ---- Commands -----------------------------------------------------------------------------
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="aim-mlx")
 def main():
     """Apple's AIM v1 vision models in pure MLX."""
@@ -28,30 +167,26 @@ def main():
 @click.option("--backbone", type=click.Path(dir_okay=False), help="Official *_backbone.pth file.")
 @click.option("--head", type=click.Path(dir_okay=False), help="Official *_head_*_layers.pth file.")
 @click.option("--hf-path", help="Hub-style folder or repo id (config.json + weights).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@output_options("Output folder (missing parent folders are created).", file_okay=False)
 @click.option(
     "--probe-layers",
     help="Blocks the head reads: best, last or I,J,... (default: from the head file or config).",
 )
-@click.option("--num-heads", type=int, help="Attention heads, for non-official sizes.")
-@click.option("--img-size", type=int, help="Default input size (default 224).")
-@click.option(
-    "--dtype",
-    type=click.Choice(DTYPES),
-    default="float32",
-    show_default=True,
-)
+@click.option("--num-heads", type=click.IntRange(1), help="Attention heads, for other sizes.")
+@img_size_option
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
 @click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
 @click.option(
     "--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
 )
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@progress_option
 def convert(
     backbone,
     head,
     hf_path,
     out,
+    force,
     probe_layers,
     num_heads,
     img_size,
@@ -59,30 +194,38 @@ def convert(
     quantize,
     q_bits,
     q_group_size,
-    force,
+    progress,
 ):
     """Convert official PyTorch checkpoints into an MLX model folder (no PyTorch needed)."""
-    from .convert import ConversionError
+    from .convert import ConversionError, parse_probe_layers
     from .convert import convert as run_convert
 
-    _exit_on_sigterm()
-    try:
-        path = run_convert(
-            out,
-            backbone=backbone,
-            head=head,
-            hf_path=hf_path,
-            probe_layers=probe_layers,
-            num_heads=num_heads,
-            img_size=img_size,
-            dtype=dtype,
-            quantize=quantize,
-            q_bits=int(q_bits),
-            q_group_size=int(q_group_size),
-            force=force,
+    if hf_path and (backbone or head):
+        raise click.UsageError("give either --hf-path or --backbone and --head, not both")
+    if not hf_path and not (backbone and head):
+        raise click.UsageError(
+            "give --backbone FILE and --head FILE (official *_backbone.pth and *_head_*.pth), "
+            "or --hf-path FOLDER_OR_REPO"
         )
+    try:
+        parse_probe_layers(probe_layers)
     except ConversionError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.BadParameter(str(e), param_hint="--probe-layers") from None
+    path = run_convert(
+        out,
+        backbone=backbone,
+        head=head,
+        hf_path=hf_path,
+        probe_layers=probe_layers,
+        num_heads=num_heads,
+        img_size=img_size,
+        dtype=dtype,
+        quantize=quantize,
+        q_bits=int(q_bits),
+        q_group_size=int(q_group_size),
+        force=force,
+        progress=progress,
+    )
     click.echo(f"wrote {path}")
 
 
@@ -98,7 +241,7 @@ def _int_list(ctx, param, value: str) -> list[int]:
 
 def _dtype_list(ctx, param, value: str) -> list[str]:
     items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in DTYPES]
+    bad = [v for v in items if v not in DTYPE_NAMES]
     if bad or not items:
         raise click.BadParameter(
             f"expected float32, float16 and/or bfloat16 (comma-separated), got {value!r}"
@@ -109,12 +252,13 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 @main.command()
 @click.option(
     "--model",
+    "-m",
     default="aim-600M",
     show_default=True,
     help="A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.",
 )
 @click.option(
-    "--batch-size", default="1", callback=_int_list, show_default=True, help="E.g. 1,8,32."
+    "--batch-size", "-b", default="1", callback=_int_list, show_default=True, help="E.g. 1,8,32."
 )
 @click.option(
     "--dtype",
@@ -126,7 +270,7 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
 @click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
-@click.option("--img-size", type=click.IntRange(min=14), help="Input size (default: the model's).")
+@img_size_option
 @click.option(
     "--head",
     type=click.Choice(["best", "last"]),
@@ -136,13 +280,11 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 )
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per configuration per line.")
+@json_option("One JSON object per configuration per line.")
 def bench(
     model, batch_size, dtype, quantize, q_bits, compile_, img_size, head, warmup, iters, as_json
 ):
     """Images/s, latency and memory of a model (offline: sizes use random weights)."""
-    import json
-
     from . import bench as lib
 
     rows = []
@@ -150,7 +292,7 @@ def bench(
         model,
         batch_size,
         dtype,
-        int(q_bits) if quantize else None,
+        _bits(quantize, q_bits),
         compile_,
         img_size,
         head,
@@ -161,113 +303,54 @@ def bench(
             click.echo(
                 f"running {config.model} batch {config.batch_size} {config.dtype} ...", err=True
             )
-        try:
-            row = lib.run(config)
-        except ValueError as e:
-            raise click.ClickException(str(e)) from None
+        row = lib.run(config)
         rows.append(row)
         if as_json:
-            click.echo(json.dumps(row), nl=True)
+            click.echo(json.dumps(row))
     if not as_json:
         click.echo(lib.format_table(rows))
 
 
 @main.command()
-def info():
+@json_option("Print the information as one JSON object.")
+def info(as_json):
     """Versions, device, GPU and the BLAS that MLX's CPU matmuls use."""
     from . import bench as lib
 
-    for key, value in lib.environment().items():
+    environment = lib.environment()
+    if as_json:
+        click.echo(json.dumps(environment))
+        return
+    for key, value in environment.items():
         click.echo(f"{key}: {value}")
-
-
-# ---- Model names, the cache, classify / embed / eval -------------------------------------------
-
-DTYPE_CHOICE = click.Choice(DTYPES)
-
-
-class HeadParam(click.ParamType):
-    """best, last (the official heads) or a trained head's folder; the keywords win."""
-
-    name = "best|last|DIR"
-
-    def convert(self, value, param, ctx):
-        if value in ("best", "last") or Path(value).is_dir():
-            return value
-        self.fail(f"{value!r} is neither best, last nor a folder (made by `aim-mlx probe train`)")
-
-
-def model_options(f, trained_heads: bool = False):
-    """--model, --head, --dtype, --quantize: what to load (fetched and converted on first use).
-    `trained_heads`: --head also takes a trained head's folder."""
-    head_help = "Which official head: trained on the best or on the last six layers."
-    if trained_heads:
-        head_help += " Or a folder made by `aim-mlx probe train` (a folder named best: ./best)."
-    options = [
-        click.option(
-            "--model",
-            "-m",
-            default="aim-600M",
-            show_default=True,
-            help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
-            "converted folder, or a folder of PyTorch checkpoints.",
-        ),
-        click.option(
-            "--head",
-            type=HeadParam() if trained_heads else click.Choice(["best", "last"]),
-            default="best",
-            show_default=True,
-            help=head_help,
-        ),
-        click.option(
-            "--dtype",
-            type=DTYPE_CHOICE,
-            default=None,
-            help="Weight dtype. Default: float16 on the GPU (Metal), float32 on the CPU.",
-        ),
-        click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."),
-        click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def head_model_options(f):
-    return model_options(f, trained_heads=True)
-
-
-def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
-    from .resolve import load
-
-    _exit_on_sigterm()  # a conversion into the cache cleans up when terminated
-    bits = int(q_bits) if quantize else None
-    try:
-        return load(model, head, dtype, quantize_bits=bits, progress=progress)
-    except (ValueError, RuntimeError, OSError) as e:  # registry, hub, conversion, file errors
-        raise click.ClickException(str(e)) from None
-
-
-def report_error(path: str, reason: str) -> None:
-    click.echo(f"error: {path}: {reason}", err=True)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@head_model_options
+@model_options
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per image per line.")
-@click.option("--csv", "as_csv", is_flag=True, help="Rows of path,rank,index,label,prob.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@batch_size_option()
+@img_size_option
+@json_option("One JSON object per image per line ({path, error} for a failed one).")
+@click.option("--csv", "as_csv", is_flag=True, help="Rows of path,rank,index,label,prob,error.")
+@progress_option
 def classify(
-    inputs, model, head, dtype, quantize, q_bits, top_k, batch_size, as_json, as_csv, progress
+    inputs,
+    model,
+    head,
+    dtype,
+    quantize,
+    q_bits,
+    top_k,
+    batch_size,
+    img_size,
+    as_json,
+    as_csv,
+    progress,
 ):
     """Top-k classes of images (files, or folders searched recursively): ImageNet's, or a
     trained head's (--head DIR; --top-k is clamped to its number of classes)."""
     import csv
-    import json
-    import sys
 
     from .classifier import classify_iter
 
@@ -276,20 +359,25 @@ def classify(
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer:
-        writer.writerow(["path", "rank", "index", "label", "prob"])
+        writer.writerow(["path", "rank", "index", "label", "prob", "error"])
     failed = 0
-    rows = classify_iter(net, inputs, k=top_k, batch_size=batch_size, progress=progress)
+    rows = classify_iter(
+        net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
+    )
     for row in rows:
         if "error" in row:
             failed += 1
             report_error(row["path"], row["error"])
-        elif as_json:
+        if as_json:
             click.echo(json.dumps(row))
         elif writer:
-            for rank, p in enumerate(row["top_k"], 1):
-                writer.writerow([row["path"], rank, p["index"], p["label"], f"{p['prob']:.6g}"])
+            if "error" in row:
+                writer.writerow([row["path"], "", "", "", "", row["error"]])
+            for rank, p in enumerate(row.get("top_k", []), 1):
+                prob = f"{p['prob']:.6g}"
+                writer.writerow([row["path"], rank, p["index"], p["label"], prob, ""])
             sys.stdout.flush()
-        else:
+        elif "top_k" in row:
             click.echo(row["path"])
             for rank, p in enumerate(row["top_k"], 1):
                 click.echo(f"  {rank}. {100 * p['prob']:6.2f}%  {p['label']}  ({p['index']})")
@@ -299,13 +387,7 @@ def classify(
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Output file: .safetensors or .npy.",
-)
+@output_options("Output file: .safetensors or .npy.", dir_okay=False)
 @click.option(
     "--layers",
     default="head",
@@ -321,33 +403,56 @@ def classify(
     help="mean: one vector per layer; tokens: every patch token.",
 )
 @model_options
-@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
-def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch_size, progress):
+@batch_size_option()
+@img_size_option
+@progress_option
+def embed(
+    inputs,
+    out,
+    force,
+    layers,
+    pool,
+    model,
+    head,
+    dtype,
+    quantize,
+    q_bits,
+    batch_size,
+    img_size,
+    progress,
+):
     """Write image features to a .safetensors or .npy file.
 
     safetensors: tensor `features`, the image order as JSON in the metadata key `paths`.
-    npy: the array, with the image order in FILE.paths.txt (one path per line).
+    npy: the array, with the image order in FILE.paths.txt (one JSON string per line).
     """
-    import sys
-
     from .embed import embed as embed_images
-    from .embed import parse_layers, save
+    from .embed import listing_path, parse_layers, save
+    from .output import prepare_output
 
     if not out.endswith((".safetensors", ".npy")):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
+    prepare_output(out, force=force)  # before any work
+    if out.endswith(".npy"):
+        prepare_output(listing_path(out), force=force)
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     try:
         parse_layers(layers, net.args.num_blocks)
-    except ValueError as e:
+    except OptionError as e:
         raise click.BadParameter(str(e), param_hint="--layers") from None
     emb = embed_images(
-        net, inputs, layers=layers, pool=pool, batch_size=batch_size, progress=progress
+        net,
+        inputs,
+        layers=layers,
+        pool=pool,
+        batch_size=batch_size,
+        progress=progress,
+        img_size=img_size,
     )
     for path, reason in emb.errors:
         report_error(path, reason)
     if emb.paths:
-        meta = dict(model=model, head=head, layers=layers, pool=pool)
+        meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
         written = save(out, emb, meta)
         shape = "x".join(map(str, emb.features.shape))
         click.echo(f"wrote {shape} features to {', '.join(map(str, written))}", err=True)
@@ -357,13 +462,12 @@ def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch
         sys.exit(1)
 
 
+DATA_FOLDER = click.Path(exists=True, file_okay=False)
+
+
 @main.command("eval")
-@click.option(
-    "--data-path",
-    required=True,
-    type=click.Path(exists=True, file_okay=False),
-    help="An ImageNet-style folder: one sub-folder of images per WordNet id.",
-)
+@click.argument("data", required=False, type=DATA_FOLDER)
+@click.option("--data-path", type=DATA_FOLDER, help="The same as DATA.")
 @model_options
 @click.option(
     "--limit",
@@ -371,28 +475,44 @@ def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch
     default=None,
     help="Evaluate this many images, taken round-robin over the classes.",
 )
-@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--progress/--no-progress", default=True, help="Progress bars on stderr.")
+@batch_size_option()
+@img_size_option
+@json_option("Print the result as JSON.")
+@progress_option
 def eval_command(
-    data_path, model, head, dtype, quantize, q_bits, limit, batch_size, as_json, progress
+    data,
+    data_path,
+    model,
+    head,
+    dtype,
+    quantize,
+    q_bits,
+    limit,
+    batch_size,
+    img_size,
+    as_json,
+    progress,
 ):
-    """Top-1 / top-5 accuracy on an ImageNet-style folder."""
-    import json
-    import sys
+    """Top-1 / top-5 accuracy on DATA, an ImageNet-style folder (one sub-folder of images per
+    WordNet id, like n01440764)."""
+    from .evaluate import evaluate
 
-    from .evaluate import DatasetError, evaluate
-
+    if data and data_path and data != data_path:
+        raise click.UsageError("give the data folder once: DATA or --data-path")
+    data = data or data_path
+    if not data:
+        raise click.UsageError("missing the data folder: aim-mlx eval DATA")
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    try:
-        result = evaluate(net, data_path, limit=limit, batch_size=batch_size, progress=progress)
-    except DatasetError as e:
-        raise click.ClickException(str(e)) from None
+    result = evaluate(
+        net, data, limit=limit, batch_size=batch_size, progress=progress, img_size=img_size
+    )
     for path, reason in result.failed:
         report_error(path, reason)
     if as_json:
         info = dict(model=model, head=head, dtype=str(net.dtype).split(".")[-1])
-        click.echo(json.dumps({**info, **result.to_dict()}))
+        click.echo(
+            json.dumps({**info, "img_size": img_size or net.args.img_size, **result.to_dict()})
+        )
     else:
         click.echo(
             f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
@@ -405,16 +525,14 @@ def eval_command(
 def _gb(nbytes: int | None, exact: bool = True) -> str:
     if nbytes is None:
         return "?"
-    size = f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / 1e6:.1f} MB"
+    size = f"{nbytes / GB:.2f} GB" if nbytes >= GB else f"{nbytes / MB:.1f} MB"
     return size if exact else "~" + size
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@json_option("Print the list as JSON.")
 def models(as_json):
     """The known models: size, published accuracy, files and what is cached."""
-    import json
-
     from .resolve import models_overview
 
     rows = models_overview()
@@ -443,7 +561,8 @@ def cache(ctx):
 
 
 @cache.command("list")
-def cache_list():
+@json_option("Print the cache as one JSON object.")
+def cache_list(as_json=False):
     """Converted models and raw downloads, with their sizes."""
     from huggingface_hub import constants
 
@@ -451,20 +570,33 @@ def cache_list():
     from .cache import cache_root, features_root, list_entries, list_feature_sets
 
     entries = list_entries()
+    downloads = [
+        (spec.name, file, path)
+        for spec in registry.all_models().values()
+        for file, path in hub.downloaded(spec)
+    ]
+    if as_json:
+        listing = dict(
+            cache=str(cache_root()),
+            models=[
+                dict(key=e.key, path=str(e.path), size=e.size, current=e.current) for e in entries
+            ],
+            downloads_dir=str(constants.HF_HUB_CACHE),
+            downloads=[
+                dict(model=name, file=file.filename, path=str(path), size=path.stat().st_size)
+                for name, file, path in downloads
+            ],
+        )
+        click.echo(json.dumps(listing, indent=1))
+        return
     click.echo(f"cache: {cache_root()}  (AIM_MLX_CACHE)")
     if not entries:
         click.echo("  no converted models")
     for e in entries:
         state = "" if e.current else "  (old format: converted again on use)"
         click.echo(f"  {e.key:<40} {_gb(e.size):>10}{state}")
-    total = sum(e.size for e in entries)
     if entries:
-        click.echo(f"  total {_gb(total)}")
-    downloads = [
-        (spec.name, file, path)
-        for spec in registry.all_models().values()
-        for file, path in hub.downloaded(spec)
-    ]
+        click.echo(f"  total {_gb(sum(e.size for e in entries))}")
     if downloads:
         click.echo(f"downloads: {constants.HF_HUB_CACHE}  (HF_HOME; `cache rm-downloads`)")
     for name, file, path in downloads:
@@ -478,30 +610,25 @@ def cache_list():
 
 @cache.command("add")
 @click.argument("model")
-@click.option("--head", type=click.Choice(["best", "last"]), default="best", show_default=True)
-@click.option(
-    "--dtype",
-    type=DTYPE_CHOICE,
-    default=None,
-    help="Default: float16 on the GPU (Metal), float32 on the CPU.",
-)
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
+@weight_options
 @click.option(
     "--drop-downloads",
     is_flag=True,
     help="Delete the downloaded PyTorch checkpoints once converted.",
 )
-def cache_add(model, head, dtype, quantize, q_bits, drop_downloads):
+@progress_option
+def cache_add(model, head, dtype, quantize, q_bits, drop_downloads, progress):
     """Download and convert a model now, without running it."""
     from .resolve import resolve
 
-    _exit_on_sigterm()
-    bits = int(q_bits) if quantize else None
-    try:
-        path = resolve(model, head, dtype, quantize_bits=bits, keep_downloads=not drop_downloads)
-    except (ValueError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+    path = resolve(
+        model,
+        head,
+        dtype,
+        quantize_bits=_bits(quantize, q_bits),
+        keep_downloads=not drop_downloads,
+        progress=progress,
+    )
     click.echo(str(path))
 
 
@@ -530,6 +657,8 @@ def cache_rm(names, remove_all):
         if not matches:
             raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
         chosen |= matches
+    if not chosen:
+        click.echo("no converted models to remove")
     for key in sorted(chosen):
         click.echo(f"removed {key} ({_gb(model_cache.remove(key))})")
 
@@ -541,13 +670,15 @@ def cache_rm_downloads(models):
     named) from the Hugging Face cache; converted models stay usable."""
     from . import hub, registry
 
-    try:
-        specs = [registry.get(m) for m in models] or list(registry.all_models().values())
-    except registry.RegistryError as e:
-        raise click.ClickException(str(e)) from None
+    specs = [registry.get(m) for m in models] or list(registry.all_models().values())
+    removed = False
     for spec in specs:
         if freed := hub.remove_downloads(spec):
+            removed = True
             click.echo(f"removed {spec.name} downloads ({_gb(freed)})")
+    if not removed:
+        names = ", ".join(spec.name for spec in specs) if models else "any model"
+        click.echo(f"nothing to remove: no downloads of {names} in the Hugging Face cache")
 
 
 # ---- Export ---------------------------------------------------------------------------------
@@ -559,8 +690,8 @@ def export():
 
 
 @export.command("coreml")
-@head_model_options
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output .mlpackage.")
+@model_options
+@output_options("Output .mlpackage (missing parent folders are created).", path_type=Path)
 @click.option(
     "--precision",
     type=click.Choice(coreml.PRECISIONS),
@@ -575,7 +706,7 @@ def export():
     show_default=True,
     help="Weight compression (int8: linear; palettize: k-means look-up tables).",
 )
-@click.option("--img-size", type=int, default=None, help="Input size [default: the model's].")
+@img_size_option
 @click.option(
     "--target",
     type=click.Choice(coreml.TARGETS),
@@ -590,7 +721,7 @@ def export():
     type=click.Path(dir_okay=False),
     help="Image(s) for the float16 range check (repeatable) [default: synthetic images].",
 )
-@click.option("--force", is_flag=True, help="Replace an existing package.")
+@progress_option
 def export_coreml(
     model,
     head,
@@ -598,58 +729,54 @@ def export_coreml(
     quantize,
     q_bits,
     out,
+    force,
     precision,
     compress,
     img_size,
     target,
     features,
     sample,
-    force,
+    progress,
 ):
     """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
     import mlx.core as mx
     import numpy as np
 
+    from .probe.head import is_head_folder
     from .resolve import resolve
     from .transforms import ImageError, preprocess
 
-    try:
-        coreml.require_coremltools()
-        coreml.check_output(out, force)  # before a download or conversion
-    except coreml.ExportError as e:
-        raise click.ClickException(str(e)) from None
-    net = load_for_cli(model, head, dtype, quantize, q_bits)
+    coreml.require_coremltools()
+    coreml.check_output(out, force)  # before a download or conversion
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     size = img_size or net.args.img_size
     images = []
     for path in sample:
         try:
             images.append(preprocess(path, size))
-        except (ImageError, OSError) as e:
-            raise click.ClickException(f"--sample {path}: {e}") from None
+        except ImageError as e:
+            raise click.BadParameter(f"{path}: {e}", param_hint="--sample") from None
     images = mx.array(np.stack(images)) if images else None
-    bits = int(q_bits) if quantize else None
-    official_head = head if head in ("best", "last") else "best"  # a trained head: its trunk
+    trunk_head = None if is_head_folder(head) else head  # a trained head: its trunk's folder
     name, source = coreml.describe_model_ref(
-        resolve(model, official_head, dtype, quantize_bits=bits, progress=False)  # cached by now
+        resolve(model, trunk_head, dtype, quantize_bits=_bits(quantize, q_bits), progress=False)
+    )  # cached by now
+    path = coreml.export_coreml(
+        net,
+        out,
+        precision=precision,
+        compress=compress,
+        img_size=img_size,
+        target=target,
+        features=features,
+        name=name,
+        source=source,
+        sample=images,
+        overwrite=force,
+        progress=progress,
     )
-    try:
-        path = coreml.export_coreml(
-            net,
-            out,
-            precision=precision,
-            compress=compress,
-            img_size=img_size,
-            target=target,
-            features=features,
-            name=name,
-            source=source,
-            sample=images,
-            overwrite=force,
-        )
-    except coreml.ExportError as e:
-        raise click.ClickException(str(e)) from None
     weights = coreml.weight_file_size(path)
-    click.echo(f"wrote {path} (weights {weights / 2**20:.1f} MiB)")
+    click.echo(f"wrote {path} (weights {weights / MiB:.1f} MiB)")
     if weights > coreml.ANE_WEIGHT_LIMIT:
         click.echo(
             "note: the weight file is over the Neural Engine's 2 GiB limit; Core ML will run "
@@ -720,7 +847,7 @@ def probe():
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--dtype",
-    type=DTYPE_CHOICE,
+    type=click.Choice(DTYPE_NAMES),
     default=None,
     help="Trunk weight dtype [default: float16 on the GPU, float32 on the CPU].",
 )
@@ -814,7 +941,7 @@ def probe_train(
 
 @probe.command("eval")
 @click.argument("val_dir", type=click.Path(exists=True, file_okay=False))
-@head_model_options
+@model_options
 @click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
 @click.option(
     "--confusion",

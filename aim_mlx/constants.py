@@ -1,17 +1,23 @@
-"""Constants used in several modules: one source for each. (No MLX import here: aim_mlx loads a
-BLAS before anything imports mlx.core.)"""
+"""Constants shared across the package: dtypes, byte units, the ImageNet evaluation transform."""
 
-# Weight dtypes a model can be converted to and run in, and their bytes per element.
-DTYPES = ("float32", "float16", "bfloat16")
+from __future__ import annotations
+
+import mlx.core as mx
+
+# Weight dtypes a model can be converted to or run in, and their sizes in bytes.
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 
-# Byte units: GB (10^9) for files and disk space, as the hub and file managers count them;
-# GiB (2^30) for memory, as MLX's and PyTorch's peak-memory figures are usually quoted.
+# Byte units: GB (10^9) for file and download sizes, as the hub and disk tools show them;
+# GiB (2^30) for memory figures.
 GB = 10**9
+MB = 10**6
 GiB = 2**30
+MiB = 2**20
 
-# Upstream's evaluation transform: the shorter side resized to ceil(size / CROP_RATIO) (bicubic),
-# a center crop of size, then the ImageNet mean / std per RGB channel.
-CROP_RATIO = 0.875
+# The upstream evaluation transform: resize the shorter side to ceil(size / CROP_RATIO), centre
+# crop, then normalise with the ImageNet mean and std (RGB order).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_RATIO = 0.875

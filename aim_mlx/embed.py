@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import images
+from .errors import OptionError, OutputError
 
 POOLS = ("mean", "tokens")
 
@@ -24,12 +25,17 @@ def parse_layers(layers: str | Iterable[int], num_blocks: int) -> str | tuple[in
         parts = layers.split(",") if isinstance(layers, str) else list(layers)
         blocks = tuple(int(i) for i in parts)
     except ValueError:
-        raise ValueError(
+        raise OptionError(
             f"layers must be head, last or block numbers like 3,5,7; got {layers!r}"
         ) from None
+    if not blocks:
+        raise OptionError(f"layers must name at least one block; got {layers!r}")
     bad = [i for i in blocks if not -num_blocks <= i < num_blocks]
-    if bad or not blocks:
-        raise ValueError(f"blocks {bad or layers} are outside 0..{num_blocks - 1}")
+    if bad:
+        raise OptionError(
+            f"blocks {bad} do not exist: the model has {num_blocks} blocks, 0..{num_blocks - 1} "
+            f"(or -{num_blocks}..-1 counted from the end)"
+        )
     return tuple(i % num_blocks for i in blocks)
 
 
@@ -63,16 +69,18 @@ def embed(
     pool: str = "mean",
     batch_size: int = 8,
     progress: bool = False,
+    img_size: int | None = None,
 ) -> Embeddings:
-    """Features of image files and folders (searched recursively, sorted)."""
+    """Features of image files and folders (searched recursively, sorted); `img_size`: the
+    input size, a multiple of the patch size (default: the model's)."""
     if pool not in POOLS:
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise OptionError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     layers = parse_layers(layers, model.args.num_blocks)
     rows, paths, errors = [], [], []
     for item, row in images.run(
         lambda x: features(model, x, layers, pool),
         images.collect(inputs),
-        size=model.args.img_size,
+        size=images.input_size(model, img_size),
         batch_size=batch_size,
         progress=progress,
         desc="embed",
@@ -85,29 +93,70 @@ def embed(
     return Embeddings(np.stack(rows) if rows else np.zeros((0,), np.float32), paths, errors)
 
 
+def listing_path(out: str | Path) -> Path:
+    """Where `save` writes the image order next to a `.npy` file."""
+    out = Path(out)
+    return out.with_name(out.name + ".paths.txt")
+
+
+def read_listing(path: str | Path) -> list[str]:
+    """The image paths of a `.npy.paths.txt` listing, exactly as `save` was given them."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="ascii").splitlines()]
+
+
 def save(out: str | Path, emb: Embeddings, metadata: dict | None = None) -> list[Path]:
     """Write `.safetensors` (tensor `features`, the paths as JSON in metadata key `paths`) or
-    `.npy` (the paths one per line in `<out>.paths.txt`); written whole or not at all."""
+    `.npy` plus `<out>.paths.txt` (one line per row, each a JSON string, so that any file name
+    round-trips; see `read_listing`). Written whole or not at all, with the usual file mode."""
     out = Path(out)
     if out.suffix not in (".safetensors", ".npy"):
-        raise ValueError(f"{out}: the output must end in .safetensors or .npy")
+        raise OptionError(f"{out}: the output must end in .safetensors or .npy")
     if out.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
         meta["paths"] = json.dumps(emb.paths)
-        _atomic(out, lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta))
+        _write_all(
+            {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)}
+        )
         return [out]
-    listing = out.with_name(out.name + ".paths.txt")
-    _atomic(out, lambda tmp: np.save(tmp, emb.features, allow_pickle=False))
-    _atomic(listing, lambda tmp: tmp.write_text("".join(p + "\n" for p in emb.paths)))
+    listing = listing_path(out)
+    text = "".join(json.dumps(p) + "\n" for p in emb.paths)  # ASCII: escapes what is not
+    _write_all(
+        {
+            out: lambda tmp: np.save(tmp, emb.features, allow_pickle=False),
+            listing: lambda tmp: tmp.write_text(text, encoding="ascii"),
+        }
+    )
     return [out, listing]
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # np.save keeps .npy
+def _write_all(writers: dict) -> None:
+    """Write each {path: write(tmp_path)} to a temporary file, then move all of them into place;
+    on failure none is written (a path replaced before the failure is removed)."""
+    tmps = {p: p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}") for p in writers}
+    moved = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writers.items():
+            write(tmps[path])  # np.save keeps the .npy suffix of the temporary name
+            os.chmod(tmps[path], _file_mode())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+            moved.append(path)
+    except BaseException as e:
+        for path in moved:
+            path.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            where = e.filename or next(iter(writers))
+            raise OutputError(f"cannot write {where}: {e.strerror or e}") from None
+        raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _file_mode() -> int:
+    """The mode a new file gets (0o666 less the umask): some writers create 0o600 files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

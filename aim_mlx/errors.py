@@ -3,3 +3,11 @@
 
 class AimMlxError(Exception):
     """A user-facing error: the message says what went wrong, where, and what to do."""
+
+
+class OptionError(AimMlxError, ValueError):
+    """An option value that cannot be used (the command line reports it as a usage error)."""
+
+
+class OutputError(AimMlxError, OSError):
+    """An output location that cannot be created or written; the message names the path."""

@@ -10,11 +10,12 @@ import mlx.core as mx
 import numpy as np
 
 from . import images
+from .errors import AimMlxError
 from .labels import wnid_to_index
 
 
-class DatasetError(ValueError):
-    pass
+class DatasetError(AimMlxError, ValueError):
+    """A data folder that cannot be evaluated; the message says why."""
 
 
 def imagenet_folder(data_path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
@@ -62,7 +63,10 @@ def evaluate(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    img_size: int | None = None,
 ) -> EvalResult:
+    """Top-1 / top-5 of `model` on an ImageNet-style folder; `img_size` defaults to the
+    model's input size."""
     pairs = imagenet_folder(data_path, limit)
     target = dict(pairs)
     hits1 = hits5 = n = 0
@@ -75,7 +79,7 @@ def evaluate(
     for item, pred in images.run(
         best5,
         items,
-        size=model.args.img_size,
+        size=images.input_size(model, img_size),
         batch_size=batch_size,
         progress=progress,
         desc="eval",

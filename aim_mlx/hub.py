@@ -16,10 +16,19 @@ from pathlib import Path
 
 from .constants import GB
 from .convert.checkpoint import file_sha256
+from .errors import AimMlxError
+from .output import check_writable
 from .registry import HubFile, ModelSpec, estimated_sizes
 
+NO_NETWORK_HINT = (
+    "If the files are already in the download cache, set HF_HUB_OFFLINE=1 to use them without "
+    "asking the hub; otherwise run `aim-mlx cache add MODEL` on a connected machine and copy "
+    "its cache (HF_HOME, AIM_MLX_CACHE), or pass a local folder of checkpoints or a converted "
+    "model as the model."
+)
 
-class HubError(RuntimeError):
+
+class HubError(AimMlxError, RuntimeError):
     """A download that could not be done (network, offline mode, disk space, checksum)."""
 
 
@@ -94,12 +103,15 @@ def download(
     if missing and constants.HF_HUB_OFFLINE:
         raise HubError(
             f"{spec.name} needs {names} from {spec.repo}, not downloaded yet, and HF_HUB_OFFLINE "
-            "is set: run once with network access, or pass a local folder as the model."
+            "is set: run once with network access (or `aim-mlx cache add` on a connected machine "
+            "and copy its cache), or pass a local folder as the model."
         )
     hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
     needs = dict(also_needed or {})
     if missing:
         needs[hub_dir] = needs.get(hub_dir, 0) + sum(p.size for p in missing)
+        check_download_cache(hub_dir)
+        check_reachable(spec, missing[0].file, endpoint)
     check_disk_space(needs, what=f"{spec.name} ({head} head)")
     if missing and progress:
         total = sum(p.size for p in missing) / GB
@@ -111,6 +123,43 @@ def download(
         verify(spec, p.file, path, progress=progress)
         paths.append(path)
     return paths
+
+
+def check_download_cache(hub_dir: Path) -> None:
+    """HubError naming HF_HOME unless downloads can be written into `hub_dir`."""
+    try:
+        hub_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(hub_dir, "cannot write the download cache")
+    except OSError as e:
+        raise HubError(
+            f"cannot write the download cache {hub_dir} ({e.strerror or e}); set HF_HOME (or "
+            "HF_HUB_CACHE) to a writable folder"
+        ) from None
+
+
+def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
+    """Ask the hub about one file, once: a connection or name-resolution failure ends here, with
+    advice, rather than after huggingface_hub's retries. Other errors are left to the download."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
+    try:
+        get_hf_file_metadata(url)
+    except Exception as e:
+        if _is_connection_error(e):
+            raise HubError(
+                f"cannot reach the hub for {spec.repo} ({e}). {NO_NETWORK_HINT}"
+            ) from None
+
+
+def _is_connection_error(error: BaseException | None) -> bool:
+    """A failure to connect or to resolve the host name, in any HTTP client's exception types."""
+    while error is not None:
+        names = {cls.__name__ for cls in type(error).__mro__}
+        if names & {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError"}:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 ATTEMPTS = 3
@@ -141,9 +190,12 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
             )
         except LocalEntryNotFoundError as e:
             raise HubError(
-                f"{where} is not downloaded yet and the hub cannot be reached: {e}"
+                f"{where} is not downloaded yet and the hub cannot be reached: {e} "
+                f"{NO_NETWORK_HINT}"
             ) from None
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
+            if _is_connection_error(e):
+                raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {e}") from e
             attempt += 1
@@ -174,7 +226,7 @@ def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) ->
 
     A file that fails is removed from the download cache, so the next run fetches it afresh.
     """
-    digest = file_sha256(path, progress=progress)
+    digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # a bar: terminals only
     if digest.startswith(file.sha256):
         return
     remove_cached_file(path)

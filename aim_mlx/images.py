@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .errors import OptionError
 from .transforms import ImageError, preprocess
 
 IMAGE_SUFFIXES = {
@@ -24,6 +25,17 @@ IMAGE_SUFFIXES = {
 class Item:
     path: str  # as given, or the folder as given joined with the path found inside it
     error: str | None = None
+
+
+def input_size(model, img_size: int | None = None) -> int:
+    """The square input size to feed `model`: `img_size` (a positive multiple of its patch
+    size) or the model's own."""
+    if img_size is None:
+        return model.args.img_size
+    patch = model.args.patch_size
+    if img_size <= 0 or img_size % patch:
+        raise OptionError(f"--img-size must be a positive multiple of {patch}, got {img_size}")
+    return img_size
 
 
 def is_image_name(name: str) -> bool:

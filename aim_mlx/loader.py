@@ -10,16 +10,19 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .convert.converter import FORMAT_VERSION
+from .errors import AimMlxError
 from .models import AIM, ModelArgs
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(AimMlxError, ValueError):
     """A model folder that cannot be loaded; the message says why."""
 
 
-def read_config(path: str | Path, check_version: bool = True) -> dict:
-    """A model folder's config.json; ModelLoadError if it is missing, unreadable, not a JSON
-    object, or (`check_version`) written by another converter format version."""
+def read_config(path: str | Path) -> dict:
+    """The config.json of a model folder as a dict.
+
+    Raises ModelLoadError when the file is missing, unreadable or not a JSON object.
+    """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -29,19 +32,23 @@ def read_config(path: str | Path, check_version: bool = True) -> dict:
         )
     try:
         config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{config_file}: cannot read it as JSON ({e})") from None
+    except OSError as e:
+        raise ModelLoadError(f"{config_file}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_file}: not a JSON object")
-    if not check_version:
-        return config
+        raise ModelLoadError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def check_format(path: str | Path, config: dict) -> None:
+    """Raise ModelLoadError unless `config` was written by this converter format version."""
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelLoadError(
             f"{path}: format version {version}, this aim-mlx reads {FORMAT_VERSION}; "
             "convert the checkpoints again"
         )
-    return config
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -55,6 +62,7 @@ def load_model(path: str | Path) -> AIM:
     """The model in `path`, in eval mode; weights are read lazily, on first use."""
     path = Path(path)
     config = read_config(path)
+    check_format(path, config)
     try:
         model = AIM(ModelArgs.from_dict(config))  # random init is lazy: never computed
     except (TypeError, ValueError) as e:

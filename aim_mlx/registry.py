@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import AimMlxError
 from .models import PRESETS, ModelArgs, last_probe_layers
 
 REGISTRY_ENV = "AIM_MLX_REGISTRY"
@@ -25,7 +26,7 @@ HEADS = ("best", "last")
 OFFICIAL_REPO = "apple/AIM"
 
 
-class RegistryError(ValueError):
+class RegistryError(AimMlxError, ValueError):
     """An unknown model name or a malformed registry entry."""
 
 

@@ -12,8 +12,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, hub, registry
-from .constants import DTYPES, GB, ITEMSIZE
+from .constants import DTYPE_NAMES, GB, ITEMSIZE
+from .errors import OptionError
 from .loader import ModelLoadError, read_config
+from .models import PRESETS, last_probe_layers
 
 
 class ModelNotFoundError(ModelLoadError):
@@ -34,7 +36,7 @@ def say(message: str, progress: bool = True) -> None:
 
 def resolve(
     model: str | Path,
-    head: str = "best",
+    head: str | None = None,
     dtype: str | None = None,
     *,
     quantize_bits: int | None = None,
@@ -49,20 +51,25 @@ def resolve(
     `model`: a registered name (`aim-600M`, `aim-1B`, `aim-3B`, `aim-7B`, or one added to the
     registry), a converted folder, or a folder of PyTorch checkpoints (the official
     `*_backbone.pth` + `*_head_{best,last}_layers.pth` files, or a hub folder with `config.json`
-    and `pytorch_model.bin`). `dtype` None picks `default_dtype()`.
+    and `pytorch_model.bin`). `head` "best" or "last" picks an official head (and with it the
+    probe layers); None takes a converted folder's own head, else the best one. A converted
+    folder that does not hold the head asked for is an error. `dtype` None picks
+    `default_dtype()`.
     """
-    if head not in registry.HEADS:
-        raise ValueError(f"head must be one of {registry.HEADS}, got {head!r}")
+    if head is not None and head not in registry.HEADS:
+        raise OptionError(
+            f"--head must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
+        )
     dtype = dtype or default_dtype()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype not in DTYPE_NAMES:
+        raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
 
     if registry.is_known(str(model)):
         spec = registry.get(str(model))
         hub_options = dict(endpoint=endpoint, hf_cache_dir=hf_cache_dir, keep=keep_downloads)
-        return _from_hub(spec, **options, **hub_options)
+        return _from_hub(spec, **{**options, "head": head or "best"}, **hub_options)
     path = Path(model).expanduser()
     if not path.exists():
         known = ", ".join(registry.all_models())
@@ -75,11 +82,13 @@ def resolve(
                 f"{path} is already converted; quantization applies when converting "
                 "(`aim-mlx convert -q`, or a model name or checkpoint folder with --quantize)"
             )
+        if head is not None:
+            _check_head(path, head)
         return path  # the loader checks its format version
     return _from_checkpoints(path, **options)
 
 
-def load(model: str | Path, head: str = "best", dtype: str | None = None, **kwargs):
+def load(model: str | Path, head: str | None = None, dtype: str | None = None, **kwargs):
     """An AIM model, ready to call: `load("aim-600M")`, `load("path/to/folder")`.
 
     Accepts what `resolve` accepts; downloads and converts on first use. `head` may also be a
@@ -158,10 +167,41 @@ def _quant_kwargs(quant: dict | None) -> dict:
 
 
 def _is_converted(path: Path) -> bool:
-    """A folder with an aim-mlx config.json (a malformed one is an error, not "no config")."""
-    if not (path / "config.json").is_file():
-        return False
-    return "format_version" in read_config(path, check_version=False)
+    """A folder with a config.json written by the converter (a damaged one is an error here,
+    rather than a folder of checkpoints without checkpoints)."""
+    return (path / "config.json").is_file() and "format_version" in read_config(path)
+
+
+def folder_head(config: dict) -> str | None:
+    """Which official head a converted folder holds, from its probe layers: "last" (the last
+    six blocks), "best" (the best layers of its size; any other head of a size without a
+    preset), or None (other layers of an official size)."""
+    layers, blocks = tuple(config.get("probe_layers", ())), config.get("num_blocks", 0)
+    if layers == last_probe_layers(blocks):
+        return "last"
+    for preset in PRESETS.values():
+        if (preset["embed_dim"], preset["num_blocks"]) == (config.get("embed_dim"), blocks):
+            return "best" if layers == tuple(preset["best"]) else None
+    return "best"
+
+
+def _check_head(path: Path, head: str) -> None:
+    config = read_config(path)
+    held = folder_head(config)
+    if held != head:
+        raise ModelLoadError(
+            f"{path} is converted with {f'the {held}' if held else 'a custom'} head (probe "
+            f"layers {list(config.get('probe_layers', []))}), not the {head} one: leave out "
+            f"--head to use it, or pass a model name or checkpoint folder with the {head} head"
+        )
+
+
+def checkpoint_head(folder: Path, head: str | None) -> str:
+    """The head to take from a folder of checkpoints: as asked, else best, else the only one."""
+    if head is None:
+        only_last = not any(folder.glob("*head_best*.pth")) and any(folder.glob("*head_last*.pth"))
+        head = "last" if only_last else "best"
+    return head
 
 
 def find_checkpoints(folder: Path, head: str) -> dict:
@@ -212,6 +252,7 @@ def _official_match(sources: dict, head: str) -> dict:
 
 
 def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
+    head = checkpoint_head(folder, head)
     sources = find_checkpoints(folder, head)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)

@@ -10,6 +10,7 @@ clips them instead).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -17,23 +18,28 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .errors import AimMlxError, OptionError
 
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+MAX_PIXELS_ENV = "AIM_MLX_MAX_PIXELS"
 
 # Modes holding more than 8 bits per sample: scaled down, not clipped.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-class ImageError(ValueError):
+class ImageError(AimMlxError, ValueError):
     """An image that cannot be read or is refused (the message names the reason)."""
 
 
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image as RGB, upright (EXIF orientation applied).
 
-    Raises ImageError for a missing, unreadable, truncated or oversized file.
+    Raises ImageError for a missing, unreadable, truncated or oversized file. Images with more
+    pixels than AIM_MLX_MAX_PIXELS (default: PIL's limit, about 89 million) are refused as
+    possible decompression bombs; 0 lifts the limit.
     """
+    limit = _apply_pixel_limit()
     try:
         with warnings.catch_warnings():
             # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
@@ -41,11 +47,14 @@ def open_image(path: str | Path) -> Image.Image:
             with Image.open(path) as img:
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
-            f"refused as a possible decompression bomb: {e} "
-            "(raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine)"
+            f"refused as a possible decompression bomb: more than {limit} pixels. If the image "
+            f"is genuine, set the environment variable {MAX_PIXELS_ENV} to a larger number of "
+            "pixels (0: no limit)"
         ) from None
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError("no such file") from None
     except IsADirectoryError:
@@ -56,10 +65,39 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError(f"cannot decode the image: {e}") from None
 
 
+def _apply_pixel_limit() -> int | None:
+    """Set PIL's pixel limit from AIM_MLX_MAX_PIXELS when it is set; the limit in force."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is not None:
+        try:
+            pixels = int(value)
+            if pixels < 0:
+                raise ValueError
+        except ValueError:
+            raise OptionError(
+                f"{MAX_PIXELS_ENV} must be a whole number of pixels (0: no limit), got {value!r}"
+            ) from None
+        Image.MAX_IMAGE_PIXELS = pixels or None
+    return Image.MAX_IMAGE_PIXELS
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB; alpha is dropped as `convert("RGB")` does."""
+    """Any PIL mode as 8-bit RGB; alpha is dropped as `convert("RGB")` does.
+
+    16- and 32-bit integer samples are scaled down to 8 bits; floating-point samples (mode F)
+    are read as 0..1 intensities, and refused outside that range.
+    """
     if img.mode == "RGB":
         return img
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise ImageError(
+                f"floating-point image with values from {np.nanmin(a):.4g} to {np.nanmax(a):.4g}; "
+                "expected intensities in 0..1: save it with 8- or 16-bit integer samples"
+            )
+        a = np.round(a * 255.0).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
     if img.mode in _WIDE_MODES:
         a = np.asarray(img, dtype=np.float64)  # 16-bit samples, 0..65535
         a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)

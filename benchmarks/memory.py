@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aim_mlx.constants import ITEMSIZE, GiB
+
 PARAMS = {
     "aim-600M": 686_794_752,
     "aim-1B": 1_219_813_376,
@@ -30,7 +32,6 @@ CONFIGS = {
     "q8": ("float16", 8),
     "q4": ("float16", 4),
 }
-GB = 1024**3
 
 
 def total_memory() -> int:
@@ -76,19 +77,19 @@ def main():
     for size in a.sizes.split(","):
         for dtype, bits in (CONFIGS[c] for c in a.configs.split(",")):
             label = f"{dtype}" if not bits else f"{bits}-bit ({dtype} scales)"
-            per_weight = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+            per_weight = ITEMSIZE[dtype]
             if not bits and PARAMS[size] * per_weight > 0.9 * limit:
-                need = PARAMS[size] * per_weight / GB
+                need = PARAMS[size] * per_weight / GiB
                 print(
-                    f"| {size} | {label} | does not fit: the weights alone are {need:.1f} GB, "
-                    f"this machine has {limit / GB:.0f} GB | | | |",
+                    f"| {size} | {label} | does not fit: the weights alone are {need:.1f} GiB, "
+                    f"this machine has {limit / GiB:.0f} GiB | | | |",
                     flush=True,
                 )
                 continue
             row = run_one(size, dtype, bits, a.batch_size)
             print(
-                f"| {size} | {label} | {row['peak_memory_gb']:.2f} GB | "
-                f"{row['weight_gb']:.2f} GB | {row['max_rss_gb']:.2f} GB | "
+                f"| {size} | {label} | {row['peak_memory_gb']:.2f} GiB | "
+                f"{row['weight_gb']:.2f} GiB | {row['max_rss_gb']:.2f} GiB | "
                 f"{row['images_per_s']:.3g} |",
                 flush=True,
             )

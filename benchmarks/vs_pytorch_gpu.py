@@ -38,6 +38,7 @@ import aim_mlx  # noqa: F401  (first: it sets MLX's GPU buffer limit before mlx.
 import mlx.core as mx
 
 from aim_mlx import bench, runtime
+from aim_mlx.constants import MX_DTYPES
 from aim_mlx.models import ModelArgs, preset_args
 
 HERE = Path(__file__).parent
@@ -142,7 +143,7 @@ def levers(smoke: bool) -> list[dict]:
 def run_lever(spec: dict) -> None:
     """In a fresh process: one bench.run, printed as JSON."""
     name, dtype = spec["model"], spec["dtype"]
-    model = bench.random_model(model_args(name), bench.DTYPES[dtype])
+    model = bench.random_model(model_args(name), MX_DTYPES[dtype])
     row = measure_mlx(
         name,
         spec["batch"],
@@ -322,7 +323,7 @@ def main():
             row = {"model": name, "batch": batch, "dtype": dtype, "rounds": [], "summary": {}}
             results["comparison"].append(row)
             try:
-                model = bench.random_model(args, bench.DTYPES[dtype])
+                model = bench.random_model(args, MX_DTYPES[dtype])
                 for _ in range(rounds):
                     mlx_row = measure_mlx(name, batch, dtype, model, warmup, iters)
                     torch_row = torch_side.measure(args, batch, dtype, warmup, iters)

@@ -154,14 +154,14 @@ def test_cli_bench_table_and_compile(converted):
 )
 def test_cli_bench_bad_input(args, message):
     res = CliRunner().invoke(main, ["bench", *args])
-    assert res.exit_code != 0
+    assert res.exit_code == 2  # a usage error
     assert message in res.output
     assert "Traceback" not in res.output
 
 
 def test_cli_bench_folder_refuses_dtype(converted):
     res = CliRunner().invoke(main, ["bench", "--model", str(converted), "--dtype", "float16"])
-    assert res.exit_code == 1 and "converted folder" in res.output
+    assert res.exit_code == 2 and "converted folder" in res.output
 
 
 def test_cli_info():

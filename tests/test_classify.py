@@ -92,9 +92,10 @@ def test_csv_output(model_dir):
     result = cli("classify", REF / "images" / "chelsea.png", "--model", model_dir, "--csv")
     assert result.exit_code == 0, result.stderr
     rows = list(csv.reader(io.StringIO(result.stdout)))
-    assert rows[0] == ["path", "rank", "index", "label", "prob"]
+    assert rows[0] == ["path", "rank", "index", "label", "prob", "error"]
     assert [int(r[2]) for r in rows[1:]] == expected_top("chelsea.png")
     assert [r[1] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+    assert {r[5] for r in rows[1:]} == {""}
     assert rows[1][3] == imagenet_classes()[expected_top("chelsea.png")[0]].name  # commas quoted
 
 
@@ -131,7 +132,8 @@ def test_bad_files_get_one_error_each_and_the_rest_are_classified(model_dir, tmp
     missing = tmp_path / "missing.jpg"
     result = cli("classify", tmp_path, missing, "--model", model_dir, "--json", "-b", "3")
     assert result.exit_code == 1
-    classified = [Path(json.loads(line)["path"]).name for line in result.stdout.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    classified = [Path(r["path"]).name for r in rows if "top_k" in r]
     assert classified == sorted(n for n, e in expected.items() if e is None)
     errors = result.stderr.strip().splitlines()
     failing = {n: e for n, e in expected.items() if e} | {"missing.jpg": "no such file"}
@@ -140,6 +142,25 @@ def test_bad_files_get_one_error_each_and_the_rest_are_classified(model_dir, tmp
         name = Path(line.split(": ")[1]).name
         assert line.startswith(f"error: {tmp_path}") and failing[name] in line
     assert "Traceback" not in result.stderr
+    # The machine-readable output is complete: a row per input, in order, errors included.
+    assert len(rows) == len(expected) + 1
+    assert [r["path"] for r in rows] == [*sorted(str(tmp_path / n) for n in expected), str(missing)]
+    for row in rows:
+        name = Path(row["path"]).name
+        assert ("error" in row) == (name in failing) and set(row) in (
+            {"path", "error"},
+            {"path", "top_k"},
+        )
+        if "error" in row:
+            assert failing[name] in row["error"]
+
+    table = cli("classify", tmp_path, missing, "--model", model_dir, "--csv", "-k", "2")
+    assert table.exit_code == 1
+    csv_rows = list(csv.reader(io.StringIO(table.stdout)))[1:]
+    errors = {Path(r[0]).name: r[5] for r in csv_rows if r[5]}
+    assert errors.keys() == failing.keys() and all(failing[n] in e for n, e in errors.items())
+    assert all(r[1:5] == ["", "", "", ""] for r in csv_rows if r[5])
+    assert len(csv_rows) == len(failing) + 2 * len(classified)
 
 
 def test_missing_path_alone_is_a_file_error_not_a_usage_error(model_dir, tmp_path):
@@ -215,14 +236,19 @@ def test_embed_cli_safetensors_and_npy(model, model_dir, tmp_path):
     assert result.exit_code == 1  # one missing file, reported; the other embedded
     assert "gone.png: no such file" in result.stderr
     assert np.load(npy).shape == (1, 2, 256, 64)
-    assert (tmp_path / "tokens.npy.paths.txt").read_text() == f"{REF / 'images' / 'rocket.jpg'}\n"
+    listing = (tmp_path / "tokens.npy.paths.txt").read_text()
+    assert listing == json.dumps(str(REF / "images" / "rocket.jpg")) + "\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "feats.safetensors", "tokens.npy", "tokens.npy.paths.txt"
     ]  # fmt: skip
 
     bad = cli("embed", REF / "images", "--out", tmp_path / "f.npy", "--layers", "8",
               "--model", model_dir)  # fmt: skip
-    assert bad.exit_code == 2 and "outside 0..7" in bad.stderr
+    assert bad.exit_code == 2 and "the model has 8 blocks, 0..7 (or -8..-1" in bad.stderr
+    bad = cli("embed", REF / "images", "--out", tmp_path / "f.npy", "--layers", "-9",
+              "--model", model_dir)  # fmt: skip
+    assert bad.exit_code == 2 and "blocks [-9] do not exist" in bad.stderr
+    assert not (tmp_path / "f.npy").exists()
 
 
 def imagenet_folder(root: Path, placement: dict[str, int]) -> Path:

@@ -445,7 +445,7 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "already exists" in res.output and "--force" in res.output
     res = CliRunner().invoke(main, [*args, "--force", "--img-size", "100"])
-    assert res.exit_code == 1 and "multiple of the patch size 14" in res.output
+    assert res.exit_code == 2 and "multiple of 14" in res.output  # a usage error
     res = CliRunner().invoke(main, ["export", "coreml", "--model", "aim-600M", "--out", "x"])
     assert res.exit_code == 1 and "must end in .mlpackage" in res.output  # before any download
     res = CliRunner().invoke(main, [*args[:3], str(tmp_path / "nothing"), *args[4:], "--force"])
@@ -459,7 +459,7 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_text("hello")
     res = CliRunner().invoke(main, [*args, "--force", "--sample", str(not_an_image)])
-    assert res.exit_code == 1 and "--sample" in res.output and "notes.jpg" in res.output
+    assert res.exit_code == 2 and "--sample" in res.output and "notes.jpg" in res.output
 
 
 def test_cli_without_coremltools_says_how_to_install(tmp_path, monkeypatch):

@@ -337,7 +337,7 @@ def test_head_keywords_win_over_folders(heads, model_dir, tmp_path, monkeypatch)
     assert aim_mlx.load(model_dir, head="best").args.num_classes == 1000
     assert aim_mlx.load(model_dir, head="./best").args.num_classes == 5
     res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", "nowhere")
-    assert res.exit_code == 2 and "neither best, last nor a folder" in res.output
+    assert res.exit_code == 2 and "not best, last or a trained head's folder" in res.output
     res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", tmp_path)
     assert res.exit_code == 1 and "no config.json" in res.output
 

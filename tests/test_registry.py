@@ -147,10 +147,10 @@ def test_malformed_config_is_reported_as_such(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"format_version": 1,')  # cut short
     (folder / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match=r"config.json: cannot read it as JSON"):
+    with pytest.raises(ModelLoadError, match=r"config.json: not valid JSON"):
         aim_mlx.load(folder)
     (folder / "config.json").write_text("[1, 2]")
-    with pytest.raises(ModelLoadError, match=r"config.json: not a JSON object"):
+    with pytest.raises(ModelLoadError, match=r"config.json: expected a JSON object"):
         aim_mlx.load(folder)
 
 

@@ -25,8 +25,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..errors import AimMlxError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(AimMlxError, ValueError):
     """A file that is not a readable, safe checkpoint."""
 
 

@@ -25,9 +25,10 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .. import __version__
-from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, GiB
-from ..constants import DTYPES as DTYPE_NAMES
+from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB
+from ..errors import AimMlxError, OutputError
 from ..models.aim import AIM, PRESETS, ModelArgs, last_probe_layers
+from ..output import prepare_output
 from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 
@@ -35,7 +36,6 @@ FORMAT_VERSION = 1
 SHARD_BYTES = 5 * GiB
 PATCH_WEIGHT = "preprocessor.patchifier.proj.weight"
 DROPPED_KEYS = ("head.bn.num_batches_tracked",)
-DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 # The trunk's matmul weights are quantized. The head (k, v, linear: about 3% of the weights) stays
 # in the chosen float dtype: quantizing it measurably moves the logits (tests/test_convert.py).
 QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
@@ -47,7 +47,7 @@ PREPROCESS = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(AimMlxError, ValueError):
     """A conversion that cannot proceed; the message says what to do."""
 
 
@@ -83,12 +83,14 @@ def convert(
     config, or from a head file named `*_best_layers*` / `*_last_layers*`.
     """
     out = Path(out)
-    if dtype not in DTYPES:
-        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in MX_DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize and q_bits not in (4, 8):
         raise ConversionError(f"--q-bits must be 4 or 8, got {q_bits}")
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists; choose another --out or pass --force")
+    try:
+        prepare_output(out, force=force)
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
 
     files, hub_config = _source_files(backbone, head, hf_path)
     checkpoints = [_open(f) for f in files]
@@ -97,7 +99,7 @@ def convert(
     sources = _match(tensors, args)
 
     q = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"} if quantize else None
-    plan = _plan(sources, DTYPES[dtype], q)
+    plan = _plan(sources, MX_DTYPES[dtype], q)
     config = {
         "model_type": "aim-v1",
         "name": name or _default_name(args),
@@ -285,7 +287,7 @@ def _match(tensors, args: ModelArgs) -> list[Source]:
                 f"shape mismatch for {key!r}: {ckpt.path} has {tuple(ckpt.shape(key))}, "
                 f"the model expects {_checkpoint_shape(key, shape)}"
             )
-        if ckpt.dtype(key) not in DTYPES:
+        if ckpt.dtype(key) not in MX_DTYPES:
             raise ConversionError(f"{key!r} in {ckpt.path} is {ckpt.dtype(key)}, not a float")
         sources.append(Source(key, ckpt, shape))
     return sources
@@ -348,7 +350,7 @@ def _produce(source: Source, outputs, dtype: mx.Dtype, q: dict | None) -> list[m
 
 
 def _source_nbytes(s: Source) -> int:
-    return tensor_nbytes(DTYPES[s.checkpoint.dtype(s.key)], s.shape)
+    return tensor_nbytes(MX_DTYPES[s.checkpoint.dtype(s.key)], s.shape)
 
 
 def _shards(plan) -> list[list]:
@@ -370,7 +372,7 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
     _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    dtype, q = DTYPES[config["dtype"]], config["quantization"]
+    dtype, q = MX_DTYPES[config["dtype"]], config["quantization"]
     shards = _shards(plan)
     total = sum(_source_nbytes(s) for s, _ in plan)
     try:
@@ -379,7 +381,7 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             unit="B",
             unit_scale=True,
             desc="converting",
-            disable=not progress,
+            disable=not progress or None,  # None: only on a terminal
             file=sys.stderr,
         ) as bar:
             index = {}
@@ -405,9 +407,11 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             config["sources"] = hasher.result()
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _move_into_place(tmp, out, force)
-    except BaseException:
+    except BaseException as e:
         hasher.stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, AimMlxError):  # disk full, I/O error
+            raise ConversionError(f"{e.filename or out}: {e.strerror or e}") from None
         raise
     return out
 

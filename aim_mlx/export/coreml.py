@@ -13,11 +13,13 @@ labels: ImageNet-1k's, or a trained head's classes). With `features=True` the mo
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -27,9 +29,11 @@ from mlx.utils import tree_flatten
 
 from .. import __version__
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
+from ..output import prepare_output
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
@@ -68,7 +72,7 @@ PREVIEW_TYPE_KEY = "com.apple.coreml.model.preview.type"
 ANE_WEIGHT_LIMIT = 2**31
 
 
-class ExportError(ValueError):
+class ExportError(AimMlxError, ValueError):
     """A user-facing export problem (bad option, unsafe precision, existing output)."""
 
 
@@ -430,6 +434,20 @@ def default_name(args) -> str:
     return f"AIM v1 (embed {args.embed_dim}, {args.num_blocks} blocks)"
 
 
+@contextmanager
+def _progress_bars(progress: bool):
+    """coremltools draws tqdm bars with no option to hide them: while it runs, tqdm's default
+    becomes "only on a terminal" (progress) or "never"."""
+    from tqdm import tqdm
+
+    init = tqdm.__dict__["__init__"]
+    tqdm.__init__ = functools.partialmethod(init, disable=None if progress else True)
+    try:
+        yield
+    finally:
+        tqdm.__init__ = init
+
+
 def _compress(ct, mlmodel, compress: str, target: str):
     """Compress the weights of the linear layers and the patch convolution."""
     if compress == "none":
@@ -528,6 +546,7 @@ def export_coreml(
     labels: list[str] | None = None,
     sample: mx.array | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> Path:
     """Write `model` (an `aim_mlx.models.AIM`) as a Core ML `.mlpackage` at `out`.
 
@@ -541,6 +560,7 @@ def export_coreml(
     features: output the head's pooled `features` instead of the classifier's outputs.
     labels: the class names in logit order; default: a trained head's classes
         (`aim_mlx.load(M, head=FOLDER)`), else ImageNet-1k's.
+    progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
     """
     out = check_output(out, overwrite)
     args = model.args
@@ -573,18 +593,19 @@ def export_coreml(
     # (as in freshly initialised weights) makes the compressors refuse the shared constant.
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes({"common::const_deduplication"})
-    mlmodel = ct.convert(
-        program,
-        pass_pipeline=pipeline,
-        inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
-        classifier_config=None if features else ct.ClassifierConfig(labels),
-        minimum_deployment_target=opset,
-        compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
-        convert_to="mlprogram",
-        skip_model_load=True,
-    )
-    del program
-    mlmodel = _compress(ct, mlmodel, compress, target)
+    with _progress_bars(progress):
+        mlmodel = ct.convert(
+            program,
+            pass_pipeline=pipeline,
+            inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
+            classifier_config=None if features else ct.ClassifierConfig(labels),
+            minimum_deployment_target=opset,
+            compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
+            convert_to="mlprogram",
+            skip_model_load=True,
+        )
+        del program
+        mlmodel = _compress(ct, mlmodel, compress, target)
     _describe(
         mlmodel,
         name=name or default_name(args),
@@ -605,21 +626,23 @@ def export_coreml(
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
+    except OSError as e:  # disk full, I/O error
+        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def check_output(out: str | Path, overwrite: bool = False) -> Path:
-    """The output path, if usable: a .mlpackage in an existing folder, new unless `overwrite`."""
+    """The output path, if usable: a .mlpackage that can be written (missing folders are
+    created), new unless `overwrite`."""
     out = Path(out)
     if out.suffix != ".mlpackage":
         raise ExportError(f"the output must end in .mlpackage, got {out}")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (overwrite it with --force)")
-    if not out.parent.is_dir():
-        raise ExportError(f"the output folder {out.parent} does not exist")
-    return out
+    try:
+        return prepare_output(out, force=overwrite)
+    except OutputError as e:
+        raise ExportError(str(e)) from None
 
 
 def _check_options(precision, compress, target, img_size, patch):

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..errors import OptionError
 from ..models import AIM
 from ..models.aim import AttentionPoolingHead
 from ..models.heads import LinearPoolingHead
@@ -35,7 +36,7 @@ KEYWORDS = ("best", "last")  # the official heads; a folder of that name is give
 
 def is_head_folder(head) -> bool:
     """True when `head` names a trained head's folder rather than an official head keyword."""
-    return not (isinstance(head, str) and head in KEYWORDS)
+    return head is not None and not (isinstance(head, str) and head in KEYWORDS)
 
 
 def make_head(kind: str, args, num_classes: int) -> nn.Module:
@@ -97,7 +98,7 @@ def read_head_config(folder: str | Path) -> dict:
     folder = Path(folder)
     file = folder / "config.json"
     if not folder.is_dir():
-        raise ProbeError(f"--head {folder}: not best, last or a trained head's folder")
+        raise OptionError(f"--head {folder}: not best, last or a trained head's folder")
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:

@@ -1,0 +1,477 @@
+"""The command line's contract: output checks before work, one clean line per user mistake
+(exit 1; usage errors exit 2; Ctrl-C 130), tracebacks only for bugs, and the same options on
+every command."""
+
+import json
+import os
+import socket
+import stat
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURE_CONFIG, REF
+from PIL import Image
+from test_hub import registry_entry
+
+import aim_mlx
+from aim_mlx import cache, hub, registry, resolve
+from aim_mlx.cli import main
+from aim_mlx.convert import convert
+from aim_mlx.embed import Embeddings, listing_path, read_listing, save
+from aim_mlx.errors import AimMlxError, OutputError
+from aim_mlx.loader import ModelLoadError, read_config
+from aim_mlx.transforms import ImageError, open_image, preprocess
+
+PROBE = FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
+ROCKET = REF / "images" / "rocket.jpg"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "aim-tiny"
+    return convert(
+        out,
+        backbone=REF / "backbone.pth",
+        head=REF / "head_best_layers.pth",
+        num_heads=4,
+        probe_layers=PROBE,
+        progress=False,
+    )
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def read_only(tmp_path) -> Path:
+    """A folder in which no file can be created, whoever runs the tests."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(stat.S_IRUSR | stat.S_IXUSR)
+        yield folder
+        folder.chmod(stat.S_IRWXU)
+    elif sys.platform == "linux" and Path("/sys").is_dir():
+        yield Path("/sys")  # read-only even for root
+    else:
+        pytest.skip("no read-only folder for root on this system")
+
+
+def cli(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+def clean(result, code: int) -> str:
+    """The result's stderr, after checking the exit status and that there is no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+# ---- Output locations are checked before any work ---------------------------------------
+
+
+def test_embed_checks_its_output_before_loading_the_model(read_only, tmp_path):
+    # The model does not exist: only an output check made first can report the output.
+    err = clean(cli("embed", ROCKET, "-m", "no-such-model", "-o", read_only / "f.npy"), 1)
+    assert f"cannot write {read_only / 'f.npy'}" in err and "not writable" in err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    err = clean(cli("embed", ROCKET, "-m", "no-such-model", "-o", a_file / "sub" / "f.npy"), 1)
+    assert f"cannot create the folder {a_file / 'sub'}" in err
+    assert not any(p.suffix == ".npy" for p in tmp_path.rglob("*"))
+
+
+def test_embed_creates_missing_folders_and_refuses_to_overwrite(model_dir, tmp_path):
+    out = tmp_path / "new" / "deeper" / "f.npy"
+    result = cli("embed", ROCKET, "-m", model_dir, "-o", out, "--no-progress")
+    clean(result, 0)
+    first = np.load(out)
+    assert first.shape == (1, 64)
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out), 1)
+    assert f"{out} already exists" in err and "--force" in err
+    listing = listing_path(out)
+    out.unlink()  # the listing alone is also refused: the pair is written together
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out), 1)
+    assert f"{listing} already exists" in err and not out.exists()
+    clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 0)
+    np.testing.assert_array_equal(np.load(out), first)
+
+
+def test_convert_and_export_check_their_output(read_only, tmp_path):
+    err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", read_only / "m"), 1)
+    assert f"cannot write {read_only / 'm'}" in err
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", a_file / "m"), 1)
+    assert f"cannot create the folder {a_file}" in err
+    # export: before the model is even looked up
+    args = ["export", "coreml", "-m", "no-such-model", "-o", read_only / "y.mlpackage"]
+    err = clean(cli(*args), 1)
+    assert f"cannot write {read_only / 'y.mlpackage'}" in err
+
+
+def test_prepare_output_creates_parents_and_refuses_existing(tmp_path):
+    from aim_mlx.output import prepare_output
+
+    target = tmp_path / "a" / "b" / "out.npy"
+    assert prepare_output(target) == target and target.parent.is_dir()
+    assert list(target.parent.iterdir()) == []  # the write probe is gone
+    target.write_text("x")
+    with pytest.raises(OutputError, match="already exists"):
+        prepare_output(target)
+    assert prepare_output(target, force=True) == target
+
+
+def test_read_only_cache_names_aim_mlx_cache(read_only, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(read_only / "cache"))
+    err = clean(cli("classify", ROCKET, "-m", REF / "hf_repo"), 1)
+    assert f"cannot write the model cache {read_only / 'cache'}" in err
+    assert "AIM_MLX_CACHE" in err
+
+
+def test_read_only_download_cache_names_hf_home(read_only):
+    with pytest.raises(hub.HubError, match="set HF_HOME"):
+        hub.check_download_cache(read_only / "hub")
+
+
+# ---- Errors: one clean line, tracebacks only for bugs -----------------------------------
+
+
+def test_every_domain_error_is_an_aim_mlx_error():
+    from aim_mlx.convert import CheckpointError, ConversionError, UnsafePickleError
+    from aim_mlx.evaluate import DatasetError
+    from aim_mlx.export.coreml import ExportError
+
+    errors = [
+        CheckpointError, UnsafePickleError, ConversionError, ModelLoadError,
+        resolve.ModelNotFoundError, registry.RegistryError, DatasetError, ExportError,
+        ImageError, hub.HubError, hub.ChecksumError, hub.DiskSpaceError, cache.CacheError,
+        OutputError,
+    ]  # fmt: skip
+    for error in errors:
+        assert issubclass(error, AimMlxError), error
+    for error in errors[:-3]:  # the value errors they were before
+        assert issubclass(error, ValueError) or issubclass(error, RuntimeError), error
+
+
+def test_a_bug_shows_its_traceback(monkeypatch, model_dir):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(resolve, "load", broken)
+    result = cli("classify", ROCKET, "-m", model_dir)
+    assert isinstance(result.exception, KeyError)  # not turned into a one-line error
+    assert result.exit_code == 1
+
+
+def test_ctrl_c_exits_130(monkeypatch, model_dir, tmp_path):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resolve, "load", interrupted)
+    for command in (
+        ["classify", ROCKET],
+        ["eval", REF],
+        ["embed", ROCKET, "-o", tmp_path / "x.npy"],
+    ):
+        result = cli(*command, "-m", model_dir)
+        assert result.exit_code == 130, result.output
+        assert "interrupted" in result.stderr
+
+
+def test_malformed_config_is_reported_as_such(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"format_version": 1,')
+    err = clean(cli("classify", ROCKET, "-m", folder), 1)
+    assert f"{folder / 'config.json'}: not valid JSON" in err
+    with pytest.raises(ModelLoadError, match="not valid JSON"):
+        read_config(folder)
+    (folder / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelLoadError, match="expected a JSON object"):
+        read_config(folder)
+
+
+def test_cache_treats_a_damaged_entry_as_absent(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    entry = cache.entry_dir("x--best--float32")
+    shutil.copytree(model_dir, entry)
+    assert cache.is_current(entry)
+    (entry / "config.json").write_text("{")
+    assert not cache.is_current(entry)
+    assert [(e.key, e.config, e.current) for e in cache.list_entries()] == [
+        ("x--best--float32", None, False)
+    ]
+
+
+# ---- --head on a converted folder --------------------------------------------------------
+
+
+def test_an_explicit_head_a_folder_cannot_honour_is_an_error(model_dir):
+    err = clean(cli("classify", ROCKET, "-m", model_dir, "--head", "last"), 1)
+    assert "converted with the best head" in err and "leave out --head" in err
+    with pytest.raises(ModelLoadError, match="not the last one"):
+        aim_mlx.load(model_dir, head="last")
+    assert aim_mlx.load(model_dir, head="best").args.probe_layers == tuple(PROBE)
+    assert aim_mlx.load(model_dir).args.probe_layers == tuple(PROBE)
+    err = clean(cli("classify", ROCKET, "-m", model_dir, "--head", "middle"), 2)
+    assert "--head middle: not best, last or a trained head's folder" in err
+
+
+def test_folder_head_from_probe_layers():
+    official = dict(embed_dim=1536, num_blocks=24)
+    assert resolve.folder_head({**official, "probe_layers": list(range(14, 20))}) == "best"
+    assert resolve.folder_head({**official, "probe_layers": list(range(18, 24))}) == "last"
+    assert resolve.folder_head({**official, "probe_layers": [1, 2, 3]}) is None
+    custom = dict(embed_dim=64, num_blocks=8)
+    assert resolve.folder_head({**custom, "probe_layers": [1, 2, 3, 4, 5, 6]}) == "best"
+    assert resolve.folder_head({**custom, "probe_layers": [2, 3, 4, 5, 6, 7]}) == "last"
+
+
+def test_a_checkpoint_folder_with_only_a_last_head_uses_it(tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    shutil.copy(REF / "backbone.pth", folder / "tiny_backbone.pth")
+    shutil.copy(REF / "head_last_layers.pth", folder / "tiny_head_last_layers.pth")
+    assert resolve.checkpoint_head(folder, None) == "last"
+    assert resolve.checkpoint_head(folder, "best") == "best"
+    shutil.copy(REF / "head_best_layers.pth", folder / "tiny_head_best_layers.pth")
+    assert resolve.checkpoint_head(folder, None) == "best"
+
+
+# ---- No network ------------------------------------------------------------------------
+
+
+def test_unreachable_hub_fails_fast_with_advice(tmp_path, monkeypatch):
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(json.dumps({"models": [registry_entry()]}))
+    monkeypatch.setenv("AIM_MLX_REGISTRY", str(registry_file))
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(hub.HubError) as error:
+        resolve.resolve(
+            "aim-tiny",
+            endpoint=f"http://127.0.0.1:{port}",
+            hf_cache_dir=tmp_path / "hf",
+            progress=False,
+        )
+    assert time.monotonic() - start < 5  # no rounds of retries
+    message = str(error.value)
+    assert "cannot reach the hub" in message
+    assert "HF_HUB_OFFLINE=1" in message and "cache add" in message and "local folder" in message
+
+
+# ---- embed output: any file name, both files or neither, usual mode ------------------
+
+
+def test_npy_listing_round_trips_any_file_name(tmp_path):
+    names = [
+        "plain.jpg",
+        "new\nline.jpg",
+        os.fsdecode(b"latin1-\xe9t\xe9.jpg"),  # not UTF-8: a surrogate escape
+        'quote" and \\ backslash.jpg',
+        "ünïcødé.png",
+    ]
+    emb = Embeddings(np.arange(10, dtype=np.float32).reshape(5, 2), names)
+    out = tmp_path / "f.npy"
+    assert save(out, emb) == [out, listing_path(out)]
+    lines = listing_path(out).read_bytes().split(b"\n")
+    assert len(lines) == 6 and lines[-1] == b""  # one line per row
+    assert read_listing(listing_path(out)) == names
+    assert os.fsencode(read_listing(listing_path(out))[2]) == b"latin1-\xe9t\xe9.jpg"
+
+
+def test_embed_cli_with_an_undecodable_file_name(model_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"caf\xe9.jpg")
+    with open(raw, "wb") as f:
+        f.write(ROCKET.read_bytes())
+    out = tmp_path / "w.npy"
+    clean(cli("embed", folder, "-m", model_dir, "-o", out), 0)
+    (name,) = read_listing(listing_path(out))
+    assert os.fsencode(name) == raw
+    assert np.load(out).shape == (1, 64)
+
+
+def test_npy_and_listing_are_written_both_or_neither(tmp_path, monkeypatch):
+    emb = Embeddings(np.zeros((1, 2), np.float32), ["a.jpg"])
+    out = tmp_path / "f.npy"
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", fail)
+    with pytest.raises(OutputError, match="No space left on device"):
+        save(out, emb)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        for name in ("f.safetensors", "f.npy"):
+            clean(cli("embed", ROCKET, "-m", model_dir, "-o", tmp_path / name), 0)
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    finally:
+        os.umask(old)
+
+
+# ---- Images ----------------------------------------------------------------------------
+
+
+def test_float_images_are_read_as_intensities(tmp_path):
+    gray = np.asarray(Image.open(ROCKET).convert("L"))
+    Image.fromarray(gray.astype(np.float32) / 255.0, mode="F").save(tmp_path / "f.tiff")
+    Image.fromarray(gray).save(tmp_path / "l.png")
+    np.testing.assert_array_equal(preprocess(tmp_path / "f.tiff"), preprocess(tmp_path / "l.png"))
+    Image.fromarray(gray.astype(np.float32), mode="F").save(tmp_path / "levels.tiff")
+    with pytest.raises(ImageError, match="expected intensities in 0..1"):
+        open_image(tmp_path / "levels.tiff")
+
+
+def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    path = tmp_path / "small.png"
+    Image.new("RGB", (100, 50)).save(path)
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "4000")
+    with pytest.raises(ImageError, match="more than 4000 pixels.*AIM_MLX_MAX_PIXELS"):
+        open_image(path)
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "0")
+    assert open_image(path).size == (100, 50)
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "lots")
+    with pytest.raises(AimMlxError, match="whole number"):
+        open_image(path)
+
+
+# ---- The same options everywhere --------------------------------------------------------
+
+
+COMMANDS_WITH_BARS = [
+    ["convert"],
+    ["classify"],
+    ["embed"],
+    ["eval"],
+    ["cache", "add"],
+    ["export", "coreml"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS_WITH_BARS)
+def test_progress_option_everywhere(command):
+    result = cli(*command, "--help")
+    clean(result, 0)
+    assert "--progress / --no-progress" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        (["convert"], ["-o, --out", "--force"]),
+        (["embed"], ["-o, --out", "--force", "-m, --model", "-b, --batch-size", "--img-size"]),
+        (["export", "coreml"], ["-o, --out", "--force", "-m, --model", "--img-size"]),
+        (["bench"], ["-m, --model", "-b, --batch-size", "--img-size", "--json"]),
+        (["classify"], ["-m, --model", "-b, --batch-size", "-k, --top-k", "--img-size"]),
+        (["eval"], ["-m, --model", "-b, --batch-size", "--img-size", "--data-path", "--json"]),
+        (["cache", "list"], ["--json"]),
+        (["info"], ["--json"]),
+    ],
+)
+def test_common_options(command, options):
+    text = cli(*command, "--help").stdout
+    for option in options:
+        assert option in text, (command, option)
+
+
+def test_usage_errors_exit_2(model_dir, tmp_path):
+    assert "--backbone FILE" in clean(cli("convert", "-o", tmp_path / "m"), 2)
+    both = cli("convert", "--hf-path", "x", "--backbone", "b.pth", "-o", tmp_path / "m")
+    assert "not both" in clean(both, 2)
+    bad_layers = cli("convert", "--hf-path", "x", "--probe-layers", "a,b", "-o", tmp_path / "m")
+    assert "--probe-layers" in clean(bad_layers, 2)
+    assert "multiple of 14" in clean(cli("classify", ROCKET, "-m", model_dir, "--img-size", 30), 2)
+    assert "missing the data folder" in clean(cli("eval", "-m", model_dir), 2)
+    assert not (tmp_path / "m").exists()
+
+
+def test_img_size_on_classify_embed_and_eval(model_dir, tmp_path):
+    model = aim_mlx.load(model_dir)
+    x = mx.array(preprocess(ROCKET, 112)[None])
+    expected = np.argsort(-np.array(model(x))[0], kind="stable")[:3].tolist()
+    out = cli("classify", ROCKET, "-m", model_dir, "--img-size", 112, "--json", "-k", 3).stdout
+    assert [t["index"] for t in json.loads(out)["top_k"]] == expected
+    default = cli("classify", ROCKET, "-m", model_dir, "--json", "-k", 3).stdout
+    assert json.loads(default)["top_k"] != json.loads(out)["top_k"]  # the size did change
+
+    npy = tmp_path / "f.npy"
+    clean(
+        cli("embed", ROCKET, "-m", model_dir, "-o", npy, "--img-size", 112, "--pool", "tokens"), 0
+    )
+    assert np.load(npy).shape == (1, 64, 64)  # (112 / 14)^2 tokens
+
+
+def test_eval_takes_the_data_folder_positionally_or_as_data_path(model_dir, tmp_path):
+    from aim_mlx.labels import imagenet_classes
+
+    (tmp_path / "val" / imagenet_classes()[0].wnid).mkdir(parents=True)
+    (tmp_path / "val" / imagenet_classes()[0].wnid / "r.jpg").write_bytes(ROCKET.read_bytes())
+    positional = cli("eval", tmp_path / "val", "-m", model_dir, "--json")
+    alias = cli("eval", "--data-path", tmp_path / "val", "-m", model_dir, "--json")
+    clean(positional, 0)
+    assert json.loads(positional.stdout) == json.loads(alias.stdout)
+    assert json.loads(positional.stdout)["images"] == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    assert "once" in clean(cli("eval", tmp_path / "val", "--data-path", other), 2)
+
+
+def test_json_listings_of_cache_and_info(model_dir):
+    result = cli("info", "--json")
+    clean(result, 0)
+    info = json.loads(result.stdout)
+    assert info["mlx_version"] == mx.__version__
+    assert cli("classify", ROCKET, "-m", REF / "hf_repo", "--no-progress").exit_code == 0
+    listing = json.loads(cli("cache", "list", "--json").stdout)
+    assert listing["cache"] == os.environ["AIM_MLX_CACHE"]
+    (entry,) = listing["models"]
+    assert entry["key"].startswith("local-hf_repo-") and entry["current"] is True
+    assert entry["size"] == sum(p.stat().st_size for p in Path(entry["path"]).iterdir())
+
+
+def test_rm_downloads_says_when_there_is_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
+    result = cli("cache", "rm-downloads", "aim-1B")
+    clean(result, 0)
+    assert "nothing to remove: no downloads of aim-1B" in result.stdout
+
+
+def test_a_write_failure_during_conversion_is_one_line(tmp_path, monkeypatch):
+    from aim_mlx.convert import converter
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(converter.SafetensorsWriter, "write", disk_full)
+    err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", tmp_path / "m"), 1)
+    assert "No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc is Linux's")
+def test_convert_into_proc_is_refused_before_work(tmp_path):
+    err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", "/proc/m"), 1)
+    assert "cannot write /proc/m" in err
