@@ -251,11 +251,11 @@ class TorchCheckpoint:
         return self.tensors[key].dtype
 
     def load(self, key: str) -> mx.array:
-        with _damage_reported(self.path, f"tensor {key!r}"):
-            return self._load(key)
-
-    def _load(self, key: str) -> mx.array:
         t = self.tensors[key]
+        with _damage_reported(self.path, f"tensor {key!r}"):
+            return self._load(key, t)
+
+    def _load(self, key: str, t: TensorInfo) -> mx.array:
         member = f"{self._prefix}data/{t.storage.key}"
         if member not in self._zip.NameToInfo:
             raise CheckpointError(
