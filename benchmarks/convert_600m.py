@@ -4,8 +4,11 @@ Writes an aim-600M-shaped backbone + head pair (random weights, official key nam
 PyTorch zip format, about 2.75 GB) the first time, then runs, each in a fresh process and
 interleaved: reading both files once; copying them (the floor for any tool that must write its
 output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM.
+The float32 conversion also runs with the zip records' CRC-32 checks off (`verified=True`, as for a
+hub download whose SHA-256 was checked), and each round's ratio of the two is printed; `--crc`
+runs only that pair.
 
-    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2]
+    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2] [--crc]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from torch_zip import random_maker, save_torch_zip  # noqa: E402
 
+CRC_PAIR = ("convert float32", "float32, no CRC")
 SHAPES = ROOT / "tests/fixtures/reference/official_parameter_shapes.json"
 
 # Each child prints its own peak RSS (VmHWM) last: ru_maxrss would include the parent's, from fork.
@@ -55,9 +60,9 @@ CONVERT = (
     """
 import sys
 from aim_mlx.convert import convert
-backbone, head, out, dtype, bits = sys.argv[1:]
+backbone, head, out, dtype, bits, crc = sys.argv[1:]
 convert(out, backbone=backbone, head=head, dtype=dtype, quantize=bits != "0",
-        q_bits=int(bits) or 8, progress=False, force=True)
+        q_bits=int(bits) or 8, progress=False, force=True, verified=crc == "off")
 """
     + PEAK
 )
@@ -101,6 +106,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks/out")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--crc", action="store_true", help="only float32 with CRC-32 on and off")
     args = parser.parse_args()
     backbone, head = write_checkpoints(args.workdir)
     size_gb = (backbone.stat().st_size + head.stat().st_size) / 1e9
@@ -108,13 +114,18 @@ def main():
     cases = {
         "read both files": (READ, backbone, head),
         "copy both files": (COPY, backbone, head, args.workdir / "copy"),
-        "convert float32": (CONVERT, backbone, head, out, "float32", 0),
-        "convert float16": (CONVERT, backbone, head, out, "float16", 0),
-        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4),
+        "convert float32": (CONVERT, backbone, head, out, "float32", 0, "on"),
+        "float32, no CRC": (CONVERT, backbone, head, out, "float32", 0, "off"),
+        "convert float16": (CONVERT, backbone, head, out, "float16", 0, "on"),
+        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4, "on"),
     }
+    if args.crc:
+        cases = {k: v for k, v in cases.items() if k in ("read both files", *CRC_PAIR)}
     results = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, (code, *child_args) in cases.items():
+    for i in range(args.repeats):
+        order = list(cases) if i % 2 == 0 else list(cases)[::-1]  # no case always goes first
+        for name in order:
+            code, *child_args = cases[name]
             results[name].append(run_child(code, *child_args))
     shutil.rmtree(out, ignore_errors=True)
     for leftover in args.workdir.glob("copy.*"):
@@ -130,6 +141,12 @@ def main():
         t = min(r[0] for r in runs)
         rss = max(r[1] for r in runs)
         print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{rss:>14.0f}")
+    on, off = (results[name] for name in CRC_PAIR)
+    ratios = sorted(a[0] / b[0] for a, b in zip(on, off, strict=True))
+    print(
+        f"CRC-32 on / off, float32, per round: {', '.join(f'{r:.3f}' for r in ratios)}"
+        f" (median {statistics.median(ratios):.3f})"
+    )
 
 
 if __name__ == "__main__":

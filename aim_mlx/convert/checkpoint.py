@@ -328,7 +328,8 @@ class TorchCheckpoint:
                 f"{self.path}: record {info.filename} has a damaged zip header; {_AGAIN}"
             )
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        if f.read(name_len) != info.orig_filename.encode("utf-8", "surrogateescape"):
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"  # as zipfile decodes names
+        if f.read(name_len) != info.orig_filename.encode(encoding):
             raise CheckpointError(
                 f"{self.path}: record {info.filename} has a damaged zip header (another name); "
                 f"{_AGAIN}"
