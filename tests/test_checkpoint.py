@@ -395,3 +395,23 @@ def test_damaged_deflated_record_is_a_clean_error(tmp_path):
     _flip(path, data.index(b"deflated/data/0") + 40)  # inside the compressed tensor
     with pytest.raises(CheckpointError, match=f"{path}: damaged"):
         open_checkpoint(path).load("w")
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ([1, 2], "not a JSON object"),
+        ({"x": "F32"}, "unsupported dtype None"),
+        ({"x": {"dtype": "F32", "shape": [1]}}, "damaged data_offsets None"),
+        ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, "damaged data_offsets"),
+    ],
+)
+def test_damaged_safetensors_header_is_a_clean_error(tmp_path, header, message):
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(path)

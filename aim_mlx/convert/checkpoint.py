@@ -432,12 +432,17 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except ValueError:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     for key, entry in header.items():
-        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            dtype = entry.get("dtype")
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
-        if 8 + n + entry["data_offsets"][1] > size:
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise CheckpointError(f"{path}: tensor {key!r} has damaged data_offsets {offsets!r}")
+        if 8 + n + offsets[1] > size:
             raise CheckpointError(f"{path}: truncated (tensor {key!r} reaches past the end)")
     return header, 8 + n
 
