@@ -4,9 +4,9 @@ Writes an aim-600M-shaped backbone + head pair (random weights, official key nam
 PyTorch zip format, about 2.75 GB) the first time, then runs, each in a fresh process and
 interleaved: reading both files once; copying them (the floor for any tool that must write its
 output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM.
-The float32 conversion also runs with the zip records' CRC-32 checks off (`verified=True`, as for a
-hub download whose SHA-256 was checked), and each round's ratio of the two is printed; `--crc`
-runs only that pair.
+Loading every tensor, and the float32 conversion, also run with the zip records' CRC-32 checks off
+(`verified=True`, as for a hub download whose SHA-256 was checked), and each round's ratio of the
+two is printed; `--crc` runs only these pairs.
 
     python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2] [--crc]
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from torch_zip import random_maker, save_torch_zip  # noqa: E402
 
-CRC_PAIR = ("convert float32", "float32, no CRC")
+CRC_PAIRS = (("load tensors", "load, no CRC"), ("convert float32", "float32, no CRC"))
 SHAPES = ROOT / "tests/fixtures/reference/official_parameter_shapes.json"
 
 # Each child prints its own peak RSS (VmHWM) last: ru_maxrss would include the parent's, from fork.
@@ -63,6 +63,21 @@ from aim_mlx.convert import convert
 backbone, head, out, dtype, bits, crc = sys.argv[1:]
 convert(out, backbone=backbone, head=head, dtype=dtype, quantize=bits != "0",
         q_bits=int(bits) or 8, progress=False, force=True, verified=crc == "off")
+"""
+    + PEAK
+)
+
+
+LOAD = (
+    """
+import sys
+import aim_mlx
+import mlx.core as mx
+from aim_mlx.convert.checkpoint import open_checkpoint
+for path in sys.argv[1:3]:
+    ckpt = open_checkpoint(path, verified=sys.argv[3] == "off")
+    for key in ckpt.keys():
+        mx.eval(ckpt.load(key))
 """
     + PEAK
 )
@@ -106,7 +121,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks/out")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--crc", action="store_true", help="only float32 with CRC-32 on and off")
+    parser.add_argument("--crc", action="store_true", help="only the CRC-32 on / off pairs")
     args = parser.parse_args()
     backbone, head = write_checkpoints(args.workdir)
     size_gb = (backbone.stat().st_size + head.stat().st_size) / 1e9
@@ -114,19 +129,26 @@ def main():
     cases = {
         "read both files": (READ, backbone, head),
         "copy both files": (COPY, backbone, head, args.workdir / "copy"),
+        "load tensors": (LOAD, backbone, head, "on"),
+        "load, no CRC": (LOAD, backbone, head, "off"),
         "convert float32": (CONVERT, backbone, head, out, "float32", 0, "on"),
         "float32, no CRC": (CONVERT, backbone, head, out, "float32", 0, "off"),
         "convert float16": (CONVERT, backbone, head, out, "float16", 0, "on"),
         "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4, "on"),
     }
     if args.crc:
-        cases = {k: v for k, v in cases.items() if k in ("read both files", *CRC_PAIR)}
+        keep = {"read both files", *(name for pair in CRC_PAIRS for name in pair)}
+        cases = {k: v for k, v in cases.items() if k in keep}
     results = {name: [] for name in cases}
     for i in range(args.repeats):
         order = list(cases) if i % 2 == 0 else list(cases)[::-1]  # no case always goes first
         for name in order:
             code, *child_args = cases[name]
             results[name].append(run_child(code, *child_args))
+            # Untimed: remove the output and flush dirty pages, so that no case pays for the
+            # write-back or deletion of the one before it.
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
     shutil.rmtree(out, ignore_errors=True)
     for leftover in args.workdir.glob("copy.*"):
         leftover.unlink()
@@ -141,12 +163,12 @@ def main():
         t = min(r[0] for r in runs)
         rss = max(r[1] for r in runs)
         print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{rss:>14.0f}")
-    on, off = (results[name] for name in CRC_PAIR)
-    ratios = sorted(a[0] / b[0] for a, b in zip(on, off, strict=True))
-    print(
-        f"CRC-32 on / off, float32, per round: {', '.join(f'{r:.3f}' for r in ratios)}"
-        f" (median {statistics.median(ratios):.3f})"
-    )
+    for on, off in CRC_PAIRS:
+        ratios = sorted(a[0] / b[0] for a, b in zip(results[on], results[off], strict=True))
+        print(
+            f"{on}: CRC-32 on / off, per round (sorted): {', '.join(f'{r:.3f}' for r in ratios)}"
+            f" (median {statistics.median(ratios):.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -415,3 +415,18 @@ def test_damaged_safetensors_header_is_a_clean_error(tmp_path, header, message):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
     with pytest.raises(CheckpointError, match=message):
         open_checkpoint(path)
+
+
+@pytest.mark.parametrize("piece", [1024, 4096])
+def test_crc32_in_pieces_equals_zlib(monkeypatch, piece):
+    import zlib
+
+    from aim_mlx.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CRC_PIECE", piece)
+    monkeypatch.setattr(checkpoint.os, "cpu_count", lambda: 2)
+    data = np.random.default_rng(piece).integers(0, 256, 7 * piece + 123, dtype=np.uint8)
+    for size in (0, 1, piece - 1, piece, 2 * piece, 2 * piece + 1, 5 * piece, len(data)):
+        assert checkpoint.crc32(data[:size]) == zlib.crc32(data[:size].tobytes()), size
+    with pytest.raises(ValueError, match="power of two"):
+        checkpoint._zeros_operator(3 * piece)
