@@ -3,7 +3,8 @@
 Writes an aim-600M-shaped backbone + head pair (random weights, official key names and shapes,
 PyTorch zip format, about 2.75 GB) the first time, then runs, each in a fresh process and
 interleaved: reading both files once; copying them (the floor for any tool that must write its
-output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM.
+output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM,
+CPU time its user + system time.
 Loading every tensor, and the float32 conversion, also run with the zip records' CRC-32 checks off
 (`verified=True`, as for a hub download whose SHA-256 was checked), and each round's ratio of the
 two is printed; `--crc` runs only these pairs.
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -107,14 +109,17 @@ def write_checkpoints(workdir: Path) -> tuple[Path, Path]:
     return backbone, head
 
 
-def run_child(code: str, *args) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of a fresh Python process."""
+def run_child(code: str, *args) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of a fresh Python process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True
     )
     elapsed = time.perf_counter() - start
-    return elapsed, int(proc.stdout.split()[-1]) / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu, int(proc.stdout.split()[-1]) / 1024
 
 
 def main():
@@ -157,18 +162,21 @@ def main():
         f"\naim-600M checkpoint, {size_gb:.2f} GB, {platform.machine()}, {os.cpu_count()} cores,"
         f" Python {platform.python_version()}, best of {args.repeats}"
     )
-    read_time = min(t for t, _ in results["read both files"])
-    print(f"{'case':<18}{'time s':>9}{'x read':>9}{'peak RSS MB':>14}")
+    read_time = min(t for t, _, _ in results["read both files"])
+    print(f"{'case':<18}{'time s':>9}{'x read':>9}{'CPU s':>8}{'peak RSS MB':>14}")
     for name, runs in results.items():
         t = min(r[0] for r in runs)
-        rss = max(r[1] for r in runs)
-        print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{rss:>14.0f}")
+        cpu = min(r[1] for r in runs)
+        rss = max(r[2] for r in runs)
+        print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{cpu:>8.1f}{rss:>14.0f}")
     for on, off in CRC_PAIRS:
-        ratios = sorted(a[0] / b[0] for a, b in zip(results[on], results[off], strict=True))
-        print(
-            f"{on}: CRC-32 on / off, per round (sorted): {', '.join(f'{r:.3f}' for r in ratios)}"
-            f" (median {statistics.median(ratios):.3f})"
-        )
+        for what, i in (("time", 0), ("CPU time", 1)):
+            pairs = zip(results[on], results[off], strict=True)
+            ratios = sorted(a[i] / b[i] for a, b in pairs)
+            print(
+                f"{on}: CRC-32 on / off, {what}, per round (sorted): "
+                f"{', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f})"
+            )
 
 
 if __name__ == "__main__":
