@@ -151,6 +151,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         img_size=args.img_size,
         dtype=dtype,
         name=spec.name,
+        verified=True,  # hub.download checked each file's SHA-256
         **_quant_kwargs(quant),
     )
     if not keep:

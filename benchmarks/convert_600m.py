@@ -3,9 +3,13 @@
 Writes an aim-600M-shaped backbone + head pair (random weights, official key names and shapes,
 PyTorch zip format, about 2.75 GB) the first time, then runs, each in a fresh process and
 interleaved: reading both files once; copying them (the floor for any tool that must write its
-output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM.
+output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is each child's VmHWM,
+CPU time its user + system time.
+Loading every tensor, and the float32 conversion, also run with the zip records' CRC-32 checks off
+(`verified=True`, as for a hub download whose SHA-256 was checked), and each round's ratio of the
+two is printed; `--crc` runs only these pairs.
 
-    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2]
+    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2] [--crc]
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from torch_zip import random_maker, save_torch_zip  # noqa: E402
 
+CRC_PAIRS = (("load tensors", "load, no CRC"), ("convert float32", "float32, no CRC"))
 SHAPES = ROOT / "tests/fixtures/reference/official_parameter_shapes.json"
 
 # Each child prints its own peak RSS (VmHWM) last: ru_maxrss would include the parent's, from fork.
@@ -55,9 +62,24 @@ CONVERT = (
     """
 import sys
 from aim_mlx.convert import convert
-backbone, head, out, dtype, bits = sys.argv[1:]
+backbone, head, out, dtype, bits, crc = sys.argv[1:]
 convert(out, backbone=backbone, head=head, dtype=dtype, quantize=bits != "0",
-        q_bits=int(bits) or 8, progress=False, force=True)
+        q_bits=int(bits) or 8, progress=False, force=True, verified=crc == "off")
+"""
+    + PEAK
+)
+
+
+LOAD = (
+    """
+import sys
+import aim_mlx
+import mlx.core as mx
+from aim_mlx.convert.checkpoint import open_checkpoint
+for path in sys.argv[1:3]:
+    ckpt = open_checkpoint(path, verified=sys.argv[3] == "off")
+    for key in ckpt.keys():
+        mx.eval(ckpt.load(key))
 """
     + PEAK
 )
@@ -87,20 +109,24 @@ def write_checkpoints(workdir: Path) -> tuple[Path, Path]:
     return backbone, head
 
 
-def run_child(code: str, *args) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of a fresh Python process."""
+def run_child(code: str, *args) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak RSS in MB) of a fresh Python process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)], check=True, capture_output=True, text=True
     )
     elapsed = time.perf_counter() - start
-    return elapsed, int(proc.stdout.split()[-1]) / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu, int(proc.stdout.split()[-1]) / 1024
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks/out")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--crc", action="store_true", help="only the CRC-32 on / off pairs")
     args = parser.parse_args()
     backbone, head = write_checkpoints(args.workdir)
     size_gb = (backbone.stat().st_size + head.stat().st_size) / 1e9
@@ -108,14 +134,26 @@ def main():
     cases = {
         "read both files": (READ, backbone, head),
         "copy both files": (COPY, backbone, head, args.workdir / "copy"),
-        "convert float32": (CONVERT, backbone, head, out, "float32", 0),
-        "convert float16": (CONVERT, backbone, head, out, "float16", 0),
-        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4),
+        "load tensors": (LOAD, backbone, head, "on"),
+        "load, no CRC": (LOAD, backbone, head, "off"),
+        "convert float32": (CONVERT, backbone, head, out, "float32", 0, "on"),
+        "float32, no CRC": (CONVERT, backbone, head, out, "float32", 0, "off"),
+        "convert float16": (CONVERT, backbone, head, out, "float16", 0, "on"),
+        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4, "on"),
     }
+    if args.crc:
+        keep = {"read both files", *(name for pair in CRC_PAIRS for name in pair)}
+        cases = {k: v for k, v in cases.items() if k in keep}
     results = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, (code, *child_args) in cases.items():
+    for i in range(args.repeats):
+        order = list(cases) if i % 2 == 0 else list(cases)[::-1]  # no case always goes first
+        for name in order:
+            code, *child_args = cases[name]
             results[name].append(run_child(code, *child_args))
+            # Untimed: remove the output and flush dirty pages, so that no case pays for the
+            # write-back or deletion of the one before it.
+            shutil.rmtree(out, ignore_errors=True)
+            os.sync()
     shutil.rmtree(out, ignore_errors=True)
     for leftover in args.workdir.glob("copy.*"):
         leftover.unlink()
@@ -124,12 +162,21 @@ def main():
         f"\naim-600M checkpoint, {size_gb:.2f} GB, {platform.machine()}, {os.cpu_count()} cores,"
         f" Python {platform.python_version()}, best of {args.repeats}"
     )
-    read_time = min(t for t, _ in results["read both files"])
-    print(f"{'case':<18}{'time s':>9}{'x read':>9}{'peak RSS MB':>14}")
+    read_time = min(t for t, _, _ in results["read both files"])
+    print(f"{'case':<18}{'time s':>9}{'x read':>9}{'CPU s':>8}{'peak RSS MB':>14}")
     for name, runs in results.items():
         t = min(r[0] for r in runs)
-        rss = max(r[1] for r in runs)
-        print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{rss:>14.0f}")
+        cpu = min(r[1] for r in runs)
+        rss = max(r[2] for r in runs)
+        print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{cpu:>8.1f}{rss:>14.0f}")
+    for on, off in CRC_PAIRS:
+        for what, i in (("time", 0), ("CPU time", 1)):
+            pairs = zip(results[on], results[off], strict=True)
+            ratios = sorted(a[i] / b[i] for a, b in pairs)
+            print(
+                f"{on}: CRC-32 on / off, {what}, per round (sorted): "
+                f"{', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f})"
+            )
 
 
 if __name__ == "__main__":

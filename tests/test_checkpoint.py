@@ -229,3 +229,204 @@ def test_reads_safetensors(tmp_path):
     cut.write_bytes((tmp_path / "m.safetensors").read_bytes()[:-4])
     with pytest.raises(CheckpointError, match="truncated"):
         open_checkpoint(cut)
+
+
+# Damaged files: CRC-32 of each record read, and clean errors for any zip damage.
+
+
+def _flip(path, position: int, bit: int = 0):
+    data = bytearray(path.read_bytes())
+    data[position] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _copy(ref_dir, tmp_path, name="backbone.pth"):
+    path = tmp_path / name
+    path.write_bytes((ref_dir / name).read_bytes())
+    return path
+
+
+@pytest.fixture
+def crc_calls(monkeypatch):
+    from aim_mlx.convert import checkpoint
+
+    calls, real = [], checkpoint.zlib.crc32
+    monkeypatch.setattr(checkpoint.zlib, "crc32", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def test_flipped_tensor_byte_is_a_crc_error_naming_the_record(ref_dir, tmp_path):
+    from test_checkpoint_fuzz import record_spans
+
+    path = _copy(ref_dir, tmp_path)
+    ckpt = open_checkpoint(ref_dir / "backbone.pth")
+    key = "trunk.blocks.3.mlp.fc1.weight"
+    member = f"backbone/data/{ckpt.tensors[key].storage.key}"
+    start, end = record_spans(path.read_bytes())[member]
+    _flip(path, (start + end) // 2, bit=3)  # a mantissa bit: still a plausible float
+    damaged = open_checkpoint(path)
+    with pytest.raises(CheckpointError) as e:
+        damaged.load(key)
+    assert str(e.value) == (
+        f"{path}: record {member} is corrupted (CRC-32 mismatch); download or copy the file again"
+    )
+    other = "trunk.blocks.3.mlp.fc2.weight"
+    assert np.array_equal(np.array(damaged.load(other)), np.array(ckpt.load(other)))
+
+
+def test_flipped_pickle_byte_is_a_crc_error(ref_dir, tmp_path):
+    path = _copy(ref_dir, tmp_path)
+    data = path.read_bytes()
+    _flip(path, data.index(b"trunk.blocks.5.attn.qkv.weight") + 6, bit=0)  # "blocks" -> "clocks"
+    with pytest.raises(CheckpointError, match=r"record backbone/data.pkl is corrupted \(CRC-32"):
+        open_checkpoint(path)
+
+
+def _views_checkpoint(path):
+    """One float32 storage of 8 elements, read through two views: [3:5] and [0:2]."""
+    specs = [("w", np.float32, (2,), (1,), 3, 8), ("v", np.float32, (2,), (1,), 0, 8)]
+    storage = _global("torch", "FloatStorage")
+    pkl = state_dict_pickle(specs).replace(storage + _str("1"), storage + _str("0"))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("views/data.pkl", pkl)
+        z.writestr("views/data/0", np.arange(8, dtype=np.float32).tobytes())
+    return path
+
+
+def test_views_check_their_whole_storage_once(tmp_path, crc_calls):
+    path = _views_checkpoint(tmp_path / "views.pth")
+    ckpt = open_checkpoint(path)
+    crc_calls.clear()
+    assert np.array(ckpt.load("w")).tolist() == [3, 4]
+    assert crc_calls  # the whole storage, although the view uses 2 of its 8 elements
+    crc_calls.clear()
+    assert np.array(ckpt.load("v")).tolist() == [0, 1]
+    assert not crc_calls  # already checked
+
+    data = path.read_bytes()
+    last = data.index(np.arange(8, dtype=np.float32).tobytes()) + 7 * 4  # element 7: unused
+    _flip(path, last)
+    with pytest.raises(CheckpointError, match="record views/data/0 is corrupted"):
+        open_checkpoint(path).load("w")
+
+
+def test_verified_files_skip_the_crc(ref_dir, tmp_path, crc_calls):
+    path = _copy(ref_dir, tmp_path, "head_best_layers.pth")
+    key = "head.linear.weight"
+    ckpt = open_checkpoint(path, verified=True)
+    ckpt.load(key)
+    assert not crc_calls
+    open_checkpoint(path).load(key)
+    assert crc_calls
+
+
+def test_hub_downloads_are_converted_without_crc(tmp_path, monkeypatch, crc_calls, ref_dir):
+    """hub.download checked the SHA-256, so the conversion from the hub does not add CRC-32s."""
+    from conftest import FIXTURE_CONFIG
+
+    from aim_mlx import hub, registry, resolve
+
+    best = FIXTURE_CONFIG["variants"]["best"]
+    spec = {
+        "name": "aim-crc-test",
+        "repo": "aim-test-org/AIM-crc",
+        "backbone": {"filename": "backbone.pth", "sha256": "0" * 8},
+        "heads": {v: {"filename": f"head_{v}.pth", "sha256": "0" * 8} for v in ("best", "last")},
+        "probe_layers": {"best": best["probe_layers"], "last": best["probe_layers"]},
+        "arch": FIXTURE_CONFIG["config"],
+    }
+    monkeypatch.setattr(registry, "_registered", {})
+    registry.register(spec)
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    files = [ref_dir / "backbone.pth", ref_dir / best["head"]]
+    monkeypatch.setattr(hub, "download", lambda *a, **k: files)
+    out = resolve.resolve("aim-crc-test", progress=False)
+    assert (out / "model.safetensors").is_file()
+    assert not crc_calls
+    probe = best["probe_layers"]
+    convert(tmp_path / "local", backbone=files[0], head=files[1], num_heads=4, probe_layers=probe)
+    assert crc_calls  # the same files given locally are checked
+
+
+def test_inserted_zero_run_is_a_clean_error(ref_dir, tmp_path):
+    """A run of zeros inserted after the pickle shifts every later record."""
+    from test_checkpoint_fuzz import record_spans
+
+    path = _copy(ref_dir, tmp_path, "head_best_layers.pth")
+    data = path.read_bytes()
+    end = record_spans(data)["head_best_layers/data.pkl"][1]
+    path.write_bytes(data[:end] + bytes(32) + data[end:])
+    with pytest.raises(CheckpointError) as e:
+        ckpt = open_checkpoint(path)
+        for key in ckpt.keys():
+            ckpt.load(key)
+    assert str(e.value).startswith(f"{path}: ")
+    assert "download or copy the file again" in str(e.value)
+
+
+def test_absurd_record_size_is_refused_before_reading(ref_dir, tmp_path, monkeypatch):
+    path = _copy(ref_dir, tmp_path, "head_best_layers.pth")
+    data = bytearray(path.read_bytes())
+    entry = data.rindex(b"head_best_layers/data.pkl") - 46  # its central-directory entry
+    assert data[entry : entry + 4] == b"PK\x01\x02"
+    data[entry + 20 : entry + 28] = (0xFFFFFFF0).to_bytes(4, "little") * 2  # sizes: about 4 GB
+    path.write_bytes(bytes(data))
+    from aim_mlx.convert import checkpoint
+
+    real_empty = checkpoint.np.empty
+
+    def small_empty(n, *a, **k):
+        assert n < 2**20, f"allocated {n} bytes"
+        return real_empty(n, *a, **k)
+
+    monkeypatch.setattr(checkpoint.np, "empty", small_empty)
+    with pytest.raises(CheckpointError, match="reaches past the end of the file"):
+        open_checkpoint(path)
+
+
+def test_damaged_deflated_record_is_a_clean_error(tmp_path):
+    path = tmp_path / "deflated.pth"
+    specs = [("w", np.float32, (256,), (1,), 0, 256)]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("deflated/data.pkl", state_dict_pickle(specs))
+        z.writestr("deflated/data/0", np.linspace(0, 1, 256, dtype=np.float32).tobytes())
+    assert np.allclose(np.array(open_checkpoint(path).load("w")), np.linspace(0, 1, 256))
+    data = path.read_bytes()
+    _flip(path, data.index(b"deflated/data/0") + 40)  # inside the compressed tensor
+    with pytest.raises(CheckpointError, match=f"{path}: damaged"):
+        open_checkpoint(path).load("w")
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [
+        ([1, 2], "not a JSON object"),
+        ({"x": "F32"}, "unsupported dtype None"),
+        ({"x": {"dtype": "F32", "shape": [1]}}, "damaged data_offsets None"),
+        ({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, "4"]}}, "damaged data_offsets"),
+    ],
+)
+def test_damaged_safetensors_header_is_a_clean_error(tmp_path, header, message):
+    import json
+    import struct
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(4))
+    with pytest.raises(CheckpointError, match=message):
+        open_checkpoint(path)
+
+
+@pytest.mark.parametrize("piece", [1024, 4096])
+def test_crc32_in_pieces_equals_zlib(monkeypatch, piece):
+    import zlib
+
+    from aim_mlx.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CRC_PIECE", piece)
+    monkeypatch.setattr(checkpoint.os, "cpu_count", lambda: 2)
+    data = np.random.default_rng(piece).integers(0, 256, 7 * piece + 123, dtype=np.uint8)
+    for size in (0, 1, piece - 1, piece, 2 * piece, 2 * piece + 1, 5 * piece, len(data)):
+        assert checkpoint.crc32(data[:size]) == zlib.crc32(data[:size].tobytes()), size
+    with pytest.raises(ValueError, match="power of two"):
+        checkpoint._zeros_operator(3 * piece)

@@ -10,6 +10,9 @@ from their offset in the file.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -19,6 +22,7 @@ import pickle
 import struct
 import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +81,22 @@ def _rebuild_tensor_v2(
 ):
     if not isinstance(storage, Storage):
         raise UnsafePickleError("_rebuild_tensor_v2 called on something that is not a storage")
-    return TensorInfo(storage, int(storage_offset), tuple(size), tuple(stride))
+    if not (
+        _is_count(storage_offset)
+        and isinstance(size, tuple)
+        and isinstance(stride, tuple)
+        and len(size) == len(stride)
+        and all(map(_is_count, size + stride))
+    ):
+        raise CheckpointError(
+            f"a tensor of storage {storage.key} has a damaged offset, size or stride "
+            f"({storage_offset!r}, {size!r}, {stride!r})"
+        )
+    return TensorInfo(storage, storage_offset, size, stride)
+
+
+def _is_count(n) -> bool:
+    return type(n) is int and n >= 0
 
 
 _ALLOWED_GLOBALS = {
@@ -109,7 +128,9 @@ class _StateDictUnpickler(pickle._Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, StorageType):
             raise UnsafePickleError(f"persistent id names an unknown storage type {storage_type!r}")
-        return Storage(str(key), storage_type.dtype, int(numel))
+        if not (isinstance(key, str) and _is_count(numel)):
+            raise CheckpointError(f"a damaged storage entry {pid!r}")
+        return Storage(key, storage_type.dtype, numel)
 
     def load_reduce(self):
         args = self.stack.pop()
@@ -143,8 +164,8 @@ class _StateDictUnpickler(pickle._Unpickler):
 def _unpickle_state_dict(data: bytes, where: str) -> dict[str, TensorInfo]:
     try:
         obj = _StateDictUnpickler(io.BytesIO(data)).load()
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f"{where}: {e}") from None
+    except CheckpointError as e:
+        raise type(e)(f"{where}: {e}") from None
     except Exception as e:
         raise CheckpointError(f"{where}: the pickle is damaged ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
@@ -155,40 +176,72 @@ def _unpickle_state_dict(data: bytes, where: str) -> dict[str, TensorInfo]:
     return dict(obj)
 
 
-def _stored_offset(fp, info: zipfile.ZipInfo) -> int:
-    """File offset of an uncompressed zip member's data."""
-    fp.seek(info.header_offset)
-    header = fp.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointError("damaged zip member header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
+# What zipfile, struct, numpy and the file system raise on a damaged or truncated archive.
+_DAMAGE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    struct.error,
+    EOFError,
+    OSError,
+    ValueError,  # UnicodeDecodeError (a garbled name), negative seeks, bad reshapes
+    KeyError,
+    IndexError,
+    OverflowError,
+    MemoryError,
+    NotImplementedError,  # a compression method or zip feature zipfile lacks
+    zlib.error,
+)
+_AGAIN = "download or copy the file again"
+CHUNK = 4 * 2**20
+
+
+@contextlib.contextmanager
+def _damage_reported(path: Path, what: str):
+    """Turn any low-level error on a damaged file into one CheckpointError naming the file."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except _DAMAGE as e:
+        raise CheckpointError(
+            f"{path}: damaged or truncated ({what}: {type(e).__name__}: {e}); {_AGAIN}"
+        ) from None
 
 
 class TorchCheckpoint:
-    """A PyTorch zip checkpoint, opened for reading one tensor at a time."""
+    """A PyTorch zip checkpoint, opened for reading one tensor at a time.
 
-    def __init__(self, path: str | Path):
+    Each zip record read (the pickle, each tensor storage) is checked against its CRC-32 as its
+    bytes stream through, unless `verified` says the whole file's SHA-256 was already checked.
+    """
+
+    def __init__(self, path: str | Path, verified: bool = False):
         self.path = Path(path)
+        self.verified = verified
+        self._checked: set[str] = set()  # records whose CRC-32 matched
         try:
             self._zip = zipfile.ZipFile(self.path)
         except zipfile.BadZipFile:
             raise CheckpointError(_not_zip_reason(self.path)) from None
-        pkl = [n for n in self._zip.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        except _DAMAGE as e:
+            raise CheckpointError(
+                f"{self.path}: a damaged zip file ({type(e).__name__}: {e}); {_AGAIN}"
+            ) from None
+        self._size = self.path.stat().st_size
+        with _damage_reported(self.path, "zip directory"):
+            names = self._zip.namelist()
+        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
             raise CheckpointError(
-                f"{self.path}: a zip file but not a PyTorch checkpoint (no <name>/data.pkl)"
+                f"{self.path}: a zip file but not a PyTorch checkpoint (no <name>/data.pkl), "
+                f"or a damaged one; {_AGAIN} if it should be one"
             )
         self._prefix = pkl[0][: -len("data.pkl")]
-        names = set(self._zip.namelist())
         byteorder = self._prefix + "byteorder"
-        if byteorder in names and self._zip.read(byteorder).strip() != b"little":
+        if byteorder in names and bytes(self._read_record(byteorder)).strip() != b"little":
             raise CheckpointError(f"{self.path}: big-endian checkpoints are not supported")
-        try:
-            data = self._zip.read(pkl[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
-            raise CheckpointError(f"{self.path}: damaged or truncated ({e})") from None
-        self.tensors = _unpickle_state_dict(data, str(self.path))
+        data = self._read_record(pkl[0])
+        self.tensors = _unpickle_state_dict(bytes(data), str(self.path))
 
     def keys(self) -> list[str]:
         return list(self.tensors)
@@ -201,11 +254,17 @@ class TorchCheckpoint:
 
     def load(self, key: str) -> mx.array:
         t = self.tensors[key]
+        with _damage_reported(self.path, f"tensor {key!r}"):
+            return self._load(key, t)
+
+    def _load(self, key: str, t: TensorInfo) -> mx.array:
         member = f"{self._prefix}data/{t.storage.key}"
-        try:
-            info = self._zip.getinfo(member)
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has no storage {member}") from None
+        if member not in self._zip.NameToInfo:
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} has no storage {member}: a damaged or incomplete "
+                f"checkpoint; {_AGAIN}"
+            )
+        info = self._zip.getinfo(member)
         itemsize = ITEMSIZE[t.dtype]
         if info.file_size != t.storage.numel * itemsize:
             raise CheckpointError(
@@ -217,9 +276,9 @@ class TorchCheckpoint:
         start, count = (t.offset, numel) if contiguous else (0, t.storage.numel)
         if numel and (t.offset + _span(t.shape, t.stride) > t.storage.numel):
             raise CheckpointError(f"{self.path}: tensor {key!r} reaches past its storage")
-        raw = self._read(info, start * itemsize, count * itemsize, key)
+        raw = self._read_record(member, start * itemsize, count * itemsize)
         np_dtype = np.uint16 if t.dtype == "bfloat16" else np.dtype(t.dtype)
-        arr = np.frombuffer(raw, dtype=np.dtype(np_dtype).newbyteorder("<"))
+        arr = raw.view(np.dtype(np_dtype).newbyteorder("<"))
         if contiguous:
             arr = arr.reshape(t.shape)
         else:
@@ -229,21 +288,136 @@ class TorchCheckpoint:
         out = mx.array(arr)
         return out.view(mx.bfloat16) if t.dtype == "bfloat16" else out
 
-    def _read(self, info: zipfile.ZipInfo, start: int, size: int, key: str) -> bytes:
-        if info.compress_type == zipfile.ZIP_STORED:
-            with open(self.path, "rb") as f:
-                f.seek(_stored_offset(f, info) + start)
-                raw = f.read(size)
-        else:
-            with self._zip.open(info) as f:
-                f.seek(start)
-                raw = f.read(size)
-        if len(raw) != size:
-            raise CheckpointError(f"{self.path}: truncated while reading tensor {key!r}")
-        return raw
+    def _read_record(self, name: str, start: int = 0, size: int | None = None) -> np.ndarray:
+        """Bytes [start, start + size) of record `name`, as a uint8 array.
+
+        Unless the file is verified, the whole record goes through its CRC-32 on the first read
+        (on all cores when the record is read whole), even when only part of it is wanted (a view
+        of a larger storage): a flip in the unused part still means a damaged file. Records
+        already checked are not checked again.
+        """
+        with _damage_reported(self.path, f"record {name}"):
+            info = self._zip.getinfo(name)
+            size = info.file_size - start if size is None else size
+            check = not self.verified and name not in self._checked
+            if info.compress_type == zipfile.ZIP_STORED:
+                with open(self.path, "rb") as f:
+                    offset = self._data_offset(f, info)
+                    if not check:
+                        f.seek(offset + start)
+                        out = self._stream(f, size, name, keep=True)[0]
+                    elif size == info.file_size:  # a whole record, the common case
+                        f.seek(offset)
+                        out = self._stream(f, size, name, keep=True)[0]
+                        crc = crc32(out)
+                    else:  # part of a record (a view): the rest streams through the CRC too
+                        f.seek(offset)
+                        crc = self._stream(f, start, name, False, 0)[1]
+                        out, crc = self._stream(f, size, name, True, crc)
+                        crc = self._stream(f, info.file_size - start - size, name, False, crc)[1]
+            else:  # zipfile checks the CRC itself when a record is read to its end
+                with self._zip.open(info) as f:
+                    self._stream(f, start, name, keep=False)
+                    out = self._stream(f, size, name, keep=True)[0]
+                    self._stream(f, info.file_size - start - size, name, keep=False)
+                check = False
+            if check and crc != info.CRC:
+                raise CheckpointError(
+                    f"{self.path}: record {name} is corrupted (CRC-32 mismatch); {_AGAIN}"
+                )
+            self._checked.add(name)
+            return out
+
+    def _data_offset(self, f, info: zipfile.ZipInfo) -> int:
+        """File offset of a stored record's bytes, after checking its local header and size."""
+        f.seek(info.header_offset)
+        header = f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointError(
+                f"{self.path}: record {info.filename} has a damaged zip header; {_AGAIN}"
+            )
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"  # as zipfile decodes names
+        if f.read(name_len) != info.orig_filename.encode(encoding):
+            raise CheckpointError(
+                f"{self.path}: record {info.filename} has a damaged zip header (another name); "
+                f"{_AGAIN}"
+            )
+        offset = info.header_offset + 30 + name_len + extra_len
+        if info.compress_size != info.file_size or offset + info.file_size > self._size:
+            raise CheckpointError(
+                f"{self.path}: record {info.filename} reaches past the end of the file: "
+                f"truncated or damaged; {_AGAIN}"
+            )
+        return offset
+
+    def _stream(self, f, size: int, name: str, keep: bool, crc: int | None = None):
+        """Read `size` bytes in chunks, updating `crc` unless it is None; (bytes if `keep`, crc)."""
+        out = np.empty(size if keep else min(size, CHUNK), np.uint8)
+        view, done = memoryview(out), 0
+        while done < size:
+            n = min(CHUNK, size - done)
+            chunk = view[done : done + n] if keep else view[:n]
+            got = f.readinto(chunk)
+            if not got:
+                raise CheckpointError(
+                    f"{self.path}: truncated while reading record {name}; {_AGAIN}"
+                )
+            if crc is not None:
+                crc = zlib.crc32(chunk[:got], crc)
+            done += got
+        return (out if keep else None), crc
 
     def close(self):
         self._zip.close()
+
+
+# The CRC-32 of a large buffer is computed in pieces on all cores, then combined: the CRC-32 of
+# A + B is the CRC-32 of A carried over len(B) zero bytes (a linear map over GF(2), the method of
+# zlib's crc32_combine), xor the CRC-32 of B.
+CRC_PIECE = 4 * 2**20
+_CRC_POOL = None
+
+
+def crc32(data) -> int:
+    """zlib.crc32 of a buffer, computed on all cores for buffers of several CRC_PIECEs."""
+    global _CRC_POOL
+    view = memoryview(data).cast("B")
+    piece = CRC_PIECE
+    pieces = len(view) // piece
+    if pieces < 2 or (os.cpu_count() or 1) < 2:
+        return zlib.crc32(view)
+    if _CRC_POOL is None:
+        _CRC_POOL = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "aim-mlx-crc32")
+    carry = _zeros_operator(piece)
+    crc = 0
+    for piece_crc in _CRC_POOL.map(
+        zlib.crc32, [view[i * piece : (i + 1) * piece] for i in range(pieces)]
+    ):
+        crc = _gf2_times(carry, crc) ^ piece_crc
+    return zlib.crc32(view[pieces * piece :], crc)
+
+
+@functools.cache
+def _zeros_operator(nbytes: int) -> tuple[int, ...]:
+    """The 32x32 GF(2) matrix (column i: the image of bit i) that carries a CRC-32 register
+    over `nbytes` zero bytes; `nbytes` a power of two."""
+    if nbytes & (nbytes - 1):
+        raise ValueError("nbytes must be a power of two")
+    matrix = (0xEDB88320, *(1 << i for i in range(31)))  # one zero bit (reflected polynomial)
+    for _ in range((8 * nbytes).bit_length() - 1):
+        matrix = tuple(_gf2_times(matrix, column) for column in matrix)  # squared: twice the bits
+    return matrix
+
+
+def _gf2_times(matrix, vector: int) -> int:
+    out, i = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[i]
+        vector >>= 1
+        i += 1
+    return out
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
@@ -315,12 +489,17 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(n))
         except ValueError:
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
     for key, entry in header.items():
-        if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-            dtype = entry.get("dtype")
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype}")
-        if 8 + n + entry["data_offsets"][1] > size:
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets))):
+            raise CheckpointError(f"{path}: tensor {key!r} has damaged data_offsets {offsets!r}")
+        if 8 + n + offsets[1] > size:
             raise CheckpointError(f"{path}: truncated (tensor {key!r} reaches past the end)")
     return header, 8 + n
 
@@ -343,15 +522,24 @@ def _not_zip_reason(path: Path) -> str:
     return f"{path}: not a PyTorch checkpoint (.pth / .bin zip) or safetensors file"
 
 
-def open_checkpoint(path: str | Path) -> TorchCheckpoint | SafetensorsCheckpoint:
-    """Open a `.pth` / `.bin` (PyTorch zip) or `.safetensors` file by its content."""
+def open_checkpoint(
+    path: str | Path, verified: bool = False
+) -> TorchCheckpoint | SafetensorsCheckpoint:
+    """Open a `.pth` / `.bin` (PyTorch zip) or `.safetensors` file by its content.
+
+    `verified`: the file's SHA-256 was checked against a published digest, so the zip records'
+    CRC-32s need not be checked again.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     if head.startswith(b"PK"):
-        return TorchCheckpoint(path)
+        return TorchCheckpoint(path, verified=verified)
     if len(head) == 8 and path.suffix == ".safetensors":
         return SafetensorsCheckpoint(path)
     if len(head) == 8 and head[:1] != b"\x80":

@@ -76,11 +76,13 @@ def convert(
     force: bool = False,
     progress: bool = True,
     name: str | None = None,
+    verified: bool = False,
 ) -> Path:
     """Convert a backbone + head pair, or a hub-style folder / repo id, into an MLX folder `out`.
 
     `probe_layers` is "best", "last" or a list of block indices; None takes it from the hub
-    config, or from a head file named `*_best_layers*` / `*_last_layers*`.
+    config, or from a head file named `*_best_layers*` / `*_last_layers*`. `verified`: the
+    source files' SHA-256 were checked (a hub download), so their CRC-32s are not checked again.
     """
     out = Path(out)
     if dtype not in MX_DTYPES:
@@ -93,7 +95,7 @@ def convert(
         raise ConversionError(str(e)) from None
 
     files, hub_config = _source_files(backbone, head, hf_path)
-    checkpoints = [_open(f) for f in files]
+    checkpoints = [_open(f, verified) for f in files]
     tensors = _merge(checkpoints)
     args = _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
     sources = _match(tensors, args)
@@ -169,9 +171,9 @@ def _hub_folder(hf_path) -> Path:
         raise ConversionError(f"could not download {hf_path} from the hub: {e}") from None
 
 
-def _open(path: Path):
+def _open(path: Path, verified: bool):
     try:
-        return open_checkpoint(path)
+        return open_checkpoint(path, verified=verified)
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
 
@@ -339,7 +341,10 @@ def _plan(sources: list[Source], dtype: mx.Dtype, q: dict | None):
 
 
 def _produce(source: Source, outputs, dtype: mx.Dtype, q: dict | None) -> list[mx.array]:
-    w = source.checkpoint.load(source.key)
+    try:
+        w = source.checkpoint.load(source.key)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
     if source.key == PATCH_WEIGHT:
         w = w.transpose(0, 2, 3, 1)
     w = w.astype(dtype)
