@@ -10,9 +10,7 @@ from their offset in the file.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -364,7 +362,7 @@ class TorchCheckpoint:
                     f"{self.path}: truncated while reading record {name}; {_AGAIN}"
                 )
             if crc is not None:
-                crc = zlib.crc32(chunk[:got], crc)
+                crc = crc32(chunk[:got], crc)
             done += got
         return (out if keep else None), crc
 
@@ -372,52 +370,15 @@ class TorchCheckpoint:
         self._zip.close()
 
 
-# The CRC-32 of a large buffer is computed in pieces on all cores, then combined: the CRC-32 of
-# A + B is the CRC-32 of A carried over len(B) zero bytes (a linear map over GF(2), the method of
-# zlib's crc32_combine), xor the CRC-32 of B.
-CRC_PIECE = 4 * 2**20
-_CRC_POOL = None
+def crc32(data, value: int = 0) -> int:
+    """zlib's CRC-32, from zlib-ng's vectorised implementation where it is installed."""
+    return _crc32(data, value)
 
 
-def crc32(data) -> int:
-    """zlib.crc32 of a buffer, computed on all cores for buffers of several CRC_PIECEs."""
-    global _CRC_POOL
-    view = memoryview(data).cast("B")
-    piece = CRC_PIECE
-    pieces = len(view) // piece
-    if pieces < 2 or (os.cpu_count() or 1) < 2:
-        return zlib.crc32(view)
-    if _CRC_POOL is None:
-        _CRC_POOL = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), "aim-mlx-crc32")
-    carry = _zeros_operator(piece)
-    crc = 0
-    for piece_crc in _CRC_POOL.map(
-        zlib.crc32, [view[i * piece : (i + 1) * piece] for i in range(pieces)]
-    ):
-        crc = _gf2_times(carry, crc) ^ piece_crc
-    return zlib.crc32(view[pieces * piece :], crc)
-
-
-@functools.cache
-def _zeros_operator(nbytes: int) -> tuple[int, ...]:
-    """The 32x32 GF(2) matrix (column i: the image of bit i) that carries a CRC-32 register
-    over `nbytes` zero bytes; `nbytes` a power of two."""
-    if nbytes & (nbytes - 1):
-        raise ValueError("nbytes must be a power of two")
-    matrix = (0xEDB88320, *(1 << i for i in range(31)))  # one zero bit (reflected polynomial)
-    for _ in range((8 * nbytes).bit_length() - 1):
-        matrix = tuple(_gf2_times(matrix, column) for column in matrix)  # squared: twice the bits
-    return matrix
-
-
-def _gf2_times(matrix, vector: int) -> int:
-    out, i = 0, 0
-    while vector:
-        if vector & 1:
-            out ^= matrix[i]
-        vector >>= 1
-        i += 1
-    return out
+try:
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; zlib gives the same values
+    _crc32 = zlib.crc32
 
 
 def _contiguous_strides(shape) -> tuple[int, ...]:
