@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -238,14 +239,32 @@ def head_model_options(f):
 
 
 def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
+    from . import distributed
     from .resolve import load
 
     _exit_on_sigterm()  # a conversion into the cache cleans up when terminated
+    distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
     bits = int(q_bits) if quantize else None
     try:
         return load(model, head, dtype, quantize_bits=bits, progress=progress)
     except (ValueError, RuntimeError, OSError) as e:  # registry, hub, conversion, file errors
+        raise click.ClickException(distributed.tag(str(e))) from None
+
+
+@contextmanager
+def _ranks_reported():
+    """Under mlx.launch: a failed rank is one line on every rank (the library's message)."""
+    from .distributed import DistributedError
+
+    try:
+        yield
+    except DistributedError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _ranks_reported_iter(rows):
+    with _ranks_reported():
+        yield from rows
 
 
 def report_error(path: str, reason: str) -> None:
@@ -269,17 +288,22 @@ def classify(
     import json
     import sys
 
+    from . import distributed
     from .classifier import classify_iter
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    rows = classify_iter(net, inputs, k=top_k, batch_size=batch_size, progress=progress)
+    if not distributed.is_root():  # under mlx.launch: rank 0 prints every rank's rows
+        for _ in _ranks_reported_iter(rows):
+            pass
+        return
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer:
         writer.writerow(["path", "rank", "index", "label", "prob"])
     failed = 0
-    rows = classify_iter(net, inputs, k=top_k, batch_size=batch_size, progress=progress)
-    for row in rows:
+    for row in _ranks_reported_iter(rows):
         if "error" in row:
             failed += 1
             report_error(row["path"], row["error"])
@@ -331,6 +355,7 @@ def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch
     """
     import sys
 
+    from . import distributed
     from .embed import embed as embed_images
     from .embed import parse_layers, save
 
@@ -341,9 +366,12 @@ def embed(inputs, out, layers, pool, model, head, dtype, quantize, q_bits, batch
         parse_layers(layers, net.args.num_blocks)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--layers") from None
-    emb = embed_images(
-        net, inputs, layers=layers, pool=pool, batch_size=batch_size, progress=progress
-    )
+    with _ranks_reported():
+        emb = embed_images(
+            net, inputs, layers=layers, pool=pool, batch_size=batch_size, progress=progress
+        )
+    if not distributed.is_root():  # under mlx.launch: rank 0 writes every rank's rows
+        return
     for path, reason in emb.errors:
         report_error(path, reason)
     if emb.paths:
@@ -381,13 +409,17 @@ def eval_command(
     import json
     import sys
 
+    from . import distributed
     from .evaluate import DatasetError, evaluate
 
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     try:
-        result = evaluate(net, data_path, limit=limit, batch_size=batch_size, progress=progress)
+        with _ranks_reported():
+            result = evaluate(net, data_path, limit=limit, batch_size=batch_size, progress=progress)
     except DatasetError as e:
         raise click.ClickException(str(e)) from None
+    if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
+        return
     for path, reason in result.failed:
         report_error(path, reason)
     if as_json:
