@@ -829,6 +829,8 @@ def probe_train(
         sys.exit(130)
     except (ProbeError, ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    if result is None:  # under mlx.launch, a rank other than 0: its share went to rank 0
+        return
     for path, reason in result.errors:
         report_error(path, reason)
     best = result.best
@@ -867,6 +869,7 @@ def probe_eval(
     VAL_DIR, one sub-folder per class."""
     import json
 
+    from . import distributed
     from .probe.evaluate import evaluate_head, save_confusion
     from .probe.head import is_head_folder
 
@@ -883,11 +886,14 @@ def probe_eval(
     progress = _progress_default(progress)
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     try:
-        result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
+        with _ranks_reported():
+            result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
     except KeyboardInterrupt:
         sys.exit(130)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
+        return
     for path, reason in result.failed:
         report_error(path, reason)
     if confusion:

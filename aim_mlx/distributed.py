@@ -36,7 +36,7 @@ from .errors import AimMlxError
 GATHER_BYTES = 64 << 20  # rows gathered per round, per rank: bounds the other ranks' memory
 
 
-class DistributedError(AimMlxError):
+class DistributedError(AimMlxError, RuntimeError):
     """A rank failed, or the ranks disagree about their inputs; nothing was written."""
 
 
@@ -114,6 +114,8 @@ def _collective(what: str):
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL) if in_main else None
     try:
         yield
+    except DistributedError:
+        raise
     except (RuntimeError, _LostRank) as e:  # the ring backend: "connection to a peer was lost"
         if isinstance(e, _LostRank):
             other = f"rank {e.args[0]}/{size()}"
@@ -191,6 +193,14 @@ def _digest(items) -> str:
         h.update(item.path.encode("utf-8", "surrogatepass") + b"\0")
         h.update(b"!" if item.error else b"\1")
     return h.hexdigest()
+
+
+def from_root(record):
+    """Rank 0's JSON-serialisable `record`, on every rank (`record` itself with one rank)."""
+    if size() == 1:
+        return record
+    with _collective("receiving rank 0's decisions"):
+        return gather_json(record if is_root() else None)[0]
 
 
 def check_same_inputs(items, what: str) -> None:

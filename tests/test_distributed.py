@@ -197,3 +197,28 @@ def test_ranks_on_one_machine_share_its_cores(tmp_path, monkeypatch):
     monkeypatch.delenv("AIM_MLX_CPU_STREAMS")
     distributed._share_cores(4)
     assert (os.environ["AIM_MLX_CPU_CORES"], os.environ["AIM_MLX_CPU_STREAMS"]) == ("1", "1")
+
+
+def test_probe_train_two_ranks_extract_what_one_process_extracts(hub_folder, tmp_path, monkeypatch):
+    from test_probe import draw_dataset
+
+    data = draw_dataset(tmp_path / "data", per_class=4, size=32)  # 5 classes, 20 images
+    args = ("probe", "train", data, "-m", "hf", "--epochs", "2", "--no-progress")
+    two = launch(*args, "-o", "head2", cwd=tmp_path)
+    assert "rank 0/2: 10 images" in two.stderr and "rank 1/2: 10 images" in two.stderr, two.stderr
+    assert two.stderr.count("wrote head2") == 1 and (tmp_path / "head2" / "config.json").is_file()
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache1"))
+    one = cli(*args, "-o", "head1")
+    assert one.exit_code == 0, one.stderr
+
+    def cached(cache: Path) -> dict:
+        (folder,) = (cache / "features").iterdir()
+        return {p.name: np.load(p) for p in folder.glob("*.npy")}
+
+    ranks, alone = cached(tmp_path / "cache"), cached(tmp_path / "cache1")  # rank 0 wrote all
+    assert sorted(ranks) == sorted(alone) and len(alone) == 20
+    for name, features in alone.items():  # float32 values within 1e-5, rounded to float16
+        np.testing.assert_allclose(ranks[name], features, rtol=2e-3, atol=1e-5)
+    configs = [json.loads((tmp_path / h / "config.json").read_text()) for h in ("head2", "head1")]
+    assert configs[0]["classes"] == configs[1]["classes"]
+    assert configs[0]["training"]["train_images"] == configs[1]["training"]["train_images"]
