@@ -34,7 +34,12 @@ def _reported(ctx: click.Context):
     except OptionError as e:
         raise click.UsageError(str(e), ctx) from None
     except AimMlxError as e:
-        raise click.ClickException(str(e)) from None
+        from . import distributed
+
+        message = str(e)
+        if not message.startswith("rank "):  # under mlx.launch: name the rank that failed
+            message = distributed.tag(message)
+        raise click.ClickException(message) from None
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         raise click.exceptions.Exit(INTERRUPTED) from None
@@ -145,8 +150,10 @@ def _bits(quantize: bool, q_bits: str) -> int | None:
 
 
 def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
+    from . import distributed
     from .resolve import load
 
+    distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
     return load(model, head, dtype, quantize_bits=_bits(quantize, q_bits), progress=progress)
 
 
@@ -352,18 +359,23 @@ def classify(
     trained head's (--head DIR; --top-k is clamped to its number of classes)."""
     import csv
 
+    from . import distributed
     from .classifier import classify_iter
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    rows = classify_iter(
+        net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
+    )
+    if not distributed.is_root():  # under mlx.launch: rank 0 prints every rank's rows
+        for _ in rows:
+            pass
+        return
     writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
     if writer:
         writer.writerow(["path", "rank", "index", "label", "prob", "error"])
     failed = 0
-    rows = classify_iter(
-        net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
-    )
     for row in rows:
         if "error" in row:
             failed += 1
@@ -426,15 +438,19 @@ def embed(
     safetensors: tensor `features`, the image order as JSON in the metadata key `paths`.
     npy: the array, with the image order in FILE.paths.txt (one JSON string per line).
     """
+    import sys
+
+    from . import distributed
     from .embed import embed as embed_images
     from .embed import listing_path, parse_layers, save
     from .output import prepare_output
 
     if not out.endswith((".safetensors", ".npy")):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
-    prepare_output(out, force=force)  # before any work
-    if out.endswith(".npy"):
-        prepare_output(listing_path(out), force=force)
+    if distributed.is_root():  # the rank that writes; before any work
+        prepare_output(out, force=force)
+        if out.endswith(".npy"):
+            prepare_output(listing_path(out), force=force)
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     try:
         parse_layers(layers, net.args.num_blocks)
@@ -449,6 +465,8 @@ def embed(
         progress=progress,
         img_size=img_size,
     )
+    if not distributed.is_root():  # under mlx.launch: rank 0 writes every rank's rows
+        return
     for path, reason in emb.errors:
         report_error(path, reason)
     if emb.paths:
@@ -495,6 +513,7 @@ def eval_command(
 ):
     """Top-1 / top-5 accuracy on DATA, an ImageNet-style folder (one sub-folder of images per
     WordNet id, like n01440764)."""
+    from . import distributed
     from .evaluate import evaluate
 
     if data and data_path and data != data_path:
@@ -506,10 +525,15 @@ def eval_command(
     result = evaluate(
         net, data, limit=limit, batch_size=batch_size, progress=progress, img_size=img_size
     )
+    if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
+        return
     for path, reason in result.failed:
         report_error(path, reason)
     if as_json:
-        info = dict(model=model, head=head, dtype=str(net.dtype).split(".")[-1])
+        from .resolve import folder_head
+
+        used = head or folder_head(net.args.to_dict())  # the official head the model holds
+        info = dict(model=model, head=used, dtype=str(net.dtype).split(".")[-1])
         click.echo(
             json.dumps({**info, "img_size": img_size or net.args.img_size, **result.to_dict()})
         )
@@ -897,7 +921,7 @@ def probe_train(
     """
     import json
 
-    from .probe import ProbeError, Settings, train
+    from .probe import Settings, train
 
     _exit_on_sigterm()
     if val_dir and val_split:
@@ -921,9 +945,12 @@ def probe_train(
         )
     except KeyboardInterrupt:
         click.echo("interrupted; extracted features stay cached, the next run resumes", err=True)
-        sys.exit(130)
-    except (ProbeError, ValueError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e)) from None
+        sys.exit(INTERRUPTED)
+    except OSError as e:  # writing the feature cache or the head folder
+        where = e.filename or "the feature cache (AIM_MLX_CACHE)"
+        raise click.ClickException(f"{where}: {e.strerror or e}") from None
+    if result is None:  # under mlx.launch, a rank other than 0: its share went to rank 0
+        return
     for path, reason in result.errors:
         report_error(path, reason)
     best = result.best
@@ -962,6 +989,7 @@ def probe_eval(
     VAL_DIR, one sub-folder per class."""
     import json
 
+    from . import distributed
     from .probe.evaluate import evaluate_head, save_confusion
     from .probe.head import is_head_folder
 
@@ -977,12 +1005,9 @@ def probe_eval(
             raise click.ClickException(f"cannot write {target}: its folder does not exist")
     progress = _progress_default(progress)
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    try:
-        result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
+    if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
+        return
     for path, reason in result.failed:
         report_error(path, reason)
     if confusion:

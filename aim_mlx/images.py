@@ -100,7 +100,27 @@ def run(
     desc: str = "images",
 ) -> Iterator[tuple[Item, np.ndarray | None]]:
     """Apply `fn` (a batch (B, 3, size, size) -> a numpy array with B rows) to every readable
-    image; yield (item, its row) in input order, or (item with .error, None)."""
+    image; yield (item, its row) in input order, or (item with .error, None).
+
+    Under `mlx.launch` the items are shared out between the ranks and rank 0 alone yields them
+    all (`distributed.map_images`); without a launcher this is `run_here`."""
+    from . import distributed
+
+    return distributed.map_images(
+        fn, items, size=size, batch_size=batch_size, progress=progress, desc=desc
+    )
+
+
+def run_here(
+    fn: Callable[[mx.array], np.ndarray],
+    items: list[Item],
+    *,
+    size: int = 224,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "images",
+) -> Iterator[tuple[Item, np.ndarray | None]]:
+    """`run` in this process alone."""
     workers = min(8, os.cpu_count() or 1)
     with (
         ThreadPoolExecutor(workers) as pool,

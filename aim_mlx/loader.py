@@ -78,7 +78,12 @@ def load_model(path: str | Path) -> AIM:
         )
     weights = {}
     for f in weight_files(path):
-        weights.update(mx.load(str(f)))
+        try:
+            weights.update(mx.load(str(f)))
+        except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file
+            raise ModelLoadError(
+                f"{f}: cannot read the weights ({e}); convert the model again"
+            ) from None
     _check_weights(path, model, weights)
     model.load_weights(list(weights.items()), strict=True)
     model.eval()

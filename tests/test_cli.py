@@ -475,3 +475,19 @@ def test_a_write_failure_during_conversion_is_one_line(tmp_path, monkeypatch):
 def test_convert_into_proc_is_refused_before_work(tmp_path):
     err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", "/proc/m"), 1)
     assert "cannot write /proc/m" in err
+
+
+def test_damaged_weights_file_is_one_clean_line(tmp_path):
+    """A converted folder whose safetensors file is damaged: one line naming the file."""
+    from conftest import REF
+
+    from aim_mlx.convert import convert
+
+    folder = convert(
+        tmp_path / "m", backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth",
+        num_heads=4, probe_layers="1,2,3,4,5,6", progress=False,
+    )  # fmt: skip
+    (folder / "model.safetensors").write_bytes(b"\0" * 100)
+    result = CliRunner().invoke(main, ["classify", str(REF / "images"), "-m", str(folder)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"{folder / 'model.safetensors'}: cannot read the weights" in result.output

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .. import cache, images
+from .. import cache, distributed, images
 from .data import ProbeError, Sample
 
 FEATURE_DTYPE = np.float16
@@ -181,10 +181,12 @@ def extract(
             keys.append("")
             items.append(images.Item(s.path, f"cannot read the file ({e.strerror})"))
     todo, seen = [], set()
-    for item, k in zip(items, keys, strict=True):
+    for i, (item, k) in enumerate(zip(items, keys, strict=True)):
         if item.error is None and not store.has(k) and k not in seen:
-            todo.append((item, k))
+            todo.append(i)
             seen.add(k)
+    # Under mlx.launch the ranks share out rank 0's list (its cache holds the features).
+    todo = [(items[i], keys[i]) for i in distributed.from_root(todo)]
 
     def head_input(x: mx.array) -> np.ndarray:
         out = model.head_input(model.extract_features(x)).astype(mx.float32)

@@ -17,7 +17,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import __version__
+from .. import __version__, distributed
 from ..models import PRESETS, last_probe_layers
 from . import data, features, head
 from .data import ProbeError, Sample
@@ -235,7 +235,8 @@ def train(
     `model`: what `aim_mlx.load` accepts (its trunk is used, frozen). Validation: `val_dir` with
     the same classes, or a stratified, seeded `val_split` of `train_dir` (0.2 by default).
     Everything the user can get wrong (output, folders, classes, options) is checked before any
-    download, conversion or extraction.
+    download, conversion or extraction. Under `mlx.launch` every rank extracts its share of the
+    features; rank 0 trains, writes and returns the result, the other ranks return None.
     """
     settings = settings or Settings()
     if settings.kind not in head.KINDS:
@@ -263,6 +264,8 @@ def train(
     store, ext = features.extract(
         net, trunk, train_samples + val_samples, batch_size=extract_batch_size, progress=progress
     )
+    if not distributed.is_root():  # under mlx.launch: this rank's share went to rank 0
+        return None
     usable = dict(zip((s.path for s in ext.samples), ext.keys, strict=True))
 
     def keyed(samples: list[Sample], what: str):

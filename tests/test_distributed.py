@@ -1,0 +1,225 @@
+"""classify / embed / eval under `mlx.launch`: two ranks over loopback (the ring backend) give what
+one process gives, and a rank that fails ends the run quickly with nothing written."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF
+from safetensors import safe_open
+from test_classify import LOGITS, expected_top, imagenet_folder
+
+from aim_mlx import distributed
+from aim_mlx.cli import main
+
+BIN = Path(sys.executable).parent
+IMAGES = sorted((REF / "images").iterdir())
+
+# Runs the command line, with a fault injected into rank 1 only (FAULT: model, raise, kill or
+# vanish).
+FAULTY = """
+import os, signal, sys
+import aim_mlx.distributed
+import aim_mlx.embed
+from aim_mlx.cli import main
+
+fault = os.environ["FAULT"] if os.environ.get("MLX_RANK") == "1" else None
+if fault == "model":  # a model folder whose weights cannot be read
+    sys.argv[sys.argv.index("--model") + 1] = os.environ["BROKEN_MODEL"]
+if fault in ("raise", "kill"):  # an error, or the process killed, in its first batch
+    def features(*args, **kwargs):
+        if fault == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError("injected fault")
+    aim_mlx.embed.features = features
+if fault == "vanish":  # gone without an error status, before sending its rows
+    aim_mlx.distributed.gather_rows = lambda *args: os._exit(0)
+sys.exit(main())
+"""
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on loopback (the ring backend listens on one per rank)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no two adjacent free ports on 127.0.0.1")
+
+
+def launch(*args, cwd: Path, env=None, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`mlx.launch -n 2 --backend ring` running aim-mlx (or `script`) with `args`, in `cwd`."""
+    command = [str(script)] if script else [str(BIN / "aim-mlx")]
+    return subprocess.run(
+        [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port_pair()),
+         "--python", sys.executable, *command, *map(str, args)],
+        cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture()
+def hub_folder(tmp_path, monkeypatch) -> str:
+    """./hf, a folder of PyTorch checkpoints (the fixture model): each rank resolves it,
+    converting it into the cache; tests run in tmp_path, like the ranks."""
+    shutil.copytree(REF / "hf_repo", tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    return "hf"
+
+
+def test_embed_two_ranks_equal_one_process(hub_folder, tmp_path):
+    # Both ranks convert the same model into the same, empty cache at once: the lock serialises it.
+    two = launch("embed", REF / "images", "-m", "hf", "-o", "two.safetensors", "-b", "3",
+                 "--layers", "head", cwd=tmp_path)  # fmt: skip
+    assert "rank 0/2: 2 images" in two.stderr and "rank 1/2: 2 images" in two.stderr, two.stderr
+    assert two.stderr.count("wrote 4x64 features") == 1, two.stderr
+    entries = os.listdir(tmp_path / "cache" / "models")
+    assert len(entries) == 1, entries
+
+    one = cli("embed", REF / "images", "-m", hub_folder, "-o", tmp_path / "one.safetensors")
+    assert one.exit_code == 0, one.stderr
+    rows = {}
+    for name in ("one", "two"):
+        with safe_open(tmp_path / f"{name}.safetensors", "np") as f:
+            rows[name] = (f.get_tensor("features"), json.loads(f.metadata()["paths"]))
+    assert rows["two"][1] == [str(p) for p in IMAGES] == rows["one"][1]
+    assert rows["two"][0].dtype == np.float32 and rows["two"][0].shape == (4, 64)
+    np.testing.assert_allclose(rows["two"][0], rows["one"][0], rtol=0, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "hf", "one.safetensors", "two.safetensors"]
+
+
+def test_classify_and_eval_two_ranks_equal_one_process(hub_folder, tmp_path):
+    cli("classify", REF / "images", "-m", hub_folder, "-k", "3")  # converted once, here
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    inputs = [*IMAGES[:2], bad, *IMAGES[2:]]  # rank 0: two images, rank 1: the bad one, two
+    two = launch("classify", *inputs, "-m", "hf", "--json", "-b", "2", cwd=tmp_path)
+    one = cli("classify", *inputs, "-m", hub_folder, "--json", "-b", "2")
+    assert one.exit_code == 1 and two.stdout == one.stdout and two.stdout.count("\n") == 5
+    assert f'"path": "{bad}", "error"' in two.stdout  # every input has its row
+    assert two.stderr.count(f"error: {bad}: not an image") == 1, two.stderr
+    assert "rank 0/2: 2 images" in two.stderr and "rank 1/2: 2 images" in two.stderr
+
+    # eval: camera and coffee in their top-1 class, chelsea in its second, rocket in its
+    # 100th, and a copy of camera with rocket: 2 top-1 hits, 3 top-5 hits in 5 images.
+    placement = {
+        "camera.png": expected_top("camera.png")[0],
+        "chelsea.png": expected_top("chelsea.png")[1],
+        "coffee.png": expected_top("coffee.png")[0],
+        "rocket.jpg": int(np.argsort(-LOGITS["rocket.jpg"])[99]),
+    }
+    data = imagenet_folder(tmp_path / "val", placement)
+    shutil.copy(IMAGES[0], next(data.glob("*/rocket.jpg")).with_name("extra.png"))
+    two = launch("eval", "--data-path", data, "-m", "hf", "--json", "-b", "2", cwd=tmp_path)
+    one = cli("eval", "--data-path", data, "-m", hub_folder, "--json", "-b", "2")
+    assert one.exit_code == 0 and json.loads(two.stdout) == json.loads(one.stdout), two.stderr
+    assert json.loads(one.stdout) | {"failed": None} == {
+        "model": "hf", "head": "best", "dtype": "float32", "img_size": 224, "top1": 40.0,
+        "top5": 60.0, "images": 5, "classes": 4, "failed": None,
+    }  # fmt: skip
+    assert "rank 0/2: 2 images" in two.stderr and "rank 1/2: 3 images" in two.stderr
+
+
+@pytest.mark.parametrize("fault", ["model", "raise", "kill", "vanish"])
+def test_a_failing_rank_fails_the_run_quickly_and_nothing_is_written(hub_folder, tmp_path, fault):
+    cli("classify", IMAGES[0], "-m", hub_folder)  # converted once, here
+    broken = tmp_path / "broken"
+    shutil.copytree(next((tmp_path / "cache" / "models").iterdir()), broken)
+    (broken / "model.safetensors").write_bytes(b"\0" * 100)
+    script = tmp_path / "faulty.py"
+    script.write_text(FAULTY)
+    env = {"FAULT": fault, "BROKEN_MODEL": str(broken)}
+
+    start = time.monotonic()
+    run = launch("embed", REF / "images", "--model", "hf", "-o", "out.npy", "-b", "1",
+                 cwd=tmp_path, env=env, script=script)  # fmt: skip
+    assert time.monotonic() - start < 60
+    assert not list(tmp_path.glob("*out*")), os.listdir(tmp_path)
+    # mlx.launch itself exits 0 whatever its ranks do; the messages name the failed rank.
+    if fault == "model":
+        assert "Error: rank 1/2: " in run.stderr and "broken" in run.stderr, run.stderr
+    elif fault == "raise":
+        assert "rank 1/2 failed during embed: RuntimeError: injected fault" in run.stderr
+        assert "Traceback" in run.stderr  # rank 1 shows where its unexpected error came from
+    elif fault == "kill":
+        assert "Node with rank 1 exited with code -9" in run.stderr
+    else:  # the launcher sees nothing wrong: rank 0 notices that rank 1's rows never came
+        assert "Error: rank 0/2: no answer from rank 1/2 while gathering the results" in run.stderr
+    assert "wrote" not in run.stderr
+
+
+def test_shares_are_even_contiguous_and_in_rank_order(monkeypatch):
+    for world in (1, 2, 3, 5):
+        monkeypatch.setattr(distributed, "size", lambda w=world: w)
+        for n in (0, 1, 4, 7, 10):
+            blocks = [distributed.share(n, r) for r in range(world)]
+            assert [i for b in blocks for i in b] == list(range(n))
+            assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+def test_ranks_on_one_machine_share_its_cores(tmp_path, monkeypatch):
+    hosts = [["127.0.0.1:5000"], ["127.0.0.1:5001"], ["10.0.0.2:5002"]]
+    (tmp_path / "hosts.json").write_text(json.dumps(hosts))
+    monkeypatch.setenv("MLX_HOSTFILE", str(tmp_path / "hosts.json"))
+    assert [distributed._ranks_on_this_machine(r) for r in range(3)] == [2, 2, 1]
+    monkeypatch.delenv("MLX_HOSTFILE")
+    assert distributed._ranks_on_this_machine(0) == 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    assert distributed._ranks_on_this_machine(0) == 4
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 10)
+    for var in ("AIM_MLX_CPU_CORES", "AIM_MLX_CPU_STREAMS"):
+        monkeypatch.delenv(var, raising=False)
+    distributed._share_cores(4)
+    assert (os.environ["AIM_MLX_CPU_CORES"], os.environ["AIM_MLX_CPU_STREAMS"]) == ("2", "2")
+    monkeypatch.setenv("AIM_MLX_CPU_CORES", "1")  # the user's settings win
+    monkeypatch.delenv("AIM_MLX_CPU_STREAMS")
+    distributed._share_cores(4)
+    assert (os.environ["AIM_MLX_CPU_CORES"], os.environ["AIM_MLX_CPU_STREAMS"]) == ("1", "1")
+
+
+def test_probe_train_two_ranks_extract_what_one_process_extracts(hub_folder, tmp_path, monkeypatch):
+    from test_probe import draw_dataset
+
+    data = draw_dataset(tmp_path / "data", per_class=4, size=32)  # 5 classes, 20 images
+    args = ("probe", "train", data, "-m", "hf", "--epochs", "2", "--no-progress")
+    two = launch(*args, "-o", "head2", cwd=tmp_path)
+    assert "rank 0/2: 10 images" in two.stderr and "rank 1/2: 10 images" in two.stderr, two.stderr
+    assert two.stderr.count("wrote head2") == 1 and (tmp_path / "head2" / "config.json").is_file()
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache1"))
+    one = cli(*args, "-o", "head1")
+    assert one.exit_code == 0, one.stderr
+
+    def cached(cache: Path) -> dict:
+        (folder,) = (cache / "features").iterdir()
+        return {p.name: np.load(p) for p in folder.glob("*.npy")}
+
+    ranks, alone = cached(tmp_path / "cache"), cached(tmp_path / "cache1")  # rank 0 wrote all
+    assert sorted(ranks) == sorted(alone) and len(alone) == 20
+    for name, features in alone.items():  # float32 values within 1e-5, rounded to float16
+        np.testing.assert_allclose(ranks[name], features, rtol=2e-3, atol=1e-5)
+    configs = [json.loads((tmp_path / h / "config.json").read_text()) for h in ("head2", "head1")]
+    assert configs[0]["classes"] == configs[1]["classes"]
+    assert configs[0]["training"]["train_images"] == configs[1]["training"]["train_images"]
