@@ -150,7 +150,7 @@ def load_trunk(model, dtype: str | None = None, **kwargs) -> tuple[AIM, TrunkInf
     from ..loader import load_model
     from ..resolve import resolve
 
-    folder = resolve(model, "best", dtype, **kwargs)
+    folder = resolve(model, None, dtype, **kwargs)  # a folder: its own head
     net = load_model(folder)
     if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
         net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
