@@ -56,6 +56,19 @@ class EvalResult:
         return d
 
 
+def top5_predictions(model, paths: list[str], *, size: int, batch_size: int, progress: bool):
+    """(item, its top-5 class indices (5,), most likely first) for every image path, in order;
+    (item with .error, None) for an unreadable one."""
+
+    def best5(x: mx.array) -> np.ndarray:  # (B, 5)
+        return np.array(mx.argsort(-model(x), axis=-1)[:, :5])
+
+    items = [images.Item(p) for p in paths]
+    return images.run(
+        best5, items, size=size, batch_size=batch_size, progress=progress, desc="eval"
+    )
+
+
 def evaluate(
     model,
     data_path: str | Path,
@@ -72,17 +85,12 @@ def evaluate(
     hits1 = hits5 = n = 0
     classes, failed = set(), []
 
-    def best5(x: mx.array) -> np.ndarray:  # (B, 5) class indices, most likely first
-        return np.array(mx.argsort(-model(x), axis=-1)[:, :5])
-
-    items = [images.Item(p) for p, _ in pairs]
-    for item, pred in images.run(
-        best5,
-        items,
+    for item, pred in top5_predictions(
+        model,
+        [p for p, _ in pairs],
         size=images.input_size(model, img_size),
         batch_size=batch_size,
         progress=progress,
-        desc="eval",
     ):
         if item.error:
             failed.append((item.path, item.error))

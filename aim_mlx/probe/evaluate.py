@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .. import images
+from ..evaluate import top5_predictions
 from .data import ProbeError, class_folders
 
 
@@ -68,16 +67,12 @@ def evaluate_head(
     confusion = np.zeros((C, C), dtype=np.int64)
     hits5, failed = 0, []
 
-    def best5(x: mx.array) -> np.ndarray:
-        return np.array(mx.argsort(-model(x), axis=-1)[:, :5])
-
-    for item, pred in images.run(
-        best5,
-        [images.Item(p) for p, _ in pairs],
+    for item, pred in top5_predictions(
+        model,
+        [p for p, _ in pairs],
         size=model.args.img_size,
         batch_size=batch_size,
         progress=progress,
-        desc="eval",
     ):
         if item.error:
             failed.append((item.path, item.error))
