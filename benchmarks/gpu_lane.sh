@@ -7,8 +7,11 @@
 #   LANE_TEST_TIMEOUT   seconds for the test suite (default 300)
 #   LANE_BENCH_SECONDS  seconds for the benchmark (default 190; it stops starting new work 25 s
 #                       before, and keeps what it measured)
+#   LANE_TOTAL_SECONDS  if set, the benchmark gets what is left of it after the tests (at most
+#                       LANE_BENCH_SECONDS when that is set too)
 #   LANE_PARTS          "tests bench" (default), or one of them
 #   LANE_BENCH_ARGS     more arguments for vs_pytorch_gpu.py (e.g. "--models aim-600M,aim-1B")
+#   LANE_TEST_WORKERS   pytest-xdist workers where it is installed (default 12; 0: one process)
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 cd "$(dirname "$0")/.."
@@ -25,18 +28,28 @@ status=0
 } > "$OUT/machine.txt" 2>&1
 
 if [[ " $PARTS " == *" tests "* ]]; then
-  args=(-q -p no:cacheprovider --junitxml "$OUT/pytest.xml")
+  # -v: each test's name and outcome as it ends, so a run cut short still says what failed;
+  # SIGINT at the time limit lets pytest write its summary and the XML.
+  args=(-v -rfE --tb=short --durations=20 -p no:cacheprovider --junitxml "$OUT/pytest.xml")
   $PY -c "import coremltools" 2>/dev/null || args+=(--ignore tests/test_coreml.py)
+  workers=${LANE_TEST_WORKERS:-12}
+  if [ "$SMOKE" != 1 ] && [ "$workers" != 0 ] && $PY -c "import xdist" 2>/dev/null; then
+    args+=(-n "$workers")
+  fi
   if [ "$SMOKE" = 1 ]; then args+=(tests/test_gpu.py tests/test_runtime.py); else args+=(tests); fi
-  timeout "${LANE_TEST_TIMEOUT:-300}" $PY -m pytest "${args[@]}" > "$OUT/pytest.txt" 2>&1
+  timeout -s INT -k 20 "${LANE_TEST_TIMEOUT:-300}" $PY -m pytest "${args[@]}" > "$OUT/pytest.txt" 2>&1
   rc=$?
   echo "pytest exit status: $rc" >> "$OUT/pytest.txt"
-  tail -n 15 "$OUT/pytest.txt"
+  grep -E "^(FAILED|ERROR) |passed|failed" "$OUT/pytest.txt" | tail -n 30
   [ "$rc" = 0 ] || status=1
 fi
 
 if [[ " $PARTS " == *" bench "* ]]; then
   seconds=${LANE_BENCH_SECONDS:-190}
+  if [ -n "${LANE_TOTAL_SECONDS:-}" ]; then
+    left=$((LANE_TOTAL_SECONDS - SECONDS))
+    if [ -z "${LANE_BENCH_SECONDS:-}" ] || [ "$left" -lt "$seconds" ]; then seconds=$left; fi
+  fi
   args=(--out "$OUT" --max-seconds "$((seconds - 25))")
   [ "$SMOKE" = 1 ] && args+=(--smoke)
   read -r -a extra <<< "${LANE_BENCH_ARGS:-}"

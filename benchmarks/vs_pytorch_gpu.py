@@ -12,9 +12,15 @@ float32 weights under `torch.autocast` to the dtype, fused SDPA, inference mode,
 process (`torch.cuda.max_memory_allocated()`). Ratios are taken within each round; the table
 gives their median and range. TFLOP/s use aim-mlx's matmul FLOP count for both sides.
 
+Each round also times aim-mlx with the residual additions fused into the matmuls before them
+(`benchmarks/_gpu_levers.py`, "fused residual"), on the same model, so that lever has its own
+side-by-side ratio.
+
 Then the levers, at aim-600M bfloat16 batch 64, each in a fresh process (MLX reads its
-command-buffer limits once per process): aim-mlx's default, MLX's own limits, other
-MLX_MAX_MB_PER_BUFFER values, `mx.compile`, and the peak at other batch sizes.
+command-buffer limits once per process): aim-mlx's default, the patched forwards of
+`_gpu_levers.py` (fused residual, `mx.compile` per block), the matmul floor, MLX's own buffer
+limits, other MLX_MAX_MB_PER_BUFFER values, the peak at other batch sizes, `mx.compile` of the
+whole model, cuDNN attention and CUDA graphs off.
 
 Writes vs_pytorch_gpu.json (after every measurement, so a run cut short keeps what it did) and
 vs_pytorch_gpu.md under --out.
@@ -36,6 +42,7 @@ import aim_mlx  # noqa: F401  (first: it sets MLX's GPU buffer limit before mlx.
 
 # isort: split
 import mlx.core as mx
+from _gpu_levers import floor, patched
 
 from aim_mlx import bench, runtime
 from aim_mlx.constants import MX_DTYPES
@@ -117,26 +124,38 @@ class Torch:
 
 
 def levers(smoke: bool) -> list[dict]:
+    """Most telling first: a run cut short keeps those."""
     own = {runtime.OFF_ENV: "off"}
     rows = [
         dict(lever=f"aim-mlx default ({runtime.BUFFER_ENV}={runtime.BUFFER_MB})", env={}),
+        dict(lever="fused residual", env={}, patches=["fused_residual"]),
+        dict(lever="mx.compile per block", env={}, patches=["compiled_blocks"]),
+        dict(
+            lever="fused residual + mx.compile per block",
+            env={},
+            patches=["fused_residual", "compiled_blocks"],
+        ),  # fmt: skip
+        dict(lever="floor: the matmuls alone", env={}, floor="matmuls"),
+        dict(lever="floor: the matmuls and fused attention", env={}, floor="attention"),
         dict(lever="MLX's own buffer limits", env=own),
     ]
-    for mb in (64,) if smoke else (64, 128, 512):
+    for mb in (128,) if smoke else (32, 128, 256, 512):
         rows.append(dict(lever=f"{runtime.BUFFER_ENV}={mb}", env={runtime.BUFFER_ENV: str(mb)}))
     rows.append(dict(lever="mx.compile, aim-mlx default", env={}, compile=True))
     if not smoke:
-        rows += [
-            dict(
-                lever="MLX_MAX_OPS_PER_BUFFER=8, MLX's MB limit",
-                env={**own, "MLX_MAX_OPS_PER_BUFFER": "8"},
-            )
-        ]
         for batch in (16, 128):
             rows += [
                 dict(lever=f"aim-mlx default, batch {batch}", env={}, batch=batch),
                 dict(lever=f"MLX's own buffer limits, batch {batch}", env=own, batch=batch),
             ]
+        rows += [
+            dict(lever="cuDNN attention off", env={"MLX_CUDA_USE_CUDNN_SDPA": "0"}),
+            dict(lever="CUDA graphs off", env={"MLX_USE_CUDA_GRAPHS": "0"}),
+            dict(
+                lever="MLX_MAX_OPS_PER_BUFFER=8, MLX's MB limit",
+                env={**own, "MLX_MAX_OPS_PER_BUFFER": "8"},
+            ),
+        ]
     return rows
 
 
@@ -144,21 +163,20 @@ def run_lever(spec: dict) -> None:
     """In a fresh process: one bench.run, printed as JSON."""
     name, dtype = spec["model"], spec["dtype"]
     model = bench.random_model(model_args(name), MX_DTYPES[dtype])
-    row = measure_mlx(
-        name,
-        spec["batch"],
-        dtype,
-        model,
-        spec["warmup"],
-        spec["iters"],
-        compile=spec.get("compile", False),
-    )
+    if spec.get("floor"):
+        row = floor(model, spec["batch"], spec["warmup"], spec["iters"],
+                    attention=spec["floor"] == "attention")  # fmt: skip
+    else:
+        with patched(spec.get("patches", ())):
+            row = measure_mlx(name, spec["batch"], dtype, model, spec["warmup"], spec["iters"],
+                              compile=spec.get("compile", False))  # fmt: skip
     row["buffer_setting"] = runtime.describe()
     print(json.dumps(row), flush=True)
 
 
 def lever_in_subprocess(spec: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in BUFFER_KEYS}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     env.update(spec["env"])
     out = subprocess.run(
         [sys.executable, __file__, "--lever", json.dumps(spec)],
@@ -174,21 +192,22 @@ def lever_in_subprocess(spec: dict) -> dict:
 # ---- The report ------------------------------------------------------------------------------
 
 
-def summarize(rounds: list[dict], peak_tflops: float) -> dict:
-    mlx_ips = [r["mlx"]["images_per_s"] for r in rounds if "images_per_s" in r.get("mlx", {})]
+def summarize(rounds: list[dict], peak_tflops: float, key: str = "mlx") -> dict:
+    """Medians over the rounds of the aim-mlx variant `key` ("mlx" or "mlx_fused") and PyTorch."""
+    mlx_ips = [r[key]["images_per_s"] for r in rounds if "images_per_s" in r.get(key, {})]
     torch_ips = [r["torch"]["images_per_s"] for r in rounds if "images_per_s" in r.get("torch", {})]
     ratios = [
-        r["mlx"]["images_per_s"] / r["torch"]["images_per_s"]
+        r[key]["images_per_s"] / r["torch"]["images_per_s"]
         for r in rounds
-        if "images_per_s" in r.get("mlx", {}) and "images_per_s" in r.get("torch", {})
+        if "images_per_s" in r.get(key, {}) and "images_per_s" in r.get("torch", {})
     ]
     s = {}
     if mlx_ips:
-        gflop = rounds[0]["mlx"]["gflops_per_image"]
+        gflop = rounds[0][key]["gflops_per_image"]
         s["mlx_images_per_s"] = statistics.median(mlx_ips)
         s["mlx_tflops"] = gflop * s["mlx_images_per_s"] / 1e3
         s["mlx_fraction_of_peak"] = s["mlx_tflops"] / peak_tflops
-        s["mlx_peak_gb"] = max(r["mlx"]["peak_memory_gb"] for r in rounds if "mlx" in r)
+        s["mlx_peak_gb"] = max(r[key]["peak_memory_gb"] for r in rounds if key in r)
         if torch_ips:
             s["torch_images_per_s"] = statistics.median(torch_ips)
             s["torch_tflops"] = gflop * s["torch_images_per_s"] / 1e3
@@ -225,25 +244,29 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["comparison"]:
-        s = row["summary"]
-        if "error" in row or not s:
+        variants = [("", row["summary"]), (" fused residual", row.get("summary_fused") or {})]
+        if "error" in row or not row["summary"]:
             lines.append(
                 f"| {row['model']} ({row['batch']}) | {row['dtype']} | "
                 f"{row.get('error', 'no result')} | | | | | | |"
             )
             continue
-        ratio = (
-            f"{s['ratio_median']:.2f}x ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
-            if "ratio_median" in s
-            else "-"
-        )
-        lines.append(
-            f"| {row['model']} ({row['batch']}) | {row['dtype']} "
-            f"| {fmt(s.get('mlx_images_per_s'))} "
-            f"| {fmt(s.get('torch_images_per_s'))} | {ratio} | {fmt(s.get('mlx_tflops'))} "
-            f"| {fmt(s.get('torch_tflops'))} | {fmt(s.get('mlx_fraction_of_peak'), '{:.0%}')} "
-            f"| {fmt(s.get('mlx_peak_gb'), '{:.2f}')} / {fmt(s.get('torch_peak_gb'), '{:.2f}')} |"
-        )
+        for label, s in variants:
+            if not s:
+                continue
+            ratio = (
+                f"{s['ratio_median']:.2f}x ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
+                if "ratio_median" in s
+                else "-"
+            )
+            lines.append(
+                f"| {row['model']} ({row['batch']}) | {row['dtype']}{label} "
+                f"| {fmt(s.get('mlx_images_per_s'))} "
+                f"| {fmt(s.get('torch_images_per_s'))} | {ratio} | {fmt(s.get('mlx_tflops'))} "
+                f"| {fmt(s.get('torch_tflops'))} | {fmt(s.get('mlx_fraction_of_peak'), '{:.0%}')} "
+                f"| {fmt(s.get('mlx_peak_gb'), '{:.2f}')} "
+                f"/ {fmt(s.get('torch_peak_gb'), '{:.2f}')} |"
+            )
     if results["levers"]:
         first = results["levers"][0]
         lines += [
@@ -273,8 +296,8 @@ def main():
     p.add_argument("--models", default=",".join(SIZES), help="comma-separated preset names")
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
     p.add_argument("--torch-python", default=sys.executable)
     p.add_argument("--torch-device", default="auto", help="auto (cuda, mps or none), cpu, none")
     p.add_argument("--no-levers", action="store_true")
@@ -326,8 +349,11 @@ def main():
                 model = bench.random_model(args, MX_DTYPES[dtype])
                 for _ in range(rounds):
                     mlx_row = measure_mlx(name, batch, dtype, model, warmup, iters)
+                    with patched(["fused_residual"]):
+                        fused_row = measure_mlx(name, batch, dtype, model, warmup, iters)
                     torch_row = torch_side.measure(args, batch, dtype, warmup, iters)
-                    row["rounds"].append({"mlx": mlx_row, "torch": torch_row})
+                    row["rounds"].append({"mlx": mlx_row, "mlx_fused": fused_row,
+                                          "torch": torch_row})  # fmt: skip
                     print(name, dtype, json.dumps(row["rounds"][-1]), flush=True)
             except Exception as e:  # e.g. out of memory: record it, go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -335,6 +361,9 @@ def main():
             gc.collect()
             mx.clear_cache()
             row["summary"] = summarize(row["rounds"], a.peak_tflops) if row["rounds"] else {}
+            row["summary_fused"] = (
+                summarize(row["rounds"], a.peak_tflops, "mlx_fused") if row["rounds"] else {}
+            )
             save()
     torch_side.close()
 

@@ -20,7 +20,17 @@ from test_classify import LOGITS, expected_top, imagenet_folder
 from aim_mlx import distributed
 from aim_mlx.cli import main
 
-BIN = Path(sys.executable).parent
+
+def tool(name: str) -> str:
+    """A console script of this environment: beside the interpreter (a virtual environment), else
+    on PATH (packages installed with `pip --target`, as on the GPU lane)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is neither beside {sys.executable} nor on PATH")
+    return found
+
+
 IMAGES = sorted((REF / "images").iterdir())
 
 # Runs the command line, with a fault injected into rank 1 only (FAULT: model, raise, kill or
@@ -63,9 +73,9 @@ def free_port_pair() -> int:
 
 def launch(*args, cwd: Path, env=None, script: Path | None = None) -> subprocess.CompletedProcess:
     """`mlx.launch -n 2 --backend ring` running aim-mlx (or `script`) with `args`, in `cwd`."""
-    command = [str(script)] if script else [str(BIN / "aim-mlx")]
+    command = [str(script)] if script else [tool("aim-mlx")]
     return subprocess.run(
-        [str(BIN / "mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port_pair()),
+        [tool("mlx.launch"), "-n", "2", "--backend", "ring", "-p", str(free_port_pair()),
          "--python", sys.executable, *command, *map(str, args)],
         cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=90,
     )  # fmt: skip

@@ -37,8 +37,8 @@ def test_lane_smoke_writes_its_results(tmp_path):
         assert row["summary"]["mlx_tflops"] > 0
     # Each lever ran in its own process, with its own buffer setting.
     settings = {lever["lever"]: lever["result"]["buffer_setting"] for lever in results["levers"]}
-    assert "MLX_MAX_MB_PER_BUFFER=256 (aim-mlx)" in settings[next(iter(settings))]
+    assert "MLX_MAX_MB_PER_BUFFER=64 (aim-mlx)" in settings[next(iter(settings))]
     assert "MLX's default" in settings["MLX's own buffer limits"]
-    assert "MLX_MAX_MB_PER_BUFFER=64 (user)" in settings["MLX_MAX_MB_PER_BUFFER=64"]
+    assert "MLX_MAX_MB_PER_BUFFER=128 (user)" in settings["MLX_MAX_MB_PER_BUFFER=128"]
     table = (out / "vs_pytorch_gpu.md").read_text()
     assert "| aim-tiny (2) | bfloat16 |" in table and "| mx.compile, aim-mlx default | 2 |" in table

@@ -142,3 +142,22 @@ def test_quantized_linear_on_cpu_uses_float32():
     out = q(x)
     assert out.dtype == mx.float32
     assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 1e-5
+
+
+def test_quantized_linear_dequantizes_where_mlx_cuda_runs_it(monkeypatch):
+    # On MLX's CUDA backend (faked here: the arithmetic runs on the CPU) a quantized layer is a
+    # dense matmul in the activations' dtype on its dequantized weights, not MLX's kernel.
+    from aim_mlx.models.aim import Linear
+
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
+    assert not ops.widen_low_precision() and not ops.quantized_kernels()
+    monkeypatch.setattr(mx, "quantized_matmul", None)  # calling it would fail
+    lin = Linear(128, 64)
+    lin.weight = (0.05 * mx.random.normal((64, 128), key=mx.random.key(3))).astype(mx.float16)
+    q = lin.to_quantized(group_size=64, bits=8)
+    x = mx.random.normal((5, 128), key=mx.random.key(4)).astype(mx.float16)
+    w = mx.dequantize(q.weight, q.scales, q.biases, 64, 8)
+    out = q(x)
+    assert out.dtype == mx.float16
+    assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 2e-3  # float16 rounding of the sums

@@ -139,7 +139,8 @@ class Linear(nn.Linear):
 
 class QuantizedLinear(nn.QuantizedLinear):
     """Quantized weights; where `ops.widen_low_precision()` (the CPU) they are dequantized for a
-    float32 matmul."""
+    float32 matmul, and without `ops.quantized_kernels()` (MLX's CUDA backend) for a matmul in the
+    activations' dtype."""
 
     def weight_as(self, dtype: mx.Dtype) -> mx.array:
         """The dequantized (out, in) weight in `dtype`."""
@@ -157,7 +158,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
 
     def __call__(self, x: mx.array) -> mx.array:
-        if ops.widen_low_precision():
+        if ops.widen_low_precision() or not ops.quantized_kernels():
             return x @ self.weight_as(x.dtype).T
         return mx.quantized_matmul(
             x,
