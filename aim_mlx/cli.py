@@ -811,11 +811,6 @@ def export_coreml(
 # ---- Your own classifier: a head trained on the frozen trunk ---------------------------------
 
 
-def _progress_default(progress):
-    """--progress/--no-progress; unset: bars only when stderr is a terminal."""
-    return sys.stderr.isatty() if progress is None else progress
-
-
 @main.group()
 def probe():
     """Train your own classifier (a head on the frozen trunk) and evaluate it."""
@@ -824,7 +819,7 @@ def probe():
 @probe.command("train")
 @click.argument("train_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--model", "-m", default="aim-600M", show_default=True, help="The trunk to use.")
-@click.option("--out", "-o", required=True, type=click.Path(), help="Output head folder.")
+@output_options("Output head folder (missing parent folders are created).", file_okay=False)
 @click.option(
     "--val",
     "val_dir",
@@ -884,13 +879,8 @@ def probe():
     type=click.IntRange(1),
     help="Images per trunk batch when extracting features.",
 )
-@click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars on stderr [default: when stderr is a terminal].",
-)
+@json_option("Print the head's config as JSON on stdout.")
+@progress_option
 def probe_train(
     train_dir,
     model,
@@ -939,7 +929,7 @@ def probe_train(
             dtype=dtype,
             quantize_bits=int(q_bits) if quantize else None,
             extract_batch_size=extract_batch_size,
-            progress=_progress_default(progress),
+            progress=progress,
             force=force,
             log=lambda line: click.echo(line, err=True),
         )
@@ -969,19 +959,15 @@ def probe_train(
 @probe.command("eval")
 @click.argument("val_dir", type=click.Path(exists=True, file_okay=False))
 @model_options
-@click.option("--batch-size", "-b", default=8, show_default=True, type=click.IntRange(1))
+@batch_size_option()
 @click.option(
     "--confusion",
     type=click.Path(dir_okay=False),
     help="Write the confusion matrix as a PNG picture.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing --confusion file.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option(
-    "--progress/--no-progress",
-    default=None,
-    help="Progress bars on stderr [default: when stderr is a terminal].",
-)
+@json_option("Print the result as JSON on stdout.")
+@progress_option
 def probe_eval(
     val_dir, model, head, dtype, quantize, q_bits, batch_size, confusion, force, as_json, progress
 ):
@@ -990,6 +976,7 @@ def probe_eval(
     import json
 
     from . import distributed
+    from .output import prepare_output
     from .probe.evaluate import evaluate_head, save_confusion
     from .probe.head import is_head_folder
 
@@ -999,11 +986,7 @@ def probe_eval(
         target = Path(confusion)
         if target.suffix.lower() != ".png":
             raise click.BadParameter("must end in .png", param_hint="--confusion")
-        if target.exists() and not force:
-            raise click.ClickException(f"{target} already exists (overwrite it with --force)")
-        if not target.absolute().parent.is_dir():
-            raise click.ClickException(f"cannot write {target}: its folder does not exist")
-    progress = _progress_default(progress)
+        prepare_output(target, force=force)
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
     if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts

@@ -1,9 +1,10 @@
-"""Checking output locations before any work is done, for every command that writes files."""
+"""Output files: their locations checked before any work is done, and written atomically."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import OutputError
@@ -40,3 +41,17 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 def _reason(error: OSError) -> str:
     return error.strerror or str(error)
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Write `path` through `write(binary file)` into a temporary file beside it, then move that
+    into place: a failure midway leaves the old file, or none, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -12,12 +12,10 @@ import gc
 import json
 import sys
 import time
-from functools import partial
 
 import timm
 import torch
-from timm.layers import Mlp
-from timm.models.vision_transformer import VisionTransformer
+from _timm_aim import build
 
 
 def pick(device: str) -> str:
@@ -26,28 +24,6 @@ def pick(device: str) -> str:
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "none"
-
-
-def build(embed_dim: int, depth: int, num_heads: int, img_size: int, device: str):
-    with torch.device(device):
-        return VisionTransformer(
-            img_size=img_size,
-            patch_size=14,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=4,
-            qkv_bias=False,
-            proj_bias=False,
-            mlp_layer=partial(Mlp, bias=False),
-            class_token=False,
-            no_embed_class=True,
-            global_pool="avg",
-            fc_norm=False,
-            final_norm=False,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_classes=1000,
-        ).eval()
 
 
 def sync(device: str) -> None:

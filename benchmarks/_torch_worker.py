@@ -9,39 +9,16 @@ Arguments: thread count, device ("cpu", or "mps" on Apple silicon).
 import json
 import sys
 import time
-from functools import partial
 
 import timm
 import torch
-from timm.layers import Mlp
-from timm.models.vision_transformer import VisionTransformer
-
-
-def build(embed_dim, depth, num_heads):
-    return VisionTransformer(
-        img_size=224,
-        patch_size=14,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        mlp_ratio=4,
-        qkv_bias=False,
-        proj_bias=False,
-        mlp_layer=partial(Mlp, bias=False),
-        class_token=False,
-        no_embed_class=True,
-        global_pool="avg",
-        fc_norm=False,
-        final_norm=False,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        num_classes=1000,
-    ).eval()
+from _timm_aim import build
 
 
 def main():
     threads, device = int(sys.argv[1]), sys.argv[2]
     torch.set_num_threads(threads)
-    model = build(1536, 24, 12).to(device)
+    model = build(1536, 24, 12, device=device)
     params = sum(p.numel() for p in model.parameters())
     info = {
         "torch": torch.__version__,

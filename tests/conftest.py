@@ -56,6 +56,28 @@ def pin_cpu():
     mx.set_default_device(previous)
 
 
+def convert_fixture(out: Path, variant: str = "best", **options) -> Path:
+    """The fixture checkpoint (its backbone and `variant`'s head) converted into folder `out`,
+    with `aim_mlx.convert.convert`'s other `options`."""
+    from aim_mlx.convert import convert
+
+    cfg = FIXTURE_CONFIG["variants"][variant]
+    return convert(out, backbone=REF / "backbone.pth", head=REF / cfg["head"], num_heads=4,
+                   probe_layers=cfg["probe_layers"], progress=False, **options)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """{(variant, dtype): folder}: the fixture converted once per test session, both heads, in
+    float32, float16 and bfloat16."""
+    root = tmp_path_factory.mktemp("converted")
+    return {
+        (variant, dtype): convert_fixture(root / f"{variant}-{dtype}", variant, dtype=dtype)
+        for variant in FIXTURE_CONFIG["variants"]
+        for dtype in ("float32", "float16", "bfloat16")
+    }
+
+
 def reference_weights(variant: str) -> dict:
     """The fixture's backbone + head in the MLX layout, read straight from the .pth files."""
     from aim_mlx.convert.checkpoint import open_checkpoint

@@ -7,12 +7,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, reference_args
+from conftest import convert_fixture, reference_args
 from mlx.utils import tree_flatten
 
 from aim_mlx import bench
 from aim_mlx.cli import main
-from aim_mlx.convert import convert
 from aim_mlx.convert.converter import QUANTIZED_LAYER
 from aim_mlx.models import AIM, ModelArgs, preset_args
 
@@ -97,14 +96,7 @@ def test_random_model_never_holds_float32_weights():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny"
-    convert(
-        out,
-        backbone=REF / "backbone.pth",
-        head=REF / "head_best_layers.pth",
-        num_heads=4,
-        probe_layers="1,2,3,4,5,6",
-        progress=False,
-    )
+    convert_fixture(out)
     return out
 
 

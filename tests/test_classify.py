@@ -10,13 +10,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_CONFIG, REF
+from conftest import FIXTURE_CONFIG, REF, convert_fixture
 from PIL import Image
 from test_preprocess import png_header
 
 import aim_mlx
 from aim_mlx.cli import main
-from aim_mlx.convert import convert
 from aim_mlx.labels import imagenet_classes
 
 # classify / embed / eval machinery, checked against float32 reference values at CPU bounds:
@@ -30,14 +29,7 @@ PROBE = FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "aim-tiny"
-    return convert(
-        out,
-        backbone=REF / "backbone.pth",
-        head=REF / "head_best_layers.pth",
-        num_heads=4,
-        probe_layers=PROBE,
-        progress=False,
-    )
+    return convert_fixture(out)
 
 
 @pytest.fixture(scope="module")

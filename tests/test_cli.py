@@ -14,14 +14,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_CONFIG, REF
+from conftest import FIXTURE_CONFIG, REF, convert_fixture
 from PIL import Image
 from test_hub import registry_entry
 
 import aim_mlx
 from aim_mlx import cache, hub, registry, resolve
 from aim_mlx.cli import main
-from aim_mlx.convert import convert
 from aim_mlx.embed import Embeddings, listing_path, read_listing, save
 from aim_mlx.errors import AimMlxError, OutputError
 from aim_mlx.loader import ModelLoadError, read_config
@@ -34,14 +33,7 @@ ROCKET = REF / "images" / "rocket.jpg"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "aim-tiny"
-    return convert(
-        out,
-        backbone=REF / "backbone.pth",
-        head=REF / "head_best_layers.pth",
-        num_heads=4,
-        probe_layers=PROBE,
-        progress=False,
-    )
+    return convert_fixture(out)
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +111,23 @@ def test_export_checks_its_output_before_the_model(read_only):
     args = ["export", "coreml", "-m", "no-such-model", "-o", read_only / "y.mlpackage"]
     err = clean(cli(*args), 1)
     assert f"cannot write {read_only / 'y.mlpackage'}" in err
+
+
+def test_write_atomic_leaves_nothing_half_written(tmp_path):
+    from aim_mlx.output import write_atomic
+
+    target = tmp_path / "x.bin"
+    target.write_bytes(b"old")
+
+    def fail_midway(f):
+        f.write(b"new, half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomic(target, fail_midway)
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    assert write_atomic(target, lambda f: f.write(b"new")) == target
+    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
 
 
 def test_prepare_output_creates_parents_and_refuses_existing(tmp_path):
@@ -484,12 +493,7 @@ def test_damaged_weights_file_is_one_clean_line(tmp_path):
     """A converted folder whose safetensors file is damaged: one line naming the file."""
     from conftest import REF
 
-    from aim_mlx.convert import convert
-
-    folder = convert(
-        tmp_path / "m", backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth",
-        num_heads=4, probe_layers="1,2,3,4,5,6", progress=False,
-    )  # fmt: skip
+    folder = convert_fixture(tmp_path / "m")
     (folder / "model.safetensors").write_bytes(b"\0" * 100)
     result = CliRunner().invoke(main, ["classify", str(REF / "images"), "-m", str(folder)])
     assert result.exit_code == 1 and "Traceback" not in result.output

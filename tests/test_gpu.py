@@ -10,11 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import FIXTURE_CONFIG, REF, TF32_BOUND, float32_bound, rel_err, to_np
+from conftest import REF, TF32_BOUND, convert_fixture, float32_bound, rel_err, to_np
 
 import aim_mlx
 from aim_mlx import bench, runtime
-from aim_mlx.convert import convert
 from aim_mlx.models import ops
 from aim_mlx.resolve import default_dtype
 
@@ -24,24 +23,6 @@ INPUTS = {"input.npy": "", "input_252x196.npy": "_252x196"}
 # Logits against the reference, x std: float32 is the CPU's bound (TF32 off) or TF32's;
 # measured on an H100: float16 3.8-4.0e-3, bfloat16 2.7e-2.
 HALF_BOUND = {"float16": 1e-2, "bfloat16": 5e-2}
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpu-converted")
-    folders = {}
-    for variant, cfg in FIXTURE_CONFIG["variants"].items():
-        for dtype in ("float32", "float16", "bfloat16"):
-            folders[variant, dtype] = convert(
-                root / f"{variant}-{dtype}",
-                backbone=REF / "backbone.pth",
-                head=REF / cfg["head"],
-                num_heads=4,
-                probe_layers=",".join(map(str, cfg["probe_layers"])),
-                dtype=dtype,
-                progress=False,
-            )
-    return folders
 
 
 def test_gpu_defaults():
@@ -73,10 +54,10 @@ def test_parity_with_the_reference(converted, variant, dtype, input_name):
     np.testing.assert_array_equal(out.argmax(1)[clear], ref.argmax(1)[clear])
 
 
-def test_quantized_runs_natively(tmp_path):
-    out = convert(tmp_path / "q8", backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth",
-                  num_heads=4, probe_layers="1,2,3,4,5,6", dtype="float16", quantize=True,
-                  q_bits=8, progress=False)  # fmt: skip
+def test_quantized_model_matches_the_reference(tmp_path):
+    # Metal runs MLX's quantized kernels; MLX's CUDA backend dequantizes one layer at a time
+    # (its quantized kernels gave NaN logits on this fixture's layer shapes).
+    out = convert_fixture(tmp_path / "q8", dtype="float16", quantize=True, q_bits=8)
     model = aim_mlx.load(out)
     assert isinstance(model.trunk.blocks[0].mlp.fc1, nn.QuantizedLinear)
     ref = np.load(REF / "logits_best.npy")

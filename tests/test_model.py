@@ -5,33 +5,20 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURE_CONFIG, REF, build_reference_model, float32_bound, rel_err, to_np
+from conftest import (
+    FIXTURE_CONFIG,
+    REF,
+    build_reference_model,
+    float32_bound,
+    rel_err,
+    to_np,
+)
 
 import aim_mlx
 from aim_mlx.convert import convert
 from aim_mlx.models import AIM, PRESETS, ModelArgs, ops, preset_args, sincos_pos_embed
 
 INPUTS = {"input.npy": "", "input_252x196.npy": "_252x196"}
-PROBE = {v: ",".join(map(str, c["probe_layers"])) for v, c in FIXTURE_CONFIG["variants"].items()}
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """{(variant, dtype): folder} converted from the fixture's .pth files."""
-    root = tmp_path_factory.mktemp("converted")
-    folders = {}
-    for variant, cfg in FIXTURE_CONFIG["variants"].items():
-        for dtype in ("float32", "float16", "bfloat16"):
-            folders[variant, dtype] = convert(
-                root / f"{variant}-{dtype}",
-                backbone=REF / "backbone.pth",
-                head=REF / cfg["head"],
-                num_heads=4,
-                probe_layers=PROBE[variant],
-                dtype=dtype,
-                progress=False,
-            )
-    return folders
 
 
 def logits(model, input_name):

@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF
+from conftest import REF, convert_fixture
 from PIL import Image
 
 import aim_mlx
@@ -65,15 +65,7 @@ def shared_cache(workdir, monkeypatch):
 
 @pytest.fixture(scope="module")
 def model_dir(workdir) -> Path:
-    return convert(
-        workdir / "aim-tiny",
-        backbone=REF / "backbone.pth",
-        head=REF / "head_best_layers.pth",
-        num_heads=4,
-        probe_layers=[1, 2, 3, 4, 5, 6],
-        progress=False,
-        name="aim-tiny",
-    )
+    return convert_fixture(workdir / "aim-tiny", name="aim-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +210,10 @@ def test_classify_and_probe_eval_agree(heads, model_dir, data, tmp_path):
     assert res.exit_code == 1 and "--force" in res.output
     res = cli("probe", "eval", data, "-m", model_dir, "--head", head, "--confusion", "c.jpg")
     assert res.exit_code == 2 and ".png" in res.output
+    nested = tmp_path / "new" / "folder" / "c.png"  # missing folders are made, as for -o
+    res = cli("probe", "eval", data, "-m", model_dir, "--head", head, "--confusion", nested)
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in nested.parent.iterdir()] == ["c.png"]  # no temporary file left
 
 
 @pytest.mark.parametrize("kind", ["attention", "linear"])
@@ -298,8 +294,10 @@ def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_t
     existing.mkdir()
     res = cli("probe", "train", data, "-m", model_dir, "-o", existing)
     assert res.exit_code == 1 and "--force" in res.output
-    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "no" / "such" / "head")
-    assert res.exit_code == 1 and "does not exist" in res.output
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    res = cli("probe", "train", data, "-m", model_dir, "-o", a_file / "head")
+    assert res.exit_code == 1 and f"cannot create the folder {a_file}" in res.output
     assert not out.exists()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..evaluate import top5_predictions
+from ..output import write_atomic
 from .data import ProbeError, class_folders
 
 
@@ -142,6 +143,5 @@ def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
 
 
 def save_confusion(result: HeadEvalResult, path: str | Path, title: str = "") -> Path:
-    path = Path(path)
-    confusion_image(result, title).save(path, format="PNG")
-    return path
+    picture = confusion_image(result, title)
+    return write_atomic(path, lambda f: picture.save(f, format="PNG"))

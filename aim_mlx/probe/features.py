@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import cache, distributed, images
+from ..output import write_atomic
 from .data import ProbeError, Sample
 
 FEATURE_DTYPE = np.float16
@@ -107,7 +106,7 @@ class FeatureSet:
             folder.mkdir(parents=True, exist_ok=True)
             info_file = folder / "info.json"
             if not info_file.is_file():
-                _write_atomic(info_file, lambda f: f.write(json.dumps(info, indent=1).encode()))
+                write_atomic(info_file, lambda f: f.write(json.dumps(info, indent=1).encode()))
         except OSError as e:
             raise ProbeError(
                 f"cannot write the feature cache {folder} ({e.strerror}); set {cache.CACHE_ENV} "
@@ -122,21 +121,11 @@ class FeatureSet:
         return self.path(key).is_file()
 
     def write(self, key: str, features: np.ndarray) -> None:
-        _write_atomic(self.path(key), lambda f: np.save(f, features))
+        write_atomic(self.path(key), lambda f: np.save(f, features))
 
     def load(self, keys: list[str]) -> np.ndarray:
         """(len(keys), N, D) float16."""
         return np.stack([np.load(self.path(k)) for k in keys])
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ..errors import OptionError
 from ..models import AIM
 from ..models.aim import AttentionPoolingHead
 from ..models.heads import LinearPoolingHead
+from ..output import prepare_output
 from .data import ProbeError
 from .features import TrunkInfo, trunk_info
 
@@ -59,18 +60,12 @@ class TrainedHead:
 
 
 def check_output(out: str | Path, force: bool = False) -> Path:
-    """The head folder to write, checked before any work: new (or `force`), parent writable."""
+    """The head folder to write, checked before any work (`output.prepare_output`: new unless
+    `force`, missing parents created, writable); an existing one must be a folder."""
     out = Path(out)
-    if out.exists() and not force:
-        raise ProbeError(f"{out} already exists (overwrite it with --force)")
     if out.exists() and not out.is_dir():
         raise ProbeError(f"{out} exists and is not a folder")
-    parent = out.absolute().parent
-    if not parent.is_dir():
-        raise ProbeError(f"cannot create {out}: the folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ProbeError(f"cannot create {out}: the folder {parent} is not writable")
-    return out
+    return prepare_output(out, force=force)
 
 
 def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = False) -> Path:
