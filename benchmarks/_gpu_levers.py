@@ -16,6 +16,7 @@ import time
 
 import mlx.core as mx
 
+from aim_mlx.constants import GiB
 from aim_mlx.models import aim, ops
 
 PATCHES = ("fused_residual", "compiled_blocks")
@@ -56,10 +57,10 @@ def patched(names=()):
         if "fused_residual" in names:
             aim.Block.update = _update_fused_residual
         if "compiled_blocks" in names:
-            aim.ops.run_blocks = _run_compiled_blocks
+            ops.run_blocks = _run_compiled_blocks
         yield
     finally:
-        aim.Block.update, aim.ops.run_blocks = saved
+        aim.Block.update, ops.run_blocks = saved
         _compiled.clear()
 
 
@@ -92,5 +93,5 @@ def floor(model, batch: int, warmup: int, iters: int, attention: bool) -> dict:
             times.append(time.perf_counter() - start)
     return {
         "images_per_s": batch * len(times) / sum(times),
-        "peak_memory_gb": mx.get_peak_memory() / 2**30,
+        "peak_memory_gb": mx.get_peak_memory() / GiB,
     }

@@ -176,7 +176,6 @@ def run_lever(spec: dict) -> None:
 
 def lever_in_subprocess(spec: dict) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in BUFFER_KEYS}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")]))
     env.update(spec["env"])
     out = subprocess.run(
         [sys.executable, __file__, "--lever", json.dumps(spec)],

@@ -138,9 +138,9 @@ class Linear(nn.Linear):
 
 
 class QuantizedLinear(nn.QuantizedLinear):
-    """Quantized weights; where `ops.widen_low_precision()` (the CPU) they are dequantized for a
-    float32 matmul, and without `ops.quantized_kernels()` (MLX's CUDA backend) for a matmul in the
-    activations' dtype."""
+    """Quantized weights, multiplied by MLX's quantized kernels where `ops.quantized_kernels()`
+    (Metal); elsewhere dequantized for a dense matmul in the activations' dtype (float32 on the
+    CPU, where `ops.widen_low_precision()`)."""
 
     def weight_as(self, dtype: mx.Dtype) -> mx.array:
         """The dequantized (out, in) weight in `dtype`."""
@@ -158,7 +158,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
 
     def __call__(self, x: mx.array) -> mx.array:
-        if ops.widen_low_precision() or not ops.quantized_kernels():
+        if not ops.quantized_kernels():
             return x @ self.weight_as(x.dtype).T
         return mx.quantized_matmul(
             x,
