@@ -12,15 +12,14 @@ float32 weights under `torch.autocast` to the dtype, fused SDPA, inference mode,
 process (`torch.cuda.max_memory_allocated()`). Ratios are taken within each round; the table
 gives their median and range. TFLOP/s use aim-mlx's matmul FLOP count for both sides.
 
-Each round also times aim-mlx with the residual additions fused into the matmuls before them
-(`benchmarks/_gpu_levers.py`, "fused residual"), on the same model, so that lever has its own
-side-by-side ratio.
+Each round also times variants of aim-mlx's forward (`COMPARED`, levers of
+`benchmarks/_gpu_levers.py`: the residual additions fused into the matmuls before them, and a
+hand-written CUDA GELU) on the same model, so that each has its own side-by-side ratio.
 
 Then the levers, at aim-600M bfloat16 batch 64, each in a fresh process (MLX reads its
-command-buffer limits once per process): aim-mlx's default, the patched forwards of
-`_gpu_levers.py` (fused residual, `mx.compile` per block), the matmul floor, MLX's own buffer
-limits, other MLX_MAX_MB_PER_BUFFER values, the peak at other batch sizes, `mx.compile` of the
-whole model, cuDNN attention and CUDA graphs off.
+command-buffer limits once per process): aim-mlx's default, each element-wise step of a block
+alone (GB/s against the card's bandwidth), the variants, other MLX_MAX_MB_PER_BUFFER values, the
+peak at other batch sizes, and MLX's own buffer limits.
 
 Writes vs_pytorch_gpu.json (after every measurement, so a run cut short keeps what it did) and
 vs_pytorch_gpu.md under --out.
@@ -42,7 +41,7 @@ import aim_mlx  # noqa: F401  (first: it sets MLX's GPU buffer limit before mlx.
 
 # isort: split
 import mlx.core as mx
-from _gpu_levers import floor, patched
+from _gpu_levers import elementwise, floor, patched
 
 from aim_mlx import bench, runtime
 from aim_mlx.constants import MX_DTYPES
@@ -53,6 +52,21 @@ SIZES = {"aim-600M": 64, "aim-1B": 64, "aim-3B": 64, "aim-7B": 32}
 DTYPES = ("bfloat16", "float16")
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet
 SMOKE_ARGS = dict(embed_dim=64, num_blocks=8, num_heads=4)  # the test fixture's shape
+# Variants of aim-mlx's forward (levers of _gpu_levers.py), timed at aim-600M; those in COMPARED
+# also in every round of the comparison, beside the default. The CUDA GELU needs MLX's CUDA
+# backend.
+VARIANTS = {
+    "fused residual": ("fused_residual",),
+    "CUDA GELU": ("cuda_gelu",),
+    "fused residual + CUDA GELU": ("fused_residual", "cuda_gelu"),
+}
+COMPARED = ("fused residual", "fused residual + CUDA GELU")
+
+
+def available(variant: str) -> bool:
+    return "cuda_gelu" not in VARIANTS[variant] or mx.cuda.is_available()
+
+
 BUFFER_KEYS = (runtime.BUFFER_ENV, "MLX_MAX_OPS_PER_BUFFER", runtime.OFF_ENV)
 
 
@@ -125,37 +139,21 @@ class Torch:
 
 def levers(smoke: bool) -> list[dict]:
     """Most telling first: a run cut short keeps those."""
-    own = {runtime.OFF_ENV: "off"}
     rows = [
         dict(lever=f"aim-mlx default ({runtime.BUFFER_ENV}={runtime.BUFFER_MB})", env={}),
-        dict(lever="fused residual", env={}, patches=["fused_residual"]),
-        dict(lever="mx.compile per block", env={}, patches=["compiled_blocks"]),
-        dict(
-            lever="fused residual + mx.compile per block",
-            env={},
-            patches=["fused_residual", "compiled_blocks"],
-        ),  # fmt: skip
-        dict(lever="floor: the matmuls alone", env={}, floor="matmuls"),
-        dict(lever="floor: the matmuls and fused attention", env={}, floor="attention"),
-        dict(lever="MLX's own buffer limits", env=own),
+        dict(lever="element-wise steps alone", env={}, elementwise=True),
     ]
-    for mb in (128,) if smoke else (32, 128, 256, 512):
+    rows += [
+        dict(lever=name, env={}, patches=list(patches))
+        for name, patches in VARIANTS.items()
+        if available(name)
+    ]
+    for mb in (128,) if smoke else (32, 128):
         rows.append(dict(lever=f"{runtime.BUFFER_ENV}={mb}", env={runtime.BUFFER_ENV: str(mb)}))
-    rows.append(dict(lever="mx.compile, aim-mlx default", env={}, compile=True))
     if not smoke:
         for batch in (16, 128):
-            rows += [
-                dict(lever=f"aim-mlx default, batch {batch}", env={}, batch=batch),
-                dict(lever=f"MLX's own buffer limits, batch {batch}", env=own, batch=batch),
-            ]
-        rows += [
-            dict(lever="cuDNN attention off", env={"MLX_CUDA_USE_CUDNN_SDPA": "0"}),
-            dict(lever="CUDA graphs off", env={"MLX_USE_CUDA_GRAPHS": "0"}),
-            dict(
-                lever="MLX_MAX_OPS_PER_BUFFER=8, MLX's MB limit",
-                env={**own, "MLX_MAX_OPS_PER_BUFFER": "8"},
-            ),
-        ]
+            rows.append(dict(lever=f"aim-mlx default, batch {batch}", env={}, batch=batch))
+    rows.append(dict(lever="MLX's own buffer limits", env={runtime.OFF_ENV: "off"}))
     return rows
 
 
@@ -163,7 +161,9 @@ def run_lever(spec: dict) -> None:
     """In a fresh process: one bench.run, printed as JSON."""
     name, dtype = spec["model"], spec["dtype"]
     model = bench.random_model(model_args(name), MX_DTYPES[dtype])
-    if spec.get("floor"):
+    if spec.get("elementwise"):
+        row = {"steps": elementwise(model, spec["batch"])}
+    elif spec.get("floor"):
         row = floor(model, spec["batch"], spec["warmup"], spec["iters"],
                     attention=spec["floor"] == "attention")  # fmt: skip
     else:
@@ -191,27 +191,30 @@ def lever_in_subprocess(spec: dict) -> dict:
 # ---- The report ------------------------------------------------------------------------------
 
 
-def summarize(rounds: list[dict], peak_tflops: float, key: str = "mlx") -> dict:
-    """Medians over the rounds of the aim-mlx variant `key` ("mlx" or "mlx_fused") and PyTorch."""
-    mlx_ips = [r[key]["images_per_s"] for r in rounds if "images_per_s" in r.get(key, {})]
+def summarize(rounds: list[dict], peak_tflops: float, variant: str | None = None) -> dict:
+    """Medians over the rounds of aim-mlx's default (or `variant`) and of PyTorch."""
+    mlx = [r["mlx"] if variant is None else r["variants"].get(variant, {}) for r in rounds]
+    mlx = [m if "images_per_s" in m else None for m in mlx]
     torch_ips = [r["torch"]["images_per_s"] for r in rounds if "images_per_s" in r.get("torch", {})]
     ratios = [
-        r[key]["images_per_s"] / r["torch"]["images_per_s"]
-        for r in rounds
-        if "images_per_s" in r.get(key, {}) and "images_per_s" in r.get("torch", {})
+        m["images_per_s"] / r["torch"]["images_per_s"]
+        for m, r in zip(mlx, rounds, strict=True)
+        if m and "images_per_s" in r.get("torch", {})
     ]
-    s = {}
-    if mlx_ips:
-        gflop = rounds[0][key]["gflops_per_image"]
-        s["mlx_images_per_s"] = statistics.median(mlx_ips)
-        s["mlx_tflops"] = gflop * s["mlx_images_per_s"] / 1e3
-        s["mlx_fraction_of_peak"] = s["mlx_tflops"] / peak_tflops
-        s["mlx_peak_gb"] = max(r[key]["peak_memory_gb"] for r in rounds if key in r)
-        if torch_ips:
-            s["torch_images_per_s"] = statistics.median(torch_ips)
-            s["torch_tflops"] = gflop * s["torch_images_per_s"] / 1e3
-            peaks = [r["torch"].get("peak_memory_gb") for r in rounds]
-            s["torch_peak_gb"] = max((p for p in peaks if p is not None), default=None)
+    ok = [m for m in mlx if m]
+    if not ok:
+        errors = [r["variants"].get(variant, {}).get("error") for r in rounds if variant]
+        return {"error": errors[0]} if errors and errors[0] else {}
+    gflop = ok[0]["gflops_per_image"]
+    s = {"mlx_images_per_s": statistics.median(m["images_per_s"] for m in ok)}
+    s["mlx_tflops"] = gflop * s["mlx_images_per_s"] / 1e3
+    s["mlx_fraction_of_peak"] = s["mlx_tflops"] / peak_tflops
+    s["mlx_peak_gb"] = max(m["peak_memory_gb"] for m in ok)
+    if torch_ips:
+        s["torch_images_per_s"] = statistics.median(torch_ips)
+        s["torch_tflops"] = gflop * s["torch_images_per_s"] / 1e3
+        peaks = [r["torch"].get("peak_memory_gb") for r in rounds]
+        s["torch_peak_gb"] = max((p for p in peaks if p is not None), default=None)
     if ratios:
         s["ratio_median"], s["ratio_min"], s["ratio_max"] = (
             statistics.median(ratios),
@@ -243,7 +246,8 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results["comparison"]:
-        variants = [("", row["summary"]), (" fused residual", row.get("summary_fused") or {})]
+        variants = [("", row["summary"])]
+        variants += [(f" {v}", s) for v, s in row.get("variant_summaries", {}).items()]
         if "error" in row or not row["summary"]:
             lines.append(
                 f"| {row['model']} ({row['batch']}) | {row['dtype']} | "
@@ -251,7 +255,9 @@ def markdown(results: dict) -> str:
             )
             continue
         for label, s in variants:
-            if not s:
+            if "error" in s:
+                lines.append(f"| | {row['dtype']}{label} | {s['error']} | | | | | | |")
+            if not s or "error" in s:
                 continue
             ratio = (
                 f"{s['ratio_median']:.2f}x ({s['ratio_min']:.2f}-{s['ratio_max']:.2f})"
@@ -285,6 +291,27 @@ def markdown(results: dict) -> str:
                 f"| {lever['lever']} | {lever['batch']} | {fmt(ips)} | {rel} | {peak}"
                 f"{r.get('error', '')} |"
             )
+        for lever in results["levers"]:
+            steps = lever.get("result", {}).get("steps")
+            if not steps:
+                continue
+            lines += [
+                "",
+                f"{lever['lever']} ({lever['model']} {lever['dtype']}, batch {lever['batch']}: "
+                "one block's shapes; best of 5, each 10 calls in one evaluation)",
+                "",
+                "| step | ms | GB/s moved | TFLOP/s | max abs error vs float32 |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+            for name, r in steps.items():
+                if "error" in r:
+                    lines.append(f"| {name} | {r['error']} | | | |")
+                    continue
+                lines.append(
+                    f"| {name} | {r['ms']:.3f} | {fmt(r.get('GB_per_s'), '{:.0f}')} "
+                    f"| {fmt(r.get('TFLOP_per_s'), '{:.0f}')} "
+                    f"| {fmt(r.get('max_abs_diff_vs_float32'), '{:.2g}')} |"
+                )
     lines += ["", *results["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -310,6 +337,7 @@ def main():
     torch_device = "cpu" if a.smoke and a.torch_device == "auto" else a.torch_device
     a.out.mkdir(parents=True, exist_ok=True)
     torch_side = Torch(a.torch_python, torch_device)
+    compared = [v for v in COMPARED if available(v)]
     results = {
         "meta": {
             "gpu": bench.gpu() or f"no GPU: {mx.default_device()}",
@@ -348,11 +376,19 @@ def main():
                 model = bench.random_model(args, MX_DTYPES[dtype])
                 for _ in range(rounds):
                     mlx_row = measure_mlx(name, batch, dtype, model, warmup, iters)
-                    with patched(["fused_residual"]):
-                        fused_row = measure_mlx(name, batch, dtype, model, warmup, iters)
+                    variant_rows = {}
+                    for variant in compared:
+                        try:
+                            with patched(VARIANTS[variant]):
+                                variant_rows[variant] = measure_mlx(
+                                    name, batch, dtype, model, warmup, iters
+                                )
+                        except Exception as e:  # a lever that fails: say so, keep the rest
+                            variant_rows[variant] = {"error": f"{type(e).__name__}: {e}"[:300]}
                     torch_row = torch_side.measure(args, batch, dtype, warmup, iters)
-                    row["rounds"].append({"mlx": mlx_row, "mlx_fused": fused_row,
-                                          "torch": torch_row})  # fmt: skip
+                    row["rounds"].append(
+                        {"mlx": mlx_row, "variants": variant_rows, "torch": torch_row}
+                    )
                     print(name, dtype, json.dumps(row["rounds"][-1]), flush=True)
             except Exception as e:  # e.g. out of memory: record it, go on
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -360,9 +396,9 @@ def main():
             gc.collect()
             mx.clear_cache()
             row["summary"] = summarize(row["rounds"], a.peak_tflops) if row["rounds"] else {}
-            row["summary_fused"] = (
-                summarize(row["rounds"], a.peak_tflops, "mlx_fused") if row["rounds"] else {}
-            )
+            row["variant_summaries"] = {
+                v: summarize(row["rounds"], a.peak_tflops, v) for v in compared if row["rounds"]
+            }
             save()
     torch_side.close()
 
