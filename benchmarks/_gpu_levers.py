@@ -1,14 +1,16 @@
 """Levers for benchmarks/vs_pytorch_gpu.py: variants of aim-mlx's GPU forward, applied by
-patching the model's classes for the length of a `with` block, so that one run on a borrowed GPU
-measures what each would buy before any of them becomes the default.
+patching the model's classes (or an environment variable) for the length of a `with` block, so
+that one run on a borrowed GPU measures what each buys or costs against the default.
 
-- `fused_residual`: each block's two residual additions done by the matmul before them,
-  `mx.addmm(x, a, w.T)` (cuBLASLt adds x in its epilogue), instead of a pass of their own.
+- `separate_residual`: each block's two residual additions as a pass of their own, `x + f(x)`,
+  instead of in the matmul before them (`mx.addmm`, the default on a GPU).
+- `mlx_kernels`: MLX's own GELU and layer norm on CUDA (AIM_MLX_CUDA_KERNELS=off) instead of
+  `aim_mlx.models.cuda`'s.
 - `compiled_blocks`: each block through `mx.compile`, which fuses its element-wise operations.
-- `cuda_gelu`: GELU as a hand-written CUDA kernel (`mx.fast.cuda_kernel`, 16-byte loads and
-  stores, erf in float32) instead of MLX's compiled one; CUDA only.
-- `elementwise`: each element-wise operation of a block alone, at the model's shapes, as GB/s
-  moved, to compare with the card's memory bandwidth.
+- `contiguous_attention`: queries, keys and values copied out of the qkv matmul's output into
+  arrays of their own before the fused attention, instead of passed as strided views.
+- `steps`: each step of a block alone, at the model's shapes: GB/s moved by the element-wise
+  ones (against the card's memory bandwidth), TFLOP/s of the matmuls and the attention.
 - `floor`: only the trunk's matmuls (and, with `attention=True`, its fused attention), same
   shapes and count, no norms, GELU or additions: the time MLX's own kernels set as the floor.
 """
@@ -16,24 +18,28 @@ measures what each would buy before any of them becomes the default.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import mlx.core as mx
 
 from aim_mlx.constants import GiB
-from aim_mlx.models import aim, ops
+from aim_mlx.models import aim, cuda, ops
 
-PATCHES = ("fused_residual", "compiled_blocks", "cuda_gelu")
+PATCHES = ("separate_residual", "mlx_kernels", "compiled_blocks", "contiguous_attention")
 
 
-def _update_fused_residual(self, x, q, k, v):
-    # The same math as Block.update, with x + proj(heads) and x + fc2(h) as one addmm each.
-    out = ops.attention(q, k, v, self.attn.scale)  # (B, H, N, head_dim)
-    B, H, N, hd = out.shape
-    heads = out.transpose(0, 2, 1, 3).reshape(B, N, H * hd)
-    x = mx.addmm(x, heads, self.attn.proj.weight_as(x.dtype).T)
-    h = ops.gelu(self.mlp.fc1(self.norm_2(x)))
-    return mx.addmm(x, h, self.mlp.fc2.weight_as(x.dtype).T)
+def _update_separate_residual(self, x, q, k, v):
+    # Block.update with the additions as passes of their own.
+    x = x + self.attn.attend(q, k, v)
+    return x + self.mlp(self.norm_2(x))
+
+
+def _project_contiguous(self, x):
+    return tuple(mx.contiguous(a) for a in _project(self, x))
+
+
+_project = aim.Attention.project
 
 
 def _run_compiled_blocks(blocks, x):
@@ -49,44 +55,6 @@ def _run_compiled_blocks(blocks, x):
 
 _compiled: dict = {}
 
-# y = x Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), V elements per thread through MLX's aligned-vector
-# loads and stores (16 bytes where the pointers allow), erf in float32.
-_GELU_SOURCE = """
-    constexpr int V = 16 / sizeof(T);
-    size_t n = 1;
-    for (int d = 0; d < x_ndim; ++d) n *= x_shape[d];
-    uint32_t index = blockIdx.x * blockDim.x + threadIdx.x;
-    if (size_t(index) * V >= n) return;
-    auto v = load_vector<V>(x, index, n, T(0.0f));
-    #pragma unroll
-    for (int j = 0; j < V; ++j) {
-        float f = static_cast<float>(v[j]);
-        v[j] = static_cast<T>(0.5f * f * (1.0f + erff(f * 0.70710678118654752f)));
-    }
-    store_vector<V>(y, index, v, n);
-"""
-_gelu_kernel = []
-
-
-def cuda_gelu(x: mx.array) -> mx.array:
-    """Exact GELU through `_GELU_SOURCE` (a CUDA kernel of this file's own)."""
-    if not _gelu_kernel:
-        _gelu_kernel.append(
-            mx.fast.cuda_kernel(
-                name="aim_gelu", input_names=["x"], output_names=["y"], source=_GELU_SOURCE
-            )
-        )
-    per_thread = 16 // x.itemsize
-    (y,) = _gelu_kernel[0](
-        inputs=[x],
-        template=[("T", x.dtype)],
-        grid=(-(-x.size // per_thread), 1, 1),
-        threadgroup=(256, 1, 1),
-        output_shapes=[x.shape],
-        output_dtypes=[x.dtype],
-    )
-    return y
-
 
 @contextlib.contextmanager
 def patched(names=()):
@@ -94,17 +62,24 @@ def patched(names=()):
     unknown = set(names) - set(PATCHES)
     if unknown:
         raise ValueError(f"unknown levers {sorted(unknown)}")
-    saved = (aim.Block.update, ops.run_blocks, ops.gelu)
+    saved = (aim.Block.update, aim.Attention.project, ops.run_blocks)
+    saved_env = os.environ.get(ops.CUDA_KERNELS_ENV)
     try:
-        if "cuda_gelu" in names:
-            ops.gelu = cuda_gelu
-        if "fused_residual" in names:
-            aim.Block.update = _update_fused_residual
+        if "separate_residual" in names:
+            aim.Block.update = _update_separate_residual
+        if "contiguous_attention" in names:
+            aim.Attention.project = _project_contiguous
         if "compiled_blocks" in names:
             ops.run_blocks = _run_compiled_blocks
+        if "mlx_kernels" in names:
+            os.environ[ops.CUDA_KERNELS_ENV] = "off"
         yield
     finally:
-        aim.Block.update, ops.run_blocks, ops.gelu = saved
+        aim.Block.update, aim.Attention.project, ops.run_blocks = saved
+        if saved_env is None:
+            os.environ.pop(ops.CUDA_KERNELS_ENV, None)
+        else:
+            os.environ[ops.CUDA_KERNELS_ENV] = saved_env
         _compiled.clear()
 
 
@@ -141,34 +116,59 @@ def floor(model, batch: int, warmup: int, iters: int, attention: bool) -> dict:
     }
 
 
-def elementwise(model, batch: int, chain: int = 10, iters: int = 5) -> dict:
-    """Each element-wise step of a block alone at `model`'s shapes (ms per call, and GB/s moved:
-    bytes read + written), next to the matmuls around them (TFLOP/s); and how far `cuda_gelu`
-    is from float32 GELU. Each timing is `chain` calls in one evaluation, best of `iters`."""
+def steps(model, batch: int, chain: int = 10, iters: int = 5) -> dict:
+    """Each step of a block alone at `model`'s shapes: ms per call; GB/s moved (bytes read +
+    written) by the element-wise ones, TFLOP/s of the matmuls and the attention; and the
+    largest error of each GELU and layer norm against float32. Each timing is `chain` calls in
+    one evaluation, best of `iters`."""
     import mlx.nn as nn
 
     args = model.args
-    rows = batch * (args.img_size // args.patch_size) ** 2
-    D, hidden = args.embed_dim, args.mlp_ratio * args.embed_dim
+    n_tokens = (args.img_size // args.patch_size) ** 2
+    rows = batch * n_tokens
+    D, hidden, H = args.embed_dim, args.mlp_ratio * args.embed_dim, args.num_heads
     dtype = model.activation_dtype()
     block = model.trunk.blocks[0]
     x = mx.random.normal((rows, D), key=mx.random.key(2)).astype(dtype)
     h = mx.random.normal((rows, hidden), key=mx.random.key(3)).astype(dtype)
     w1, w2 = block.mlp.fc1.weight_as(dtype), block.mlp.fc2.weight_as(dtype)
-    mx.eval(x, h, w1, w2)
+    ln_w, ln_b = block.norm_2.weight.astype(dtype), block.norm_2.bias.astype(dtype)
+    eps = block.norm_2.eps
+    qkv = mx.random.normal((batch, n_tokens, 3 * D), key=mx.random.key(4)).astype(dtype)
+    qkv = qkv.reshape(batch, n_tokens, 3, H, -1).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # strided views, as in the model
+    qc, kc, vc = (mx.contiguous(a) for a in (q, k, v))
+    mx.eval(x, h, w1, w2, ln_w, ln_b, q, k, v, qc, kc, vc)
     b = x.itemsize
     mm = 2 * rows * D * hidden  # FLOPs of fc1 or fc2
-    # name: (step, input, chained (the output feeds the next call), bytes moved, FLOPs)
-    steps = {
-        "layer norm": (block.norm_2, x, True, 2 * x.size * b, None),
+    attn = 4 * batch * H * n_tokens**2 * (D // H)
+    scale = block.attn.scale
+
+    def mlx_ln(y):
+        return mx.fast.layer_norm(y, ln_w, ln_b, eps)
+
+    # name: (step, input, chained (each output feeds the next call), bytes moved, FLOPs)
+    table = {
+        "layer norm (MLX)": (mlx_ln, x, True, 2 * x.size * b, None),
         "residual add": (lambda y: y + x, x, True, 3 * x.size * b, None),
         "GELU (MLX)": (nn.gelu, h, True, 2 * h.size * b, None),
         "fc1 matmul": (lambda y: y @ w1.T, x, False, None, mm),
         "fc2 matmul": (lambda y: y @ w2.T, h, False, None, mm),
         "fc2 matmul + residual (addmm)": (lambda y: mx.addmm(x, y, w2.T), h, False, None, mm),
-    }
+        "attention, strided q k v (as in the model)": (
+            lambda _: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale),
+            q, False, None, attn,
+        ),
+        "attention, contiguous q k v": (
+            lambda _: mx.fast.scaled_dot_product_attention(qc, kc, vc, scale=scale),
+            q, False, None, attn,
+        ),
+    }  # fmt: skip
     if mx.cuda.is_available():
-        steps["GELU (cuda_gelu)"] = (cuda_gelu, h, True, 2 * h.size * b, None)
+        table["layer norm (aim-mlx CUDA)"] = (
+            lambda y: cuda.layer_norm(y, ln_w, ln_b, eps), x, True, 2 * x.size * b, None
+        )  # fmt: skip
+        table["GELU (aim-mlx CUDA)"] = (cuda.gelu, h, True, 2 * h.size * b, None)
 
     def run(step, start, chained):
         if not chained:
@@ -179,7 +179,7 @@ def elementwise(model, batch: int, chain: int = 10, iters: int = 5) -> dict:
         return y
 
     out = {}
-    for name, (step, start, chained, nbytes, flops) in steps.items():
+    for name, (step, start, chained, nbytes, flops) in table.items():
         try:
             mx.eval(run(step, start, chained))
             times = []
@@ -196,10 +196,18 @@ def elementwise(model, batch: int, chain: int = 10, iters: int = 5) -> dict:
             out[name] = row
         except Exception as e:  # e.g. a kernel that does not compile: say so, go on
             out[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-    cuda = out.get("GELU (cuda_gelu)", {})
-    if cuda and "error" not in cuda:
-        exact = nn.gelu(h.astype(mx.float32))
-        for name, gelu in (("GELU (cuda_gelu)", cuda_gelu), ("GELU (MLX)", nn.gelu)):
-            diff = mx.abs(gelu(h).astype(mx.float32) - exact).max().item()
-            out[name]["max_abs_diff_vs_float32"] = diff
+
+    exact_gelu = nn.gelu(h.astype(mx.float32))
+    f32 = (ln_w.astype(mx.float32), ln_b.astype(mx.float32))
+    exact_ln = mx.fast.layer_norm(x.astype(mx.float32), *f32, eps)
+    checks = {
+        "GELU (MLX)": (lambda: nn.gelu(h), exact_gelu),
+        "GELU (aim-mlx CUDA)": (lambda: cuda.gelu(h), exact_gelu),
+        "layer norm (MLX)": (lambda: mlx_ln(x), exact_ln),
+        "layer norm (aim-mlx CUDA)": (lambda: cuda.layer_norm(x, ln_w, ln_b, eps), exact_ln),
+    }
+    for name, (compute, exact) in checks.items():
+        if name in out and "error" not in out[name]:
+            error = mx.abs(compute().astype(mx.float32) - exact).max().item()
+            out[name]["max_abs_diff_vs_float32"] = error
     return out

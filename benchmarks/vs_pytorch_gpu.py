@@ -13,12 +13,13 @@ process (`torch.cuda.max_memory_allocated()`). Ratios are taken within each roun
 gives their median and range. TFLOP/s use aim-mlx's matmul FLOP count for both sides.
 
 Each round also times variants of aim-mlx's forward (`COMPARED`, levers of
-`benchmarks/_gpu_levers.py`: the residual additions fused into the matmuls before them, and a
-hand-written CUDA GELU) on the same model, so that each has its own side-by-side ratio.
+`benchmarks/_gpu_levers.py`: the forward as it was before the residual additions went into the
+matmuls and GELU and layer norm into aim-mlx's CUDA kernels) on the same model, so that each has
+its own side-by-side ratio.
 
 Then the levers, at aim-600M bfloat16 batch 64, each in a fresh process (MLX reads its
-command-buffer limits once per process): aim-mlx's default, each element-wise step of a block
-alone (GB/s against the card's bandwidth), the variants, other MLX_MAX_MB_PER_BUFFER values, the
+command-buffer limits once per process): aim-mlx's default, each step of a block alone (GB/s
+against the card's bandwidth, TFLOP/s), the variants, other MLX_MAX_MB_PER_BUFFER values, the
 peak at other batch sizes, and MLX's own buffer limits.
 
 Writes vs_pytorch_gpu.json (after every measurement, so a run cut short keeps what it did) and
@@ -41,7 +42,7 @@ import aim_mlx  # noqa: F401  (first: it sets MLX's GPU buffer limit before mlx.
 
 # isort: split
 import mlx.core as mx
-from _gpu_levers import elementwise, floor, patched
+from _gpu_levers import floor, patched, steps
 
 from aim_mlx import bench, runtime
 from aim_mlx.constants import MX_DTYPES
@@ -53,18 +54,18 @@ DTYPES = ("bfloat16", "float16")
 H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet
 SMOKE_ARGS = dict(embed_dim=64, num_blocks=8, num_heads=4)  # the test fixture's shape
 # Variants of aim-mlx's forward (levers of _gpu_levers.py), timed at aim-600M; those in COMPARED
-# also in every round of the comparison, beside the default. The CUDA GELU needs MLX's CUDA
-# backend.
+# also in every round of the comparison, beside the default.
 VARIANTS = {
-    "fused residual": ("fused_residual",),
-    "CUDA GELU": ("cuda_gelu",),
-    "fused residual + CUDA GELU": ("fused_residual", "cuda_gelu"),
+    "before: separate residual adds, MLX's GELU and layer norm": (
+        "separate_residual",
+        "mlx_kernels",
+    ),
+    "separate residual adds": ("separate_residual",),
+    "MLX's GELU and layer norm": ("mlx_kernels",),
+    "queries, keys and values made contiguous": ("contiguous_attention",),
+    "mx.compile per block": ("compiled_blocks",),
 }
-COMPARED = ("fused residual", "fused residual + CUDA GELU")
-
-
-def available(variant: str) -> bool:
-    return "cuda_gelu" not in VARIANTS[variant] or mx.cuda.is_available()
+COMPARED = ("before: separate residual adds, MLX's GELU and layer norm",)
 
 
 BUFFER_KEYS = (runtime.BUFFER_ENV, "MLX_MAX_OPS_PER_BUFFER", runtime.OFF_ENV)
@@ -141,13 +142,9 @@ def levers(smoke: bool) -> list[dict]:
     """Most telling first: a run cut short keeps those."""
     rows = [
         dict(lever=f"aim-mlx default ({runtime.BUFFER_ENV}={runtime.BUFFER_MB})", env={}),
-        dict(lever="element-wise steps alone", env={}, elementwise=True),
+        dict(lever="a block's steps alone", env={}, steps=True),
     ]
-    rows += [
-        dict(lever=name, env={}, patches=list(patches))
-        for name, patches in VARIANTS.items()
-        if available(name)
-    ]
+    rows += [dict(lever=name, env={}, patches=list(patches)) for name, patches in VARIANTS.items()]
     for mb in (128,) if smoke else (32, 128):
         rows.append(dict(lever=f"{runtime.BUFFER_ENV}={mb}", env={runtime.BUFFER_ENV: str(mb)}))
     if not smoke:
@@ -161,8 +158,8 @@ def run_lever(spec: dict) -> None:
     """In a fresh process: one bench.run, printed as JSON."""
     name, dtype = spec["model"], spec["dtype"]
     model = bench.random_model(model_args(name), MX_DTYPES[dtype])
-    if spec.get("elementwise"):
-        row = {"steps": elementwise(model, spec["batch"])}
+    if spec.get("steps"):
+        row = {"steps": steps(model, spec["batch"])}
     elif spec.get("floor"):
         row = floor(model, spec["batch"], spec["warmup"], spec["iters"],
                     attention=spec["floor"] == "attention")  # fmt: skip
@@ -203,8 +200,9 @@ def summarize(rounds: list[dict], peak_tflops: float, variant: str | None = None
     ]
     ok = [m for m in mlx if m]
     if not ok:
-        errors = [r["variants"].get(variant, {}).get("error") for r in rounds if variant]
-        return {"error": errors[0]} if errors and errors[0] else {}
+        errors = [(r["variants"].get(variant, {}) if variant else r["mlx"]) for r in rounds]
+        errors = [e["error"] for e in errors if "error" in e]
+        return {"error": errors[0]} if errors else {}
     gflop = ok[0]["gflops_per_image"]
     s = {"mlx_images_per_s": statistics.median(m["images_per_s"] for m in ok)}
     s["mlx_tflops"] = gflop * s["mlx_images_per_s"] / 1e3
@@ -248,7 +246,7 @@ def markdown(results: dict) -> str:
     for row in results["comparison"]:
         variants = [("", row["summary"])]
         variants += [(f" {v}", s) for v, s in row.get("variant_summaries", {}).items()]
-        if "error" in row or not row["summary"]:
+        if "error" in row:
             lines.append(
                 f"| {row['model']} ({row['batch']}) | {row['dtype']} | "
                 f"{row.get('error', 'no result')} | | | | | | |"
@@ -337,7 +335,7 @@ def main():
     torch_device = "cpu" if a.smoke and a.torch_device == "auto" else a.torch_device
     a.out.mkdir(parents=True, exist_ok=True)
     torch_side = Torch(a.torch_python, torch_device)
-    compared = [v for v in COMPARED if available(v)]
+    compared = list(COMPARED)
     results = {
         "meta": {
             "gpu": bench.gpu() or f"no GPU: {mx.default_device()}",
@@ -375,16 +373,17 @@ def main():
             try:
                 model = bench.random_model(args, MX_DTYPES[dtype])
                 for _ in range(rounds):
-                    mlx_row = measure_mlx(name, batch, dtype, model, warmup, iters)
-                    variant_rows = {}
-                    for variant in compared:
-                        try:
-                            with patched(VARIANTS[variant]):
-                                variant_rows[variant] = measure_mlx(
+                    timed = {}
+                    for variant in [None, *compared]:
+                        try:  # a variant (or the default) that fails: say so, keep the rest
+                            with patched(VARIANTS[variant] if variant else ()):
+                                timed[variant] = measure_mlx(
                                     name, batch, dtype, model, warmup, iters
                                 )
-                        except Exception as e:  # a lever that fails: say so, keep the rest
-                            variant_rows[variant] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                        except Exception as e:
+                            timed[variant] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                    mlx_row = timed.pop(None)
+                    variant_rows = timed
                     torch_row = torch_side.measure(args, batch, dtype, warmup, iters)
                     row["rounds"].append(
                         {"mlx": mlx_row, "variants": variant_rows, "torch": torch_row}

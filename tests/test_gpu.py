@@ -10,19 +10,27 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import REF, TF32_BOUND, convert_fixture, float32_bound, rel_err, to_np
+from conftest import (
+    HALF_BOUND,
+    REF,
+    TF32_BOUND,
+    convert_fixture,
+    float32_bound,
+    rel_err,
+    to_np,
+)
 
 import aim_mlx
 from aim_mlx import bench, runtime
-from aim_mlx.models import ops
+from aim_mlx.models import cuda, ops
+from aim_mlx.models.aim import Linear
 from aim_mlx.resolve import default_dtype
 
 pytestmark = pytest.mark.gpu
 
 INPUTS = {"input.npy": "", "input_252x196.npy": "_252x196"}
-# Logits against the reference, x std: float32 is the CPU's bound (TF32 off) or TF32's;
-# measured on an H100: float16 3.8-4.0e-3, bfloat16 2.7e-2.
-HALF_BOUND = {"float16": 1e-2, "bfloat16": 5e-2}
+# Logits against the reference, x std: float32 is the CPU's bound (TF32 off) or TF32's, half
+# precision conftest's HALF_BOUND.
 
 
 def test_gpu_defaults():
@@ -85,18 +93,83 @@ def test_fused_attention(n_query, dtype, bound):
     assert rel_err(to_np(out), ref) < (float32_bound(bound) if dtype == "float32" else bound)
 
 
-def test_gelu_and_layer_norm_use_mlx_kernels():
-    x = mx.random.normal((4096,), key=mx.random.key(4)) * 4
-    np.testing.assert_array_equal(np.array(ops.gelu(x)), np.array(nn.gelu(x)))
+def gelu_f64(x) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    erf = np.array([math.erf(t / math.sqrt(2)) for t in x.ravel()]).reshape(x.shape)
+    return x * 0.5 * (1 + erf)
+
+
+def layer_norm_f64(x, w, b, eps) -> np.ndarray:
+    x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
+def test_gelu_and_layer_norm_kernels_against_float64():
+    # MLX's kernels on Metal, aim-mlx's own on CUDA (unless AIM_MLX_CUDA_KERNELS=off).
+    x = mx.random.normal((4099,), key=mx.random.key(4)) * 4  # not a whole number of vectors
+    if not ops.cuda_kernels():
+        np.testing.assert_array_equal(np.array(ops.gelu(x)), np.array(nn.gelu(x)))
     xs = np.array(x, np.float64)
-    exact = xs * 0.5 * (1 + np.array([math.erf(t / math.sqrt(2)) for t in xs]))
-    assert np.max(np.abs(np.array(ops.gelu(x)) - exact) / np.maximum(1, np.abs(xs))) < 2e-6
-    rows = mx.random.normal((8, 256), key=mx.random.key(5))
-    w, b = mx.ones((256,)) * 1.5, mx.ones((256,)) * 0.1
-    out = np.array(mx.fast.layer_norm(rows, w, b, 1e-6))
-    r = np.array(rows, np.float64)
-    ref = (r - r.mean(-1, keepdims=True)) / np.sqrt(r.var(-1, keepdims=True) + 1e-6) * 1.5 + 0.1
-    assert np.abs(out - ref).max() < 1e-5
+    assert np.max(np.abs(np.array(ops.gelu(x)) - gelu_f64(xs)) / np.maximum(1, np.abs(xs))) < 2e-6
+    rows = mx.random.normal((8, 3, 256), key=mx.random.key(5)) * 3 + 5
+    w = mx.random.normal((256,), key=mx.random.key(6))
+    b = mx.random.normal((256,), key=mx.random.key(7))
+    out = np.array(ops.layer_norm(rows, w, b, 1e-6))
+    assert np.abs(out - layer_norm_f64(rows, w, b, 1e-6)).max() < 1e-5
+
+
+cuda_only = pytest.mark.skipif(
+    not mx.cuda.is_available(), reason="aim-mlx's CUDA kernels run on MLX's CUDA backend"
+)
+# Largest error of one rounding to the dtype, relative: float16 2**-11, bfloat16 2**-8.
+HALF_ULP = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", HALF_ULP)
+def test_cuda_gelu_in_half_precision_rounds_once(dtype):
+    x = (mx.random.normal((3, 4099), key=mx.random.key(8)) * 4).astype(getattr(mx, dtype))
+    for part in (x, x[:, 1:]):  # whole 16-byte vectors, and an input that is not aligned to them
+        out = to_np(cuda.gelu(part))
+        exact = gelu_f64(to_np(part))
+        assert out.shape == exact.shape
+        assert np.all(np.abs(out - exact) <= HALF_ULP[dtype] * np.abs(exact) + 1e-6)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", HALF_ULP)
+def test_cuda_layer_norm_in_half_precision(dtype):
+    t = getattr(mx, dtype)
+    x = (mx.random.normal((5, 7, 1536), key=mx.random.key(9)) * 2 + 3).astype(t)
+    w = mx.random.normal((1536,), key=mx.random.key(10)).astype(t)
+    b = mx.random.normal((1536,), key=mx.random.key(11)).astype(t)
+    exact = layer_norm_f64(to_np(x), to_np(w), to_np(b), 1e-6)
+    out = to_np(cuda.layer_norm(x, w, b, 1e-6))
+    # float32 inside, one rounding of the output; the statistics' own error is far below it
+    assert np.all(np.abs(out - exact) <= 2 * HALF_ULP[dtype] * np.abs(exact) + 1e-3)
+    assert not cuda.layer_norm_fits(x[..., :1532])  # rows that are not whole vectors ...
+    part = x[..., :1532]  # ... take MLX's kernel
+    ref = mx.fast.layer_norm(part, w[:1532], b[:1532], 1e-6)
+    np.testing.assert_array_equal(to_np(ops.layer_norm(part, w[:1532], b[:1532], 1e-6)), to_np(ref))
+
+
+@cuda_only
+def test_cuda_kernels_can_be_turned_off(monkeypatch):
+    assert ops.cuda_kernels()
+    monkeypatch.setenv(ops.CUDA_KERNELS_ENV, "off")
+    assert not ops.cuda_kernels()
+    x = mx.random.normal((1000,), key=mx.random.key(12))
+    np.testing.assert_array_equal(np.array(ops.gelu(x)), np.array(nn.gelu(x)))
+
+
+def test_residual_addition_is_done_by_the_matmul():
+    layer = Linear(256, 384)
+    x = mx.random.normal((2, 50, 256), key=mx.random.key(13))
+    r = mx.random.normal((2, 50, 384), key=mx.random.key(14))
+    assert ops.fused_residual()
+    out, separate = to_np(layer(x, add=r)), to_np(r + layer(x))
+    assert np.abs(out - separate).max() < float32_bound(1e-5) * separate.std()
 
 
 MATMUL = """

@@ -41,5 +41,5 @@ def test_lane_smoke_writes_its_results(tmp_path):
     assert "MLX's default" in settings["MLX's own buffer limits"]
     assert "MLX_MAX_MB_PER_BUFFER=128 (user)" in settings["MLX_MAX_MB_PER_BUFFER=128"]
     table = (out / "vs_pytorch_gpu.md").read_text()
-    assert "| aim-tiny (2) | bfloat16 |" in table and "| fused residual | 2 |" in table
-    assert "| bfloat16 fused residual |" in table and "| GELU (MLX) |" in table
+    assert "| aim-tiny (2) | bfloat16 |" in table and "| separate residual adds | 2 |" in table
+    assert "| bfloat16 before: separate residual adds" in table and "| GELU (MLX) |" in table

@@ -161,3 +161,17 @@ def test_quantized_linear_dequantizes_where_mlx_cuda_runs_it(monkeypatch):
     out = q(x)
     assert out.dtype == mx.float16
     assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 2e-3  # float16 rounding of the sums
+
+
+def test_linear_adds_the_residual_in_the_matmul_only_on_a_gpu(monkeypatch):
+    from aim_mlx.models.aim import Linear
+
+    layer = Linear(64, 32)
+    x = mx.random.normal((3, 64), key=mx.random.key(5))
+    r = mx.random.normal((3, 32), key=mx.random.key(6))
+    monkeypatch.setattr(ops, "on_gpu", lambda: False)
+    assert not ops.fused_residual()  # the CPU: a separate addition, exactly as written
+    np.testing.assert_array_equal(to_np(layer(x, add=r)), to_np(r + x @ layer.weight.T))
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(mx, "addmm", lambda c, a, b: ("addmm", c, a, b))
+    assert layer(x, add=r)[0] == "addmm"

@@ -150,13 +150,13 @@ class _Observed(nn.Module):
         self.layer = layer
         self._see, self._block, self._kinds = see, block, (in_kind, out_kind)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         in_kind, out_kind = self._kinds
         if in_kind:
             self._see(in_kind, x, self._block)
-        out = self.layer(x)
+        out = self.layer(x)  # a linear layer's own output, without the residual it may add
         self._see(out_kind, out, self._block)
-        return out
+        return out if add is None else add + out
 
     def widened(self, dtype):  # as the layer it wraps (see `Block.widened`)
         wide = self.layer.widened(dtype)

@@ -130,8 +130,12 @@ class Linear(nn.Linear):
         """This layer with its weight already in `dtype` (itself if it is)."""
         return self if self.weight.dtype == dtype else Linear.of(self.weight_as(dtype))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return x @ self.weight_as(x.dtype).T
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        """x @ W.T, plus `add` (same shape as the result) if given."""
+        w = self.weight_as(x.dtype).T
+        if add is None:
+            return x @ w
+        return mx.addmm(add, x, w) if ops.fused_residual() else add + x @ w
 
     def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
         return QuantizedLinear.from_linear(self, group_size, bits)
@@ -157,10 +161,10 @@ class QuantizedLinear(nn.QuantizedLinear):
     def widened(self, dtype: mx.Dtype) -> nn.Module:
         return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         if not ops.quantized_kernels():
-            return x @ self.weight_as(x.dtype).T
-        return mx.quantized_matmul(
+            return Linear.of(self.weight_as(x.dtype))(x, add)
+        y = mx.quantized_matmul(
             x,
             self.weight,
             self.scales,
@@ -169,6 +173,7 @@ class QuantizedLinear(nn.QuantizedLinear):
             group_size=self.group_size,
             bits=self.bits,
         ).astype(x.dtype)
+        return y if add is None else add + y
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, bits: int) -> QuantizedLinear:
@@ -182,9 +187,7 @@ class LayerNorm(nn.LayerNorm):
     """Layer norm in the activations' dtype, whatever the dtype of its scale and offset."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.layer_norm(
-            x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps
-        )
+        return ops.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps)
 
 
 class PatchConv(nn.Conv2d):
@@ -246,11 +249,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        # softmax(q k^T / sqrt(head_dim)) v, heads merged and projected: (B, Nq, D)
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, add: mx.array | None = None):
+        # softmax(q k^T / sqrt(head_dim)) v, heads merged and projected (+ add): (B, Nq, D)
         out = ops.attention(q, k, v, self.scale)  # (B, H, Nq, head_dim)
         B, H, N, hd = out.shape
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, H * hd))
+        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, H * hd), add)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.attend(*self.project(x))
@@ -262,8 +265,8 @@ class MLP(nn.Module):
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(ops.gelu(self.fc1(x)))
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        return self.fc2(ops.gelu(self.fc1(x)), add)
 
 
 class Block(nn.Module):
@@ -286,8 +289,8 @@ class Block(nn.Module):
 
     def update(self, x: mx.array, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """x's tokens after this block, given their queries and the keys and values they see."""
-        x = x + self.attn.attend(q, k, v)
-        return x + self.mlp(self.norm_2(x))
+        x = self.attn.attend(q, k, v, add=x)  # x + attention
+        return self.mlp(self.norm_2(x), add=x)  # x + MLP
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.update(x, *self.queries_keys_values(x))

@@ -1,7 +1,10 @@
-"""Device-dependent kernels: attention, GELU, dequantization, and how the trunk's blocks run.
+"""Device-dependent kernels: attention, GELU, layer norm, dequantization, the residual additions,
+and how the trunk's blocks run.
 
 On Metal (and MLX's CUDA backend) the GPU computes erf and exp in hardware: MLX's fused kernels
-are used as they are. On MLX's CPU backend erf and exp are scalar library calls that cost more
+are used as they are, except that on CUDA GELU and layer norm are this project's own (`cuda`,
+which move data at nearer the card's bandwidth) and each residual addition is done by the matmul
+before it. On MLX's CPU backend erf and exp are scalar library calls that cost more
 than the matmuls around them, so there they are rebuilt from plain arithmetic (which
 `mx.compile` fuses into one vectorised loop) with a tested error bound, and the blocks run
 through `cpu_runner`, which spreads the work over CPU streams (measured in benchmarks/README.md).
@@ -10,10 +13,15 @@ through `cpu_runner`, which spreads the work over CPU streams (measured in bench
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from . import cuda
+
+CUDA_KERNELS_ENV = "AIM_MLX_CUDA_KERNELS"  # "off": MLX's own GELU and layer norm on CUDA too
 
 
 def on_gpu() -> bool:
@@ -37,6 +45,20 @@ def quantized_kernels() -> bool:
     quantized kernels cover only some shapes, and gave NaN logits on the test fixture's.
     """
     return on_gpu() and not mx.cuda.is_available()
+
+
+def cuda_kernels() -> bool:
+    """Whether GELU and layer norm run this project's CUDA kernels: on MLX's CUDA backend, unless
+    AIM_MLX_CUDA_KERNELS=off."""
+    if not (on_gpu() and mx.cuda.is_available()):
+        return False
+    return os.environ.get(CUDA_KERNELS_ENV, "").strip().lower() not in ("off", "0", "false")
+
+
+def fused_residual() -> bool:
+    """Whether `x + a @ w.T` is one matmul with x added in its epilogue (`mx.addmm`): on the GPU,
+    where it saves a pass over the activations; on the CPU the BLAS gains nothing from it."""
+    return on_gpu()
 
 
 @lru_cache(maxsize=1)
@@ -140,10 +162,21 @@ _gelu_compiled = mx.compile(gelu_approx)
 
 
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU: MLX's kernel on the GPU, the fused arithmetic one on the CPU."""
+    """Exact (erf) GELU: MLX's kernel on Metal, this project's on CUDA (`cuda.gelu`), the fused
+    arithmetic one on the CPU."""
+    if cuda_kernels():
+        return cuda.gelu(x)
     if on_gpu() or x.dtype != mx.float32 or not can_compile():
         return nn.gelu(x)
     return _gelu_compiled(x)
+
+
+def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """Layer norm over x's last axis, weight and bias in x's dtype: MLX's kernel, or on CUDA
+    this project's (`cuda.layer_norm`) where the rows fit it."""
+    if cuda_kernels() and cuda.layer_norm_fits(x):
+        return cuda.layer_norm(x, weight, bias, eps)
+    return mx.fast.layer_norm(x, weight, bias, eps)
 
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
