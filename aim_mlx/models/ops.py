@@ -164,7 +164,7 @@ _gelu_compiled = mx.compile(gelu_approx)
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU: MLX's kernel on Metal, this project's on CUDA (`cuda.gelu`), the fused
     arithmetic one on the CPU."""
-    if cuda_kernels():
+    if cuda_kernels() and x.size:
         return cuda.gelu(x)
     if on_gpu() or x.dtype != mx.float32 or not can_compile():
         return nn.gelu(x)
@@ -174,7 +174,7 @@ def gelu(x: mx.array) -> mx.array:
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     """Layer norm over x's last axis, weight and bias in x's dtype: MLX's kernel, or on CUDA
     this project's (`cuda.layer_norm`) where the rows fit it."""
-    if cuda_kernels() and cuda.layer_norm_fits(x):
+    if cuda_kernels() and x.size and cuda.layer_norm_fits(x):
         return cuda.layer_norm(x, weight, bias, eps)
     return mx.fast.layer_norm(x, weight, bias, eps)
 
