@@ -1,8 +1,9 @@
 """Hand-written kernels for MLX's CUDA backend (`mx.fast.cuda_kernel`, compiled on first use).
 
-MLX's own GELU and layer norm move data well below the card's bandwidth on an H100 (layer norm
-about half of it; benchmarks/README.md, "The GPU lane"). These two read and write each value
-once, 16 bytes per load and store, and compute in float32. `ops` uses them on CUDA only.
+MLX's own layer norm and GELU move data well below an H100's bandwidth (the figures:
+benchmarks/README.md, "The GPU lane"). These kernels read each value from memory once and write
+it once (the layer norm's later passes over a row hit the cache), 16 bytes per load and store,
+computing in float32. `ops` uses them on CUDA only.
 """
 
 from __future__ import annotations
@@ -75,8 +76,6 @@ _LAYER_NORM = """
 """
 
 THREADS = 256
-
-
 SOURCES = {"gelu": (_GELU, ["x"]), "layer_norm": (_LAYER_NORM, ["x", "w", "b", "eps"])}
 
 
