@@ -11,7 +11,10 @@ files at the same paths on every machine (checked before any work).
 A rank that raises makes every rank raise `DistributedError` naming it, once all have finished
 their shares; a rank that dies (killed, or failed before its share) breaks the ring connections,
 and the others' collectives fail at once with "connection lost" (`mlx.launch` also terminates the
-remaining ranks when one exits with an error). Nothing is written by rank 0 in either case.
+remaining ranks when one exits with an error). A rank that is stuck while alive is noticed by
+the others, once they have finished their own shares: they wait for it `peer_wait` seconds, then
+exit with an error, and `mlx.launch` stops the stuck one. Nothing is written by rank 0 in any
+of these cases.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import zlib
 from collections.abc import Callable, Iterator
@@ -31,9 +35,12 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-from .errors import AimMlxError
+from .errors import AimMlxError, OptionError
 
 GATHER_BYTES = 64 << 20  # rows gathered per round, per rank: bounds the other ranks' memory
+WAIT_ENV = "AIM_MLX_RANK_TIMEOUT"  # seconds a rank that is done waits for the others, or "off"
+MIN_WAIT_S = 600.0
+SLOWER_PEER = 4  # by default a peer may take this many times as long on its (even) share
 
 
 class DistributedError(AimMlxError, RuntimeError):
@@ -134,6 +141,51 @@ def _collective(what: str):
 
 class _LostRank(Exception):
     pass
+
+
+def peer_wait() -> float | None:
+    """AIM_MLX_RANK_TIMEOUT in seconds; None when it is "off"; 0.0 when unset (automatic)."""
+    value = os.environ.get(WAIT_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return 0.0
+    if value in ("off", "none"):
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise OptionError(f"{WAIT_ENV}={value!r}: expected a number of seconds above 0, or 'off'")
+    return seconds
+
+
+@contextmanager
+def _waiting_for_peers(wait: float | None, share_seconds: float):
+    """While this rank, its share done, waits in a collective for the others: if they have not
+    come within `wait` seconds (0.0: max(MIN_WAIT_S, SLOWER_PEER x this rank's share time)), say
+    so and exit with an error, which makes `mlx.launch` stop the rest. A peer that is stuck while
+    alive would otherwise keep every rank waiting forever."""
+    if wait is None:
+        yield
+        return
+    limit = wait or max(MIN_WAIT_S, SLOWER_PEER * share_seconds)
+
+    def give_up():
+        message = (
+            f"the other ranks have not finished their shares {limit:.0f} s after this rank "
+            f"finished its own (in {share_seconds:.0f} s): one is stuck, or far slower "
+            f"({WAIT_ENV}=seconds waits longer). Nothing was written."
+        )
+        print(f"Error: {tag(message)}", file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread is blocked in the collective
+
+    timer = threading.Timer(limit, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _all_gather(x: np.ndarray) -> list[np.ndarray]:
@@ -245,9 +297,11 @@ def map_images(
             fn, items, size=size, batch_size=batch_size, progress=progress, desc=desc
         )
         return
+    wait = peer_wait()
     check_same_inputs(items, desc)
     mine = items[share(len(items)).start : share(len(items)).stop]
     rows, errors, failure = [], {}, None
+    started = time.monotonic()
     try:
         for i, (item, row) in enumerate(
             images.run_here(
@@ -266,7 +320,8 @@ def map_images(
     local = np.stack(rows) if rows else None
     shape = [list(local.shape[1:]), local.dtype.str] if local is not None else None
     with _collective(f"gathering the results of {desc}"):
-        reports = gather_json({"failure": failure, "errors": errors, "shape": shape})
+        with _waiting_for_peers(wait, time.monotonic() - started):
+            reports = gather_json({"failure": failure, "errors": errors, "shape": shape})
         failed = [(r, rep["failure"]) for r, rep in enumerate(reports) if rep["failure"]]
         if failed:
             r, why = failed[0]

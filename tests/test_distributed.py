@@ -20,6 +20,7 @@ from test_classify import LOGITS, expected_top, imagenet_folder
 
 from aim_mlx import distributed
 from aim_mlx.cli import main
+from aim_mlx.errors import AimMlxError
 
 
 def tool(name: str) -> str:
@@ -34,10 +35,10 @@ def tool(name: str) -> str:
 
 IMAGES = sorted((REF / "images").iterdir())
 
-# Runs the command line, with a fault injected into rank 1 only (FAULT: model, raise, kill or
-# vanish).
+# Runs the command line, with a fault injected into rank 1 only (FAULT: model, raise, kill,
+# vanish or hang).
 FAULTY = """
-import os, signal, sys
+import os, signal, sys, time
 import aim_mlx.distributed
 import aim_mlx.embed
 from aim_mlx.cli import main
@@ -53,6 +54,8 @@ if fault in ("raise", "kill"):  # an error, or the process killed, in its first 
     aim_mlx.embed.features = features
 if fault == "vanish":  # gone without an error status, before sending its rows
     aim_mlx.distributed.gather_rows = lambda *args: os._exit(0)
+if fault == "hang":  # stuck while alive, in its first batch
+    aim_mlx.embed.features = lambda *args, **kwargs: time.sleep(10**6)
 sys.exit(main())
 """
 
@@ -155,7 +158,7 @@ def test_classify_and_eval_two_ranks_equal_one_process(hub_folder, tmp_path):
     assert "rank 0/2: 2 images" in two.stderr and "rank 1/2: 3 images" in two.stderr
 
 
-@pytest.mark.parametrize("fault", ["model", "raise", "kill", "vanish"])
+@pytest.mark.parametrize("fault", ["model", "raise", "kill", "vanish", "hang"])
 def test_a_failing_rank_fails_the_run_quickly_and_nothing_is_written(hub_folder, tmp_path, fault):
     cli("classify", IMAGES[0], "-m", hub_folder)  # converted once, here
     broken = tmp_path / "broken"
@@ -164,6 +167,8 @@ def test_a_failing_rank_fails_the_run_quickly_and_nothing_is_written(hub_folder,
     script = tmp_path / "faulty.py"
     script.write_text(FAULTY)
     env = {"FAULT": fault, "BROKEN_MODEL": str(broken)}
+    if fault == "hang":
+        env[distributed.WAIT_ENV] = "3"  # how long rank 0, its share done, waits for rank 1
 
     start = time.monotonic()
     run = launch("embed", REF / "images", "--model", "hf", "-o", "out.npy", "-b", "1",
@@ -178,9 +183,24 @@ def test_a_failing_rank_fails_the_run_quickly_and_nothing_is_written(hub_folder,
         assert "Traceback" in run.stderr  # rank 1 shows where its unexpected error came from
     elif fault == "kill":
         assert "Node with rank 1 exited with code -9" in run.stderr
+    elif fault == "hang":  # rank 0 gives up waiting; the launcher then stops rank 1
+        assert "Error: rank 0/2: the other ranks have not finished their shares 3 s" in run.stderr
+        assert "Node with rank 0 exited with code 1" in run.stderr, run.stderr
     else:  # the launcher sees nothing wrong: rank 0 notices that rank 1's rows never came
         assert "Error: rank 0/2: no answer from rank 1/2 while gathering the results" in run.stderr
     assert "wrote" not in run.stderr
+
+
+def test_peer_wait_setting(monkeypatch):
+    monkeypatch.delenv(distributed.WAIT_ENV, raising=False)
+    assert distributed.peer_wait() == 0.0  # automatic: from this rank's own share time
+    for value, expected in (("90", 90.0), ("2.5", 2.5), ("off", None), (" OFF ", None)):
+        monkeypatch.setenv(distributed.WAIT_ENV, value)
+        assert distributed.peer_wait() == expected
+    for bad in ("-1", "0", "soon", "nan"):
+        monkeypatch.setenv(distributed.WAIT_ENV, bad)
+        with pytest.raises(AimMlxError, match=f"{distributed.WAIT_ENV}=.*seconds above 0"):
+            distributed.peer_wait()
 
 
 def test_shares_are_even_contiguous_and_in_rank_order(monkeypatch):
