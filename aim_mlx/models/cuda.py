@@ -3,7 +3,9 @@
 MLX's own layer norm and GELU move data well below an H100's bandwidth (the figures:
 benchmarks/README.md, "The GPU lane"). These kernels read each value from memory once and write
 it once (the layer norm's later passes over a row hit the cache), 16 bytes per load and store,
-computing in float32. `ops` uses them on CUDA only.
+computing in float32. `ops` uses them on CUDA only. MLX compiles them at first use with the same
+NVRTC JIT as its own compiled kernels (its GELU is one), so they run wherever MLX's CUDA backend
+does.
 """
 
 from __future__ import annotations
