@@ -17,6 +17,8 @@ import os
 import sys
 import warnings
 
+from .runtime import switched_off
+
 ENV = "AIM_MLX_BLAS"
 CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp.so.0")
 
@@ -35,7 +37,7 @@ def setup() -> None:
     if not sys.platform.startswith("linux"):
         return
     choice = os.environ.get(ENV, "").strip()
-    if choice.lower() in ("off", "0", "none", "false"):
+    if switched_off(ENV):
         return
     _state["late"] = "mlx.core" in sys.modules
     if _state["late"]:
@@ -95,7 +97,7 @@ def info() -> dict:
         detail = "the mlx[cpu] wheel's bundled BLAS"
         if _state["error"]:
             detail += f" ({ENV} library failed to load: {_state['error']})"
-        elif os.environ.get(ENV, "").strip().lower() in ("off", "0", "none", "false"):
+        elif switched_off(ENV):
             detail += f" ({ENV}=off)"
         return {"name": "reference", "fast": False, "path": None, "detail": detail}
     config = _openblas_config()

@@ -31,8 +31,13 @@ TF32_ENV = "MLX_ENABLE_TF32"
 _state = {"done": False, "source": None, "late": False}
 
 
+def switched_off(name: str) -> bool:
+    """Whether environment variable `name` turns something off: off, 0, none or false."""
+    return os.environ.get(name, "").strip().lower() in ("off", "0", "none", "false")
+
+
 def _off() -> bool:
-    return os.environ.get(OFF_ENV, "").strip().lower() in ("off", "0", "none", "false")
+    return switched_off(OFF_ENV)
 
 
 def setup() -> None:

@@ -1,7 +1,6 @@
 """The GPU path: what runs where MLX's default device is a GPU (Metal on a Mac; MLX's CUDA
 backend as the stand-in elsewhere). Skipped, saying why, where the default device is the CPU."""
 
-import math
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from conftest import (
     TF32_BOUND,
     convert_fixture,
     float32_bound,
+    gelu64,
     rel_err,
     to_np,
 )
@@ -93,12 +93,6 @@ def test_fused_attention(n_query, dtype, bound):
     assert rel_err(to_np(out), ref) < (float32_bound(bound) if dtype == "float32" else bound)
 
 
-def gelu_f64(x) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    erf = np.array([math.erf(t / math.sqrt(2)) for t in x.ravel()]).reshape(x.shape)
-    return x * 0.5 * (1 + erf)
-
-
 def layer_norm_f64(x, w, b, eps) -> np.ndarray:
     x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
     mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
@@ -111,7 +105,7 @@ def test_gelu_and_layer_norm_kernels_against_float64():
     if not ops.cuda_kernels():
         np.testing.assert_array_equal(np.array(ops.gelu(x)), np.array(nn.gelu(x)))
     xs = np.array(x, np.float64)
-    assert np.max(np.abs(np.array(ops.gelu(x)) - gelu_f64(xs)) / np.maximum(1, np.abs(xs))) < 2e-6
+    assert np.max(np.abs(np.array(ops.gelu(x)) - gelu64(xs)) / np.maximum(1, np.abs(xs))) < 2e-6
     rows = mx.random.normal((8, 3, 256), key=mx.random.key(5)) * 3 + 5
     w = mx.random.normal((256,), key=mx.random.key(6))
     b = mx.random.normal((256,), key=mx.random.key(7))
@@ -132,7 +126,7 @@ def test_cuda_gelu_in_half_precision_rounds_once(dtype):
     x = (mx.random.normal((3, 4099), key=mx.random.key(8)) * 4).astype(getattr(mx, dtype))
     for part in (x, x[:, 1:]):  # whole 16-byte vectors, and an input that is not aligned to them
         out = to_np(cuda.gelu(part))
-        exact = gelu_f64(to_np(part))
+        exact = gelu64(to_np(part))
         assert out.shape == exact.shape
         assert np.all(np.abs(out - exact) <= HALF_ULP[dtype] * np.abs(exact) + 1e-6)
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import REF, build_reference_model, rel_err, to_np
+from conftest import REF, build_reference_model, gelu64, rel_err, to_np
 
 from aim_mlx.models import ops
 
@@ -21,10 +21,6 @@ GRID = np.linspace(-8.0, 8.0, 400_001)  # step 4e-5, covers the clamp at +-4 and
 
 def erf64(x: np.ndarray) -> np.ndarray:
     return np.array([math.erf(v) for v in x])
-
-
-def gelu64(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + erf64(x / math.sqrt(2.0)))
 
 
 def test_erf_approx_error_bound():

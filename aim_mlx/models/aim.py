@@ -103,6 +103,14 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> mx.array:
     return mx.array(np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32))
 
 
+def _matmul(x: mx.array, weight: mx.array, add: mx.array | None) -> mx.array:
+    """x @ weight.T, plus `add` (same shape as the result) if given: added by the matmul itself
+    where `ops.fused_residual()`."""
+    if add is None:
+        return x @ weight.T
+    return mx.addmm(add, x, weight.T) if ops.fused_residual() else add + x @ weight.T
+
+
 class Linear(nn.Linear):
     """A bias-free linear layer whose stored weights may be narrower than the activations.
 
@@ -131,11 +139,7 @@ class Linear(nn.Linear):
         return self if self.weight.dtype == dtype else Linear.of(self.weight_as(dtype))
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        """x @ W.T, plus `add` (same shape as the result) if given."""
-        w = self.weight_as(x.dtype).T
-        if add is None:
-            return x @ w
-        return mx.addmm(add, x, w) if ops.fused_residual() else add + x @ w
+        return _matmul(x, self.weight_as(x.dtype), add)
 
     def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
         return QuantizedLinear.from_linear(self, group_size, bits)
@@ -163,7 +167,7 @@ class QuantizedLinear(nn.QuantizedLinear):
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         if not ops.quantized_kernels():
-            return Linear.of(self.weight_as(x.dtype))(x, add)
+            return _matmul(x, self.weight_as(x.dtype), add)
         y = mx.quantized_matmul(
             x,
             self.weight,

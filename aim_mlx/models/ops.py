@@ -13,12 +13,12 @@ through `cpu_runner`, which spreads the work over CPU streams (measured in bench
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..runtime import switched_off
 from . import cuda
 
 CUDA_KERNELS_ENV = "AIM_MLX_CUDA_KERNELS"  # "off": MLX's own GELU and layer norm on CUDA too
@@ -50,9 +50,7 @@ def quantized_kernels() -> bool:
 def cuda_kernels() -> bool:
     """Whether GELU and layer norm run this project's CUDA kernels: on MLX's CUDA backend, unless
     AIM_MLX_CUDA_KERNELS=off."""
-    if not (on_gpu() and mx.cuda.is_available()):
-        return False
-    return os.environ.get(CUDA_KERNELS_ENV, "").strip().lower() not in ("off", "0", "false")
+    return on_gpu() and mx.cuda.is_available() and not switched_off(CUDA_KERNELS_ENV)
 
 
 def fused_residual() -> bool:
