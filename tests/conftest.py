@@ -32,6 +32,13 @@ def gelu64(x) -> np.ndarray:
     return 0.5 * x * (1.0 + erf)
 
 
+def layer_norm64(x, w, b, eps) -> np.ndarray:
+    """Layer norm over the last axis in float64."""
+    x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w + b
+
+
 def gpu_available() -> bool:
     """A GPU MLX can run on (Metal or CUDA); then it is MLX's default device."""
     return mx.metal.is_available() or mx.cuda.is_available()

@@ -119,3 +119,48 @@ def test_blas_threads_divide_the_cores(monkeypatch):
         model.extract_features(x)
         assert calls[-1] == expected
     assert cpu_runner.streams() == 1  # one core: no split by default
+
+
+@pytest.fixture
+def cache_limit():
+    """Run with MLX's default CPU buffer cache (32 MB) and aim-mlx's raise not yet done; restore
+    both afterwards. Yields a function that runs the blocks and returns the limit then set."""
+    from aim_mlx.models.aim import ModelArgs, Trunk
+
+    blocks = Trunk(ModelArgs(embed_dim=64, num_blocks=1, num_heads=4, probe_layers=(0,))).blocks
+    before = mx.set_cache_limit(32 << 20)
+    cpu_runner._raise_cache_limit.cache_clear()
+
+    def limit_after_forward() -> int:
+        mx.eval(cpu_runner.run_blocks(blocks, mx.zeros((1, 4, 64))))
+        limit = mx.set_cache_limit(32 << 20)
+        mx.set_cache_limit(limit)
+        return limit
+
+    yield limit_after_forward
+    mx.set_cache_limit(before)
+    cpu_runner._raise_cache_limit.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "setting, expected_mb",
+    [(None, cpu_runner.CACHE_MB), ("2048", 2048), ("16", 32), ("off", 32)],
+)
+def test_buffer_cache_raised_once(monkeypatch, cache_limit, setting, expected_mb):
+    """The first forward pass raises MLX's buffer cache limit (never lowers it); `off` keeps
+    MLX's own."""
+    if setting is None:
+        monkeypatch.delenv(cpu_runner.CACHE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(cpu_runner.CACHE_ENV, setting)
+    assert cache_limit() == expected_mb << 20
+    mx.set_cache_limit(8 << 20)  # a user's own setting after the first forward pass stays
+    assert cache_limit() == 8 << 20
+
+
+def test_buffer_cache_setting_checked(monkeypatch, cache_limit):
+    from aim_mlx.errors import OptionError
+
+    monkeypatch.setenv(cpu_runner.CACHE_ENV, "1GB")
+    with pytest.raises(OptionError, match="AIM_MLX_CPU_CACHE_MB='1GB': expected a whole number"):
+        cache_limit()

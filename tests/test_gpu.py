@@ -16,6 +16,7 @@ from conftest import (
     convert_fixture,
     float32_bound,
     gelu64,
+    layer_norm64,
     rel_err,
     to_np,
 )
@@ -93,12 +94,6 @@ def test_fused_attention(n_query, dtype, bound):
     assert rel_err(to_np(out), ref) < (float32_bound(bound) if dtype == "float32" else bound)
 
 
-def layer_norm_f64(x, w, b, eps) -> np.ndarray:
-    x, w, b = (np.asarray(a, np.float64) for a in (x, w, b))
-    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * w + b
-
-
 def test_gelu_and_layer_norm_kernels_against_float64():
     # MLX's kernels on Metal, aim-mlx's own on CUDA (unless AIM_MLX_CUDA_KERNELS=off).
     x = mx.random.normal((4099,), key=mx.random.key(4)) * 4  # not a whole number of vectors
@@ -110,7 +105,7 @@ def test_gelu_and_layer_norm_kernels_against_float64():
     w = mx.random.normal((256,), key=mx.random.key(6))
     b = mx.random.normal((256,), key=mx.random.key(7))
     out = np.array(ops.layer_norm(rows, w, b, 1e-6))
-    assert np.abs(out - layer_norm_f64(rows, w, b, 1e-6)).max() < 1e-5
+    assert np.abs(out - layer_norm64(rows, w, b, 1e-6)).max() < 1e-5
 
 
 cuda_only = pytest.mark.skipif(
@@ -138,7 +133,7 @@ def test_cuda_layer_norm_in_half_precision(dtype):
     x = (mx.random.normal((5, 7, 1536), key=mx.random.key(9)) * 2 + 3).astype(t)
     w = mx.random.normal((1536,), key=mx.random.key(10)).astype(t)
     b = mx.random.normal((1536,), key=mx.random.key(11)).astype(t)
-    exact = layer_norm_f64(to_np(x), to_np(w), to_np(b), 1e-6)
+    exact = layer_norm64(to_np(x), to_np(w), to_np(b), 1e-6)
     out = to_np(cuda.layer_norm(x, w, b, 1e-6))
     # float32 inside, one rounding of the output; the statistics' own error is far below it
     assert np.all(np.abs(out - exact) <= 2 * HALF_ULP[dtype] * np.abs(exact) + 1e-3)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import REF, build_reference_model, gelu64, rel_err, to_np
+from conftest import REF, build_reference_model, gelu64, layer_norm64, rel_err, to_np
 
 from aim_mlx.models import ops
 
@@ -76,6 +76,26 @@ def test_exp_neg_approx_error_bound():
         near = x >= -1.0
         assert (np.abs(out - ref)[near] / ref[near]).max() <= 5e-7
         assert out.min() >= 0.0 and out[-1] == 0.0 and out[x == 0.0][0] == 1.0
+
+
+@pytest.mark.parametrize("width", [1536, 7])
+@pytest.mark.parametrize("mean, std", [(5.0, 3.0), (100.0, 1.0)])
+def test_layer_norm_against_float64(width, mean, std):
+    keys = mx.random.split(mx.random.key(3), 3)
+    x = mx.random.normal((2, 32, width), key=keys[0]) * std + mean
+    w, b = (mx.random.normal((width,), key=k) for k in keys[1:])
+    out = to_np(ops.layer_norm(x, w, b, 1e-6))
+    # float32 rounding of the row means, relative to the spread they are subtracted from
+    bound = 8e-6 * (1 + mean / std)
+    assert np.abs(out - layer_norm64(to_np(x), to_np(w), to_np(b), 1e-6)).max() <= bound
+
+
+def test_layer_norm_keeps_other_dtypes_exact():
+    x = mx.random.normal((4, 64), key=mx.random.key(4)).astype(mx.float16)
+    w, b = mx.ones((64,), mx.float16), mx.zeros((64,), mx.float16)
+    np.testing.assert_array_equal(
+        to_np(ops.layer_norm(x, w, b, 1e-6)), to_np(mx.fast.layer_norm(x, w, b, 1e-6))
+    )
 
 
 def attention64(q, k, v, scale):

@@ -11,6 +11,12 @@ blocks run on `streams()` CPU streams at once, with the BLAS on cores // streams
 
 Half-precision and quantized weights are widened once per block (`Block.widened`) for all streams.
 
+MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; every larger buffer (a layer's
+widened weights, a batch's activations) then comes fresh from the operating system, and its pages
+are faulted in again on every use. The first forward pass raises that cache limit to
+`AIM_MLX_CPU_CACHE_MB` (default 1024; `off` keeps MLX's; a higher limit already set is kept).
+It bounds what the cache may hold, not what is allocated: the peak memory does not change.
+
 Settings, read each time a forward pass is built: `AIM_MLX_CPU_STREAMS` (default 2 where there
 are several cores; 1 turns the split off) and `AIM_MLX_CPU_CORES` (the cores this process may use;
 default all of them; a launcher that runs several processes on one machine divides them).
@@ -24,9 +30,13 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .. import blas
+from ..errors import OptionError
+from ..runtime import switched_off
 
 STREAMS_ENV = "AIM_MLX_CPU_STREAMS"
 CORES_ENV = "AIM_MLX_CPU_CORES"
+CACHE_ENV = "AIM_MLX_CPU_CACHE_MB"
+CACHE_MB = 1024
 
 
 def cores() -> int:
@@ -38,6 +48,26 @@ def streams() -> int:
     """How many CPU streams the blocks run on (`AIM_MLX_CPU_STREAMS`; default 2, 1 on one core)."""
     default = "2" if cores() > 1 else "1"
     return max(1, int(os.environ.get(STREAMS_ENV) or default))
+
+
+def cache_mb() -> int | None:
+    """The buffer cache `AIM_MLX_CPU_CACHE_MB` asks for, in MB (None: "off", leave MLX's)."""
+    if switched_off(CACHE_ENV):
+        return None
+    value = os.environ.get(CACHE_ENV, "").strip() or str(CACHE_MB)
+    if not value.isdigit():
+        raise OptionError(f"{CACHE_ENV}={value!r}: expected a whole number of MB, or 'off'")
+    return int(value)
+
+
+@lru_cache(maxsize=1)
+def _raise_cache_limit() -> None:
+    """Once per process: MLX's buffer cache to at least `cache_mb()` MB."""
+    mb = cache_mb()
+    if mb is not None:
+        previous = mx.set_cache_limit(mb << 20)
+        if previous > mb << 20:
+            mx.set_cache_limit(previous)
 
 
 @lru_cache(maxsize=4)
@@ -55,6 +85,7 @@ def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     The BLAS thread count is process-wide: it is set here to cores // streams, the same for
     every forward pass under the same settings, so the graphs built before an evaluation agree.
     """
+    _raise_cache_limit()
     n = min(streams(), x.shape[1])
     default = n == 1 and not os.environ.get(CORES_ENV)  # OPENBLAS_NUM_THREADS or all cores
     blas.set_threads(None if default else max(1, cores() // n))

@@ -6,8 +6,10 @@ are used as they are, except that on CUDA GELU and layer norm are this project's
 which move data at nearer the card's bandwidth) and each residual addition is done by the matmul
 before it. On MLX's CPU backend erf and exp are scalar library calls that cost more
 than the matmuls around them, so there they are rebuilt from plain arithmetic (which
-`mx.compile` fuses into one vectorised loop) with a tested error bound, and the blocks run
-through `cpu_runner`, which spreads the work over CPU streams (measured in benchmarks/README.md).
+`mx.compile` fuses into one vectorised loop, as long as no maximum or minimum is inside it) with
+a tested error bound; row sums go to the BLAS, faster than MLX's CPU reductions; and the blocks
+run through `cpu_runner`, which spreads the work over CPU streams (measured in
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -142,21 +144,27 @@ GELU_Q = tuple(c / 2**i for i, c in enumerate(ERF_Q))
 GELU_CLAMP = ERF_CLAMP * math.sqrt(2)
 
 
-def gelu_approx(x: mx.array) -> mx.array:
-    """Exact-form GELU, x Phi(x), with the erf of `erf_approx`: |error| <= 1e-6 max(1, |x|).
-
-    Written as (0.5 x Q + x t P) / Q so that its longest chain is 11 operations: `mx.compile`
-    makes it one kernel, a single pass over the activations. Below -GELU_CLAMP (-5.66, where
-    GELU is above -5e-8) x is clamped too, so large negative inputs give |GELU| < 3e-7.
-    """
-    t = mx.clip(x, -GELU_CLAMP, GELU_CLAMP)
+def _gelu_rational(x: mx.array, t: mx.array) -> mx.array:
+    # x Phi(x) for x >= -GELU_CLAMP, given t = min(x, GELU_CLAMP): 11 dependent operations
     s = t * t
     q = _poly6(GELU_Q, s)
-    x = mx.maximum(x, -GELU_CLAMP)
     return ((x * t) * _poly6(GELU_P, s) + (0.5 * x) * q) / q
 
 
-_gelu_compiled = mx.compile(gelu_approx)
+_gelu_rational_compiled = mx.compile(_gelu_rational)
+
+
+def gelu_approx(x: mx.array, rational=_gelu_rational) -> mx.array:
+    """Exact-form GELU, x Phi(x), with the erf of `erf_approx`: |error| <= 1e-6 max(1, |x|).
+
+    Written as (0.5 x Q + x t P) / Q so that its longest chain is 11 operations: `mx.compile`
+    makes `rational` one kernel, a single pass over the activations. The clamps run before it,
+    as MLX's own kernels: inside a compiled kernel a maximum or minimum is scalar code that keeps
+    the compiler from vectorising the loop. Below -GELU_CLAMP (-5.66, where GELU is above
+    -5e-8) x is clamped too, so large negative inputs give |GELU| < 3e-7.
+    """
+    x = mx.maximum(x, -GELU_CLAMP)
+    return rational(x, mx.minimum(x, GELU_CLAMP))
 
 
 def gelu(x: mx.array) -> mx.array:
@@ -166,15 +174,21 @@ def gelu(x: mx.array) -> mx.array:
         return cuda.gelu(x)
     if on_gpu() or x.dtype != mx.float32 or not can_compile():
         return nn.gelu(x)
-    return _gelu_compiled(x)
+    return gelu_approx(x, _gelu_rational_compiled)
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """Layer norm over x's last axis, weight and bias in x's dtype: MLX's kernel, or on CUDA
-    this project's (`cuda.layer_norm`) where the rows fit it."""
+    """Layer norm over x's last axis, weight and bias in x's dtype: MLX's kernel, on CUDA this
+    project's (`cuda.layer_norm`) where the rows fit it, on the CPU in float32 with the row
+    sums done by the BLAS."""
     if cuda_kernels() and x.size and cuda.layer_norm_fits(x):
         return cuda.layer_norm(x, weight, bias, eps)
-    return mx.fast.layer_norm(x, weight, bias, eps)
+    if on_gpu() or x.dtype != mx.float32:
+        return mx.fast.layer_norm(x, weight, bias, eps)
+    # MLX's CPU reductions are scalar loops; row sums as a product with ones go to the BLAS.
+    ones = mx.ones((x.shape[-1], 1), x.dtype)
+    xc = x - (x @ ones) / x.shape[-1]
+    return xc * mx.rsqrt((xc * xc) @ ones / x.shape[-1] + eps) * weight + bias
 
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
@@ -219,8 +233,8 @@ EXP_FLOOR = -32.0  # exp(-32) = 1.3e-14: anything below it is 0 to float32 softm
 
 
 def _expm1_small(x: mx.array, scale: float) -> mx.array:
-    # t = x * scale / 32 in [-1, 0]; returns exp(t) - 1 (9 dependent operations)
-    t = mx.maximum(x * (scale * 0.5**EXP_SQUARINGS), EXP_FLOOR * 0.5**EXP_SQUARINGS)
+    # x * scale / 32 = t in [EXP_FLOOR / 32, 0]; returns exp(t) - 1 (7 dependent operations)
+    t = x * (scale * 0.5**EXP_SQUARINGS)
     return t * _poly6(EXPM1_P, t)
 
 
@@ -235,24 +249,27 @@ def exp_neg_approx(x: mx.array, scale: float = 1.0) -> mx.array:
     """exp(x * scale) for x * scale <= 0, from plain arithmetic: absolute error <= 2.5e-7.
 
     Squares exp(x / 32) five times, carried as r = exp(.) - 1 (r <- r (2 + r)) so that no
-    rounding near 1 is amplified; softmax only needs this absolute accuracy. Two fused kernels
-    on the CPU (see `_poly6` on depth); tested in tests/test_ops.py.
+    rounding near 1 is amplified; softmax only needs this absolute accuracy. On the CPU: the
+    clamp at EXP_FLOOR in MLX's own kernel (see `gelu_approx`), then two fused kernels (see
+    `_poly6` on depth); tested in tests/test_ops.py.
     """
+    x = mx.maximum(x, EXP_FLOOR / scale)
     return _square_up(_expm1_small(x, scale))
 
 
 @lru_cache(maxsize=32)
 def _compiled_exp(scale: float):
-    small = mx.compile(lambda s, m: _expm1_small(s - m, scale))
+    small = mx.compile(lambda d: _expm1_small(d, scale))
     square = mx.compile(_square_up)
-    return lambda s, m: square(small(s, m))
+    return lambda s, m: square(small(mx.maximum(s - m, EXP_FLOOR / scale)))
 
 
 def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     s = q @ k.swapaxes(-1, -2)  # (B, H, Nq, Nk), unscaled
     e = _compiled_exp(scale)(s, s.max(-1, keepdims=True))  # exp((s - max) * scale)
-    # Normalise after the product with v: a pass over (Nq, head_dim) instead of (Nq, Nk).
-    return (e @ v) / e.sum(-1, keepdims=True)
+    # Normalise after the product with v: a pass over (Nq, head_dim) instead of (Nq, Nk). The
+    # row sums as a product with ones: the BLAS is faster at them than MLX's CPU reduction.
+    return (e @ v) / (e @ mx.ones((e.shape[-1], 1), e.dtype))
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
