@@ -15,7 +15,8 @@ MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; every larger bu
 widened weights, a batch's activations) then comes fresh from the operating system, and its pages
 are faulted in again on every use. The first forward pass raises that cache limit to
 `AIM_MLX_CPU_CACHE_MB` (default 1024; `off` keeps MLX's; a higher limit already set is kept).
-It bounds what the cache may hold, not what is allocated: the peak memory does not change.
+It bounds what the cache may hold, not what is allocated: MLX's peak memory does not change,
+while the process may keep up to that much more resident between passes.
 
 Settings, read each time a forward pass is built: `AIM_MLX_CPU_STREAMS` (default 2 where there
 are several cores; 1 turns the split off) and `AIM_MLX_CPU_CORES` (the cores this process may use;
