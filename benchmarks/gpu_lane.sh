@@ -4,6 +4,7 @@
 # On the borrowed GPU machine, from the project's root, after `eval "$(bash .gpu/bootstrap.sh)"`
 # (the exact calls: benchmarks/gpu_lane_commands.md). LANE_SMOKE=1 runs a small version of it
 # anywhere (the GPU tests and the benchmark's --smoke), which is how tests check this script.
+# Where nvidia-smi is found, the card's clocks are logged during the benchmark (gpu_clocks.csv).
 #   LANE_TEST_TIMEOUT   seconds for the test suite (default 300)
 #   LANE_BENCH_SECONDS  seconds for the benchmark (default 190; it stops starting new work 25 s
 #                       before, and keeps what it measured)
@@ -54,8 +55,17 @@ if [[ " $PARTS " == *" bench "* ]]; then
   [ "$SMOKE" = 1 ] && args+=(--smoke)
   read -r -a extra <<< "${LANE_BENCH_ARGS:-}"
   args+=("${extra[@]}")
+  clocks=""
+  if command -v nvidia-smi > /dev/null; then
+    # The card's clocks, power and throttling every 0.5 s while the benchmark runs: does it hold
+    # its clocks under sustained load?
+    fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active
+    nvidia-smi --query-gpu="$fields" --format=csv -lms 500 > "$OUT/gpu_clocks.csv" 2>&1 &
+    clocks=$!
+  fi
   timeout "$seconds" $PY benchmarks/vs_pytorch_gpu.py "${args[@]}" > "$OUT/bench.log" 2>&1
   rc=$?
+  if [ -n "$clocks" ]; then kill "$clocks" 2> /dev/null; wait "$clocks" 2> /dev/null; fi
   echo "benchmark exit status: $rc" >> "$OUT/bench.log"
   if [ -f "$OUT/vs_pytorch_gpu.md" ]; then cat "$OUT/vs_pytorch_gpu.md"; else tail -n 20 "$OUT/bench.log"; fi
   [ "$rc" = 0 ] || status=1

@@ -227,7 +227,14 @@ def test_signal_during_cli_conversion_leaves_nothing(tmp_path, sig):
                     {str(HEAD_LAST)!r}, "--num-heads", "4", "--out", {str(tmp_path / "out")!r}]
         main()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    # Started as from a terminal: a shell's background job inherits SIGINT ignored, and Python
+    # then installs no Ctrl-C handler at all.
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.returncode == 128 + sig, proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []

@@ -17,11 +17,26 @@ ROOT = Path(__file__).parent.parent
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_lane_smoke_writes_its_results(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "LANE_SMOKE": "1", "PYTHON": sys.executable}
+    # A stand-in nvidia-smi: the lane logs the card's clocks while the benchmark runs.
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *--query-gpu=*)\n'
+        '  echo "timestamp, clocks.current.sm [MHz]"\n'
+        '  while :; do echo "2026/11/28 00:00:00.000, 1980 MHz"; sleep 0.2; done;;\n'
+        "esac\n"
+        "echo 'stand-in GPU'\n"
+    )
+    fake.chmod(0o755)
+    path = f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "OUT": str(out), "LANE_SMOKE": "1", "PYTHON": sys.executable, "PATH": path}
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lane.sh")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     assert "mlx_version" in (out / "machine.txt").read_text()
+    clocks = (out / "gpu_clocks.csv").read_text().splitlines()
+    assert clocks[0].startswith("timestamp") and "1980 MHz" in clocks[1]
 
     suite = ET.parse(out / "pytest.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0 and suite.get("failures") == suite.get("errors") == "0"
