@@ -205,6 +205,7 @@ def environment() -> dict:
         "aim_mlx_version": __version__,
         "blas": blas.describe(),
         "cpu_streams": None if ops.on_gpu() else cpu_runner.streams(),
+        "cpu_buffer_cache": None if ops.on_gpu() else cpu_runner.describe_cache(),
     }
 
 

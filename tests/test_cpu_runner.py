@@ -158,6 +158,16 @@ def test_buffer_cache_raised_once(monkeypatch, cache_limit, setting, expected_mb
     assert cache_limit() == 8 << 20
 
 
+def test_buffer_cache_shown_by_info(monkeypatch):
+    from aim_mlx import bench
+
+    monkeypatch.delenv(cpu_runner.CACHE_ENV, raising=False)
+    shown = bench.environment()["cpu_buffer_cache"]
+    assert shown == "at least 1024 MB, from the first forward pass"
+    monkeypatch.setenv(cpu_runner.CACHE_ENV, "off")
+    assert bench.environment()["cpu_buffer_cache"] == "MLX's own (AIM_MLX_CPU_CACHE_MB=off)"
+
+
 def test_buffer_cache_setting_checked(monkeypatch, cache_limit):
     from aim_mlx.errors import OptionError
 

@@ -61,6 +61,14 @@ def cache_mb() -> int | None:
     return int(value)
 
 
+def describe_cache() -> str:
+    """One line for `aim-mlx info` and `bench`: the buffer cache limit the CPU path asks for."""
+    mb = cache_mb()
+    if mb is None:
+        return f"MLX's own ({CACHE_ENV}=off)"
+    return f"at least {mb} MB, from the first forward pass"
+
+
 @lru_cache(maxsize=1)
 def _raise_cache_limit() -> None:
     """Once per process: MLX's buffer cache to at least `cache_mb()` MB."""
