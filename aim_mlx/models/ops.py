@@ -177,6 +177,12 @@ def gelu(x: mx.array) -> mx.array:
     return gelu_approx(x, _gelu_rational_compiled)
 
 
+def _row_sums(x: mx.array) -> mx.array:
+    """Sums over x's last axis, kept as an axis of 1: a product with ones, which the BLAS does
+    faster than MLX's CPU reduction (a scalar loop)."""
+    return x @ mx.ones((x.shape[-1], 1), x.dtype)
+
+
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     """Layer norm over x's last axis, weight and bias in x's dtype: MLX's kernel, on CUDA this
     project's (`cuda.layer_norm`) where the rows fit it, on the CPU in float32 with the row
@@ -185,10 +191,8 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
         return cuda.layer_norm(x, weight, bias, eps)
     if on_gpu() or x.dtype != mx.float32:
         return mx.fast.layer_norm(x, weight, bias, eps)
-    # MLX's CPU reductions are scalar loops; row sums as a product with ones go to the BLAS.
-    ones = mx.ones((x.shape[-1], 1), x.dtype)
-    xc = x - (x @ ones) / x.shape[-1]
-    return xc * mx.rsqrt((xc * xc) @ ones / x.shape[-1] + eps) * weight + bias
+    xc = x - _row_sums(x) / x.shape[-1]
+    return xc * mx.rsqrt(_row_sums(xc * xc) / x.shape[-1] + eps) * weight + bias
 
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
@@ -267,9 +271,8 @@ def _compiled_exp(scale: float):
 def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     s = q @ k.swapaxes(-1, -2)  # (B, H, Nq, Nk), unscaled
     e = _compiled_exp(scale)(s, s.max(-1, keepdims=True))  # exp((s - max) * scale)
-    # Normalise after the product with v: a pass over (Nq, head_dim) instead of (Nq, Nk). The
-    # row sums as a product with ones: the BLAS is faster at them than MLX's CPU reduction.
-    return (e @ v) / (e @ mx.ones((e.shape[-1], 1), e.dtype))
+    # Normalise after the product with v: a pass over (Nq, head_dim) instead of (Nq, Nk).
+    return (e @ v) / _row_sums(e)
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
