@@ -1,5 +1,5 @@
-"""The CPU runner: splitting the batch or the tokens over CPU streams changes nothing but where
-the work runs. Pinned to the CPU, where the runner is used."""
+"""The CPU runner: splitting the batch, or every block's work, over CPU streams changes nothing
+but where the work runs. Pinned to the CPU, where the runner is used."""
 
 import mlx.core as mx
 import numpy as np
@@ -12,22 +12,24 @@ pytestmark = pytest.mark.usefixtures("pin_cpu")
 
 
 def spy_on_streams(monkeypatch) -> list:
-    """Record the stream every block step is built on."""
+    """Record the stream each whole block and each shard's attention is built on:
+    (what, stream, input shape, heads)."""
     from aim_mlx.models.aim import Block
 
     seen = []
-    for name in ("__call__", "queries_keys_values"):
+    for name in ("__call__", "attention"):
         original = getattr(Block, name)
 
-        def spy(self, x, *rest, _original=original, _name=name):
-            seen.append((_name, str(mx.default_stream(mx.cpu)), x.shape))
-            return _original(self, x, *rest)
+        def spy(self, x, _original=original, _name=name):
+            stream = str(mx.default_stream(mx.cpu))
+            seen.append((_name, stream, x.shape, self.attn.num_heads))
+            return _original(self, x)
 
         monkeypatch.setattr(Block, name, spy)
     return seen
 
 
-@pytest.mark.parametrize("batch", [2, 3])
+@pytest.mark.parametrize("batch", [2, 9])
 def test_batch_split_over_cpu_streams(monkeypatch, batch):
     model = build_reference_model("last")
     x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(7))
@@ -37,8 +39,8 @@ def test_batch_split_over_cpu_streams(monkeypatch, batch):
     monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
     seen = spy_on_streams(monkeypatch)
     split = to_np(model(x))
-    # Every block ran on two streams, on the batch's two shares (uneven for 3: 1 + 2).
-    calls = [s for s in seen if s[0] == "__call__"]  # whole blocks, not token steps
+    # Every block ran whole on two streams, on the batch's two shares (uneven for 9: 4 + 5).
+    calls = [s for s in seen if s[0] == "__call__"]
     assert len(calls) == 2 * 8 and len({s[1] for s in calls}) == 2
     assert sorted({s[2][0] for s in calls}) == sorted({batch // 2, batch - batch // 2})
     assert split.shape == (batch, 1000)
@@ -46,33 +48,53 @@ def test_batch_split_over_cpu_streams(monkeypatch, batch):
     assert rel_err(split, whole) <= 1e-5 and rel_err(split, one_by_one) <= 1e-5
 
 
-def test_token_split_for_one_image(monkeypatch):
-    """One image: the tokens over two CPU streams give the same features and logits, whether
-    through `model(x)` or `extract_features`."""
+@pytest.mark.parametrize("streams", [2, 3])
+def test_block_shards_for_one_image(monkeypatch, streams):
+    """One image: each stream computes its shard of every block (its heads, its share of the
+    features), and the features and logits are the same, through `model(x)` or
+    `extract_features`; 3 streams share 4 heads and 64 features unevenly."""
     model = build_reference_model("best")
     x = mx.array(np.load(REF / "input_252x196.npy"))  # 18 x 14 patches: 252 tokens
     ref = np.load(REF / "logits_best_252x196.npy")
     monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
     whole = model.extract_features(x, max_block_id=-1)
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", str(streams))
     seen = spy_on_streams(monkeypatch)
     split = model.extract_features(x, max_block_id=-1)
-    assert {s[0] for s in seen} == {"queries_keys_values"}  # token steps, not whole blocks
-    assert len(seen) == 2 * 8 and {s[2][1] for s in seen} == {126}
-    assert len({s[1] for s in seen}) == 2
+    assert {s[0] for s in seen} == {"attention"}  # shards' steps, never a whole block
+    assert len(seen) == streams * 8 and {s[2] for s in seen} == {(1, 252, 64)}
+    assert len({s[1] for s in seen}) == streams
+    heads = [s[3] for s in seen[:streams]]
+    assert sum(heads) == 4 and max(heads) - min(heads) <= 1
     seen.clear()
     logits = to_np(model(x))
-    assert {s[0] for s in seen} == {"queries_keys_values"} and len(seen) == 2 * 7
+    assert {s[0] for s in seen} == {"attention"} and len(seen) == streams * 7
     assert len(split) == len(whole) == 8
     for a, b in zip(split, whole, strict=True):
         assert a.shape == b.shape and rel_err(to_np(a), to_np(b)) <= 1e-5
     assert rel_err(logits, ref) <= 1e-4
 
 
+def test_uneven_small_batch_is_sharded(monkeypatch):
+    """Three images on two streams: shards of every block (not 2 + 1 images, which would leave
+    a stream idle for a third of the time)."""
+    model = build_reference_model("last")
+    x = mx.random.normal((3, 3, 224, 224), key=mx.random.key(9))
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
+    whole = to_np(model(x))
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
+    seen = spy_on_streams(monkeypatch)
+    split = to_np(model(x))
+    assert {s[0] for s in seen} == {"attention"} and {s[2][0] for s in seen} == {3}
+    assert rel_err(split, whole) <= 1e-5
+
+
 @pytest.mark.parametrize("quantize", [False, True], ids=["float16", "4-bit"])
-def test_narrow_weights_widened_once_per_block(monkeypatch, quantize):
-    """Half-precision or quantized weights: widened once per block for both streams, and the
-    split forward equals the one-stream forward."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_narrow_weights_widened_once_per_block(monkeypatch, quantize, batch):
+    """Half-precision or quantized weights: widened once per block, for both streams (batch
+    split) or a share on each stream (shards), and the split forward equals the one-stream
+    forward."""
     import mlx.nn as nn
 
     from aim_mlx.models.aim import Linear
@@ -86,21 +108,42 @@ def test_narrow_weights_widened_once_per_block(monkeypatch, quantize):
             bits=4,
             class_predicate=lambda p, m: ".blocks." in p and isinstance(m, Linear),
         )
-    x = mx.random.normal((2, 3, 224, 224), key=mx.random.key(8))
+    x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(8))
     monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
     whole = to_np(model(x))
     widened = []
     original = Linear.of.__func__
 
     def count(cls, weight):
-        widened.append(weight.shape)
+        if weight.dtype == mx.float32:  # a widened weight (not a float16 share taken from one)
+            widened.append(weight.shape)
         return original(cls, weight)
 
     monkeypatch.setattr(Linear, "of", classmethod(count))
     monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
     split = to_np(model(x))
-    assert len(widened) == 4 * 7  # qkv, proj, fc1, fc2 of blocks 0..6, once each
+    layers = [(3 * 64, 64), (64, 64), (256, 64), (64, 256)]  # qkv, proj, fc1, fc2
+    if batch == 2:  # whole layers, once each, in blocks 0..6
+        assert widened == layers * 7
+    else:  # each stream its shares: half of the rows of each layer (qkv's in three pieces)
+        shares = [(32, 64)] * 3 + [(32, 64), (128, 64), (32, 256)]
+        assert sorted(widened) == sorted(shares * 2 * 7)
     assert rel_err(split, whole) <= 1e-5
+
+
+def test_rows_of_a_layer():
+    """`rows` keeps exactly the chosen output features, in order, for dense and quantized
+    layers; `share` cuts a range into consecutive parts that cover it."""
+    from aim_mlx.models.aim import Linear, QuantizedLinear, share
+
+    x = mx.random.normal((5, 64), key=mx.random.key(1))
+    dense = Linear.of(mx.random.normal((12, 64), key=mx.random.key(2)))
+    for layer in (dense, QuantizedLinear.from_linear(dense, group_size=32, bits=4)):
+        picked = np.array(layer.rows((1, 4), (9, 11))(x))
+        assert picked.shape == (5, 5)
+        assert rel_err(picked, np.array(layer(x))[:, [1, 2, 3, 9, 10]]) <= 1e-6
+    assert [share(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    assert [share(4, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 4)]
 
 
 def test_blas_threads_divide_the_cores(monkeypatch):

@@ -160,10 +160,14 @@ class _Observed(nn.Module):
 
     def widened(self, dtype):  # as the layer it wraps (see `Block.widened`)
         wide = self.layer.widened(dtype)
-        if wide is self.layer:
-            return self
+        return self if wide is self.layer else self._around(wide)
+
+    def rows(self, *spans):  # as the layer it wraps (see `Block.shard`)
+        return self._around(self.layer.rows(*spans))
+
+    def _around(self, layer):
         in_kind, out_kind = self._kinds
-        return _Observed(wide, self._see, self._block, out_kind, in_kind)
+        return _Observed(layer, self._see, self._block, out_kind, in_kind)
 
 
 def _observation_points(model) -> list[tuple[nn.Module, str, int, str, str | None]]:

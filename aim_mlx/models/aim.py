@@ -111,6 +111,18 @@ def _matmul(x: mx.array, weight: mx.array, add: mx.array | None) -> mx.array:
     return mx.addmm(add, x, weight.T) if ops.fused_residual() else add + x @ weight.T
 
 
+def _rows(one_span, spans) -> nn.Module:
+    """A layer computing the output features in `spans` ((start, stop) ranges), in order, from
+    `one_span(start, stop)`, the layer of one range (row views of the weights)."""
+    parts = [one_span(start, stop) for start, stop in spans]
+    return parts[0] if len(parts) == 1 else Concatenated(parts)
+
+
+def share(size: int, i: int, n: int) -> tuple[int, int]:
+    """The i-th of n near-equal consecutive parts of range(size), as (start, stop)."""
+    return size * i // n, size * (i + 1) // n
+
+
 class Linear(nn.Linear):
     """A bias-free linear layer whose stored weights may be narrower than the activations.
 
@@ -137,6 +149,10 @@ class Linear(nn.Linear):
     def widened(self, dtype: mx.Dtype) -> Linear:
         """This layer with its weight already in `dtype` (itself if it is)."""
         return self if self.weight.dtype == dtype else Linear.of(self.weight_as(dtype))
+
+    def rows(self, *spans: tuple[int, int]) -> nn.Module:
+        """The layer that computes only the output features in `spans`, (start, stop) ranges."""
+        return _rows(lambda start, stop: Linear.of(self.weight[start:stop]), spans)
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         return _matmul(x, self.weight_as(x.dtype), add)
@@ -165,6 +181,18 @@ class QuantizedLinear(nn.QuantizedLinear):
     def widened(self, dtype: mx.Dtype) -> nn.Module:
         return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
 
+    def rows(self, *spans: tuple[int, int]) -> nn.Module:
+        """The layer that computes only the output features in `spans`, (start, stop) ranges."""
+
+        def one_span(start: int, stop: int) -> QuantizedLinear:
+            layer = copy.copy(self)
+            for name in ("weight", "scales", "biases"):
+                if self.get(name) is not None:
+                    layer[name] = self[name][start:stop]
+            return layer
+
+        return _rows(one_span, spans)
+
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         if not ops.quantized_kernels():
             return _matmul(x, self.weight_as(x.dtype), add)
@@ -185,6 +213,24 @@ class QuantizedLinear(nn.QuantizedLinear):
         ql = cls(in_dims, out_dims, bias=False, group_size=group_size, bits=bits)
         ql.weight, ql.scales, ql.biases = mx.quantize(linear.weight, group_size, bits)
         return ql
+
+
+class Concatenated(nn.Module):
+    """Linear layers side by side: their outputs concatenated (`Linear.rows` of several ranges,
+    which multiplies each range where it lies rather than copying them into one weight)."""
+
+    def __init__(self, parts: list):
+        super().__init__()
+        self.parts = parts
+
+    def widened(self, dtype: mx.Dtype) -> Concatenated:
+        wide = [p.widened(dtype) for p in self.parts]
+        same = all(w is p for w, p in zip(wide, self.parts, strict=True))
+        return self if same else Concatenated(wide)
+
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        out = mx.concatenate([p(x) for p in self.parts], axis=-1)
+        return out if add is None else add + out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -253,14 +299,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, add: mx.array | None = None):
-        # softmax(q k^T / sqrt(head_dim)) v, heads merged and projected (+ add): (B, Nq, D)
+    def mix(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        # softmax(q k^T / sqrt(head_dim)) v, heads merged: (B, Nq, H * head_dim)
         out = ops.attention(q, k, v, self.scale)  # (B, H, Nq, head_dim)
         B, H, N, hd = out.shape
-        return self.proj(out.transpose(0, 2, 1, 3).reshape(B, N, H * hd), add)
+        return out.transpose(0, 2, 1, 3).reshape(B, N, H * hd)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.attend(*self.project(x))
+        return self.proj(self.mix(*self.project(x)))
 
 
 class MLP(nn.Module):
@@ -269,16 +315,15 @@ class MLP(nn.Module):
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
 
+    def hidden(self, x: mx.array) -> mx.array:
+        return ops.gelu(self.fc1(x))
+
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        return self.fc2(ops.gelu(self.fc1(x)), add)
+        return self.fc2(self.hidden(x), add)
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm_1(x)), then x + mlp(norm_2(x)).
-
-    Split in two steps so that a runner can apply it to parts of the tokens: `queries_keys_values`
-    (per token) and `update` (each token's attention over all keys and values, then its MLP).
-    """
+    """Pre-norm transformer block: x + attn(norm_1(x)), then x + mlp(norm_2(x))."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -288,16 +333,35 @@ class Block(nn.Module):
         self.norm_2 = LayerNorm(D, eps=args.norm_eps)
         self.mlp = MLP(D, args.mlp_ratio * D)
 
-    def queries_keys_values(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        return self.attn.project(self.norm_1(x))
-
-    def update(self, x: mx.array, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """x's tokens after this block, given their queries and the keys and values they see."""
-        x = self.attn.attend(q, k, v, add=x)  # x + attention
-        return self.mlp(self.norm_2(x), add=x)  # x + MLP
+    def attention(self, x: mx.array) -> mx.array:
+        """Self-attention of norm_1(x), heads merged, before the output projection."""
+        return self.attn.mix(*self.attn.project(self.norm_1(x)))
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.update(x, *self.queries_keys_values(x))
+        x = self.attn.proj(self.attention(x), add=x)  # x + attention
+        return self.mlp(self.norm_2(x), add=x)  # x + MLP
+
+    def shard(self, i: int, n: int) -> Block:
+        """The i-th of n shares of this block's work (`share` of each size): heads i of n for
+        attention, and output features i of n of the projection, of fc1 (the hidden units)
+        and of fc2. Views of the weights' rows."""
+        D, H = self.attn.proj.weight.shape[0], self.attn.num_heads
+        first, last = share(H, i, n)
+        head_dim = D // H
+        q_k_v = [(j * D + first * head_dim, j * D + last * head_dim) for j in range(3)]
+        block = self._copy()
+        block.attn.num_heads = last - first
+        block.attn.qkv = self.attn.qkv.rows(*q_k_v)
+        block.attn.proj = self.attn.proj.rows(share(D, i, n))
+        block.mlp.fc1 = self.mlp.fc1.rows(share(self.mlp.fc1.weight.shape[0], i, n))
+        block.mlp.fc2 = self.mlp.fc2.rows(share(D, i, n))
+        return block
+
+    def _copy(self) -> Block:
+        """A shallow copy whose attention and MLP are copies too, for replacing their layers."""
+        block = copy.copy(self)
+        block.attn, block.mlp = copy.copy(self.attn), copy.copy(self.mlp)
+        return block
 
     def widened(self, dtype: mx.Dtype) -> Block:
         """This block with its matmul weights as `dtype` arrays, widened (or dequantized) once
@@ -308,9 +372,7 @@ class Block(nn.Module):
         }
         if all(wide[m, n] is getattr(self[m], n) for m, n in wide):
             return self
-        block = copy.copy(self)
-        for m in layers:
-            block[m] = copy.copy(self[m])
+        block = self._copy()
         for (m, n), layer in wide.items():
             block[m][n] = layer
         return block

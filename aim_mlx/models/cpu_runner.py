@@ -4,12 +4,14 @@ MLX runs each CPU stream's kernels on its own thread, and its element-wise kerne
 layer norms) are single-threaded: with one stream, all cores but one idle through them. So the
 blocks run on `streams()` CPU streams at once, with the BLAS on cores // streams threads each:
 
-- several images: each stream takes its share of the batch through every block;
-- one image: each stream takes its share of the tokens through the per-token steps of a block
-  (`Block.queries_keys_values`, `Block.update`), and every share's queries attend over the keys
-  and values of all shares: the one point per block where the streams wait for each other.
-
-Half-precision and quantized weights are widened once per block (`Block.widened`) for all streams.
+- a batch that divides evenly over the streams (or a large one): each stream takes its share of
+  the images through whole blocks; half-precision and quantized weights are widened once per
+  block (`Block.widened`) for all streams;
+- one image, or a few that do not divide evenly: each stream takes its share of every block's
+  work for all the images (`Block.shard`: its heads, its share of each layer's output
+  features), and widens only that share. The streams exchange their shares four times a block,
+  to give every matmul whole rows; each matmul then has all the tokens' rows, where the BLAS
+  runs faster per thread than on a share of the tokens.
 
 MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; every larger buffer (a layer's
 widened weights, a batch's activations) then comes fresh from the operating system, and its pages
@@ -33,11 +35,13 @@ import mlx.core as mx
 from .. import blas
 from ..errors import OptionError
 from ..runtime import switched_off
+from .aim import share
 
 STREAMS_ENV = "AIM_MLX_CPU_STREAMS"
 CORES_ENV = "AIM_MLX_CPU_CORES"
 CACHE_ENV = "AIM_MLX_CPU_CACHE_MB"
 CACHE_MB = 1024
+SHARDS_BELOW = 4  # images per stream: smaller batches that do not divide evenly are sharded
 
 
 def cores() -> int:
@@ -95,14 +99,16 @@ def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     every forward pass under the same settings, so the graphs built before an evaluation agree.
     """
     _raise_cache_limit()
-    n = min(streams(), x.shape[1])
+    n = min(streams(), blocks[0].attn.num_heads) if blocks else 1
     default = n == 1 and not os.environ.get(CORES_ENV)  # OPENBLAS_NUM_THREADS or all cores
     blas.set_threads(None if default else max(1, cores() // n))
+    batch = x.shape[0]
     if n < 2:
         return _one_stream(blocks, x)
-    if x.shape[0] >= n:  # each stream takes its share of the images through whole blocks
-        return _split(blocks, x, _new_streams(n), axis=0, step=_images_step)
-    return _split(blocks, x, _new_streams(n), axis=1, step=_tokens_step)
+    # An uneven split of a small batch would leave a stream idle for up to a third of the time.
+    if batch % n == 0 or batch >= SHARDS_BELOW * n:
+        return _by_images(blocks, x, _new_streams(n))
+    return _by_shards(blocks, x, _new_streams(n))
 
 
 def _one_stream(blocks, x: mx.array) -> list[mx.array]:
@@ -113,34 +119,57 @@ def _one_stream(blocks, x: mx.array) -> list[mx.array]:
     return outputs
 
 
-def _split(blocks, x: mx.array, streams: tuple, axis: int, step) -> list[mx.array]:
-    parts = mx.split(x, _bounds(x.shape[axis], len(streams)), axis=axis)
+def _by_images(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
+    parts = mx.split(x, _bounds(x.shape[0], len(streams)))
     outputs = []
     for block in blocks:
         with mx.stream(streams[0]):
             block = block.widened(x.dtype)  # narrow weights: widened once, for every stream
-        parts = step(block, parts, streams)
-        outputs.append(mx.concatenate(parts, axis=axis))  # lazy: only the probe layers are used
+        for i, (stream, part) in enumerate(zip(streams, parts, strict=True)):
+            with mx.stream(stream):
+                parts[i] = block(part)
+        outputs.append(mx.concatenate(parts))  # lazy: only the probe layers are used
     return outputs
 
 
-def _images_step(block, parts: list, streams: tuple) -> list[mx.array]:
-    out = []
-    for stream, part in zip(streams, parts, strict=True):
-        with mx.stream(stream):
-            out.append(block(part))
-    return out
+def _by_shards(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
+    xs = [x] * len(streams)  # every stream holds the whole activations
+    outputs = []
+    for block in blocks:
+        xs = _sharded_block(block, xs, streams)
+        outputs.append(xs[0])
+    return outputs
 
 
-def _tokens_step(block, parts: list, streams: tuple) -> list[mx.array]:
-    qkv = []
-    for stream, part in zip(streams, parts, strict=True):
+def _sharded_block(block, xs: list, streams: tuple) -> list[mx.array]:
+    """The steps of `Block.__call__`, each stream on its shard of the block; `join` gives every
+    stream the whole of a result from the streams' shares of its features."""
+    n, D = len(streams), xs[0].shape[-1]
+    on = list(zip(streams, range(n), strict=True))
+
+    def join(parts: list) -> list[mx.array]:
+        out = []
+        for stream, _ in on:
+            with mx.stream(stream):
+                out.append(mx.concatenate(parts, axis=-1))
+        return out
+
+    shards, heads = [], []
+    for stream, i in on:
         with mx.stream(stream):
-            qkv.append(block.queries_keys_values(part))  # each (B, H, n, head_dim)
-    out = []
-    for stream, part, (q, _, _) in zip(streams, parts, qkv, strict=True):
+            shards.append(block.shard(i, n).widened(xs[i].dtype))  # narrow weights: this share
+            heads.append(shards[i].attention(xs[i]))
+    heads, ys = join(heads), []
+    for stream, i in on:
         with mx.stream(stream):
-            k = mx.concatenate([t[1] for t in qkv], axis=2)  # every token's keys
-            v = mx.concatenate([t[2] for t in qkv], axis=2)
-            out.append(block.update(part, q, k, v))
-    return out
+            start, stop = share(D, i, n)
+            ys.append(shards[i].attn.proj(heads[i], add=xs[i][..., start:stop]))  # x + attention
+    y, hidden = join(ys), []
+    for stream, i in on:
+        with mx.stream(stream):
+            hidden.append(shards[i].mlp.hidden(shards[i].norm_2(y[i])))
+    hidden, zs = join(hidden), []
+    for stream, i in on:
+        with mx.stream(stream):
+            zs.append(shards[i].mlp.fc2(hidden[i], add=ys[i]))  # y + MLP
+    return join(zs)
