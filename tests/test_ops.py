@@ -134,6 +134,45 @@ def test_fast_paths_keep_reference_parity(variant):
     assert rel_err(to_np(model(x)), ref) <= 1e-4
 
 
+@pytest.fixture(params=[True, False], ids=["bit-arithmetic", "mlx-astype"])
+def float16_path(request, monkeypatch):
+    """Both ways `ops.widen` may take, whatever this machine's architecture (and that it took
+    the one asked for)."""
+    calls = []
+    original = ops._float16_bits_compiled
+    monkeypatch.setattr(ops, "SOFTWARE_FLOAT16", request.param)
+    monkeypatch.setattr(ops, "_float16_bits_compiled", lambda u: calls.append(1) or original(u))
+    yield
+    assert bool(calls) == request.param
+
+
+@pytest.mark.usefixtures("float16_path")
+def test_widen_float16_every_value():
+    """Every float16 bit pattern widens to the float32 that MLX's own conversion (and numpy's)
+    gives: zeros, subnormals, the largest values, infinities; NaN stays NaN."""
+    every = mx.arange(1 << 16, dtype=mx.uint32).astype(mx.uint16).view(mx.float16)
+    out = ops.widen(every, mx.float32)
+    assert out.dtype == mx.float32 and out.shape == (1 << 16,)
+    got, mlx_own = np.array(out), np.array(every.astype(mx.float32))
+    nan = np.isnan(np.array(every).astype(np.float32))
+    assert nan.sum() == 2 * 1023 and np.isnan(got[nan]).all()
+    assert np.array_equal(got[~nan].view(np.uint32), mlx_own[~nan].view(np.uint32))
+    assert np.array_equal(got[~nan], np.array(every).astype(np.float32)[~nan])
+
+
+@pytest.mark.usefixtures("float16_path")
+def test_widen_views_and_other_dtypes():
+    w = (0.05 * mx.random.normal((64, 48), key=mx.random.key(5))).astype(mx.float16)
+    for view in (w[8:40], w.T, w[:, ::3]):  # a row slice, a transpose, a strided view
+        assert np.array_equal(
+            np.array(ops.widen(view, mx.float32)), np.array(view.astype(mx.float32))
+        )
+    for dtype, target in ((mx.bfloat16, mx.float32), (mx.float16, mx.bfloat16)):
+        a = w.astype(dtype)
+        assert ops.widen(a, target).dtype == target
+        assert np.array_equal(to_np(ops.widen(a, target)), to_np(a.astype(target)))
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16, mx.float32])

@@ -144,7 +144,7 @@ class Linear(nn.Linear):
     def weight_as(self, dtype: mx.Dtype) -> mx.array:
         """The (out, in) weight in `dtype`: widened on the fly if stored narrower."""
         w = self.weight
-        return w if w.dtype == dtype else w.astype(dtype)
+        return w if w.dtype == dtype else ops.widen(w, dtype)
 
     def widened(self, dtype: mx.Dtype) -> Linear:
         """This layer with its weight already in `dtype` (itself if it is)."""
