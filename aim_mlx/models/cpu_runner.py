@@ -9,9 +9,9 @@ blocks run on `streams()` CPU streams at once, with the BLAS on cores // streams
   block (`Block.widened`) for all streams;
 - one image, or a few that do not divide evenly: each stream takes its share of every block's
   work for all the images (`Block.shard`: its heads, its share of each layer's output
-  features), and widens only that share. The streams exchange their shares four times a block,
-  to give every matmul whole rows; each matmul then has all the tokens' rows, where the BLAS
-  runs faster per thread than on a share of the tokens.
+  features), and widens only that share. The streams join their shares four times a block (a
+  copy each time), so that every matmul has all the tokens' rows: the BLAS runs faster per
+  thread on them than on a share of the tokens.
 
 MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; every larger buffer (a layer's
 widened weights, a batch's activations) then comes fresh from the operating system, and its pages
@@ -99,7 +99,7 @@ def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     every forward pass under the same settings, so the graphs built before an evaluation agree.
     """
     _raise_cache_limit()
-    n = min(streams(), blocks[0].attn.num_heads) if blocks else 1
+    n = min(streams(), blocks[0].attn.num_heads) if blocks else 1  # a shard has a head at least
     default = n == 1 and not os.environ.get(CORES_ENV)  # OPENBLAS_NUM_THREADS or all cores
     blas.set_threads(None if default else max(1, cores() // n))
     batch = x.shape[0]
@@ -145,31 +145,30 @@ def _sharded_block(block, xs: list, streams: tuple) -> list[mx.array]:
     """The steps of `Block.__call__`, each stream on its shard of the block; `join` gives every
     stream the whole of a result from the streams' shares of its features."""
     n, D = len(streams), xs[0].shape[-1]
-    on = list(zip(streams, range(n), strict=True))
 
     def join(parts: list) -> list[mx.array]:
         out = []
-        for stream, _ in on:
+        for stream in streams:
             with mx.stream(stream):
                 out.append(mx.concatenate(parts, axis=-1))
         return out
 
     shards, heads = [], []
-    for stream, i in on:
+    for i, stream in enumerate(streams):
         with mx.stream(stream):
             shards.append(block.shard(i, n).widened(xs[i].dtype))  # narrow weights: this share
             heads.append(shards[i].attention(xs[i]))
     heads, ys = join(heads), []
-    for stream, i in on:
+    for i, stream in enumerate(streams):
         with mx.stream(stream):
             start, stop = share(D, i, n)
             ys.append(shards[i].attn.proj(heads[i], add=xs[i][..., start:stop]))  # x + attention
     y, hidden = join(ys), []
-    for stream, i in on:
+    for i, stream in enumerate(streams):
         with mx.stream(stream):
             hidden.append(shards[i].mlp.hidden(shards[i].norm_2(y[i])))
     hidden, zs = join(hidden), []
-    for stream, i in on:
+    for i, stream in enumerate(streams):
         with mx.stream(stream):
             zs.append(shards[i].mlp.fc2(hidden[i], add=ys[i]))  # y + MLP
     return join(zs)

@@ -1,5 +1,5 @@
-"""Device-dependent kernels: attention, GELU, layer norm, dequantization, the residual additions,
-and how the trunk's blocks run.
+"""Device-dependent kernels: attention, GELU, layer norm, dequantization, float16 widening, the
+residual additions, and how the trunk's blocks run.
 
 On Metal (and MLX's CUDA backend) the GPU computes erf and exp in hardware: MLX's fused kernels
 are used as they are, except that on CUDA GELU and layer norm are this project's own (`cuda`,
@@ -233,7 +233,6 @@ def _float16_bits(u: mx.array) -> mx.array:
 
 
 _float16_bits_compiled = mx.compile(_float16_bits)
-_times_2_112 = mx.compile(lambda f: f * 2.0**112)  # exact: also makes subnormals normal
 
 
 # MLX's x86-64 wheels convert float16 in software, one value at a time (ARM has instructions).
@@ -247,7 +246,8 @@ def widen(w: mx.array, dtype: mx.Dtype) -> mx.array:
     fast = SOFTWARE_FLOAT16 and not on_gpu() and can_compile()
     if not fast or w.dtype != mx.float16 or dtype != mx.float32:
         return w.astype(dtype)
-    return _times_2_112(_float16_bits_compiled(w.view(mx.uint16)).view(mx.float32))
+    scaled = _float16_bits_compiled(w.view(mx.uint16)).view(mx.float32)
+    return scaled * 2.0**112  # exact; subnormal float16 values become normal float32 ones
 
 
 # expm1(x) / x on [-1, 0] ~ EXPM1_P(x), fitted like ERF_P: max relative error 8e-8 in float64.
