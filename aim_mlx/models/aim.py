@@ -328,6 +328,8 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D = args.embed_dim
+        # sizes of the whole block (a shard keeps them: `shard` divides them)
+        self.embed_dim, self.hidden_dim = D, args.mlp_ratio * D
         self.norm_1 = LayerNorm(D, eps=args.norm_eps)
         self.attn = Attention(D, args.num_heads)
         self.norm_2 = LayerNorm(D, eps=args.norm_eps)
@@ -345,7 +347,7 @@ class Block(nn.Module):
         """The i-th of n shares of this block's work (`share` of each size): heads i of n for
         attention, and output features i of n of the projection, of fc1 (the hidden units)
         and of fc2. Views of the weights' rows."""
-        D, H = self.attn.proj.weight.shape[0], self.attn.num_heads
+        D, hidden, H = self.embed_dim, self.hidden_dim, self.attn.num_heads
         first, last = share(H, i, n)
         head_dim = D // H
         q_k_v = [(j * D + first * head_dim, j * D + last * head_dim) for j in range(3)]
@@ -353,7 +355,7 @@ class Block(nn.Module):
         block.attn.num_heads = last - first
         block.attn.qkv = self.attn.qkv.rows(*q_k_v)
         block.attn.proj = self.attn.proj.rows(share(D, i, n))
-        block.mlp.fc1 = self.mlp.fc1.rows(share(self.mlp.fc1.weight.shape[0], i, n))
+        block.mlp.fc1 = self.mlp.fc1.rows(share(hidden, i, n))
         block.mlp.fc2 = self.mlp.fc2.rows(share(D, i, n))
         return block
 
