@@ -41,7 +41,7 @@ STREAMS_ENV = "AIM_MLX_CPU_STREAMS"
 CORES_ENV = "AIM_MLX_CPU_CORES"
 CACHE_ENV = "AIM_MLX_CPU_CACHE_MB"
 CACHE_MB = 1024
-SHARDS_BELOW = 4  # images per stream: smaller batches that do not divide evenly are sharded
+SHARDS_BELOW = 4  # images a stream: smaller uneven batches are sharded (benchmarks/README.md)
 
 
 def cores() -> int:
