@@ -333,7 +333,7 @@ class Block(nn.Module):
         self.norm_1 = LayerNorm(D, eps=args.norm_eps)
         self.attn = Attention(D, args.num_heads)
         self.norm_2 = LayerNorm(D, eps=args.norm_eps)
-        self.mlp = MLP(D, args.mlp_ratio * D)
+        self.mlp = MLP(D, self.hidden_dim)
 
     def attention(self, x: mx.array) -> mx.array:
         """Self-attention of norm_1(x), heads merged, before the output projection."""

@@ -88,10 +88,6 @@ def _new_streams(n: int) -> tuple:
     return tuple(mx.new_stream(mx.cpu) for _ in range(n))
 
 
-def _bounds(size: int, parts: int) -> list[int]:
-    return [size * i // parts for i in range(1, parts)]
-
-
 def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     """Outputs of `blocks` applied in turn to x (B, N, D), each (B, N, D).
 
@@ -120,7 +116,8 @@ def _one_stream(blocks, x: mx.array) -> list[mx.array]:
 
 
 def _by_images(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
-    parts = mx.split(x, _bounds(x.shape[0], len(streams)))
+    n = len(streams)
+    parts = [x[slice(*share(x.shape[0], i, n))] for i in range(n)]  # each stream's images
     outputs = []
     for block in blocks:
         with mx.stream(streams[0]):
