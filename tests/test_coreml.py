@@ -191,18 +191,19 @@ def test_activation_ranges_of_one_image_in_shards(model, photos, monkeypatch):
 
 def test_activation_ranges_run_the_models_own_forward(model, photos):
     """A change to the model shows in the ranges (no re-implementation), and the check leaves
-    the model as it was."""
+    the model as it was. qkv's output is seen as attention's q, k and v."""
     x = normalise(photos[0][:2])
     before = np.array(model(x))
-    fc2 = model.trunk.blocks[3].mlp.fc2
-    weight = fc2.weight
-    try:
-        fc2.weight = weight * 1e4
-        value, block = coreml.activation_ranges(model, x)["linear"]
-        assert block == 3 and value > 1e3
-    finally:
-        fc2.weight = weight
-    assert type(model.trunk.blocks[3].mlp.fc2).__name__ == "Linear"
+    for block, parent, name in ((3, "mlp", "fc2"), (2, "attn", "qkv")):
+        layer = model.trunk.blocks[block][parent][name]
+        weight = layer.weight
+        try:
+            layer.weight = weight * 1e4
+            value, where = coreml.activation_ranges(model, x)["linear"]
+            assert where == block and value > 1e3
+        finally:
+            layer.weight = weight
+        assert type(model.trunk.blocks[block][parent][name]).__name__ == "Linear"
     np.testing.assert_array_equal(np.array(model(x)), before)
 
 

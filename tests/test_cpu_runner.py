@@ -125,23 +125,27 @@ def test_narrow_weights_widened_once_per_block(monkeypatch, quantize, batch):
     layers = [(3 * 64, 64), (64, 64), (256, 64), (64, 256)]  # qkv, proj, fc1, fc2
     if batch == 2:  # whole layers, once each, in blocks 0..6
         assert widened == layers * 7
-    else:  # each stream its shares: half of the rows of each layer (qkv's in three pieces)
-        shares = [(32, 64)] * 3 + [(32, 64), (128, 64), (32, 256)]
+    else:  # each stream its shares: half of the rows of each layer (qkv's of q, k and v)
+        shares = [(3, 32, 64), (32, 64), (128, 64), (32, 256)]
         assert sorted(widened) == sorted(shares * 2 * 7)
     assert rel_err(split, whole) <= 1e-5
 
 
 def test_rows_of_a_layer():
     """`rows` keeps exactly the chosen output features, in order, for dense and quantized
-    layers; `share` cuts a range into consecutive parts that cover it."""
+    layers, also from each of several parts (a stacked weight, no copy); `share` cuts a range
+    into consecutive parts that cover it."""
     from aim_mlx.models.aim import Linear, QuantizedLinear, share
 
     x = mx.random.normal((5, 64), key=mx.random.key(1))
     dense = Linear.of(mx.random.normal((12, 64), key=mx.random.key(2)))
     for layer in (dense, QuantizedLinear.from_linear(dense, group_size=32, bits=4)):
-        picked = np.array(layer.rows((1, 4), (9, 11))(x))
-        assert picked.shape == (5, 5)
-        assert rel_err(picked, np.array(layer(x))[:, [1, 2, 3, 9, 10]]) <= 1e-6
+        whole = np.array(layer(x))
+        picked = layer.rows(1, 4)
+        assert rel_err(np.array(picked(x)), whole[:, [1, 2, 3]]) <= 1e-6
+        stacked = layer.rows(1, 3, parts=3)  # rows 1, 2 of each third: 1, 2, 5, 6, 9, 10
+        assert stacked.weight_as(mx.float32).shape == (3, 2, 64)
+        assert rel_err(np.array(stacked(x)), whole[:, [1, 2, 5, 6, 9, 10]]) <= 1e-6
     assert [share(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
     assert [share(4, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 4)]
 

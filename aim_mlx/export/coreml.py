@@ -162,8 +162,8 @@ class _Observed(nn.Module):
         wide = self.layer.widened(dtype)
         return self if wide is self.layer else self._around(wide)
 
-    def rows(self, *spans):  # as the layer it wraps (see `Block.shard`)
-        return self._around(self.layer.rows(*spans))
+    def rows(self, *args, **kwargs):  # as the layer it wraps (see `Block.shard`)
+        return self._around(self.layer.rows(*args, **kwargs))
 
     def _around(self, layer):
         in_kind, out_kind = self._kinds
@@ -176,7 +176,8 @@ def _observation_points(model) -> list[tuple[nn.Module, str, int, str, str | Non
     for i, blk in enumerate(model.trunk.blocks):
         points += [
             (blk, "norm_1", i, "layer_norm", "residual"),  # input: the residual stream
-            (blk.attn, "qkv", i, "linear", None),
+            # qkv's output is seen as attention's q, k and v (on the CPU, `ops.qkv_heads`
+            # multiplies by its weight per head instead of calling it)
             (blk.attn, "proj", i, "linear", None),
             (blk, "norm_2", i, "layer_norm", "residual"),  # input: after attention
             (blk.mlp, "fc1", i, "linear", None),
@@ -212,6 +213,9 @@ def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
             block[0] = where
 
     def attention(q, k, v, scale):
+        if block[0] >= 0:  # in the trunk: q, k and v are the qkv layer's output
+            for a in (q, k, v):
+                see("linear", a, block[0])
         see("attention_scores", (q * scale) @ k.swapaxes(-1, -2), block[0])
         return original_attention(q, k, v, scale)
 

@@ -178,6 +178,24 @@ def gelu(x: mx.array) -> mx.array:
     return gelu_approx(x, _gelu_rational_compiled)
 
 
+def qkv_heads(x: mx.array, qkv, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v, each (B, H, N, head_dim), of x (B, N, D) by the layer `qkv` (outputs: q, k, v
+    side by side, each head's features together).
+
+    On the GPU: one matmul, whose output is viewed as the heads. On the CPU: a product per head
+    with that head's rows of the weight, whose outputs are contiguous: MLX's CPU matmul copies
+    a strided operand, and attention's products would copy views of one output.
+    """
+    if on_gpu():
+        B, N, _ = x.shape
+        out = qkv(x).reshape(B, N, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
+        return out[0], out[1], out[2]
+    w = qkv.weight_as(x.dtype)  # (3 * H * head_dim, D), or stacked (3, H * head_dim, D)
+    heads = w.reshape(3, num_heads, -1, x.shape[-1])  # (3, H, head_dim, D)
+    out = x[:, None, None] @ heads.swapaxes(-1, -2)  # (B, 3, H, N, head_dim)
+    return out[:, 0], out[:, 1], out[:, 2]
+
+
 def _row_sums(x: mx.array) -> mx.array:
     """Sums over x's last axis, kept as an axis of 1: a product with ones, which the BLAS does
     faster than MLX's CPU reduction (a scalar loop)."""
@@ -197,30 +215,32 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
-    # w: (O, I * bits / 32) uint32, scales/biases: (O, I / group_size) -> (O, I) float32
-    rows = w.shape[0]
+    # w: (..., O, I * bits / 32) uint32, scales/biases: (..., O, I / group_size)
+    # -> (..., O, I) float32
+    lead = w.shape[:-1]
     words = group_size * bits // 32  # uint32 words per group
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    q = (w.reshape(rows, -1, words, 1) >> shifts) & ((1 << bits) - 1)  # (O, groups, words, 32/bits)
+    q = (w.reshape(*lead, -1, words, 1) >> shifts) & ((1 << bits) - 1)  # (.., words, 32/bits)
     s = scales.astype(mx.float32)[..., None, None]
     b = biases.astype(mx.float32)[..., None, None]
-    return (q.astype(mx.float32) * s + b).reshape(rows, -1)  # one fused kernel, then a free view
+    return (q.astype(mx.float32) * s + b).reshape(*lead, -1)  # one fused kernel, then a free view
 
 
 _dequantize_compiled = mx.compile(_dequantize_arith)
 
 
 def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.array:
-    """Affine-quantized weights as float32, for a BLAS matmul on the CPU.
+    """Affine-quantized weights as float32, for a BLAS matmul on the CPU; leading axes (a
+    stack of weights) are kept.
 
     A fused shift-mask-scale kernel with float32 scales: faster on the CPU than `mx.dequantize`
     with half-precision scales followed by a cast (which also rounds the weights to half
     precision on the way).
     """
     if 32 % bits or (group_size * bits) % 32 or not can_compile():  # else MLX's own
-        return mx.dequantize(
-            w, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits
-        )
+        flat = [a.reshape(-1, a.shape[-1]) for a in (w, scales.astype(mx.float32), biases)]
+        w_flat = mx.dequantize(flat[0], flat[1], flat[2].astype(mx.float32), group_size, bits)
+        return w_flat.reshape(*w.shape[:-1], -1)
     return _dequantize_compiled(w, scales, biases, group_size, bits)
 
 
