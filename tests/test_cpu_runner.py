@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import REF, build_reference_model, rel_err, to_np
 
-from aim_mlx.models import cpu_runner
+from aim_mlx.models import cpu_runner, ops
 
 pytestmark = pytest.mark.usefixtures("pin_cpu")
 
@@ -100,7 +100,7 @@ def test_narrow_weights_widened_once_per_block(monkeypatch, quantize, batch):
     from aim_mlx.models.aim import Linear
 
     model = build_reference_model("best")
-    model.set_dtype(mx.float16)
+    model.trunk.set_dtype(mx.float16)  # the head stays float32: nothing of it is widened
     if quantize:
         nn.quantize(
             model,
@@ -111,41 +111,47 @@ def test_narrow_weights_widened_once_per_block(monkeypatch, quantize, batch):
     x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(8))
     monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
     whole = to_np(model(x))
-    widened = []
-    original = Linear.of.__func__
+    widened = []  # the shapes of the widened weights
 
-    def count(cls, weight):
-        if weight.dtype == mx.float32:  # a widened weight (not a float16 share taken from one)
-            widened.append(weight.shape)
-        return original(cls, weight)
+    def counted(widen):
+        def widen_and_count(*args):
+            out = widen(*args)
+            widened.append(out.shape)
+            return out
 
-    monkeypatch.setattr(Linear, "of", classmethod(count))
+        return widen_and_count
+
+    for name in ("widen", "dequantize_float32"):
+        monkeypatch.setattr(ops, name, counted(getattr(ops, name)))
     monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
     split = to_np(model(x))
     layers = [(3 * 64, 64), (64, 64), (256, 64), (64, 256)]  # qkv, proj, fc1, fc2
     if batch == 2:  # whole layers, once each, in blocks 0..6
         assert widened == layers * 7
-    else:  # each stream its shares: half of the rows of each layer (qkv's of q, k and v)
-        shares = [(3, 32, 64), (32, 64), (128, 64), (32, 256)]
+    else:  # each stream its shares: half of the rows of each layer (qkv's in three pieces)
+        shares = [(32, 64)] * 3 + [(32, 64), (128, 64), (32, 256)]
         assert sorted(widened) == sorted(shares * 2 * 7)
     assert rel_err(split, whole) <= 1e-5
 
 
 def test_rows_of_a_layer():
     """`rows` keeps exactly the chosen output features, in order, for dense and quantized
-    layers, also from each of several parts (a stacked weight, no copy); `share` cuts a range
-    into consecutive parts that cover it."""
+    layers, and `split` cuts them into equal parts; `share` cuts a range into consecutive parts
+    that cover it."""
     from aim_mlx.models.aim import Linear, QuantizedLinear, share
 
     x = mx.random.normal((5, 64), key=mx.random.key(1))
     dense = Linear.of(mx.random.normal((12, 64), key=mx.random.key(2)))
     for layer in (dense, QuantizedLinear.from_linear(dense, group_size=32, bits=4)):
         whole = np.array(layer(x))
-        picked = layer.rows(1, 4)
-        assert rel_err(np.array(picked(x)), whole[:, [1, 2, 3]]) <= 1e-6
-        stacked = layer.rows(1, 3, parts=3)  # rows 1, 2 of each third: 1, 2, 5, 6, 9, 10
-        assert stacked.weight_as(mx.float32).shape == (3, 2, 64)
-        assert rel_err(np.array(stacked(x)), whole[:, [1, 2, 5, 6, 9, 10]]) <= 1e-6
+        picked = layer.rows((1, 4), (9, 11))
+        assert rel_err(np.array(picked(x)), whole[:, [1, 2, 3, 9, 10]]) <= 1e-6
+        # split: equal shares of the outputs (of a layer, or of the ranges a shard picked)
+        for j, part in enumerate(layer.split(3)):
+            assert rel_err(np.array(part(x)), whole[:, 4 * j : 4 * j + 4]) <= 1e-6
+        assert [np.array(p(x)).shape for p in picked.split(2)] == [(5, 3), (5, 2)]
+        with pytest.raises(ValueError, match="2 parts cannot be split 3 ways"):
+            picked.split(3)
     assert [share(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
     assert [share(4, i, 3) for i in range(3)] == [(0, 1), (1, 2), (2, 4)]
 

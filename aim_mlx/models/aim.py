@@ -105,23 +105,17 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> mx.array:
 
 def _matmul(x: mx.array, weight: mx.array, add: mx.array | None) -> mx.array:
     """x @ weight.T, plus `add` (same shape as the result) if given: added by the matmul itself
-    where `ops.fused_residual()`. A stacked weight (parts, out, in) gives the parts' outputs side
-    by side."""
-    weight = weight.reshape(-1, weight.shape[-1])
+    where `ops.fused_residual()`."""
     if add is None:
         return x @ weight.T
     return mx.addmm(add, x, weight.T) if ops.fused_residual() else add + x @ weight.T
 
 
-def _stacked_rows(w: mx.array, start: int, stop: int, parts: int) -> mx.array:
-    """Rows start..stop of each of `parts` equal parts of w (out, in): a view, (parts, stop -
-    start, in) if parts > 1, else (stop - start, in)."""
-    return w[start:stop] if parts == 1 else w.reshape(parts, -1, w.shape[-1])[:, start:stop]
-
-
-def _flat(a: mx.array | None) -> mx.array | None:
-    """A stacked (parts, out, in) array as (parts * out, in)."""
-    return None if a is None else a.reshape(-1, a.shape[-1])
+def _rows(one_span, spans) -> nn.Module:
+    """A layer computing the output features in `spans` ((start, stop) ranges), in order, from
+    `one_span(start, stop)`, the layer of one range (row views of the weights)."""
+    parts = [one_span(start, stop) for start, stop in spans]
+    return parts[0] if len(parts) == 1 else Concatenated(parts)
 
 
 def share(size: int, i: int, n: int) -> tuple[int, int]:
@@ -156,10 +150,14 @@ class Linear(nn.Linear):
         """This layer with its weight already in `dtype` (itself if it is)."""
         return self if self.weight.dtype == dtype else Linear.of(self.weight_as(dtype))
 
-    def rows(self, start: int, stop: int, parts: int = 1) -> Linear:
-        """The layer that computes only output features start..stop, or those of each of
-        `parts` equal parts of the outputs (a stacked weight: qkv's q, k and v)."""
-        return Linear.of(_stacked_rows(self.weight, start, stop, parts))
+    def rows(self, *spans: tuple[int, int]) -> nn.Module:
+        """The layer that computes only the output features in `spans`, (start, stop) ranges."""
+        return _rows(lambda start, stop: Linear.of(self.weight[start:stop]), spans)
+
+    def split(self, n: int) -> list[nn.Module]:
+        """n layers computing equal consecutive shares of the output features (row views)."""
+        size = self.weight.shape[0] // n
+        return [self.rows((j * size, (j + 1) * size)) for j in range(n)]
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         return _matmul(x, self.weight_as(x.dtype), add)
@@ -174,36 +172,42 @@ class QuantizedLinear(nn.QuantizedLinear):
     CPU, where `ops.widen_low_precision()`)."""
 
     def weight_as(self, dtype: mx.Dtype) -> mx.array:
-        """The dequantized (out, in) weight in `dtype` (or (parts, out, in), see `rows`)."""
+        """The dequantized (out, in) weight in `dtype`."""
         if self.mode == "affine":
             w = ops.dequantize_float32(
                 self.weight, self.scales, self.biases, self.group_size, self.bits
             )
         else:
-            flat = (_flat(self.weight), _flat(self.scales), None, self.group_size, self.bits)
-            w = mx.dequantize(*flat, mode=self.mode).reshape(*self.weight.shape[:-1], -1)
+            w = mx.dequantize(
+                self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode
+            )
         return w.astype(dtype)
 
     def widened(self, dtype: mx.Dtype) -> nn.Module:
         return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
 
-    def rows(self, start: int, stop: int, parts: int = 1) -> QuantizedLinear:
-        """The layer that computes only output features start..stop, or those of each of
-        `parts` equal parts of the outputs (see `Linear.rows`)."""
-        layer = copy.copy(self)
-        for name in ("weight", "scales", "biases"):
-            if self.get(name) is not None:
-                layer[name] = _stacked_rows(self[name], start, stop, parts)
-        return layer
+    def rows(self, *spans: tuple[int, int]) -> nn.Module:
+        """The layer that computes only the output features in `spans`, (start, stop) ranges."""
+
+        def one_span(start: int, stop: int) -> QuantizedLinear:
+            layer = copy.copy(self)
+            for name in ("weight", "scales", "biases"):
+                if self.get(name) is not None:
+                    layer[name] = self[name][start:stop]
+            return layer
+
+        return _rows(one_span, spans)
+
+    split = Linear.split
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         if not ops.quantized_kernels():
             return _matmul(x, self.weight_as(x.dtype), add)
         y = mx.quantized_matmul(
             x,
-            _flat(self.weight),
-            _flat(self.scales),
-            _flat(self.biases),
+            self.weight,
+            self.scales,
+            self.biases,
             transpose=True,
             group_size=self.group_size,
             bits=self.bits,
@@ -216,6 +220,30 @@ class QuantizedLinear(nn.QuantizedLinear):
         ql = cls(in_dims, out_dims, bias=False, group_size=group_size, bits=bits)
         ql.weight, ql.scales, ql.biases = mx.quantize(linear.weight, group_size, bits)
         return ql
+
+
+class Concatenated(nn.Module):
+    """Linear layers side by side: their outputs concatenated (`Linear.rows` of several ranges,
+    which multiplies each range where it lies rather than copying them into one weight)."""
+
+    def __init__(self, parts: list):
+        super().__init__()
+        self.parts = parts
+
+    def widened(self, dtype: mx.Dtype) -> Concatenated:
+        wide = [p.widened(dtype) for p in self.parts]
+        same = all(w is p for w, p in zip(wide, self.parts, strict=True))
+        return self if same else Concatenated(wide)
+
+    def split(self, n: int) -> list[nn.Module]:
+        """Its n parts (see `Linear.split`)."""
+        if n != len(self.parts):
+            raise ValueError(f"{len(self.parts)} parts cannot be split {n} ways")
+        return list(self.parts)
+
+    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        out = mx.concatenate([p(x) for p in self.parts], axis=-1)
+        return out if add is None else add + out
 
 
 class LayerNorm(nn.LayerNorm):
@@ -333,12 +361,13 @@ class Block(nn.Module):
         D, hidden, H = self.embed_dim, self.hidden_dim, self.attn.num_heads
         first, last = share(H, i, n)
         head_dim = D // H
+        q_k_v = [(j * D + first * head_dim, j * D + last * head_dim) for j in range(3)]
         block = self._copy()
         block.attn.num_heads = last - first
-        block.attn.qkv = self.attn.qkv.rows(first * head_dim, last * head_dim, parts=3)
-        block.attn.proj = self.attn.proj.rows(*share(D, i, n))
-        block.mlp.fc1 = self.mlp.fc1.rows(*share(hidden, i, n))
-        block.mlp.fc2 = self.mlp.fc2.rows(*share(D, i, n))
+        block.attn.qkv = self.attn.qkv.rows(*q_k_v)
+        block.attn.proj = self.attn.proj.rows(share(D, i, n))
+        block.mlp.fc1 = self.mlp.fc1.rows(share(hidden, i, n))
+        block.mlp.fc2 = self.mlp.fc2.rows(share(D, i, n))
         return block
 
     def _copy(self) -> Block:

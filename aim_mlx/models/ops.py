@@ -190,10 +190,11 @@ def qkv_heads(x: mx.array, qkv, num_heads: int) -> tuple[mx.array, mx.array, mx.
         B, N, _ = x.shape
         out = qkv(x).reshape(B, N, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
         return out[0], out[1], out[2]
-    w = qkv.weight_as(x.dtype)  # (3 * H * head_dim, D), or stacked (3, H * head_dim, D)
-    heads = w.reshape(3, num_heads, -1, x.shape[-1])  # (3, H, head_dim, D)
-    out = x[:, None, None] @ heads.swapaxes(-1, -2)  # (B, 3, H, N, head_dim)
-    return out[:, 0], out[:, 1], out[:, 2]
+    heads = []
+    for part in qkv.split(3):  # q, k, v
+        w = part.weight_as(x.dtype).reshape(num_heads, -1, x.shape[-1])  # (H, head_dim, D)
+        heads.append(x[:, None] @ w.swapaxes(-1, -2))  # (B, 1, N, D) @ (H, D, head_dim)
+    return tuple(heads)
 
 
 def _row_sums(x: mx.array) -> mx.array:
@@ -215,32 +216,30 @@ def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.
 
 
 def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
-    # w: (..., O, I * bits / 32) uint32, scales/biases: (..., O, I / group_size)
-    # -> (..., O, I) float32
-    lead = w.shape[:-1]
+    # w: (O, I * bits / 32) uint32, scales/biases: (O, I / group_size) -> (O, I) float32
+    rows = w.shape[0]
     words = group_size * bits // 32  # uint32 words per group
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    q = (w.reshape(*lead, -1, words, 1) >> shifts) & ((1 << bits) - 1)  # (.., words, 32/bits)
+    q = (w.reshape(rows, -1, words, 1) >> shifts) & ((1 << bits) - 1)  # (O, groups, words, 32/bits)
     s = scales.astype(mx.float32)[..., None, None]
     b = biases.astype(mx.float32)[..., None, None]
-    return (q.astype(mx.float32) * s + b).reshape(*lead, -1)  # one fused kernel, then a free view
+    return (q.astype(mx.float32) * s + b).reshape(rows, -1)  # one fused kernel, then a free view
 
 
 _dequantize_compiled = mx.compile(_dequantize_arith)
 
 
 def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.array:
-    """Affine-quantized weights as float32, for a BLAS matmul on the CPU; leading axes (a
-    stack of weights) are kept.
+    """Affine-quantized weights as float32, for a BLAS matmul on the CPU.
 
     A fused shift-mask-scale kernel with float32 scales: faster on the CPU than `mx.dequantize`
     with half-precision scales followed by a cast (which also rounds the weights to half
     precision on the way).
     """
     if 32 % bits or (group_size * bits) % 32 or not can_compile():  # else MLX's own
-        flat = [a.reshape(-1, a.shape[-1]) for a in (w, scales.astype(mx.float32), biases)]
-        w_flat = mx.dequantize(flat[0], flat[1], flat[2].astype(mx.float32), group_size, bits)
-        return w_flat.reshape(*w.shape[:-1], -1)
+        return mx.dequantize(
+            w, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits
+        )
     return _dequantize_compiled(w, scales, biases, group_size, bits)
 
 
