@@ -1,5 +1,5 @@
-"""Device-dependent kernels: attention, GELU, layer norm, dequantization, float16 widening, the
-residual additions, and how the trunk's blocks run.
+"""Device-dependent kernels: attention and its q, k, v, GELU, layer norm, dequantization, float16
+widening, the residual additions, and how the trunk's blocks run.
 
 On Metal (and MLX's CUDA backend) the GPU computes erf and exp in hardware: MLX's fused kernels
 are used as they are, except that on CUDA GELU and layer norm are this project's own (`cuda`,
