@@ -162,8 +162,8 @@ class _Observed(nn.Module):
         wide = self.layer.widened(dtype)
         return self if wide is self.layer else self._around(wide)
 
-    def rows(self, *args, **kwargs):  # as the layer it wraps (see `Block.shard`)
-        return self._around(self.layer.rows(*args, **kwargs))
+    def rows(self, *spans):  # as the layer it wraps (see `Block.shard`)
+        return self._around(self.layer.rows(*spans))
 
     def _around(self, layer):
         in_kind, out_kind = self._kinds
