@@ -155,9 +155,8 @@ class Linear(nn.Linear):
         return _rows(lambda start, stop: Linear.of(self.weight[start:stop]), spans)
 
     def split(self, n: int) -> list[nn.Module]:
-        """n layers computing equal consecutive shares of the output features (row views)."""
-        size = self.weight.shape[0] // n
-        return [self.rows((j * size, (j + 1) * size)) for j in range(n)]
+        """n layers computing consecutive `share`s of the output features (row views)."""
+        return [self.rows(share(self.weight.shape[0], j, n)) for j in range(n)]
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         return _matmul(x, self.weight_as(x.dtype), add)
