@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU lane: the whole test suite with the GPU as MLX's default device, then aim-mlx against
-# PyTorch side by side (benchmarks/vs_pytorch_gpu.py). Everything it writes goes to $OUT.
+# The GPU lane: where a forward pass's time goes (benchmarks/gpu_profile.py), the whole test
+# suite with the GPU as MLX's default device, then aim-mlx against PyTorch side by side
+# (benchmarks/vs_pytorch_gpu.py). Everything it writes goes to $OUT.
 # On the borrowed GPU machine, from the project's root, after `eval "$(bash .gpu/bootstrap.sh)"`
 # (the exact calls: benchmarks/gpu_lane_commands.md). LANE_SMOKE=1 runs a small version of it
 # anywhere (the GPU tests and the benchmark's --smoke), which is how tests check this script.
@@ -10,23 +11,36 @@
 #                       before, and keeps what it measured)
 #   LANE_TOTAL_SECONDS  if set, the benchmark gets what is left of it after the tests (at most
 #                       LANE_BENCH_SECONDS when that is set too)
-#   LANE_PARTS          "tests bench" (default), or one of them
+#   LANE_PARTS          "profile tests bench" (default), or some of them
 #   LANE_BENCH_ARGS     more arguments for vs_pytorch_gpu.py (e.g. "--models aim-600M,aim-1B")
 #   LANE_TEST_WORKERS   pytest-xdist workers where it is installed (default 12; 0: one process)
+#   LANE_PROFILE_SECONDS  seconds for gpu_profile.py (default 150)
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 SMOKE=${LANE_SMOKE:-0}
-PARTS=${LANE_PARTS:-tests bench}
+PARTS=${LANE_PARTS:-profile tests bench}
 status=0
 
 {
   date -u
   nvidia-smi 2>&1 || echo "(no nvidia-smi)"
+  nvidia-smi -q -d POWER,CLOCK,PERFORMANCE 2>&1 || true
   $PY -m aim_mlx.cli info
 } > "$OUT/machine.txt" 2>&1
+
+if [[ " $PARTS " == *" profile "* ]]; then
+  args=(--out "$OUT")
+  [ "$SMOKE" = 1 ] && args+=(--smoke)
+  timeout "${LANE_PROFILE_SECONDS:-150}" $PY benchmarks/gpu_profile.py "${args[@]}" \
+    > "$OUT/profile.log" 2>&1
+  rc=$?
+  echo "profile exit status: $rc" >> "$OUT/profile.log"
+  tail -n 40 "$OUT/profile.log"
+  [ "$rc" = 0 ] || status=1
+fi
 
 if [[ " $PARTS " == *" tests "* ]]; then
   # -v: each test's name and outcome as it ends, so a run cut short still says what failed;

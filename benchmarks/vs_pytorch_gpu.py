@@ -68,7 +68,7 @@ VARIANTS = {
 COMPARED = ("before: separate residual adds, MLX's GELU and layer norm",)
 
 
-BUFFER_KEYS = (runtime.BUFFER_ENV, "MLX_MAX_OPS_PER_BUFFER", runtime.OFF_ENV)
+BUFFER_KEYS = (runtime.BUFFER_ENV, "MLX_MAX_OPS_PER_BUFFER", runtime.OFF_ENV, "MLX_USE_CUDA_GRAPHS")
 
 
 def model_args(name: str) -> ModelArgs:
@@ -144,6 +144,9 @@ def levers(smoke: bool) -> list[dict]:
         dict(lever=f"aim-mlx default ({runtime.BUFFER_ENV}={runtime.BUFFER_MB})", env={}),
         dict(lever="a block's steps alone", env={}, steps=True),
     ]
+    rows.append(dict(lever="CUDA graphs off (MLX_USE_CUDA_GRAPHS=0)",
+                     env={"MLX_USE_CUDA_GRAPHS": "0"}))  # fmt: skip
+    rows.append(dict(lever="mx.compile of the whole model", env={}, compile=True))
     rows += [dict(lever=name, env={}, patches=list(patches)) for name, patches in VARIANTS.items()]
     for mb in (128,) if smoke else (32, 128):
         rows.append(dict(lever=f"{runtime.BUFFER_ENV}={mb}", env={runtime.BUFFER_ENV: str(mb)}))
@@ -325,6 +328,17 @@ def main():
     p.add_argument("--torch-python", default=sys.executable)
     p.add_argument("--torch-device", default="auto", help="auto (cuda, mps or none), cpu, none")
     p.add_argument("--no-levers", action="store_true")
+    p.add_argument(
+        "--levers",
+        default="",
+        help="only the levers whose names contain one of "
+        "these comma-separated words (and the default, which the others are against)",
+    )
+    p.add_argument(
+        "--variants",
+        default=";".join(COMPARED),
+        help="variants timed in every round beside the default, separated by ';' ('' for none)",
+    )
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
     p.add_argument("--max-seconds", type=float, default=None, help="stop starting new work after")
     p.add_argument("--smoke", action="store_true", help="the fixture-sized model, batch 2, 1 round")
@@ -335,7 +349,10 @@ def main():
     torch_device = "cpu" if a.smoke and a.torch_device == "auto" else a.torch_device
     a.out.mkdir(parents=True, exist_ok=True)
     torch_side = Torch(a.torch_python, torch_device)
-    compared = list(COMPARED)
+    compared = [v for v in a.variants.split(";") if v]
+    unknown = [v for v in compared if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     results = {
         "meta": {
             "gpu": bench.gpu() or f"no GPU: {mx.default_device()}",
@@ -403,7 +420,12 @@ def main():
 
     if not a.no_levers:
         lever_model = "aim-tiny" if a.smoke else "aim-600M"
-        for spec in levers(a.smoke):
+        words = [w for w in a.levers.split(",") if w]
+        chosen = [
+            spec for i, spec in enumerate(levers(a.smoke))
+            if i == 0 or not words or any(w in spec["lever"] for w in words)
+        ]  # fmt: skip
+        for spec in chosen:
             if out_of_time(spec["lever"]):
                 continue
             spec = {

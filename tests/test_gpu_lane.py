@@ -22,7 +22,9 @@ def test_lane_smoke_writes_its_results(tmp_path):
     fake.parent.mkdir()
     fake.write_text(
         "#!/bin/sh\n"
-        'case "$*" in *--query-gpu=*)\n'
+        'case "$*" in *--query-gpu=*" -c 1"*)\n'
+        '  echo "timestamp, clocks.current.sm [MHz]"; echo "2026/11/28 00:00:00.000, 1980 MHz";;\n'
+        "*--query-gpu=*)\n"
         '  echo "timestamp, clocks.current.sm [MHz]"\n'
         '  while :; do echo "2026/11/28 00:00:00.000, 1980 MHz"; sleep 0.2; done;;\n'
         "esac\n"
@@ -37,6 +39,13 @@ def test_lane_smoke_writes_its_results(tmp_path):
     assert "mlx_version" in (out / "machine.txt").read_text()
     clocks = (out / "gpu_clocks.csv").read_text().splitlines()
     assert clocks[0].startswith("timestamp") and "1980 MHz" in clocks[1]
+
+    profile = json.loads((out / "gpu_profile.json").read_text())
+    for part in ("sustained", "data"):
+        assert set(profile[part]) == {"random", "zeros"}, profile[part]
+    assert all(v > 0 for v in profile["sustained"]["random"]["tflops"])
+    assert profile["data"]["zeros"]["images_per_s"] > 0
+    assert (out / "gpu_profile_clocks.csv").exists()  # the stand-in's log, started and stopped
 
     suite = ET.parse(out / "pytest.xml").getroot().find("testsuite")
     assert int(suite.get("tests")) > 0 and suite.get("failures") == suite.get("errors") == "0"
@@ -56,5 +65,34 @@ def test_lane_smoke_writes_its_results(tmp_path):
     assert "MLX's default" in settings["MLX's own buffer limits"]
     assert "MLX_MAX_MB_PER_BUFFER=128 (user)" in settings["MLX_MAX_MB_PER_BUFFER=128"]
     table = (out / "vs_pytorch_gpu.md").read_text()
+    assert "CUDA graphs off (MLX_USE_CUDA_GRAPHS=0)" in settings
+    assert "mx.compile of the whole model" in settings
     assert "| aim-tiny (2) | bfloat16 |" in table and "| separate residual adds | 2 |" in table
     assert "| bfloat16 before: separate residual adds" in table and "| GELU (MLX) |" in table
+
+
+def test_trace_summary_splits_busy_time_from_idle_time():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_profile import summarize_trace
+
+    def kernel(name, ts, dur):
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur}
+
+    events = [
+        {"cat": "user_annotation", "name": "mlx_forward_0", "ts": 0, "dur": 1000},
+        kernel("nvjet_hsh_gemm", 100, 300),  # 100-400
+        kernel("cudnn_fmha_fwd", 350, 100),  # overlaps: busy until 450
+        kernel("gelu", 600, 200),  # idle 450-600
+        kernel("gelu", 1200, 50),  # after the pass: not its
+        {"cat": "user_annotation", "name": "torch_forward_0", "ts": 2000, "dur": 500},
+        kernel("ampere_sgemm", 2100, 100),
+    ]
+    s = summarize_trace(events)
+    (mlx,) = s["mlx"]["passes"]
+    assert mlx["wall_ms"] == 1.0 and mlx["kernels"] == 3
+    assert mlx["busy_ms"] == 0.55 and mlx["kernel_sum_ms"] == 0.6  # 100-450 and 600-800
+    assert mlx["first_kernel_after_ms"] == 0.1
+    assert mlx["by_kind_ms"] == {"attention": 0.1, "matmul": 0.3, "other": 0.2}
+    assert s["mlx"]["top_kernels_ms_per_pass"][0] == ["nvjet_hsh_gemm", 0.3]
+    (torch_pass,) = s["torch"]["passes"]
+    assert torch_pass["by_kind_ms"] == {"matmul": 0.1}
