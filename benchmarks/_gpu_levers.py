@@ -9,6 +9,8 @@ that one run on a borrowed GPU measures what each buys or costs against the defa
 - `compiled_blocks`: each block through `mx.compile`, which fuses its element-wise operations.
 - `contiguous_attention`: queries, keys and values copied out of the qkv matmul's output into
   arrays of their own before the fused attention, instead of passed as strided views.
+- `indexed_qkv`: queries, keys and values taken from the qkv matmul's output by integer index
+  (`out[0]`, as before 2026-11-28), which MLX computes as a gather: a copy of each.
 - `steps`: each step of a block alone, at the model's shapes: GB/s moved by the element-wise
   ones (against the card's memory bandwidth), TFLOP/s of the matmuls and the attention.
 - `floor`: only the trunk's matmuls (and, with `attention=True`, its fused attention), same
@@ -26,7 +28,13 @@ import mlx.core as mx
 from aim_mlx.constants import GiB
 from aim_mlx.models import aim, cuda, ops
 
-PATCHES = ("separate_residual", "mlx_kernels", "compiled_blocks", "contiguous_attention")
+PATCHES = (
+    "separate_residual",
+    "mlx_kernels",
+    "compiled_blocks",
+    "contiguous_attention",
+    "indexed_qkv",
+)
 
 
 def _block_separate_residual(self, x):
@@ -40,6 +48,12 @@ def _project_contiguous(self, x):
 
 
 _project = aim.Attention.project
+
+
+def _qkv_indexed(x, qkv, num_heads):
+    B, N, _ = x.shape
+    out = qkv(x).reshape(B, N, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
+    return out[0], out[1], out[2]  # each a Gather
 
 
 def _run_compiled_blocks(blocks, x):
@@ -62,7 +76,7 @@ def patched(names=()):
     unknown = set(names) - set(PATCHES)
     if unknown:
         raise ValueError(f"unknown levers {sorted(unknown)}")
-    saved = (aim.Block.__call__, aim.Attention.project, ops.run_blocks)
+    saved = (aim.Block.__call__, aim.Attention.project, ops.run_blocks, ops.qkv_heads)
     saved_env = os.environ.get(ops.CUDA_KERNELS_ENV)
     try:
         if "separate_residual" in names:
@@ -73,9 +87,11 @@ def patched(names=()):
             ops.run_blocks = _run_compiled_blocks
         if "mlx_kernels" in names:
             os.environ[ops.CUDA_KERNELS_ENV] = "off"
+        if "indexed_qkv" in names:
+            ops.qkv_heads = _qkv_indexed
         yield
     finally:
-        aim.Block.__call__, aim.Attention.project, ops.run_blocks = saved
+        aim.Block.__call__, aim.Attention.project, ops.run_blocks, ops.qkv_heads = saved
         if saved_env is None:
             os.environ.pop(ops.CUDA_KERNELS_ENV, None)
         else:
@@ -89,15 +105,14 @@ def floor(model, batch: int, warmup: int, iters: int, attention: bool) -> dict:
     args = model.args
     blocks = model.trunk.blocks[: max(args.probe_layers) + 1]
     N = (args.img_size // args.patch_size) ** 2
-    H, D = args.num_heads, args.embed_dim
+    D = args.embed_dim
     dtype = model.activation_dtype()
     x0 = mx.random.normal((batch, N, D), key=mx.random.key(1)).astype(dtype)
     mx.eval(x0)
 
     def forward(x):
         for block in blocks:
-            qkv = block.attn.qkv(x).reshape(batch, N, 3, H, -1).transpose(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
+            q, k, v = block.attn.project(x)
             heads = ops.attention(q, k, v, block.attn.scale) if attention else v
             x = block.attn.proj(heads.transpose(0, 2, 1, 3).reshape(batch, N, D))
             x = block.mlp.fc2(block.mlp.fc1(x))
@@ -135,8 +150,9 @@ def steps(model, batch: int, chain: int = 10, iters: int = 5) -> dict:
     ln_w, ln_b = block.norm_2.weight.astype(dtype), block.norm_2.bias.astype(dtype)
     eps = block.norm_2.eps
     qkv = mx.random.normal((batch, n_tokens, 3 * D), key=mx.random.key(4)).astype(dtype)
-    qkv = qkv.reshape(batch, n_tokens, 3, H, -1).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]  # strided views, as in the model
+    q, k, v = (  # strided views, as in the model
+        t.reshape(batch, n_tokens, H, -1).transpose(0, 2, 1, 3) for t in mx.split(qkv, 3, -1)
+    )
     qc, kc, vc = (mx.contiguous(a) for a in (q, k, v))
     mx.eval(x, h, w1, w2, ln_w, ln_b, q, k, v, qc, kc, vc)
     b = x.itemsize

@@ -15,6 +15,7 @@
 #   LANE_BENCH_ARGS     more arguments for vs_pytorch_gpu.py (e.g. "--models aim-600M,aim-1B")
 #   LANE_TEST_WORKERS   pytest-xdist workers where it is installed (default 12; 0: one process)
 #   LANE_PROFILE_SECONDS  seconds for gpu_profile.py (default 150)
+#   LANE_PROFILE_ARGS   more arguments for gpu_profile.py (e.g. "--parts kernels")
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 cd "$(dirname "$0")/.."
@@ -34,6 +35,8 @@ status=0
 if [[ " $PARTS " == *" profile "* ]]; then
   args=(--out "$OUT")
   [ "$SMOKE" = 1 ] && args+=(--smoke)
+  read -r -a extra <<< "${LANE_PROFILE_ARGS:-}"
+  args+=("${extra[@]}")
   timeout "${LANE_PROFILE_SECONDS:-150}" $PY benchmarks/gpu_profile.py "${args[@]}" \
     > "$OUT/profile.log" 2>&1
   rc=$?

@@ -13,9 +13,8 @@ process (`torch.cuda.max_memory_allocated()`). Ratios are taken within each roun
 gives their median and range. TFLOP/s use aim-mlx's matmul FLOP count for both sides.
 
 Each round also times variants of aim-mlx's forward (`COMPARED`, levers of
-`benchmarks/_gpu_levers.py`: the forward as it was before the residual additions went into the
-matmuls and GELU and layer norm into aim-mlx's CUDA kernels) on the same model, so that each has
-its own side-by-side ratio.
+`benchmarks/_gpu_levers.py`: the forward as it was before q, k and v stopped being gathered out
+of the qkv matmul's output) on the same model, so that each has its own side-by-side ratio.
 
 Then the levers, at aim-600M bfloat16 batch 64, each in a fresh process (MLX reads its
 command-buffer limits once per process): aim-mlx's default, each step of a block alone (GB/s
@@ -56,7 +55,8 @@ SMOKE_ARGS = dict(embed_dim=64, num_blocks=8, num_heads=4)  # the test fixture's
 # Variants of aim-mlx's forward (levers of _gpu_levers.py), timed at aim-600M; those in COMPARED
 # also in every round of the comparison, beside the default.
 VARIANTS = {
-    "before: separate residual adds, MLX's GELU and layer norm": (
+    "before: q, k and v by integer index (a gather each)": ("indexed_qkv",),
+    "separate residual adds, MLX's GELU and layer norm": (
         "separate_residual",
         "mlx_kernels",
     ),
@@ -65,7 +65,7 @@ VARIANTS = {
     "queries, keys and values made contiguous": ("contiguous_attention",),
     "mx.compile per block": ("compiled_blocks",),
 }
-COMPARED = ("before: separate residual adds, MLX's GELU and layer norm",)
+COMPARED = ("before: q, k and v by integer index (a gather each)",)
 
 
 BUFFER_KEYS = (runtime.BUFFER_ENV, "MLX_MAX_OPS_PER_BUFFER", runtime.OFF_ENV, "MLX_USE_CUDA_GRAPHS")

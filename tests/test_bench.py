@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 from aim_mlx import bench
 from aim_mlx.cli import main
 from aim_mlx.convert.converter import QUANTIZED_LAYER
-from aim_mlx.models import AIM, ModelArgs, preset_args
+from aim_mlx.models import AIM, ModelArgs, ops, preset_args
 
 
 def test_flops_per_image_by_hand():
@@ -79,7 +79,8 @@ def test_random_model_quantized_like_the_converter(bits):
 
 
 def test_random_model_never_holds_float32_weights():
-    """Made layer by layer: peak memory is the 4-bit model plus about one float32 layer."""
+    """Made layer by layer: peak memory is the 4-bit model plus about one float32 layer (on a
+    GPU a little more: a command buffer's temporaries live until it completes)."""
     args = ModelArgs(embed_dim=512, num_blocks=8, num_heads=4, probe_layers=(7,))
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -90,7 +91,8 @@ def test_random_model_never_holds_float32_weights():
     float32 = AIM(args).num_parameters() * 4  # lazy: shapes only, nothing is computed
     fc1_float32 = 512 * 2048 * 4
     assert weights < float32 / 5
-    assert peak < weights + 3 * fc1_float32 < float32 / 3
+    assert weights + 3 * fc1_float32 < float32 / 3
+    assert peak < weights + (5 if ops.on_gpu() else 3) * fc1_float32
 
 
 @pytest.fixture(scope="module")

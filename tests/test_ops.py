@@ -213,6 +213,22 @@ def test_qkv_heads_split_the_projection_into_heads(monkeypatch, gpu_branch, quan
             assert rel_err(to_np(out), expected[:, first : first + heads]) <= 1e-6
 
 
+def test_gpu_forward_gathers_nothing(monkeypatch):
+    """The GPU branch's forward is matmuls, fused kernels and views: no Gather (an integer index
+    such as `qkv[0]` is one: a copy, which took 28% of aim-600M's forward on an H100)."""
+    import io
+
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)  # the graph is built, never run
+    from aim_mlx.models import AIM, ModelArgs
+
+    model = AIM(ModelArgs(embed_dim=64, num_blocks=4, num_heads=4, probe_layers=(2, 3)))
+    graph = io.StringIO()
+    mx.export_to_dot(graph, model(mx.zeros((2, 3, 56, 56))))
+    labels = graph.getvalue()
+    assert '"Matmul"' in labels or '"AddMM"' in labels  # the graph is there
+    assert '"Gather"' not in labels
+
+
 def test_quantized_linear_on_cpu_uses_float32():
     from aim_mlx.models.aim import Linear
 

@@ -182,14 +182,16 @@ def qkv_heads(x: mx.array, qkv, num_heads: int) -> tuple[mx.array, mx.array, mx.
     """q, k, v, each (B, H, N, head_dim), of x (B, N, D) by the layer `qkv` (outputs: q, k, v
     side by side, each head's features together).
 
-    On the GPU: one matmul, whose output is viewed as the heads. On the CPU: a product per head
-    with that head's rows of the weight, whose outputs are contiguous: MLX's CPU matmul copies
-    a strided operand, and attention's products would copy views of one output.
+    On the GPU: one matmul, whose output's thirds are viewed as the heads (no copy: the fused
+    attention reads strided heads; an integer index such as `out[0]` would be a gather, a copy).
+    On the CPU: a product per head with that head's rows of the weight, whose outputs are
+    contiguous: MLX's CPU matmul copies a strided operand, and attention's products would copy
+    views of one output.
     """
     if on_gpu():
         B, N, _ = x.shape
-        out = qkv(x).reshape(B, N, 3, num_heads, -1).transpose(2, 0, 3, 1, 4)
-        return out[0], out[1], out[2]
+        thirds = mx.split(qkv(x), 3, axis=-1)  # (B, N, D) views
+        return tuple(t.reshape(B, N, num_heads, -1).transpose(0, 2, 1, 3) for t in thirds)
     heads = []
     for part in qkv.split(3):  # q, k, v
         w = part.weight_as(x.dtype).reshape(num_heads, -1, x.shape[-1])  # (H, head_dim, D)
