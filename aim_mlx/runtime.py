@@ -7,7 +7,7 @@ forward pass's peak memory. MLX reads that limit from the environment, once per 
 its first GPU stream is created (there is no `mx.*` function for it): `MLX_MAX_MB_PER_BUFFER`
 (and `MLX_MAX_OPS_PER_BUFFER`). On Metal its defaults are small (40-50 MB, by chip); on CUDA
 they are large (1000 MB on an H100), and the activations then cost several times the
-weights. So on Linux aim-mlx sets `MLX_MAX_MB_PER_BUFFER` (default below, in Metal's range)
+weights. So on Linux aim-mlx sets `MLX_MAX_MB_PER_BUFFER` (default below, a little under Metal's)
 unless it is set already; MLX's CPU backend does not read it. Where and why:
 benchmarks/README.md, "GPU memory".
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 BUFFER_ENV = "MLX_MAX_MB_PER_BUFFER"
 OFF_ENV = "AIM_MLX_BUFFER_LIMIT"
-BUFFER_MB = 64  # chosen from the H100 lever table: benchmarks/README.md, "GPU memory"
+BUFFER_MB = 32  # chosen from the H100 lever tables: benchmarks/README.md, "GPU memory"
 TF32_ENV = "MLX_ENABLE_TF32"
 
 _state = {"done": False, "source": None, "late": False}

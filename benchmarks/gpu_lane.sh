@@ -16,6 +16,7 @@
 #   LANE_TEST_WORKERS   pytest-xdist workers where it is installed (default 12; 0: one process)
 #   LANE_PROFILE_SECONDS  seconds for gpu_profile.py (default 150)
 #   LANE_PROFILE_ARGS   more arguments for gpu_profile.py (e.g. "--parts kernels")
+#   LANE_BUNDLE         1: at the end, everything in $OUT/lane-files.tar.gz beside the summaries
 set -uo pipefail
 : "${OUT:?set OUT to the folder whose files come back}"
 cd "$(dirname "$0")/.."
@@ -86,5 +87,13 @@ if [[ " $PARTS " == *" bench "* ]]; then
   echo "benchmark exit status: $rc" >> "$OUT/bench.log"
   if [ -f "$OUT/vs_pytorch_gpu.md" ]; then cat "$OUT/vs_pytorch_gpu.md"; else tail -n 20 "$OUT/bench.log"; fi
   [ "$rc" = 0 ] || status=1
+fi
+
+if [ "${LANE_BUNDLE:-0}" = 1 ]; then
+  # Fewer files to bring back (the device tool returns 8 at most): every file in one archive,
+  # with the summaries beside it.
+  (cd "$OUT" && tar czf ../lane-files.tar.gz . && mv ../lane-files.tar.gz .)
+  find "$OUT" -maxdepth 1 -type f ! -name lane-files.tar.gz ! -name vs_pytorch_gpu.md \
+    ! -name gpu_profile.md ! -name machine.txt -delete
 fi
 exit $status

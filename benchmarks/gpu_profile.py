@@ -61,6 +61,8 @@ def clock_log(path: Path, interval_ms: int):
                 continue
             if probe.returncode == 0:
                 cmd = [smi, query, "--format=csv,nounits", "-lms", str(interval_ms)]
+                if shutil.which("stdbuf"):  # a line at a time: none lost when it is stopped
+                    cmd = ["stdbuf", "-oL", *cmd]
                 proc = subprocess.Popen(cmd, stdout=path.open("w"), stderr=subprocess.STDOUT)
                 break
     try:
@@ -72,16 +74,21 @@ def clock_log(path: Path, interval_ms: int):
 
 
 def read_clocks(path: Path) -> list[dict]:
-    """The CSV of `clock_log` as rows {t (epoch seconds), sm, power, reasons}."""
+    """The CSV of `clock_log` as rows {t (epoch seconds, from nvidia-smi's local time), sm,
+    power, limit, reasons}; lines that do not parse are skipped."""
     if not path.exists():
         return []
+
+    def number(cell: str) -> float:
+        return float(cell.split()[0])  # "1980" or "1980 MHz"
+
     rows = []
     for line in path.read_text().splitlines()[1:]:
         cells = [c.strip() for c in line.split(",")]
         try:
             stamp = datetime.datetime.strptime(cells[0], "%Y/%m/%d %H:%M:%S.%f")
-            rows.append(dict(t=stamp.timestamp(), sm=float(cells[1]), power=float(cells[3]),
-                             limit=float(cells[4]), reasons=cells[6]))  # fmt: skip
+            rows.append(dict(t=stamp.timestamp(), sm=number(cells[1]), power=number(cells[3]),
+                             limit=number(cells[4]), reasons=cells[6]))  # fmt: skip
         except (ValueError, IndexError):
             continue
     return rows
@@ -313,7 +320,7 @@ def markdown(r: dict) -> str:
                 lines.append(
                     f"| {side} | {p['wall_ms']:.2f} | {p['busy_ms']:.2f} "
                     f"| {p['kernel_sum_ms']:.2f} | {p['kernels']} "
-                    f"| {'-' if first is None else f'{first:.2f}'} "
+                    f"| {'-' if first is None else f'{first:.2f}'} | "
                     + " | ".join(f"{kinds.get(x, 0):.2f}" for x in ("matmul", "attention", "other"))
                     + " |"
                 )
@@ -366,6 +373,9 @@ def main():
                 r["data"] = {"error": f"{type(e).__name__}: {e}"[:300]}
             save()
     clocks = read_clocks(clocks_csv)
+    r["clock_log"] = {"rows": len(clocks)}
+    if clocks:  # the log's span, to set beside the parts' (epoch seconds)
+        r["clock_log"].update(first=clocks[0]["t"], last=clocks[-1]["t"])
     for part in ("sustained", "data"):
         for row in r.get(part, {}).values():
             if isinstance(row, dict) and "start" in row:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from aim_mlx import runtime
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -32,7 +34,8 @@ def test_lane_smoke_writes_its_results(tmp_path):
     )
     fake.chmod(0o755)
     path = f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "OUT": str(out), "LANE_SMOKE": "1", "PYTHON": sys.executable, "PATH": path}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANE_")}  # the lane's own
+    env.update(OUT=str(out), LANE_SMOKE="1", PYTHON=sys.executable, PATH=path)
     env["LANE_BENCH_SECONDS"] = "900"  # never cut short: on a busy machine the smoke run is slow
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lane.sh")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -62,7 +65,8 @@ def test_lane_smoke_writes_its_results(tmp_path):
         assert row["summary"]["mlx_tflops"] > 0
     # Each lever ran in its own process, with its own buffer setting.
     settings = {lever["lever"]: lever["result"]["buffer_setting"] for lever in results["levers"]}
-    assert "MLX_MAX_MB_PER_BUFFER=64 (aim-mlx)" in settings[next(iter(settings))]
+    default = f"MLX_MAX_MB_PER_BUFFER={runtime.BUFFER_MB} (aim-mlx)"
+    assert default in settings[next(iter(settings))]
     assert "MLX's default" in settings["MLX's own buffer limits"]
     assert "MLX_MAX_MB_PER_BUFFER=128 (user)" in settings["MLX_MAX_MB_PER_BUFFER=128"]
     table = (out / "vs_pytorch_gpu.md").read_text()
@@ -97,3 +101,31 @@ def test_trace_summary_splits_busy_time_from_idle_time():
     assert s["mlx"]["top_kernels_ms_per_pass"][0] == ["nvjet_hsh_gemm", 0.3]
     (torch_pass,) = s["torch"]["passes"]
     assert torch_pass["by_kind_ms"] == {"matmul": 0.1}
+
+
+def test_clock_log_is_read_and_matched_to_a_time_window(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_profile import clocks_during, read_clocks
+
+    log = tmp_path / "clocks.csv"
+    log.write_text(
+        "timestamp, clocks.sm, clocks.mem, power.draw, power.limit, temperature.gpu, reasons\n"
+        "2026/11/28 04:00:00.000, 1980, 2619, 120.5, 700.00, 38, 0x0000000000000000\n"
+        "2026/11/28 04:00:01.000, 1500 MHz, 2619 MHz, 690.0 W, 700.00 W, 60, 0x0000000000000004\n"
+        "2026/11/28 04:00:02.000, 1400, 2619, 700.0, 700.00, 61, 0x0000000000000004\n"
+        "garbage line\n"
+    )
+    rows = read_clocks(log)
+    assert [r["sm"] for r in rows] == [1980, 1500, 1400]
+    t0 = rows[0]["t"]
+    assert rows[2]["t"] - t0 == 2.0
+    busy = clocks_during(rows, t0 + 0.5, t0 + 2.5)
+    assert busy == {
+        "samples": 2,
+        "sm_mhz": 1450,
+        "sm_mhz_min": 1400,
+        "power_w": 695.0,
+        "power_limit_w": 700.0,
+        "reasons": ["0x0000000000000004"],
+    }
+    assert clocks_during(rows, t0 + 10, t0 + 11) == {}

@@ -219,6 +219,7 @@ def test_gpu_forward_gathers_nothing(monkeypatch):
     import io
 
     monkeypatch.setattr(ops, "on_gpu", lambda: True)  # the graph is built, never run
+    monkeypatch.setattr(ops, "cuda_kernels", lambda: False)  # (custom kernels: GPU streams only)
     from aim_mlx.models import AIM, ModelArgs
 
     model = AIM(ModelArgs(embed_dim=64, num_blocks=4, num_heads=4, probe_layers=(2, 3)))
