@@ -92,7 +92,8 @@ fi
 if [ "${LANE_BUNDLE:-0}" = 1 ]; then
   # Fewer files to bring back (the device tool returns 8 at most): every file in one archive,
   # with the summaries beside it.
-  (cd "$OUT" && tar czf ../lane-files.tar.gz . && mv ../lane-files.tar.gz .)
+  bundle=$(mktemp -d)/lane-files.tar.gz
+  tar czf "$bundle" -C "$OUT" . && mv "$bundle" "$OUT/"
   find "$OUT" -maxdepth 1 -type f ! -name lane-files.tar.gz ! -name vs_pytorch_gpu.md \
     ! -name gpu_profile.md ! -name machine.txt -delete
 fi

@@ -129,3 +129,24 @@ def test_clock_log_is_read_and_matched_to_a_time_window(tmp_path):
         "reasons": ["0x0000000000000004"],
     }
     assert clocks_during(rows, t0 + 10, t0 + 11) == {}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_lane_bundle_packs_everything_beside_the_summaries(tmp_path):
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANE_")}
+    env.update(OUT=str(out), LANE_SMOKE="1", LANE_PARTS="profile", LANE_BUNDLE="1",
+               PYTHON=sys.executable)  # fmt: skip
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lane.sh")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "gpu_profile.md",
+        "lane-files.tar.gz",
+        "machine.txt",
+    ]
+    with tarfile.open(out / "lane-files.tar.gz") as tar:
+        names = {Path(n).name for n in tar.getnames()}
+    assert {"gpu_profile.json", "gpu_profile.md", "profile.log", "machine.txt"} <= names
