@@ -37,7 +37,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
 CLOCK_FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu"
 REASONS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")
 
@@ -143,12 +142,11 @@ def sustained(rows: int, dim: int, hidden: int, seconds: float, chunk: int) -> d
 def forward_data(name: str, batch: int, warmup: int, iters: int) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_map
+    from vs_pytorch_gpu import model_args
 
     from aim_mlx import bench
-    from aim_mlx.models import ModelArgs, preset_args
 
-    args = ModelArgs(**SMOKE, probe_layers=range(2, 8)) if name == "aim-tiny" else None
-    model = bench.random_model(args or preset_args(name, head="last"), mx.bfloat16)
+    model = bench.random_model(model_args(name), mx.bfloat16)
     x = mx.random.normal((batch, 3, model.args.img_size, model.args.img_size))
     out = {}
     for data in ("random", "zeros"):
@@ -180,16 +178,14 @@ def kernel_trace(name: str, batch: int, passes: int, out_dir: Path) -> dict:
 
     # isort: split
     import mlx.core as mx
-
-    sys.path.insert(0, str(HERE))
     from _timm_aim import build
+    from vs_pytorch_gpu import model_args
 
     from aim_mlx import bench
-    from aim_mlx.models import preset_args
 
     if not torch.cuda.is_available():
         return {"skipped": "torch has no CUDA device here"}
-    args = preset_args(name, head="last")
+    args = model_args(name)
     model = bench.random_model(args, mx.bfloat16)
     x = mx.random.normal((batch, 3, 224, 224), key=mx.random.key(1))
     tmodel = build(args.embed_dim, args.num_blocks, args.num_heads, 224, "cuda")
@@ -270,7 +266,12 @@ def summarize_trace(events: list[dict]) -> dict:
 
 # ---- the report ---------------------------------------------------------------------------------
 
-SMOKE = dict(embed_dim=64, num_blocks=8, num_heads=4)
+
+def clock_cells(c: dict, limit: bool) -> str:
+    """A row's clock columns: SM MHz (median, min), power W (with the limit) and reasons."""
+    power = f"{c.get('power_w', '-')}" + (f" ({c.get('power_limit_w', '-')})" if limit else "")
+    reasons = " ".join(c.get("reasons", [])) or "-"
+    return f"{c.get('sm_mhz', '-')}, {c.get('sm_mhz_min', '-')} | {power} | {reasons}"
 
 
 def markdown(r: dict) -> str:
@@ -287,9 +288,7 @@ def markdown(r: dict) -> str:
             first = ", ".join(f"{t:.3g}" for t in v[:3])
             lines.append(
                 f"| {data} | {first} | {statistics.median(v):.3g} | {statistics.median(last):.3g} "
-                f"| {c.get('sm_mhz', '-')}, {c.get('sm_mhz_min', '-')} "
-                f"| {c.get('power_w', '-')} ({c.get('power_limit_w', '-')}) "
-                f"| {' '.join(c.get('reasons', [])) or '-'} |"
+                f"| {clock_cells(c, limit=True)} |"
             )
     elif s:
         lines.append(f"sustained: {s['error']}")
@@ -299,12 +298,8 @@ def markdown(r: dict) -> str:
                   "| data | img/s | SM MHz (median, min) | power W | throttle reasons |",
                   "| --- | --- | --- | --- | --- |"]  # fmt: skip
         for data, row in d.items():
-            c = row.get("clocks", {})
-            lines.append(
-                f"| {data} | {row['images_per_s']:.4g} | {c.get('sm_mhz', '-')}, "
-                f"{c.get('sm_mhz_min', '-')} | {c.get('power_w', '-')} "
-                f"| {' '.join(c.get('reasons', [])) or '-'} |"
-            )
+            clocks = clock_cells(row.get("clocks", {}), limit=False)
+            lines.append(f"| {data} | {row['images_per_s']:.4g} | {clocks} |")
     elif d:
         lines.append(f"data: {d['error']}")
     k = r.get("kernels")

@@ -16,6 +16,14 @@ from aim_mlx import runtime
 ROOT = Path(__file__).parent.parent
 
 
+def lane_env(out: Path, **settings: str) -> dict:
+    """The environment of a smoke run of the lane writing to `out`: this process's, without the
+    lane's own settings (a run inside the lane would pass them on), plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANE_")}
+    env.update(OUT=str(out), LANE_SMOKE="1", PYTHON=sys.executable, **settings)
+    return env
+
+
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_lane_smoke_writes_its_results(tmp_path):
     out = tmp_path / "out"
@@ -34,9 +42,8 @@ def test_lane_smoke_writes_its_results(tmp_path):
     )
     fake.chmod(0o755)
     path = f"{fake.parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LANE_")}  # the lane's own
-    env.update(OUT=str(out), LANE_SMOKE="1", PYTHON=sys.executable, PATH=path)
-    env["LANE_BENCH_SECONDS"] = "900"  # never cut short: on a busy machine the smoke run is slow
+    # LANE_BENCH_SECONDS: never cut short (on a busy machine the smoke run is slow)
+    env = lane_env(out, PATH=path, LANE_BENCH_SECONDS="900")
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lane.sh")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
@@ -136,9 +143,7 @@ def test_lane_bundle_packs_everything_beside_the_summaries(tmp_path):
     import tarfile
 
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LANE_")}
-    env.update(OUT=str(out), LANE_SMOKE="1", LANE_PARTS="profile", LANE_BUNDLE="1",
-               PYTHON=sys.executable)  # fmt: skip
+    env = lane_env(out, LANE_PARTS="profile", LANE_BUNDLE="1")
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_lane.sh")], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
