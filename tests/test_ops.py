@@ -1,4 +1,5 @@
-"""The CPU fast paths: error bounds against float64 references, and model parity.
+"""The CPU fast paths: error bounds against float64 references, and model parity; and the GPU
+branches' arithmetic, faked on the CPU.
 
 Pinned to the CPU: these kernels are what MLX's CPU backend runs (the GPU uses MLX's own).
 """
@@ -9,8 +10,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import REF, build_reference_model, gelu64, layer_norm64, rel_err, to_np
+from conftest import (
+    REF,
+    build_reference_model,
+    convert_fixture,
+    gelu64,
+    layer_norm64,
+    rel_err,
+    to_np,
+)
 
+import aim_mlx
 from aim_mlx.models import ops
 
 pytestmark = pytest.mark.usefixtures("pin_cpu")
@@ -228,6 +238,47 @@ def test_gpu_forward_gathers_nothing(monkeypatch):
     labels = graph.getvalue()
     assert '"Matmul"' in labels or '"AddMM"' in labels  # the graph is there
     assert '"Gather"' not in labels
+
+
+@pytest.mark.parametrize(
+    "weights, input_name, bound",
+    [
+        ("float32", "input.npy", 1e-4),
+        ("float32", "input_252x196.npy", 1e-4),
+        ("q8", "input.npy", 0.05),  # 8-bit trunk: 0.032 x std by the CPU's own path
+    ],
+)
+def test_metal_branch_on_the_cpu_matches_the_reference(
+    monkeypatch, tmp_path, weights, input_name, bound
+):
+    """The forward that Metal runs (MLX's fused attention and layer norm, q, k, v as views, the
+    residual in the matmul, the blocks on one stream, quantized layers by MLX's quantized
+    kernel), its arithmetic done by MLX's CPU backend: the official logits, in CI."""
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(mx.cuda, "is_available", lambda: False)  # Metal's branch, not CUDA's
+    assert ops.quantized_kernels() and ops.fused_residual() and not ops.cuda_kernels()
+    called = {"quantized_matmul": 0, "scaled_dot_product_attention": 0, "layer_norm": 0}
+    for name, module in (("quantized_matmul", mx), ("scaled_dot_product_attention", mx.fast),
+                         ("layer_norm", mx.fast)):  # fmt: skip
+        original = getattr(module, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            called[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    if weights == "q8":
+        folder = convert_fixture(tmp_path / "q8", dtype="float16", quantize=True, q_bits=8)
+    else:
+        folder = convert_fixture(tmp_path / "f32")
+    model = aim_mlx.load(folder)
+    model.compute_dtype = mx.float32  # MLX's CPU has no fast half-precision matmul
+    suffix = input_name.removeprefix("input").removesuffix(".npy")
+    ref = np.load(REF / f"logits_best{suffix}.npy")
+    out = to_np(model(mx.array(np.load(REF / input_name))))
+    assert rel_err(out, ref) < bound
+    assert called["scaled_dot_product_attention"] and called["layer_norm"]
+    assert bool(called["quantized_matmul"]) == (weights == "q8")
 
 
 def test_quantized_linear_on_cpu_uses_float32():
