@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import (
+    HALF_BOUND,
     REF,
     build_reference_model,
     convert_fixture,
@@ -245,15 +246,18 @@ def test_gpu_forward_gathers_nothing(monkeypatch):
     [
         ("float32", "input.npy", 1e-4),
         ("float32", "input_252x196.npy", 1e-4),
-        ("q8", "input.npy", 0.05),  # 8-bit trunk: 0.032 x std by the CPU's own path
+        ("float16", "input.npy", HALF_BOUND["float16"]),
+        ("bfloat16", "input_252x196.npy", HALF_BOUND["bfloat16"]),
+        ("q8", "input.npy", 0.05),  # float16 with an 8-bit trunk: 0.032 x std on the CPU's path
     ],
 )
 def test_metal_branch_on_the_cpu_matches_the_reference(
     monkeypatch, tmp_path, weights, input_name, bound
 ):
     """The forward that Metal runs (MLX's fused attention and layer norm, q, k, v as views, the
-    residual in the matmul, the blocks on one stream, quantized layers by MLX's quantized
-    kernel), its arithmetic done by MLX's CPU backend: the official logits, in CI."""
+    residual in the matmul, the blocks on one stream, half precision computed as it is stored,
+    quantized layers by MLX's quantized kernel), its arithmetic done by MLX's CPU backend: the
+    official logits, in CI."""
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: False)  # Metal's branch, not CUDA's
     assert ops.quantized_kernels() and ops.fused_residual() and not ops.cuda_kernels()
@@ -270,12 +274,14 @@ def test_metal_branch_on_the_cpu_matches_the_reference(
     if weights == "q8":
         folder = convert_fixture(tmp_path / "q8", dtype="float16", quantize=True, q_bits=8)
     else:
-        folder = convert_fixture(tmp_path / "f32")
+        folder = convert_fixture(tmp_path / weights, dtype=weights)
     model = aim_mlx.load(folder)
-    model.compute_dtype = mx.float32  # MLX's CPU has no fast half-precision matmul
+    assert model.activation_dtype() == model.dtype  # nothing widened
     suffix = input_name.removeprefix("input").removesuffix(".npy")
     ref = np.load(REF / f"logits_best{suffix}.npy")
-    out = to_np(model(mx.array(np.load(REF / input_name))))
+    x = mx.array(np.load(REF / input_name))
+    assert {f.dtype for f in model.extract_features(x)} == {model.dtype}
+    out = to_np(model(x))
     assert rel_err(out, ref) < bound
     assert called["scaled_dot_product_attention"] and called["layer_norm"]
     assert bool(called["quantized_matmul"]) == (weights == "q8")
