@@ -252,7 +252,7 @@ def test_gpu_forward_gathers_nothing(monkeypatch):
     ],
 )
 def test_metal_branch_on_the_cpu_matches_the_reference(
-    monkeypatch, tmp_path, weights, input_name, bound
+    monkeypatch, tmp_path, converted, weights, input_name, bound
 ):
     """The forward that Metal runs (MLX's fused attention and layer norm, q, k, v as views, the
     residual in the matmul, the blocks on one stream, half precision computed as it is stored,
@@ -274,7 +274,7 @@ def test_metal_branch_on_the_cpu_matches_the_reference(
     if weights == "q8":
         folder = convert_fixture(tmp_path / "q8", dtype="float16", quantize=True, q_bits=8)
     else:
-        folder = convert_fixture(tmp_path / weights, dtype=weights)
+        folder = converted["best", weights]
     model = aim_mlx.load(folder)
     assert model.activation_dtype() == model.dtype  # nothing widened
     suffix = input_name.removeprefix("input").removesuffix(".npy")
