@@ -246,7 +246,8 @@ def summarize_trace(events: list[dict]) -> dict:
                 end = max(end, t)
             kinds: dict[str, float] = {}
             for e in inside:
-                kinds[kernel_kind(e["name"])] = kinds.get(kernel_kind(e["name"]), 0) + e["dur"]
+                kind = kernel_kind(e["name"])
+                kinds[kind] = kinds.get(kind, 0) + e["dur"]
                 by_name[e["name"]] = by_name.get(e["name"], 0) + e["dur"]
             first = inside[0]["ts"] - start if inside else None
             rows.append({
@@ -354,19 +355,21 @@ def main():
         (a.out / "gpu_profile.json").write_text(json.dumps(r, indent=1))
         (a.out / "gpu_profile.md").write_text(markdown(r))
 
+    def attempt(part: str, run, limit: int = 300):
+        """r[part] = run(), or the error it raised (the other parts still run); then save."""
+        try:
+            r[part] = run()
+        except Exception as e:
+            r[part] = {"error": f"{type(e).__name__}: {e}"[:limit]}
+        save()
+
     with clock_log(clocks_csv, 100):
         if "sustained" in parts:
-            try:
-                r["sustained"] = sustained(rows, dim, 4 * dim, seconds, 3 if a.smoke else 25)
-            except Exception as e:
-                r["sustained"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            save()
+            chunk = 3 if a.smoke else 25
+            attempt("sustained", lambda: sustained(rows, dim, 4 * dim, seconds, chunk))
         if "data" in parts:
-            try:
-                r["data"] = forward_data(name, batch, 1 if a.smoke else 3, 2 if a.smoke else 20)
-            except Exception as e:
-                r["data"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            save()
+            warmup, iters = (1, 2) if a.smoke else (3, 20)
+            attempt("data", lambda: forward_data(name, batch, warmup, iters))
     clocks = read_clocks(clocks_csv)
     r["clock_log"] = {"rows": len(clocks)}
     if clocks:  # the log's span, to set beside the parts' (epoch seconds)
@@ -379,12 +382,9 @@ def main():
     if "kernels" in parts:
         if a.smoke or not mx.cuda.is_available():
             r["kernels"] = {"skipped": "needs MLX's CUDA backend and torch with CUDA"}
+            save()
         else:
-            try:
-                r["kernels"] = kernel_trace(name, batch, 3, a.out)
-            except Exception as e:
-                r["kernels"] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        save()
+            attempt("kernels", lambda: kernel_trace(name, batch, 3, a.out), limit=500)
     print(markdown(r))
 
 
