@@ -43,17 +43,19 @@ class BenchConfig:
 def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:
     """Matmul FLOPs (2 per multiply-add) for one image through `num_blocks` blocks and the head.
 
-    Counted: patch embedding, qkv, attention q k^T and a v, proj, fc1, fc2, and the head's
-    k, v, one-query attention and classifier. Element-wise work (norms, GELU, softmax) is not.
+    Counted: patch embedding, qkv, attention q k^T and a v, proj, fc1, fc2, and the head as
+    `AttentionPoolingHead` computes it (its query through W_k, the scores and weighted mean
+    tokens of each head, W_v on those, the classifier). Element-wise work (norms, GELU,
+    softmax) is not.
     """
-    p, D = args.patch_size, args.embed_dim
+    p, D, H = args.patch_size, args.embed_dim, args.num_heads
     N = (img_h // p) * (img_w // p)
     hidden = args.mlp_ratio * D
     patch = 2 * N * (3 * p * p) * D
     qkv, proj = 2 * N * D * 3 * D, 2 * N * D * D
     scores_and_mix = 2 * (2 * N * N * D)  # q k^T and a v, all heads together
     mlp = 2 * (2 * N * D * hidden)
-    head = 2 * (2 * N * D * D) + 2 * (2 * N * D) + 2 * D * args.num_classes
+    head = 2 * (2 * D * D) + 2 * (2 * N * D * H) + 2 * D * args.num_classes
     return patch + num_blocks * (qkv + scores_and_mix + proj + mlp) + head
 
 

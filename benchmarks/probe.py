@@ -119,7 +119,8 @@ def child_train(work: str, n: int, kind: str, batch: int, steps: int | None) -> 
     N, D = SHAPE_600M
     forward = N * D + 2 * D * CLASSES  # linear: the mean, the linear layer
     if kind == "attention":
-        forward = 2 * 2 * N * D * D + 2 * 2 * N * D + 2 * D * CLASSES  # k, v; pooling; linear
+        H = args.num_heads  # as `AttentionPoolingHead` computes it: query and W_v; pooling
+        forward = 2 * 2 * D * D + 2 * 2 * N * D * H + 2 * D * CLASSES
     flops = 3 * forward * len(keys)
     return dict(
         kind=kind,

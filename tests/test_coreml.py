@@ -428,6 +428,21 @@ def test_range_check_covers_only_what_the_package_computes(tmp_path):
     assert coreml.export_coreml(m, tmp_path / "f.mlpackage", features=True).is_dir()
 
 
+@pytest.mark.parametrize("layer, undo", [("k", "cls_token"), ("v", "linear")])
+def test_float16_export_checks_the_head_keys_and_values(tmp_path, layer, undo):
+    """The package computes the head's keys and values for every token, which the MLX head
+    folds away: scaled up (and scaled back after, so that scores and logits are unchanged), they
+    still stop a float16 export."""
+    m = build_reference_model("best")
+    m.head[layer].weight = m.head[layer].weight * 1e6
+    if undo == "linear":
+        m.head.linear.weight = m.head.linear.weight * 1e-6
+    else:
+        m.head.cls_token = m.head.cls_token * 1e-6
+    with pytest.raises(coreml.ExportError, match=r"linear activations reach .*outside the trunk"):
+        coreml.export_coreml(m, tmp_path / "m.mlpackage")
+
+
 def test_mixed_export_refuses_overflow_in_linear_layers(tmp_path):
     with pytest.raises(coreml.ExportError, match="--precision float32"):
         coreml.export_coreml(

@@ -186,12 +186,7 @@ def _observation_points(model) -> list[tuple[nn.Module, str, int, str, str | Non
     head = model.head
     if isinstance(head, LinearPoolingHead):  # its linear layer reads the standardised mean
         return points + [(head, "linear", -1, "logits", "head_norm")]
-    return points + [
-        (head, "bn", -1, "head_norm", None),
-        (head, "k", -1, "linear", None),
-        (head, "v", -1, "linear", None),
-        (head, "linear", -1, "logits", None),
-    ]
+    return points + [(head, "bn", -1, "head_norm", None), (head, "linear", -1, "logits", None)]
 
 
 def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
@@ -200,7 +195,8 @@ def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
 
     Returns kind -> (max |value|, block index or -1 outside the trunk). The kinds are those of
     `FP16_KINDS`: each layer is wrapped for the pass to report its output (and the layer norms
-    their input, the residual stream), and attention reports its scores.
+    their input, the residual stream), and attention reports its scores; then the head's keys,
+    values and scores, which the package computes and the MLX head does not.
     """
     stats: dict[str, tuple[float, int]] = {}
     block = [-1]  # the block whose attention runs next
@@ -233,6 +229,13 @@ def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
         ops.attention, model.compute_dtype = original_attention, compute_dtype
         for parent, name, *_ in points:
             parent[name] = parent[name].layer
+    if not isinstance(model.head, LinearPoolingHead):
+        # The package computes the head's keys and values for every token, which the MLX head
+        # folds away (see `AttentionPoolingHead`): seen here from the head's own layers.
+        head = model.head
+        tokens = head.bn(model.head_input(feats))
+        see("linear", mx.concatenate([head.k(tokens), head.v(tokens)]))
+        see("attention_scores", head.scores(tokens))
     return stats
 
 

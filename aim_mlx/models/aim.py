@@ -400,7 +400,13 @@ class Trunk(nn.Module):
 
 class AttentionPoolingHead(nn.Module):
     """BatchNorm (running statistics), then one learned query per head attending over the
-    tokens, then a linear classifier."""
+    tokens, then a linear classifier.
+
+    With one query per head, the key and value projections need not touch every token:
+    q_h . (W_k,h x) = (W_k,h^T q_h) . x, and sum_n a_n W_v,h x_n = W_v,h (sum_n a_n x_n). So the
+    query is taken back through W_k to the tokens' features, and W_v is applied to each head's
+    pooled token: the same attention, with N times fewer multiplications for k and v.
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -413,17 +419,22 @@ class AttentionPoolingHead(nn.Module):
         self.linear = Linear(D, args.num_classes)
         self.bn = FrozenBatchNorm(D, eps=args.norm_eps, affine=False)
 
+    def scores(self, x: mx.array) -> mx.array:
+        """Each head's query against the normalised tokens x (B, N, D), scaled: (B, N, H)."""
+        D, H = x.shape[-1], self.num_heads
+        q = self.cls_token.astype(x.dtype).reshape(H, D // H)  # one query per head
+        w_k = self.k.weight_as(x.dtype).reshape(H, D // H, D)  # each head's rows of W_k
+        return x @ (mx.einsum("hc,hcd->hd", q, w_k) * self.scale).T  # x_n . W_k,h^T q_h
+
     def __call__(self, x: mx.array) -> mx.array:
         # x: (B, N, D) -> logits (B, num_classes)
         x = self.bn(x)
         B, N, D = x.shape
-        H = self.num_heads
-        q = self.cls_token.astype(x.dtype).reshape(1, H, 1, D // H)
-        q = mx.broadcast_to(q, (B, H, 1, D // H))
-        k = self.k(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
-        v = self.v(x).reshape(B, N, H, D // H).transpose(0, 2, 1, 3)
-        pooled = ops.attention(q, k, v, self.scale).reshape(B, D)  # one query per head
-        return self.linear(pooled)
+        weights = mx.softmax(self.scores(x), axis=1, precise=True)  # over the tokens
+        tokens = weights.swapaxes(1, 2) @ x  # (B, H, D): each head's weighted mean token
+        w_v = self.v.weight_as(x.dtype).reshape(self.num_heads, D // self.num_heads, D)
+        pooled = mx.einsum("bhd,hcd->bhc", tokens, w_v)  # W_v,h tokens_h: (B, H, head_dim)
+        return self.linear(pooled.reshape(B, D))
 
 
 class AIM(nn.Module):
