@@ -44,9 +44,8 @@ def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) ->
     """Matmul FLOPs (2 per multiply-add) for one image through `num_blocks` blocks and the head.
 
     Counted: patch embedding, qkv, attention q k^T and a v, proj, fc1, fc2, and the head as
-    `AttentionPoolingHead` computes it (its query through W_k, the scores and weighted mean
-    tokens of each head, W_v on those, the classifier). Element-wise work (norms, GELU,
-    softmax) is not.
+    `AttentionPoolingHead` computes it (`attention_head_flops`). Element-wise work (norms,
+    GELU, softmax) is not.
     """
     p, D, H = args.patch_size, args.embed_dim, args.num_heads
     N = (img_h // p) * (img_w // p)
@@ -55,8 +54,14 @@ def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) ->
     qkv, proj = 2 * N * D * 3 * D, 2 * N * D * D
     scores_and_mix = 2 * (2 * N * N * D)  # q k^T and a v, all heads together
     mlp = 2 * (2 * N * D * hidden)
-    head = 2 * (2 * D * D) + 2 * (2 * N * D * H) + 2 * D * args.num_classes
+    head = attention_head_flops(N, D, H, args.num_classes)
     return patch + num_blocks * (qkv + scores_and_mix + proj + mlp) + head
+
+
+def attention_head_flops(tokens: int, dim: int, heads: int, classes: int) -> int:
+    """Matmul FLOPs of `AttentionPoolingHead` for one image: its queries through W_k and W_v on
+    the pooled tokens (D x D each), each head's scores and weighted mean token, the classifier."""
+    return 2 * (2 * dim * dim) + 2 * (2 * tokens * dim * heads) + 2 * dim * classes
 
 
 def blocks_run(args: ModelArgs) -> int:

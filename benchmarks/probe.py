@@ -96,6 +96,7 @@ def child_train(work: str, n: int, kind: str, batch: int, steps: int | None) -> 
     import mlx.core as mx
     import numpy as np
 
+    from aim_mlx.bench import attention_head_flops
     from aim_mlx.models import preset_args
     from aim_mlx.probe.head import make_head
     from aim_mlx.probe.training import Settings, fit
@@ -119,8 +120,7 @@ def child_train(work: str, n: int, kind: str, batch: int, steps: int | None) -> 
     N, D = SHAPE_600M
     forward = N * D + 2 * D * CLASSES  # linear: the mean, the linear layer
     if kind == "attention":
-        H = args.num_heads  # as `AttentionPoolingHead` computes it: query and W_v; pooling
-        forward = 2 * 2 * D * D + 2 * 2 * N * D * H + 2 * D * CLASSES
+        forward = attention_head_flops(N, D, args.num_heads, CLASSES)
     flops = 3 * forward * len(keys)
     return dict(
         kind=kind,

@@ -224,7 +224,8 @@ def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
         feats = model.extract_features(x)
         for i, f in enumerate(feats):
             see("residual", f, i)
-        model.head(model.head_input(feats))
+        head_input = model.head_input(feats)
+        model.head(head_input)
     finally:
         ops.attention, model.compute_dtype = original_attention, compute_dtype
         for parent, name, *_ in points:
@@ -233,8 +234,9 @@ def activation_ranges(model, x: mx.array) -> dict[str, tuple[float, int]]:
         # The package computes the head's keys and values for every token, which the MLX head
         # folds away (see `AttentionPoolingHead`): seen here from the head's own layers.
         head = model.head
-        tokens = head.bn(model.head_input(feats))
-        see("linear", mx.concatenate([head.k(tokens), head.v(tokens)]))
+        tokens = head.bn(head_input)
+        see("linear", head.k(tokens))
+        see("linear", head.v(tokens))
         see("attention_scores", head.scores(tokens))
     return stats
 
