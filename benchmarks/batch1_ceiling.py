@@ -103,6 +103,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     rounds = parser.parse_args().rounds
+    mx.set_default_device(mx.cpu)  # the CPU runner's question, on a Mac too
 
     args = preset_args("aim-600M", head="last")
     model = bench.random_model(args, mx.float32, None)
