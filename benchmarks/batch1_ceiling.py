@@ -29,21 +29,13 @@ import aim_mlx  # noqa: F401  (first: it loads an optimized BLAS before mlx.core
 
 # isort: split
 import mlx.core as mx
-import numpy as np
+from vs_pytorch import numpy_peak  # the peak vs_pytorch.py divides by (this script's folder)
 
 from aim_mlx import bench, blas
 from aim_mlx.models import cpu_runner, ops
 from aim_mlx.models.aim import preset_args
 
 TOKENS = 256
-
-
-def numpy_peak() -> float:
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((512, 1536), dtype=np.float32)
-    b = rng.standard_normal((1536, 6144), dtype=np.float32)
-    best = min(_seconds(lambda: a @ b) for _ in range(3))
-    return 2 * 512 * 1536 * 6144 / best / 1e9
 
 
 def _seconds(fn) -> float:
@@ -112,16 +104,16 @@ def main():
     n = len(streams)
     x = mx.random.normal((1, TOKENS, args.embed_dim))
     mx.eval(x)
-    per_image = bench.flops_per_image
-    trunk_flops = per_image(args, 24, 224, 224) - per_image(args, 0, 224, 224)  # the blocks
+    per_image, depth = bench.flops_per_image, len(blocks)
+    trunk_flops = per_image(args, depth, 224, 224) - per_image(args, 0, 224, 224)  # the blocks
     timed = {
         "matmuls only, 256 rows": (
             lambda: mx.eval(matmuls_only(blocks, streams, TOKENS)),
-            24 * block_matmul_flops(args, TOKENS),
+            depth * block_matmul_flops(args, TOKENS),
         ),
         "matmuls only, 512 rows": (
             lambda: mx.eval(matmuls_only(blocks, streams, 2 * TOKENS)),
-            24 * block_matmul_flops(args, 2 * TOKENS),
+            depth * block_matmul_flops(args, 2 * TOKENS),
         ),
         "the trunk at batch 1": (lambda: mx.eval(ops.run_blocks(blocks, x)[-1]), trunk_flops),
     }
@@ -131,7 +123,7 @@ def main():
     gflops = {name: [] for name in timed}
     peaks, pieces = [], {}
     for r in range(rounds):
-        peak = numpy_peak()
+        peak = numpy_peak(1)  # 512 rows, best of three
         peaks.append(peak)
         for name, (fn, flops) in timed.items():
             rate = flops / _seconds(fn) / 1e9
