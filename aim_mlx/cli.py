@@ -359,15 +359,18 @@ def classify(
     trained head's (--head DIR; --top-k is clamped to its number of classes)."""
     import csv
 
-    from . import distributed
+    from . import distributed, images
     from .classifier import classify_iter
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    rows = classify_iter(
-        net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
-    )
+    if images.any_image(inputs):
+        net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+        rows = classify_iter(
+            net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
+        )
+    else:  # every input missing or an empty folder: said without loading (downloading) a model
+        rows = ({"path": path, "error": why} for path, why in images.errors(inputs))
     if not distributed.is_root():  # under mlx.launch: rank 0 prints every rank's rows
         for _ in rows:
             pass
@@ -440,10 +443,13 @@ def embed(
     """
     import sys
 
-    from . import distributed
+    import numpy as np
+
+    from . import distributed, images
+    from .embed import Embeddings, listing_path, parse_layers, save
     from .embed import embed as embed_images
-    from .embed import listing_path, parse_layers, save
     from .output import prepare_output
+    from .resolve import known_num_blocks
 
     if not out.endswith((".safetensors", ".npy")):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
@@ -451,20 +457,29 @@ def embed(
         prepare_output(out, force=force)
         if out.endswith(".npy"):
             prepare_output(listing_path(out), force=force)
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    try:
-        parse_layers(layers, net.args.num_blocks)
-    except OptionError as e:
-        raise click.BadParameter(str(e), param_hint="--layers") from None
-    emb = embed_images(
-        net,
-        inputs,
-        layers=layers,
-        pool=pool,
-        batch_size=batch_size,
-        progress=progress,
-        img_size=img_size,
-    )
+
+    def check_layers(num_blocks: int) -> None:
+        try:
+            parse_layers(layers, num_blocks)
+        except OptionError as e:
+            raise click.BadParameter(str(e), param_hint="--layers") from None
+
+    if (blocks := known_num_blocks(model)) is not None:  # before loading (downloading) it
+        check_layers(blocks)
+    if images.any_image(inputs):
+        net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+        check_layers(net.args.num_blocks)
+        emb = embed_images(
+            net,
+            inputs,
+            layers=layers,
+            pool=pool,
+            batch_size=batch_size,
+            progress=progress,
+            img_size=img_size,
+        )
+    else:  # every input missing or an empty folder: said without loading (downloading) a model
+        emb = Embeddings(np.zeros((0,), np.float32), [], images.errors(inputs))
     if not distributed.is_root():  # under mlx.launch: rank 0 writes every rank's rows
         return
     for path, reason in emb.errors:
@@ -514,17 +529,16 @@ def eval_command(
     """Top-1 / top-5 accuracy on DATA, an ImageNet-style folder (one sub-folder of images per
     WordNet id, like n01440764)."""
     from . import distributed
-    from .evaluate import evaluate
+    from .evaluate import evaluate_pairs, imagenet_folder
 
     if data and data_path and data != data_path:
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
+    pairs = imagenet_folder(data, limit)  # before loading (perhaps downloading) the model
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    result = evaluate(
-        net, data, limit=limit, batch_size=batch_size, progress=progress, img_size=img_size
-    )
+    result = evaluate_pairs(net, pairs, batch_size=batch_size, progress=progress, img_size=img_size)
     if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
         return
     for path, reason in result.failed:
@@ -977,8 +991,8 @@ def probe_eval(
 
     from . import distributed
     from .output import prepare_output
-    from .probe.evaluate import evaluate_head, save_confusion
-    from .probe.head import is_head_folder
+    from .probe.evaluate import evaluate_head, labelled_images, save_confusion
+    from .probe.head import is_head_folder, read_head_config
 
     if not is_head_folder(head):
         raise click.UsageError("--head must be a trained head's folder (from `probe train`)")
@@ -987,6 +1001,8 @@ def probe_eval(
         if target.suffix.lower() != ".png":
             raise click.BadParameter("must end in .png", param_hint="--confusion")
         prepare_output(target, force=force)
+    labels = read_head_config(head)["classes"]
+    labelled_images(val_dir, labels, head)  # before loading (perhaps downloading) the trunk
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
     result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
     if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts

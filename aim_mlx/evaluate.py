@@ -81,6 +81,18 @@ def evaluate(
     """Top-1 / top-5 of `model` on an ImageNet-style folder; `img_size` defaults to the
     model's input size."""
     pairs = imagenet_folder(data_path, limit)
+    return evaluate_pairs(model, pairs, batch_size=batch_size, progress=progress, img_size=img_size)
+
+
+def evaluate_pairs(
+    model,
+    pairs: list[tuple[str, int]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    img_size: int | None = None,
+) -> EvalResult:
+    """`evaluate` on (image path, class index) pairs, as `imagenet_folder` lists them."""
     target = dict(pairs)
     hits1 = hits5 = n = 0
     classes, failed = set(), []

@@ -52,6 +52,20 @@ def walk_images(folder: str) -> list[str]:
     return sorted(found)
 
 
+def any_image(inputs: Iterable[str | os.PathLike]) -> bool:
+    """Whether `collect` would find something to read: an input that exists and is not a
+    folder, or a folder with an image inside. Stops at the first, so it is cheap enough to ask
+    before a model is loaded."""
+    for given in map(str, inputs):
+        if os.path.exists(given) and not os.path.isdir(given):
+            return True
+        for _root, dirs, names in os.walk(given):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            if any(is_image_name(n) for n in names):
+                return True
+    return False
+
+
 def collect(inputs: Iterable[str | os.PathLike]) -> list[Item]:
     """Files as given (whatever their suffix) and the images inside folders; a missing path or
     a folder without images becomes an Item with an error."""
@@ -68,6 +82,11 @@ def collect(inputs: Iterable[str | os.PathLike]) -> list[Item]:
         else:
             items.append(Item(given, "no such file or folder"))
     return items
+
+
+def errors(inputs: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+    """(path, reason) for every input that `collect` finds nothing to read in."""
+    return [(it.path, it.error) for it in collect(inputs) if it.error]
 
 
 def _load(path: str, size: int) -> np.ndarray | str:

@@ -107,6 +107,17 @@ def load(model: str | Path, head: str | None = None, dtype: str | None = None, *
     return net
 
 
+def known_num_blocks(model: str | Path) -> int | None:
+    """The number of blocks of a registered model or a converted folder, read without loading
+    (or downloading) it; None for anything else."""
+    if registry.is_known(str(model)):
+        return registry.get(str(model)).arch["num_blocks"]
+    path = Path(model).expanduser()
+    if path.is_dir() and _is_converted(path):
+        return read_config(path).get("num_blocks")
+    return None
+
+
 def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:
     """Convert once into the cache entry `key`; concurrent callers wait and reuse the result."""
     from .convert import convert

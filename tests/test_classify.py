@@ -168,6 +168,35 @@ def test_folder_without_images_says_so(model_dir, tmp_path):
     assert f"error: {tmp_path}: folder has no images" in result.stderr
 
 
+def test_any_image_agrees_with_collect(tmp_path):
+    """The cheap check made before loading a model says yes exactly when `collect` finds
+    something to read."""
+    from aim_mlx import images
+
+    hidden = tmp_path / "hidden"
+    (hidden / ".thumbs").mkdir(parents=True)
+    (hidden / ".thumbs" / "a.jpg").write_bytes(b"x")
+    (hidden / "._b.jpg").write_bytes(b"x")
+    (hidden / "notes.txt").write_text("hello")
+    nested = tmp_path / "nested"
+    (nested / "a" / "b").mkdir(parents=True)
+    (nested / "a" / "b" / "c.PNG").write_bytes(b"x")
+    any_file = tmp_path / "data.bin"
+    any_file.write_bytes(b"x")
+    cases = {
+        (hidden,): False,
+        (tmp_path / "missing",): False,
+        (hidden, tmp_path / "missing"): False,
+        (nested,): True,
+        (any_file,): True,  # a file is read whatever its name, as given
+        (tmp_path / "missing", nested): True,
+    }
+    for inputs, expected in cases.items():
+        readable = [it for it in images.collect(inputs) if it.error is None]
+        assert images.any_image(inputs) is expected is bool(readable), inputs
+        assert len(images.errors(inputs)) == len(images.collect(inputs)) - len(readable)
+
+
 def test_unknown_model_is_a_clear_error(tmp_path):
     result = cli("classify", REF / "images", "--model", "aim-13B")
     assert result.exit_code == 1

@@ -4,6 +4,7 @@ every command."""
 
 import json
 import os
+import shutil
 import socket
 import stat
 import sys
@@ -189,9 +190,12 @@ def test_ctrl_c_exits_130(monkeypatch, model_dir, tmp_path):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(resolve, "load", interrupted)
+    val = tmp_path / "val" / "n01440764"  # eval checks its folder before loading the model
+    val.mkdir(parents=True)
+    shutil.copy(ROCKET, val)
     for command in (
         ["classify", ROCKET],
-        ["eval", REF],
+        ["eval", val.parent],
         ["embed", ROCKET, "-o", tmp_path / "x.npy"],
     ):
         result = cli(*command, "-m", model_dir)
@@ -213,8 +217,6 @@ def test_malformed_config_is_reported_as_such(tmp_path):
 
 
 def test_cache_treats_a_damaged_entry_as_absent(model_dir, tmp_path, monkeypatch):
-    import shutil
-
     entry = cache.entry_dir("x--best--float32")
     shutil.copytree(model_dir, entry)
     assert cache.is_current(entry)
@@ -250,8 +252,6 @@ def test_folder_head_from_probe_layers():
 
 
 def test_a_checkpoint_folder_with_only_a_last_head_uses_it(tmp_path):
-    import shutil
-
     folder = tmp_path / "ckpt"
     folder.mkdir()
     shutil.copy(REF / "backbone.pth", folder / "tiny_backbone.pth")

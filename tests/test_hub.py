@@ -19,6 +19,7 @@ from conftest import FIXTURE_CONFIG, REF, float32_bound, gpu_available
 from hub_server import HubServer
 
 from aim_mlx.convert import FORMAT_VERSION
+from aim_mlx.probe.head import HEAD_FORMAT, HEAD_FORMAT_VERSION
 
 REPO = "aim-test-org/AIM-tiny"
 FILES = ["backbone.pth", "head_best_layers.pth", "head_last_layers.pth"]
@@ -183,6 +184,52 @@ def test_offline_without_cache_is_a_clear_error(env, hub):
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert hub.requests == []
+
+
+def test_input_mistakes_are_reported_before_any_download(env, hub, tmp_path):
+    """Paths, folders and --layers that cannot work are said before the model is fetched: a
+    typo costs no multi-GB download. The messages are those said after loading, before."""
+    missing = tmp_path / "nope.jpg"
+    empty = tmp_path / "empty"
+    (empty / "not-a-wnid").mkdir(parents=True)
+    head = tmp_path / "my-head"
+    head.mkdir()
+    config = dict(format=HEAD_FORMAT, format_version=HEAD_FORMAT_VERSION, classes=["cat", "dog"])
+    (head / "config.json").write_text(json.dumps(config))
+    (empty / "bird").mkdir()
+    features = tmp_path / "f.npy"
+    model = ["--model", "aim-tiny"]
+
+    runs = {
+        "classify": aim_mlx(env, "classify", str(missing), *model, "--json"),
+        "embed": aim_mlx(env, "embed", str(missing), "-o", str(features), *model),
+        "layers": aim_mlx(
+            env, "embed", str(REF / "images"), "-o", str(features), *model, "--layers", "3,99"
+        ),
+        "eval": aim_mlx(env, "eval", str(empty), *model),
+        "probe": aim_mlx(env, "probe", "eval", str(empty), *model, "--head", str(head)),
+    }
+    assert hub.requests == []
+    assert not (Path(env["AIM_MLX_CACHE"]) / "models").exists()
+    assert not features.exists()
+    for name, run in runs.items():
+        assert run.returncode == (2 if name == "layers" else 1), (name, run.stderr)
+        assert "Traceback" not in run.stderr
+    assert json.loads(runs["classify"].stdout) == {
+        "path": str(missing),
+        "error": "no such file or folder",
+    }
+    assert runs["embed"].stderr.splitlines() == [
+        f"error: {missing}: no such file or folder",
+        "no features written: no image could be read",
+    ]
+    assert "blocks [99] do not exist: the model has 8 blocks" in runs["layers"].stderr
+    assert "sub-folders must be ImageNet-1k WordNet ids like n01440764; not: bird, not-a-wnid" in (
+        runs["eval"].stderr
+    )
+    assert "class sub-folder(s) ['bird', 'not-a-wnid'] are not classes of the head" in (
+        runs["probe"].stderr
+    )
 
 
 def test_concurrent_first_runs_convert_once(env, hub):

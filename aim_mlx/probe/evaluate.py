@@ -44,6 +44,22 @@ class HeadEvalResult:
         )
 
 
+def labelled_images(data_path: str | Path, labels: list[str], head: str) -> list[tuple[str, int]]:
+    """(image path, class index) for the images of `data_path`'s class sub-folders, which must
+    be among `labels`, the classes of the trained head `head`."""
+    found = class_folders(data_path, "evaluation folder")
+    unknown = sorted(set(found) - set(labels))
+    if unknown:
+        raise ProbeError(
+            f"evaluation folder {data_path}: class sub-folder(s) {unknown} are not classes of the "
+            f"head {head} ({', '.join(labels)})"
+        )
+    pairs = [(p, labels.index(name)) for name, paths in found.items() for p in paths]
+    if not pairs:
+        raise ProbeError(f"evaluation folder {data_path}: no images in its class sub-folders")
+    return pairs
+
+
 def evaluate_head(
     model, data_path: str | Path, *, batch_size: int = 8, progress: bool = False
 ) -> HeadEvalResult:
@@ -53,16 +69,7 @@ def evaluate_head(
     if trained is None:
         raise ProbeError("the model has no trained head; load it with head=FOLDER")
     labels = list(trained.classes)
-    found = class_folders(data_path, "evaluation folder")
-    unknown = sorted(set(found) - set(labels))
-    if unknown:
-        raise ProbeError(
-            f"evaluation folder {data_path}: class sub-folder(s) {unknown} are not classes of the "
-            f"head {trained.path} ({', '.join(labels)})"
-        )
-    pairs = [(p, labels.index(name)) for name, paths in found.items() for p in paths]
-    if not pairs:
-        raise ProbeError(f"evaluation folder {data_path}: no images in its class sub-folders")
+    pairs = labelled_images(data_path, labels, trained.path)
     target = dict(pairs)
     C = len(labels)
     confusion = np.zeros((C, C), dtype=np.int64)
