@@ -50,7 +50,25 @@ from aim_mlx.models import ModelArgs, preset_args
 HERE = Path(__file__).parent
 SIZES = {"aim-600M": 64, "aim-1B": 64, "aim-3B": 64, "aim-7B": 32}
 DTYPES = ("bfloat16", "float16")
-H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM spec sheet
+# bf16 dense TFLOP/s from NVIDIA's spec sheets (half their "with sparsity" figures), by the
+# words in the card's name; the first match wins.
+SPEC_BF16_DENSE_TFLOPS = (
+    (("H100", "PCIe"), 756.0, "H100 PCIe"),
+    (("H100", "NVL"), 835.0, "H100 NVL"),
+    (("H200", "NVL"), 835.0, "H200 NVL"),
+    (("H100",), 989.0, "H100 SXM"),
+    (("H200",), 989.0, "H200 SXM"),
+)
+
+
+def spec_peak(gpu_name: str) -> tuple[float | None, str]:
+    """(the card's bf16 dense peak in TFLOP/s or None, where the figure comes from)."""
+    for words, tflops, card in SPEC_BF16_DENSE_TFLOPS:
+        if all(w in gpu_name for w in words):
+            return tflops, f"{card} bf16 dense peak, spec sheet"
+    return None, "no spec sheet figure known for this card; pass --peak-tflops"
+
+
 SMOKE_ARGS = dict(embed_dim=64, num_blocks=8, num_heads=4)  # the test fixture's shape
 # Variants of aim-mlx's forward (levers of _gpu_levers.py), timed at aim-600M; those in COMPARED
 # also in every round of the comparison, beside the default.
@@ -191,7 +209,7 @@ def lever_in_subprocess(spec: dict) -> dict:
 # ---- The report ------------------------------------------------------------------------------
 
 
-def summarize(rounds: list[dict], peak_tflops: float, variant: str | None = None) -> dict:
+def summarize(rounds: list[dict], peak_tflops: float | None, variant: str | None = None) -> dict:
     """Medians over the rounds of aim-mlx's default (or `variant`) and of PyTorch."""
     mlx = [r["mlx"] if variant is None else r["variants"].get(variant, {}) for r in rounds]
     mlx = [m if "images_per_s" in m else None for m in mlx]
@@ -209,7 +227,7 @@ def summarize(rounds: list[dict], peak_tflops: float, variant: str | None = None
     gflop = ok[0]["gflops_per_image"]
     s = {"mlx_images_per_s": statistics.median(m["images_per_s"] for m in ok)}
     s["mlx_tflops"] = gflop * s["mlx_images_per_s"] / 1e3
-    s["mlx_fraction_of_peak"] = s["mlx_tflops"] / peak_tflops
+    s["mlx_fraction_of_peak"] = s["mlx_tflops"] / peak_tflops if peak_tflops else None
     s["mlx_peak_gb"] = max(m["peak_memory_gb"] for m in ok)
     if torch_ips:
         s["torch_images_per_s"] = statistics.median(torch_ips)
@@ -238,8 +256,8 @@ def markdown(results: dict) -> str:
         f"- PyTorch side: {meta['torch']}",
         f"- command: `{meta['command']}`; {meta['rounds']} interleaved rounds, "
         f"{meta['warmup']} warmup + {meta['iters']} timed iterations each; 224 px, all blocks",
-        f"- TFLOP/s from aim-mlx's matmul FLOP count; fraction of {meta['peak_tflops']:g} "
-        "TFLOP/s (H100 SXM bf16 dense peak); peak GiB: mx.get_peak_memory vs "
+        f"- TFLOP/s from aim-mlx's matmul FLOP count; fraction of {fmt(meta['peak_tflops'])} "
+        f"TFLOP/s ({meta['peak_source']}); peak GiB: mx.get_peak_memory vs "
         "torch.cuda.max_memory_allocated (weights included; PyTorch's are float32 under autocast)",
         "",
         "| model (batch) | dtype | aim-mlx img/s | PyTorch img/s | ratio (median, range) "
@@ -339,7 +357,9 @@ def main():
         default=";".join(COMPARED),
         help="variants timed in every round beside the default, separated by ';' ('' for none)",
     )
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="default: the card's spec sheet figure"
+    )
     p.add_argument("--max-seconds", type=float, default=None, help="stop starting new work after")
     p.add_argument("--smoke", action="store_true", help="the fixture-sized model, batch 2, 1 round")
     a = p.parse_args()
@@ -353,9 +373,15 @@ def main():
     unknown = [v for v in compared if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    gpu = bench.gpu() or f"no GPU: {mx.default_device()}"
+    spec_tflops, peak_source = spec_peak(gpu)
+    if a.peak_tflops is None:
+        a.peak_tflops = spec_tflops
+    else:
+        peak_source = "given with --peak-tflops"
     results = {
         "meta": {
-            "gpu": bench.gpu() or f"no GPU: {mx.default_device()}",
+            "gpu": gpu,
             "mlx_version": mx.__version__,
             "buffer_setting": runtime.describe(),
             "torch": torch_side.info,
@@ -364,6 +390,7 @@ def main():
             "warmup": warmup,
             "iters": iters,
             "peak_tflops": a.peak_tflops,
+            "peak_source": peak_source,
         },
         "comparison": [],
         "levers": [],

@@ -70,6 +70,11 @@ def test_lane_smoke_writes_its_results(tmp_path):
         mlx = row["rounds"][0]["mlx"]
         assert mlx["images_per_s"] > 0 and mlx["peak_memory_gb"] >= mlx["weight_gb"] > 0
         assert row["summary"]["mlx_tflops"] > 0
+        peak, fraction = results["meta"]["peak_tflops"], row["summary"]["mlx_fraction_of_peak"]
+        if peak is None:  # a card without a spec sheet figure (the CPU here): none claimed
+            assert fraction is None
+        else:
+            assert fraction == pytest.approx(row["summary"]["mlx_tflops"] / peak)
     # Each lever ran in its own process, with its own buffer setting.
     settings = {lever["lever"]: lever["result"]["buffer_setting"] for lever in results["levers"]}
     default = f"MLX_MAX_MB_PER_BUFFER={runtime.BUFFER_MB} (aim-mlx)"
@@ -81,6 +86,20 @@ def test_lane_smoke_writes_its_results(tmp_path):
     assert "mx.compile of the whole model" in settings
     assert "| aim-tiny (2) | bfloat16 |" in table and "| separate residual adds | 2 |" in table
     assert "| bfloat16 before: q, k and v by integer index" in table and "| GELU (MLX) |" in table
+
+
+def test_peak_follows_the_cards_name():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from vs_pytorch_gpu import spec_peak
+
+    assert spec_peak("NVIDIA H100 80GB HBM3 (CUDA, 79.2 GiB)") == (
+        989.0,
+        "H100 SXM bf16 dense peak, spec sheet",
+    )
+    assert spec_peak("NVIDIA H200 (CUDA, 139.8 GiB)")[0] == 989.0
+    assert spec_peak("NVIDIA H100 PCIe (CUDA, 79.2 GiB)")[0] == 756.0
+    assert spec_peak("NVIDIA H200 NVL (CUDA, 139.8 GiB)")[0] == 835.0
+    assert spec_peak("NVIDIA A100-SXM4-80GB (CUDA, 79.2 GiB)")[0] is None
 
 
 def test_trace_summary_splits_busy_time_from_idle_time():
