@@ -17,8 +17,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from . import __version__, blas, runtime
+from . import __version__, blas, memory, runtime
 from .constants import MX_DTYPES, GiB
 from .convert.converter import QUANTIZED_LAYER
 from .errors import OptionError
@@ -132,6 +133,9 @@ def make_model(config: BenchConfig) -> AIM:
     overrides = {"img_size": config.img_size} if config.img_size else {}
     if config.model in PRESETS:
         args = preset_args(config.model, head=config.head, **overrides)
+        params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))  # lazy: no memory
+        what = f"{config.model} in {f'{config.q_bits}-bit' if config.q_bits else config.dtype}"
+        memory.check_fits(memory.weights_lower_bound(params, config.dtype, config.q_bits), what)
         return random_model(args, dtype, config.q_bits, config.q_group_size)
     path = Path(config.model)
     if not path.is_dir():
@@ -160,8 +164,6 @@ def model_dtype_and_bits(model: AIM) -> tuple[str, int | None]:
 
 
 def weight_bytes(model: AIM) -> int:
-    from mlx.utils import tree_flatten
-
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from .convert.converter import FORMAT_VERSION
 from .errors import AimMlxError
+from .memory import check_fits
 from .models import AIM, ModelArgs
 
 
@@ -76,8 +77,10 @@ def load_model(path: str | Path) -> AIM:
             mode=q.get("mode", "affine"),
             class_predicate=lambda p, _: p in layers,
         )
+    files = weight_files(path)
+    check_fits(sum(f.stat().st_size for f in files), str(path))
     weights = {}
-    for f in weight_files(path):
+    for f in files:
         try:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import cache, hub, registry
+from . import cache, hub, memory, registry
 from .constants import DTYPE_NAMES, GB, ITEMSIZE
 from .errors import OptionError
 from .loader import ModelLoadError, read_config
@@ -101,6 +101,7 @@ def load(model: str | Path, head: str | None = None, dtype: str | None = None, *
     if is_head_folder(head):
         return load_with_head(model, head, dtype, **kwargs)
 
+    check_memory(model, dtype, kwargs.get("quantize_bits"))
     net = load_model(resolve(model, head, dtype, **kwargs))
     if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
         net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
@@ -116,6 +117,18 @@ def known_num_blocks(model: str | Path) -> int | None:
     if path.is_dir() and _is_converted(path):
         return read_config(path).get("num_blocks")
     return None
+
+
+def check_memory(model: str | Path, dtype: str | None, quantize_bits: int | None) -> None:
+    """For a registered model: refuse, before any download or conversion, weights that cannot
+    fit in the device's memory (`memory.check_fits`; the loader checks every folder again)."""
+    if not registry.is_known(str(model)) or (dtype or default_dtype()) not in DTYPE_NAMES:
+        return  # a folder (the loader checks its files) or a dtype that resolve refuses
+    spec = registry.get(str(model))
+    params = spec.params or sum(registry.estimated_sizes(spec)) // 4
+    dtype = dtype or default_dtype()
+    what = f"{spec.name} in {f'{quantize_bits}-bit' if quantize_bits else dtype}"
+    memory.check_fits(memory.weights_lower_bound(params, dtype, quantize_bits), what)
 
 
 def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:

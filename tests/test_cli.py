@@ -498,3 +498,37 @@ def test_damaged_weights_file_is_one_clean_line(tmp_path):
     result = CliRunner().invoke(main, ["classify", str(REF / "images"), "-m", str(folder)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"{folder / 'model.safetensors'}: cannot read the weights" in result.output
+
+
+def test_bench_refuses_a_model_larger_than_memory_before_making_it(monkeypatch):
+    from aim_mlx import memory
+
+    class Made(Exception):
+        pass
+
+    def random_model(*args, **kwargs):  # a stand-in: this test makes no 1B model
+        raise Made
+
+    monkeypatch.setattr("aim_mlx.bench.random_model", random_model)
+    monkeypatch.setattr(memory, "device_memory", lambda: (4 * 2**30, "memory"))
+    # aim-1B: 1,219,813,376 parameters (upstream README) = 4.54 GiB in float32, 1.14 in 8 bits
+    err = clean(cli("bench", "--model", "aim-1B", "--dtype", "float32"), 1)
+    assert "aim-1B in float32: the weights alone take 4.5 GiB, more than this machine's " in err
+    assert "4.0 GiB of memory; use half precision (--dtype float16 or bfloat16)" in err
+    monkeypatch.setattr(memory, "device_memory", lambda: (1 * 2**30, "memory"))
+    err = clean(cli("bench", "--model", "aim-1B", "-q", "--q-bits", "8"), 1)
+    assert "aim-1B in 8-bit: the weights alone take 1.1 GiB, more than this machine's 1.0" in err
+    monkeypatch.setattr(memory, "device_memory", lambda: (2 * 2**30, "memory"))
+    assert isinstance(cli("bench", "--model", "aim-1B", "-q", "--q-bits", "8").exception, Made)
+    monkeypatch.setattr(memory, "device_memory", lambda: (None, ""))  # unknown: no check
+    assert isinstance(cli("bench", "--model", "aim-1B").exception, Made)
+
+
+def test_device_memory_is_the_machines_on_the_cpu(pin_cpu):
+    from aim_mlx import memory
+
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.exists():
+        pytest.skip("/proc/meminfo is Linux's")
+    total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
+    assert memory.device_memory() == (total_kib * 1024, "memory")

@@ -162,3 +162,29 @@ def test_cache_entry_with_broken_config_is_not_current(tmp_path, monkeypatch):
     (entry / "model.safetensors").write_bytes(b"x")
     (listed,) = cache.list_entries()
     assert listed.config is None and listed.current is False
+
+
+def test_weights_larger_than_memory_are_refused_before_any_download(tmp_path, monkeypatch):
+    """A model whose weights exceed the device's whole memory is refused by name before the
+    hub is asked for anything; a converted folder is checked by its files' size."""
+    from aim_mlx import memory
+    from aim_mlx.loader import load_model
+
+    float32_bytes = sum((REF / f).stat().st_size for f in FILES[:2])  # backbone + best head
+    limit = int(float32_bytes * 0.75)  # float32 does not fit, float16 (half) does
+    monkeypatch.setattr(memory, "device_memory", lambda: (limit, "memory"))
+    registry.register(registry_entry())
+    server = HubServer({REPO: {f: REF / f for f in FILES}}).start()
+    try:
+        where = dict(endpoint=server.url, hf_cache_dir=tmp_path / "hf", progress=False)
+        with pytest.raises(memory.NotEnoughMemoryError, match="aim-tiny in float32: the weights"):
+            aim_mlx.load("aim-tiny", dtype="float32", **where)
+        assert server.requests == [] and cache.list_entries() == []
+        assert aim_mlx.load("aim-tiny", dtype="float16", **where).dtype == mx.float16
+        converted = resolve("aim-tiny", dtype="float32", **where)  # converting needs no room
+    finally:
+        server.stop()
+    with pytest.raises(memory.NotEnoughMemoryError, match=f"{converted}: the weights alone"):
+        load_model(converted)
+    monkeypatch.setenv(memory.SKIP_VARIABLE, "off")
+    assert load_model(converted).dtype == mx.float32

@@ -143,8 +143,9 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
 def load_trunk(model, dtype: str | None = None, **kwargs) -> tuple[AIM, TrunkInfo]:
     """The model (with its official head) and its trunk's identity; what `resolve` accepts."""
     from ..loader import load_model
-    from ..resolve import resolve
+    from ..resolve import check_memory, resolve
 
+    check_memory(model, dtype, kwargs.get("quantize_bits"))
     folder = resolve(model, None, dtype, **kwargs)  # a folder: its own head
     net = load_model(folder)
     if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):

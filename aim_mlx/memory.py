@@ -1,0 +1,59 @@
+"""Refuse weights that cannot fit in the memory of the device that computes with them.
+
+Weights larger than the whole memory can only make the machine swap until it stalls, or get the
+process killed without a word, after minutes of downloading and converting. This check runs
+before any of that, on a lower bound of the weights' size.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+from .constants import ITEMSIZE, GiB
+from .errors import AimMlxError
+
+SKIP_VARIABLE = "AIM_MLX_MEMORY_CHECK"  # "off": load whatever the size
+
+
+class NotEnoughMemoryError(AimMlxError, MemoryError):
+    """Weights that are larger than the device's whole memory; the message says what to do."""
+
+
+def device_memory() -> tuple[int | None, str]:
+    """(bytes, what they are) of the memory that MLX's default device computes in: a CUDA
+    GPU's own, a Mac's unified memory, or the machine's RAM; (None, "") where unknown."""
+    if mx.default_device() == mx.gpu:
+        try:
+            info = mx.device_info(mx.gpu)
+        except Exception:  # an MLX without device_info: no check rather than a wrong one
+            return None, ""
+        total = info.get("total_memory") or info.get("memory_size")
+        kind = "GPU memory" if mx.cuda.is_available() else "unified memory"
+        return (int(total), kind) if total else (None, "")
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
+    except (AttributeError, ValueError, OSError):
+        return None, ""
+
+
+def weights_lower_bound(params: int, dtype: str, quantize_bits: int | None = None) -> int:
+    """A lower bound of `params` weights' size in `dtype`, or quantized to `quantize_bits`
+    (the quantized layers hold most of them; scales and the rest are left out)."""
+    return params * quantize_bits // 8 if quantize_bits else params * ITEMSIZE[dtype]
+
+
+def check_fits(nbytes: int, what: str) -> None:
+    """Raise NotEnoughMemoryError when `nbytes` of weights exceed the device's whole memory
+    (unless AIM_MLX_MEMORY_CHECK=off)."""
+    if os.environ.get(SKIP_VARIABLE, "").strip().lower() in ("off", "0", "no", "false"):
+        return
+    total, kind = device_memory()
+    if total is None or nbytes <= total:
+        return
+    raise NotEnoughMemoryError(
+        f"{what}: the weights alone take {nbytes / GiB:.1f} GiB, more than this machine's "
+        f"{total / GiB:.1f} GiB of {kind}; use half precision (--dtype float16 or bfloat16), "
+        f"quantize (-q, --q-bits 8 or 4) or a smaller model ({SKIP_VARIABLE}=off to try anyway)"
+    )
