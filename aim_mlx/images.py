@@ -13,11 +13,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import OptionError
-from .transforms import ImageError, preprocess
+from .transforms import AVIF_SUFFIXES, HEIF_SUFFIXES, ImageError, preprocess
 
 IMAGE_SUFFIXES = {
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-    ".pnm", ".jfif", ".jp2", ".j2k", ".tga", ".ico", ".dib",
+    ".pnm", ".jfif", ".jp2", ".j2k", ".tga", ".ico", ".dib", *HEIF_SUFFIXES, *AVIF_SUFFIXES,
 }  # fmt: skip
 
 

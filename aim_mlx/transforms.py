@@ -9,13 +9,14 @@ clips them instead).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .errors import AimMlxError, OptionError
@@ -23,6 +24,9 @@ from .errors import AimMlxError, OptionError
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 MAX_PIXELS_ENV = "AIM_MLX_MAX_PIXELS"
+
+HEIF_SUFFIXES = {".heic", ".heif", ".hif"}  # iPhone photos among them; read by pillow-heif
+AVIF_SUFFIXES = {".avif"}  # read by Pillow itself from 11.3, when built with libavif
 
 # Modes holding more than 8 bits per sample: scaled down, not clipped.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -40,6 +44,7 @@ def open_image(path: str | Path) -> Image.Image:
     possible decompression bombs; 0 lifts the limit.
     """
     limit = _apply_pixel_limit()
+    _register_heif()
     try:
         with warnings.catch_warnings():
             # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
@@ -60,9 +65,29 @@ def open_image(path: str | Path) -> Image.Image:
     except IsADirectoryError:
         raise ImageError("is a directory, not an image") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image PIL can read (empty, damaged or another format)") from None
+        raise ImageError(_unreadable_reason(path)) from None
     except Exception as e:  # truncated or corrupt data, bad EXIF: PIL raises many kinds
         raise ImageError(f"cannot decode the image: {e}") from None
+
+
+@functools.cache
+def _register_heif() -> bool:
+    """Teach PIL to read HEIC / HEIF through pillow-heif; False where it is not installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _unreadable_reason(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in HEIF_SUFFIXES and not _register_heif():
+        return "a HEIC/HEIF image, which needs pillow-heif: pip install pillow-heif"
+    if suffix in AVIF_SUFFIXES and not features.check("avif"):
+        return "an AVIF image, which this Pillow cannot decode: pip install -U pillow (11.3+)"
+    return "not an image PIL can read (empty, damaged or another format)"
 
 
 def _apply_pixel_limit() -> int | None:

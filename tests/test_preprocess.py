@@ -1,5 +1,6 @@
 """The evaluation transform, image modes, EXIF orientation and refused files."""
 
+import re
 import struct
 import zlib
 
@@ -79,6 +80,39 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = photo.transpose(Image.Transpose.ROTATE_270)
     np.testing.assert_array_equal(preprocess(path), preprocess(upright))
     assert not np.array_equal(preprocess(path), preprocess(photo))
+
+
+def test_heic_photos_are_read_upright_like_the_same_png(tmp_path):
+    """iPhone photos: HEIC, often with an orientation, found in folders and read upright."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif reads HEIC")
+    from aim_mlx import images
+
+    photo = rgb_photo()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "IMG_0001.HEIC"
+    pillow_heif.from_pillow(photo).save(path, quality=95, exif=exif.tobytes())
+    assert images.walk_images(str(tmp_path)) == [str(path)]
+    upright = preprocess(photo.transpose(Image.Transpose.ROTATE_270))
+    sideways = preprocess(photo)
+    got = preprocess(path)
+    assert np.abs(got - upright).mean() < 0.03  # lossy HEVC at quality 95
+    assert np.abs(got - sideways).mean() > 10 * np.abs(got - upright).mean()
+
+
+def test_heic_and_avif_without_a_decoder_say_what_to_install(tmp_path, monkeypatch):
+    from aim_mlx import transforms
+
+    monkeypatch.setattr(transforms, "_register_heif", lambda: False)  # pillow-heif missing
+    monkeypatch.setattr(transforms.features, "check", lambda name: False)  # Pillow without AVIF
+    for name, reason in [
+        ("IMG_0002.heic", "a HEIC/HEIF image, which needs pillow-heif: pip install pillow-heif"),
+        ("photo.avif", "an AVIF image, which this Pillow cannot decode"),
+        ("photo.jpg", "not an image PIL can read"),
+    ]:
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x18ftypheic")  # a header cut short
+        with pytest.raises(ImageError, match=re.escape(reason)):
+            open_image(tmp_path / name)
 
 
 def png_header(width: int, height: int) -> bytes:
