@@ -210,6 +210,7 @@ def environment() -> dict:
         "chip": chip(),
         "gpu": gpu_name,
         "gpu_runtime": runtime.describe() if gpu_name else None,
+        "memory": memory.describe(),
         "mlx_version": mx.__version__,
         "aim_mlx_version": __version__,
         "blas": blas.describe(),

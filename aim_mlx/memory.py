@@ -38,6 +38,12 @@ def device_memory() -> tuple[int | None, str]:
         return None, ""
 
 
+def describe() -> str | None:
+    """The default device's memory, as `aim-mlx info` shows it."""
+    total, kind = device_memory()
+    return f"{total / GiB:.1f} GiB of {kind}" if total else None
+
+
 def weights_lower_bound(params: int, dtype: str, quantize_bits: int | None = None) -> int:
     """A lower bound of `params` weights' size in `dtype`, or quantized to `quantize_bits`
     (the quantized layers hold most of them; scales and the rest are left out)."""

@@ -532,3 +532,6 @@ def test_device_memory_is_the_machines_on_the_cpu(pin_cpu):
         pytest.skip("/proc/meminfo is Linux's")
     total_kib = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
     assert memory.device_memory() == (total_kib * 1024, "memory")
+    info = cli("info")
+    clean(info, 0)
+    assert f"memory: {total_kib * 1024 / 2**30:.1f} GiB of memory" in info.stdout
