@@ -169,6 +169,7 @@ def test_weights_larger_than_memory_are_refused_before_any_download(tmp_path, mo
     hub is asked for anything; a converted folder is checked by its files' size."""
     from aim_mlx import memory
     from aim_mlx.loader import load_model
+    from aim_mlx.probe.head import load_trunk
 
     float32_bytes = sum((REF / f).stat().st_size for f in FILES[:2])  # backbone + best head
     limit = int(float32_bytes * 0.75)  # float32 does not fit, float16 (half) does
@@ -179,6 +180,8 @@ def test_weights_larger_than_memory_are_refused_before_any_download(tmp_path, mo
         where = dict(endpoint=server.url, hf_cache_dir=tmp_path / "hf", progress=False)
         with pytest.raises(memory.NotEnoughMemoryError, match="aim-tiny in float32: the weights"):
             aim_mlx.load("aim-tiny", dtype="float32", **where)
+        with pytest.raises(memory.NotEnoughMemoryError, match="aim-tiny in float32"):
+            load_trunk("aim-tiny", "float32", **where)  # a trained head's trunk (probe)
         assert server.requests == [] and cache.list_entries() == []
         assert aim_mlx.load("aim-tiny", dtype="float16", **where).dtype == mx.float16
         converted = resolve("aim-tiny", dtype="float32", **where)  # converting needs no room
