@@ -134,8 +134,7 @@ def make_model(config: BenchConfig) -> AIM:
     if config.model in PRESETS:
         args = preset_args(config.model, head=config.head, **overrides)
         params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))  # lazy: no memory
-        what = f"{config.model} in {f'{config.q_bits}-bit' if config.q_bits else config.dtype}"
-        memory.check_fits(memory.weights_lower_bound(params, config.dtype, config.q_bits), what)
+        memory.check_model(config.model, params, config.dtype, config.q_bits)
         return random_model(args, dtype, config.q_bits, config.q_group_size)
     path = Path(config.model)
     if not path.is_dir():
@@ -194,12 +193,11 @@ def gpu() -> str | None:
     backend = "Metal" if mx.metal.is_available() else "CUDA" if mx.cuda.is_available() else None
     if backend is None:
         return None
-    try:
-        info = mx.device_info(mx.gpu) if hasattr(mx, "device_info") else mx.metal.device_info()
-    except Exception:
+    info = memory.gpu_info()
+    if not info:
         return f"{backend} GPU"
-    memory = info.get("total_memory") or info.get("memory_size")
-    size = f", {int(memory) / GiB:.1f} GiB" if memory else ""
+    total = memory.gpu_memory(info)
+    size = f", {total / GiB:.1f} GiB" if total else ""
     return f"{info.get('device_name', 'GPU')} ({backend}{size})"
 
 

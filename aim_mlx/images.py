@@ -42,28 +42,28 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def walk_images(folder: str) -> list[str]:
-    """Image files under a folder, recursively, in sorted order; hidden files and folders
-    (such as macOS `._name.jpg` resource forks) are skipped."""
-    found = []
+def _image_files(folder: str) -> Iterator[str]:
+    """Image files under a folder, as os.walk finds them; hidden files and folders (such as
+    macOS `._name.jpg` resource forks) are skipped."""
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [os.path.join(root, n) for n in names if is_image_name(n)]
-    return sorted(found)
+        yield from (os.path.join(root, n) for n in names if is_image_name(n))
+
+
+def walk_images(folder: str) -> list[str]:
+    """Image files under a folder, recursively, in sorted order; hidden ones skipped."""
+    return sorted(_image_files(folder))
 
 
 def any_image(inputs: Iterable[str | os.PathLike]) -> bool:
     """Whether `collect` would find something to read: an input that exists and is not a
     folder, or a folder with an image inside. Stops at the first, so it is cheap enough to ask
     before a model is loaded."""
-    for given in map(str, inputs):
-        if os.path.exists(given) and not os.path.isdir(given):
-            return True
-        for _root, dirs, names in os.walk(given):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            if any(is_image_name(n) for n in names):
-                return True
-    return False
+    return any(
+        (os.path.exists(given) and not os.path.isdir(given))
+        or next(_image_files(given), None) is not None
+        for given in map(str, inputs)
+    )
 
 
 def collect(inputs: Iterable[str | os.PathLike]) -> list[Item]:

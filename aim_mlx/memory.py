@@ -21,17 +21,27 @@ class NotEnoughMemoryError(AimMlxError, MemoryError):
     """Weights that are larger than the device's whole memory; the message says what to do."""
 
 
+def gpu_info() -> dict:
+    """MLX's description of the GPU (name, memory); {} where it cannot give one."""
+    try:
+        return mx.device_info(mx.gpu) if hasattr(mx, "device_info") else mx.metal.device_info()
+    except Exception:
+        return {}
+
+
+def gpu_memory(info: dict) -> int | None:
+    """The GPU's memory in bytes, from `gpu_info()` (CUDA and Metal name it differently)."""
+    total = info.get("total_memory") or info.get("memory_size")
+    return int(total) if total else None
+
+
 def device_memory() -> tuple[int | None, str]:
     """(bytes, what they are) of the memory that MLX's default device computes in: a CUDA
     GPU's own, a Mac's unified memory, or the machine's RAM; (None, "") where unknown."""
     if mx.default_device() == mx.gpu:
-        try:
-            info = mx.device_info(mx.gpu)
-        except Exception:  # an MLX without device_info: no check rather than a wrong one
-            return None, ""
-        total = info.get("total_memory") or info.get("memory_size")
+        total = gpu_memory(gpu_info())  # unknown: no check rather than a wrong one
         kind = "GPU memory" if mx.cuda.is_available() else "unified memory"
-        return (int(total), kind) if total else (None, "")
+        return (total, kind) if total else (None, "")
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
     except (AttributeError, ValueError, OSError):
@@ -48,6 +58,12 @@ def weights_lower_bound(params: int, dtype: str, quantize_bits: int | None = Non
     """A lower bound of `params` weights' size in `dtype`, or quantized to `quantize_bits`
     (the quantized layers hold most of them; scales and the rest are left out)."""
     return params * quantize_bits // 8 if quantize_bits else params * ITEMSIZE[dtype]
+
+
+def check_model(name: str, params: int, dtype: str, quantize_bits: int | None = None) -> None:
+    """`check_fits` for the model `name` of `params` weights in `dtype` or `quantize_bits`."""
+    what = f"{name} in {f'{quantize_bits}-bit' if quantize_bits else dtype}"
+    check_fits(weights_lower_bound(params, dtype, quantize_bits), what)
 
 
 def check_fits(nbytes: int, what: str) -> None:

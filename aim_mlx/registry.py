@@ -66,6 +66,10 @@ class ModelSpec:
         self.head_file(head)
         return ModelArgs.from_dict({**self.arch, "probe_layers": self.probe_layers[head]})
 
+    def param_count(self) -> int:
+        """The published count, else the float32 file size estimate's."""
+        return self.params or sum(estimated_sizes(self)) // 4
+
     def files(self, head: str) -> list[HubFile]:
         return [self.backbone, self.head_file(head)]
 

@@ -122,13 +122,11 @@ def known_num_blocks(model: str | Path) -> int | None:
 def check_memory(model: str | Path, dtype: str | None, quantize_bits: int | None) -> None:
     """For a registered model: refuse, before any download or conversion, weights that cannot
     fit in the device's memory (`memory.check_fits`; the loader checks every folder again)."""
-    if not registry.is_known(str(model)) or (dtype or default_dtype()) not in DTYPE_NAMES:
+    dtype = dtype or default_dtype()
+    if not registry.is_known(str(model)) or dtype not in DTYPE_NAMES:
         return  # a folder (the loader checks its files) or a dtype that resolve refuses
     spec = registry.get(str(model))
-    params = spec.params or sum(registry.estimated_sizes(spec)) // 4
-    dtype = dtype or default_dtype()
-    what = f"{spec.name} in {f'{quantize_bits}-bit' if quantize_bits else dtype}"
-    memory.check_fits(memory.weights_lower_bound(params, dtype, quantize_bits), what)
+    memory.check_model(spec.name, spec.param_count(), dtype, quantize_bits)
 
 
 def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:
@@ -153,8 +151,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     key = cache.entry_key(spec.name, head, dtype, quant)
 
     def download() -> dict:
-        params = spec.params or sum(registry.estimated_sizes(spec)) // 4
-        converted_bytes = params * ITEMSIZE[dtype]
+        converted_bytes = spec.param_count() * ITEMSIZE[dtype]
         backbone, head_file = hub.download(
             spec,
             head,
