@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -112,10 +113,21 @@ model_options = _options(
 """-m/--model and the weight options: what to load (fetched and converted on first use)."""
 
 
+def _expand_user(ctx, param, value):
+    return type(value)(os.path.expanduser(value)) if value is not None else None
+
+
 def output_options(help: str, **path_kwargs):
     """-o/--out (required) and --force (replace an existing output)."""
     return _options(
-        click.option("--out", "-o", required=True, type=click.Path(**path_kwargs), help=help),
+        click.option(
+            "--out",
+            "-o",
+            required=True,
+            type=click.Path(**path_kwargs),
+            callback=_expand_user,  # `--out=~/x`: the shell leaves the ~ alone
+            help=help,
+        ),
         click.option("--force", is_flag=True, help="Replace an existing output."),
     )
 
@@ -784,6 +796,8 @@ def export_coreml(
     from .resolve import resolve
     from .transforms import ImageError, preprocess
 
+    if out.suffix != ".mlpackage":
+        raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     coreml.require_coremltools()
     coreml.check_output(out, force)  # before a download or conversion
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
@@ -950,6 +964,8 @@ def probe_train(
     except KeyboardInterrupt:
         click.echo("interrupted; extracted features stay cached, the next run resumes", err=True)
         sys.exit(INTERRUPTED)
+    except AimMlxError:  # its message names the path (an OutputError is an OSError too)
+        raise
     except OSError as e:  # writing the feature cache or the head folder
         where = e.filename or "the feature cache (AIM_MLX_CACHE)"
         raise click.ClickException(f"{where}: {e.strerror or e}") from None

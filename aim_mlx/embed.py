@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from safetensors import SafetensorError
 
 from . import images
 from .errors import OptionError, OutputError
@@ -134,21 +136,22 @@ def save(out: str | Path, emb: Embeddings, metadata: dict | None = None) -> list
 def _write_all(writers: dict) -> None:
     """Write each {path: write(tmp_path)} to a temporary file, then move all of them into place;
     on failure none is written (a path replaced before the failure is removed)."""
-    tmps = {p: p.with_name(f".{p.stem}.{os.getpid()}.tmp{p.suffix}") for p in writers}
-    moved = []
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmps = {p: p.with_name(f".aim-mlx-{token}-{i}.tmp{p.suffix}") for i, p in enumerate(writers)}
+    moved, current = [], None
     try:
-        for path, write in writers.items():
-            write(tmps[path])  # np.save keeps the .npy suffix of the temporary name
-            os.chmod(tmps[path], _file_mode())
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-            moved.append(path)
+        for current, write in writers.items():
+            write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
+            os.chmod(tmps[current], _file_mode())
+        for current, tmp in tmps.items():
+            os.replace(tmp, current)
+            moved.append(current)
     except BaseException as e:
         for path in moved:
             path.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            where = e.filename or next(iter(writers))
-            raise OutputError(f"cannot write {where}: {e.strerror or e}") from None
+        if isinstance(e, OSError | SafetensorError):  # disk full, I/O error
+            reason = getattr(e, "strerror", None) or e
+            raise OutputError(f"cannot write {current}: {reason}") from None
         raise
     finally:
         for tmp in tmps.values():

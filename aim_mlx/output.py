@@ -5,28 +5,83 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import OutputError
 
 
-def prepare_output(path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Check that `path` (a file or a folder to be created) can be written, before any work.
+def prepare_output(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    replaceable: Callable[[Path], bool] | None = None,
+) -> Path:
+    """Check that `path` can be written, before any work; return it absolute, `~` expanded.
 
-    Missing parent folders are created. The parent must accept a new file (a probe file is
-    created and removed, which also catches read-only file systems). An existing `path` is
-    refused unless `force`. Raises OutputError naming the path.
+    `path` is a file, or a folder when `replaceable` is given. Missing parent folders are
+    created, and the parent must accept a new file (a probe file is created and removed, which
+    also catches read-only file systems). An existing `path` is refused unless `force`, and even
+    then it is never one of `inputs` or a folder holding one, never a folder where a file goes
+    (or the reverse), and an existing folder is replaced only when it is empty or
+    `replaceable(folder)` says it is this kind of output: `--force` never deletes a folder of
+    photos or checkpoints. Raises OutputError naming the path.
     """
-    path = Path(path).expanduser()
-    if path.exists() and not force:
-        raise OutputError(f"{path} already exists; choose another output or pass --force")
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    try:
+        _check_replaceable(path, force, inputs, replaceable)
+    except OSError as e:  # e.g. a name too long for the file system
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"cannot use {path}: {_reason(e)}") from None
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create the folder {parent} for {path}: {_reason(e)}") from None
     check_writable(parent, f"cannot write {path}")
+    _check_name_length(path)
     return path
+
+
+def _check_replaceable(path: Path, force: bool, inputs, replaceable) -> None:
+    real = Path(os.path.realpath(path))
+    for source in inputs:
+        source = Path(os.path.realpath(Path(source).expanduser()))
+        if real == source or real in source.parents:
+            what = "is" if real == source else "holds"
+            raise OutputError(f"the output {path} {what} the input {source}; choose another output")
+    if not path.exists():
+        return
+    if not force:
+        raise OutputError(f"{path} already exists; choose another output or pass --force")
+    if replaceable is None and path.is_dir():
+        raise OutputError(f"{path} is a folder, not a file; choose another output")
+    if replaceable is not None and not path.is_dir():
+        raise OutputError(f"{path} is a file, not a folder; choose another output")
+    if replaceable is not None and any(path.iterdir()) and not replaceable(path):
+        raise OutputError(
+            f"{path} is a folder this command did not write; --force replaces only its own "
+            "outputs: choose another output, or remove the folder yourself"
+        )
+
+
+# Temporary names beside an output add up to this many bytes to its name.
+_TEMP_NAME_EXTRA = 40
+
+
+def _check_name_length(path: Path) -> None:
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(path.name))
+    if size + _TEMP_NAME_EXTRA > limit:
+        raise OutputError(
+            f"the name {path.name!r} is too long ({size} bytes; at most "
+            f"{limit - _TEMP_NAME_EXTRA} here); choose a shorter one"
+        )
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:

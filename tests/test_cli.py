@@ -143,6 +143,140 @@ def test_prepare_output_creates_parents_and_refuses_existing(tmp_path):
     assert prepare_output(target, force=True) == target
 
 
+def test_force_never_replaces_an_input_or_a_folder_it_did_not_write(tmp_path):
+    # --force once replaced the folder holding the checkpoints it converted (deleting them),
+    # and would replace any folder: a user's photos, their home folder.
+    src = tmp_path / "checkpoints"
+    src.mkdir()
+    for name in ("backbone.pth", "head_best_layers.pth"):
+        shutil.copy(REF / name, src / name)
+    (src / "notes.txt").write_text("precious")
+    before = sorted(p.name for p in src.iterdir())
+    base = ["convert", "--backbone", src / "backbone.pth", "--head", src / "head_best_layers.pth"]
+    base += ["--num-heads", "4", "--probe-layers", ",".join(map(str, PROBE)), "--force"]
+    for out in (src, tmp_path):  # the inputs' folder, and a folder above it
+        err = clean(cli(*base, "-o", out), 1)
+        assert f"the output {out} " in err and "the input" in err
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"not converted")
+    err = clean(cli(*base, "-o", other), 1)
+    assert "did not write" in err and (other / "cat.jpg").read_bytes() == b"not converted"
+    assert sorted(p.name for p in src.iterdir()) == before
+    # its own output, and an empty folder, are replaced
+    out = tmp_path / "m"
+    out.mkdir()
+    clean(cli(*base, "-o", out), 0)
+    clean(cli(*base, "-o", out), 0)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_probe_train_force_never_replaces_its_images(tmp_path):
+    from aim_mlx.probe import train
+
+    data = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(ROCKET, data / cls / "a.jpg")
+    for out in (data, tmp_path):  # refused before the model is looked at
+        with pytest.raises(OutputError, match="the input"):
+            train("no-such-model", data, out, force=True)
+    assert sorted(p.name for p in data.rglob("*.jpg")) == ["a.jpg", "a.jpg"]
+
+
+def test_export_force_replaces_only_a_package(tmp_path):
+    from aim_mlx.export.coreml import ExportError, check_output
+
+    folder = tmp_path / "x.mlpackage"
+    folder.mkdir()
+    (folder / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(ExportError, match="did not write"):
+        check_output(folder, overwrite=True)
+    (folder / "Manifest.json").write_text("{}")
+    assert check_output(folder, overwrite=True) == folder
+    a_file = tmp_path / "f.mlpackage"
+    a_file.write_text("x")
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        check_output(a_file, overwrite=True)
+    err = clean(cli("export", "coreml", "-m", "no-such-model", "-o", tmp_path / "m.mlmodel"), 2)
+    assert "must end in .mlpackage" in err
+
+
+def test_prepare_output_paths(tmp_path, monkeypatch):
+    from aim_mlx.output import prepare_output
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert prepare_output("~/sub/f.npy") == tmp_path / "home" / "sub" / "f.npy"
+    monkeypatch.chdir(tmp_path)
+    assert prepare_output("f.npy") == tmp_path / "f.npy"  # absolute
+    (tmp_path / "d.npy").mkdir()
+    with pytest.raises(OutputError, match="is a folder, not a file"):
+        prepare_output("d.npy", force=True)
+    with pytest.raises(OutputError, match="too long"):
+        prepare_output("x" * 240 + ".npy")
+    assert not list(tmp_path.glob("x*"))
+
+
+def test_outputs_given_with_a_tilde_are_written_there(model_dir, tmp_path, monkeypatch):
+    # `--out=~/f.npy`: the shell leaves the ~, and the file used to land in a folder named "~"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    clean(cli("embed", ROCKET, "-m", model_dir, "--out=~/f.safetensors", "--no-progress"), 0)
+    assert (tmp_path / "home" / "f.safetensors").is_file() and not (tmp_path / "~").exists()
+    src = ["--hf-path", REF / "hf_repo", "--probe-layers", ",".join(map(str, PROBE))]
+    clean(cli("convert", *src, "--num-heads", "4", "--out=~/m", "--no-progress"), 0)
+    assert (tmp_path / "home" / "m" / "config.json").is_file()
+
+
+def test_a_listing_that_is_a_folder_is_refused_before_work(tmp_path):
+    out = tmp_path / "x.npy"
+    listing_path(out).mkdir()
+    err = clean(cli("embed", ROCKET, "-m", "no-such-model", "-o", out, "--force"), 1)
+    assert f"{listing_path(out)} is a folder" in err
+
+
+def test_a_failed_safetensors_write_is_one_error_line(model_dir, tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    def no_space(*args, **kwargs):
+        raise safetensors.SafetensorError("Error while serializing: No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", no_space)
+    out = tmp_path / "f.safetensors"
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--no-progress"), 1)
+    assert f"cannot write {out}: " in err and "No space left" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_train_output_errors_name_the_output(tmp_path):
+    data = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(ROCKET, data / cls / "a.jpg")
+    out = tmp_path / "head"
+    out.mkdir()
+    err = clean(cli("probe", "train", data, "-m", "no-such-model", "-o", out), 1)
+    assert f"{out} already exists" in err and "feature cache" not in err
+
+
+def test_ctrl_c_during_a_swallowing_import_still_interrupts():
+    # coremltools' import catches KeyboardInterrupt in bare `except:`; the export then went on
+    import signal
+
+    from aim_mlx.export.coreml import _interrupt_after
+
+    went_on = []
+    with pytest.raises(KeyboardInterrupt), _interrupt_after():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+        except BaseException:  # what the import does
+            pass
+        went_on.append(True)
+    assert went_on == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_read_only_cache_names_aim_mlx_cache(read_only, monkeypatch):
     monkeypatch.setenv("AIM_MLX_CACHE", str(read_only / "cache"))
     err = clean(cli("classify", ROCKET, "-m", REF / "hf_repo"), 1)

@@ -477,7 +477,7 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     res = CliRunner().invoke(main, [*args, "--force", "--img-size", "100"])
     assert res.exit_code == 2 and "multiple of 14" in res.output  # a usage error
     res = CliRunner().invoke(main, ["export", "coreml", "--model", "aim-600M", "--out", "x"])
-    assert res.exit_code == 1 and "must end in .mlpackage" in res.output  # before any download
+    assert res.exit_code == 2 and "must end in .mlpackage" in res.output  # a usage error
     res = CliRunner().invoke(main, [*args[:3], str(tmp_path / "nothing"), *args[4:], "--force"])
     assert res.exit_code == 1 and "neither a known model" in res.output
     assert "Traceback" not in res.output

@@ -84,13 +84,13 @@ def convert(
     config, or from a head file named `*_best_layers*` / `*_last_layers*`. `verified`: the
     source files' SHA-256 were checked (a hub download), so their CRC-32s are not checked again.
     """
-    out = Path(out)
     if dtype not in MX_DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize and q_bits not in (4, 8):
         raise ConversionError(f"--q-bits must be 4 or 8, got {q_bits}")
+    sources_given = [p for p in (backbone, head, hf_path) if p and Path(p).exists()]
     try:
-        prepare_output(out, force=force)
+        out = prepare_output(out, force=force, inputs=sources_given, replaceable=_is_model_folder)
     except OutputError as e:
         raise ConversionError(str(e)) from None
 
@@ -114,6 +114,12 @@ def convert(
         "converter": f"aim-mlx {__version__}",
     }
     return _write_folder(out, plan, config, force, progress, _SourceHasher(files))
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A folder a conversion wrote (perhaps damaged): what --force may replace."""
+    names = ("config.json", "model.safetensors", "model.safetensors.index.json")
+    return any((folder / name).exists() for name in names)
 
 
 def parse_probe_layers(value: str | Sequence[int] | None):

@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,12 +84,30 @@ def require_coremltools():
     level = log.level
     log.setLevel(logging.ERROR)  # Linux: "Failed to load _MLModelProxy" etc. on import
     try:
-        import coremltools
+        with _interrupt_after():
+            import coremltools
     except ImportError as e:
         raise ExportError(f"{INSTALL_HINT} ({e})") from None
     finally:
         log.setLevel(level)
     return coremltools
+
+
+@contextmanager
+def _interrupt_after():
+    """Hold back Ctrl-C until the block ends, then raise it: coremltools' import swallows a
+    KeyboardInterrupt in bare `except:` clauses, and the export would go on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def preprocessing_note(img_size: int) -> str:
@@ -636,9 +656,11 @@ def export_coreml(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         mlmodel.save(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
+        old = out.with_name(f".old-{os.getpid()}-{out.name}")
+        if out.exists():  # replaced (--force): moved aside, removed once the new one is there
+            out.rename(old)
         tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     except OSError as e:  # disk full, I/O error
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
@@ -653,7 +675,9 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
     if out.suffix != ".mlpackage":
         raise ExportError(f"the output must end in .mlpackage, got {out}")
     try:
-        return prepare_output(out, force=overwrite)
+        return prepare_output(
+            out, force=overwrite, replaceable=lambda d: (d / "Manifest.json").exists()
+        )
     except OutputError as e:
         raise ExportError(str(e)) from None
 

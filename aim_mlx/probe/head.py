@@ -59,13 +59,15 @@ class TrainedHead:
     config: dict
 
 
-def check_output(out: str | Path, force: bool = False) -> Path:
+def check_output(out: str | Path, force: bool = False, inputs=()) -> Path:
     """The head folder to write, checked before any work (`output.prepare_output`: new unless
-    `force`, missing parents created, writable); an existing one must be a folder."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ProbeError(f"{out} exists and is not a folder")
-    return prepare_output(out, force=force)
+    `force`, missing parents created, writable; never one of `inputs` or a folder holding one);
+    `force` replaces only a trained head's folder."""
+    return prepare_output(out, force=force, inputs=inputs, replaceable=_is_head_output)
+
+
+def _is_head_output(folder: Path) -> bool:
+    return (folder / WEIGHTS).exists() or (folder / "config.json").exists()
 
 
 def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = False) -> Path:

@@ -245,7 +245,7 @@ def train(
         raise ProbeError("epochs and batch size must be at least 1")
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
-    head.check_output(out, force)
+    out = head.check_output(out, force, inputs=[p for p in (train_dir, val_dir) if p])
     dataset = data.read_dataset(train_dir)
     if val_dir is not None:
         val_set = data.read_dataset(val_dir, "validation folder")
