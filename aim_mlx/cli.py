@@ -536,9 +536,12 @@ def eval_command(
     data = data or data_path
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
-    pairs = imagenet_folder(data, limit)  # before loading (perhaps downloading) the model
+    # before loading (perhaps downloading) the model
+    pairs = imagenet_folder(data, limit, unreadable := [])
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    result = evaluate_pairs(net, pairs, batch_size=batch_size, progress=progress, img_size=img_size)
+    result = evaluate_pairs(
+        net, pairs, batch_size=batch_size, progress=progress, img_size=img_size, failed=unreadable
+    )
     if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
         return
     for path, reason in result.failed:

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -317,3 +318,86 @@ def test_models_lists_the_official_sizes():
     assert result.exit_code == 0
     assert "aim-1B  (1.22B params; ImageNet-1k top-1: best 82.3%, last 80.6%)" in result.stdout
     assert "aim_7b_5bimgs_attnprobe_backbone.pth  ~25.78 GB  sha256 184ed94c" in result.stdout
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """Folders named `locked` cannot be listed, as after `chmod 000` (which root ignores)."""
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def refuse(path=".", real=real):
+            if os.path.basename(os.fspath(path).rstrip("/")) == "locked":
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, name, refuse)
+
+
+def test_unreadable_sub_folder_is_an_error_row_and_the_rest_is_classified(
+    model_dir, tmp_path, unreadable
+):
+    (tmp_path / "locked").mkdir()
+    shutil.copy(REF / "images" / "rocket.jpg", tmp_path / "locked")
+    shutil.copy(REF / "images" / "chelsea.png", tmp_path)
+    result = cli("classify", tmp_path, "--model", model_dir, "--json", "--no-progress")
+    assert result.exit_code == 1
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    locked = str(tmp_path / "locked")
+    assert rows[0]["path"] == str(tmp_path / "chelsea.png") and "top_k" in rows[0]
+    assert rows[1] == {"path": locked, "error": "cannot read the folder: Permission denied"}
+    assert result.stderr.strip() == f"error: {locked}: cannot read the folder: Permission denied"
+
+    alone = cli("classify", tmp_path / "locked", "--model", model_dir)  # nothing else to read
+    assert alone.exit_code == 1 and "folder has no images" not in alone.stderr
+    assert f"error: {locked}: cannot read the folder: Permission denied" in alone.stderr
+
+
+def test_eval_reports_an_unreadable_class_folder(model_dir, tmp_path, unreadable):
+    data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0, "camera.png": 1})
+    wnid = imagenet_classes()[1].wnid
+    (data / wnid / "locked").mkdir()
+    result = cli("eval", data, "--model", model_dir, "--json", "--no-progress")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["images"] == 2
+    locked = str(data / wnid / "locked")
+    assert report["failed"] == [
+        {"path": locked, "error": "cannot read the folder: Permission denied"}
+    ]
+    assert f"error: {locked}: cannot read the folder" in result.stderr
+
+    (tmp_path / "locked").mkdir()
+    top = cli("eval", tmp_path / "locked", "--model", model_dir)
+    assert top.exit_code == 1 and "cannot read the folder: Permission denied" in top.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_chmod_000_sub_folder_is_reported(model_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(REF / "images" / "rocket.jpg", locked)
+    shutil.copy(REF / "images" / "chelsea.png", tmp_path)
+    locked.chmod(0)
+    try:
+        result = cli("classify", tmp_path, "--model", model_dir, "--no-progress")
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 1 and "chelsea.png" in result.stdout
+    assert f"error: {locked}: cannot read the folder: Permission denied" in result.stderr
+
+
+def test_symlinked_folders_are_searched_once_and_loops_are_not_followed(tmp_path):
+    from aim_mlx import images
+
+    photos = tmp_path / "photos"
+    (photos / "b").mkdir(parents=True)
+    shutil.copy(REF / "images" / "rocket.jpg", photos / "b")
+    shutil.copy(REF / "images" / "chelsea.png", photos / "a.png")
+    (photos / "linked").symlink_to(REF / "images", target_is_directory=True)
+    (photos / "b" / "up").symlink_to(photos, target_is_directory=True)  # a loop
+    found = images.walk_images(str(photos))
+    assert found == sorted(
+        [str(photos / "a.png"), str(photos / "b" / "rocket.jpg")]
+        + [str(photos / "linked" / n) for n in LOGITS.files]
+    )

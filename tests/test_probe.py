@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -313,6 +314,25 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     assert f"error: {root / 'blue' / 'truncated.png'}:" in res.stderr
     config = json.loads((tmp_path / "h" / "config.json").read_text())
     assert config["training"]["train_images"] + config["training"]["val_images"] == 40
+
+
+def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, monkeypatch):
+    from aim_mlx.probe.data import read_dataset
+
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    (root / "red" / "locked").mkdir()
+    scandir = os.scandir
+
+    def refuse(path="."):  # as after `chmod 000`, which root ignores
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    dataset = read_dataset(root)
+    locked = str(root / "red" / "locked")
+    assert dataset.skipped == [(locked, "cannot read the folder: Permission denied")]
+    assert dataset.counts() == [20, 20]
 
 
 def test_head_with_another_trunk_is_refused(heads, tmp_path):
