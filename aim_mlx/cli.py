@@ -530,12 +530,18 @@ def eval_command(
     WordNet id, like n01440764)."""
     from . import distributed
     from .evaluate import evaluate_pairs, imagenet_folder
+    from .probe.head import is_head_folder
 
-    if data and data_path and data != data_path:
+    if data and data_path and Path(data).resolve() != Path(data_path).resolve():
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
+    if is_head_folder(head):
+        raise click.UsageError(
+            f"--head {head}: a trained head's classes are not ImageNet's; evaluate it with "
+            f"`aim-mlx probe eval DATA -m MODEL --head {head}` (one sub-folder per class)"
+        )
     # before loading (perhaps downloading) the model
     pairs = imagenet_folder(data, limit, unreadable := [])
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
@@ -554,11 +560,13 @@ def eval_command(
         click.echo(
             json.dumps({**info, "img_size": img_size or net.args.img_size, **result.to_dict()})
         )
-    else:
+    elif result.images:
         click.echo(
             f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
             f"({result.images} images, {result.classes} classes)"
         )
+    else:
+        click.echo("no accuracy: no image could be read (see the errors above)")
     if result.failed:
         sys.exit(1)
 

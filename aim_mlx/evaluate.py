@@ -56,8 +56,8 @@ def imagenet_folder(
 
 @dataclass
 class EvalResult:
-    top1: float  # percent
-    top5: float
+    top1: float | None  # percent; None when no image could be read
+    top5: float | None
     images: int  # images evaluated
     classes: int  # distinct classes among them
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -133,5 +133,5 @@ def evaluate_pairs(
         hits5 += int(y in pred)
         n += 1
         classes.add(y)
-    top1, top5 = (100.0 * hits1 / n, 100.0 * hits5 / n) if n else (0.0, 0.0)
+    top1, top5 = (100.0 * hits1 / n, 100.0 * hits5 / n) if n else (None, None)
     return EvalResult(top1, top5, n, len(classes), failed)

@@ -401,3 +401,27 @@ def test_symlinked_folders_are_searched_once_and_loops_are_not_followed(tmp_path
         [str(photos / "a.png"), str(photos / "b" / "rocket.jpg")]
         + [str(photos / "linked" / n) for n in LOGITS.files]
     )
+
+
+def test_eval_refuses_a_trained_head_and_takes_one_folder_two_ways(model_dir, tmp_path):
+    data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0})
+    head = tmp_path / "my-head"
+    head.mkdir()
+    result = cli("eval", data, "--model", model_dir, "--head", head)
+    assert result.exit_code == 2 and "aim-mlx probe eval" in result.stderr
+    same = cli("eval", data, "--data-path", str(data) + "/", "-m", model_dir, "--json")
+    assert same.exit_code == 0, same.stderr
+    assert json.loads(same.stdout)["images"] == 1
+
+
+def test_eval_with_no_readable_image_reports_no_accuracy(model_dir, tmp_path):
+    data = tmp_path / "val"
+    (data / imagenet_classes()[0].wnid).mkdir(parents=True)
+    (data / imagenet_classes()[0].wnid / "bad.jpg").write_bytes(b"not a jpeg")
+    result = cli("eval", data, "--model", model_dir, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert (report["top1"], report["top5"], report["images"]) == (None, None, 0)
+    text = cli("eval", data, "--model", model_dir)
+    assert text.exit_code == 1 and "top-1" not in text.stdout
+    assert "no accuracy: no image could be read" in text.stdout
