@@ -114,6 +114,7 @@ def evaluate_pairs(
 ) -> EvalResult:
     """`evaluate` on (image path, class index) pairs, as `imagenet_folder` lists them;
     `failed`: (path, reason) of what could not be listed (unreadable folders), reported first."""
+    images.check_positive("batch_size", batch_size)
     target = dict(pairs)
     hits1 = hits5 = n = 0
     classes, failed = set(), list(failed)

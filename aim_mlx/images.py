@@ -95,11 +95,27 @@ def any_image(inputs: Iterable[str | os.PathLike]) -> bool:
     )
 
 
-def collect(inputs: Iterable[str | os.PathLike]) -> list[Item]:
+def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[str]:
+    """Paths given to the Python API as a list of strings: one path alone is one input."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    if isinstance(inputs, (bytes, bytearray)):
+        raise TypeError("inputs: give a path as str or pathlib.Path (or a list of them), not bytes")
+    return list(map(str, inputs))
+
+
+def check_positive(name: str, value) -> int:
+    """`value` if it is a positive whole number, else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise OptionError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def collect(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Item]:
     """Files as given (whatever their suffix) and the images inside folders; a missing path, a
     folder without images and a folder that cannot be read become Items with an error."""
     items = []
-    for given in map(str, inputs):
+    for given in as_inputs(inputs):
         if os.path.isdir(given):
             unreadable = []
             found = [(p, None) for p in walk_images(given, unreadable)]

@@ -158,11 +158,29 @@ def transform(img: Image.Image, size: int = 224) -> np.ndarray:
     return (x - MEAN) / STD
 
 
-def preprocess(image: str | Path | Image.Image, size: int = 224) -> np.ndarray:
-    """A PIL image or an image path -> the model's input, float32 (3, size, size).
+def preprocess(image: str | Path | Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
+    """An image path, a PIL image or a uint8 numpy array (H, W, 3) RGB or (H, W) grey -> the
+    model's input, float32 (3, size, size); `size` a positive multiple of 14, the patch size.
 
     Paths are opened with `open_image` (EXIF orientation, 16-bit scaling, bomb check);
     a PIL image is converted to RGB as it is.
     """
-    img = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
-    return transform(img, size)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % 14:
+        raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
+    if isinstance(image, (str, os.PathLike)):
+        img = open_image(image)
+    elif isinstance(image, Image.Image):
+        img = to_rgb(image)
+    elif (
+        isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3))
+    ):
+        img = to_rgb(Image.fromarray(image))
+    else:
+        what = f"a {image.dtype} array of shape {image.shape}" if hasattr(image, "shape") else ""
+        raise TypeError(
+            "preprocess takes an image path, a PIL image or a uint8 numpy array (H, W, 3) RGB "
+            f"or (H, W) grey; got {what or type(image).__name__}"
+        )
+    return transform(img, int(size))

@@ -425,3 +425,26 @@ def test_eval_with_no_readable_image_reports_no_accuracy(model_dir, tmp_path):
     text = cli("eval", data, "--model", model_dir)
     assert text.exit_code == 1 and "top-1" not in text.stdout
     assert "no accuracy: no image could be read" in text.stdout
+
+
+def test_python_api_checks_its_arguments(model, model_dir):
+    from aim_mlx.embed import embed
+
+    rocket = REF / "images" / "rocket.jpg"
+    for options, name in [({"batch_size": -1}, "batch_size"), ({"batch_size": 0}, "batch_size"),
+                          ({"k": -1}, "k"), ({"k": 0}, "k")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name} must be a positive whole number"):
+            aim_mlx.classify(model, [rocket], **options)
+    with pytest.raises(ValueError, match="batch_size must be a positive whole number, got -2"):
+        embed(model, [rocket], batch_size=-2)
+    with pytest.raises(TypeError, match="not bytes"):
+        aim_mlx.classify(model, bytes(rocket))
+    for one in (rocket, str(rocket)):  # one path alone is one input
+        assert [r["path"] for r in aim_mlx.classify(model, one)] == [str(rocket)]
+        assert embed(model, one).paths == [str(rocket)]
+    with pytest.raises(TypeError, match="max_block_id must be an int or None, got 2.5"):
+        model.extract_features(mx.zeros((1, 3, 28, 28)), 2.5)
+    half = aim_mlx.load(model_dir, dtype=mx.float16)
+    assert half.dtype == mx.float16
+    with pytest.raises(ValueError, match="^dtype must be one of float32, float16, bfloat16"):
+        aim_mlx.load(model_dir, dtype=mx.int8)
