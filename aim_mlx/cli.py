@@ -45,9 +45,20 @@ def _reported(ctx: click.Context):
         raise click.exceptions.Exit(INTERRUPTED) from None
 
 
+def _check_environment() -> None:
+    """The AIM_MLX_* settings read from the environment, checked before any work."""
+    from . import memory, transforms
+    from .models import cpu_runner
+
+    cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
+    memory.check_enabled()
+    transforms.apply_pixel_limit()
+
+
 class Command(click.Command):
     def invoke(self, ctx):
         with _reported(ctx):
+            _check_environment()
             return super().invoke(ctx)
 
 

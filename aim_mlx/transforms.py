@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
-from .errors import AimMlxError, OptionError
+from .errors import AimMlxError, SettingError
 
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
@@ -43,7 +43,7 @@ def open_image(path: str | Path) -> Image.Image:
     pixels than AIM_MLX_MAX_PIXELS (default: PIL's limit, about 89 million) are refused as
     possible decompression bombs; 0 lifts the limit.
     """
-    limit = _apply_pixel_limit()
+    limit = apply_pixel_limit()
     _register_heif()
     try:
         with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def _unreadable_reason(path: str | Path) -> str:
     return "not an image PIL can read (empty, damaged or another format)"
 
 
-def _apply_pixel_limit() -> int | None:
+def apply_pixel_limit() -> int | None:
     """Set PIL's pixel limit from AIM_MLX_MAX_PIXELS when it is set; the limit in force."""
     value = os.environ.get(MAX_PIXELS_ENV)
     if value is not None:
@@ -99,7 +99,7 @@ def _apply_pixel_limit() -> int | None:
             if pixels < 0:
                 raise ValueError
         except ValueError:
-            raise OptionError(
+            raise SettingError(
                 f"{MAX_PIXELS_ENV} must be a whole number of pixels (0: no limit), got {value!r}"
             ) from None
         Image.MAX_IMAGE_PIXELS = pixels or None
@@ -140,8 +140,11 @@ def resize_shorter_side(img: Image.Image, short: int) -> Image.Image:
         new_w, new_h = short, int(short * h / w)
     else:
         new_w, new_h = int(short * w / h), short
-    if new_w * new_h > (Image.MAX_IMAGE_PIXELS or math.inf):
-        raise ImageError(f"aspect ratio {w}x{h} too extreme: resizing would make {new_w}x{new_h}")
+    if new_w * new_h > (limit := Image.MAX_IMAGE_PIXELS or math.inf):
+        raise ImageError(
+            f"resizing {w}x{h} to {new_w}x{new_h} for the model would pass the limit of {limit} "
+            f"pixels; set {MAX_PIXELS_ENV} to a larger number of pixels (0: no limit)"
+        )
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
 

@@ -369,6 +369,33 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
         open_image(path)
 
 
+@pytest.mark.parametrize(
+    "variable, value",
+    [("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
+     ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
+     ("AIM_MLX_MAX_PIXELS", "-1")],
+)  # fmt: skip
+def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.setenv(variable, value)
+    # a model that does not exist: the setting is reported first, before the model is looked at
+    result = cli("classify", ROCKET, "-m", tmp_path / "no-model")
+    stderr = clean(result, 1)
+    assert stderr.startswith(f"Error: {variable}") and f"{value!r}" in stderr
+    assert "no-model" not in stderr and "Usage:" not in stderr and len(stderr.splitlines()) == 1
+
+
+def test_a_small_pixel_limit_gives_the_right_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    Image.new("RGB", (200, 200)).save(tmp_path / "square.png")
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "50000")
+    with pytest.raises(ImageError) as caught:
+        preprocess(tmp_path / "square.png")
+    assert "aspect ratio" not in str(caught.value)
+    assert "256x256 for the model would pass the limit of 50000 pixels" in str(caught.value)
+    assert "AIM_MLX_MAX_PIXELS" in str(caught.value)
+
+
 # ---- The same options everywhere --------------------------------------------------------
 
 
