@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sys
@@ -13,7 +14,7 @@ import click
 
 from . import __version__
 from .constants import DTYPE_NAMES, GB, MB, MiB
-from .errors import AimMlxError, OptionError
+from .errors import AimMlxError, OptionError, OutputError
 from .export import coreml
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -55,10 +56,42 @@ def _check_environment() -> None:
     transforms.apply_pixel_limit()
 
 
+class _Stdout:
+    """sys.stdout whose failures are one error line: a full disk, a closed stream (results
+    would be lost). A broken pipe (`| head`) stays an OSError, which click ends quietly."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        if name == "buffer" or self._stream is None:  # click writes through ours, not around
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def write(self, text):
+        return self._do("write", text)
+
+    def flush(self):
+        if self._stream is not None:  # closed: nothing was written, nothing to flush
+            return self._do("flush")
+
+    def _do(self, method, *args):
+        if self._stream is None:
+            raise OutputError("standard output is closed: the results cannot be written")
+        try:
+            return getattr(self._stream, method)(*args)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise
+            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
 class Command(click.Command):
     def invoke(self, ctx):
         with _reported(ctx):
             _check_environment()
+            if not isinstance(sys.stdout, _Stdout):
+                sys.stdout = _Stdout(sys.stdout)
             return super().invoke(ctx)
 
 

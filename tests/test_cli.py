@@ -4,9 +4,11 @@ every command."""
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -394,6 +396,36 @@ def test_a_small_pixel_limit_gives_the_right_reason(tmp_path, monkeypatch):
     assert "aspect ratio" not in str(caught.value)
     assert "256x256 for the model would pass the limit of 50000 pixels" in str(caught.value)
     assert "AIM_MLX_MAX_PIXELS" in str(caught.value)
+
+
+def run_classify(model_dir, redirect: str) -> subprocess.CompletedProcess:
+    """`aim-mlx classify ROCKET --json` in a shell, its stdout redirected as `redirect` says."""
+    command = f"{shlex.quote(sys.executable)} -m aim_mlx.cli classify {shlex.quote(str(ROCKET))}"
+    command += f" -m {shlex.quote(str(model_dir))} --json --no-progress {redirect}"
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_results_that_cannot_be_written_to_stdout_are_an_error(model_dir):
+    full = run_classify(model_dir, "> /dev/full")
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    assert full.stderr.strip() == "Error: cannot write to standard output: No space left on device"
+    closed = run_classify(model_dir, ">&-")
+    assert closed.returncode == 1 and "Traceback" not in closed.stderr
+    assert (
+        closed.stderr.strip() == "Error: standard output is closed: the results cannot be written"
+    )
+
+
+def test_a_broken_pipe_is_left_to_click_which_exits_quietly():
+    from aim_mlx.cli import _Stdout
+
+    class ReaderGone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        _Stdout(ReaderGone()).write("row")
 
 
 # ---- The same options everywhere --------------------------------------------------------
