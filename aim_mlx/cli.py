@@ -495,12 +495,9 @@ def embed(
     from .output import prepare_output
     from .resolve import known_num_blocks
 
-    if not out.endswith((".safetensors", ".npy")):
+    suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
+    if suffix not in (".safetensors", ".npy"):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
-    if distributed.is_root():  # the rank that writes; before any work
-        prepare_output(out, force=force)
-        if out.endswith(".npy"):
-            prepare_output(listing_path(out), force=force)
 
     def check_layers(num_blocks: int) -> None:
         try:
@@ -508,8 +505,12 @@ def embed(
         except OptionError as e:
             raise click.BadParameter(str(e), param_hint="--layers") from None
 
-    if (blocks := known_num_blocks(model)) is not None:  # before loading (downloading) it
-        check_layers(blocks)
+    # before creating folders and loading (downloading) the model; unknown block count: syntax
+    check_layers(known_num_blocks(model) or 10**9)
+    if distributed.is_root():  # the rank that writes; before any work
+        prepare_output(out, force=force)
+        if suffix == ".npy":
+            prepare_output(listing_path(out), force=force)
     if images.any_image(inputs):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)

@@ -84,6 +84,16 @@ def test_embed_checks_its_output_before_loading_the_model(read_only, tmp_path):
     assert not any(p.suffix == ".npy" for p in tmp_path.rglob("*"))
 
 
+def test_embed_checks_its_options_before_creating_folders(model_dir, tmp_path):
+    for model in (model_dir, tmp_path / "no-model"):  # blocks known, or not: the syntax
+        out = tmp_path / "new" / "dir" / "f.npy"
+        err = clean(cli("embed", ROCKET, "-m", model, "-o", out, "--layers", "abc"), 2)
+        assert "--layers" in err and "'abc'" in err
+        assert not (tmp_path / "new").exists()
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", tmp_path / ".npy"), 2)
+    assert "must end in .safetensors or .npy" in err and not (tmp_path / ".npy").exists()
+
+
 def test_embed_creates_missing_folders_and_refuses_to_overwrite(model_dir, tmp_path):
     out = tmp_path / "new" / "deeper" / "f.npy"
     result = cli("embed", ROCKET, "-m", model_dir, "-o", out, "--no-progress")
