@@ -109,8 +109,9 @@ def apply_pixel_limit() -> int | None:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB; alpha is dropped as `convert("RGB")` does.
 
-    16- and 32-bit integer samples are scaled down to 8 bits; floating-point samples (mode F)
-    are read as 0..1 intensities, and refused outside that range.
+    16- and 32-bit integer samples are scaled down to 8 bits (mode I as 16-bit when its values
+    fit in 0..65535, else over 0..2^31 - 1; negative ones are refused); floating-point samples
+    (mode F) are read as 0..1 intensities, and refused outside that range.
     """
     if img.mode == "RGB":
         return img
@@ -124,8 +125,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.round(a * 255.0).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
     if img.mode in _WIDE_MODES:
-        a = np.asarray(img, dtype=np.float64)  # 16-bit samples, 0..65535
-        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and a.min() < 0:
+            raise ImageError(
+                f"32-bit integer image with negative values (down to {a.min():.0f}): save it "
+                "with 8- or 16-bit samples"
+            )
+        # Mode I holds 16-bit PNGs (0..65535) as well as 32-bit samples (0..2^31 - 1).
+        top = 65535.0 if not a.size or a.max() <= 65535 else 2.0**31 - 1
+        a = np.round(a / (top / 255.0)).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
     with warnings.catch_warnings():
         # "Palette images with Transparency expressed in bytes should be converted to RGBA".

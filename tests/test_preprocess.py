@@ -51,6 +51,19 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(preprocess(path), EXPECTED["camera.png"])
 
 
+def test_32_bit_integer_images_are_scaled_not_clipped(tmp_path):
+    gray8 = np.asarray(Image.open(REF / "images" / "camera.png")).astype(np.int64)
+    for name, top in (("as16.tif", 65535), ("as32.tif", 2**31 - 1)):  # both load as mode I
+        path = tmp_path / name
+        Image.fromarray((gray8 * top // 255).astype(np.int32)).save(path)
+        assert Image.open(path).mode == "I"
+        np.testing.assert_array_equal(preprocess(path), EXPECTED["camera.png"])
+    path = tmp_path / "negative.tif"
+    Image.fromarray((gray8 - 128).astype(np.int32)).save(path)
+    with pytest.raises(ImageError, match="negative values"):
+        open_image(path)
+
+
 def test_modes_become_rgb_like_convert(tmp_path):
     photo = rgb_photo()
     cmyk = tmp_path / "cmyk.jpg"
