@@ -302,6 +302,22 @@ def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_t
     assert not out.exists()
 
 
+def test_options_the_split_cannot_satisfy_are_refused_before_any_work(
+    data, model_dir, tmp_path, no_trunk
+):
+    one_each = tmp_path / "one-each"
+    for name in ("red", "blue"):
+        (one_each / name).mkdir(parents=True)
+        shutil.copy(data / name / "000.png", one_each / name)
+    with pytest.raises(ProbeError, match="leaves no image: every class has a single image.*--val"):
+        train(model_dir, one_each, tmp_path / "h")
+    blocks = json.loads((model_dir / "config.json").read_text())["num_blocks"]
+    with pytest.raises(ProbeError, match=rf"\[{blocks + 90}\] are outside blocks 0..{blocks - 1}"):
+        train(model_dir, data, tmp_path / "h", probe_layers=f"0,{blocks + 90}")
+    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--probe-layers", "x")
+    assert res.exit_code == 1 and "--probe-layers must be best, last or block indices" in res.output
+
+
 def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
     (root / "red" / "empty.png").write_bytes(b"")
