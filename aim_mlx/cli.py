@@ -838,18 +838,19 @@ def export_coreml(
 
     from .probe.head import is_head_folder
     from .resolve import resolve
-    from .transforms import ImageError, preprocess
+    from .transforms import ImageError, open_image, preprocess
 
     coreml.require_coremltools()
     coreml.check_output(out, force)  # before a download or conversion
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    size = img_size or net.args.img_size
-    images = []
-    for path in sample:
+    pictures = []
+    for path in sample:  # decoded before the model is loaded too
         try:
-            images.append(preprocess(path, size))
+            pictures.append(open_image(path))
         except ImageError as e:
             raise click.BadParameter(f"{path}: {e}", param_hint="--sample") from None
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    size = img_size or net.args.img_size
+    images = [preprocess(picture, size) for picture in pictures]
     images = mx.array(np.stack(images)) if images else None
     trunk_head = None if is_head_folder(head) else head  # a trained head: its trunk's folder
     name, source = coreml.describe_model_ref(

@@ -126,6 +126,18 @@ def test_export_checks_its_output_before_the_model(read_only):
     assert f"cannot write {read_only / 'y.mlpackage'}" in err
 
 
+def test_export_checks_its_samples_before_the_model(tmp_path):
+    pytest.importorskip("coremltools")
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not an image")
+    for sample in (tmp_path / "missing.jpg", notes):
+        # the model does not exist: only a sample check made first can report the sample
+        result = cli("export", "coreml", "-m", tmp_path / "no-model", "-o",
+                     tmp_path / "m.mlpackage", "--sample", sample)  # fmt: skip
+        err = clean(result, 2)
+        assert "--sample" in err and sample.name in err and "no-model" not in err
+
+
 def test_write_atomic_leaves_nothing_half_written(tmp_path):
     from aim_mlx.output import write_atomic
 
