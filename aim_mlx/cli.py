@@ -201,6 +201,11 @@ def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
     return load(model, head, dtype, quantize_bits=_bits(quantize, q_bits), progress=progress)
 
 
+def _count(n: int, word: str) -> str:
+    """A count and its noun: 1 image, 2 images, 1 class, 3 classes."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
 def report_error(path: str, reason: str) -> None:
     click.echo(f"error: {path}: {reason}", err=True)
 
@@ -608,7 +613,7 @@ def eval_command(
     elif result.images:
         click.echo(
             f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
-            f"({result.images} images, {result.classes} classes)"
+            f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
         )
     else:
         click.echo("no accuracy: no image could be read (see the errors above)")
@@ -1018,8 +1023,9 @@ def probe_train(
     top5 = f", top-5 {best.val_top5:.1f}%" if best.val_top5 is not None else ""
     click.echo(
         f"best epoch {best.epoch}: val top-1 {best.val_top1:.1f}%{top5} "
-        f"({result.train_images} training, {result.val_images} validation images, "
-        f"{len(result.classes)} classes; {result.extracted} images through the trunk)",
+        f"({result.train_images} training, {_count(result.val_images, 'validation image')}, "
+        f"{_count(len(result.classes), 'class')}; {_count(result.extracted, 'image')} through "
+        "the trunk)",
         err=True,
     )
     click.echo(f"wrote {result.out}", err=True)
@@ -1078,11 +1084,12 @@ def probe_eval(
     else:
         top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
         click.echo(
-            f"top-1 {result.top1:.2f}%{top5}  ({result.images} images, {result.classes} classes)"
+            f"top-1 {result.top1:.2f}%{top5}  "
+            f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
         )
         for name, row in result.per_class().items():
             acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
-            click.echo(f"  {acc}  {name}  ({row['images']} images)")
+            click.echo(f"  {acc}  {name}  ({_count(row['images'], 'image')})")
     if confusion:
         click.echo(f"wrote {confusion}", err=True)
     if result.failed:

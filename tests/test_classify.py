@@ -302,7 +302,7 @@ def test_eval_top1_top5(model_dir, tmp_path):
     hit = placement[first] == expected_top(first)[0]
     assert (
         text.stdout.startswith(f"top-1 {100.0 * hit:.2f}%")
-        and "(1 images, 1 classes)" in text.stdout
+        and "(1 image, 1 class)" in text.stdout
     )
 
 

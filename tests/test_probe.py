@@ -328,6 +328,7 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"error: {root / 'red' / 'empty.png'}: not an image" in res.stderr
     assert f"error: {root / 'blue' / 'truncated.png'}:" in res.stderr
+    assert "training a linear head on" in res.stderr and "2 classes" in res.stderr
     config = json.loads((tmp_path / "h" / "config.json").read_text())
     assert config["training"]["train_images"] + config["training"]["val_images"] == 40
 
@@ -419,3 +420,23 @@ def test_cache_lists_and_removes_feature_sets(heads, workdir):
     res = cli("cache", "rm", key)
     assert res.exit_code == 0 and f"removed features {key}" in res.output
     assert not (workdir / "cache" / "features" / key).exists()
+
+
+def test_confusion_picture_fits_its_title():
+    from PIL import ImageDraw
+
+    from aim_mlx.probe.evaluate import HeadEvalResult, _font, confusion_image
+
+    result = HeadEvalResult(50.0, None, 2, 2, ["a", "b"], np.array([[1, 0], [1, 0]]))
+    title = "my-head: top-1 50.0% on 2 images of /a/rather/long/path/to/the/held-out/images"
+    picture = confusion_image(result, title)
+    needed = ImageDraw.Draw(picture).textbbox((10, 8), title, font=_font(16))[2]
+    assert picture.width >= needed + 10
+
+
+def test_the_log_reads_well(data, model_dir, tmp_path):
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    res = cli("probe", "train", root, "-m", model_dir, "-o", tmp_path / "h", "--epochs", "1")
+    assert res.exit_code == 0, res.output
+    assert "training an attention head on 32 images (2 classes), validating on 8" in res.stderr
+    assert "(32 training, 8 validation images, 2 classes; " in res.stderr

@@ -297,8 +297,9 @@ def train(
         module.cls_token = 0.02 * mx.random.normal(module.cls_token.shape)
     module.bn.running_mean, module.bn.running_var = feature_stats(store, train_data[0])
     log(
-        f"training a {settings.kind} head on {len(train_data[0])} images "
-        f"({len(dataset.classes)} classes), validating on {len(val_data[0])}"
+        f"training {'an' if settings.kind[0] in 'aeiou' else 'a'} {settings.kind} head on "
+        f"{len(train_data[0])} images ({len(dataset.classes)} classes), "
+        f"validating on {len(val_data[0])}"
     )
     history, best = fit(module, store, train_data, val_data, settings, log)
 
