@@ -301,8 +301,7 @@ def test_eval_top1_top5(model_dir, tmp_path):
     first = min(placement, key=lambda n: imagenet_classes()[placement[n]].wnid)
     hit = placement[first] == expected_top(first)[0]
     assert (
-        text.stdout.startswith(f"top-1 {100.0 * hit:.2f}%")
-        and "(1 image, 1 class)" in text.stdout
+        text.stdout.startswith(f"top-1 {100.0 * hit:.2f}%") and "(1 image, 1 class)" in text.stdout
     )
 
 
