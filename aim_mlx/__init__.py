@@ -28,7 +28,8 @@ def load(model, head=None, dtype=None, **kwargs):
 
 
 def preprocess(image, size=224):
-    """A PIL image or an image path -> float32 array (3, size, size), the evaluation transform."""
+    """An image path, a PIL image or a uint8 numpy array (H, W, 3) -> float32 array
+    (3, size, size), the evaluation transform."""
     from .transforms import preprocess as run
 
     return run(image, size)

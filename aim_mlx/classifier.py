@@ -37,9 +37,10 @@ def classify_iter(
     img_size: int | None = None,
 ) -> Iterator[dict]:
     """Like `classify`, one row at a time as batches finish."""
+    k = min(images.check_positive("k", k), model.args.num_classes)
+    images.check_positive("batch_size", batch_size)
     items = images.collect(inputs)
     labels = model.labels  # None: ImageNet-1k's
-    k = min(k, model.args.num_classes)
 
     def logits(x: mx.array) -> np.ndarray:
         return np.array(model(x).astype(mx.float32))
@@ -75,8 +76,6 @@ def classify(
     `{"path": ..., "error": reason}` for a file that could not be read. `img_size`: the input
     size, a multiple of the patch size (default: the model's).
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
     return list(
         classify_iter(
             model, inputs, k=k, batch_size=batch_size, progress=progress, img_size=img_size

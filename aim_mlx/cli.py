@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ import click
 
 from . import __version__
 from .constants import DTYPE_NAMES, GB, MB, MiB
-from .errors import AimMlxError, OptionError
+from .errors import AimMlxError, OptionError, OutputError
 from .export import coreml
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -46,9 +47,52 @@ def _reported(ctx: click.Context):
         raise click.exceptions.Exit(INTERRUPTED) from None
 
 
+def _check_environment() -> None:
+    """The AIM_MLX_* settings read from the environment, checked before any work."""
+    from . import memory, transforms
+    from .models import cpu_runner
+
+    cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
+    memory.check_enabled()
+    transforms.apply_pixel_limit()
+
+
+class _Stdout:
+    """sys.stdout whose failures are one error line: a full disk, a closed stream (results
+    would be lost). A broken pipe (`| head`) stays an OSError, which click ends quietly."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        if name == "buffer" or self._stream is None:  # click writes through ours, not around
+            raise AttributeError(name)
+        return getattr(self._stream, name)
+
+    def write(self, text):
+        return self._do("write", text)
+
+    def flush(self):
+        if self._stream is not None:  # closed: nothing was written, nothing to flush
+            return self._do("flush")
+
+    def _do(self, method, *args):
+        if self._stream is None:
+            raise OutputError("standard output is closed: the results cannot be written")
+        try:
+            return getattr(self._stream, method)(*args)
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise
+            raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
 class Command(click.Command):
     def invoke(self, ctx):
         with _reported(ctx):
+            _check_environment()
+            if not isinstance(sys.stdout, _Stdout):
+                sys.stdout = _Stdout(sys.stdout)
             return super().invoke(ctx)
 
 
@@ -167,6 +211,11 @@ def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
 
     distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
     return load(model, head, dtype, quantize_bits=_bits(quantize, q_bits), progress=progress)
+
+
+def _count(n: int, word: str) -> str:
+    """A count and its noun: 1 image, 2 images, 1 class, 3 classes."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
 
 
 def report_error(path: str, reason: str) -> None:
@@ -463,12 +512,9 @@ def embed(
     from .output import prepare_output
     from .resolve import known_num_blocks
 
-    if not out.endswith((".safetensors", ".npy")):
+    suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
+    if suffix not in (".safetensors", ".npy"):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
-    if distributed.is_root():  # the rank that writes; before any work
-        prepare_output(out, force=force)
-        if out.endswith(".npy"):
-            prepare_output(listing_path(out), force=force)
 
     def check_layers(num_blocks: int) -> None:
         try:
@@ -476,8 +522,12 @@ def embed(
         except OptionError as e:
             raise click.BadParameter(str(e), param_hint="--layers") from None
 
-    if (blocks := known_num_blocks(model)) is not None:  # before loading (downloading) it
-        check_layers(blocks)
+    # before creating folders and loading (downloading) the model; unknown block count: syntax
+    check_layers(known_num_blocks(model) or 10**9)
+    if distributed.is_root():  # the rank that writes; before any work
+        prepare_output(out, force=force)
+        if suffix == ".npy":
+            prepare_output(listing_path(out), force=force)
     if images.any_image(inputs):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)
@@ -542,15 +592,24 @@ def eval_command(
     WordNet id, like n01440764)."""
     from . import distributed
     from .evaluate import evaluate_pairs, imagenet_folder
+    from .probe.head import is_head_folder
 
-    if data and data_path and data != data_path:
+    if data and data_path and Path(data).resolve() != Path(data_path).resolve():
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
-    pairs = imagenet_folder(data, limit)  # before loading (perhaps downloading) the model
+    if is_head_folder(head):
+        raise click.UsageError(
+            f"--head {head}: a trained head's classes are not ImageNet's; evaluate it with "
+            f"`aim-mlx probe eval DATA -m MODEL --head {head}` (one sub-folder per class)"
+        )
+    # before loading (perhaps downloading) the model
+    pairs = imagenet_folder(data, limit, unreadable := [])
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    result = evaluate_pairs(net, pairs, batch_size=batch_size, progress=progress, img_size=img_size)
+    result = evaluate_pairs(
+        net, pairs, batch_size=batch_size, progress=progress, img_size=img_size, failed=unreadable
+    )
     if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
         return
     for path, reason in result.failed:
@@ -563,11 +622,13 @@ def eval_command(
         click.echo(
             json.dumps({**info, "img_size": img_size or net.args.img_size, **result.to_dict()})
         )
-    else:
+    elif result.images:
         click.echo(
             f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
-            f"({result.images} images, {result.classes} classes)"
+            f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
         )
+    else:
+        click.echo("no accuracy: no image could be read (see the errors above)")
     if result.failed:
         sys.exit(1)
 
@@ -794,20 +855,21 @@ def export_coreml(
 
     from .probe.head import is_head_folder
     from .resolve import resolve
-    from .transforms import ImageError, preprocess
+    from .transforms import ImageError, open_image, preprocess
 
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     coreml.require_coremltools()
     coreml.check_output(out, force)  # before a download or conversion
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    size = img_size or net.args.img_size
-    images = []
-    for path in sample:
+    pictures = []
+    for path in sample:  # decoded before the model is loaded too
         try:
-            images.append(preprocess(path, size))
+            pictures.append(open_image(path))
         except ImageError as e:
             raise click.BadParameter(f"{path}: {e}", param_hint="--sample") from None
+    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
+    size = img_size or net.args.img_size
+    images = [preprocess(picture, size) for picture in pictures]
     images = mx.array(np.stack(images)) if images else None
     trunk_head = None if is_head_folder(head) else head  # a trained head: its trunk's folder
     name, source = coreml.describe_model_ref(
@@ -977,8 +1039,9 @@ def probe_train(
     top5 = f", top-5 {best.val_top5:.1f}%" if best.val_top5 is not None else ""
     click.echo(
         f"best epoch {best.epoch}: val top-1 {best.val_top1:.1f}%{top5} "
-        f"({result.train_images} training, {result.val_images} validation images, "
-        f"{len(result.classes)} classes; {result.extracted} images through the trunk)",
+        f"({result.train_images} training, {_count(result.val_images, 'validation image')}, "
+        f"{_count(len(result.classes), 'class')}; {_count(result.extracted, 'image')} through "
+        "the trunk)",
         err=True,
     )
     click.echo(f"wrote {result.out}", err=True)
@@ -1037,11 +1100,12 @@ def probe_eval(
     else:
         top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
         click.echo(
-            f"top-1 {result.top1:.2f}%{top5}  ({result.images} images, {result.classes} classes)"
+            f"top-1 {result.top1:.2f}%{top5}  "
+            f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
         )
         for name, row in result.per_class().items():
             acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
-            click.echo(f"  {acc}  {name}  ({row['images']} images)")
+            click.echo(f"  {acc}  {name}  ({_count(row['images'], 'image')})")
     if confusion:
         click.echo(f"wrote {confusion}", err=True)
     if result.failed:

@@ -65,7 +65,7 @@ class Embeddings:
 
 def embed(
     model,
-    inputs: Iterable[str | os.PathLike],
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
     *,
     layers: str | Iterable[int] = "head",
     pool: str = "mean",
@@ -78,6 +78,7 @@ def embed(
     if pool not in POOLS:
         raise OptionError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     layers = parse_layers(layers, model.args.num_blocks)
+    images.check_positive("batch_size", batch_size)
     rows, paths, errors = [], [], []
     for item, row in images.run(
         lambda x: features(model, x, layers, pool),

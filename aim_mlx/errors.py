@@ -11,3 +11,7 @@ class OptionError(AimMlxError, ValueError):
 
 class OutputError(AimMlxError, OSError):
     """An output location that cannot be created or written; the message names the path."""
+
+
+class SettingError(AimMlxError, ValueError):
+    """An environment variable whose value cannot be used; the message names the variable."""

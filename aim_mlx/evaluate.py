@@ -18,8 +18,11 @@ class DatasetError(AimMlxError, ValueError):
     """A data folder that cannot be evaluated; the message says why."""
 
 
-def imagenet_folder(data_path: str | Path, limit: int | None = None) -> list[tuple[str, int]]:
-    """(image path, class index) pairs from `data_path/<wnid>/**/<image>`.
+def imagenet_folder(
+    data_path: str | Path, limit: int | None = None, errors: list | None = None
+) -> list[tuple[str, int]]:
+    """(image path, class index) pairs from `data_path/<wnid>/**/<image>`; folders inside it
+    that cannot be read are added to `errors` as (path, reason).
 
     With `limit`, images are taken round-robin over the classes (the first of each class, then
     the second, ...) so that a small limit still covers every class.
@@ -27,7 +30,10 @@ def imagenet_folder(data_path: str | Path, limit: int | None = None) -> list[tup
     root = Path(data_path)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise DatasetError(f"{root}: cannot read the folder: {e.strerror or e}") from None
     index = wnid_to_index()
     unknown = [p.name for p in folders if p.name not in index]
     if unknown:
@@ -35,17 +41,23 @@ def imagenet_folder(data_path: str | Path, limit: int | None = None) -> list[tup
             f"{root}: sub-folders must be ImageNet-1k WordNet ids like n01440764; "
             f"not: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         )
-    per_class = [[(path, index[f.name]) for path in images.walk_images(str(f))] for f in folders]
+    unreadable = []
+    per_class = [
+        [(path, index[f.name]) for path in images.walk_images(str(f), unreadable)] for f in folders
+    ]
     pairs = [p for p in itertools.chain(*itertools.zip_longest(*per_class)) if p is not None]
     if not pairs:
-        raise DatasetError(f"{root}: no images found in WordNet-id sub-folders")
+        reasons = "".join(f"; {path}: {why}" for path, why in unreadable[:3])
+        raise DatasetError(f"{root}: no images found in WordNet-id sub-folders{reasons}")
+    if errors is not None:
+        errors += unreadable
     return pairs[:limit] if limit else pairs
 
 
 @dataclass
 class EvalResult:
-    top1: float  # percent
-    top5: float
+    top1: float | None  # percent; None when no image could be read
+    top5: float | None
     images: int  # images evaluated
     classes: int  # distinct classes among them
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
@@ -80,8 +92,15 @@ def evaluate(
 ) -> EvalResult:
     """Top-1 / top-5 of `model` on an ImageNet-style folder; `img_size` defaults to the
     model's input size."""
-    pairs = imagenet_folder(data_path, limit)
-    return evaluate_pairs(model, pairs, batch_size=batch_size, progress=progress, img_size=img_size)
+    pairs = imagenet_folder(data_path, limit, unreadable := [])
+    return evaluate_pairs(
+        model,
+        pairs,
+        batch_size=batch_size,
+        progress=progress,
+        img_size=img_size,
+        failed=unreadable,
+    )
 
 
 def evaluate_pairs(
@@ -91,11 +110,14 @@ def evaluate_pairs(
     batch_size: int = 8,
     progress: bool = False,
     img_size: int | None = None,
+    failed: list[tuple[str, str]] = (),
 ) -> EvalResult:
-    """`evaluate` on (image path, class index) pairs, as `imagenet_folder` lists them."""
+    """`evaluate` on (image path, class index) pairs, as `imagenet_folder` lists them;
+    `failed`: (path, reason) of what could not be listed (unreadable folders), reported first."""
+    images.check_positive("batch_size", batch_size)
     target = dict(pairs)
     hits1 = hits5 = n = 0
-    classes, failed = set(), []
+    classes, failed = set(), list(failed)
 
     for item, pred in top5_predictions(
         model,
@@ -112,5 +134,5 @@ def evaluate_pairs(
         hits5 += int(y in pred)
         n += 1
         classes.add(y)
-    top1, top5 = (100.0 * hits1 / n, 100.0 * hits5 / n) if n else (0.0, 0.0)
+    top1, top5 = (100.0 * hits1 / n, 100.0 * hits5 / n) if n else (None, None)
     return EvalResult(top1, top5, n, len(classes), failed)

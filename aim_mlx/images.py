@@ -42,17 +42,46 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def _image_files(folder: str) -> Iterator[str]:
-    """Image files under a folder, as os.walk finds them; hidden files and folders (such as
-    macOS `._name.jpg` resource forks) are skipped."""
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        yield from (os.path.join(root, n) for n in names if is_image_name(n))
+def _image_files(folder: str) -> Iterator[tuple[str, str | None]]:
+    """(path, None) for each image file under a folder and (folder, reason) for each folder
+    that cannot be read, in no set order. Hidden files and folders (such as macOS
+    `._name.jpg` resource forks) are skipped; symlinked folders are followed, except one that
+    leads back to a folder above it (a loop)."""
+    stack = [(folder, frozenset())]
+    while stack:
+        path, above = stack.pop()
+        real = os.path.realpath(path)
+        if real in above:
+            continue
+        try:
+            with os.scandir(path) as it:
+                entries = [e for e in it if not e.name.startswith(".")]
+        except OSError as e:
+            yield path, f"cannot read the folder: {e.strerror or e}"
+            continue
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir()  # through a symlink too
+            except OSError:  # a symlink loop, a folder that cannot be looked at
+                is_dir = False  # read as a file: its error then names the reason
+            if is_dir:
+                stack.append((entry.path, above | {real}))
+            elif is_image_name(entry.name):
+                yield entry.path, None
 
 
-def walk_images(folder: str) -> list[str]:
-    """Image files under a folder, recursively, in sorted order; hidden ones skipped."""
-    return sorted(_image_files(folder))
+def walk_images(folder: str, errors: list[tuple[str, str]] | None = None) -> list[str]:
+    """Image files under a folder, recursively, in sorted order; hidden ones skipped. Folders
+    that cannot be read are added to `errors` as (path, reason), in sorted order."""
+    found, unreadable = [], []
+    for path, error in _image_files(folder):
+        if error:
+            unreadable.append((path, error))
+        else:
+            found.append(path)
+    if errors is not None:
+        errors += sorted(unreadable)
+    return sorted(found)
 
 
 def any_image(inputs: Iterable[str | os.PathLike]) -> bool:
@@ -61,22 +90,39 @@ def any_image(inputs: Iterable[str | os.PathLike]) -> bool:
     before a model is loaded."""
     return any(
         (os.path.exists(given) and not os.path.isdir(given))
-        or next(_image_files(given), None) is not None
+        or any(error is None for _, error in _image_files(given))
         for given in map(str, inputs)
     )
 
 
-def collect(inputs: Iterable[str | os.PathLike]) -> list[Item]:
-    """Files as given (whatever their suffix) and the images inside folders; a missing path or
-    a folder without images becomes an Item with an error."""
+def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[str]:
+    """Paths given to the Python API as a list of strings: one path alone is one input."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return [os.fspath(inputs)]
+    if isinstance(inputs, (bytes, bytearray)):
+        raise TypeError("inputs: give a path as str or pathlib.Path (or a list of them), not bytes")
+    return list(map(str, inputs))
+
+
+def check_positive(name: str, value) -> int:
+    """`value` if it is a positive whole number, else a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise OptionError(f"{name} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def collect(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Item]:
+    """Files as given (whatever their suffix) and the images inside folders; a missing path, a
+    folder without images and a folder that cannot be read become Items with an error."""
     items = []
-    for given in map(str, inputs):
+    for given in as_inputs(inputs):
         if os.path.isdir(given):
-            found = walk_images(given)
-            if not found:
+            unreadable = []
+            found = [(p, None) for p in walk_images(given, unreadable)]
+            if not found and not unreadable:
                 suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
                 items.append(Item(given, f"folder has no images (looked for {suffixes})"))
-            items += [Item(p) for p in found]
+            items += [Item(p, why) for p, why in sorted(found + unreadable, key=lambda f: f[0])]
         elif os.path.exists(given):
             items.append(Item(given))
         else:

@@ -12,7 +12,7 @@ import os
 import mlx.core as mx
 
 from .constants import ITEMSIZE, GiB
-from .errors import AimMlxError
+from .errors import AimMlxError, SettingError
 
 SKIP_VARIABLE = "AIM_MLX_MEMORY_CHECK"  # "off": load whatever the size
 
@@ -66,10 +66,21 @@ def check_model(name: str, params: int, dtype: str, quantize_bits: int | None = 
     check_fits(weights_lower_bound(params, dtype, quantize_bits), what)
 
 
+def check_enabled() -> bool:
+    """Whether AIM_MLX_MEMORY_CHECK leaves the check on (unset, on, 1, yes, true) or turns it
+    off (off, 0, no, false); SettingError for anything else."""
+    value = os.environ.get(SKIP_VARIABLE, "").strip().lower()
+    if value in ("off", "0", "no", "false"):
+        return False
+    if value in ("", "on", "1", "yes", "true"):
+        return True
+    raise SettingError(f"{SKIP_VARIABLE}={value!r}: expected off (no check) or on (the default)")
+
+
 def check_fits(nbytes: int, what: str) -> None:
     """Raise NotEnoughMemoryError when `nbytes` of weights exceed the device's whole memory
     (unless AIM_MLX_MEMORY_CHECK=off)."""
-    if os.environ.get(SKIP_VARIABLE, "").strip().lower() in ("off", "0", "no", "false"):
+    if not check_enabled():
         return
     total, kind = device_memory()
     if total is None or nbytes <= total:

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, hub, memory, registry
-from .constants import DTYPE_NAMES, GB, ITEMSIZE
+from .constants import DTYPE_NAMES, GB, ITEMSIZE, MX_DTYPES
 from .errors import OptionError
 from .loader import ModelLoadError, read_config
 from .models import PRESETS, last_probe_layers
@@ -27,6 +27,15 @@ def default_dtype() -> str:
     (README.md, "Performance")."""
     on_gpu = mx.default_device() == mx.gpu
     return "float16" if on_gpu else "float32"
+
+
+def dtype_name(dtype: str | mx.Dtype | None) -> str | None:
+    """A weight dtype's name ("float16") from its name or its mx.Dtype (mx.float16)."""
+    if isinstance(dtype, mx.Dtype):
+        dtype = next((n for n, d in MX_DTYPES.items() if d == dtype), str(dtype))
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise OptionError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    return dtype
 
 
 def say(message: str, progress: bool = True) -> None:
@@ -60,9 +69,7 @@ def resolve(
         raise OptionError(
             f"--head must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
         )
-    dtype = dtype or default_dtype()
-    if dtype not in DTYPE_NAMES:
-        raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+    dtype = dtype_name(dtype) or default_dtype()
     quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
 
@@ -98,6 +105,7 @@ def load(model: str | Path, head: str | None = None, dtype: str | None = None, *
     from .loader import load_model
     from .probe.head import is_head_folder, load_with_head
 
+    dtype = dtype_name(dtype)
     if is_head_folder(head):
         return load_with_head(model, head, dtype, **kwargs)
 

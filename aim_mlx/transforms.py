@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
-from .errors import AimMlxError, OptionError
+from .errors import AimMlxError, SettingError
 
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
@@ -43,7 +43,7 @@ def open_image(path: str | Path) -> Image.Image:
     pixels than AIM_MLX_MAX_PIXELS (default: PIL's limit, about 89 million) are refused as
     possible decompression bombs; 0 lifts the limit.
     """
-    limit = _apply_pixel_limit()
+    limit = apply_pixel_limit()
     _register_heif()
     try:
         with warnings.catch_warnings():
@@ -90,7 +90,7 @@ def _unreadable_reason(path: str | Path) -> str:
     return "not an image PIL can read (empty, damaged or another format)"
 
 
-def _apply_pixel_limit() -> int | None:
+def apply_pixel_limit() -> int | None:
     """Set PIL's pixel limit from AIM_MLX_MAX_PIXELS when it is set; the limit in force."""
     value = os.environ.get(MAX_PIXELS_ENV)
     if value is not None:
@@ -99,7 +99,7 @@ def _apply_pixel_limit() -> int | None:
             if pixels < 0:
                 raise ValueError
         except ValueError:
-            raise OptionError(
+            raise SettingError(
                 f"{MAX_PIXELS_ENV} must be a whole number of pixels (0: no limit), got {value!r}"
             ) from None
         Image.MAX_IMAGE_PIXELS = pixels or None
@@ -109,8 +109,9 @@ def _apply_pixel_limit() -> int | None:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB; alpha is dropped as `convert("RGB")` does.
 
-    16- and 32-bit integer samples are scaled down to 8 bits; floating-point samples (mode F)
-    are read as 0..1 intensities, and refused outside that range.
+    16- and 32-bit integer samples are scaled down to 8 bits (mode I as 16-bit when its values
+    fit in 0..65535, else over 0..2^31 - 1; negative ones are refused); floating-point samples
+    (mode F) are read as 0..1 intensities, and refused outside that range.
     """
     if img.mode == "RGB":
         return img
@@ -124,8 +125,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.round(a * 255.0).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
     if img.mode in _WIDE_MODES:
-        a = np.asarray(img, dtype=np.float64)  # 16-bit samples, 0..65535
-        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and a.min() < 0:
+            raise ImageError(
+                f"32-bit integer image with negative values (down to {a.min():.0f}): save it "
+                "with 8- or 16-bit samples"
+            )
+        # Mode I holds 16-bit PNGs (0..65535) as well as 32-bit samples (0..2^31 - 1).
+        top = 65535.0 if not a.size or a.max() <= 65535 else 2.0**31 - 1
+        a = np.round(a / (top / 255.0)).astype(np.uint8)
         return Image.fromarray(a, mode="L").convert("RGB")
     with warnings.catch_warnings():
         # "Palette images with Transparency expressed in bytes should be converted to RGBA".
@@ -140,8 +148,11 @@ def resize_shorter_side(img: Image.Image, short: int) -> Image.Image:
         new_w, new_h = short, int(short * h / w)
     else:
         new_w, new_h = int(short * w / h), short
-    if new_w * new_h > (Image.MAX_IMAGE_PIXELS or math.inf):
-        raise ImageError(f"aspect ratio {w}x{h} too extreme: resizing would make {new_w}x{new_h}")
+    if new_w * new_h > (limit := Image.MAX_IMAGE_PIXELS or math.inf):
+        raise ImageError(
+            f"resizing {w}x{h} to {new_w}x{new_h} for the model would pass the limit of {limit} "
+            f"pixels; set {MAX_PIXELS_ENV} to a larger number of pixels (0: no limit)"
+        )
     return img.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
 
@@ -158,11 +169,29 @@ def transform(img: Image.Image, size: int = 224) -> np.ndarray:
     return (x - MEAN) / STD
 
 
-def preprocess(image: str | Path | Image.Image, size: int = 224) -> np.ndarray:
-    """A PIL image or an image path -> the model's input, float32 (3, size, size).
+def preprocess(image: str | Path | Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
+    """An image path, a PIL image or a uint8 numpy array (H, W, 3) RGB or (H, W) grey -> the
+    model's input, float32 (3, size, size); `size` a positive multiple of 14, the patch size.
 
     Paths are opened with `open_image` (EXIF orientation, 16-bit scaling, bomb check);
     a PIL image is converted to RGB as it is.
     """
-    img = open_image(image) if isinstance(image, (str, Path)) else to_rgb(image)
-    return transform(img, size)
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % 14:
+        raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
+    if isinstance(image, (str, os.PathLike)):
+        img = open_image(image)
+    elif isinstance(image, Image.Image):
+        img = to_rgb(image)
+    elif (
+        isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3))
+    ):
+        img = to_rgb(Image.fromarray(image))
+    else:
+        what = f"a {image.dtype} array of shape {image.shape}" if hasattr(image, "shape") else ""
+        raise TypeError(
+            "preprocess takes an image path, a PIL image or a uint8 numpy array (H, W, 3) RGB "
+            f"or (H, W) grey; got {what or type(image).__name__}"
+        )
+    return transform(img, int(size))

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -300,8 +301,7 @@ def test_eval_top1_top5(model_dir, tmp_path):
     first = min(placement, key=lambda n: imagenet_classes()[placement[n]].wnid)
     hit = placement[first] == expected_top(first)[0]
     assert (
-        text.stdout.startswith(f"top-1 {100.0 * hit:.2f}%")
-        and "(1 images, 1 classes)" in text.stdout
+        text.stdout.startswith(f"top-1 {100.0 * hit:.2f}%") and "(1 image, 1 class)" in text.stdout
     )
 
 
@@ -317,3 +317,133 @@ def test_models_lists_the_official_sizes():
     assert result.exit_code == 0
     assert "aim-1B  (1.22B params; ImageNet-1k top-1: best 82.3%, last 80.6%)" in result.stdout
     assert "aim_7b_5bimgs_attnprobe_backbone.pth  ~25.78 GB  sha256 184ed94c" in result.stdout
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """Folders named `locked` cannot be listed, as after `chmod 000` (which root ignores)."""
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def refuse(path=".", real=real):
+            if os.path.basename(os.fspath(path).rstrip("/")) == "locked":
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, name, refuse)
+
+
+def test_unreadable_sub_folder_is_an_error_row_and_the_rest_is_classified(
+    model_dir, tmp_path, unreadable
+):
+    (tmp_path / "locked").mkdir()
+    shutil.copy(REF / "images" / "rocket.jpg", tmp_path / "locked")
+    shutil.copy(REF / "images" / "chelsea.png", tmp_path)
+    result = cli("classify", tmp_path, "--model", model_dir, "--json", "--no-progress")
+    assert result.exit_code == 1
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    locked = str(tmp_path / "locked")
+    assert rows[0]["path"] == str(tmp_path / "chelsea.png") and "top_k" in rows[0]
+    assert rows[1] == {"path": locked, "error": "cannot read the folder: Permission denied"}
+    assert result.stderr.strip() == f"error: {locked}: cannot read the folder: Permission denied"
+
+    alone = cli("classify", tmp_path / "locked", "--model", model_dir)  # nothing else to read
+    assert alone.exit_code == 1 and "folder has no images" not in alone.stderr
+    assert f"error: {locked}: cannot read the folder: Permission denied" in alone.stderr
+
+
+def test_eval_reports_an_unreadable_class_folder(model_dir, tmp_path, unreadable):
+    data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0, "camera.png": 1})
+    wnid = imagenet_classes()[1].wnid
+    (data / wnid / "locked").mkdir()
+    result = cli("eval", data, "--model", model_dir, "--json", "--no-progress")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["images"] == 2
+    locked = str(data / wnid / "locked")
+    assert report["failed"] == [
+        {"path": locked, "error": "cannot read the folder: Permission denied"}
+    ]
+    assert f"error: {locked}: cannot read the folder" in result.stderr
+
+    (tmp_path / "locked").mkdir()
+    top = cli("eval", tmp_path / "locked", "--model", model_dir)
+    assert top.exit_code == 1 and "cannot read the folder: Permission denied" in top.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads folders whatever their mode")
+def test_chmod_000_sub_folder_is_reported(model_dir, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(REF / "images" / "rocket.jpg", locked)
+    shutil.copy(REF / "images" / "chelsea.png", tmp_path)
+    locked.chmod(0)
+    try:
+        result = cli("classify", tmp_path, "--model", model_dir, "--no-progress")
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 1 and "chelsea.png" in result.stdout
+    assert f"error: {locked}: cannot read the folder: Permission denied" in result.stderr
+
+
+def test_symlinked_folders_are_searched_once_and_loops_are_not_followed(tmp_path):
+    from aim_mlx import images
+
+    photos = tmp_path / "photos"
+    (photos / "b").mkdir(parents=True)
+    shutil.copy(REF / "images" / "rocket.jpg", photos / "b")
+    shutil.copy(REF / "images" / "chelsea.png", photos / "a.png")
+    (photos / "linked").symlink_to(REF / "images", target_is_directory=True)
+    (photos / "b" / "up").symlink_to(photos, target_is_directory=True)  # a loop
+    found = images.walk_images(str(photos))
+    assert found == sorted(
+        [str(photos / "a.png"), str(photos / "b" / "rocket.jpg")]
+        + [str(photos / "linked" / n) for n in LOGITS.files]
+    )
+
+
+def test_eval_refuses_a_trained_head_and_takes_one_folder_two_ways(model_dir, tmp_path):
+    data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0})
+    head = tmp_path / "my-head"
+    head.mkdir()
+    result = cli("eval", data, "--model", model_dir, "--head", head)
+    assert result.exit_code == 2 and "aim-mlx probe eval" in result.stderr
+    same = cli("eval", data, "--data-path", str(data) + "/", "-m", model_dir, "--json")
+    assert same.exit_code == 0, same.stderr
+    assert json.loads(same.stdout)["images"] == 1
+
+
+def test_eval_with_no_readable_image_reports_no_accuracy(model_dir, tmp_path):
+    data = tmp_path / "val"
+    (data / imagenet_classes()[0].wnid).mkdir(parents=True)
+    (data / imagenet_classes()[0].wnid / "bad.jpg").write_bytes(b"not a jpeg")
+    result = cli("eval", data, "--model", model_dir, "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert (report["top1"], report["top5"], report["images"]) == (None, None, 0)
+    text = cli("eval", data, "--model", model_dir)
+    assert text.exit_code == 1 and "top-1" not in text.stdout
+    assert "no accuracy: no image could be read" in text.stdout
+
+
+def test_python_api_checks_its_arguments(model, model_dir):
+    from aim_mlx.embed import embed
+
+    rocket = REF / "images" / "rocket.jpg"
+    for options, name in [({"batch_size": -1}, "batch_size"), ({"batch_size": 0}, "batch_size"),
+                          ({"k": -1}, "k"), ({"k": 0}, "k")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name} must be a positive whole number"):
+            aim_mlx.classify(model, [rocket], **options)
+    with pytest.raises(ValueError, match="batch_size must be a positive whole number, got -2"):
+        embed(model, [rocket], batch_size=-2)
+    with pytest.raises(TypeError, match="not bytes"):
+        aim_mlx.classify(model, bytes(rocket))
+    for one in (rocket, str(rocket)):  # one path alone is one input
+        assert [r["path"] for r in aim_mlx.classify(model, one)] == [str(rocket)]
+        assert embed(model, one).paths == [str(rocket)]
+    with pytest.raises(TypeError, match="max_block_id must be an int or None, got 2.5"):
+        model.extract_features(mx.zeros((1, 3, 28, 28)), 2.5)
+    half = aim_mlx.load(model_dir, dtype=mx.float16)
+    assert half.dtype == mx.float16
+    with pytest.raises(ValueError, match="^dtype must be one of float32, float16, bfloat16"):
+        aim_mlx.load(model_dir, dtype=mx.int8)

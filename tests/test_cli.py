@@ -4,9 +4,11 @@ every command."""
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -82,6 +84,16 @@ def test_embed_checks_its_output_before_loading_the_model(read_only, tmp_path):
     assert not any(p.suffix == ".npy" for p in tmp_path.rglob("*"))
 
 
+def test_embed_checks_its_options_before_creating_folders(model_dir, tmp_path):
+    for model in (model_dir, tmp_path / "no-model"):  # blocks known, or not: the syntax
+        out = tmp_path / "new" / "dir" / "f.npy"
+        err = clean(cli("embed", ROCKET, "-m", model, "-o", out, "--layers", "abc"), 2)
+        assert "--layers" in err and "'abc'" in err
+        assert not (tmp_path / "new").exists()
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", tmp_path / ".npy"), 2)
+    assert "must end in .safetensors or .npy" in err and not (tmp_path / ".npy").exists()
+
+
 def test_embed_creates_missing_folders_and_refuses_to_overwrite(model_dir, tmp_path):
     out = tmp_path / "new" / "deeper" / "f.npy"
     result = cli("embed", ROCKET, "-m", model_dir, "-o", out, "--no-progress")
@@ -112,6 +124,18 @@ def test_export_checks_its_output_before_the_model(read_only):
     args = ["export", "coreml", "-m", "no-such-model", "-o", read_only / "y.mlpackage"]
     err = clean(cli(*args), 1)
     assert f"cannot write {read_only / 'y.mlpackage'}" in err
+
+
+def test_export_checks_its_samples_before_the_model(tmp_path):
+    pytest.importorskip("coremltools")
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not an image")
+    for sample in (tmp_path / "missing.jpg", notes):
+        # the model does not exist: only a sample check made first can report the sample
+        result = cli("export", "coreml", "-m", tmp_path / "no-model", "-o",
+                     tmp_path / "m.mlpackage", "--sample", sample)  # fmt: skip
+        err = clean(result, 2)
+        assert "--sample" in err and sample.name in err and "no-model" not in err
 
 
 def test_write_atomic_leaves_nothing_half_written(tmp_path):
@@ -501,6 +525,63 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "lots")
     with pytest.raises(AimMlxError, match="whole number"):
         open_image(path)
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
+     ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
+     ("AIM_MLX_MAX_PIXELS", "-1")],
+)  # fmt: skip
+def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.setenv(variable, value)
+    # a model that does not exist: the setting is reported first, before the model is looked at
+    result = cli("classify", ROCKET, "-m", tmp_path / "no-model")
+    stderr = clean(result, 1)
+    assert stderr.startswith(f"Error: {variable}") and f"{value!r}" in stderr
+    assert "no-model" not in stderr and "Usage:" not in stderr and len(stderr.splitlines()) == 1
+
+
+def test_a_small_pixel_limit_gives_the_right_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    Image.new("RGB", (200, 200)).save(tmp_path / "square.png")
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "50000")
+    with pytest.raises(ImageError) as caught:
+        preprocess(tmp_path / "square.png")
+    assert "aspect ratio" not in str(caught.value)
+    assert "256x256 for the model would pass the limit of 50000 pixels" in str(caught.value)
+    assert "AIM_MLX_MAX_PIXELS" in str(caught.value)
+
+
+def run_classify(model_dir, redirect: str) -> subprocess.CompletedProcess:
+    """`aim-mlx classify ROCKET --json` in a shell, its stdout redirected as `redirect` says."""
+    command = f"{shlex.quote(sys.executable)} -m aim_mlx.cli classify {shlex.quote(str(ROCKET))}"
+    command += f" -m {shlex.quote(str(model_dir))} --json --no-progress {redirect}"
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_results_that_cannot_be_written_to_stdout_are_an_error(model_dir):
+    full = run_classify(model_dir, "> /dev/full")
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    assert full.stderr.strip() == "Error: cannot write to standard output: No space left on device"
+    closed = run_classify(model_dir, ">&-")
+    assert closed.returncode == 1 and "Traceback" not in closed.stderr
+    assert (
+        closed.stderr.strip() == "Error: standard output is closed: the results cannot be written"
+    )
+
+
+def test_a_broken_pipe_is_left_to_click_which_exits_quietly():
+    from aim_mlx.cli import _Stdout
+
+    class ReaderGone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        _Stdout(ReaderGone()).write("row")
 
 
 # ---- The same options everywhere --------------------------------------------------------

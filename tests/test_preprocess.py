@@ -51,6 +51,19 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(preprocess(path), EXPECTED["camera.png"])
 
 
+def test_32_bit_integer_images_are_scaled_not_clipped(tmp_path):
+    gray8 = np.asarray(Image.open(REF / "images" / "camera.png")).astype(np.int64)
+    for name, top in (("as16.tif", 65535), ("as32.tif", 2**31 - 1)):  # both load as mode I
+        path = tmp_path / name
+        Image.fromarray((gray8 * top // 255).astype(np.int32)).save(path)
+        assert Image.open(path).mode == "I"
+        np.testing.assert_array_equal(preprocess(path), EXPECTED["camera.png"])
+    path = tmp_path / "negative.tif"
+    Image.fromarray((gray8 - 128).astype(np.int32)).save(path)
+    with pytest.raises(ImageError, match="negative values"):
+        open_image(path)
+
+
 def test_modes_become_rgb_like_convert(tmp_path):
     photo = rgb_photo()
     cmyk = tmp_path / "cmyk.jpg"
@@ -156,3 +169,18 @@ def test_one_pixel_image(tmp_path):
     expected = (np.array([200, 30, 40]) / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     np.testing.assert_allclose(x[:, 100, 100], expected, atol=1e-5)
     assert np.ptp(x, axis=(1, 2)).max() < 1e-6  # a flat colour stays flat
+
+
+def test_a_numpy_array_is_accepted_and_bad_arguments_are_clear():
+    photo = Image.open(REF / "images" / "rocket.jpg").convert("RGB")
+    pixels = np.asarray(photo)
+    np.testing.assert_array_equal(preprocess(pixels), preprocess(photo))
+    grey = np.asarray(photo.convert("L"))
+    np.testing.assert_array_equal(preprocess(grey), preprocess(photo.convert("L")))
+    with pytest.raises(TypeError, match="uint8 numpy array.*got a float32 array"):
+        preprocess(pixels.astype(np.float32))
+    with pytest.raises(TypeError, match="image path, a PIL image.*got int"):
+        preprocess(3)
+    for size in (0, -14, 2.5, 100, True):
+        with pytest.raises(ValueError, match=f"size must be a positive multiple of 14.*{size!r}"):
+            preprocess(photo, size)

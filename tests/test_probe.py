@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -301,6 +302,22 @@ def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_t
     assert not out.exists()
 
 
+def test_options_the_split_cannot_satisfy_are_refused_before_any_work(
+    data, model_dir, tmp_path, no_trunk
+):
+    one_each = tmp_path / "one-each"
+    for name in ("red", "blue"):
+        (one_each / name).mkdir(parents=True)
+        shutil.copy(data / name / "000.png", one_each / name)
+    with pytest.raises(ProbeError, match="leaves no image: every class has a single image.*--val"):
+        train(model_dir, one_each, tmp_path / "h")
+    blocks = json.loads((model_dir / "config.json").read_text())["num_blocks"]
+    with pytest.raises(ProbeError, match=rf"\[{blocks + 90}\] are outside blocks 0..{blocks - 1}"):
+        train(model_dir, data, tmp_path / "h", probe_layers=f"0,{blocks + 90}")
+    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--probe-layers", "x")
+    assert res.exit_code == 1 and "--probe-layers must be best, last or block indices" in res.output
+
+
 def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
     (root / "red" / "empty.png").write_bytes(b"")
@@ -311,8 +328,28 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"error: {root / 'red' / 'empty.png'}: not an image" in res.stderr
     assert f"error: {root / 'blue' / 'truncated.png'}:" in res.stderr
+    assert "training a linear head on" in res.stderr and "2 classes" in res.stderr
     config = json.loads((tmp_path / "h" / "config.json").read_text())
     assert config["training"]["train_images"] + config["training"]["val_images"] == 40
+
+
+def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, monkeypatch):
+    from aim_mlx.probe.data import read_dataset
+
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    (root / "red" / "locked").mkdir()
+    scandir = os.scandir
+
+    def refuse(path="."):  # as after `chmod 000`, which root ignores
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    dataset = read_dataset(root)
+    locked = str(root / "red" / "locked")
+    assert dataset.skipped == [(locked, "cannot read the folder: Permission denied")]
+    assert dataset.counts() == [20, 20]
 
 
 def test_head_with_another_trunk_is_refused(heads, tmp_path):
@@ -383,3 +420,23 @@ def test_cache_lists_and_removes_feature_sets(heads, workdir):
     res = cli("cache", "rm", key)
     assert res.exit_code == 0 and f"removed features {key}" in res.output
     assert not (workdir / "cache" / "features" / key).exists()
+
+
+def test_confusion_picture_fits_its_title():
+    from PIL import ImageDraw
+
+    from aim_mlx.probe.evaluate import HeadEvalResult, _font, confusion_image
+
+    result = HeadEvalResult(50.0, None, 2, 2, ["a", "b"], np.array([[1, 0], [1, 0]]))
+    title = "my-head: top-1 50.0% on 2 images of /a/rather/long/path/to/the/held-out/images"
+    picture = confusion_image(result, title)
+    needed = ImageDraw.Draw(picture).textbbox((10, 8), title, font=_font(16))[2]
+    assert picture.width >= needed + 10
+
+
+def test_the_log_reads_well(data, model_dir, tmp_path):
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    res = cli("probe", "train", root, "-m", model_dir, "-o", tmp_path / "h", "--epochs", "1")
+    assert res.exit_code == 0, res.output
+    assert "training an attention head on 32 images (2 classes), validating on 8" in res.stderr
+    assert "(32 training, 8 validation images, 2 classes; " in res.stderr

@@ -479,6 +479,10 @@ class AIM(nn.Module):
         `max_block_id` None stops at the last probe layer, -1 runs every block.
         """
         n = self.args.num_blocks
+        if max_block_id is not None and (
+            isinstance(max_block_id, bool) or not isinstance(max_block_id, (int, np.integer))
+        ):
+            raise TypeError(f"max_block_id must be an int or None, got {max_block_id!r}")
         if max_block_id is None:
             max_block_id = max(self.args.probe_layers)
         elif max_block_id == -1:

@@ -33,7 +33,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .. import blas
-from ..errors import OptionError
+from ..errors import OptionError, SettingError
 from ..runtime import switched_off
 from .aim import share
 
@@ -44,15 +44,24 @@ CACHE_MB = 1024
 SHARDS_BELOW = 4  # images a stream: smaller uneven batches are sharded (benchmarks/README.md)
 
 
+def _positive(name: str) -> int | None:
+    """The positive whole number environment variable `name` holds, or None when it is unset."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise SettingError(f"{name}={value!r}: expected a whole number of 1 or more (or unset)")
+    return int(value)
+
+
 def cores() -> int:
     """The cores this process may use (`AIM_MLX_CPU_CORES`, default all)."""
-    return max(1, int(os.environ.get(CORES_ENV) or os.cpu_count() or 1))
+    return _positive(CORES_ENV) or os.cpu_count() or 1
 
 
 def streams() -> int:
     """How many CPU streams the blocks run on (`AIM_MLX_CPU_STREAMS`; default 2, 1 on one core)."""
-    default = "2" if cores() > 1 else "1"
-    return max(1, int(os.environ.get(STREAMS_ENV) or default))
+    return _positive(STREAMS_ENV) or (2 if cores() > 1 else 1)
 
 
 def cache_mb() -> int | None:

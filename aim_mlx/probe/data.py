@@ -46,18 +46,24 @@ def _header_error(path: str) -> str | None:
         return "not an image PIL can read (empty, damaged or another format)"
 
 
-def class_folders(root: str | Path, what: str = "training folder") -> dict[str, list[str]]:
-    """{class name: image paths} of the non-hidden sub-folders of `root`, sorted."""
+def class_folders(
+    root: str | Path, what: str = "training folder", errors: list | None = None
+) -> dict[str, list[str]]:
+    """{class name: image paths} of the non-hidden sub-folders of `root`, sorted; folders that
+    cannot be read are added to `errors` as (path, reason)."""
     root = Path(root)
     if not root.is_dir():
         raise ProbeError(f"{what} {root} is not a folder")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise ProbeError(f"{what} {root}: cannot read the folder: {e.strerror or e}") from None
     if not folders:
         raise ProbeError(
             f"{what} {root} has no class sub-folders: put each class's images in its own "
             f"sub-folder ({root}/cat/..., {root}/dog/...)"
         )
-    return {f.name: images.walk_images(str(f)) for f in folders}
+    return {f.name: images.walk_images(str(f), errors) for f in folders}
 
 
 def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
@@ -66,7 +72,8 @@ def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
     Raises ProbeError for a missing folder, fewer than two classes, or a class without a
     usable image.
     """
-    found = class_folders(root, what)
+    skipped = []  # folders, then files, that cannot be read
+    found = class_folders(root, what, skipped)
     if len(found) < 2:
         (name,) = found
         raise ProbeError(
@@ -74,7 +81,7 @@ def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
             "class sub-folders"
         )
     classes = list(found)
-    samples, skipped, empty = [], [], []
+    samples, empty = [], []
     for label, name in enumerate(classes):
         usable = 0
         for path in found[name]:

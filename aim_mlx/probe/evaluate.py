@@ -117,9 +117,10 @@ def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
     margin = max(width(name, small) for name in labels) + 16
     top = margin + 48
     left = margin + 40
-    img = Image.new("RGB", (left + C * cell + 20, top + C * cell + 20), "white")
-    draw = ImageDraw.Draw(img)
     heading = title or f"top-1 {result.top1:.1f}% on {result.images} images"
+    wide = max(left + C * cell + 20, width(heading, _font(16)) + 20)  # the title fits too
+    img = Image.new("RGB", (wide, top + C * cell + 20), "white")
+    draw = ImageDraw.Draw(img)
     draw.text((10, 8), heading, fill="black", font=_font(16))
     rows = m.sum(axis=1, keepdims=True)
     share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)

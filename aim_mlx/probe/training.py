@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -19,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from .. import __version__, distributed
 from ..models import PRESETS, last_probe_layers
+from ..resolve import known_num_blocks
 from . import data, features, head
 from .data import ProbeError, Sample
 
@@ -246,6 +248,8 @@ def train(
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
     out = head.check_output(out, force, inputs=[p for p in (train_dir, val_dir) if p])
+    if probe_layers not in (None, "best", "last") and (blocks := known_num_blocks(model)):
+        parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=blocks))  # before a download
     dataset = data.read_dataset(train_dir)
     if val_dir is not None:
         val_set = data.read_dataset(val_dir, "validation folder")
@@ -256,6 +260,11 @@ def train(
         split = 0.2 if val_split is None else val_split
         train_samples, val_samples = data.stratified_split(dataset, split, settings.seed)
         skipped = dataset.skipped
+        if not val_samples:  # a class of one image stays for training
+            raise ProbeError(
+                f"the validation split of {train_dir} leaves no image: every class has a single "
+                "image; add images or pass a validation folder (--val DIR)"
+            )
 
     net, trunk = head.load_trunk(model, dtype, quantize_bits=quantize_bits, progress=progress)
     layers = parse_probe_layers(probe_layers, net.args)
@@ -288,8 +297,9 @@ def train(
         module.cls_token = 0.02 * mx.random.normal(module.cls_token.shape)
     module.bn.running_mean, module.bn.running_var = feature_stats(store, train_data[0])
     log(
-        f"training a {settings.kind} head on {len(train_data[0])} images "
-        f"({len(dataset.classes)} classes), validating on {len(val_data[0])}"
+        f"training {'an' if settings.kind[0] in 'aeiou' else 'a'} {settings.kind} head on "
+        f"{len(train_data[0])} images ({len(dataset.classes)} classes), "
+        f"validating on {len(val_data[0])}"
     )
     history, best = fit(module, store, train_data, val_data, settings, log)
 
