@@ -13,8 +13,9 @@ import mlx.core as mx
 
 from . import cache, hub, memory, registry
 from .constants import DTYPE_NAMES, GB, ITEMSIZE
+from .convert.converter import ConversionError, check_quantize_options
 from .errors import OptionError
-from .loader import ModelLoadError, read_config
+from .loader import ModelLoadError, model_args, read_config
 from .models import PRESETS, last_probe_layers
 
 
@@ -64,6 +65,11 @@ def resolve(
     if dtype not in DTYPE_NAMES:
         raise OptionError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
+    if quant:
+        try:
+            check_quantize_options(quantize_bits, q_group_size)
+        except ConversionError as e:
+            raise OptionError(str(e)) from None
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
 
     if registry.is_known(str(model)):
@@ -115,7 +121,7 @@ def known_num_blocks(model: str | Path) -> int | None:
         return registry.get(str(model)).arch["num_blocks"]
     path = Path(model).expanduser()
     if path.is_dir() and _is_converted(path):
-        return read_config(path).get("num_blocks")
+        return model_args(path, read_config(path)).num_blocks
     return None
 
 
@@ -189,9 +195,11 @@ def _quant_kwargs(quant: dict | None) -> dict:
 
 
 def _is_converted(path: Path) -> bool:
-    """A folder with a config.json written by the converter (a damaged one is an error here,
-    rather than a folder of checkpoints without checkpoints)."""
-    return (path / "config.json").is_file() and "format_version" in read_config(path)
+    """A folder with a config.json and no checkpoints beside it: the loader reports what is
+    wrong with it (rather than calling it a folder of checkpoints without checkpoints)."""
+    if not (path / "config.json").is_file() or (path / "pytorch_model.bin").is_file():
+        return False
+    return not any(path.glob("*.pth"))
 
 
 def folder_head(config: dict) -> str | None:
@@ -209,6 +217,7 @@ def folder_head(config: dict) -> str | None:
 
 def _check_head(path: Path, head: str) -> None:
     config = read_config(path)
+    model_args(path, config)  # a config that cannot be read as a model is reported as such
     held = folder_head(config)
     if held != head:
         raise ModelLoadError(
@@ -278,7 +287,6 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     sources = find_checkpoints(folder, head)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
-    from .convert import ConversionError
 
     def checked_sources() -> dict:
         files = list(map(Path, sources.values()))
