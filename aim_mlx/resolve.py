@@ -135,17 +135,21 @@ def check_memory(model: str | Path, dtype: str | None, quantize_bits: int | None
     memory.check_model(spec.name, spec.param_count(), dtype, quantize_bits)
 
 
-def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:
-    """Convert once into the cache entry `key`; concurrent callers wait and reuse the result."""
+def _convert_into_cache(
+    key: str, progress: bool, make_sources, expected: dict | None = None, **convert_kwargs
+) -> Path:
+    """Convert once into the cache entry `key`; concurrent callers wait and reuse the result.
+    `expected`: what the entry must have been made from (`cache.is_current`'s files, args)."""
     from .convert import convert
 
     out = cache.entry_dir(key)
-    if cache.is_current(out):
+    expected = expected or {}
+    if cache.is_current(out, **expected):
         return out
     with cache.lock(
         key, on_wait=lambda: say(f"waiting for another process making {out}", progress)
     ):
-        if cache.is_current(out):  # another process converted it while we waited
+        if cache.is_current(out, **expected):  # another process converted it while we waited
             return out
         sources = make_sources()
         say(f"converting to {convert_kwargs['dtype']} into {out}", progress)
@@ -169,13 +173,15 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         return dict(backbone=backbone, head=head_file)
 
     args = spec.model_args(head)
+    settings = dict(
+        probe_layers=list(args.probe_layers), num_heads=args.num_heads, img_size=args.img_size
+    )
     out = _convert_into_cache(
         key,
         progress,
         download,
-        probe_layers=list(args.probe_layers),
-        num_heads=args.num_heads,
-        img_size=args.img_size,
+        dict(files=spec.files(head), settings=settings),  # a changed registry entry: again
+        **settings,
         dtype=dtype,
         name=spec.name,
         verified=True,  # hub.download checked each file's SHA-256
