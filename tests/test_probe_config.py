@@ -1,0 +1,86 @@
+"""Damaged cached features and hand-edited head folders: extracted again, or one clean error
+naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF, convert_fixture
+from test_probe import draw_dataset
+
+from aim_mlx.cli import main
+from aim_mlx.probe import ProbeError, Settings, train
+
+ROCKET = REF / "images" / "rocket.jpg"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("probe-config")
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(workdir, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+    with mx.stream(mx.cpu):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir) -> Path:
+    return convert_fixture(workdir / "aim-tiny", name="aim-tiny")
+
+
+@pytest.fixture(scope="module")
+def data(workdir) -> Path:
+    return draw_dataset(workdir / "data", per_class=4)
+
+
+def quick(model_dir, data, out):
+    return train(model_dir, data, out, settings=Settings(kind="linear", epochs=1),
+                 log=lambda _: None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def head_dir(workdir, model_dir, data) -> Path:
+    with pytest.MonkeyPatch.context() as mp, mx.stream(mx.cpu):
+        mp.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+        return quick(model_dir, data, workdir / "head").out
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_damaged_feature_files_are_extracted_again(workdir, model_dir, data, head_dir, tmp_path):
+    (folder,) = (workdir / "cache" / "features").iterdir()
+    files = sorted(folder.glob("*.npy"))
+    good = np.load(files[0])
+    files[0].write_bytes(files[0].read_bytes()[:-10])  # cut short
+    files[1].write_bytes(b"\x93NUMPY garbage" * 10)  # not a .npy
+    files[2].write_bytes(b"")  # empty
+    np.save(files[3], good[:10])  # another shape
+    np.save(files[4], good.astype(np.float32))  # another dtype
+    result = quick(model_dir, data, tmp_path / "again")
+    assert result.extracted == 5
+    np.testing.assert_allclose(np.load(files[0]), good, rtol=2e-3, atol=1e-3)  # extracted again
+    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "cli", "--epochs", "1",
+              "--kind", "linear", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+
+def test_a_feature_file_damaged_after_the_check_is_one_error(workdir, head_dir):
+    from aim_mlx.probe.features import FeatureSet
+
+    (folder,) = (workdir / "cache" / "features").iterdir()
+    path = sorted(folder.glob("*.npy"))[0]
+    store = FeatureSet(folder, {}, (256, 64))
+    assert store.has(path.stem)
+    path.write_bytes(b"")
+    with pytest.raises(ProbeError, match=f"{path}: cannot read the cached features .*"
+                       f"`aim-mlx cache rm {folder.name}`"):  # fmt: skip
+        store.load([path.stem])
