@@ -3,6 +3,8 @@ naming the file and the field."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -84,3 +86,31 @@ def test_a_feature_file_damaged_after_the_check_is_one_error(workdir, head_dir):
     with pytest.raises(ProbeError, match=f"{path}: cannot read the cached features .*"
                        f"`aim-mlx cache rm {folder.name}`"):  # fmt: skip
         store.load([path.stem])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"trunk": None}, "trunk must record the trunk's name, sha256 and num_blocks, got None"),
+        ({"trunk": "x"}, "trunk must record the trunk's name, sha256 and num_blocks, got 'x'"),
+        ({"classes": None}, "classes must be a list of class names, got None"),
+        ({"classes": "ab"}, "classes must be a list of class names, got 'ab'"),
+        ({"classes": ["a", "a", "b", "c", "d"]}, "classes name 'a' more than once"),
+        ({"classes": ["a", "", "b", "c", "d"]}, "classes must be non-empty strings"),
+        ({"kind": "mlp"}, "kind must be one of attention, linear, got 'mlp'"),
+        ({"probe_layers": [1, 50]}, "probe layers [50] are outside blocks 0..7"),
+        ({"probe_layers": []}, "no probe layers given"),
+        ({"probe_layers": [1, 1]}, "probe layers [1, 1] name block 1 more than once"),
+        ({"img_size": "224"}, "img_size must be a positive integer, got '224'"),
+        ({"img_size": 100}, "img_size 100 must be a multiple of patch_size 14"),
+    ],
+)
+def test_hand_edited_head_config_is_one_line(model_dir, head_dir, tmp_path, change, message):
+    folder = tmp_path / "head"
+    shutil.copytree(head_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in {**config, **change}.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    res = cli("classify", ROCKET, "-m", model_dir, "--head", folder, "--no-progress")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+    assert f"Error: {folder / 'config.json'}: {message}" in res.stderr

@@ -50,7 +50,7 @@ class ModelArgs:
     def __post_init__(self):
         """Every field checked, so that a bad config fails here, by name, not in the forward."""
         for name in INT_FIELDS:
-            setattr(self, name, _positive_int(name, getattr(self, name)))
+            setattr(self, name, positive_int(name, getattr(self, name)))
         eps = self.norm_eps
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
             raise ValueError(f"norm_eps must be a number between 0 and 1, got {eps!r}")
@@ -64,7 +64,7 @@ class ModelArgs:
             raise ValueError(
                 f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}"
             )
-        self.probe_layers = _probe_layers(self.probe_layers, self.num_blocks)
+        self.probe_layers = check_probe_layers(self.probe_layers, self.num_blocks)
 
     @property
     def head_dim(self) -> int:
@@ -88,13 +88,13 @@ INT_FIELDS = (
 )
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _probe_layers(layers, num_blocks: int) -> tuple[int, ...]:
+def check_probe_layers(layers, num_blocks: int) -> tuple[int, ...]:
     """Block indices the head reads: a non-empty list of distinct blocks of the model."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise ValueError(f"probe layers must be a list of block indices, got {layers!r}")
