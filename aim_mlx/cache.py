@@ -34,9 +34,17 @@ class CacheError(AimMlxError, OSError):
 
 
 def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
+    """The cache folder, as an absolute path (a relative AIM_MLX_CACHE is taken from the
+    working folder); CacheError if it is a file."""
+    root = _default_root()
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"the model cache {root} is not a folder; set {CACHE_ENV} to a folder")
+    return root
+
+
+def _default_root() -> Path:
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser().absolute()
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "aim-mlx"
     if sys.platform == "win32":

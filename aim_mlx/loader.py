@@ -144,7 +144,11 @@ def convert_again(path: Path) -> str:
     next use); else convert again."""
     from . import cache
 
-    if path.resolve().parent == (cache.cache_root() / "models").resolve():
+    try:
+        in_cache = path.resolve().parent == (cache.cache_root() / "models").resolve()
+    except cache.CacheError:
+        in_cache = False
+    if in_cache:
         return f"remove it with `aim-mlx cache rm {path.name}` (converted again on next use)"
     return "convert the model again"
 

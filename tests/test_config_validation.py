@@ -38,7 +38,7 @@ def cli(*args):
 def clean(result, code: int) -> str:
     """stderr, after checking the exit status and that it was a clean exit (no exception)."""
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception
+    assert isinstance(result.exception, SystemExit) if code else result.exception is None
     return result.stderr
 
 
@@ -228,3 +228,69 @@ def test_quantized_weights_pass_the_dtype_check(tmp_path):
         **kw,
     )
     assert aim_mlx.load(out).trunk.blocks[0].mlp.fc1.scales.dtype == mx.float16
+
+
+# ---- The cache: damaged entries, removing, listing, where it is ---------------------------
+
+
+def test_a_damaged_cache_entry_says_how_to_remove_it(model_dir):
+    from aim_mlx import cache
+
+    entry = cache.entry_dir("x--best--float32")
+    shutil.copytree(model_dir, entry)
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = clean(cli("classify", ROCKET, "-m", entry, "--no-progress"), 1)
+    assert f"{weights}: cannot read the weights" in err
+    assert "remove it with `aim-mlx cache rm x--best--float32`" in err
+
+
+def feature_set(key: str):
+    from aim_mlx import cache
+
+    folder = cache.features_root() / key
+    folder.mkdir(parents=True)
+    (folder / "a.npy").write_bytes(b"x" * 100)
+    return folder
+
+
+def test_cache_rm_checks_every_name_before_removing_any():
+    folder = feature_set("set-1")
+    err = clean(cli("cache", "rm", "set-1", "typo"), 1)
+    assert "nothing cached under 'typo'" in err
+    assert folder.exists()
+    result = cli("cache", "rm", "set-1")
+    clean(result, 0)
+    assert result.stdout == "removed features set-1 (0.0 MB)\n"
+    assert not folder.exists()
+    result = cli("cache", "rm", "--all")
+    assert (
+        result.stdout == "nothing to remove: the cache holds no converted models or feature sets\n"
+    )
+
+
+def test_json_listings_include_the_feature_sets():
+    folder = feature_set("set-1")
+    text = cli("cache").stdout
+    listing = json.loads(cli("cache", "list", "--json").stdout)
+    info = json.loads(cli("info", "--json").stdout)
+    assert "set-1" in text
+    expected = [dict(key="set-1", path=str(folder), images=1, size=100)]
+    assert listing["features"] == expected and info["cache"]["features"] == expected
+    assert info["cache"] == listing
+
+
+def test_a_relative_cache_is_made_absolute(tmp_path, monkeypatch):
+    from aim_mlx import cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AIM_MLX_CACHE", "relcache")
+    assert cache.cache_root() == tmp_path / "relcache"
+    assert json.loads(cli("cache", "list", "--json").stdout)["cache"] == str(tmp_path / "relcache")
+
+
+def test_a_cache_that_is_a_file_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "afile"))
+    err = clean(cli("cache"), 1)
+    assert f"Error: the model cache {tmp_path / 'afile'} is not a folder; set AIM_MLX_CACHE" in err
