@@ -238,18 +238,17 @@ def convert(
 
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
-        items = [int(v) for v in value.split(",") if v.strip()]
+        items = [int(v) for v in value.split(",")]  # an empty item (1,,2) is refused too
     except ValueError:
         raise click.BadParameter(f"expected integers like 1,8,32, got {value!r}") from None
-    if not items or min(items) < 1:
+    if min(items) < 1:
         raise click.BadParameter(f"expected positive integers like 1,8,32, got {value!r}")
     return items
 
 
 def _dtype_list(ctx, param, value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in DTYPE_NAMES]
-    if bad or not items:
+    items = [v.strip() for v in value.split(",")]
+    if any(v not in DTYPE_NAMES for v in items):
         raise click.BadParameter(
             f"expected float32, float16 and/or bfloat16 (comma-separated), got {value!r}"
         )
@@ -281,9 +280,9 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 @click.option(
     "--head",
     type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Sizes only: the best-layers head stops the trunk early, the last-layers one runs it all.",
+    default=None,
+    help="Sizes only: the best-layers head (the default) stops the trunk early, the "
+    "last-layers one runs it all.",
 )
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True)

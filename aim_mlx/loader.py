@@ -47,6 +47,11 @@ def read_config(path: str | Path) -> dict:
 
 def check_format(path: str | Path, config: dict) -> None:
     """Raise ModelLoadError unless `config` was written by this converter format version."""
+    if config.get("format") == "aim-mlx-trained-head":  # probe.head.HEAD_FORMAT
+        raise ModelLoadError(
+            f"{path} is a trained head's folder, not a model: pass it as --head, with the "
+            "model it was trained on as -m/--model"
+        )
     version = config.get("format_version")
     if version != FORMAT_VERSION:
         what = f"format version {version}" if version is not None else "no format_version"

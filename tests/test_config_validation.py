@@ -294,3 +294,30 @@ def test_a_cache_that_is_a_file_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "afile"))
     err = clean(cli("cache"), 1)
     assert f"Error: the model cache {tmp_path / 'afile'} is not a folder; set AIM_MLX_CACHE" in err
+
+
+# ---- bench ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-b", "1,,2"], "expected integers like 1,8,32, got '1,,2'"),
+        (["--dtype", "float32,,float16"], "expected float32, float16 and/or bfloat16"),
+        (["--head", "last"], "--dtype, --quantize and --head apply to preset names only"),
+        (["--dtype", "float16"], "--dtype, --quantize and --head apply to preset names only"),
+    ],
+)
+def test_bench_refuses_what_it_cannot_honour_before_running(model_dir, args, message):
+    result = cli("bench", "-m", model_dir, *args)
+    err = clean(result, 2)
+    assert message in err and "running" not in result.output
+
+
+def test_bench_of_a_trained_head_folder_says_what_it_is(model_dir, tmp_path):
+    folder = tmp_path / "head"
+    folder.mkdir()
+    config = {"format": "aim-mlx-trained-head", "format_version": 1, "embed_dim": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    err = clean(cli("bench", "-m", folder), 1)
+    assert f"{folder} is a trained head's folder, not a model: pass it as --head" in err
