@@ -36,7 +36,7 @@ class BenchConfig:
     q_group_size: int = 64
     compile: bool = False
     img_size: int | None = None  # None: the model's own
-    head: str = "best"  # presets only: "best" or "last" layers
+    head: str | None = None  # presets only: "best" (the default) or "last" layers
     warmup: int = 1
     iters: int = 5
 
@@ -132,24 +132,32 @@ def make_model(config: BenchConfig) -> AIM:
     dtype = MX_DTYPES[config.dtype]
     overrides = {"img_size": config.img_size} if config.img_size else {}
     if config.model in PRESETS:
-        args = preset_args(config.model, head=config.head, **overrides)
+        args = preset_args(config.model, head=config.head or "best", **overrides)
         params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))  # lazy: no memory
         memory.check_model(config.model, params, config.dtype, config.q_bits)
         return random_model(args, dtype, config.q_bits, config.q_group_size)
+    check(config)
+    from .loader import load_model
+
+    model = load_model(config.model)
+    mx.eval(model.parameters())
+    return model
+
+
+def check(config: BenchConfig) -> None:
+    """OptionError for a model that is neither a preset nor a folder, and for options that do
+    not apply to a converted folder (benchmarked as it was converted, with its own head)."""
+    if config.model in PRESETS:
+        return
     path = Path(config.model)
     if not path.is_dir():
         names = ", ".join(PRESETS)
         raise OptionError(f"--model {config.model!r}: not a preset ({names}) nor a model folder")
-    from .loader import load_model
-
-    if config.q_bits or config.dtype != "float32":
+    if config.q_bits or config.dtype != "float32" or config.head:
         raise OptionError(
-            f"--model {path}: a converted folder is benchmarked as it was converted; "
-            "--dtype and --quantize apply to preset names only"
+            f"--model {path}: a converted folder is benchmarked as it was converted, with its "
+            "own head; --dtype, --quantize and --head apply to preset names only"
         )
-    model = load_model(path)
-    mx.eval(model.parameters())
-    return model
 
 
 def model_dtype_and_bits(model: AIM) -> tuple[str, int | None]:
@@ -240,7 +248,7 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
     dtype, bits = model_dtype_and_bits(model)
     return {
         "model": config.model if config.model in PRESETS else Path(config.model).name,
-        "head": config.head if config.model in PRESETS else "converted",
+        "head": (config.head or "best") if config.model in PRESETS else "converted",
         "blocks": blocks,
         "batch_size": config.batch_size,
         "dtype": dtype,
@@ -299,7 +307,12 @@ def format_table(rows: list[dict]) -> str:
 
 
 def configs(model, batch_sizes, dtypes, q_bits, compile_, img_size, head, warmup, iters):
-    """Every combination of the listed batch sizes and dtypes."""
-    for dtype in dtypes:
-        for b in batch_sizes:
-            yield BenchConfig(model, b, dtype, q_bits, 64, compile_, img_size, head, warmup, iters)
+    """Every combination of the listed batch sizes and dtypes, each checked before any runs."""
+    rows = [
+        BenchConfig(model, b, dtype, q_bits, 64, compile_, img_size, head, warmup, iters)
+        for dtype in dtypes
+        for b in batch_sizes
+    ]
+    for config in rows:
+        check(config)
+    return rows

@@ -34,9 +34,17 @@ class CacheError(AimMlxError, OSError):
 
 
 def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
+    """The cache folder, as an absolute path (a relative AIM_MLX_CACHE is taken from the
+    working folder); CacheError if it is a file."""
+    root = _default_root()
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"the model cache {root} is not a folder; set {CACHE_ENV} to a folder")
+    return root
+
+
+def _default_root() -> Path:
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser().absolute()
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "aim-mlx"
     if sys.platform == "win32":
@@ -95,12 +103,29 @@ def has_weights(folder: Path) -> bool:
     ).is_file()
 
 
-def is_current(folder: Path) -> bool:
-    """A complete entry written by this converter format version."""
+def is_current(folder: Path, files=(), settings: dict | None = None) -> bool:
+    """A complete entry written by this converter format version; with `files` (registry
+    HubFiles) and `settings` (config values such as the probe layers), also converted from
+    exactly those files (name and SHA-256 prefix) with those settings: an entry made before
+    its registry entry changed is converted again, not served as the new model."""
     from .convert import FORMAT_VERSION
 
     config = _config_or_none(folder)
-    return bool(config) and config.get("format_version") == FORMAT_VERSION and has_weights(folder)
+    if not config or config.get("format_version") != FORMAT_VERSION or not has_weights(folder):
+        return False
+    if any(config.get(k) != v for k, v in (settings or {}).items()):
+        return False
+    try:
+        made_from = [(s["file"], s["sha256"]) for s in config.get("sources") or []]
+    except (KeyError, TypeError):  # a damaged record: convert again
+        return False
+    return all(
+        any(
+            name == Path(f.filename).name and str(sha).startswith(f.sha256)
+            for name, sha in made_from
+        )
+        for f in files
+    )
 
 
 def _config_or_none(folder: Path) -> dict | None:

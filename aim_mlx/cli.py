@@ -299,18 +299,17 @@ def convert(
 
 def _int_list(ctx, param, value: str) -> list[int]:
     try:
-        items = [int(v) for v in value.split(",") if v.strip()]
+        items = [int(v) for v in value.split(",")]  # an empty item (1,,2) is refused too
     except ValueError:
         raise click.BadParameter(f"expected integers like 1,8,32, got {value!r}") from None
-    if not items or min(items) < 1:
+    if min(items) < 1:
         raise click.BadParameter(f"expected positive integers like 1,8,32, got {value!r}")
     return items
 
 
 def _dtype_list(ctx, param, value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in DTYPE_NAMES]
-    if bad or not items:
+    items = [v.strip() for v in value.split(",")]
+    if any(v not in DTYPE_NAMES for v in items):
         raise click.BadParameter(
             f"expected float32, float16 and/or bfloat16 (comma-separated), got {value!r}"
         )
@@ -342,9 +341,9 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 @click.option(
     "--head",
     type=click.Choice(["best", "last"]),
-    default="best",
-    show_default=True,
-    help="Sizes only: the best-layers head stops the trunk early, the last-layers one runs it all.",
+    default=None,
+    help="Sizes only: the best-layers head (the default) stops the trunk early, the "
+    "last-layers one runs it all.",
 )
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True)
@@ -387,7 +386,7 @@ def info(as_json):
 
     environment = lib.environment()
     if as_json:
-        click.echo(json.dumps(environment))
+        click.echo(json.dumps({**environment, "cache": cache_listing()}))
         return
     for key, value in environment.items():
         click.echo(f"{key}: {value}")
@@ -671,52 +670,58 @@ def cache(ctx):
         ctx.invoke(cache_list)
 
 
-@cache.command("list")
-@json_option("Print the cache as one JSON object.")
-def cache_list(as_json=False):
-    """Converted models and raw downloads, with their sizes."""
+def cache_listing() -> dict:
+    """What `aim-mlx cache` lists, as `cache list --json` (and `info --json`'s "cache") print it."""
     from huggingface_hub import constants
 
     from . import hub, registry
     from .cache import cache_root, features_root, list_entries, list_feature_sets
 
-    entries = list_entries()
-    downloads = [
-        (spec.name, file, path)
-        for spec in registry.all_models().values()
-        for file, path in hub.downloaded(spec)
-    ]
+    return dict(
+        cache=str(cache_root()),
+        models=[
+            dict(key=e.key, path=str(e.path), size=e.size, current=e.current)
+            for e in list_entries()
+        ],
+        downloads_dir=str(constants.HF_HUB_CACHE),
+        downloads=[
+            dict(model=spec.name, file=file.filename, path=str(path), size=path.stat().st_size)
+            for spec in registry.all_models().values()
+            for file, path in hub.downloaded(spec)
+        ],
+        features_dir=str(features_root()),
+        features=[
+            dict(key=e.key, path=str(e.path), images=e.images, size=e.size)
+            for e in list_feature_sets()
+        ],
+    )
+
+
+@cache.command("list")
+@json_option("Print the cache as one JSON object.")
+def cache_list(as_json=False):
+    """Converted models, raw downloads and feature sets, with their sizes."""
+    listing = cache_listing()
     if as_json:
-        listing = dict(
-            cache=str(cache_root()),
-            models=[
-                dict(key=e.key, path=str(e.path), size=e.size, current=e.current) for e in entries
-            ],
-            downloads_dir=str(constants.HF_HUB_CACHE),
-            downloads=[
-                dict(model=name, file=file.filename, path=str(path), size=path.stat().st_size)
-                for name, file, path in downloads
-            ],
-        )
         click.echo(json.dumps(listing, indent=1))
         return
-    click.echo(f"cache: {cache_root()}  (AIM_MLX_CACHE)")
-    if not entries:
+    models, downloads, features = listing["models"], listing["downloads"], listing["features"]
+    click.echo(f"cache: {listing['cache']}  (AIM_MLX_CACHE)")
+    if not models:
         click.echo("  no converted models")
-    for e in entries:
-        state = "" if e.current else "  (old format: converted again on use)"
-        click.echo(f"  {e.key:<40} {_gb(e.size):>10}{state}")
-    if entries:
-        click.echo(f"  total {_gb(sum(e.size for e in entries))}")
+    for m in models:
+        state = "" if m["current"] else "  (old format: converted again on use)"
+        click.echo(f"  {m['key']:<40} {_gb(m['size']):>10}{state}")
+    if models:
+        click.echo(f"  total {_gb(sum(m['size'] for m in models))}")
     if downloads:
-        click.echo(f"downloads: {constants.HF_HUB_CACHE}  (HF_HOME; `cache rm-downloads`)")
-    for name, file, path in downloads:
-        click.echo(f"  {name:<10} {file.filename:<50} {_gb(path.stat().st_size):>10}")
-    feature_sets = list_feature_sets()
-    if feature_sets:
-        click.echo(f"features: {features_root()}  (`aim-mlx probe train`)")
-    for e in feature_sets:
-        click.echo(f"  {e.key:<60} {e.images:>7} images {_gb(e.size):>10}")
+        click.echo(f"downloads: {listing['downloads_dir']}  (HF_HOME; `cache rm-downloads`)")
+    for d in downloads:
+        click.echo(f"  {d['model']:<10} {d['file']:<50} {_gb(d['size']):>10}")
+    if features:
+        click.echo(f"features: {listing['features_dir']}  (`aim-mlx probe train`)")
+    for f in features:
+        click.echo(f"  {f['key']:<60} {f['images']:>7} images {_gb(f['size']):>10}")
 
 
 @cache.command("add")
@@ -757,19 +762,19 @@ def cache_rm(names, remove_all):
     if not names and not remove_all:
         raise click.UsageError("name entries or models to remove, or pass --all")
     entries = [e.key for e in model_cache.list_entries()]
-    chosen = set(entries) if remove_all else set()
     feature_sets = {e.key for e in model_cache.list_feature_sets()}
-    for key in sorted(feature_sets & set(names) if not remove_all else feature_sets):
-        click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")
-    names = [n for n in names if n not in feature_sets]
-    for name in names:
+    chosen = set(entries) if remove_all else set()
+    features = feature_sets if remove_all else feature_sets & set(names)
+    for name in (n for n in names if n not in feature_sets):  # every name checked first
         prefix = name.lower() + "--"
         matches = {key for key in entries if key == name or key.lower().startswith(prefix)}
         if not matches:
             raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
         chosen |= matches
-    if not chosen:
-        click.echo("no converted models to remove")
+    if not chosen and not features:
+        click.echo("nothing to remove: the cache holds no converted models or feature sets")
+    for key in sorted(features):
+        click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")
     for key in sorted(chosen):
         click.echo(f"removed {key} ({_gb(model_cache.remove(key))})")
 

@@ -9,10 +9,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .convert.converter import FORMAT_VERSION
+from .constants import DTYPE_NAMES, MX_DTYPES
+from .convert.converter import FORMAT_VERSION, Q_BITS, Q_GROUP_SIZES
 from .errors import AimMlxError
 from .memory import check_fits
 from .models import AIM, ModelArgs
+
+INDEX = "model.safetensors.index.json"
 
 
 class ModelLoadError(AimMlxError, ValueError):
@@ -44,18 +47,69 @@ def read_config(path: str | Path) -> dict:
 
 def check_format(path: str | Path, config: dict) -> None:
     """Raise ModelLoadError unless `config` was written by this converter format version."""
+    if config.get("format") == "aim-mlx-trained-head":  # probe.head.HEAD_FORMAT
+        raise ModelLoadError(
+            f"{path} is a trained head's folder, not a model: pass it as --head, with the "
+            "model it was trained on as -m/--model"
+        )
     version = config.get("format_version")
     if version != FORMAT_VERSION:
+        what = f"format version {version}" if version is not None else "no format_version"
         raise ModelLoadError(
-            f"{path}: format version {version}, this aim-mlx reads {FORMAT_VERSION}; "
-            "convert the checkpoints again"
+            f"{path}/config.json: {what}, this aim-mlx reads {FORMAT_VERSION}; "
+            "convert the checkpoints again (`aim-mlx convert`)"
         )
 
 
+def model_args(path: str | Path, config: dict) -> ModelArgs:
+    """The architecture in a converted folder's config, its dtype and quantization checked:
+    ModelLoadError naming the file and the field."""
+    try:
+        args = ModelArgs.from_dict(config)
+        if config.get("dtype") not in DTYPE_NAMES:
+            raise ValueError(
+                f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {config.get('dtype')!r}"
+            )
+        check_quantization(config.get("quantization"))
+    except ValueError as e:
+        raise ModelLoadError(f"{path}/config.json: {e}") from None
+    return args
+
+
+def check_quantization(q) -> None:
+    """None, or the converter's block: bits, group size, mode, the quantized layers."""
+    if q is None:
+        return
+    if not isinstance(q, dict):
+        raise ValueError(f"quantization must be null or an object, got {q!r}")
+    if q.get("bits") not in Q_BITS:
+        raise ValueError(f"quantization bits must be 4 or 8, got {q.get('bits')!r}")
+    if q.get("group_size") not in Q_GROUP_SIZES:
+        raise ValueError(
+            f"quantization group_size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, "
+            f"got {q.get('group_size')!r}"
+        )
+    if q.get("mode", "affine") != "affine":
+        raise ValueError(f"quantization mode must be affine, got {q.get('mode')!r}")
+    layers = q.get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        raise ValueError(f"quantization layers must be a list of layer names, got {layers!r}")
+
+
 def weight_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{path}: no model*.safetensors weights")
+    """model.safetensors, or the shards that model.safetensors.index.json lists."""
+    index = path / INDEX
+    if not index.is_file():
+        if not (path / "model.safetensors").is_file():
+            raise ModelLoadError(f"{path}: no model.safetensors (nor {INDEX}) weights")
+        return [path / "model.safetensors"]
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / name for name in names]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelLoadError(f"{index}: cannot read the shard list ({e})") from None
+    if missing := [f for f in files if not f.is_file()]:
+        raise ModelLoadError(f"{missing[0]}: a weight shard listed in {INDEX} is missing")
     return files
 
 
@@ -64,10 +118,7 @@ def load_model(path: str | Path) -> AIM:
     path = Path(path)
     config = read_config(path)
     check_format(path, config)
-    try:
-        model = AIM(ModelArgs.from_dict(config))  # random init is lazy: never computed
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"{path}/config.json: {e}") from None
+    model = AIM(model_args(path, config))  # random init is lazy: never computed
     if q := config.get("quantization"):
         layers = set(q["layers"])
         nn.quantize(
@@ -85,22 +136,43 @@ def load_model(path: str | Path) -> AIM:
             weights.update(mx.load(str(f)))
         except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file
             raise ModelLoadError(
-                f"{f}: cannot read the weights ({e}); convert the model again"
+                f"{f}: cannot read the weights ({e}); {convert_again(path)}"
             ) from None
-    _check_weights(path, model, weights)
+    _check_weights(path, model, weights, MX_DTYPES[config["dtype"]])
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return model
 
 
-def _check_weights(path: Path, model: AIM, weights: dict):
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+def convert_again(path: Path) -> str:
+    """What to do about a damaged folder: for a cache entry, remove it (converted again on
+    next use); else convert again."""
+    from . import cache
+
+    try:
+        in_cache = path.resolve().parent == (cache.cache_root() / "models").resolve()
+    except cache.CacheError:
+        in_cache = False
+    if in_cache:
+        return f"remove it with `aim-mlx cache rm {path.name}` (converted again on next use)"
+    return "convert the model again"
+
+
+def _check_weights(path: Path, model: AIM, weights: dict, dtype: mx.Dtype):
+    """Every parameter present, with its shape and dtype: the config's dtype, uint32 for the
+    packed weights of quantized layers (their scales and biases are in the config's dtype)."""
+    expected = dict(tree_flatten(model.parameters()))
     if missing := sorted(expected.keys() - weights.keys()):
         raise ModelLoadError(f"{path}: weights lack {missing[0]!r} ({len(missing)} missing)")
     if extra := sorted(weights.keys() - expected.keys()):
         raise ModelLoadError(f"{path}: unexpected weight {extra[0]!r} ({len(extra)} in all)")
-    for key, shape in expected.items():
-        if weights[key].shape != shape:
+    for key, param in expected.items():
+        if weights[key].shape != param.shape:
             raise ModelLoadError(
-                f"{path}: {key!r} has shape {weights[key].shape}, the model expects {shape}"
+                f"{path}: {key!r} has shape {weights[key].shape}, the model expects {param.shape}"
+            )
+        want = mx.uint32 if param.dtype == mx.uint32 else dtype
+        if weights[key].dtype != want:
+            raise ModelLoadError(
+                f"{path}: {key!r} is stored as {weights[key].dtype}, the config says {want}"
             )

@@ -75,28 +75,64 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
-        try:
-            heads = {h: HubFile(**f) for h, f in d["heads"].items()}
-            spec = cls(
-                name=d["name"],
-                repo=d["repo"],
-                revision=d.get("revision", "main"),
-                backbone=HubFile(**d["backbone"]),
-                heads=heads,
-                probe_layers={h: tuple(v) for h, v in d["probe_layers"].items()},
-                arch=dict(d["arch"]),
-                params=d.get("params"),
-                top1=dict(d.get("top1", {})),
+        """A spec from its dict form (a registry file's entry); RegistryError naming the entry
+        and the field for anything missing or of the wrong kind."""
+        if not isinstance(d, dict):
+            raise RegistryError(f"a registry entry must be an object, got {d!r}")
+        name = d.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise RegistryError(
+                f"a registry entry needs a name (letters, digits, ._-), got {name!r}"
             )
-        except (KeyError, TypeError) as e:
-            raise RegistryError(f"registry entry {d.get('name', d)!r} is incomplete: {e}") from None
-        for head in spec.heads:
-            if head not in HEADS or head not in spec.probe_layers:
-                raise RegistryError(
-                    f"{spec.name}: head {head!r} must be one of {HEADS}, with probe_layers"
-                )
-            spec.model_args(head)  # validates the architecture
+        try:
+            spec = cls(
+                name=name,
+                repo=_field(d, "repo", str),
+                revision=_field(d, "revision", str, "main"),
+                backbone=_hub_file(_field(d, "backbone", dict)),
+                heads={h: _hub_file(f) for h, f in _field(d, "heads", dict).items()},
+                probe_layers=_field(d, "probe_layers", dict),
+                arch=_field(d, "arch", dict),
+                params=_field(d, "params", int, None),
+                top1=_field(d, "top1", dict, {}),
+            )
+            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec.repo):
+                raise ValueError(f"repo must be a hub repo id like apple/AIM, got {spec.repo!r}")
+            if spec.params is not None and spec.params < 1:
+                raise ValueError(f"params must be a positive integer, got {spec.params!r}")
+            if not spec.heads:
+                raise ValueError("heads is empty")
+            for head in spec.heads:
+                if head not in HEADS or head not in spec.probe_layers:
+                    raise ValueError(f"head {head!r} must be one of {HEADS}, with probe_layers")
+                layers = spec.model_args(head).probe_layers  # validates the architecture
+                spec.probe_layers[head] = layers
+        except (ValueError, TypeError) as e:
+            raise RegistryError(f"registry entry {name!r}: {e}") from None
         return spec
+
+
+_MISSING = object()
+_KINDS = {str: "a string", int: "an integer", dict: "an object"}
+
+
+def _field(d: dict, key: str, kind: type, default=_MISSING):
+    """d[key], of type `kind` (a bool is no int), or `default` when absent."""
+    if key not in d and default is not _MISSING:
+        return default
+    if key not in d:
+        raise ValueError(f"missing {key}")
+    value = d[key]
+    if not isinstance(value, kind) or kind is int and isinstance(value, bool):
+        raise ValueError(f"{key} must be {_KINDS[kind]}, got {value!r}")
+    return dict(value) if kind is dict else value
+
+
+def _hub_file(f) -> HubFile:
+    if not isinstance(f, dict):
+        raise ValueError(f"a file must be an object with filename and sha256, got {f!r}")
+    size = _field(f, "size", int, None)
+    return HubFile(_field(f, "filename", str), _field(f, "sha256", str), size)
 
 
 # (name, file stem, embed_dim, blocks, heads, best layers, params, top-1 last, top-1 best,
@@ -149,9 +185,27 @@ def _from_env() -> dict[str, ModelSpec]:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise RegistryError(f"cannot read the registry file {path} ({REGISTRY_ENV}): {e}") from None
-    entries = data["models"] if isinstance(data, dict) else data
-    specs = [ModelSpec.from_dict(d) for d in entries]
-    return {s.name: s for s in specs}
+    entries = data.get("models") if isinstance(data, dict) else data
+    if not isinstance(entries, list):
+        raise RegistryError(
+            f'the registry file {path} ({REGISTRY_ENV}): expected {{"models": [...]}} or a '
+            "list of entries (see aim_mlx/registry.py)"
+        )
+    specs = {}
+    for d in entries:
+        try:
+            spec = ModelSpec.from_dict(d)
+        except RegistryError as e:
+            raise RegistryError(f"the registry file {path} ({REGISTRY_ENV}): {e}") from None
+        taken = [n for n in [*_BUILTIN, *specs] if n.lower() == spec.name.lower()]
+        if taken:
+            what = "a built-in model" if taken[0] in _BUILTIN else "another entry in the file"
+            raise RegistryError(
+                f"the registry file {path} ({REGISTRY_ENV}): the name {spec.name!r} is taken by "
+                f"{what} ({taken[0]}); give the entry another name"
+            )
+        specs[spec.name] = spec
+    return specs
 
 
 def all_models() -> dict[str, ModelSpec]:

@@ -13,8 +13,9 @@ import mlx.core as mx
 
 from . import cache, hub, memory, registry
 from .constants import DTYPE_NAMES, GB, ITEMSIZE, MX_DTYPES
+from .convert.converter import ConversionError, check_quantize_options
 from .errors import OptionError
-from .loader import ModelLoadError, read_config
+from .loader import ModelLoadError, model_args, read_config
 from .models import PRESETS, last_probe_layers
 
 
@@ -71,6 +72,11 @@ def resolve(
         )
     dtype = dtype_name(dtype) or default_dtype()
     quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
+    if quant:
+        try:
+            check_quantize_options(quantize_bits, q_group_size)
+        except ConversionError as e:
+            raise OptionError(str(e)) from None
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
 
     if registry.is_known(str(model)):
@@ -123,7 +129,7 @@ def known_num_blocks(model: str | Path) -> int | None:
         return registry.get(str(model)).arch["num_blocks"]
     path = Path(model).expanduser()
     if path.is_dir() and _is_converted(path):
-        return read_config(path).get("num_blocks")
+        return model_args(path, read_config(path)).num_blocks
     return None
 
 
@@ -137,17 +143,21 @@ def check_memory(model: str | Path, dtype: str | None, quantize_bits: int | None
     memory.check_model(spec.name, spec.param_count(), dtype, quantize_bits)
 
 
-def _convert_into_cache(key: str, progress: bool, make_sources, **convert_kwargs) -> Path:
-    """Convert once into the cache entry `key`; concurrent callers wait and reuse the result."""
+def _convert_into_cache(
+    key: str, progress: bool, make_sources, expected: dict | None = None, **convert_kwargs
+) -> Path:
+    """Convert once into the cache entry `key`; concurrent callers wait and reuse the result.
+    `expected`: what the entry must have been made from (`cache.is_current`'s files, args)."""
     from .convert import convert
 
     out = cache.entry_dir(key)
-    if cache.is_current(out):
+    expected = expected or {}
+    if cache.is_current(out, **expected):
         return out
     with cache.lock(
         key, on_wait=lambda: say(f"waiting for another process making {out}", progress)
     ):
-        if cache.is_current(out):  # another process converted it while we waited
+        if cache.is_current(out, **expected):  # another process converted it while we waited
             return out
         sources = make_sources()
         say(f"converting to {convert_kwargs['dtype']} into {out}", progress)
@@ -171,13 +181,15 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         return dict(backbone=backbone, head=head_file)
 
     args = spec.model_args(head)
+    settings = dict(
+        probe_layers=list(args.probe_layers), num_heads=args.num_heads, img_size=args.img_size
+    )
     out = _convert_into_cache(
         key,
         progress,
         download,
-        probe_layers=list(args.probe_layers),
-        num_heads=args.num_heads,
-        img_size=args.img_size,
+        dict(files=spec.files(head), settings=settings),  # a changed registry entry: again
+        **settings,
         dtype=dtype,
         name=spec.name,
         verified=True,  # hub.download checked each file's SHA-256
@@ -197,9 +209,11 @@ def _quant_kwargs(quant: dict | None) -> dict:
 
 
 def _is_converted(path: Path) -> bool:
-    """A folder with a config.json written by the converter (a damaged one is an error here,
-    rather than a folder of checkpoints without checkpoints)."""
-    return (path / "config.json").is_file() and "format_version" in read_config(path)
+    """A folder with a config.json and no checkpoints beside it: the loader reports what is
+    wrong with it (rather than calling it a folder of checkpoints without checkpoints)."""
+    if not (path / "config.json").is_file() or (path / "pytorch_model.bin").is_file():
+        return False
+    return not any(path.glob("*.pth"))
 
 
 def folder_head(config: dict) -> str | None:
@@ -217,6 +231,7 @@ def folder_head(config: dict) -> str | None:
 
 def _check_head(path: Path, head: str) -> None:
     config = read_config(path)
+    model_args(path, config)  # a config that cannot be read as a model is reported as such
     held = folder_head(config)
     if held != head:
         raise ModelLoadError(
@@ -286,7 +301,6 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     sources = find_checkpoints(folder, head)
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
-    from .convert import ConversionError
 
     def checked_sources() -> dict:
         files = list(map(Path, sources.values()))

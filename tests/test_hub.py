@@ -194,7 +194,9 @@ def test_input_mistakes_are_reported_before_any_download(env, hub, tmp_path):
     (empty / "not-a-wnid").mkdir(parents=True)
     head = tmp_path / "my-head"
     head.mkdir()
-    config = dict(format=HEAD_FORMAT, format_version=HEAD_FORMAT_VERSION, classes=["cat", "dog"])
+    trunk = dict(name="aim-tiny", sha256=sha256(REF / "backbone.pth"), num_blocks=8)
+    config = dict(format=HEAD_FORMAT, format_version=HEAD_FORMAT_VERSION, classes=["cat", "dog"],
+                  kind="linear", probe_layers=[1, 2], img_size=224, trunk=trunk)  # fmt: skip
     (head / "config.json").write_text(json.dumps(config))
     (empty / "bird").mkdir()
     features = tmp_path / "f.npy"

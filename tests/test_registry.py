@@ -66,8 +66,9 @@ def test_registry_file_and_register_api(tmp_path, monkeypatch):
     bad["backbone"]["sha256"] = "xyz"
     with pytest.raises(registry.RegistryError, match="sha256 must be 8 to 64 lowercase hex"):
         registry.register(bad)
+    bad = registry_entry()
     del bad["heads"]
-    with pytest.raises(registry.RegistryError, match="incomplete"):
+    with pytest.raises(registry.RegistryError, match="registry entry 'aim-tiny': missing heads"):
         registry.register(bad)
 
 
@@ -191,3 +192,75 @@ def test_weights_larger_than_memory_are_refused_before_any_download(tmp_path, mo
         load_model(converted)
     monkeypatch.setenv(memory.SKIP_VARIABLE, "off")
     assert load_model(converted).dtype == mx.float32
+
+
+def test_a_changed_registry_entry_is_converted_again(tmp_path, monkeypatch):
+    """The cache key is the name: an entry converted from other files (or other probe layers)
+    than the registry now names is converted again, not served as the new model."""
+    x = mx.array(np.load(REF / "input.npy"))
+    server = HubServer({REPO: {f: REF / f for f in FILES}}).start()
+    path = tmp_path / "models.json"
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(path))
+
+    def run(entry) -> np.ndarray:
+        path.write_text(json.dumps({"models": [entry]}))
+        model = aim_mlx.load("aim-tiny", endpoint=server.url, hf_cache_dir=tmp_path / "hf")
+        return np.array(model(x))
+
+    first, second = registry_entry(), registry_entry()
+    second["heads"]["best"] = second["heads"]["last"]  # another head file under "best"
+    second["probe_layers"]["best"] = second["probe_layers"]["last"]
+    try:
+        assert rel_err(run(first), np.load(REF / "logits_best.npy")) < 1e-5
+        assert rel_err(run(second), np.load(REF / "logits_last.npy")) < 1e-5
+        entry = cache.entry_dir("aim-tiny--best--float32")
+        assert [s["file"] for s in read_config(entry)["sources"]][1] == "head_last_layers.pth"
+        # same files, other probe layers: converted again with the new ones
+        third = {**second, "probe_layers": {**second["probe_layers"], "best": [1, 2, 3, 4, 5, 7]}}
+        run(third)
+        assert read_config(entry)["probe_layers"] == [1, 2, 3, 4, 5, 7]
+        assert len(server.downloads("backbone.pth")) == 1  # the downloads are reused
+        run(third)  # unchanged: reused, not converted again
+        assert cache.is_current(entry, registry.get("aim-tiny").files("best"))
+    finally:
+        server.stop()
+
+
+def entry_with(**changes) -> dict:
+    return {**registry_entry(), **changes}
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"model": []}, r'expected \{"models": \[...\]\} or a list of entries'),
+        ({"models": {"x": 1}}, r'expected \{"models": \[...\]\}'),
+        ("str", r'expected \{"models": \[...\]\}'),
+        ({"models": [1]}, "a registry entry must be an object, got 1"),
+        ([entry_with(name="AIM-600M")], "'AIM-600M' is taken by a built-in model \\(aim-600M\\)"),
+        ([registry_entry(), entry_with(name="AIM-tiny")], "taken by another entry in the file"),
+        ([entry_with(repo=5)], "entry 'aim-tiny': repo must be a string, got 5"),
+        ([entry_with(repo="a b")], "repo must be a hub repo id like apple/AIM"),
+        ([entry_with(params="lots")], "params must be an integer, got 'lots'"),
+        ([entry_with(heads={"best": "x.pth"})], "a file must be an object with filename"),
+        ([entry_with(arch={"num_blocks": 8, "num_heads": 4})], "missing embed_dim"),
+        ([entry_with(arch={"embed_dim": 64, "num_blocks": 8, "num_heads": 0})], "num_heads must"),
+        ([entry_with(arch={"embed_dim": 64, "num_blocks": 8, "num_heads": 3})], "not divisible"),
+        ([entry_with(probe_layers={"best": [1, 99], "last": [2]})], "probe layers \\[99\\]"),
+        ([entry_with(probe_layers={"best": 3, "last": [2]})], "list of block indices, got 3"),
+    ],
+)
+def test_a_malformed_registry_file_is_one_error_naming_it(tmp_path, monkeypatch, content, message):
+    from click.testing import CliRunner
+
+    from aim_mlx.cli import main
+
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps(content))
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(path))
+    with pytest.raises(registry.RegistryError, match=message) as e:
+        registry.all_models()
+    assert str(e.value).startswith(f"the registry file {path} (AIM_MLX_REGISTRY): ")
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    assert f"Error: the registry file {path}" in result.stderr

@@ -38,6 +38,8 @@ PATCH_WEIGHT = "preprocessor.patchifier.proj.weight"
 DROPPED_KEYS = ("head.bn.num_batches_tracked",)
 # The trunk's matmul weights are quantized. The head (k, v, linear: about 3% of the weights) stays
 # in the chosen float dtype: quantizing it measurably moves the logits (tests/test_convert.py).
+Q_BITS = (4, 8)
+Q_GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization supports (mx.quantize)
 QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 PREPROCESS = {
     "resize_ratio": CROP_RATIO,
@@ -86,8 +88,8 @@ def convert(
     """
     if dtype not in MX_DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
-    if quantize and q_bits not in (4, 8):
-        raise ConversionError(f"--q-bits must be 4 or 8, got {q_bits}")
+    if quantize:
+        check_quantize_options(q_bits, q_group_size)
     sources_given = [p for p in (backbone, head, hf_path) if p and Path(p).exists()]
     try:
         out = prepare_output(out, force=force, inputs=sources_given, replaceable=_is_model_folder)
@@ -101,13 +103,15 @@ def convert(
     sources = _match(tensors, args)
 
     q = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"} if quantize else None
+    if q:
+        q["layers"] = _check_quantizable(sources, q, dtype, progress)
     plan = _plan(sources, MX_DTYPES[dtype], q)
     config = {
         "model_type": "aim-v1",
         "name": name or _default_name(args),
         **args.to_dict(),
         "dtype": dtype,
-        "quantization": q and {**q, "layers": sorted(_quantized_layers(sources, q))},
+        "quantization": q,
         "format_version": FORMAT_VERSION,
         "preprocess": {**PREPROCESS, "crop_size": args.img_size},
         "layout": {PATCH_WEIGHT: "OHWI (PyTorch: OIHW)", "dropped": list(DROPPED_KEYS)},
@@ -122,17 +126,49 @@ def _is_model_folder(folder: Path) -> bool:
     return any((folder / name).exists() for name in names)
 
 
+def check_quantize_options(bits, group_size) -> None:
+    """ConversionError unless MLX can quantize with these bits and group size."""
+    if bits not in Q_BITS:
+        raise ConversionError(f"--q-bits must be 4 or 8, got {bits!r}")
+    if group_size not in Q_GROUP_SIZES:
+        sizes = ", ".join(map(str, Q_GROUP_SIZES))
+        raise ConversionError(f"--q-group-size must be one of {sizes}, got {group_size!r}")
+
+
+def _check_quantizable(sources, q, dtype, progress) -> list[str]:
+    """The trunk layers to quantize: those whose input size is a multiple of the group size.
+    None of them is an error; some of them is said on stderr (the others stay in `dtype`)."""
+    layers = sorted(_quantized_layers(sources, q))
+    total = sum(1 for s in sources if QUANTIZED_LAYER.match(s.key.removesuffix(".weight")))
+    g = q["group_size"]
+    if not layers:
+        raise ConversionError(
+            f"no trunk layer's input size is a multiple of the group size {g}: nothing to "
+            "quantize; pass a smaller --q-group-size"
+        )
+    if len(layers) < total and progress:
+        print(
+            f"quantized {len(layers)} of {total} trunk linear layers (the others' input size "
+            f"is not a multiple of the group size {g}; they stay in {dtype})",
+            file=sys.stderr,
+        )
+    return layers
+
+
 def parse_probe_layers(value: str | Sequence[int] | None):
     """'best' / 'last' / 'I,J,...' (or a sequence of ints) -> 'best' | 'last' | tuple | None."""
     if value is None or isinstance(value, str) and value in ("best", "last"):
         return value
     if isinstance(value, str):
         try:
-            return tuple(int(v) for v in value.split(",") if v.strip())
+            layers = tuple(int(v) for v in value.split(",") if v.strip())
         except ValueError:
+            layers = ()
+        if not layers:
             raise ConversionError(
                 f"--probe-layers must be best, last or block indices like 12,13,14; got {value!r}"
-            ) from None
+            )
+        return layers
     return tuple(int(v) for v in value)
 
 
@@ -141,8 +177,7 @@ def _source_files(backbone, head, hf_path) -> tuple[list[Path], dict]:
         if backbone or head:
             raise ConversionError("give either --hf-path or --backbone/--head, not both")
         folder = _hub_folder(hf_path)
-        config_file = folder / "config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        config = _hub_config(folder / "config.json")
         files = sorted(folder.glob("model*.safetensors")) or sorted(
             folder.glob("pytorch_model*.bin")
         )
@@ -160,6 +195,20 @@ def _source_files(backbone, head, hf_path) -> tuple[list[Path], dict]:
         if not Path(f).is_file():
             raise ConversionError(f"{f}: no such file")
     return [Path(backbone), Path(head)], {}
+
+
+def _hub_config(file: Path) -> dict:
+    """A hub-style folder's config.json ({} without one); its values are checked with the
+    architecture (ModelArgs)."""
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{file}: cannot read it as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _hub_folder(hf_path) -> Path:
@@ -233,21 +282,22 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
         return ModelArgs(
             embed_dim=embed_dim,
             num_blocks=num_blocks,
-            num_heads=int(num_heads),
+            num_heads=num_heads,
             probe_layers=layers,
             patch_size=patch,
-            img_size=int(img_size or hub_config.get("img_size") or 224),
+            img_size=img_size or hub_config.get("img_size") or 224,
             num_classes=head_w.shape("head.linear.weight")[0] if head_w else 1000,
             mlp_ratio=fc1.shape("trunk.blocks.0.mlp.fc1.weight")[0] // embed_dim if fc1 else 4,
         )
     except ValueError as e:
-        raise ConversionError(str(e)) from None
+        where = f" (in {files[0].parent / 'config.json'} or the options)" if hub_config else ""
+        raise ConversionError(f"{e}{where}") from None
 
 
 def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tuple[int, ...]:
     if choice is None:
         if "probe_layers" in hub_config:
-            return tuple(hub_config["probe_layers"])
+            return hub_config["probe_layers"]  # checked by ModelArgs
         names = " ".join(f.name for f in files)
         if "last_layers" in names:
             choice = "last"
@@ -327,7 +377,7 @@ def _quantized_layers(sources, q) -> set[str]:
 
 def _plan(sources: list[Source], dtype: mx.Dtype, q: dict | None):
     """[(source, [(name, dtype, shape), ...])]: what each source tensor becomes."""
-    layers = _quantized_layers(sources, q)
+    layers = set(q["layers"]) if q else set()
     plan = []
     for s in sources:
         layer = s.key.removesuffix(".weight")

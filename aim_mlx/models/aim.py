@@ -11,6 +11,8 @@ import copy
 import dataclasses
 import inspect
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -36,23 +38,33 @@ class ModelArgs:
 
     @classmethod
     def from_dict(cls, params: dict) -> ModelArgs:
-        """Build from a config dict, ignoring keys that are not fields."""
-        names = inspect.signature(cls).parameters
-        return cls(**{k: v for k, v in params.items() if k in names and k != "extra"})
+        """Build from a config dict, ignoring keys that are not fields; ValueError naming the
+        field for a missing or invalid value."""
+        names = [n for n in inspect.signature(cls).parameters if n != "extra"]
+        if missing := [
+            n for n in ("embed_dim", "num_blocks", "num_heads", "probe_layers") if n not in params
+        ]:
+            raise ValueError(f"missing {', '.join(missing)}")
+        return cls(**{k: v for k, v in params.items() if k in names})
 
     def __post_init__(self):
-        self.probe_layers = tuple(int(i) for i in self.probe_layers)
+        """Every field checked, so that a bad config fails here, by name, not in the forward."""
+        for name in INT_FIELDS:
+            setattr(self, name, positive_int(name, getattr(self, name)))
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise ValueError(f"norm_eps must be a number between 0 and 1, got {eps!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of 4 (sin-cos)")
-        if not self.probe_layers:
-            raise ValueError("probe_layers is empty")
-        bad = [i for i in self.probe_layers if not 0 <= i < self.num_blocks]
-        if bad:
-            raise ValueError(f"probe layers {bad} are outside blocks 0..{self.num_blocks - 1}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} must be a multiple of patch_size {self.patch_size}"
+            )
+        self.probe_layers = check_probe_layers(self.probe_layers, self.num_blocks)
 
     @property
     def head_dim(self) -> int:
@@ -63,6 +75,40 @@ class ModelArgs:
         d.pop("extra")
         d["probe_layers"] = list(self.probe_layers)
         return d
+
+
+INT_FIELDS = (
+    "embed_dim",
+    "num_blocks",
+    "num_heads",
+    "patch_size",
+    "img_size",
+    "num_classes",
+    "mlp_ratio",
+)
+
+
+def positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_probe_layers(layers, num_blocks: int) -> tuple[int, ...]:
+    """Block indices the head reads: a non-empty list of distinct blocks of the model."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise ValueError(f"probe layers must be a list of block indices, got {layers!r}")
+    layers = tuple(layers)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+        raise ValueError(f"probe layers must be block indices (integers), got {list(layers)}")
+    layers = tuple(int(i) for i in layers)
+    if not layers:
+        raise ValueError("no probe layers given: the head needs at least one block")
+    if repeated := sorted({i for i in layers if layers.count(i) > 1}):
+        raise ValueError(f"probe layers {list(layers)} name block {repeated[0]} more than once")
+    if bad := [i for i in layers if not 0 <= i < num_blocks]:
+        raise ValueError(f"probe layers {bad} are outside blocks 0..{num_blocks - 1}")
+    return layers
 
 
 # Official architectures (head_dim 128, 224 px) and their two heads' probe layers.

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from numpy.lib import format as npy
 
 from .. import cache, distributed, images
 from ..output import write_atomic
@@ -94,13 +95,14 @@ def file_sha256(path: str) -> str:
 
 
 class FeatureSet:
-    """One folder of cached features; `load(keys)` reads a batch."""
+    """One folder of cached features, each image's (N_tokens, D) `shape`; `load(keys)` reads a
+    batch."""
 
-    def __init__(self, folder: Path, info: dict):
-        self.folder, self.info = folder, info
+    def __init__(self, folder: Path, info: dict, shape: tuple[int, int]):
+        self.folder, self.info, self.shape = folder, info, shape
 
     @classmethod
-    def open(cls, key: str, info: dict) -> FeatureSet:
+    def open(cls, key: str, info: dict, shape: tuple[int, int]) -> FeatureSet:
         folder = cache.features_root() / key
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -112,20 +114,55 @@ class FeatureSet:
                 f"cannot write the feature cache {folder} ({e.strerror}); set {cache.CACHE_ENV} "
                 "to a writable folder"
             ) from None
-        return cls(folder, info)
+        return cls(folder, info, shape)
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.npy"
 
     def has(self, key: str) -> bool:
-        return self.path(key).is_file()
+        """Whether the image's features are stored; a damaged file (cut short, not a .npy,
+        another shape or dtype) is removed, so that they are extracted again."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        if _is_complete(path, self.shape):
+            return True
+        path.unlink(missing_ok=True)
+        return False
 
     def write(self, key: str, features: np.ndarray) -> None:
         write_atomic(self.path(key), lambda f: np.save(f, features))
 
     def load(self, keys: list[str]) -> np.ndarray:
         """(len(keys), N, D) float16."""
-        return np.stack([np.load(self.path(k)) for k in keys])
+        arrays = []
+        for k in keys:
+            try:
+                arrays.append(np.load(self.path(k), allow_pickle=False))
+            except (OSError, ValueError, EOFError) as e:  # damaged since `has` checked it
+                raise ProbeError(
+                    f"{self.path(k)}: cannot read the cached features ({e}); remove the set "
+                    f"with `aim-mlx cache rm {self.folder.name}` and run again"
+                ) from None
+        return np.stack(arrays)
+
+
+def _is_complete(path: Path, shape: tuple[int, int]) -> bool:
+    """An .npy file of float16 `shape`, whole: its header and the size of its data."""
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            header = readers[npy.read_magic(f)](f)
+            data_start = f.tell()
+    except (OSError, ValueError, KeyError, EOFError):
+        return False
+    stored_shape, fortran, dtype = header
+    nbytes = int(np.prod(shape)) * np.dtype(FEATURE_DTYPE).itemsize
+    return (stored_shape, fortran, dtype) == (
+        tuple(shape),
+        False,
+        np.dtype(FEATURE_DTYPE),
+    ) and path.stat().st_size == data_start + nbytes
 
 
 @dataclass
@@ -159,7 +196,8 @@ def extract(
         img_size=args.img_size,
         feature_dtype=np.dtype(FEATURE_DTYPE).name,
     )
-    store = FeatureSet.open(key, info)
+    shape = ((args.img_size // args.patch_size) ** 2, args.embed_dim)
+    store = FeatureSet.open(key, info, shape)
 
     items, keys = [], []
     for s in samples:

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from ..errors import OptionError
 from ..models import AIM
-from ..models.aim import AttentionPoolingHead
+from ..models.aim import AttentionPoolingHead, check_probe_layers, positive_int
 from ..models.heads import LinearPoolingHead
 from ..output import prepare_output
 from .data import ProbeError
@@ -112,7 +112,36 @@ def read_head_config(folder: str | Path) -> dict:
             f"{file}: format version {config.get('format_version')}, this aim-mlx reads "
             f"{HEAD_FORMAT_VERSION}; train the head again"
         )
+    try:
+        _check_fields(config)
+    except ValueError as e:
+        raise ProbeError(f"{file}: {e}; train the head again (`aim-mlx probe train`)") from None
     return config
+
+
+def _check_fields(config: dict) -> None:
+    """ValueError naming the first field of a head config that cannot be used."""
+    trunk = config.get("trunk")
+    if not (
+        isinstance(trunk, dict)
+        and all(isinstance(trunk.get(k), str) for k in ("name", "sha256"))
+        and isinstance(trunk.get("num_blocks"), int)
+    ):
+        raise ValueError(
+            f"trunk must record the trunk's name, sha256 and num_blocks, got {trunk!r}"
+        )
+    classes = config.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise ValueError(f"classes must be a list of class names, got {classes!r}")
+    if not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f"classes must be non-empty strings, got {classes!r}")
+    if len(set(classes)) < len(classes):
+        repeated = next(c for c in classes if classes.count(c) > 1)
+        raise ValueError(f"classes name {repeated!r} more than once")
+    if config.get("kind") not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {config.get('kind')!r}")
+    check_probe_layers(config.get("probe_layers"), trunk["num_blocks"])
+    positive_int("img_size", config.get("img_size"))  # the trunk's patch size: in `attach`
 
 
 def check_trunk(config: dict, trunk: TrunkInfo, folder) -> None:
@@ -137,7 +166,10 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
         head.load_weights(list(weights.items()), strict=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise ProbeError(f"{folder}/{WEIGHTS}: cannot load the head's weights ({e})") from None
-    model.replace_head(head, config["probe_layers"], classes, config["img_size"])
+    try:
+        model.replace_head(head, config["probe_layers"], classes, config["img_size"])
+    except ValueError as e:  # e.g. an image size the trunk's patches do not divide
+        raise ProbeError(f"{Path(folder) / 'config.json'}: {e}") from None
     model.trained_head = TrainedHead(str(folder), config["kind"], tuple(classes), config)
     return model
 

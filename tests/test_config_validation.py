@@ -1,0 +1,323 @@
+"""Hand-edited or malformed configs (converted folders, hub-style folders, probe layers,
+quantization options) are refused with one line naming the file and the field."""
+
+import json
+import shutil
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+from conftest import REF, convert_fixture
+
+import aim_mlx
+from aim_mlx.cli import main
+from aim_mlx.convert import ConversionError, convert
+from aim_mlx.loader import ModelLoadError
+from aim_mlx.models import ModelArgs
+
+pytestmark = pytest.mark.usefixtures("pin_cpu")
+
+ROCKET = REF / "images" / "rocket.jpg"
+ARCH = dict(embed_dim=64, num_blocks=8, num_heads=4, probe_layers=[1, 2, 3])
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def clean(result, code: int) -> str:
+    """stderr, after checking the exit status and that it was a clean exit (no exception)."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) if code else result.exception is None
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_heads": 0}, "num_heads must be a positive integer, got 0"),
+        ({"num_heads": 4.0}, "num_heads must be a positive integer, got 4.0"),
+        ({"num_heads": True}, "num_heads must be a positive integer, got True"),
+        ({"embed_dim": "64"}, "embed_dim must be a positive integer, got '64'"),
+        ({"num_heads": 3}, "embed_dim 64 is not divisible by num_heads 3"),
+        ({"img_size": 100}, "img_size 100 must be a multiple of patch_size 14"),
+        ({"patch_size": 0}, "patch_size must be a positive integer, got 0"),
+        ({"probe_layers": [1, 1, 2]}, "probe layers [1, 1, 2] name block 1 more than once"),
+        ({"probe_layers": []}, "no probe layers given"),
+        ({"probe_layers": 3}, "probe layers must be a list of block indices, got 3"),
+        ({"probe_layers": [1, 2.5]}, "probe layers must be block indices (integers)"),
+        ({"probe_layers": [1, 8]}, "probe layers [8] are outside blocks 0..7"),
+        ({"norm_eps": "x"}, "norm_eps must be a number between 0 and 1"),
+    ],
+)
+def test_model_args_name_the_bad_field(change, message):
+    with pytest.raises(ValueError) as e:
+        ModelArgs.from_dict({**ARCH, **change})
+    assert message in str(e.value)
+
+
+def test_model_args_require_the_architecture():
+    with pytest.raises(ValueError, match="missing num_heads, probe_layers"):
+        ModelArgs.from_dict({"embed_dim": 64, "num_blocks": 8})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_heads": 0}, "num_heads must be a positive integer, got 0"),
+        ({"num_heads": 4.0}, "num_heads must be a positive integer, got 4.0"),
+        ({"img_size": 100}, "img_size 100 must be a multiple of patch_size 14"),
+        ({"img_size": 0}, "img_size must be a positive integer, got 0"),
+        ({"embed_dim": "64"}, "embed_dim must be a positive integer, got '64'"),
+        ({"num_blocks": None}, "missing num_blocks"),
+        ({"dtype": "float64"}, "dtype must be one of float32, float16, bfloat16, got 'float64'"),
+        ({"quantization": True}, "quantization must be null or an object, got True"),
+        ({"quantization": {"bits": 8, "group_size": 64}}, "quantization layers must be a list"),
+        (
+            {"quantization": {"bits": 3, "group_size": 64, "layers": []}},
+            "quantization bits must be 4 or 8",
+        ),
+        (
+            {"quantization": {"bits": 4, "group_size": 48, "layers": []}},
+            "quantization group_size must be one",
+        ),
+        ({"format_version": None}, "no format_version, this aim-mlx reads 1"),
+    ],
+)
+def test_hand_edited_converted_config_is_one_line(model_dir, tmp_path, change, message):
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert f"Error: {folder / 'config.json'}: {message}" in err
+    with pytest.raises(ModelLoadError, match="config.json: "):
+        aim_mlx.load(folder)
+
+
+def test_an_empty_config_is_not_called_missing(model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    (folder / "config.json").write_text("{}")
+    err = clean(cli("classify", ROCKET, "-m", folder), 1)
+    assert f"{folder / 'config.json'}: no format_version" in err
+    assert "no config.json" not in err
+
+
+def hub_folder(tmp_path, config) -> str:
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "pytorch_model.bin").symlink_to(REF / "hf_repo" / "pytorch_model.bin")
+    text = config if isinstance(config, str) else json.dumps(config)
+    (folder / "config.json").write_text(text)
+    return folder
+
+
+HUB_CONFIG = json.loads((REF / "hf_repo" / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{bad", "config.json: cannot read it as JSON"),
+        ([1, 2], "config.json: expected a JSON object, got list"),
+        ({**HUB_CONFIG, "probe_layers": 3}, "probe layers must be a list of block indices"),
+        ({**HUB_CONFIG, "img_size": 100}, "img_size 100 must be a multiple of patch_size 14"),
+        ({**HUB_CONFIG, "num_heads": "4"}, "num_heads must be a positive integer, got '4'"),
+    ],
+)
+def test_bad_hub_style_config_is_one_line(tmp_path, config, message):
+    folder = hub_folder(tmp_path, config)
+    err = clean(cli("convert", "--hf-path", folder, "-o", tmp_path / "o", "--no-progress"), 1)
+    assert message in err and str(folder / "config.json") in err
+    assert not (tmp_path / "o").exists()
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert message in err
+
+
+def test_repeated_probe_layers_are_refused(tmp_path):
+    args = ["convert", "--backbone", REF / "backbone.pth", "--head", REF / "head_best_layers.pth"]
+    err = clean(
+        cli(*args, "-o", tmp_path / "o", "--num-heads", "4", "--probe-layers", "1,1,2,3,4,5"), 1
+    )
+    assert "probe layers [1, 1, 2, 3, 4, 5] name block 1 more than once" in err
+    err = clean(cli(*args, "-o", tmp_path / "o", "--probe-layers", ","), 2)
+    assert "--probe-layers must be best, last or block indices" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_group_sizes_mlx_cannot_use_are_refused(tmp_path):
+    kw = dict(backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth", num_heads=4)
+    kw.update(probe_layers="1,2,3,4,5,6", quantize=True, q_bits=4, progress=False)
+    for size in (0, 16, 48):
+        with pytest.raises(
+            ConversionError, match=f"--q-group-size must be one of 32, 64, 128, got {size}"
+        ):
+            convert(tmp_path / "o", q_group_size=size, **kw)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ("backbone.pth", "head_best_layers.pth"):
+        (folder / name).symlink_to(REF / name)
+    from aim_mlx.errors import OptionError
+
+    with pytest.raises(OptionError, match="--q-group-size must be one of 32, 64, 128, got 48"):
+        aim_mlx.load(folder, quantize_bits=4, q_group_size=48, progress=False)
+
+
+def test_layers_a_group_size_cannot_quantize_are_reported(tmp_path, capsys):
+    """On the 64-wide model, group 128 fits only fc2's 256 inputs: 8 of 32 layers, said so."""
+    kw = dict(backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth", num_heads=4)
+    out = convert(
+        tmp_path / "o", probe_layers="1,2,3,4,5,6", quantize=True, q_bits=4, q_group_size=128, **kw
+    )
+    assert "quantized 8 of 32 trunk linear layers" in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    assert len(config["quantization"]["layers"]) == 8
+    assert all(layer.endswith("mlp.fc2") for layer in config["quantization"]["layers"])
+
+
+# ---- The weights a converted folder holds ------------------------------------------------
+
+
+def test_only_the_listed_shards_are_read(tmp_path, monkeypatch):
+    from aim_mlx.convert import converter
+
+    monkeypatch.setattr(converter, "SHARD_BYTES", 300_000)
+    kw = dict(backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth", num_heads=4)
+    out = convert(tmp_path / "m", probe_layers="1,2,3,4,5,6", progress=False, **kw)
+    shards = sorted(out.glob("model-*.safetensors"))
+    # A leftover file that matches model*.safetensors is not merged in (it would be unexpected)
+    mx.save_safetensors(str(out / "model_v2.safetensors"), {"stray": mx.zeros(1)})
+    aim_mlx.load(out)
+    shards[1].unlink()
+    with pytest.raises(ModelLoadError, match=f"{shards[1]}: a weight shard listed in"):
+        aim_mlx.load(out)
+
+
+def test_weights_in_another_dtype_than_the_config_are_refused(model_dir, tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    key = "trunk.blocks.0.mlp.fc1.weight"
+    weights[key] = weights[key].astype(mx.int32)
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    with pytest.raises(ModelLoadError, match=f"'{key}' is stored as mlx.core.int32, the config"):
+        aim_mlx.load(folder)
+
+
+def test_quantized_weights_pass_the_dtype_check(tmp_path):
+    kw = dict(backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth", num_heads=4)
+    out = convert(
+        tmp_path / "q",
+        probe_layers="1,2,3,4,5,6",
+        quantize=True,
+        dtype="float16",
+        progress=False,
+        **kw,
+    )
+    assert aim_mlx.load(out).trunk.blocks[0].mlp.fc1.scales.dtype == mx.float16
+
+
+# ---- The cache: damaged entries, removing, listing, where it is ---------------------------
+
+
+def test_a_damaged_cache_entry_says_how_to_remove_it(model_dir):
+    from aim_mlx import cache
+
+    entry = cache.entry_dir("x--best--float32")
+    shutil.copytree(model_dir, entry)
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = clean(cli("classify", ROCKET, "-m", entry, "--no-progress"), 1)
+    assert f"{weights}: cannot read the weights" in err
+    assert "remove it with `aim-mlx cache rm x--best--float32`" in err
+
+
+def feature_set(key: str):
+    from aim_mlx import cache
+
+    folder = cache.features_root() / key
+    folder.mkdir(parents=True)
+    (folder / "a.npy").write_bytes(b"x" * 100)
+    return folder
+
+
+def test_cache_rm_checks_every_name_before_removing_any():
+    folder = feature_set("set-1")
+    err = clean(cli("cache", "rm", "set-1", "typo"), 1)
+    assert "nothing cached under 'typo'" in err
+    assert folder.exists()
+    result = cli("cache", "rm", "set-1")
+    clean(result, 0)
+    assert result.stdout == "removed features set-1 (0.0 MB)\n"
+    assert not folder.exists()
+    result = cli("cache", "rm", "--all")
+    assert (
+        result.stdout == "nothing to remove: the cache holds no converted models or feature sets\n"
+    )
+
+
+def test_json_listings_include_the_feature_sets():
+    folder = feature_set("set-1")
+    text = cli("cache").stdout
+    listing = json.loads(cli("cache", "list", "--json").stdout)
+    info = json.loads(cli("info", "--json").stdout)
+    assert "set-1" in text
+    expected = [dict(key="set-1", path=str(folder), images=1, size=100)]
+    assert listing["features"] == expected and info["cache"]["features"] == expected
+    assert info["cache"] == listing
+
+
+def test_a_relative_cache_is_made_absolute(tmp_path, monkeypatch):
+    from aim_mlx import cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AIM_MLX_CACHE", "relcache")
+    assert cache.cache_root() == tmp_path / "relcache"
+    assert json.loads(cli("cache", "list", "--json").stdout)["cache"] == str(tmp_path / "relcache")
+
+
+def test_a_cache_that_is_a_file_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "afile"))
+    err = clean(cli("cache"), 1)
+    assert f"Error: the model cache {tmp_path / 'afile'} is not a folder; set AIM_MLX_CACHE" in err
+
+
+# ---- bench ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-b", "1,,2"], "expected integers like 1,8,32, got '1,,2'"),
+        (["--dtype", "float32,,float16"], "expected float32, float16 and/or bfloat16"),
+        (["--head", "last"], "--dtype, --quantize and --head apply to preset names only"),
+        (["--dtype", "float16"], "--dtype, --quantize and --head apply to preset names only"),
+    ],
+)
+def test_bench_refuses_what_it_cannot_honour_before_running(model_dir, args, message):
+    result = cli("bench", "-m", model_dir, *args)
+    err = clean(result, 2)
+    assert message in err and "running" not in result.output
+
+
+def test_bench_of_a_trained_head_folder_says_what_it_is(model_dir, tmp_path):
+    folder = tmp_path / "head"
+    folder.mkdir()
+    config = {"format": "aim-mlx-trained-head", "format_version": 1, "embed_dim": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    err = clean(cli("bench", "-m", folder), 1)
+    assert f"{folder} is a trained head's folder, not a model: pass it as --head" in err

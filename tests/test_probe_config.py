@@ -1,0 +1,116 @@
+"""Damaged cached features and hand-edited head folders: extracted again, or one clean error
+naming the file and the field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REF, convert_fixture
+from test_probe import draw_dataset
+
+from aim_mlx.cli import main
+from aim_mlx.probe import ProbeError, Settings, train
+
+ROCKET = REF / "images" / "rocket.jpg"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("probe-config")
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(workdir, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+    with mx.stream(mx.cpu):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(workdir) -> Path:
+    return convert_fixture(workdir / "aim-tiny", name="aim-tiny")
+
+
+@pytest.fixture(scope="module")
+def data(workdir) -> Path:
+    return draw_dataset(workdir / "data", per_class=4)
+
+
+def quick(model_dir, data, out):
+    return train(model_dir, data, out, settings=Settings(kind="linear", epochs=1),
+                 log=lambda _: None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def head_dir(workdir, model_dir, data) -> Path:
+    with pytest.MonkeyPatch.context() as mp, mx.stream(mx.cpu):
+        mp.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+        return quick(model_dir, data, workdir / "head").out
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_damaged_feature_files_are_extracted_again(workdir, model_dir, data, head_dir, tmp_path):
+    (folder,) = (workdir / "cache" / "features").iterdir()
+    files = sorted(folder.glob("*.npy"))
+    good = np.load(files[0])
+    files[0].write_bytes(files[0].read_bytes()[:-10])  # cut short
+    files[1].write_bytes(b"\x93NUMPY garbage" * 10)  # not a .npy
+    files[2].write_bytes(b"")  # empty
+    np.save(files[3], good[:10])  # another shape
+    np.save(files[4], good.astype(np.float32))  # another dtype
+    result = quick(model_dir, data, tmp_path / "again")
+    assert result.extracted == 5
+    np.testing.assert_allclose(np.load(files[0]), good, rtol=2e-3, atol=1e-3)  # extracted again
+    res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "cli", "--epochs", "1",
+              "--kind", "linear", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+
+def test_a_feature_file_damaged_after_the_check_is_one_error(workdir, head_dir):
+    from aim_mlx.probe.features import FeatureSet
+
+    (folder,) = (workdir / "cache" / "features").iterdir()
+    path = sorted(folder.glob("*.npy"))[0]
+    store = FeatureSet(folder, {}, (256, 64))
+    assert store.has(path.stem)
+    path.write_bytes(b"")
+    with pytest.raises(ProbeError, match=f"{path}: cannot read the cached features .*"
+                       f"`aim-mlx cache rm {folder.name}`"):  # fmt: skip
+        store.load([path.stem])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"trunk": None}, "trunk must record the trunk's name, sha256 and num_blocks, got None"),
+        ({"trunk": "x"}, "trunk must record the trunk's name, sha256 and num_blocks, got 'x'"),
+        ({"classes": None}, "classes must be a list of class names, got None"),
+        ({"classes": "ab"}, "classes must be a list of class names, got 'ab'"),
+        ({"classes": ["a", "a", "b", "c", "d"]}, "classes name 'a' more than once"),
+        ({"classes": ["a", "", "b", "c", "d"]}, "classes must be non-empty strings"),
+        ({"kind": "mlp"}, "kind must be one of attention, linear, got 'mlp'"),
+        ({"probe_layers": [1, 50]}, "probe layers [50] are outside blocks 0..7"),
+        ({"probe_layers": []}, "no probe layers given"),
+        ({"probe_layers": [1, 1]}, "probe layers [1, 1] name block 1 more than once"),
+        ({"img_size": "224"}, "img_size must be a positive integer, got '224'"),
+        ({"img_size": 100}, "img_size 100 must be a multiple of patch_size 14"),
+    ],
+)
+def test_hand_edited_head_config_is_one_line(model_dir, head_dir, tmp_path, change, message):
+    folder = tmp_path / "head"
+    shutil.copytree(head_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in {**config, **change}.items() if v is not None}
+    (folder / "config.json").write_text(json.dumps(config))
+    res = cli("classify", ROCKET, "-m", model_dir, "--head", folder, "--no-progress")
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+    assert f"Error: {folder / 'config.json'}: {message}" in res.stderr
