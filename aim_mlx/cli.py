@@ -279,7 +279,7 @@ def convert(
         parse_probe_layers(probe_layers)
     except ConversionError as e:
         raise click.BadParameter(str(e), param_hint="--probe-layers") from None
-    path = run_convert(
+    run_convert(
         out,
         backbone=backbone,
         head=head,
@@ -294,7 +294,7 @@ def convert(
         force=force,
         progress=progress,
     )
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {out}")  # as the user named it
 
 
 def _int_list(ctx, param, value: str) -> list[int]:
@@ -1049,7 +1049,7 @@ def probe_train(
         "the trunk)",
         err=True,
     )
-    click.echo(f"wrote {result.out}", err=True)
+    click.echo(f"wrote {out}", err=True)
     if as_json:
         click.echo(json.dumps(json.loads((result.out / "config.json").read_text())))
 

@@ -247,7 +247,7 @@ def train(
         raise ProbeError("epochs and batch size must be at least 1")
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
-    out = head.check_output(out, force, inputs=[p for p in (train_dir, val_dir) if p])
+    head.check_output(out, force, inputs=[p for p in (train_dir, val_dir) if p])
     if probe_layers not in (None, "best", "last") and (blocks := known_num_blocks(model)):
         parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=blocks))  # before a download
     dataset = data.read_dataset(train_dir)
