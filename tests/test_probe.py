@@ -352,6 +352,26 @@ def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, monkeypatc
     assert dataset.counts() == [20, 20]
 
 
+def test_probe_eval_reports_unreadable_sub_folders(heads, model_dir, data, tmp_path, monkeypatch):
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    (root / "red" / "locked").mkdir()
+    scandir = os.scandir
+
+    def refuse(path="."):  # as after `chmod 000`, which root ignores
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    head = heads["attention"].out
+    res = cli("probe", "eval", root, "-m", model_dir, "--head", head, "--json", "--no-progress")
+    assert res.exit_code == 1, res.output  # the other images are evaluated, and it says so
+    locked = str(root / "red" / "locked")
+    out = json.loads(res.stdout)
+    assert out["failed"] == [{"path": locked, "error": "cannot read the folder: Permission denied"}]
+    assert out["images"] == 40 and f"error: {locked}: cannot read the folder" in res.stderr
+
+
 def test_head_with_another_trunk_is_refused(heads, tmp_path):
     # the same architecture from other source weights (the hub-style file): another trunk
     other = convert(tmp_path / "other", hf_path=REF / "hf_repo", progress=False, name="other")

@@ -44,10 +44,13 @@ class HeadEvalResult:
         )
 
 
-def labelled_images(data_path: str | Path, labels: list[str], head: str) -> list[tuple[str, int]]:
+def labelled_images(
+    data_path: str | Path, labels: list[str], head: str, errors: list | None = None
+) -> list[tuple[str, int]]:
     """(image path, class index) for the images of `data_path`'s class sub-folders, which must
-    be among `labels`, the classes of the trained head `head`."""
-    found = class_folders(data_path, "evaluation folder")
+    be among `labels`, the classes of the trained head `head`; folders that cannot be read are
+    added to `errors` as (path, reason)."""
+    found = class_folders(data_path, "evaluation folder", errors)
     unknown = sorted(set(found) - set(labels))
     if unknown:
         raise ProbeError(
@@ -69,11 +72,12 @@ def evaluate_head(
     if trained is None:
         raise ProbeError("the model has no trained head; load it with head=FOLDER")
     labels = list(trained.classes)
-    pairs = labelled_images(data_path, labels, trained.path)
+    failed = []  # (path, reason): unreadable folders, then images
+    pairs = labelled_images(data_path, labels, trained.path, failed)
     target = dict(pairs)
     C = len(labels)
     confusion = np.zeros((C, C), dtype=np.int64)
-    hits5, failed = 0, []
+    hits5 = 0
 
     for item, pred in top5_predictions(
         model,
