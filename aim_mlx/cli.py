@@ -49,11 +49,12 @@ def _reported(ctx: click.Context):
 
 def _check_environment() -> None:
     """The AIM_MLX_* settings read from the environment, checked before any work."""
-    from . import memory, transforms
+    from . import distributed, memory, transforms
     from .models import cpu_runner
 
     cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
     memory.check_enabled()
+    distributed.peer_wait()
     transforms.apply_pixel_limit()
 
 

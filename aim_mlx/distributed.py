@@ -35,7 +35,7 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-from .errors import AimMlxError, OptionError
+from .errors import AimMlxError, SettingError
 
 GATHER_BYTES = 64 << 20  # rows gathered per round, per rank: bounds the other ranks' memory
 WAIT_ENV = "AIM_MLX_RANK_TIMEOUT"  # seconds a rank that is done waits for the others, or "off"
@@ -143,6 +143,9 @@ class _LostRank(Exception):
     pass
 
 
+MAX_WAIT_S = 1e6  # 11 days; longer timers overflow
+
+
 def peer_wait() -> float | None:
     """AIM_MLX_RANK_TIMEOUT in seconds; None when it is "off"; 0.0 when unset (automatic)."""
     value = os.environ.get(WAIT_ENV, "").strip().lower()
@@ -154,8 +157,11 @@ def peer_wait() -> float | None:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise OptionError(f"{WAIT_ENV}={value!r}: expected a number of seconds above 0, or 'off'")
+    if not 0 < seconds <= MAX_WAIT_S:  # also refuses nan and inf
+        raise SettingError(
+            f"{WAIT_ENV}={value!r}: expected a number of seconds above 0 and at most "
+            f"{MAX_WAIT_S:.0f}, or 'off' (wait for ever)"
+        )
     return seconds
 
 

@@ -7,6 +7,7 @@ is fetched, and the SHA-256 of every file against the prefix the registry publis
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -97,6 +98,13 @@ def download(
     """
     from huggingface_hub import constants
 
+    hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
+    files = spec.files(head)
+    if not constants.HF_HUB_OFFLINE and (
+        first := next((f for f in files if cached_path(spec, f, cache_dir) is None), None)
+    ):  # before asking the hub for sizes: an unreachable hub ends here, once
+        check_download_cache(hub_dir)
+        check_reachable(spec, first, endpoint)
     planned = plan(spec, head, cache_dir, endpoint)
     missing = [p for p in planned if p.local is None]
     names = ", ".join(p.file.filename for p in missing)
@@ -106,16 +114,13 @@ def download(
             "is set: run once with network access (or `aim-mlx cache add` on a connected machine "
             "and copy its cache), or pass a local folder as the model."
         )
-    hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
     needs = dict(also_needed or {})
     if missing:
         needs[hub_dir] = needs.get(hub_dir, 0) + sum(p.size for p in missing)
-        check_download_cache(hub_dir)
-        check_reachable(spec, missing[0].file, endpoint)
     check_disk_space(needs, what=f"{spec.name} ({head} head)")
     if missing and progress:
-        total = sum(p.size for p in missing) / GB
-        print(f"downloading {names} ({total:.2f} GB) from {spec.repo}", file=sys.stderr)
+        total = sum(p.size for p in missing)
+        print(f"downloading {names} ({human(total)}) from {spec.repo}", file=sys.stderr)
 
     paths = []
     for p in planned:
@@ -137,6 +142,9 @@ def check_download_cache(hub_dir: Path) -> None:
         ) from None
 
 
+REACH_TIMEOUT_S = 10  # huggingface_hub's own, for a metadata request
+
+
 def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
     """Ask the hub about one file, once: a connection or name-resolution failure ends here, with
     advice, rather than after huggingface_hub's retries. Other errors are left to the download."""
@@ -144,19 +152,23 @@ def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
 
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
-        get_hf_file_metadata(url)
+        get_hf_file_metadata(url, timeout=REACH_TIMEOUT_S)
     except Exception as e:
-        if _is_connection_error(e):
+        if _is_connection_error(e, no_answer=True):
             raise HubError(
                 f"cannot reach the hub for {spec.repo} ({e}). {NO_NETWORK_HINT}"
             ) from None
 
 
-def _is_connection_error(error: BaseException | None) -> bool:
-    """A failure to connect or to resolve the host name, in any HTTP client's exception types."""
+def _is_connection_error(error: BaseException | None, no_answer: bool = False) -> bool:
+    """A failure to connect or to resolve the host name, in any HTTP client's exception types;
+    with `no_answer`, also a server that accepted the connection but did not answer in time."""
+    kinds = {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError"}
+    if no_answer:
+        kinds |= {"ReadTimeout", "TimeoutException"}
     while error is not None:
         names = {cls.__name__ for cls in type(error).__mro__}
-        if names & {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError"}:
+        if names & kinds:
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -189,6 +201,11 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                 )
             )
         except LocalEntryNotFoundError as e:
+            if status := _http_status(e):  # the server answered, with an error
+                raise HubError(
+                    f"downloading {where} failed: the hub ({_endpoint(endpoint)}) answered "
+                    f"HTTP {status}. Check HF_ENDPOINT, or try again later."
+                ) from None
             raise HubError(
                 f"{where} is not downloaded yet and the hub cannot be reached: {e} "
                 f"{NO_NETWORK_HINT}"
@@ -196,6 +213,11 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
             if _is_connection_error(e):
                 raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
+            if isinstance(e, UnicodeEncodeError):
+                raise HubError(
+                    f"downloading {where} failed: a request header holds a character that is "
+                    "not ASCII; check HF_TOKEN (and any other HF_* setting)"
+                ) from None
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {e}") from e
             attempt += 1
@@ -203,9 +225,31 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
             time.sleep(attempt - 1)
 
 
+def _http_status(error: BaseException | None) -> int | None:
+    """The HTTP status of the first response in an exception's chain, if any."""
+    while error is not None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status:
+            return status
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _endpoint(endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    return endpoint or constants.ENDPOINT
+
+
 def _is_permanent(error: Exception) -> bool:
-    """Errors that another attempt cannot fix: missing repo, file or revision, no access."""
+    """Errors that another attempt cannot fix: missing repo, file or revision, no access, a
+    full disk, a token that cannot be sent."""
     from huggingface_hub import utils
+
+    if isinstance(error, UnicodeEncodeError):  # e.g. a non-ASCII HF_TOKEN in a header
+        return True
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
 
     missing = (
         utils.EntryNotFoundError,
@@ -255,8 +299,31 @@ def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
 
 
 def remove_downloads(spec: ModelSpec, cache_dir=None) -> int:
-    """Drop a model's raw checkpoints from the download cache; bytes freed."""
-    return sum(remove_cached_file(path) for _, path in downloaded(spec, cache_dir))
+    """Drop a model's raw checkpoints from the download cache, and the partial files of
+    interrupted downloads of its repo; bytes freed."""
+    freed = sum(remove_cached_file(path) for _, path in downloaded(spec, cache_dir))
+    for partial in stale_partials(spec, cache_dir):
+        freed += partial.stat().st_size
+        partial.unlink(missing_ok=True)
+    return freed
+
+
+# A partial download not written to for this long belongs to a process that was killed.
+STALE_AFTER_S = 120
+
+
+def stale_partials(spec: ModelSpec, cache_dir=None) -> list[Path]:
+    """`*.incomplete` files of the repo's killed downloads: huggingface_hub (2.x) gives each
+    download its own temporary name and does not resume it in the next process, so a killed
+    download leaves one behind."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    blobs = root / f"models--{spec.repo.replace('/', '--')}" / "blobs"
+    now = time.time()
+    return sorted(
+        p for p in blobs.glob("*.incomplete") if now - p.stat().st_mtime > STALE_AFTER_S
+    )
 
 
 def free_bytes(folder: Path) -> tuple[Path, int]:
@@ -267,6 +334,11 @@ def free_bytes(folder: Path) -> tuple[Path, int]:
     return folder, shutil.disk_usage(folder).free
 
 
+def human(nbytes: int) -> str:
+    """Bytes in GB, or in MB below 0.1 GB (small models would read "0.00 GB")."""
+    return f"{nbytes / GB:.2f} GB" if nbytes >= GB / 10 else f"{nbytes / 1e6:.1f} MB"
+
+
 def check_disk_space(needs: dict[Path, int], what: str = "the model") -> None:
     """Raise DiskSpaceError unless every file system has room for what goes on it."""
     per_device: dict[int, list] = {}
@@ -274,12 +346,12 @@ def check_disk_space(needs: dict[Path, int], what: str = "the model") -> None:
         existing, free = free_bytes(folder)
         entry = per_device.setdefault(os.stat(existing).st_dev, [0, free, []])
         entry[0] += nbytes
-        entry[2].append(f"{nbytes / GB:.2f} GB in {folder}")
+        entry[2].append(f"{human(nbytes)} in {folder}")
     for total, free, parts in per_device.values():
         if total > free:
             raise DiskSpaceError(
-                f"not enough free disk space for {what}: it needs about {total / GB:.2f} GB "
-                f"({', '.join(parts)}) but only {free / GB:.2f} GB is free there. Free some "
+                f"not enough free disk space for {what}: it needs about {human(total)} "
+                f"({', '.join(parts)}) but only {human(free)} is free there. Free some "
                 "space, or point HF_HOME (downloads) and AIM_MLX_CACHE (converted models) "
                 "to a larger disk."
             )

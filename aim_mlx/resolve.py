@@ -169,7 +169,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     key = cache.entry_key(spec.name, head, dtype, quant)
 
     def download() -> dict:
-        converted_bytes = spec.param_count() * ITEMSIZE[dtype]
+        converted_bytes = converted_size(spec.param_count() * 4, dtype, quant)
         backbone, head_file = hub.download(
             spec,
             head,
@@ -200,6 +200,15 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         if freed:
             say(f"removed {freed / GB:.2f} GB of downloaded checkpoints", progress)
     return out
+
+
+def converted_size(float32_bytes: int, dtype: str, quant: dict | None) -> int:
+    """About the size of a converted model whose float32 weights take `float32_bytes`: in
+    `dtype`, or quantized (packed weights, and a scale and a bias in `dtype` per group)."""
+    params = float32_bytes // 4
+    if not quant:
+        return params * ITEMSIZE[dtype]
+    return int(params * (quant["bits"] / 8 + 2 * ITEMSIZE[dtype] / quant["group_size"]))
 
 
 def _quant_kwargs(quant: dict | None) -> dict:
@@ -305,7 +314,8 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     def checked_sources() -> dict:
         files = list(map(Path, sources.values()))
         nbytes = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.iterdir()))
-        hub.check_disk_space({cache.cache_root(): nbytes * ITEMSIZE[dtype] // 4}, str(folder))
+        needs = converted_size(nbytes, dtype, quant)
+        hub.check_disk_space({cache.cache_root(): needs}, str(folder))
         return sources
 
     try:

@@ -36,6 +36,7 @@ class HubServer:
     requests: list[Request] = field(default_factory=list)
     interrupt_once: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent first
     corrupt: set[str] = field(default_factory=set)  # filenames served with one byte flipped
+    status: dict[str, int] = field(default_factory=dict)  # filename -> HTTP error answered
 
     def start(self) -> HubServer:
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -110,6 +111,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
             return
         m = _RESOLVE.match(self.path.split("?")[0])
+        if m and m["file"] in hub.status:  # a server error, or a mirror without the file
+            self.send_response(hub.status[m["file"]])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data = m and hub.content(m["repo"], m["file"])
         if data is None:
             self.send_response(404)

@@ -197,7 +197,7 @@ def test_peer_wait_setting(monkeypatch):
     for value, expected in (("90", 90.0), ("2.5", 2.5), ("off", None), (" OFF ", None)):
         monkeypatch.setenv(distributed.WAIT_ENV, value)
         assert distributed.peer_wait() == expected
-    for bad in ("-1", "0", "soon", "nan"):
+    for bad in ("-1", "0", "soon", "nan", "inf", "1e300"):  # too long: the timer overflows
         monkeypatch.setenv(distributed.WAIT_ENV, bad)
         with pytest.raises(AimMlxError, match=f"{distributed.WAIT_ENV}=.*seconds above 0"):
             distributed.peer_wait()

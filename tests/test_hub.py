@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -327,6 +328,66 @@ def test_disk_space_is_checked_before_downloading(tmp_path, hub, monkeypatch):
     monkeypatch.undo()
     paths = hub_module.download(spec, "best", cache_dir=tmp_path / "hf", endpoint=hub.url)
     assert [sha256(p) for p in paths] == [sha256(REF / f) for f in FILES[:2]]
+
+
+def test_an_http_error_is_named_not_called_unreachable(env, hub):
+    hub.status["backbone.pth"] = 404  # no X-Error-Code: e.g. an HF_ENDPOINT mirror without it
+    result = aim_mlx(env, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"the hub ({hub.url}) answered HTTP 404" in result.stderr
+    assert "cannot be reached" not in result.stderr and "HF_HUB_OFFLINE" not in result.stderr
+
+
+def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    spec = ModelSpec.from_dict(registry_entry())
+    monkeypatch.setattr(hub_module, "REACH_TIMEOUT_S", 1)
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(hub_module.HubError, match="cannot reach the hub"):
+            hub_module.check_reachable(spec, spec.backbone, endpoint)
+    assert time.monotonic() - start < 5
+
+
+def test_rm_downloads_removes_what_killed_downloads_left(tmp_path, monkeypatch):
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    spec = ModelSpec.from_dict(registry_entry())
+    blobs = tmp_path / "hf" / f"models--{spec.repo.replace('/', '--')}" / "blobs"
+    blobs.mkdir(parents=True)
+    killed, active = blobs / "aa.1234abcd.incomplete", blobs / "aa.5678abcd.incomplete"
+    killed.write_bytes(b"x" * 1000)
+    active.write_bytes(b"y" * 10)  # being written now, by another process
+    old = time.time() - 3600
+    os.utime(killed, (old, old))
+    assert hub_module.remove_downloads(spec, tmp_path / "hf") == 1000
+    assert not killed.exists() and active.exists()
+
+
+def test_quantized_models_need_less_disk(tmp_path, hub, monkeypatch):
+    from aim_mlx import cache, registry, resolve
+    from aim_mlx import hub as hub_module
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    asked = []
+    monkeypatch.setattr(hub_module, "check_disk_space", lambda needs, what: asked.append(needs))
+    spec = registry.register(registry_entry(), replace=True)
+    try:
+        for bits in (None, 4):
+            resolve.resolve("aim-tiny", dtype="float16", quantize_bits=bits, endpoint=hub.url,
+                            hf_cache_dir=tmp_path / "hf", progress=False)  # fmt: skip
+    finally:
+        registry._registered.pop(spec.name)
+    params = spec.param_count()
+    converted = [needs[cache.cache_root()] for needs in asked]
+    assert converted[0] == 2 * params  # float16
+    assert converted[1] == int(params * (4 / 8 + 2 * 2 / 64))  # packed, a scale and a bias / 64
 
 
 def test_convert_from_a_hub_repo_id(tmp_path):
