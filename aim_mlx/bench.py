@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from . import __version__, blas, memory, runtime
 from .constants import MX_DTYPES, GiB
 from .convert.converter import QUANTIZED_LAYER
-from .errors import OptionError
+from .errors import AimMlxError, OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.aim import QuantizedLinear
 
@@ -220,9 +220,18 @@ def environment() -> dict:
         "mlx_version": mx.__version__,
         "aim_mlx_version": __version__,
         "blas": blas.describe(),
-        "cpu_streams": None if ops.on_gpu() else cpu_runner.streams(),
-        "cpu_buffer_cache": None if ops.on_gpu() else cpu_runner.describe_cache(),
+        "cpu_streams": None if ops.on_gpu() else _setting(cpu_runner.streams),
+        "cpu_buffer_cache": None if ops.on_gpu() else _setting(cpu_runner.describe_cache),
     }
+
+
+def _setting(read):
+    """A value read from AIM_MLX_* settings, or what is wrong with them (`aim-mlx info` shows
+    it rather than failing)."""
+    try:
+        return read()
+    except AimMlxError as e:
+        return f"invalid: {e}"
 
 
 def run(config: BenchConfig, model: AIM | None = None) -> dict:

@@ -66,7 +66,7 @@ class _Stdout:
         self._stream = stream
 
     def __getattr__(self, name):
-        if name == "buffer" or self._stream is None:  # click writes through ours, not around
+        if self._stream is None:
             raise AttributeError(name)
         return getattr(self._stream, name)
 
@@ -88,18 +88,41 @@ class _Stdout:
             raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
 
 
+# Commands that read no AIM_MLX_* setting: they work (and `info` shows) whatever the values.
+NO_SETTINGS = ("models", "info", "cache")
+
+
+def _top_command(ctx: click.Context) -> str:
+    """The command named after `aim-mlx`: `cache` for `aim-mlx cache rm`."""
+    while ctx.parent is not None and ctx.parent.parent is not None:
+        ctx = ctx.parent
+    return ctx.info_name
+
+
 class Command(click.Command):
     def invoke(self, ctx):
         with _reported(ctx):
-            _check_environment()
-            if not isinstance(sys.stdout, _Stdout):
-                sys.stdout = _Stdout(sys.stdout)
+            if _top_command(ctx) not in NO_SETTINGS:
+                _check_environment()
             return super().invoke(ctx)
 
 
 class Group(click.Group):
     command_class = Command
     group_class = type  # sub-groups are of this class too
+
+    def main(self, *args, **kwargs):
+        """click's main, writing through `_Stdout` for the whole run (--help and --version
+        too); sys.stdout is given back afterwards (a notebook goes on using it)."""
+        saved = sys.stdout
+        sys.stdout = _Stdout(saved)
+        try:
+            return super().main(*args, **kwargs)
+        except OutputError as e:  # printing --help or --version; commands report their own
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(1)
+        finally:
+            sys.stdout = saved
 
     def invoke(self, ctx):
         _exit_on_sigterm()
@@ -525,9 +548,9 @@ def embed(
     # before creating folders and loading (downloading) the model; unknown block count: syntax
     check_layers(known_num_blocks(model) or 10**9)
     if distributed.is_root():  # the rank that writes; before any work
-        prepare_output(out, force=force)
+        prepare_output(out, force=force, inputs=[model, head])
         if suffix == ".npy":
-            prepare_output(listing_path(out), force=force)
+            prepare_output(listing_path(out), force=force, inputs=[model, head])
     if images.any_image(inputs):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)
@@ -600,6 +623,8 @@ def eval_command(
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
     if is_head_folder(head):
+        if not Path(head).is_dir():
+            raise click.BadParameter(f"must be best or last, got {head!r}", param_hint="--head")
         raise click.UsageError(
             f"--head {head}: a trained head's classes are not ImageNet's; evaluate it with "
             f"`aim-mlx probe eval DATA -m MODEL --head {head}` (one sub-folder per class)"
@@ -866,7 +891,7 @@ def export_coreml(
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     coreml.require_coremltools()
-    coreml.check_output(out, force)  # before a download or conversion
+    coreml.check_output(out, force, inputs=[model, head])  # before a download or conversion
     pictures = []
     for path in sample:  # decoded before the model is loaded too
         try:
@@ -1085,7 +1110,7 @@ def probe_eval(
         target = Path(confusion)
         if target.suffix.lower() != ".png":
             raise click.BadParameter("must end in .png", param_hint="--confusion")
-        prepare_output(target, force=force)
+        prepare_output(target, force=force, inputs=[model, head], outside=[val_dir])
     labels = read_head_config(head)["classes"]
     labelled_images(val_dir, labels, head)  # before loading (perhaps downloading) the trunk
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)

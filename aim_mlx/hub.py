@@ -202,10 +202,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
             )
         except LocalEntryNotFoundError as e:
             if status := _http_status(e):  # the server answered, with an error
-                raise HubError(
-                    f"downloading {where} failed: the hub ({_endpoint(endpoint)}) answered "
-                    f"HTTP {status}. Check HF_ENDPOINT, or try again later."
-                ) from None
+                raise HubError(_http_error(where, status, endpoint)) from None
             raise HubError(
                 f"{where} is not downloaded yet and the hub cannot be reached: {e} "
                 f"{NO_NETWORK_HINT}"
@@ -218,6 +215,8 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                     f"downloading {where} failed: a request header holds a character that is "
                     "not ASCII; check HF_TOKEN (and any other HF_* setting)"
                 ) from None
+            if _http_status(e) in (401, 403):
+                raise HubError(_http_error(where, _http_status(e), endpoint)) from None
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {e}") from e
             attempt += 1
@@ -233,6 +232,16 @@ def _http_status(error: BaseException | None) -> int | None:
             return status
         error = error.__cause__ or error.__context__
     return None
+
+
+def _http_error(where: str, status: int, endpoint: str | None) -> str:
+    hint = (
+        "Check HF_TOKEN (`hf auth login`) and that your account may read the repo."
+        if status in (401, 403)
+        else "Check HF_ENDPOINT, or try again later."
+    )
+    answer = f"the hub ({_endpoint(endpoint)}) answered HTTP {status}"
+    return f"downloading {where} failed: {answer}. {hint}"
 
 
 def _endpoint(endpoint: str | None) -> str:

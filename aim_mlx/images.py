@@ -99,9 +99,13 @@ def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[s
     """Paths given to the Python API as a list of strings: one path alone is one input."""
     if isinstance(inputs, (str, os.PathLike)):
         return [os.fspath(inputs)]
-    if isinstance(inputs, (bytes, bytearray)):
-        raise TypeError("inputs: give a path as str or pathlib.Path (or a list of them), not bytes")
-    return list(map(str, inputs))
+    inputs = [inputs] if isinstance(inputs, (bytes, bytearray)) else list(inputs)
+    if bad := [p for p in inputs if not isinstance(p, (str, os.PathLike))]:
+        raise TypeError(
+            "inputs: give paths as str or pathlib.Path (or a list of them), got "
+            f"{type(bad[0]).__name__} {bad[0]!r:.60}"
+        )
+    return [os.fspath(p) for p in inputs]
 
 
 def check_positive(name: str, value) -> int:

@@ -15,22 +15,27 @@ def prepare_output(
     path: str | os.PathLike,
     *,
     force: bool = False,
-    inputs: Iterable[str | os.PathLike] = (),
+    inputs: Iterable[str | os.PathLike | None] = (),
     replaceable: Callable[[Path], bool] | None = None,
+    outside: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """Check that `path` can be written, before any work; return it absolute, `~` expanded.
 
     `path` is a file, or a folder when `replaceable` is given. Missing parent folders are
     created, and the parent must accept a new file (a probe file is created and removed, which
     also catches read-only file systems). An existing `path` is refused unless `force`, and even
-    then it is never one of `inputs` or a folder holding one, never a folder where a file goes
-    (or the reverse), and an existing folder is replaced only when it is empty or
+    then it is never one of `inputs` (files or folders the command reads; None entries are
+    skipped), a folder holding one or a file inside one, never a folder where a file goes (or
+    the reverse), and an existing folder is replaced only when it is empty or
     `replaceable(folder)` says it is this kind of output: `--force` never deletes a folder of
-    photos or checkpoints. Raises OutputError naming the path.
+    photos or checkpoints. A new output may not go inside the folders `outside` either (a
+    training folder, where it would be read as data). Raises OutputError naming the path.
     """
     path = Path(os.path.abspath(Path(path).expanduser()))
     try:
-        _check_replaceable(path, force, inputs, replaceable)
+        _check_inputs(path, [p for p in inputs if p is not None], exists=path.exists())
+        _check_inputs(path, [p for p in outside if p is not None], exists=True)
+        _check_replaceable(path, force, replaceable)
     except OSError as e:  # e.g. a name too long for the file system
         if isinstance(e, OutputError):
             raise
@@ -45,13 +50,23 @@ def prepare_output(
     return path
 
 
-def _check_replaceable(path: Path, force: bool, inputs, replaceable) -> None:
+def _check_inputs(path: Path, inputs: list, exists: bool) -> None:
+    """OutputError if `path` is an input or holds one, or (when `exists`) lies inside one."""
     real = Path(os.path.realpath(path))
     for source in inputs:
         source = Path(os.path.realpath(Path(source).expanduser()))
+        if not source.exists():  # e.g. a model name, not a path
+            continue
         if real == source or real in source.parents:
             what = "is" if real == source else "holds"
-            raise OutputError(f"the output {path} {what} the input {source}; choose another output")
+        elif exists and source in real.parents:
+            what = "is inside"
+        else:
+            continue
+        raise OutputError(f"the output {path} {what} the input {source}; choose another output")
+
+
+def _check_replaceable(path: Path, force: bool, replaceable) -> None:
     if not path.exists():
         return
     if not force:

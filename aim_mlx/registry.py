@@ -37,6 +37,14 @@ class HubFile:
     size: int | None = None  # bytes, when known exactly
 
     def __post_init__(self):
+        parts = str(self.filename).split("/")
+        if not isinstance(self.filename, str) or self.filename.startswith("/") or (
+            set(parts) & {"", ".", ".."}
+        ):
+            raise RegistryError(
+                f"filename must be a file's path inside the repo, like backbone.pth or "
+                f"dir/head.pth, got {self.filename!r}"
+            )
         if not re.fullmatch(r"[0-9a-f]{8,64}", self.sha256):
             raise RegistryError(
                 f"{self.filename}: sha256 must be 8 to 64 lowercase hex digits, got {self.sha256!r}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -161,7 +162,9 @@ def _convert_into_cache(
             return out
         sources = make_sources()
         say(f"converting to {convert_kwargs['dtype']} into {out}", progress)
-        convert(out, **sources, **convert_kwargs, force=True, progress=progress)
+        if out.exists():  # stale or damaged, and ours: under the lock, nobody reads it
+            shutil.rmtree(out)
+        convert(out, **sources, **convert_kwargs, progress=progress)
     return out
 
 

@@ -91,16 +91,17 @@ def _unreadable_reason(path: str | Path) -> str:
 
 
 def apply_pixel_limit() -> int | None:
-    """Set PIL's pixel limit from AIM_MLX_MAX_PIXELS when it is set; the limit in force."""
-    value = os.environ.get(MAX_PIXELS_ENV)
-    if value is not None:
+    """Set PIL's pixel limit from AIM_MLX_MAX_PIXELS when it is set (empty: unset, as the other
+    settings); the limit in force."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if value:
         try:
             pixels = int(value)
             if pixels < 0:
                 raise ValueError
         except ValueError:
             raise SettingError(
-                f"{MAX_PIXELS_ENV} must be a whole number of pixels (0: no limit), got {value!r}"
+                f"{MAX_PIXELS_ENV}={value!r}: expected a whole number of pixels (0: no limit)"
             ) from None
         Image.MAX_IMAGE_PIXELS = pixels or None
     return Image.MAX_IMAGE_PIXELS
@@ -194,4 +195,6 @@ def preprocess(image: str | Path | Image.Image | np.ndarray, size: int = 224) ->
             "preprocess takes an image path, a PIL image or a uint8 numpy array (H, W, 3) RGB "
             f"or (H, W) grey; got {what or type(image).__name__}"
         )
+    if 0 in img.size:
+        raise ImageError(f"the image is empty ({img.width}x{img.height} pixels)")
     return transform(img, int(size))

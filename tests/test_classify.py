@@ -18,6 +18,7 @@ from test_preprocess import png_header
 import aim_mlx
 from aim_mlx.cli import main
 from aim_mlx.labels import imagenet_classes
+from aim_mlx.transforms import ImageError
 
 # classify / embed / eval machinery, checked against float32 reference values at CPU bounds:
 # MLX's default device (a GPU where there is one, with float16 by default) is pinned to the CPU.
@@ -436,8 +437,11 @@ def test_python_api_checks_its_arguments(model, model_dir):
             aim_mlx.classify(model, [rocket], **options)
     with pytest.raises(ValueError, match="batch_size must be a positive whole number, got -2"):
         embed(model, [rocket], batch_size=-2)
-    with pytest.raises(TypeError, match="not bytes"):
-        aim_mlx.classify(model, bytes(rocket))
+    for wrong in (bytes(rocket), [bytes(rocket)], [rocket, 3]):  # never a row per character
+        with pytest.raises(TypeError, match="give paths as str or pathlib.Path"):
+            aim_mlx.classify(model, wrong)
+    with pytest.raises(ImageError, match=r"the image is empty \(0x5 pixels\)"):
+        aim_mlx.preprocess(np.zeros((5, 0, 3), np.uint8))
     for one in (rocket, str(rocket)):  # one path alone is one input
         assert [r["path"] for r in aim_mlx.classify(model, one)] == [str(rocket)]
         assert embed(model, one).paths == [str(rocket)]

@@ -195,6 +195,48 @@ def test_force_never_replaces_an_input_or_a_folder_it_did_not_write(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
+def test_outputs_never_replace_the_model_or_another_commands_output(model_dir, tmp_path):
+    from aim_mlx.probe.head import HEAD_FORMAT
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    data = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(ROCKET, data / cls / "a.jpg")
+    train = ["probe", "train", data, "--epochs", "1", "--force"]
+    # the model a head is trained on, and a file inside it
+    err = clean(cli(*train, "-m", model, "-o", model), 1)
+    assert f"the output {model} is the input {model}" in err
+    out = model / "model.safetensors"
+    err = clean(cli("embed", ROCKET, "-m", model, "-o", out, "--force"), 1)
+    assert f"is inside the input {model}" in err
+    # a head inside the training images would be read as a class
+    err = clean(cli(*train, "-m", model, "-o", data / "my-head"), 1)
+    assert f"the output {data / 'my-head'} is inside the input {data}" in err
+    err = clean(cli("probe", "eval", data, "-m", model, "--head", tmp_path / "h",
+                    "--confusion", data / "cat" / "a.png"), 1)  # fmt: skip
+    assert "is inside the input" in err
+    # a config.json alone does not make a folder this command's output
+    photos = tmp_path / "project"
+    photos.mkdir()
+    (photos / "config.json").write_text("{}")
+    shutil.copy(ROCKET, photos)
+    hf = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hf)  # a hub folder's config.json is not a converted model's
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "config.json").write_text(json.dumps({"format": HEAD_FORMAT}))
+    for folder in (photos, model):  # neither is a trained head
+        assert "did not write" in clean(cli(*train, "-m", model_dir, "-o", folder), 1)
+    src = ["--backbone", REF / "backbone.pth", "--head", REF / "head_best_layers.pth"]
+    for folder in (photos, hf, head):  # none is a converted model
+        assert "did not write" in clean(cli("convert", *src, "-o", folder, "--force"), 1)
+    assert (hf / "pytorch_model.bin").is_file() and (photos / ROCKET.name).is_file()
+    weights = (model / "model.safetensors").read_bytes()
+    assert weights == (model_dir / "model.safetensors").read_bytes()
+
+
 def test_probe_train_force_never_replaces_its_images(tmp_path):
     from aim_mlx.probe import train
 
@@ -572,6 +614,65 @@ def test_results_that_cannot_be_written_to_stdout_are_an_error(model_dir):
     assert (
         closed.stderr.strip() == "Error: standard output is closed: the results cannot be written"
     )
+
+
+def aim_mlx_in_shell(args: str, env=None) -> subprocess.CompletedProcess:
+    command = f"{shlex.quote(sys.executable)} -m aim_mlx.cli {args}"
+    env = {**os.environ, **(env or {})}
+    return subprocess.run(["sh", "-c", command], capture_output=True, env=env)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_help_and_the_cache_listing_report_a_full_stdout_too():
+    for args in ("cache > /dev/full", "--help > /dev/full", "--version >&-", "cache >&-"):
+        run = aim_mlx_in_shell(args)
+        assert run.returncode == 1 and b"Traceback" not in run.stderr, (args, run.stderr)
+        assert run.stderr.decode().startswith("Error: ") and len(run.stderr.splitlines()) == 1
+
+
+def test_results_reach_a_stdout_that_cannot_encode_them(model_dir, tmp_path):
+    # an ASCII-configured stdout: click writes UTF-8 to its byte stream (the wrapper hid it)
+    folder = tmp_path / "ünï"
+    folder.mkdir()
+    shutil.copy(ROCKET, folder / "ï.jpg")
+    args = f"classify {shlex.quote(str(folder))} -m {shlex.quote(str(model_dir))} -k 1"
+    run = aim_mlx_in_shell(args, env={"PYTHONIOENCODING": "ascii"})
+    assert run.returncode == 0, run.stderr
+    assert str(folder / "ï.jpg").encode() in run.stdout
+
+
+def test_the_cli_gives_sys_stdout_back():
+    before = sys.stdout
+    main(["models"], standalone_mode=False)
+    assert sys.stdout is before
+
+
+@pytest.mark.parametrize("command", [["models"], ["info"], ["cache", "list"], ["cache"]])
+def test_commands_that_read_no_setting_run_whatever_the_settings(command, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CPU_CORES", "abc")
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "-5")
+    result = cli(*command)
+    assert result.exit_code == 0, result.output
+    if command == ["info"]:  # the diagnostic command shows what is wrong
+        assert "cpu_streams: invalid: AIM_MLX_CPU_CORES='abc'" in result.stdout
+
+
+def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_path):
+    data = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(ROCKET, data / cls / "a.jpg")
+    args = ["probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--probe-layers", "1,1"]
+    err = clean(cli(*args), 1)
+    assert "--probe-layers: probe layers [1, 1] name block 1 more than once" in err
+
+
+def test_eval_head_that_is_no_head_is_a_usage_error(tmp_path):
+    data = tmp_path / "val" / "n01440764"
+    data.mkdir(parents=True)
+    shutil.copy(ROCKET, data)
+    err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", "BEST"), 2)
+    assert "must be best or last, got 'BEST'" in err and "probe eval" not in err
 
 
 def test_a_broken_pipe_is_left_to_click_which_exits_quietly():

@@ -338,6 +338,14 @@ def test_an_http_error_is_named_not_called_unreachable(env, hub):
     assert "cannot be reached" not in result.stderr and "HF_HUB_OFFLINE" not in result.stderr
 
 
+def test_no_access_names_the_token(env, hub):
+    hub.status["backbone.pth"] = 401
+    result = aim_mlx(env, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"the hub ({hub.url}) answered HTTP 401. Check HF_TOKEN" in result.stderr
+    assert "trying again" not in result.stderr
+
+
 def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec

@@ -121,9 +121,12 @@ def convert(
 
 
 def _is_model_folder(folder: Path) -> bool:
-    """A folder a conversion wrote (perhaps damaged): what --force may replace."""
-    names = ("config.json", "model.safetensors", "model.safetensors.index.json")
-    return any((folder / name).exists() for name in names)
+    """A folder a conversion wrote: what --force may replace."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "format_version" in config
 
 
 def check_quantize_options(bits, group_size) -> None:

@@ -668,7 +668,7 @@ def export_coreml(
     return out
 
 
-def check_output(out: str | Path, overwrite: bool = False) -> Path:
+def check_output(out: str | Path, overwrite: bool = False, inputs=()) -> Path:
     """The output path, if usable: a .mlpackage that can be written (missing folders are
     created), new unless `overwrite`."""
     out = Path(out)
@@ -676,7 +676,10 @@ def check_output(out: str | Path, overwrite: bool = False) -> Path:
         raise ExportError(f"the output must end in .mlpackage, got {out}")
     try:
         return prepare_output(
-            out, force=overwrite, replaceable=lambda d: (d / "Manifest.json").exists()
+            out,
+            force=overwrite,
+            inputs=inputs,
+            replaceable=lambda d: (d / "Manifest.json").exists(),
         )
     except OutputError as e:
         raise ExportError(str(e)) from None

@@ -59,15 +59,22 @@ class TrainedHead:
     config: dict
 
 
-def check_output(out: str | Path, force: bool = False, inputs=()) -> Path:
+def check_output(out: str | Path, force: bool = False, inputs=(), data=()) -> Path:
     """The head folder to write, checked before any work (`output.prepare_output`: new unless
-    `force`, missing parents created, writable; never one of `inputs` or a folder holding one);
-    `force` replaces only a trained head's folder."""
-    return prepare_output(out, force=force, inputs=inputs, replaceable=_is_head_output)
+    `force`, missing parents created, writable; never one of `inputs`, a folder holding one,
+    or inside the `data` folders, where it would be read as a class); `force` replaces only a
+    trained head's folder."""
+    return prepare_output(
+        out, force=force, inputs=[*inputs, *data], outside=data, replaceable=_is_head_output
+    )
 
 
 def _is_head_output(folder: Path) -> bool:
-    return (folder / WEIGHTS).exists() or (folder / "config.json").exists()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == HEAD_FORMAT
 
 
 def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = False) -> Path:

@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 from .. import __version__, distributed
 from ..models import PRESETS, last_probe_layers
+from ..models.aim import check_probe_layers
 from ..resolve import known_num_blocks
 from . import data, features, head
 from .data import ProbeError, Sample
@@ -80,10 +81,10 @@ def parse_probe_layers(value, args) -> tuple[int, ...]:
         raise ProbeError(
             f"--probe-layers must be best, last or block indices like 3,4,5; got {value!r}"
         ) from None
-    bad = [i for i in layers if not 0 <= i < args.num_blocks]
-    if bad or not layers:
-        raise ProbeError(f"probe layers {bad or value} are outside blocks 0..{args.num_blocks - 1}")
-    return layers
+    try:
+        return check_probe_layers(layers, args.num_blocks)  # distinct blocks of the trunk
+    except ValueError as e:
+        raise ProbeError(f"--probe-layers: {e}") from None
 
 
 def feature_stats(store: features.FeatureSet, keys: list[str], batch: int = 64):
@@ -247,7 +248,7 @@ def train(
         raise ProbeError("epochs and batch size must be at least 1")
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
-    head.check_output(out, force, inputs=[p for p in (train_dir, val_dir) if p])
+    head.check_output(out, force, inputs=[model], data=[train_dir, val_dir])
     if probe_layers not in (None, "best", "last") and (blocks := known_num_blocks(model)):
         parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=blocks))  # before a download
     dataset = data.read_dataset(train_dir)
