@@ -143,3 +143,17 @@ def rel_err(out, ref) -> float:
 
 def to_np(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32))
+
+
+@pytest.fixture
+def unreadable(monkeypatch):
+    """Folders named `locked` cannot be listed, as after `chmod 000` (which root ignores)."""
+    for name in ("scandir", "listdir"):
+        real = getattr(os, name)
+
+        def refuse(path=".", real=real):
+            if os.path.basename(os.fspath(path).rstrip("/")) == "locked":
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, name, refuse)

@@ -320,20 +320,6 @@ def test_models_lists_the_official_sizes():
     assert "aim_7b_5bimgs_attnprobe_backbone.pth  ~25.78 GB  sha256 184ed94c" in result.stdout
 
 
-@pytest.fixture
-def unreadable(monkeypatch):
-    """Folders named `locked` cannot be listed, as after `chmod 000` (which root ignores)."""
-    for name in ("scandir", "listdir"):
-        real = getattr(os, name)
-
-        def refuse(path=".", real=real):
-            if os.path.basename(os.fspath(path).rstrip("/")) == "locked":
-                raise PermissionError(13, "Permission denied", os.fspath(path))
-            return real(path)
-
-        monkeypatch.setattr(os, name, refuse)
-
-
 def test_unreadable_sub_folder_is_an_error_row_and_the_rest_is_classified(
     model_dir, tmp_path, unreadable
 ):

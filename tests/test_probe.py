@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -333,36 +332,20 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     assert config["training"]["train_images"] + config["training"]["val_images"] == 40
 
 
-def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, monkeypatch):
+def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, unreadable):
     from aim_mlx.probe.data import read_dataset
 
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
     (root / "red" / "locked").mkdir()
-    scandir = os.scandir
-
-    def refuse(path="."):  # as after `chmod 000`, which root ignores
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
     dataset = read_dataset(root)
     locked = str(root / "red" / "locked")
     assert dataset.skipped == [(locked, "cannot read the folder: Permission denied")]
     assert dataset.counts() == [20, 20]
 
 
-def test_probe_eval_reports_unreadable_sub_folders(heads, model_dir, data, tmp_path, monkeypatch):
+def test_probe_eval_reports_unreadable_sub_folders(heads, model_dir, data, tmp_path, unreadable):
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
     (root / "red" / "locked").mkdir()
-    scandir = os.scandir
-
-    def refuse(path="."):  # as after `chmod 000`, which root ignores
-        if os.fspath(path).endswith("locked"):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", refuse)
     head = heads["attention"].out
     res = cli("probe", "eval", root, "-m", model_dir, "--head", head, "--json", "--no-progress")
     assert res.exit_code == 1, res.output  # the other images are evaluated, and it says so
