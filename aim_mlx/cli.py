@@ -99,6 +99,13 @@ def _top_command(ctx: click.Context) -> str:
     return ctx.info_name
 
 
+class _Echo:
+    """A file for csv.writer that prints through click.echo (UTF-8 where stdout says ASCII)."""
+
+    def write(self, text):
+        click.echo(text, nl=False)
+
+
 class Command(click.Command):
     def invoke(self, ctx):
         with _reported(ctx):
@@ -114,6 +121,8 @@ class Group(click.Group):
     def main(self, *args, **kwargs):
         """click's main, writing through `_Stdout` for the whole run (--help and --version
         too); sys.stdout is given back afterwards (a notebook goes on using it)."""
+        if sys.stderr is None:  # started with stderr closed (2>&-): messages go nowhere
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
         saved = sys.stdout
         sys.stdout = _Stdout(saved)
         try:
@@ -408,12 +417,29 @@ def info(as_json):
     """Versions, device, GPU and the BLAS that MLX's CPU matmuls use."""
     from . import bench as lib
 
-    environment = lib.environment()
+    environment = {**lib.environment(), "settings": _settings_state()}
     if as_json:
-        click.echo(json.dumps({**environment, "cache": cache_listing()}))
+        try:
+            listing = cache_listing()
+        except AimMlxError as e:  # AIM_MLX_CACHE or AIM_MLX_REGISTRY unusable: show why
+            listing = {"error": str(e)}
+        click.echo(json.dumps({**environment, "cache": listing}))
         return
     for key, value in environment.items():
         click.echo(f"{key}: {value}")
+
+
+def _settings_state() -> str:
+    """"ok", or what is wrong with the AIM_MLX_* settings (`info` shows it, never fails on it)."""
+    from . import cache, registry
+
+    try:
+        _check_environment()
+        registry.all_models()  # AIM_MLX_REGISTRY
+        cache.cache_root()  # AIM_MLX_CACHE
+    except AimMlxError as e:
+        return f"invalid: {e}"
+    return "ok"
 
 
 @main.command()
@@ -459,7 +485,7 @@ def classify(
         for _ in rows:
             pass
         return
-    writer = csv.writer(sys.stdout, lineterminator="\n") if as_csv else None
+    writer = csv.writer(_Echo(), lineterminator="\n") if as_csv else None
     if writer:
         writer.writerow(["path", "rank", "index", "label", "prob", "error"])
     failed = 0
@@ -623,7 +649,7 @@ def eval_command(
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
     if is_head_folder(head):
-        if not Path(head).is_dir():
+        if not (Path(head) / "config.json").is_file():  # a typo, or a folder of another kind
             raise click.BadParameter(f"must be best or last, got {head!r}", param_hint="--head")
         raise click.UsageError(
             f"--head {head}: a trained head's classes are not ImageNet's; evaluate it with "
@@ -921,7 +947,7 @@ def export_coreml(
         progress=progress,
     )
     weights = coreml.weight_file_size(path)
-    click.echo(f"wrote {path} (weights {weights / MiB:.1f} MiB)")
+    click.echo(f"wrote {out} (weights {weights / MiB:.1f} MiB)")
     if weights > coreml.ANE_WEIGHT_LIMIT:
         click.echo(
             "note: the weight file is over the Neural Engine's 2 GiB limit; Core ML will run "
@@ -1110,7 +1136,7 @@ def probe_eval(
         target = Path(confusion)
         if target.suffix.lower() != ".png":
             raise click.BadParameter("must end in .png", param_hint="--confusion")
-        prepare_output(target, force=force, inputs=[model, head], outside=[val_dir])
+        prepare_output(target, force=force, inputs=[model, head, val_dir])
     labels = read_head_config(head)["classes"]
     labelled_images(val_dir, labels, head)  # before loading (perhaps downloading) the trunk
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)

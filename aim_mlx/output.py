@@ -17,29 +17,31 @@ def prepare_output(
     force: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
     replaceable: Callable[[Path], bool] | None = None,
-    outside: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
-    """Check that `path` can be written, before any work; return it absolute, `~` expanded.
+    """Check that `path` can be written, before any work; return it absolute, `~` expanded
+    (and, for an existing symbolic link, the path it points to: that is what is replaced).
 
-    `path` is a file, or a folder when `replaceable` is given. Missing parent folders are
-    created, and the parent must accept a new file (a probe file is created and removed, which
-    also catches read-only file systems). An existing `path` is refused unless `force`, and even
-    then it is never one of `inputs` (files or folders the command reads; None entries are
-    skipped), a folder holding one or a file inside one, never a folder where a file goes (or
-    the reverse), and an existing folder is replaced only when it is empty or
-    `replaceable(folder)` says it is this kind of output: `--force` never deletes a folder of
-    photos or checkpoints. A new output may not go inside the folders `outside` either (a
-    training folder, where it would be read as data). Raises OutputError naming the path.
+    `path` is a file, or a folder when `replaceable` is given. It is never one of `inputs`
+    (files or folders the command reads; None entries are skipped), a folder holding one or
+    anything inside one (a model's folder, training images, where it would be read as data).
+    Missing parent folders are created, and the parent must accept a new file (a probe file is
+    created and removed, which also catches read-only file systems). An existing `path` is
+    refused unless `force`, and even then never a folder where a file goes (or the reverse),
+    and an existing folder is replaced only when it is empty or `replaceable(folder)` says it is
+    this kind of output: `--force` never deletes a folder of photos or checkpoints. Raises
+    OutputError naming the path as given.
     """
-    path = Path(os.path.abspath(Path(path).expanduser()))
+    given = Path(path).expanduser()
+    path = Path(os.path.abspath(given))
     try:
-        _check_inputs(path, [p for p in inputs if p is not None], exists=path.exists())
-        _check_inputs(path, [p for p in outside if p is not None], exists=True)
-        _check_replaceable(path, force, replaceable)
+        if path.is_symlink():
+            path = Path(os.path.realpath(path))
+        _check_inputs(given, path, [p for p in inputs if p is not None])
+        _check_replaceable(given, path, force, replaceable)
     except OSError as e:  # e.g. a name too long for the file system
         if isinstance(e, OutputError):
             raise
-        raise OutputError(f"cannot use {path}: {_reason(e)}") from None
+        raise OutputError(f"cannot use {given}: {_reason(e)}") from None
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -50,34 +52,37 @@ def prepare_output(
     return path
 
 
-def _check_inputs(path: Path, inputs: list, exists: bool) -> None:
-    """OutputError if `path` is an input or holds one, or (when `exists`) lies inside one."""
+def _check_inputs(given: Path, path: Path, inputs: list) -> None:
+    """OutputError if `path` is an input, holds one or lies inside one."""
     real = Path(os.path.realpath(path))
     for source in inputs:
-        source = Path(os.path.realpath(Path(source).expanduser()))
+        source = Path(source).expanduser()
         if not source.exists():  # e.g. a model name, not a path
             continue
-        if real == source or real in source.parents:
-            what = "is" if real == source else "holds"
-        elif exists and source in real.parents:
+        real_source = Path(os.path.realpath(source))
+        if real == real_source:
+            what = "is"
+        elif real in real_source.parents:
+            what = "holds"
+        elif real_source in real.parents:
             what = "is inside"
         else:
             continue
-        raise OutputError(f"the output {path} {what} the input {source}; choose another output")
+        raise OutputError(f"the output {given} {what} the input {source}; choose another output")
 
 
-def _check_replaceable(path: Path, force: bool, replaceable) -> None:
+def _check_replaceable(given: Path, path: Path, force: bool, replaceable) -> None:
     if not path.exists():
         return
     if not force:
-        raise OutputError(f"{path} already exists; choose another output or pass --force")
+        raise OutputError(f"{given} already exists; choose another output or pass --force")
     if replaceable is None and path.is_dir():
-        raise OutputError(f"{path} is a folder, not a file; choose another output")
+        raise OutputError(f"{given} is a folder, not a file; choose another output")
     if replaceable is not None and not path.is_dir():
-        raise OutputError(f"{path} is a file, not a folder; choose another output")
+        raise OutputError(f"{given} is a file, not a folder; choose another output")
     if replaceable is not None and any(path.iterdir()) and not replaceable(path):
         raise OutputError(
-            f"{path} is a folder this command did not write; --force replaces only its own "
+            f"{given} is a folder this command did not write; --force replaces only its own "
             "outputs: choose another output, or remove the folder yourself"
         )
 

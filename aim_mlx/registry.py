@@ -37,7 +37,7 @@ class HubFile:
     size: int | None = None  # bytes, when known exactly
 
     def __post_init__(self):
-        parts = str(self.filename).split("/")
+        parts = str(self.filename).replace("\\", "/").split("/")
         if not isinstance(self.filename, str) or self.filename.startswith("/") or (
             set(parts) & {"", ".", ".."}
         ):

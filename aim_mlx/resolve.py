@@ -162,8 +162,10 @@ def _convert_into_cache(
             return out
         sources = make_sources()
         say(f"converting to {convert_kwargs['dtype']} into {out}", progress)
-        if out.exists():  # stale or damaged, and ours: under the lock, nobody reads it
+        if out.is_dir() and not out.is_symlink():  # stale or damaged: under the lock, unread
             shutil.rmtree(out)
+        elif out.exists() or out.is_symlink():  # a link (to a folder elsewhere) or a file
+            out.unlink()
         convert(out, **sources, **convert_kwargs, progress=progress)
     return out
 

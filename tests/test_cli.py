@@ -226,7 +226,7 @@ def test_outputs_never_replace_the_model_or_another_commands_output(model_dir, t
     shutil.copytree(REF / "hf_repo", hf)  # a hub folder's config.json is not a converted model's
     head = tmp_path / "head"
     head.mkdir()
-    (head / "config.json").write_text(json.dumps({"format": HEAD_FORMAT}))
+    (head / "config.json").write_text(json.dumps({"format": HEAD_FORMAT, "format_version": 1}))
     for folder in (photos, model):  # neither is a trained head
         assert "did not write" in clean(cli(*train, "-m", model_dir, "-o", folder), 1)
     src = ["--backbone", REF / "backbone.pth", "--head", REF / "head_best_layers.pth"]
@@ -235,6 +235,47 @@ def test_outputs_never_replace_the_model_or_another_commands_output(model_dir, t
     assert (hf / "pytorch_model.bin").is_file() and (photos / ROCKET.name).is_file()
     weights = (model / "model.safetensors").read_bytes()
     assert weights == (model_dir / "model.safetensors").read_bytes()
+
+
+def test_outputs_never_go_inside_an_input(model_dir, tmp_path):
+    # refused the first time too, not only when a re-run would replace it
+    hf = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hf)
+    args = ["convert", "--hf-path", hf, "--num-heads", "4", "--probe-layers", "1,2,3,4,5,6"]
+    err = clean(cli(*args, "-o", hf / "mlx"), 1)
+    assert f"the output {hf / 'mlx'} is inside the input {hf}" in err
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", model_dir / "f.npy"), 1)
+    assert "is inside the input" in err and not (model_dir / "f.npy").exists()
+
+
+def test_an_output_given_as_a_link_replaces_what_it_points_to(tmp_path):
+    src = ["--hf-path", REF / "hf_repo", "--num-heads", "4", "--probe-layers", "1,2,3,4,5,6"]
+    real, link = tmp_path / "real", tmp_path / "link"
+    clean(cli("convert", *src, "-o", real, "--no-progress"), 0)
+    link.symlink_to(real)
+    clean(cli("convert", *src, "--dtype", "float16", "-o", link, "--force", "--no-progress"), 0)
+    assert link.is_symlink() and read_config(real)["dtype"] == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no leftovers
+
+
+def test_a_stale_cache_entry_that_is_a_link_or_a_file_is_converted_again(tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hf)
+    first = cli("classify", ROCKET, "-m", hf, "--json", "--no-progress")
+    assert first.exit_code == 0, first.output
+    (entry,) = (tmp_path / "cache" / "models").iterdir()
+    moved = tmp_path / "moved"
+    entry.rename(moved)
+    config = read_config(moved)
+    (moved / "config.json").write_text(json.dumps({**config, "format_version": 0}))
+    entry.symlink_to(moved)  # an entry moved to another disk, and older
+    again = cli("classify", ROCKET, "-m", hf, "--json", "--no-progress")
+    assert again.exit_code == 0, again.output
+    assert again.stdout == first.stdout and not entry.is_symlink()
+    shutil.rmtree(entry)
+    entry.write_text("junk")  # a file in its place
+    again = cli("classify", ROCKET, "-m", hf, "--json", "--no-progress")
+    assert again.exit_code == 0 and again.stdout == first.stdout, again.output
 
 
 def test_probe_train_force_never_replaces_its_images(tmp_path):
@@ -636,9 +677,15 @@ def test_results_reach_a_stdout_that_cannot_encode_them(model_dir, tmp_path):
     folder.mkdir()
     shutil.copy(ROCKET, folder / "ï.jpg")
     args = f"classify {shlex.quote(str(folder))} -m {shlex.quote(str(model_dir))} -k 1"
-    run = aim_mlx_in_shell(args, env={"PYTHONIOENCODING": "ascii"})
-    assert run.returncode == 0, run.stderr
-    assert str(folder / "ï.jpg").encode() in run.stdout
+    for form in ("", "--csv"):  # (--json escapes what is not ASCII)
+        run = aim_mlx_in_shell(f"{args} {form}", env={"PYTHONIOENCODING": "ascii"})
+        assert run.returncode == 0, run.stderr
+        assert str(folder / "ï.jpg").encode() in run.stdout
+
+
+def test_a_closed_stderr_loses_only_the_messages(model_dir):
+    run = aim_mlx_in_shell(f"classify {shlex.quote(str(ROCKET))} -m {model_dir} --json 2>&-")
+    assert run.returncode == 0 and json.loads(run.stdout)["path"] == str(ROCKET)
 
 
 def test_the_cli_gives_sys_stdout_back():
@@ -655,6 +702,16 @@ def test_commands_that_read_no_setting_run_whatever_the_settings(command, monkey
     assert result.exit_code == 0, result.output
     if command == ["info"]:  # the diagnostic command shows what is wrong
         assert "cpu_streams: invalid: AIM_MLX_CPU_CORES='abc'" in result.stdout
+        assert "settings: invalid: AIM_MLX_CPU_CORES='abc'" in result.stdout
+
+
+def test_info_json_shows_an_unusable_registry(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIM_MLX_REGISTRY", str(tmp_path / "missing.json"))
+    result = cli("info", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert "cannot read the registry file" in info["settings"]
+    assert "cannot read the registry file" in info["cache"]["error"]
 
 
 def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_path):
@@ -662,9 +719,11 @@ def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_pa
     for cls in ("cat", "dog"):
         (data / cls).mkdir(parents=True)
         shutil.copy(ROCKET, data / cls / "a.jpg")
-    args = ["probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--probe-layers", "1,1"]
-    err = clean(cli(*args), 1)
-    assert "--probe-layers: probe layers [1, 1] name block 1 more than once" in err
+    for model in (model_dir, REF / "hf_repo"):  # a checkpoint folder: before converting it
+        args = ["probe", "train", data, "-m", model, "-o", tmp_path / "h", "--probe-layers", "1,1"]
+        err = clean(cli(*args), 1)
+        assert "--probe-layers: probe layers [1, 1] name block 1 more than once" in err
+    assert not (tmp_path / "cache" / "models").exists()
 
 
 def test_eval_head_that_is_no_head_is_a_usage_error(tmp_path):
@@ -673,6 +732,10 @@ def test_eval_head_that_is_no_head_is_a_usage_error(tmp_path):
     shutil.copy(ROCKET, data)
     err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", "BEST"), 2)
     assert "must be best or last, got 'BEST'" in err and "probe eval" not in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", empty), 2)
+    assert "must be best or last" in err
 
 
 def test_a_broken_pipe_is_left_to_click_which_exits_quietly():

@@ -126,7 +126,11 @@ def _is_model_folder(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and "format_version" in config
+    return (
+        isinstance(config, dict)
+        and config.get("model_type") == "aim-v1"  # not a trained head's config
+        and "format_version" in config
+    )
 
 
 def check_quantize_options(bits, group_size) -> None:

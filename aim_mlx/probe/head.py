@@ -64,9 +64,7 @@ def check_output(out: str | Path, force: bool = False, inputs=(), data=()) -> Pa
     `force`, missing parents created, writable; never one of `inputs`, a folder holding one,
     or inside the `data` folders, where it would be read as a class); `force` replaces only a
     trained head's folder."""
-    return prepare_output(
-        out, force=force, inputs=[*inputs, *data], outside=data, replaceable=_is_head_output
-    )
+    return prepare_output(out, force=force, inputs=[*inputs, *data], replaceable=_is_head_output)
 
 
 def _is_head_output(folder: Path) -> bool:

@@ -249,8 +249,9 @@ def train(
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
     head.check_output(out, force, inputs=[model], data=[train_dir, val_dir])
-    if probe_layers not in (None, "best", "last") and (blocks := known_num_blocks(model)):
-        parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=blocks))  # before a download
+    if probe_layers not in (None, "best", "last"):  # before a download or conversion
+        blocks = known_num_blocks(model) or 10**6  # unknown yet: all but the range checked
+        parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=blocks))
     dataset = data.read_dataset(train_dir)
     if val_dir is not None:
         val_set = data.read_dataset(val_dir, "validation folder")
