@@ -49,10 +49,12 @@ def _reported(ctx: click.Context):
 
 def _check_environment() -> None:
     """The AIM_MLX_* settings read from the environment, checked before any work."""
-    from . import distributed, memory, transforms
-    from .models import cpu_runner
+    from . import distributed, memory, runtime, transforms
+    from .models import cpu_runner, ops
 
     cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
+    runtime.check_switch(runtime.OFF_ENV)
+    runtime.check_switch(ops.CUDA_KERNELS_ENV)
     memory.check_enabled()
     distributed.peer_wait()
     transforms.apply_pixel_limit()
@@ -100,10 +102,14 @@ def _top_command(ctx: click.Context) -> str:
 
 
 class _Echo:
-    """A file for csv.writer that prints through click.echo (UTF-8 where stdout says ASCII)."""
+    """A file for csv.writer: stdout as it is, or click.echo where it cannot encode the text
+    (an ASCII-configured stdout: click writes UTF-8)."""
 
     def write(self, text):
-        click.echo(text, nl=False)
+        try:
+            sys.stdout.write(text)
+        except UnicodeEncodeError:
+            click.echo(text, nl=False)
 
 
 class Command(click.Command):
@@ -574,9 +580,9 @@ def embed(
     # before creating folders and loading (downloading) the model; unknown block count: syntax
     check_layers(known_num_blocks(model) or 10**9)
     if distributed.is_root():  # the rank that writes; before any work
-        prepare_output(out, force=force, inputs=[model, head])
+        target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
         if suffix == ".npy":
-            prepare_output(listing_path(out), force=force, inputs=[model, head])
+            prepare_output(listing_path(target), force=force, inputs=[model, head])
     if images.any_image(inputs):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)
@@ -597,9 +603,10 @@ def embed(
         report_error(path, reason)
     if emb.paths:
         meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
-        written = save(out, emb, meta)
+        save(target, emb, meta)
         shape = "x".join(map(str, emb.features.shape))
-        click.echo(f"wrote {shape} features to {', '.join(map(str, written))}", err=True)
+        named = [out, listing_path(out)] if suffix == ".npy" else [out]  # as the user gave it
+        click.echo(f"wrote {shape} features to {', '.join(map(str, named))}", err=True)
     else:
         click.echo("no features written: no image could be read", err=True)
     if emb.errors or not emb.paths:
@@ -649,7 +656,7 @@ def eval_command(
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
     if is_head_folder(head):
-        if not (Path(head) / "config.json").is_file():  # a typo, or a folder of another kind
+        if not (Path(head) / "head.safetensors").is_file():  # a typo, or another kind of folder
             raise click.BadParameter(f"must be best or last, got {head!r}", param_hint="--head")
         raise click.UsageError(
             f"--head {head}: a trained head's classes are not ImageNet's; evaluate it with "
@@ -1136,7 +1143,7 @@ def probe_eval(
         target = Path(confusion)
         if target.suffix.lower() != ".png":
             raise click.BadParameter("must end in .png", param_hint="--confusion")
-        prepare_output(target, force=force, inputs=[model, head, val_dir])
+        target = prepare_output(target, force=force, inputs=[model, head, val_dir])
     labels = read_head_config(head)["classes"]
     labelled_images(val_dir, labels, head)  # before loading (perhaps downloading) the trunk
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
@@ -1148,7 +1155,7 @@ def probe_eval(
     if confusion:
         save_confusion(
             result,
-            confusion,
+            target,
             f"{Path(head).name}: top-1 {result.top1:.1f}% on {result.images} images of {val_dir}",
         )
     if as_json:

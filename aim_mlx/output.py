@@ -18,8 +18,8 @@ def prepare_output(
     inputs: Iterable[str | os.PathLike | None] = (),
     replaceable: Callable[[Path], bool] | None = None,
 ) -> Path:
-    """Check that `path` can be written, before any work; return it absolute, `~` expanded
-    (and, for an existing symbolic link, the path it points to: that is what is replaced).
+    """Check that `path` can be written, before any work; return it absolute, `~` expanded and
+    links resolved (an output given as a link replaces what it points to): write there.
 
     `path` is a file, or a folder when `replaceable` is given. It is never one of `inputs`
     (files or folders the command reads; None entries are skipped), a folder holding one or
@@ -32,10 +32,8 @@ def prepare_output(
     OutputError naming the path as given.
     """
     given = Path(path).expanduser()
-    path = Path(os.path.abspath(given))
+    path = Path(os.path.realpath(given))  # links and `..` resolved as the file system does
     try:
-        if path.is_symlink():
-            path = Path(os.path.realpath(path))
         _check_inputs(given, path, [p for p in inputs if p is not None])
         _check_replaceable(given, path, force, replaceable)
     except OSError as e:  # e.g. a name too long for the file system
@@ -46,15 +44,15 @@ def prepare_output(
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create the folder {parent} for {path}: {_reason(e)}") from None
-    check_writable(parent, f"cannot write {path}")
+        raise OutputError(f"cannot create the folder {parent} for {given}: {_reason(e)}") from None
+    check_writable(parent, f"cannot write {given}")
     _check_name_length(path)
     return path
 
 
 def _check_inputs(given: Path, path: Path, inputs: list) -> None:
     """OutputError if `path` is an input, holds one or lies inside one."""
-    real = Path(os.path.realpath(path))
+    real = path
     for source in inputs:
         source = Path(source).expanduser()
         if not source.exists():  # e.g. a model name, not a path

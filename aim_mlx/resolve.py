@@ -166,7 +166,7 @@ def _convert_into_cache(
             shutil.rmtree(out)
         elif out.exists() or out.is_symlink():  # a link (to a folder elsewhere) or a file
             out.unlink()
-        convert(out, **sources, **convert_kwargs, progress=progress)
+        convert(out, **sources, **convert_kwargs, progress=progress, into_cache=True)
     return out
 
 

@@ -31,9 +31,22 @@ TF32_ENV = "MLX_ENABLE_TF32"
 _state = {"done": False, "source": None, "late": False}
 
 
+OFF_VALUES = ("off", "0", "none", "false")
+ON_VALUES = ("", "on", "1", "true", "yes")
+
+
 def switched_off(name: str) -> bool:
     """Whether environment variable `name` turns something off: off, 0, none or false."""
-    return os.environ.get(name, "").strip().lower() in ("off", "0", "none", "false")
+    return os.environ.get(name, "").strip().lower() in OFF_VALUES
+
+
+def check_switch(name: str) -> None:
+    """SettingError unless environment variable `name` is unset, on or off (and synonyms)."""
+    from .errors import SettingError
+
+    value = os.environ.get(name, "")
+    if value.strip().lower() not in OFF_VALUES + ON_VALUES:
+        raise SettingError(f"{name}={value!r}: expected off (or 0, false) or on (the default)")
 
 
 def _off() -> bool:

@@ -393,7 +393,7 @@ def test_eval_refuses_a_trained_head_and_takes_one_folder_two_ways(model_dir, tm
     data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0})
     head = tmp_path / "my-head"
     head.mkdir()
-    (head / "config.json").write_text("{}")
+    (head / "head.safetensors").write_bytes(b"")  # what tells a trained head's folder
     result = cli("eval", data, "--model", model_dir, "--head", head)
     assert result.exit_code == 2 and "aim-mlx probe eval" in result.stderr
     same = cli("eval", data, "--data-path", str(data) + "/", "-m", model_dir, "--json")

@@ -258,6 +258,38 @@ def test_an_output_given_as_a_link_replaces_what_it_points_to(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no leftovers
 
 
+def test_a_file_output_given_as_a_link_replaces_what_it_points_to(model_dir, tmp_path):
+    real, link = tmp_path / "real.safetensors", tmp_path / "link.safetensors"
+    real.write_text("old")
+    link.symlink_to(real)
+    clean(cli("embed", ROCKET, "-m", model_dir, "-o", link, "--force", "--no-progress"), 0)
+    from safetensors import safe_open
+
+    with safe_open(real, "np") as f:
+        assert json.loads(f.metadata()["paths"]) == [str(ROCKET)]
+    assert link.is_symlink()
+
+
+def test_output_paths_are_resolved_as_the_file_system_does(tmp_path):
+    from aim_mlx.output import prepare_output
+
+    # nodir/../f.npy cannot be opened (nodir is missing); the check used to pass and the write
+    # after all the work failed
+    assert prepare_output(tmp_path / "nodir" / ".." / "f.npy") == tmp_path / "f.npy"
+    (tmp_path / "data" / "cat").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "cat")
+    with pytest.raises(OutputError, match="is inside the input"):  # link/.. is data, not .
+        prepare_output(tmp_path / "link" / ".." / "c.png", inputs=[tmp_path / "data"])
+
+
+def test_a_cache_inside_the_checkpoint_folder_works(tmp_path, monkeypatch):
+    hf = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hf)
+    monkeypatch.setenv("AIM_MLX_CACHE", str(hf / ".cache"))
+    result = cli("classify", ROCKET, "-m", hf, "--json", "--no-progress")
+    assert result.exit_code == 0, result.output
+
+
 def test_a_stale_cache_entry_that_is_a_link_or_a_file_is_converted_again(tmp_path):
     hf = tmp_path / "hf"
     shutil.copytree(REF / "hf_repo", hf)
@@ -615,7 +647,8 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
     [("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
      ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
      ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
-     ("AIM_MLX_RANK_TIMEOUT", "inf")],
+     ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
+     ("AIM_MLX_BUFFER_LIMIT", "nah")],
 )  # fmt: skip
 def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
@@ -681,6 +714,9 @@ def test_results_reach_a_stdout_that_cannot_encode_them(model_dir, tmp_path):
         run = aim_mlx_in_shell(f"{args} {form}", env={"PYTHONIOENCODING": "ascii"})
         assert run.returncode == 0, run.stderr
         assert str(folder / "ï.jpg").encode() in run.stdout
+    # an ASCII locale: the file name's bytes pass through (surrogateescape), as they came in
+    run = aim_mlx_in_shell(f"{args} --csv", env={"LC_ALL": "C", "PYTHONUTF8": "0"})
+    assert run.returncode == 0 and str(folder / "ï.jpg").encode() in run.stdout, run.stderr
 
 
 def test_a_closed_stderr_loses_only_the_messages(model_dir):
@@ -720,9 +756,11 @@ def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_pa
         (data / cls).mkdir(parents=True)
         shutil.copy(ROCKET, data / cls / "a.jpg")
     for model in (model_dir, REF / "hf_repo"):  # a checkpoint folder: before converting it
-        args = ["probe", "train", data, "-m", model, "-o", tmp_path / "h", "--probe-layers", "1,1"]
-        err = clean(cli(*args), 1)
+        args = ["probe", "train", data, "-m", model, "-o", tmp_path / "h", "--probe-layers"]
+        err = clean(cli(*args, "1,1"), 1)
         assert "--probe-layers: probe layers [1, 1] name block 1 more than once" in err
+    err = clean(cli(*args, "-1"), 1)  # the block count is not known yet: no made-up range
+    assert "probe layers [-1] are not block indices (0 or more)" in err
     assert not (tmp_path / "cache" / "models").exists()
 
 
@@ -734,8 +772,12 @@ def test_eval_head_that_is_no_head_is_a_usage_error(tmp_path):
     assert "must be best or last, got 'BEST'" in err and "probe eval" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", empty), 2)
-    assert "must be best or last" in err
+    model = tmp_path / "model"  # a converted model has a config.json too: not a head
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for folder in (empty, model):
+        err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", folder), 2)
+        assert "must be best or last" in err
 
 
 def test_a_broken_pipe_is_left_to_click_which_exits_quietly():

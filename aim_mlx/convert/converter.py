@@ -79,18 +79,21 @@ def convert(
     progress: bool = True,
     name: str | None = None,
     verified: bool = False,
+    into_cache: bool = False,
 ) -> Path:
     """Convert a backbone + head pair, or a hub-style folder / repo id, into an MLX folder `out`.
 
     `probe_layers` is "best", "last" or a list of block indices; None takes it from the hub
     config, or from a head file named `*_best_layers*` / `*_last_layers*`. `verified`: the
     source files' SHA-256 were checked (a hub download), so their CRC-32s are not checked again.
+    `into_cache`: `out` is a cache entry (`resolve`), which may lie anywhere, even inside the
+    checkpoints' folder (AIM_MLX_CACHE=./cache).
     """
     if dtype not in MX_DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize:
         check_quantize_options(q_bits, q_group_size)
-    sources_given = [p for p in (backbone, head, hf_path) if p and Path(p).exists()]
+    sources_given = [] if into_cache else [backbone, head, hf_path]
     try:
         out = prepare_output(out, force=force, inputs=sources_given, replaceable=_is_model_folder)
     except OutputError as e:

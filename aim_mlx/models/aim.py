@@ -94,8 +94,9 @@ def positive_int(name: str, value) -> int:
     return int(value)
 
 
-def check_probe_layers(layers, num_blocks: int) -> tuple[int, ...]:
-    """Block indices the head reads: a non-empty list of distinct blocks of the model."""
+def check_probe_layers(layers, num_blocks: int | None) -> tuple[int, ...]:
+    """Block indices the head reads: a non-empty list of distinct blocks of the model (of any
+    model while `num_blocks` is None: not known yet)."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
         raise ValueError(f"probe layers must be a list of block indices, got {layers!r}")
     layers = tuple(layers)
@@ -106,7 +107,9 @@ def check_probe_layers(layers, num_blocks: int) -> tuple[int, ...]:
         raise ValueError("no probe layers given: the head needs at least one block")
     if repeated := sorted({i for i in layers if layers.count(i) > 1}):
         raise ValueError(f"probe layers {list(layers)} name block {repeated[0]} more than once")
-    if bad := [i for i in layers if not 0 <= i < num_blocks]:
+    if num_blocks is None and (bad := [i for i in layers if i < 0]):
+        raise ValueError(f"probe layers {bad} are not block indices (0 or more)")
+    if num_blocks is not None and (bad := [i for i in layers if not 0 <= i < num_blocks]):
         raise ValueError(f"probe layers {bad} are outside blocks 0..{num_blocks - 1}")
     return layers
 

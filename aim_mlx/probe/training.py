@@ -250,8 +250,7 @@ def train(
         raise ProbeError("give a validation folder or a validation split, not both")
     head.check_output(out, force, inputs=[model], data=[train_dir, val_dir])
     if probe_layers not in (None, "best", "last"):  # before a download or conversion
-        blocks = known_num_blocks(model) or 10**6  # unknown yet: all but the range checked
-        parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=blocks))
+        parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=known_num_blocks(model)))
     dataset = data.read_dataset(train_dir)
     if val_dir is not None:
         val_set = data.read_dataset(val_dir, "validation folder")
