@@ -581,8 +581,9 @@ def embed(
     check_layers(known_num_blocks(model) or 10**9)
     if distributed.is_root():  # the rank that writes; before any work
         target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
+        listing = None  # beside the .npy as the user named it, where they will look for it
         if suffix == ".npy":
-            prepare_output(listing_path(target), force=force, inputs=[model, head])
+            listing = prepare_output(listing_path(out), force=force, inputs=[model, head])
     if images.any_image(inputs):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)
@@ -603,7 +604,7 @@ def embed(
         report_error(path, reason)
     if emb.paths:
         meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
-        save(target, emb, meta)
+        save(target, emb, meta, listing)
         shape = "x".join(map(str, emb.features.shape))
         named = [out, listing_path(out)] if suffix == ".npy" else [out]  # as the user gave it
         click.echo(f"wrote {shape} features to {', '.join(map(str, named))}", err=True)
@@ -656,6 +657,12 @@ def eval_command(
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
     if is_head_folder(head):
+        if (Path(head) / "model.safetensors").is_file() or (
+            Path(head) / "model.safetensors.index.json"
+        ).is_file():
+            raise click.BadParameter(
+                f"{head} is a converted model, not a head: give it as -m", param_hint="--head"
+            )
         if not (Path(head) / "head.safetensors").is_file():  # a typo, or another kind of folder
             raise click.BadParameter(f"must be best or last, got {head!r}", param_hint="--head")
         raise click.UsageError(

@@ -107,7 +107,9 @@ def read_listing(path: str | Path) -> list[str]:
     return [json.loads(line) for line in Path(path).read_text(encoding="ascii").splitlines()]
 
 
-def save(out: str | Path, emb: Embeddings, metadata: dict | None = None) -> list[Path]:
+def save(
+    out: str | Path, emb: Embeddings, metadata: dict | None = None, listing: Path | None = None
+) -> list[Path]:
     """Write `.safetensors` (tensor `features`, the paths as JSON in metadata key `paths`) or
     `.npy` plus `<out>.paths.txt` (one line per row, each a JSON string, so that any file name
     round-trips; see `read_listing`). Written whole or not at all, with the usual file mode."""
@@ -123,7 +125,7 @@ def save(out: str | Path, emb: Embeddings, metadata: dict | None = None) -> list
             {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)}
         )
         return [out]
-    listing = listing_path(out)
+    listing = listing or listing_path(out)  # `out` may be a link's target: the CLI says where
     text = "".join(json.dumps(p) + "\n" for p in emb.paths)  # ASCII: escapes what is not
     _write_all(
         {

@@ -293,7 +293,8 @@ def find_checkpoints(folder: Path, head: str) -> dict:
 def _fingerprint(folder: Path, sources: dict) -> str:
     h = hashlib.sha256(str(folder.resolve()).encode())
     for path in sorted(Path(p) for p in sources.values()):
-        for f in [path] if path.is_file() else sorted(path.iterdir()):
+        # a folder's files only: not folders in it, such as an AIM_MLX_CACHE placed there
+        for f in [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file()):
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:10]

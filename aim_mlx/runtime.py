@@ -31,12 +31,12 @@ TF32_ENV = "MLX_ENABLE_TF32"
 _state = {"done": False, "source": None, "late": False}
 
 
-OFF_VALUES = ("off", "0", "none", "false")
+OFF_VALUES = ("off", "0", "none", "false", "no")
 ON_VALUES = ("", "on", "1", "true", "yes")
 
 
 def switched_off(name: str) -> bool:
-    """Whether environment variable `name` turns something off: off, 0, none or false."""
+    """Whether environment variable `name` turns something off: off, 0, none, no or false."""
     return os.environ.get(name, "").strip().lower() in OFF_VALUES
 
 
@@ -46,7 +46,9 @@ def check_switch(name: str) -> None:
 
     value = os.environ.get(name, "")
     if value.strip().lower() not in OFF_VALUES + ON_VALUES:
-        raise SettingError(f"{name}={value!r}: expected off (or 0, false) or on (the default)")
+        raise SettingError(
+            f"{name}={value!r}: expected off (or 0, no, false) or on (the default; 1, yes, true)"
+        )
 
 
 def _off() -> bool:

@@ -270,6 +270,16 @@ def test_a_file_output_given_as_a_link_replaces_what_it_points_to(model_dir, tmp
     assert link.is_symlink()
 
 
+def test_a_npy_given_as_a_link_gets_its_listing_beside_the_link(model_dir, tmp_path):
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "lnk.npy"
+    link.symlink_to(tmp_path / "real" / "emb.npy")
+    listing_path(link).write_text('"stale.jpg"\n"rows.jpg"\n')  # from an earlier run
+    result = cli("embed", ROCKET, "-m", model_dir, "-o", link, "--force", "--no-progress")
+    assert f"features to {link}, {listing_path(link)}" in clean(result, 0)
+    assert read_listing(listing_path(link)) == [str(ROCKET)] and len(np.load(link)) == 1
+
+
 def test_output_paths_are_resolved_as_the_file_system_does(tmp_path):
     from aim_mlx.output import prepare_output
 
@@ -286,8 +296,10 @@ def test_a_cache_inside_the_checkpoint_folder_works(tmp_path, monkeypatch):
     hf = tmp_path / "hf"
     shutil.copytree(REF / "hf_repo", hf)
     monkeypatch.setenv("AIM_MLX_CACHE", str(hf / ".cache"))
-    result = cli("classify", ROCKET, "-m", hf, "--json", "--no-progress")
-    assert result.exit_code == 0, result.output
+    for _ in range(2):  # converted once: the cache's own folder is not part of the source
+        result = cli("classify", ROCKET, "-m", hf, "--json", "--no-progress")
+        assert result.exit_code == 0, result.output
+    assert len(list((hf / ".cache" / "models").iterdir())) == 1
 
 
 def test_a_stale_cache_entry_that_is_a_link_or_a_file_is_converted_again(tmp_path):
@@ -772,12 +784,14 @@ def test_eval_head_that_is_no_head_is_a_usage_error(tmp_path):
     assert "must be best or last, got 'BEST'" in err and "probe eval" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    model = tmp_path / "model"  # a converted model has a config.json too: not a head
+    err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", empty), 2)
+    assert "must be best or last" in err
+    model = tmp_path / "model"  # a converted model (config.json and weights) is no head
     model.mkdir()
     (model / "config.json").write_text("{}")
-    for folder in (empty, model):
-        err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", folder), 2)
-        assert "must be best or last" in err
+    (model / "model.safetensors").write_bytes(b"")
+    err = clean(cli("eval", data.parent, "-m", "no-such-model", "--head", model), 2)
+    assert "is a converted model, not a head: give it as -m" in err
 
 
 def test_a_broken_pipe_is_left_to_click_which_exits_quietly():
