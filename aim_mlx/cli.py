@@ -196,21 +196,10 @@ model_options = _options(
 """-m/--model and the weight options: what to load (fetched and converted on first use)."""
 
 
-def _expand_user(ctx, param, value):
-    return type(value)(os.path.expanduser(value)) if value is not None else None
-
-
 def output_options(help: str, **path_kwargs):
     """-o/--out (required) and --force (replace an existing output)."""
     return _options(
-        click.option(
-            "--out",
-            "-o",
-            required=True,
-            type=click.Path(**path_kwargs),
-            callback=_expand_user,  # `--out=~/x`: the shell leaves the ~ alone
-            help=help,
-        ),
+        click.option("--out", "-o", required=True, type=click.Path(**path_kwargs), help=help),
         click.option("--force", is_flag=True, help="Replace an existing output."),
     )
 

@@ -215,8 +215,8 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                     f"downloading {where} failed: a request header holds a character that is "
                     "not ASCII; check HF_TOKEN (and any other HF_* setting)"
                 ) from None
-            if _http_status(e) in (401, 403):
-                raise HubError(_http_error(where, _http_status(e), endpoint)) from None
+            if (status := _http_status(e)) in (401, 403):
+                raise HubError(_http_error(where, status, endpoint)) from None
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {e}") from e
             attempt += 1
@@ -252,11 +252,9 @@ def _endpoint(endpoint: str | None) -> str:
 
 def _is_permanent(error: Exception) -> bool:
     """Errors that another attempt cannot fix: missing repo, file or revision, no access, a
-    full disk, a token that cannot be sent."""
+    full disk."""
     from huggingface_hub import utils
 
-    if isinstance(error, UnicodeEncodeError):  # e.g. a non-ASCII HF_TOKEN in a header
-        return True
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
 

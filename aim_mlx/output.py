@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable
@@ -51,18 +52,17 @@ def prepare_output(
 
 
 def _check_inputs(given: Path, path: Path, inputs: list) -> None:
-    """OutputError if `path` is an input, holds one or lies inside one."""
-    real = path
+    """OutputError if `path` (resolved) is an input, holds one or lies inside one."""
     for source in inputs:
         source = Path(source).expanduser()
         if not source.exists():  # e.g. a model name, not a path
             continue
         real_source = Path(os.path.realpath(source))
-        if real == real_source:
+        if path == real_source:
             what = "is"
-        elif real in real_source.parents:
+        elif path in real_source.parents:
             what = "holds"
-        elif real_source in real.parents:
+        elif real_source in path.parents:
             what = "is inside"
         else:
             continue
@@ -100,6 +100,16 @@ def _check_name_length(path: Path) -> None:
             f"the name {path.name!r} is too long ({size} bytes; at most "
             f"{limit - _TEMP_NAME_EXTRA} here); choose a shorter one"
         )
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder `tmp` to `out`; an `out` already there (replaced with --force)
+    is moved aside first and removed once the new one is in place."""
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:

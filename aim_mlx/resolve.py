@@ -174,7 +174,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     key = cache.entry_key(spec.name, head, dtype, quant)
 
     def download() -> dict:
-        converted_bytes = converted_size(spec.param_count() * 4, dtype, quant)
+        converted_bytes = converted_size(spec.param_count(), dtype, quant)
         backbone, head_file = hub.download(
             spec,
             head,
@@ -207,10 +207,9 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     return out
 
 
-def converted_size(float32_bytes: int, dtype: str, quant: dict | None) -> int:
-    """About the size of a converted model whose float32 weights take `float32_bytes`: in
-    `dtype`, or quantized (packed weights, and a scale and a bias in `dtype` per group)."""
-    params = float32_bytes // 4
+def converted_size(params: int, dtype: str, quant: dict | None) -> int:
+    """About the size of a converted model of `params` weights: in `dtype`, or quantized
+    (packed weights, and a scale and a bias in `dtype` per group)."""
     if not quant:
         return params * ITEMSIZE[dtype]
     return int(params * (quant["bits"] / 8 + 2 * ITEMSIZE[dtype] / quant["group_size"]))
@@ -290,13 +289,18 @@ def find_checkpoints(folder: Path, head: str) -> dict:
     return dict(backbone=backbones[0], head=heads[0])
 
 
+def _source_files(sources: dict) -> list[Path]:
+    """The checkpoint files, a hub-style folder's files among them (not folders in it, such as
+    an AIM_MLX_CACHE placed there)."""
+    paths = sorted(Path(p) for p in sources.values())
+    return [f for p in paths for f in ([p] if p.is_file() else sorted(p.iterdir())) if f.is_file()]
+
+
 def _fingerprint(folder: Path, sources: dict) -> str:
     h = hashlib.sha256(str(folder.resolve()).encode())
-    for path in sorted(Path(p) for p in sources.values()):
-        # a folder's files only: not folders in it, such as an AIM_MLX_CACHE placed there
-        for f in [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file()):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in _source_files(sources):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:10]
 
 
@@ -318,9 +322,8 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
 
     def checked_sources() -> dict:
-        files = list(map(Path, sources.values()))
-        nbytes = sum(f.stat().st_size for p in files for f in ([p] if p.is_file() else p.iterdir()))
-        needs = converted_size(nbytes, dtype, quant)
+        float32_bytes = sum(f.stat().st_size for f in _source_files(sources))
+        needs = converted_size(float32_bytes // 4, dtype, quant)
         hub.check_disk_space({cache.cache_root(): needs}, str(folder))
         return sources
 

@@ -28,7 +28,7 @@ from .. import __version__
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB
 from ..errors import AimMlxError, OutputError
 from ..models.aim import AIM, PRESETS, ModelArgs, last_probe_layers
-from ..output import prepare_output
+from ..output import move_into_place, prepare_output
 from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 
@@ -506,15 +506,9 @@ def _process_alive(pid: int) -> bool:
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool):
-    if out.exists():
-        if not force:
-            raise ConversionError(f"{out} appeared during the conversion; pass --force to replace")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    if out.exists() and not force:
+        raise ConversionError(f"{out} appeared during the conversion; pass --force to replace")
+    move_into_place(tmp, out)
 
 
 class _SourceHasher(threading.Thread):

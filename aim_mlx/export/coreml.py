@@ -35,7 +35,7 @@ from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
-from ..output import prepare_output
+from ..output import move_into_place, prepare_output
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
@@ -656,11 +656,7 @@ def export_coreml(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         mlmodel.save(str(tmp))
-        old = out.with_name(f".old-{os.getpid()}-{out.name}")
-        if out.exists():  # replaced (--force): moved aside, removed once the new one is there
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, out)
     except OSError as e:  # disk full, I/O error
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     finally:

@@ -24,7 +24,7 @@ from ..errors import OptionError
 from ..models import AIM
 from ..models.aim import AttentionPoolingHead, check_probe_layers, positive_int
 from ..models.heads import LinearPoolingHead
-from ..output import prepare_output
+from ..output import move_into_place, prepare_output
 from .data import ProbeError
 from .features import TrunkInfo, trunk_info
 
@@ -59,12 +59,12 @@ class TrainedHead:
     config: dict
 
 
-def check_output(out: str | Path, force: bool = False, inputs=(), data=()) -> Path:
+def check_output(out: str | Path, force: bool = False, inputs=()) -> Path:
     """The head folder to write, checked before any work (`output.prepare_output`: new unless
-    `force`, missing parents created, writable; never one of `inputs`, a folder holding one,
-    or inside the `data` folders, where it would be read as a class); `force` replaces only a
-    trained head's folder."""
-    return prepare_output(out, force=force, inputs=[*inputs, *data], replaceable=_is_head_output)
+    `force`, missing parents created, writable; never one of `inputs`, a folder holding one or
+    inside one, such as the training images, where it would be read as a class); `force`
+    replaces only a trained head's folder."""
+    return prepare_output(out, force=force, inputs=inputs, replaceable=_is_head_output)
 
 
 def _is_head_output(folder: Path) -> bool:
@@ -84,13 +84,7 @@ def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = Fals
         weights = {k: v.astype(mx.float32) for k, v in tree_flatten(head.parameters())}
         mx.save_safetensors(str(tmp / WEIGHTS), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        move_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
