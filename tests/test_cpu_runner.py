@@ -227,3 +227,25 @@ def test_buffer_cache_setting_checked(monkeypatch, cache_limit):
     monkeypatch.setenv(cpu_runner.CACHE_ENV, "1GB")
     with pytest.raises(OptionError, match="AIM_MLX_CPU_CACHE_MB='1GB': expected a whole number"):
         cache_limit()
+
+
+def test_forward_from_other_threads(monkeypatch):
+    """MLX's streams belong to the thread that made them: a model used in one thread works in
+    another (a notebook's worker, a server), alone or two threads at once, with the same
+    result, by image and by shard."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
+    model = build_reference_model("best")
+    x = mx.array(np.load(REF / "input.npy"))  # batch 2: by image; one image: by shard
+    here = [to_np(model(x)), to_np(model(x[:1]))]
+    found = []
+    thread = threading.Thread(target=lambda: found.append(to_np(model(x[:1]))))
+    thread.start()
+    thread.join()
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(lambda i: to_np(model(x[: i + 1])), [1, 0, 1, 0]))
+    assert len(found) == 1 and np.array_equal(found[0], here[1])
+    for i, out in zip([1, 0, 1, 0], both, strict=True):
+        assert rel_err(out, here[1 - i]) <= 1e-6

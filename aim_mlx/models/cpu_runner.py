@@ -28,6 +28,7 @@ default all of them; a launcher that runs several processes on one machine divid
 from __future__ import annotations
 
 import os
+import threading
 from functools import lru_cache
 
 import mlx.core as mx
@@ -92,9 +93,15 @@ def _raise_cache_limit() -> None:
             mx.set_cache_limit(previous)
 
 
-@lru_cache(maxsize=4)
+_local = threading.local()  # MLX's streams belong to the thread that made them
+
+
 def _new_streams(n: int) -> tuple:
-    return tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    """n CPU streams of this thread, made once per thread."""
+    made = _local.__dict__.setdefault("streams", {})
+    if n not in made:
+        made[n] = tuple(mx.new_stream(mx.cpu) for _ in range(n))
+    return made[n]
 
 
 def run_blocks(blocks, x: mx.array) -> list[mx.array]:
