@@ -140,9 +140,14 @@ class Group(click.Group):
             sys.stdout = saved
 
     def invoke(self, ctx):
+        previous = signal.getsignal(signal.SIGTERM)
         _exit_on_sigterm()
-        with _reported(ctx):
-            return super().invoke(ctx)
+        try:
+            with _reported(ctx):
+                return super().invoke(ctx)
+        finally:  # a notebook calling main() keeps its own SIGTERM handling
+            if previous is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
 
 
 # ---- Option sets shared by the commands ---------------------------------------------------

@@ -742,6 +742,23 @@ def test_the_cli_gives_sys_stdout_back():
     assert sys.stdout is before
 
 
+@pytest.mark.parametrize("command", [["models"], ["cache", "list"]])
+def test_the_cli_gives_the_sigterm_handler_back(command):
+    """SIGTERM exits through cleanup code while a command runs; afterwards the process (a
+    notebook that called main) handles SIGTERM as it did before."""
+    import signal
+
+    def mine(*_):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        main(command, standalone_mode=False)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.parametrize("command", [["models"], ["info"], ["cache", "list"], ["cache"]])
 def test_commands_that_read_no_setting_run_whatever_the_settings(command, monkeypatch):
     monkeypatch.setenv("AIM_MLX_CPU_CORES", "abc")
