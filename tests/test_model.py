@@ -124,6 +124,13 @@ def test_numpy_input_and_bad_inputs():
         model(x[0])  # one image without its batch axis
     with pytest.raises(ValueError, match="float images"):
         model(mx.zeros((1, 3, 224, 224), dtype=mx.uint8))
+    # the same for numpy pixels and lists (not silently read as float32 pixel values)
+    for pixels in (np.zeros((1, 3, 28, 28), np.uint8), np.zeros((1, 3, 28, 28), int).tolist()):
+        with pytest.raises(ValueError, match="float images"):
+            model(pixels)
+    np.testing.assert_array_equal(to_np(model(x[:1].tolist())), to_np(model(mx.array(x[:1]))))
+    with pytest.raises(ValueError, match=r"got shape \(\)"):
+        model("photo.jpg")  # a path: no images (aim_mlx.classify takes paths)
 
 
 def test_bad_input_shape_is_explained():
@@ -132,6 +139,8 @@ def test_bad_input_shape_is_explained():
         model(mx.zeros((1, 3, 225, 224)))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(mx.zeros((1, 224, 224, 3)))
+    with pytest.raises(ValueError, match="positive multiples of 14"):  # not MLX's conv error
+        model(mx.zeros((1, 3, 0, 224)))
 
 
 def test_sincos_position_embedding_by_hand():

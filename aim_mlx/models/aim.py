@@ -553,19 +553,23 @@ class AIM(nn.Module):
     def _check_input(self, x) -> mx.array:
         """x as an mx.array of shape (B, 3, H, W), H and W multiples of the patch size."""
         if not isinstance(x, mx.array):
-            x = mx.array(np.asarray(x, dtype=np.float32))
+            x = np.asarray(x)  # a numpy array or nested lists: their own dtype, checked below
         p = self.args.patch_size
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[2] % p or x.shape[3] % p:
+        if x.ndim != 4 or x.shape[1] != 3 or any(n % p or not n for n in x.shape[2:]):
             hint = " (one image: add a batch axis, x[None])" if x.ndim == 3 else ""
             raise ValueError(
-                f"expected input (B, 3, H, W) with H and W multiples of {p}, got shape "
+                f"expected input (B, 3, H, W) with H and W positive multiples of {p}, got shape "
                 f"{tuple(x.shape)}{hint}"
             )
-        if not mx.issubdtype(x.dtype, mx.floating):
+        if isinstance(x, np.ndarray):
+            floating = x.dtype.kind == "f"
+        else:
+            floating = mx.issubdtype(x.dtype, mx.floating)
+        if not floating:  # uint8 pixels, say: not normalised
             raise ValueError(
                 f"expected float images (normalised as aim_mlx.preprocess does), got {x.dtype}"
             )
-        return x
+        return x if isinstance(x, mx.array) else mx.array(x.astype(np.float32))
 
     def num_parameters(self) -> int:
         from mlx.utils import tree_flatten
