@@ -300,6 +300,27 @@ def test_quantized_linear_on_cpu_uses_float32():
     assert np.abs(to_np(out) - to_np(x @ w.T)).max() <= 1e-5
 
 
+def test_nn_quantize_by_hand_keeps_its_mode_and_defaults():
+    """`nn.quantize(model, ...)` on an AIM: the mode asked for (not affine whatever it is), and
+    MLX's own group size and bits when none are given (as for MLX's layers)."""
+    from aim_mlx.models.aim import Linear
+
+    lin = Linear(128, 64)
+    lin.weight = 0.05 * mx.random.normal((64, 128), key=mx.random.key(3))
+    x = mx.random.normal((5, 128), key=mx.random.key(4))
+    for kwargs, expect in [
+        (dict(group_size=32, bits=4, mode="mxfp4"), ("mxfp4", 32, 4)),
+        (dict(), ("affine", 64, 4)),  # what nn.QuantizedLinear picks
+    ]:
+        model = nn.Sequential(lin)
+        nn.quantize(model, **kwargs)
+        q = model.layers[0]
+        assert (q.mode, q.group_size, q.bits) == expect
+        w, scales, *biases = mx.quantize(lin.weight, expect[1], expect[2], mode=expect[0])
+        dense = mx.dequantize(w, scales, *(biases or [None]), expect[1], expect[2], mode=expect[0])
+        assert np.abs(to_np(q(x)) - to_np(x @ dense.T)).max() <= 1e-5
+
+
 def test_quantized_linear_dequantizes_where_mlx_cuda_runs_it(monkeypatch):
     # On MLX's CUDA backend (faked here: the arithmetic runs on the CPU) a quantized layer is a
     # dense matmul in the activations' dtype on its dequantized weights, not MLX's kernel.

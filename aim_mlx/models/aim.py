@@ -211,7 +211,7 @@ class Linear(nn.Linear):
         return _matmul(x, self.weight_as(x.dtype), add)
 
     def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
-        return QuantizedLinear.from_linear(self, group_size, bits)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -255,18 +255,25 @@ class QuantizedLinear(nn.QuantizedLinear):
             x,
             self.weight,
             self.scales,
-            self.biases,
+            self.get("biases"),
             transpose=True,
             group_size=self.group_size,
             bits=self.bits,
+            mode=self.mode,
         ).astype(x.dtype)
         return y if add is None else add + y
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int, bits: int) -> QuantizedLinear:
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int | None, bits: int | None, mode: str = "affine"
+    ) -> QuantizedLinear:
+        """`linear` quantized; None: MLX's group size or bits for `mode` (as `nn.quantize`)."""
         out_dims, in_dims = linear.weight.shape
-        ql = cls(in_dims, out_dims, bias=False, group_size=group_size, bits=bits)
-        ql.weight, ql.scales, ql.biases = mx.quantize(linear.weight, group_size, bits)
+        ql = cls(in_dims, out_dims, bias=False, group_size=group_size, bits=bits, mode=mode)
+        ql.weight, ql.scales, *biases = mx.quantize(
+            linear.weight, ql.group_size, ql.bits, mode=mode
+        )
+        ql.biases = biases[0] if biases else None  # only affine has biases
         return ql
 
 
