@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import uuid
 from collections.abc import Iterable
@@ -23,10 +24,14 @@ def parse_layers(layers: str | Iterable[int], num_blocks: int) -> str | tuple[in
     """Either "head", "last", or block indices ("3,5,-1" or a list; negative from the end)."""
     if isinstance(layers, str) and layers in ("head", "last"):
         return layers
+    if isinstance(layers, numbers.Integral):
+        layers = [layers]  # one block
     try:
         parts = layers.split(",") if isinstance(layers, str) else list(layers)
+        if any(isinstance(i, bool) or not isinstance(i, str | numbers.Integral) for i in parts):
+            raise ValueError  # 1.5 or True: not a block number, not rounded to one
         blocks = tuple(int(i) for i in parts)
-    except ValueError:
+    except (ValueError, TypeError):
         raise OptionError(
             f"layers must be head, last or block numbers like 3,5,7; got {layers!r}"
         ) from None

@@ -414,6 +414,16 @@ def test_eval_with_no_readable_image_reports_no_accuracy(model_dir, tmp_path):
     assert "no accuracy: no image could be read" in text.stdout
 
 
+def test_embed_layers_are_block_numbers_not_rounded(model):
+    from aim_mlx.embed import parse_layers
+
+    assert parse_layers([1, np.int64(-1)], 8) == (1, 7) and parse_layers("2,-1", 8) == (2, 7)
+    assert parse_layers(3, 8) == (3,)  # one block, as an int
+    for wrong in ([1.5], [True], 2.5, [None], "1.5"):  # were blocks 1, 1, ...: silently
+        with pytest.raises(ValueError, match="layers must be head, last or block numbers"):
+            parse_layers(wrong, 8)
+
+
 def test_python_api_checks_its_arguments(model, model_dir):
     from aim_mlx.embed import embed
 
