@@ -37,6 +37,7 @@ def classify_iter(
     img_size: int | None = None,
 ) -> Iterator[dict]:
     """Like `classify`, one row at a time as batches finish."""
+    images.check_model(model)
     k = min(images.check_positive("k", k), model.args.num_classes)
     images.check_positive("batch_size", batch_size)
     items = images.collect(inputs)

@@ -80,6 +80,7 @@ def embed(
 ) -> Embeddings:
     """Features of image files and folders (searched recursively, sorted); `img_size`: the
     input size, a multiple of the patch size (default: the model's)."""
+    images.check_model(model)
     if pool not in POOLS:
         raise OptionError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     layers = parse_layers(layers, model.args.num_blocks)

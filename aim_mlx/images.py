@@ -33,7 +33,8 @@ def input_size(model, img_size: int | None = None) -> int:
     if img_size is None:
         return model.args.img_size
     patch = model.args.patch_size
-    if img_size <= 0 or img_size % patch:
+    whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
+    if not whole or img_size <= 0 or img_size % patch:
         raise OptionError(f"--img-size must be a positive multiple of {patch}, got {img_size}")
     return img_size
 
@@ -99,13 +100,27 @@ def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[s
     """Paths given to the Python API as a list of strings: one path alone is one input."""
     if isinstance(inputs, (str, os.PathLike)):
         return [os.fspath(inputs)]
-    inputs = [inputs] if isinstance(inputs, (bytes, bytearray)) else list(inputs)
+    try:
+        inputs = [inputs] if isinstance(inputs, (bytes, bytearray)) else list(inputs)
+    except TypeError:  # a PIL image, a number: one input that is not a path
+        inputs = [inputs]
     if bad := [p for p in inputs if not isinstance(p, (str, os.PathLike))]:
         raise TypeError(
             "inputs: give paths as str or pathlib.Path (or a list of them), got "
             f"{type(bad[0]).__name__} {bad[0]!r:.60}"
         )
     return [os.fspath(p) for p in inputs]
+
+
+def check_model(model) -> None:
+    """TypeError unless `model` is a loaded model (a name or folder is for `aim_mlx.load`)."""
+    from .models import AIM
+
+    if not isinstance(model, AIM):
+        raise TypeError(
+            f"model: give a loaded model, model = aim_mlx.load(...), got "
+            f"{type(model).__name__} {model!r:.60}"
+        )
 
 
 def check_positive(name: str, value) -> int:

@@ -424,6 +424,23 @@ def test_embed_layers_are_block_numbers_not_rounded(model):
             parse_layers(wrong, 8)
 
 
+def test_python_api_names_what_it_takes(model, model_dir):
+    """A notebook's likely slips get an error naming what to give, not an AttributeError."""
+    from PIL import Image
+
+    from aim_mlx.embed import embed
+
+    rocket = REF / "images" / "rocket.jpg"
+    for run in (aim_mlx.classify, embed):
+        with pytest.raises(TypeError, match=r"model: give a loaded model.*got str"):
+            run(str(model_dir), [rocket])  # a folder or name, not loaded
+        with pytest.raises(TypeError, match="give paths as str or pathlib.Path.*got JpegImage"):
+            run(model, Image.open(rocket))  # one PIL image (not iterable)
+        with pytest.raises(ValueError, match="img-size must be a positive multiple of 14"):
+            run(model, [rocket], img_size="224")
+    assert aim_mlx.classify(model, rocket, img_size=np.int64(112))[0]["path"] == str(rocket)
+
+
 def test_python_api_checks_its_arguments(model, model_dir):
     from aim_mlx.embed import embed
 
