@@ -317,6 +317,21 @@ def test_options_the_split_cannot_satisfy_are_refused_before_any_work(
     assert res.exit_code == 1 and "--probe-layers must be best, last or block indices" in res.output
 
 
+def test_python_settings_are_checked_as_the_cli_options_are(data, model_dir, tmp_path, no_trunk):
+    """What the CLI's option ranges refuse, `train` refuses too (a negative learning rate
+    trained 30 epochs of a diverging head), and a loaded model is named as the slip it is."""
+    out = tmp_path / "h"
+    for wrong in (Settings(lr=-1.0), Settings(lr=0.0), Settings(weight_decay=-0.1),
+                  Settings(warmup_epochs=-1.0), Settings(lr=float("nan"))):  # fmt: skip
+        with pytest.raises(ProbeError, match="lr must be above 0, weight decay and warmup"):
+            train(model_dir, data, out, settings=wrong)
+    with pytest.raises(TypeError, match=r"settings: give aim_mlx.probe.Settings\(...\)"):
+        train(model_dir, data, out, settings={"epochs": 1})
+    with pytest.raises(TypeError, match="a model name or folder.*not a loaded model"):
+        train(aim_mlx.load(model_dir), data, out)
+    assert not out.exists()
+
+
 def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
     (root / "red" / "empty.png").write_bytes(b"")

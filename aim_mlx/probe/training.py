@@ -19,7 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__, distributed
-from ..models import PRESETS, last_probe_layers
+from ..models import AIM, PRESETS, last_probe_layers
 from ..models.aim import check_probe_layers
 from ..resolve import known_num_blocks
 from . import data, features, head
@@ -241,11 +241,22 @@ def train(
     download, conversion or extraction. Under `mlx.launch` every rank extracts its share of the
     features; rank 0 trains, writes and returns the result, the other ranks return None.
     """
+    if isinstance(model, AIM):  # its features are cached by the trunk's source files
+        raise TypeError(
+            "model: give what aim_mlx.load takes (a model name or folder), not a loaded model"
+        )
     settings = settings or Settings()
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings: give aim_mlx.probe.Settings(...), got {settings!r:.60}")
     if settings.kind not in head.KINDS:
         raise ProbeError(f"head kind must be one of {', '.join(head.KINDS)}, got {settings.kind!r}")
     if settings.epochs < 1 or settings.batch_size < 1:
         raise ProbeError("epochs and batch size must be at least 1")
+    if not settings.lr > 0 or not settings.weight_decay >= 0 or not settings.warmup_epochs >= 0:
+        raise ProbeError(  # as the CLI's option ranges
+            "lr must be above 0, weight decay and warmup epochs 0 or more; got "
+            f"{settings.lr}, {settings.weight_decay}, {settings.warmup_epochs}"
+        )
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
     head.check_output(out, force, inputs=[model, train_dir, val_dir])
