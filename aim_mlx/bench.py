@@ -129,6 +129,8 @@ def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, s
 
 
 def make_model(config: BenchConfig) -> AIM:
+    if config.dtype not in MX_DTYPES:
+        raise OptionError(f"dtype must be one of {', '.join(MX_DTYPES)}, got {config.dtype!r}")
     dtype = MX_DTYPES[config.dtype]
     overrides = {"img_size": config.img_size} if config.img_size else {}
     if config.model in PRESETS:
@@ -158,6 +160,14 @@ def check(config: BenchConfig) -> None:
             f"--model {path}: a converted folder is benchmarked as it was converted, with its "
             "own head; --dtype, --quantize and --head apply to preset names only"
         )
+
+
+def check_counts(config: BenchConfig) -> None:
+    """OptionError for a batch size or a number of iterations that cannot be timed."""
+    for name, low in (("batch_size", 1), ("iters", 1), ("warmup", 0)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise OptionError(f"{name} must be a whole number of {low} or more, got {value!r}")
 
 
 def model_dtype_and_bits(model: AIM) -> tuple[str, int | None]:
@@ -236,6 +246,7 @@ def _setting(read):
 
 def run(config: BenchConfig, model: AIM | None = None) -> dict:
     """Time `config`; returns one result row (see `aim-mlx bench --json`)."""
+    check_counts(config)
     mx.reset_peak_memory()
     model = model if model is not None else make_model(config)
     build_peak = mx.get_peak_memory()

@@ -156,6 +156,21 @@ def test_cli_bench_bad_input(args, message):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"iters": 0}, "iters must be a whole number of 1 or more, got 0"),  # ZeroDivisionError
+        ({"batch_size": 0}, "batch_size must be a whole number of 1 or more"),  # 0 img/s
+        ({"warmup": -1}, "warmup must be a whole number of 0 or more"),  # one iteration less
+        ({"model": "aim-600M", "dtype": "fp16"}, "dtype must be one of float32"),  # KeyError
+    ],
+)
+def test_python_bench_checks_its_config(converted, options, message):
+    config = bench.BenchConfig(**{"model": str(converted), **options})
+    with pytest.raises(ValueError, match=message):
+        bench.run(config)
+
+
 def test_cli_bench_folder_refuses_dtype(converted):
     res = CliRunner().invoke(main, ["bench", "--model", str(converted), "--dtype", "float16"])
     assert res.exit_code == 2 and "converted folder" in res.output
