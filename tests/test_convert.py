@@ -188,6 +188,18 @@ def test_unresolvable_shapes_name_the_option(tmp_path):
     assert json.loads((out / "config.json").read_text())["probe_layers"] == [2, 3, 4, 5, 6, 7]
 
 
+def test_probe_layers_from_python_are_integers(tmp_path):
+    """A list from Python: block indices as given (range, numpy ints), never rounded: 2.5 was
+    converted as block 2, a model whose head reads other blocks than it was trained on."""
+    out = run(tmp_path / "range", probe_layers=range(1, 7))
+    assert json.loads((out / "config.json").read_text())["probe_layers"] == [1, 2, 3, 4, 5, 6]
+    for wrong, message in [([1.0, 2.5], "must be block indices"), ([True], "block indices"),
+                           ([1, 1], "more than once"), (3, "must be a list")]:  # fmt: skip
+        with pytest.raises(ConversionError, match=f"--probe-layers: probe layers.*{message}"):
+            run(tmp_path / "o", probe_layers=wrong)
+    assert not (tmp_path / "o").exists()
+
+
 def test_backbone_and_head_sharing_a_key(tmp_path):
     with pytest.raises(ConversionError, match="'head.cls_token' is in both"):
         run(tmp_path / "o", backbone=HEAD_LAST)

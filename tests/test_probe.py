@@ -325,6 +325,9 @@ def test_python_settings_are_checked_as_the_cli_options_are(data, model_dir, tmp
                   Settings(warmup_epochs=-1.0), Settings(lr=float("nan"))):  # fmt: skip
         with pytest.raises(ProbeError, match="lr must be above 0, weight decay and warmup"):
             train(model_dir, data, out, settings=wrong)
+    for wrong in ([1.5, 2], [True]):  # were blocks 1 and 2 (1): rounded silently
+        with pytest.raises(ProbeError, match="probe layers must be block indices"):
+            train(model_dir, data, out, probe_layers=wrong)
     with pytest.raises(TypeError, match=r"settings: give aim_mlx.probe.Settings\(...\)"):
         train(model_dir, data, out, settings={"epochs": 1})
     with pytest.raises(TypeError, match="a model name or folder.*not a loaded model"):

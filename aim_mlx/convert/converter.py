@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten
 from .. import __version__
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB
 from ..errors import AimMlxError, OutputError
-from ..models.aim import AIM, PRESETS, ModelArgs, last_probe_layers
+from ..models.aim import AIM, PRESETS, ModelArgs, check_probe_layers, last_probe_layers
 from ..output import move_into_place, prepare_output
 from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .safetensors_writer import SafetensorsWriter, tensor_nbytes
@@ -179,7 +179,10 @@ def parse_probe_layers(value: str | Sequence[int] | None):
                 f"--probe-layers must be best, last or block indices like 12,13,14; got {value!r}"
             )
         return layers
-    return tuple(int(v) for v in value)
+    try:
+        return check_probe_layers(value, None)  # integers only: 2.5 is not rounded to 2
+    except ValueError as e:
+        raise ConversionError(f"--probe-layers: {e}") from None
 
 
 def _source_files(backbone, head, hf_path) -> tuple[list[Path], dict]:

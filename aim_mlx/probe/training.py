@@ -74,13 +74,14 @@ def parse_probe_layers(value, args) -> tuple[int, ...]:
             if (p["embed_dim"], p["num_blocks"]) == (args.embed_dim, args.num_blocks):
                 return tuple(p["best"])
         return tuple(args.probe_layers)
-    try:
-        parts = value.split(",") if isinstance(value, str) else value
-        layers = tuple(int(i) for i in parts)
-    except ValueError:
-        raise ProbeError(
-            f"--probe-layers must be best, last or block indices like 3,4,5; got {value!r}"
-        ) from None
+    layers = value  # a list: integers only (check_probe_layers), 1.5 is not rounded
+    if isinstance(value, str):
+        try:
+            layers = tuple(int(i) for i in value.split(","))
+        except ValueError:
+            raise ProbeError(
+                f"--probe-layers must be best, last or block indices like 3,4,5; got {value!r}"
+            ) from None
     try:
         return check_probe_layers(layers, args.num_blocks)  # distinct blocks of the trunk
     except ValueError as e:
