@@ -196,6 +196,19 @@ def test_official_parameter_names_and_shapes(name):
     assert sum(int(np.prod(s)) for s in ours.values()) == OFFICIAL[f"{name}:num_params"]
 
 
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_num_parameters_is_the_official_count_quantized_or_not(bits):
+    """A quantized model counts its weights unpacked, not its uint32 words and scales: 8 and 4
+    bits gave two different, smaller counts for the same aim-600M."""
+    import mlx.nn as nn
+
+    model = AIM(preset_args("aim-600M"))  # lazy: nothing is computed
+    if bits:
+        trunk = lambda path, m: path.startswith("trunk") and isinstance(m, nn.Linear)  # noqa: E731
+        nn.quantize(model, group_size=64, bits=bits, class_predicate=trunk)
+    assert model.num_parameters() == OFFICIAL["aim-600M:num_params"]
+
+
 def test_presets_best_and_last_layers():
     assert preset_args("aim-600M").probe_layers == tuple(range(14, 20))
     assert preset_args("aim-1B").probe_layers == tuple(range(12, 18))

@@ -579,6 +579,14 @@ class AIM(nn.Module):
         return x if isinstance(x, mx.array) else mx.array(x.astype(np.float32))
 
     def num_parameters(self) -> int:
-        from mlx.utils import tree_flatten
-
-        return sum(math.prod(v.shape) for _, v in tree_flatten(self.parameters()))
+        """The architecture's parameter count, whatever the storage: a quantized layer counts
+        its unpacked weights (not its scales and biases), as the official count does."""
+        total = 0
+        for _, module in self.named_modules():
+            own = {k: v for k, v in module.items() if isinstance(v, mx.array)}
+            if isinstance(module, nn.QuantizedLinear):
+                rows, words = own.pop("weight").shape
+                total += rows * words * 32 // module.bits
+                own.pop("scales"), own.pop("biases", None)
+            total += sum(math.prod(v.shape) for v in own.values())
+        return total
