@@ -209,6 +209,35 @@ def test_num_parameters_is_the_official_count_quantized_or_not(bits):
     assert model.num_parameters() == OFFICIAL["aim-600M:num_params"]
 
 
+@pytest.mark.parametrize("kind", ["attention", "linear"])
+def test_fine_tuning_the_head_keeps_the_trunk_and_the_statistics(kind):
+    """`model.freeze(); model.head.unfreeze()` then AdamW: the head's weights learn, the trunk
+    and the head's BatchNorm statistics (running mean and variance, not parameters) stay as
+    they were; MLX's unfreeze had made the statistics trainable, moved by weight decay."""
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from aim_mlx.models.heads import LinearPoolingHead
+
+    model = build_reference_model("best")
+    if kind == "linear":
+        model.replace_head(LinearPoolingHead(64, 3), model.args.probe_layers, ["a", "b", "c"])
+    model.freeze()
+    model.head.unfreeze()
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    assert trainable and all(k.startswith("head.") and ".bn." not in k for k in trainable)
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    x, y = mx.array(np.load(REF / "input.npy")), mx.array([1, 2])
+    step = nn.value_and_grad(model, lambda m: nn.losses.cross_entropy(m(x), y).mean())
+    opt = optim.AdamW(learning_rate=1e-2, weight_decay=0.5)
+    for _ in range(2):
+        _, grads = step(model)
+        opt.update(model, grads)
+    changed = {k for k, v in tree_flatten(model.parameters()) if not np.array_equal(v, before[k])}
+    assert changed == trainable
+
+
 def test_presets_best_and_last_layers():
     assert preset_args("aim-600M").probe_layers == tuple(range(14, 20))
     assert preset_args("aim-1B").probe_layers == tuple(range(12, 18))

@@ -316,8 +316,28 @@ class PatchConv(nn.Conv2d):
         return mx.conv2d(x, w, stride=self.stride) + b
 
 
+class _Statistics(set):
+    """A BatchNorm's frozen keys that keep its running statistics: MLX's `unfreeze` of a module
+    above it (`model.head.unfreeze()` to fine-tune the head) clears this set directly, which
+    made the statistics trainable parameters, moved by gradients and weight decay."""
+
+    KEEP = ("running_mean", "running_var")
+
+    def clear(self):
+        super().clear()
+        self.update(self.KEEP)
+
+    def difference_update(self, *others):
+        super().difference_update(*others)
+        self.update(self.KEEP)
+
+
 class FrozenBatchNorm(nn.BatchNorm):
-    """BatchNorm with its running statistics, in the activations' dtype."""
+    """BatchNorm with its running statistics (never trained), in the activations' dtype."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._no_grad = _Statistics(self._no_grad)
 
     def __call__(self, x: mx.array) -> mx.array:
         mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .aim import FrozenBatchNorm
+
 
 class LinearPoolingHead(nn.Module):
     """Mean of the tokens, standardised per channel (BatchNorm running statistics), then a
@@ -16,7 +18,7 @@ class LinearPoolingHead(nn.Module):
 
     def __init__(self, embed_dim: int, num_classes: int, eps: float = 1e-6):
         super().__init__()
-        self.bn = nn.BatchNorm(embed_dim, eps=eps, affine=False)
+        self.bn = FrozenBatchNorm(embed_dim, eps=eps, affine=False)
         self.linear = nn.Linear(embed_dim, num_classes, bias=True)
 
     def pooled(self, x: mx.array) -> mx.array:
