@@ -1130,7 +1130,7 @@ def probe_eval(
 
     from . import distributed
     from .output import prepare_output
-    from .probe.evaluate import evaluate_head, labelled_images, save_confusion
+    from .probe.evaluate import evaluate_head, heading_of, labelled_images, save_confusion
     from .probe.head import is_head_folder, read_head_config
 
     if not is_head_folder(head):
@@ -1149,14 +1149,12 @@ def probe_eval(
     for path, reason in result.failed:
         report_error(path, reason)
     if confusion:
-        save_confusion(
-            result,
-            target,
-            f"{Path(head).name}: top-1 {result.top1:.1f}% on {result.images} images of {val_dir}",
-        )
+        save_confusion(result, target, f"{Path(head).name}: {heading_of(result)} of {val_dir}")
     if as_json:
         info = dict(model=model, head=str(head), dtype=str(net.dtype).split(".")[-1])
-        click.echo(json.dumps({**info, **result.to_dict()}))
+        click.echo(json.dumps({**info, "img_size": net.args.img_size, **result.to_dict()}))
+    elif result.top1 is None:
+        click.echo("no accuracy: no image could be read (see the errors above)")
     else:
         top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
         click.echo(
