@@ -28,15 +28,16 @@ def load(model, head=None, dtype=None, **kwargs):
 
 
 def preprocess(image, size=224):
-    """An image path, a PIL image or a uint8 numpy array (H, W, 3) -> float32 array
-    (3, size, size), the evaluation transform."""
+    """An image path, a PIL image or a uint8 numpy array (H, W, 3) RGB or (H, W) grey ->
+    float32 array (3, size, size), the evaluation transform; `size` a multiple of 14."""
     from .transforms import preprocess as run
 
     return run(image, size)
 
 
 def classify(model, inputs, **kwargs):
-    """Top-k ImageNet classes for image files and folders; see `aim_mlx.classifier.classify`."""
+    """Top-k classes (ImageNet's, or a trained head's) for image files and folders, one row
+    per image as `aim-mlx classify --json` prints it; see `aim_mlx.classifier.classify`."""
     from .classifier import classify as run
 
     return run(model, inputs, **kwargs)

@@ -168,37 +168,51 @@ def _img_size(ctx, param, value: int | None) -> int | None:
     return value
 
 
-weight_options = _options(
-    click.option(
-        "--head",
-        default=None,
-        help="best or last: which official head (the best or the last six layers), or a "
-        "folder made by `aim-mlx probe train` (a folder named best: ./best). "
-        "Default: a converted folder's own head, else best.",
-    ),
-    click.option(
-        "--dtype",
-        type=click.Choice(DTYPE_NAMES),
-        default=None,
-        help="Weight dtype. Default: float16 on the GPU (Metal), float32 on the CPU.",
-    ),
-    click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."),
-    click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True),
+HEAD_HELP = (
+    "best or last: which official head (the best or the last six layers), or a folder made "
+    "by `aim-mlx probe train` (a folder named best: ./best). Default: a converted folder's own "
+    "head, else best."
 )
-"""--head, --dtype, -q/--quantize, --q-bits: which weights to load or convert."""
+DTYPE_HELP = "Weight dtype. Default: float16 on the GPU (Metal, CUDA), float32 on the CPU."
+quantize_option = click.option(
+    "-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."
+)
+q_bits_option = click.option(
+    "--q-bits",
+    type=click.Choice(["4", "8"]),
+    default="8",
+    show_default=True,
+    help="Bits per quantized weight (with -q).",
+)
 
-model_options = _options(
-    click.option(
-        "--model",
-        "-m",
-        default="aim-600M",
-        show_default=True,
-        help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
-        "converted folder, or a folder of PyTorch checkpoints.",
-    ),
-    weight_options,
-)
-"""-m/--model and the weight options: what to load (fetched and converted on first use)."""
+
+def weight_options_for(head_help: str = HEAD_HELP):
+    """--head, --dtype, -q/--quantize, --q-bits: which weights to load or convert."""
+    return _options(
+        click.option("--head", default=None, help=head_help),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP),
+        quantize_option,
+        q_bits_option,
+    )
+
+
+def model_options_for(head_help: str = HEAD_HELP):
+    """-m/--model and the weight options: what to load (fetched and converted on first use)."""
+    return _options(
+        click.option(
+            "--model",
+            "-m",
+            default="aim-600M",
+            show_default=True,
+            help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
+            "converted folder, or a folder of PyTorch checkpoints.",
+        ),
+        weight_options_for(head_help),
+    )
+
+
+weight_options = weight_options_for()
+model_options = model_options_for()
 
 
 def output_options(help: str, **path_kwargs):
@@ -226,7 +240,12 @@ img_size_option = click.option(
 
 def batch_size_option(default: int = 8):
     return click.option(
-        "--batch-size", "-b", default=default, show_default=True, type=click.IntRange(1)
+        "--batch-size",
+        "-b",
+        default=default,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Images per batch.",
     )
 
 
@@ -275,11 +294,21 @@ def main():
 )
 @click.option("--num-heads", type=click.IntRange(1), help="Attention heads, for other sizes.")
 @img_size_option
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="float32", show_default=True)
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
 @click.option(
-    "--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True
+    "--dtype",
+    type=click.Choice(DTYPE_NAMES),
+    default="float32",
+    show_default=True,
+    help="Weight dtype of the output folder.",
+)
+@quantize_option
+@q_bits_option
+@click.option(
+    "--q-group-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="64",
+    show_default=True,
+    help="Weights per quantization scale (with -q).",
 )
 @progress_option
 def convert(
@@ -367,9 +396,15 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
     show_default=True,
     help="Weight dtypes, e.g. float32,float16,bfloat16.",
 )
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True)
+@quantize_option
+@q_bits_option
+@click.option(
+    "--compile/--no-compile",
+    "compile_",
+    default=False,
+    show_default=True,
+    help="Run the model through mx.compile.",
+)
 @img_size_option
 @click.option(
     "--head",
@@ -378,8 +413,16 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
     help="Sizes only: the best-layers head (the default) stops the trunk early, the "
     "last-layers one runs it all.",
 )
-@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--iters", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Untimed passes before the timed ones.",
+)
+@click.option(
+    "--iters", type=click.IntRange(min=1), default=5, show_default=True, help="Timed passes."
+)
 @json_option("One JSON object per configuration per line.")
 def bench(
     model, batch_size, dtype, quantize, q_bits, compile_, img_size, head, warmup, iters, as_json
@@ -445,7 +488,14 @@ def _settings_state() -> str:
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @model_options
-@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(1, 1000))
+@click.option(
+    "--top-k",
+    "-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Classes per image.",
+)
 @batch_size_option()
 @img_size_option
 @json_option("One JSON object per image per line ({path, error} for a failed one).")
@@ -998,7 +1048,9 @@ def probe():
     "--probe-layers",
     help="Blocks whose mean the head reads: best, last or I,J,... [default: the model's].",
 )
-@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--epochs", default=30, show_default=True, type=click.IntRange(1), help="Training epochs."
+)
 @click.option(
     "--batch-size",
     "-b",
@@ -1014,19 +1066,26 @@ def probe():
     type=click.FloatRange(0, min_open=True),
     help="Peak learning rate (linear warmup, cosine decay).",
 )
-@click.option("--weight-decay", default=0.05, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--weight-decay",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="AdamW's weight decay.",
+)
 @click.option(
     "--warmup", default=3.0, show_default=True, type=click.FloatRange(0), help="Warmup epochs."
 )
-@click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
-    "--dtype",
-    type=click.Choice(DTYPE_NAMES),
-    default=None,
-    help="Trunk weight dtype [default: float16 on the GPU, float32 on the CPU].",
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the validation split, the head's initial weights and the batch order.",
 )
-@click.option("-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers.")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="8", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP)
+@quantize_option
+@q_bits_option
 @click.option(
     "--extract-batch-size",
     default=8,
@@ -1116,7 +1175,7 @@ def probe_train(
 
 @probe.command("eval")
 @click.argument("val_dir", type=click.Path(exists=True, file_okay=False))
-@model_options
+@model_options_for("Required: the trained head's folder (made by `aim-mlx probe train`).")
 @batch_size_option()
 @click.option(
     "--confusion",
@@ -1135,7 +1194,7 @@ def probe_eval(
 
     from . import distributed
     from .output import prepare_output
-    from .probe.evaluate import evaluate_head, labelled_images, save_confusion
+    from .probe.evaluate import evaluate_head, heading_of, labelled_images, save_confusion
     from .probe.head import is_head_folder, read_head_config
 
     if not is_head_folder(head):
@@ -1154,14 +1213,12 @@ def probe_eval(
     for path, reason in result.failed:
         report_error(path, reason)
     if confusion:
-        save_confusion(
-            result,
-            target,
-            f"{Path(head).name}: top-1 {result.top1:.1f}% on {result.images} images of {val_dir}",
-        )
+        save_confusion(result, target, f"{Path(head).name}: {heading_of(result)} of {val_dir}")
     if as_json:
         info = dict(model=model, head=str(head), dtype=str(net.dtype).split(".")[-1])
-        click.echo(json.dumps({**info, **result.to_dict()}))
+        click.echo(json.dumps({**info, "img_size": net.args.img_size, **result.to_dict()}))
+    elif result.top1 is None:
+        click.echo("no accuracy: no image could be read (see the errors above)")
     else:
         top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
         click.echo(

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -660,7 +661,7 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
      ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
      ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
      ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
-     ("AIM_MLX_BUFFER_LIMIT", "nah")],
+     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB")],
 )  # fmt: skip
 def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
@@ -988,3 +989,32 @@ def test_device_memory_is_the_machines_on_the_cpu(pin_cpu):
     info = cli("info")
     clean(info, 0)
     assert f"memory: {total_kib * 1024 / 2**30:.1f} GiB of memory" in info.stdout
+
+
+def _commands(group, path=()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield (*path, name), command
+
+
+def test_every_option_has_a_help_text():
+    missing = [
+        f"{' '.join(path)} {option.opts[0]}"
+        for path, command in _commands(main)
+        for option in command.params
+        if isinstance(option, click.Option) and not option.help
+    ]
+    assert missing == []
+
+
+def test_help_texts_name_what_each_option_takes():
+    # the default dtype is float16 on any GPU (resolve.default_dtype), not only Metal's
+    for path, command in _commands(main):
+        dtype = next((p for p in command.params if p.name == "dtype"), None)
+        if dtype is not None and dtype.default is None:
+            assert "float16 on the GPU (Metal, CUDA)" in dtype.help, path
+    # probe eval takes only a trained head, never best / last
+    head = next(p for p in main.commands["probe"].commands["eval"].params if p.name == "head")
+    assert "probe train" in head.help and "best" not in head.help

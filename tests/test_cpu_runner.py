@@ -222,10 +222,10 @@ def test_buffer_cache_shown_by_info(monkeypatch):
 
 
 def test_buffer_cache_setting_checked(monkeypatch, cache_limit):
-    from aim_mlx.errors import OptionError
+    from aim_mlx.errors import SettingError
 
     monkeypatch.setenv(cpu_runner.CACHE_ENV, "1GB")
-    with pytest.raises(OptionError, match="AIM_MLX_CPU_CACHE_MB='1GB': expected a whole number"):
+    with pytest.raises(SettingError, match="AIM_MLX_CPU_CACHE_MB='1GB': expected a whole number"):
         cache_limit()
 
 

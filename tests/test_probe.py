@@ -373,6 +373,40 @@ def test_probe_eval_reports_unreadable_sub_folders(heads, model_dir, data, tmp_p
     assert out["images"] == 40 and f"error: {locked}: cannot read the folder" in res.stderr
 
 
+def test_probe_eval_json_has_evals_keys(heads, model_dir, data, tmp_path):
+    # README: `probe eval --json` has `aim-mlx eval --json`'s keys plus per_class and confusion
+    imagenet = tmp_path / "imagenet" / "n01440764"
+    imagenet.mkdir(parents=True)
+    shutil.copy(data / "red" / "000.png", imagenet)
+    res = cli("eval", imagenet.parent, "-m", model_dir, "--json", "--no-progress")
+    assert res.exit_code == 0, res.output
+    eval_keys = set(json.loads(res.stdout))
+    res = cli("probe", "eval", make_classes(tmp_path / "d", data, ["red"]), "-m", model_dir,
+              "--head", heads["attention"].out, "--json", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert eval_keys | {"per_class", "confusion"} <= set(out)
+    assert out["img_size"] == 224
+
+
+def test_probe_eval_without_a_readable_image_has_no_accuracy(heads, model_dir, tmp_path):
+    # as `aim-mlx eval`: null in --json, "no accuracy" in the text, exit 1; never a 0% top-1
+    for name in ("red", "blue"):
+        (tmp_path / "d" / name).mkdir(parents=True)
+        (tmp_path / "d" / name / "000.png").write_bytes(b"not a picture")
+    head = heads["attention"].out
+    picture = tmp_path / "c.png"
+    res = cli("probe", "eval", tmp_path / "d", "-m", model_dir, "--head", head, "--json",
+              "--no-progress", "--confusion", picture)  # fmt: skip
+    assert res.exit_code == 1, res.output
+    out = json.loads(res.stdout)
+    assert out["top1"] is None and out["top5"] is None and out["images"] == 0
+    assert len(out["failed"]) == 2 and picture.is_file()
+    res = cli("probe", "eval", tmp_path / "d", "-m", model_dir, "--head", head, "--no-progress")
+    assert res.exit_code == 1
+    assert res.stdout == "no accuracy: no image could be read (see the errors above)\n"
+
+
 def test_head_with_another_trunk_is_refused(heads, tmp_path):
     # the same architecture from other source weights (the hub-style file): another trunk
     other = convert(tmp_path / "other", hf_path=REF / "hf_repo", progress=False, name="other")

@@ -34,7 +34,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .. import blas
-from ..errors import OptionError, SettingError
+from ..errors import SettingError
 from ..runtime import switched_off
 from .aim import share
 
@@ -71,7 +71,7 @@ def cache_mb() -> int | None:
         return None
     value = os.environ.get(CACHE_ENV, "").strip() or str(CACHE_MB)
     if not value.isdigit():
-        raise OptionError(f"{CACHE_ENV}={value!r}: expected a whole number of MB, or 'off'")
+        raise SettingError(f"{CACHE_ENV}={value!r}: expected a whole number of MB, or 'off'")
     return int(value)
 
 

@@ -15,8 +15,8 @@ from .data import ProbeError, class_folders
 
 @dataclass
 class HeadEvalResult:
-    top1: float  # percent, as `aim_mlx.evaluate.EvalResult`
-    top5: float | None  # None with fewer than 5 classes
+    top1: float | None  # percent, as `aim_mlx.evaluate.EvalResult`; None: no image read
+    top5: float | None  # None with fewer than 5 classes, or no image read
     images: int
     classes: int  # distinct classes among the images
     labels: list[str]  # the head's classes, in logit order
@@ -93,8 +93,8 @@ def evaluate_head(
         confusion[y, pred[0]] += 1
         hits5 += int(y in pred)
     n = int(confusion.sum())
-    top1 = 100.0 * np.trace(confusion) / n if n else 0.0
-    top5 = (100.0 * hits5 / n if n else 0.0) if C >= 5 else None
+    top1 = 100.0 * np.trace(confusion) / n if n else None  # no accuracy, as `aim-mlx eval`
+    top5 = 100.0 * hits5 / n if n and C >= 5 else None
     present = int((confusion.sum(axis=1) > 0).sum())
     return HeadEvalResult(top1, top5, n, present, labels, confusion, failed)
 
@@ -104,6 +104,12 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
         return ImageFont.load_default()
+
+
+def heading_of(result: HeadEvalResult) -> str:
+    if result.top1 is None:
+        return "no image could be read"
+    return f"top-1 {result.top1:.1f}% on {result.images} images"
 
 
 def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
@@ -121,7 +127,7 @@ def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
     margin = max(width(name, small) for name in labels) + 16
     top = margin + 48
     left = margin + 40
-    heading = title or f"top-1 {result.top1:.1f}% on {result.images} images"
+    heading = title or heading_of(result)
     wide = max(left + C * cell + 20, width(heading, _font(16)) + 20)  # the title fits too
     img = Image.new("RGB", (wide, top + C * cell + 20), "white")
     draw = ImageDraw.Draw(img)
