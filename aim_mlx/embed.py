@@ -99,7 +99,18 @@ def embed(
         else:
             rows.append(row)
             paths.append(item.path)
-    return Embeddings(np.stack(rows) if rows else np.zeros((0,), np.float32), paths, errors)
+    if rows:
+        return Embeddings(np.stack(rows), paths, errors)
+    # no readable image: no rows, in the shape `features` gives (they concatenate with others)
+    shape = feature_shape(model.args, layers, pool, images.input_size(model, img_size))
+    return Embeddings(np.zeros((0, *shape), np.float32), paths, errors)
+
+
+def feature_shape(args, layers: str | tuple[int, ...], pool: str, size: int) -> tuple[int, ...]:
+    """One image's feature shape from `features`: ([L,] [N,] D)."""
+    tokens = (size // args.patch_size) ** 2
+    shape = (args.embed_dim,) if pool == "mean" else (tokens, args.embed_dim)
+    return shape if layers in ("head", "last") else (len(layers), *shape)
 
 
 def listing_path(out: str | Path) -> Path:

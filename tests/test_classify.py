@@ -465,3 +465,18 @@ def test_python_api_checks_its_arguments(model, model_dir):
     assert half.dtype == mx.float16
     with pytest.raises(ValueError, match="^dtype must be one of float32, float16, bfloat16"):
         aim_mlx.load(model_dir, dtype=mx.int8)
+
+
+@pytest.mark.parametrize("layers", ["head", "last", [1, -1]])
+@pytest.mark.parametrize("pool", ["mean", "tokens"])
+def test_embed_without_a_readable_image_has_the_features_shape(model, tmp_path, layers, pool):
+    """No rows, but the shape one image's rows have: results concatenate in a notebook."""
+    from aim_mlx.embed import embed
+
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    rocket = REF / "images" / "rocket.jpg"
+    one = embed(model, [rocket], layers=layers, pool=pool, img_size=112)
+    none = embed(model, [tmp_path / "bad.jpg"], layers=layers, pool=pool, img_size=112)
+    assert none.paths == [] and len(none.errors) == 1
+    assert none.features.shape == (0, *one.features.shape[1:]) and none.features.dtype == np.float32
+    assert np.concatenate([none.features, one.features]).shape == one.features.shape
