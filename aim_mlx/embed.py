@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors import SafetensorError
 
 from . import images
 from .errors import OptionError, OutputError
+from .output import signals_held, temp_path
 
 POOLS = ("mean", "tokens")
 
@@ -156,19 +156,22 @@ def save(
 def _write_all(writers: dict) -> None:
     """Write each {path: write(tmp_path)} to a temporary file, then move all of them into place;
     on failure none is written (a path replaced before the failure is removed)."""
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmps = {p: p.with_name(f".aim-mlx-{token}-{i}.tmp{p.suffix}") for i, p in enumerate(writers)}
+    tmps = {p: temp_path(p, keep_suffix=True) for p in writers}
     moved, current = [], None
     try:
         for current, write in writers.items():
             write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
             os.chmod(tmps[current], _file_mode())
-        for current, tmp in tmps.items():
-            os.replace(tmp, current)
-            moved.append(current)
+        with signals_held():  # Ctrl-C cannot split the pair; after a SIGKILL here a listing
+            for current in list(tmps)[1:]:  # is missing rather than another run's
+                current.unlink(missing_ok=True)
+            for current, tmp in tmps.items():
+                os.replace(tmp, current)
+                moved.append(current)
     except BaseException as e:
-        for path in moved:
-            path.unlink(missing_ok=True)
+        if len(moved) < len(tmps):  # not all of them in place: none
+            for path in moved:
+                path.unlink(missing_ok=True)
         if isinstance(e, OSError | SafetensorError):  # disk full, I/O error
             reason = getattr(e, "strerror", None) or e
             raise OutputError(f"cannot write {current}: {reason}") from None

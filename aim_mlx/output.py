@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OutputError
@@ -35,6 +40,7 @@ def prepare_output(
     given = Path(path).expanduser()
     path = Path(os.path.realpath(given))  # links and `..` resolved as the file system does
     try:
+        remove_leftovers(path)
         _check_inputs(given, path, [p for p in inputs if p is not None])
         _check_replaceable(given, path, force, replaceable)
     except OSError as e:  # e.g. a name too long for the file system
@@ -102,14 +108,88 @@ def _check_name_length(path: Path) -> None:
         )
 
 
+def temp_path(out: Path, keep_suffix: bool = False) -> Path:
+    """A hidden name beside `out` to write it under, `.NAME.partial-PID-RANDOM` (and `out`'s
+    suffix with `keep_suffix`): what `remove_leftovers` removes once the process is gone."""
+    suffix = out.suffix if keep_suffix else ""
+    return out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
 def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder `tmp` to `out`; an `out` already there (replaced with --force)
-    is moved aside first and removed once the new one is in place."""
-    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    is moved aside first and removed once the new one is in place. Ctrl-C and SIGTERM wait
+    until one of the two is in place; after a SIGKILL, `remove_leftovers` puts the old one back."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with signals_held():
+            if out.exists():
+                out.rename(old)
+            try:
+                tmp.rename(out)
+            except OSError:
+                if old.exists() and not out.exists():
+                    old.rename(out)
+                raise
+    finally:
+        if out.exists():  # the new one in place (a signal held back is raised by now)
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Clear what killed (SIGKILL) processes left beside `out`: their partial outputs
+    (`temp_path`), and old outputs they had moved aside to replace them, which are put back
+    when `out` is missing (the process died between the two renames) and removed otherwise."""
+    for path, kind in dead_leftovers(out.parent, out.name):
+        if kind == "old" and not out.exists() and not out.is_symlink():
+            path.rename(out)
+        elif path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}(\.[^.]*)?")
+
+
+def dead_leftovers(folder: Path, name: str | None = None) -> list[tuple[Path, str]]:
+    """(path, "partial" or "old") for the temporary names in `folder` (beside `name`, or any
+    file) of processes that are gone."""
+    pattern = f".{glob.escape(name)}.*-*" if name else ".*-*"
+    found = []
+    for path in folder.glob(pattern):
+        m = _LEFTOVER.fullmatch(path.name)
+        if m and (name is None or m["name"] == name) and not process_alive(int(m["pid"])):
+            found.append((path, m["kind"]))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2**22
+    return True
+
+
+@contextmanager
+def signals_held():
+    """Hold back SIGINT and SIGTERM until the block ends, then deliver them: for steps that
+    must not be cut in two (replacing an output)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    for s in caught:
+        signal.raise_signal(s)
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
@@ -130,7 +210,7 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
     """Write `path` through `write(binary file)` into a temporary file beside it, then move that
     into place: a failure midway leaves the old file, or none, never half of one."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

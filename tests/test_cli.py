@@ -618,6 +618,32 @@ def test_npy_and_listing_are_written_both_or_neither(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
+    """Ctrl-C while the .npy is moved into place (--force over another run's pair): the
+    listing follows it before the interrupt is raised, never one run's features with the other
+    run's image order."""
+    import signal
+
+    from aim_mlx import embed
+
+    out = tmp_path / "f.npy"
+    save(out, Embeddings(np.zeros((2, 2), np.float32), ["a.jpg", "b.jpg"]))
+    replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        replace(src, dst)
+        if Path(dst) == out:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(embed.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save(out, Embeddings(np.ones((2, 2), np.float32), ["c.jpg", "d.jpg"]))
+    assert read_listing(listing_path(out)) == ["c.jpg", "d.jpg"]
+    np.testing.assert_array_equal(np.load(out), np.ones((2, 2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path):
     old = os.umask(0o022)
     try:

@@ -252,6 +252,50 @@ def test_signal_during_cli_conversion_leaves_nothing(tmp_path, sig):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_signal_while_replacing_an_output_never_loses_it(tmp_path, sig):
+    """--force moves the old folder aside, then renames the new one in: a signal between the
+    two renames waits for the second (Ctrl-C, SIGTERM); after a SIGKILL there, the next run
+    puts the old folder back. Never no model at all, never a hidden copy left over."""
+    out = tmp_path / "out"
+    run(out, dtype="float16")
+    script = textwrap.dedent(f"""
+        import os, pathlib, sys
+        rename = pathlib.Path.rename
+        def rename_then_signal(self, target):
+            result = rename(self, target)
+            if ".old-" in str(target):  # the old folder just moved aside
+                os.kill(os.getpid(), {int(sig)})
+            return result
+        pathlib.Path.rename = rename_then_signal
+        from aim_mlx.cli import main
+        sys.argv = ["aim-mlx", "convert", "--backbone", {str(BACKBONE)!r}, "--head",
+                    {str(HEAD_BEST)!r}, "--num-heads", "4", "--probe-layers", "1,2,3,4,5,6",
+                    "--out", {str(out)!r}, "--force"]
+        main()
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert "Traceback" not in proc.stderr
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -sig
+        # the next run finds the old model back in place, as before the killed one
+        again = CliRunner().invoke(main, ["convert", "--backbone", str(BACKBONE), "--head",
+                                          str(HEAD_BEST), "--num-heads", "4", "--out", str(out)])
+        assert again.exit_code == 1 and "already exists" in again.output
+        expected = "float16"
+    else:
+        assert proc.returncode == 128 + sig, proc.stderr
+        expected = "float32"  # the new model, whole: the signal came once it was in place
+    assert json.loads((out / "config.json").read_text())["dtype"] == expected
+    assert aim_mlx.load(out) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_stale_partial_folder_of_a_dead_process_is_removed(tmp_path):
     stale = tmp_path / ".out.partial-999999999-deadbeef"
     stale.mkdir()

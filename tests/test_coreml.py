@@ -211,6 +211,22 @@ def test_activation_ranges_run_the_models_own_forward(model, photos):
 # the package
 
 
+def test_what_a_killed_export_left_is_removed_by_the_next(model, tmp_path):
+    """A SIGKILL leaves the package being saved under a temporary name (PID 999999999: no
+    such process) and, mid-replacement, the old package moved aside; the next export clears
+    both."""
+    out = tmp_path / "m.mlpackage"
+    (tmp_path / ".m.mlpackage.partial-999999999-deadbeef.mlpackage").mkdir()
+    (tmp_path / ".m.mlpackage.old-999999999-deadbeef").mkdir()
+    (tmp_path / ".m.mlpackage.old-999999999-deadbeef" / "Manifest.json").write_text("{}")
+    (tmp_path / "other.mlpackage.partial-999999999-deadbeef").mkdir()  # not hidden: not ours
+    coreml.export_coreml(model, out, precision="float32", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.mlpackage", "other.mlpackage.partial-999999999-deadbeef"
+    ]  # fmt: skip
+    assert (out / "Manifest.json").read_text() != "{}"
+
+
 def test_spec_is_an_xcode_image_classifier(export):
     path = export(precision="float32", name="fixture", source="backbone.pth + head.pth")
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -465,6 +466,28 @@ def test_interrupted_extraction_resumes(data, model_dir, tmp_path, monkeypatch):
     cached = np.load(folder / f"{sha256(path)}.npy")
     assert cached.dtype == np.float16 and cached.shape == (256, 64)
     np.testing.assert_allclose(cached, np.array(tokens[0]), rtol=2e-3, atol=1e-3)
+
+
+def test_what_killed_runs_left_is_cleared_by_the_next(heads, model_dir, data, tmp_path, workdir):
+    """A SIGKILL leaves the temporary head folder and a feature file's temporary name behind
+    (PID 999999999: no such process); the next run removes them, not those of live processes."""
+    out = tmp_path / "h"
+    shutil.copytree(heads["linear"].out, out)
+    (tmp_path / ".h.partial-999999999-deadbeef").mkdir()
+    (tmp_path / ".h.partial-999999999-deadbeef" / "head.safetensors").write_bytes(b"half")
+    (folder,) = (workdir / "cache" / "features").iterdir()
+    dead = folder / f".{'0' * 64}.npy.partial-999999999-deadbeef"
+    live = folder / f".{'1' * 64}.npy.partial-{os.getpid()}-deadbeef"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    try:
+        res = cli("probe", "train", data, "-m", model_dir, "-o", out, "--force",
+                  "--kind", "linear", "--epochs", "1", "--no-progress")  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert [p.name for p in tmp_path.iterdir()] == ["h"]
+        assert not dead.exists() and live.exists()
+    finally:
+        live.unlink()
 
 
 def test_cache_lists_and_removes_feature_sets(heads, workdir):

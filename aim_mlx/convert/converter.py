@@ -11,12 +11,10 @@ renamed into place at the end: a failed or interrupted conversion leaves nothing
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
 import threading
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from .. import __version__
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB
 from ..errors import AimMlxError, OutputError
 from ..models.aim import AIM, PRESETS, ModelArgs, check_probe_layers, last_probe_layers
-from ..output import move_into_place, prepare_output
+from ..output import move_into_place, prepare_output, temp_path
 from .checkpoint import CheckpointError, file_sha256, open_checkpoint
 from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 
@@ -443,8 +441,7 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
     from tqdm import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(out)
     tmp.mkdir()
     dtype, q = MX_DTYPES[config["dtype"]], config["quantization"]
     shards = _shards(plan)
@@ -488,24 +485,6 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             raise ConversionError(f"{e.filename or out}: {e.strerror or e}") from None
         raise
     return out
-
-
-def _remove_stale_partials(out: Path):
-    """Remove temporary folders left by conversions whose process was killed (SIGKILL)."""
-    for partial in out.parent.glob(f".{out.name}.partial-*"):
-        pid = partial.name.rsplit("-", 2)[-2]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22
-    return True
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool):

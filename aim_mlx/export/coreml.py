@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import threading
@@ -35,7 +34,7 @@ from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
-from ..output import move_into_place, prepare_output
+from ..output import move_into_place, prepare_output, temp_path
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
@@ -652,8 +651,7 @@ def export_coreml(
         features=features,
         trained_head=trained,
     )
-    tmp = out.with_name(f".partial-{os.getpid()}-{out.name}")  # keeps the .mlpackage suffix
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(out, keep_suffix=True)  # coremltools saves only to a .mlpackage name
     try:
         mlmodel.save(str(tmp))
         move_into_place(tmp, out)

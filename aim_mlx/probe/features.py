@@ -8,7 +8,8 @@ Layout under the cache root (AIM_MLX_CACHE):
 A set is keyed by the trunk (the SHA-256 of its source weights), its dtype and quantization,
 the probe layers and the image size; an image by the SHA-256 of its file's bytes. Each image is
 written to a temporary file and renamed, so an interrupted extraction leaves only complete
-files and the next run computes only the missing ones. Features are stored in float16 whatever
+files and the next run computes only the missing ones (and removes the temporary files of
+killed runs). Features are stored in float16 whatever
 the trunk computes in (half the disk of float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
 """
 
@@ -25,7 +26,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from .. import cache, distributed, images
-from ..output import write_atomic
+from ..output import dead_leftovers, write_atomic
 from .data import ProbeError, Sample
 
 FEATURE_DTYPE = np.float16
@@ -109,6 +110,8 @@ class FeatureSet:
             info_file = folder / "info.json"
             if not info_file.is_file():
                 write_atomic(info_file, lambda f: f.write(json.dumps(info, indent=1).encode()))
+            for partial, _ in dead_leftovers(folder):  # of extractions killed mid-write
+                partial.unlink(missing_ok=True)
         except OSError as e:
             raise ProbeError(
                 f"cannot write the feature cache {folder} ({e.strerror}); set {cache.CACHE_ENV} "

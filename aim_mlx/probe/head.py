@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from ..errors import OptionError
 from ..models import AIM
 from ..models.aim import AttentionPoolingHead, check_probe_layers, positive_int
 from ..models.heads import LinearPoolingHead
-from ..output import move_into_place, prepare_output
+from ..output import move_into_place, prepare_output, temp_path
 from .data import ProbeError
 from .features import TrunkInfo, trunk_info
 
@@ -78,7 +76,7 @@ def _is_head_output(folder: Path) -> bool:
 def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = False) -> Path:
     """Write the folder atomically (a temporary folder renamed at the end)."""
     out = check_output(out, force)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_path(out)
     try:
         tmp.mkdir()
         weights = {k: v.astype(mx.float32) for k, v in tree_flatten(head.parameters())}
