@@ -9,8 +9,8 @@ A set is keyed by the trunk (the SHA-256 of its source weights), its dtype and q
 the probe layers and the image size; an image by the SHA-256 of its file's bytes. Each image is
 written to a temporary file and renamed, so an interrupted extraction leaves only complete
 files and the next run computes only the missing ones (and removes the temporary files of
-killed runs). Features are stored in float16 whatever
-the trunk computes in (half the disk of float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
+killed runs). Features are stored in float16 whatever the trunk computes in (half the disk of
+float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
 """
 
 from __future__ import annotations
