@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,20 @@ def lock(key: str, on_wait=None):
         yield
     finally:
         file_lock.release()
+
+
+@contextmanager
+def model_locks(name: str, on_wait=None):
+    """Hold the lock of every entry of the model `name` that was ever converted or is being
+    converted (their lock files stay), waiting for conversions that read its downloads."""
+    folder = cache_root() / ".locks"
+    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # as in entry_key
+    keys = sorted(p.name.removesuffix(".lock") for p in folder.glob(f"{prefix}--*.lock"))
+    with ExitStack() as stack:
+        for key in keys:
+            stack.enter_context(lock(key, on_wait))
+            on_wait = None  # said once
+        yield
 
 
 def has_weights(folder: Path) -> bool:

@@ -305,13 +305,21 @@ def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
     return [(f, path) for f in files if (path := cached_path(spec, f, cache_dir))]
 
 
-def remove_downloads(spec: ModelSpec, cache_dir=None) -> int:
+def remove_downloads(spec: ModelSpec, cache_dir=None, progress: bool = True) -> int:
     """Drop a model's raw checkpoints from the download cache, and the partial files of
-    interrupted downloads of its repo; bytes freed."""
-    freed = sum(remove_cached_file(path) for _, path in downloaded(spec, cache_dir))
-    for partial in stale_partials(spec, cache_dir):
-        freed += partial.stat().st_size
-        partial.unlink(missing_ok=True)
+    interrupted downloads of its repo; bytes freed. Downloads and conversions of the model in
+    other processes (which read those files) are waited for."""
+    from . import cache
+
+    def say_waiting():
+        if progress:
+            print(f"waiting for another process converting {spec.name}", file=sys.stderr)
+
+    with cache.model_locks(spec.name, on_wait=say_waiting):
+        freed = sum(remove_cached_file(path) for _, path in downloaded(spec, cache_dir))
+        for partial in stale_partials(spec, cache_dir):
+            freed += partial.stat().st_size
+            partial.unlink(missing_ok=True)
     return freed
 
 

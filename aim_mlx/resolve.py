@@ -201,7 +201,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         **_quant_kwargs(quant),
     )
     if not keep:
-        freed = hub.remove_downloads(spec, hf_cache_dir)
+        freed = hub.remove_downloads(spec, hf_cache_dir, progress)
         if freed:
             say(f"removed {freed / GB:.2f} GB of downloaded checkpoints", progress)
     return out

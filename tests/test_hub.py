@@ -362,6 +362,55 @@ def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
     assert time.monotonic() - start < 5
 
 
+def wait_until(condition, timeout=60):
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
+    """`cache rm-downloads` while another process has downloaded a model and is checking and
+    converting it: it waits for that process (saying so), which then succeeds, and removes
+    the files afterwards; not a FileNotFoundError in the middle of the other's work."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    script = f"""if True:
+        import pathlib, sys, time
+        from aim_mlx import hub
+        verify = hub.verify
+        def paused(*args, **kwargs):  # downloaded, not yet checked: wait for the test
+            pathlib.Path({str(ready)!r}).touch()
+            start = time.monotonic()
+            while not pathlib.Path({str(go)!r}).exists() and time.monotonic() - start < 60:
+                time.sleep(0.05)
+            return verify(*args, **kwargs)
+        hub.verify = paused
+        from aim_mlx.cli import main
+        sys.argv = ["aim-mlx", "cache", "add", "aim-tiny", "--dtype", "float32"]
+        main()
+    """
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    add = subprocess.Popen([sys.executable, "-c", script], env=env, **pipes)
+    wait_until(lambda: ready.exists() or add.poll() is not None)
+    assert ready.exists(), add.communicate()
+    with open(tmp_path / "rm.err", "w") as err:
+        rm = subprocess.Popen(
+            [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
+            env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
+    waiting = "waiting for another process converting aim-tiny"
+    wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
+    go.touch()
+    add_out, add_err = add.communicate(timeout=120)
+    rm_out, _ = rm.communicate(timeout=120)
+    assert add.returncode == 0, add_err
+    assert rm.returncode == 0 and "removed aim-tiny downloads" in rm_out
+    assert waiting in (tmp_path / "rm.err").read_text()
+    res = classify_json(env, offline=True)  # the converted model needs no download
+    assert res.returncode == 0, res.stderr
+    assert_ranks_match_reference(res.stdout)
+
+
 def test_rm_downloads_removes_what_killed_downloads_left(tmp_path, monkeypatch):
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec
