@@ -109,7 +109,6 @@ def load(model: str | Path, head: str | None = None, dtype: str | None = None, *
     trained head's folder (`aim-mlx probe train`); the keywords best / last win over a folder
     of that name (give it as ./best).
     """
-    from .loader import load_model
     from .probe.head import is_head_folder, load_with_head
 
     dtype = dtype_name(dtype)
@@ -117,10 +116,25 @@ def load(model: str | Path, head: str | None = None, dtype: str | None = None, *
         return load_with_head(model, head, dtype, **kwargs)
 
     check_memory(model, dtype, kwargs.get("quantize_bits"))
-    net = load_model(resolve(model, head, dtype, **kwargs))
+    _, net = load_resolved(model, head, dtype, **kwargs)
     if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
         net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
     return net
+
+
+def load_resolved(model, head, dtype, **kwargs) -> tuple[Path, object]:
+    """`resolve`, then `load_model`: the folder and the model. A cache entry removed in between
+    (`aim-mlx cache rm` in another process) is made again, once."""
+    from .loader import load_model
+
+    folder = resolve(model, head, dtype, **kwargs)
+    try:
+        return folder, load_model(folder)
+    except ModelLoadError:
+        if folder == Path(model).expanduser() or cache.is_current(folder):
+            raise  # the user's own folder, or a damaged entry: the error says what to do
+    folder = resolve(model, head, dtype, **kwargs)
+    return folder, load_model(folder)
 
 
 def known_num_blocks(model: str | Path) -> int | None:

@@ -618,6 +618,27 @@ def test_npy_and_listing_are_written_both_or_neither(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_cache_entry_removed_while_loading_is_made_again(tmp_path, monkeypatch):
+    """`aim-mlx cache rm --all` in another process just after this one found its cache entry:
+    the entry is converted again, rather than "no config.json; not a converted folder"."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(REF / "hf_repo", tmp_path / "checkpoints")
+    convert_into_cache, calls = resolve._convert_into_cache, []
+
+    def removed_by_another_process(key, *args, **kwargs):
+        out = convert_into_cache(key, *args, **kwargs)
+        calls.append(key)
+        if len(calls) == 1:
+            cache.remove(key)
+        return out
+
+    monkeypatch.setattr(resolve, "_convert_into_cache", removed_by_another_process)
+    model = aim_mlx.load(folder)
+    assert model.args.num_blocks == FIXTURE_CONFIG["config"]["num_blocks"]
+    assert len(calls) == 2 and cache.is_current(cache.entry_dir(calls[0]))
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [calls[0]]
+
+
 def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
     """Ctrl-C while the .npy is moved into place (--force over another run's pair): the
     listing follows it before the interrupt is raised, never one run's features with the other

@@ -173,12 +173,10 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
 
 def load_trunk(model, dtype: str | None = None, **kwargs) -> tuple[AIM, TrunkInfo]:
     """The model (with its official head) and its trunk's identity; what `resolve` accepts."""
-    from ..loader import load_model
-    from ..resolve import check_memory, resolve
+    from ..resolve import check_memory, load_resolved
 
     check_memory(model, dtype, kwargs.get("quantize_bits"))
-    folder = resolve(model, None, dtype, **kwargs)  # a folder: its own head
-    net = load_model(folder)
+    folder, net = load_resolved(model, None, dtype, **kwargs)  # a folder: its own head
     if dtype and not kwargs.get("quantize_bits") and net.dtype != getattr(mx, dtype):
         net.set_dtype(getattr(mx, dtype))  # a converted folder stored in another dtype
     return net, trunk_info(folder)
