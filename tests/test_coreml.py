@@ -7,6 +7,8 @@ Linux has no Core ML runtime, so `tests/mil_numpy.py` runs the saved ML Program 
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import mlx.core as mx
@@ -216,7 +218,7 @@ def test_what_a_killed_export_left_is_removed_by_the_next(model, tmp_path):
     such process) and, mid-replacement, the old package moved aside; the next export clears
     both."""
     out = tmp_path / "m.mlpackage"
-    (tmp_path / ".m.mlpackage.partial-999999999-deadbeef.mlpackage").mkdir()
+    (tmp_path / ".m.mlpackage.partial-999999999-deadbeef").mkdir()
     (tmp_path / ".m.mlpackage.old-999999999-deadbeef").mkdir()
     (tmp_path / ".m.mlpackage.old-999999999-deadbeef" / "Manifest.json").write_text("{}")
     (tmp_path / "other.mlpackage.partial-999999999-deadbeef").mkdir()  # not hidden: not ours
@@ -468,6 +470,63 @@ def test_mixed_export_refuses_overflow_in_linear_layers(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # command line
+
+
+def export_in_a_process(tmp_path, out, before_main="", preexec_fn=None):
+    """`aim-mlx export coreml` of the fixture in its own process, with TMPDIR tmp_path/tmp."""
+    import subprocess
+    import textwrap
+
+    from conftest import convert_fixture
+
+    folder = tmp_path / "fixture"
+    if not folder.exists():
+        convert_fixture(folder)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    script = textwrap.dedent(before_main) + textwrap.dedent(f"""
+        import sys
+        from aim_mlx.cli import main
+        sys.argv = ["aim-mlx", "export", "coreml", "-m", {str(folder)!r}, "--out", {str(out)!r},
+                    "--precision", "float32", "--force"]
+        main()
+    """)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          preexec_fn=preexec_fn, timeout=300)  # fmt: skip
+
+
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(tmp_path):
+    """Files limited to 1 MB (RLIMIT_FSIZE: EFBIG, as a full disk), the fixture's weights are
+    1.8 MiB: coremltools fails writing them; one `Error:` line, no package, no temporary files."""
+    import resource
+
+    out = tmp_path / "out" / "m.mlpackage"
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # noqa: E731
+    res = export_in_a_process(tmp_path, out, preexec_fn=limit)
+    assert res.returncode == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert f"Error: cannot write {out} (is the disk full?)" in res.stderr
+    assert list((tmp_path / "out").iterdir()) == [] and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_killed_export_leaves_its_temporary_packages_beside_the_output(tmp_path):
+    """coremltools writes a temporary package as big as the model (more with compression),
+    removed when the process exits normally; a SIGKILL leaves it: beside the output, where the
+    next export removes it, not in TMPDIR for good."""
+    out = tmp_path / "out" / "m.mlpackage"
+    res = export_in_a_process(tmp_path, out, before_main="""
+        import os, signal
+        from aim_mlx.export import coreml
+        def killed(ct, mlmodel, *args):  # after ct.convert wrote its temporary package
+            os.kill(os.getpid(), signal.SIGKILL)
+        coreml._compress = killed
+    """)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert [p.name.split("-")[0] for p in (tmp_path / "out").iterdir()] == [".m.mlpackage.partial"]
+    res = export_in_a_process(tmp_path, out)
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.mlpackage"]
 
 
 def test_cli_exports_a_converted_folder(tmp_path, photos):

@@ -19,6 +19,7 @@ import logging
 import math
 import shutil
 import signal
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -625,40 +626,48 @@ def export_coreml(
     # (as in freshly initialised weights) makes the compressors refuse the shared constant.
     pipeline = ct.PassPipeline.DEFAULT
     pipeline.remove_passes({"common::const_deduplication"})
-    with _progress_bars(progress):
-        mlmodel = ct.convert(
-            program,
-            pass_pipeline=pipeline,
-            inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
-            classifier_config=None if features else ct.ClassifierConfig(labels),
-            minimum_deployment_target=opset,
-            compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
-            convert_to="mlprogram",
-            skip_model_load=True,
-        )
-        del program
-        mlmodel = _compress(ct, mlmodel, compress, target)
-    _describe(
-        mlmodel,
-        name=name or default_name(args),
-        source=source or "unknown",
-        license=license,
-        args=args,
-        img_size=img_size,
-        precision=precision,
-        compress=compress,
-        target=target,
-        features=features,
-        trained_head=trained,
-    )
-    tmp = temp_path(out, keep_suffix=True)  # coremltools saves only to a .mlpackage name
+    # coremltools' temporary packages (as big as the model, one per compression step) go
+    # beside the output: on the disk checked for it, and cleared after a SIGKILL by the next run.
+    work = temp_path(out)
+    work.mkdir()
+    tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
-        mlmodel.save(str(tmp))
-        move_into_place(tmp, out)
-    except OSError as e:  # disk full, I/O error
-        raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
+        with _progress_bars(progress):
+            mlmodel = ct.convert(
+                program,
+                pass_pipeline=pipeline,
+                inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
+                classifier_config=None if features else ct.ClassifierConfig(labels),
+                minimum_deployment_target=opset,
+                compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
+                convert_to="mlprogram",
+                skip_model_load=True,
+            )
+            del program
+            mlmodel = _compress(ct, mlmodel, compress, target)
+        _describe(
+            mlmodel,
+            name=name or default_name(args),
+            source=source or "unknown",
+            license=license,
+            args=args,
+            img_size=img_size,
+            precision=precision,
+            compress=compress,
+            target=target,
+            features=features,
+            trained_head=trained,
+        )
+        mlmodel.save(str(work / out.name))
+        move_into_place(work / out.name, out)
+    except (OSError, RuntimeError) as e:  # disk full, I/O error (RuntimeError: "[MIL FileWriter]")
+        if isinstance(e, RuntimeError) and "FileWriter" not in str(e):
+            raise
+        reason = getattr(e, "strerror", None) or e
+        raise ExportError(f"cannot write {out} (is the disk full?): {reason}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tempfile.tempdir = tempdir
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
