@@ -24,7 +24,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import AimMlxError
-from .output import check_writable
+from .output import check_writable, dead_leftovers, temp_path
 
 CACHE_ENV = "AIM_MLX_CACHE"
 
@@ -184,11 +184,26 @@ def remove(key: str) -> int:
         raise CacheError(f"no cache entry {key!r} in {cache_root() / 'models'}")
     with lock(key):
         size = folder_size(path)
-        try:
-            shutil.rmtree(path)
+        doomed = temp_path(path)  # out of the cache at once: an interrupted removal leaves a
+        try:  # hidden leftover (`remove_leftovers`), not a damaged entry
+            path.rename(doomed)
+            shutil.rmtree(doomed)
         except OSError as e:
             raise CacheError(f"cannot remove {path}: {e.strerror or e} ({CACHE_ENV})") from None
     return size
+
+
+def remove_leftovers() -> int:
+    """Delete what killed conversions and removals left in the cache (hidden folders of
+    processes that are gone); bytes freed."""
+    freed = 0
+    for path, _ in dead_leftovers(cache_root() / "models"):
+        if path.is_dir() and not path.is_symlink():
+            freed += folder_size(path)
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return freed
 
 
 # ---- cached features of trained heads (aim_mlx.probe.features): features/<set key>/ ----------

@@ -881,7 +881,10 @@ def cache_rm(names, remove_all):
         if not matches:
             raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
         chosen |= matches
-    if not chosen and not features:
+    leftovers = model_cache.remove_leftovers() if remove_all else 0  # of killed processes
+    if leftovers:
+        click.echo(f"removed what interrupted conversions left ({_gb(leftovers)})")
+    if not chosen and not features and not leftovers:
         click.echo("nothing to remove: the cache holds no converted models or feature sets")
     for key in sorted(features):
         click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")

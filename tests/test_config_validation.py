@@ -2,6 +2,7 @@
 quantization options) are refused with one line naming the file and the field."""
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -321,3 +322,35 @@ def test_bench_of_a_trained_head_folder_says_what_it_is(model_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     err = clean(cli("bench", "-m", folder), 1)
     assert f"{folder} is a trained head's folder, not a model: pass it as --head" in err
+
+
+def test_an_interrupted_cache_rm_leaves_no_damaged_entry(model_dir, monkeypatch):
+    """The entry leaves the cache before its files are deleted: Ctrl-C midway leaves a hidden
+    leftover, not a half-deleted entry listed as an old format; once its process is gone,
+    `cache rm --all` clears it."""
+    import subprocess
+    import sys
+
+    from aim_mlx import cache
+
+    entry = cache.entry_dir("x--best--float32")
+    shutil.copytree(model_dir, entry)
+
+    def interrupted(path, **_):
+        next(p for p in path.iterdir() if p.is_file()).unlink()  # one file deleted, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cache.shutil, "rmtree", interrupted)
+        assert cli("cache", "rm", "x--best--float32").exit_code == 130
+    assert not entry.exists() and cache.list_entries() == []
+    (left,) = entry.parent.iterdir()
+    assert left.name.startswith(".x--best--float32.partial-")
+    still = cli("cache", "rm", "--all")  # its process (this one) is still running
+    assert clean(still, 0) == "" and still.stdout.startswith("nothing to remove") and left.exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    left = left.rename(left.with_name(re.sub(r"partial-\d+-", f"partial-{gone}-", left.name)))
+    result = cli("cache", "rm", "--all")
+    assert clean(result, 0) == "" and not left.exists()
+    assert result.stdout.startswith("removed what interrupted conversions left (")
