@@ -427,3 +427,52 @@ def test_crc32_equals_zlib():
     for size in (0, 1, 4095, 2**20, len(data)):
         assert checkpoint.crc32(data[:size]) == zlib.crc32(data[:size]), size
     assert checkpoint.crc32(data[1000:], checkpoint.crc32(data[:1000])) == zlib.crc32(data)
+
+
+def test_compressed_pickle_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+    """A pickle record of a few KB that inflates to more than a state dict could need: never
+    read into memory (the same way, 4 MB inflate to 4 GB)."""
+    from aim_mlx.convert import checkpoint
+
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, z.open("bomb/data.pkl", "w") as f:
+        f.write(state_dict_pickle([]))  # 32 bytes
+        for _ in range(17):
+            f.write(bytes(2**20))
+    assert path.stat().st_size < 2**16
+    real_empty = checkpoint.np.empty
+
+    def small_empty(n, *a, **k):
+        assert n < 2**20, f"allocated {n} bytes"
+        return real_empty(n, *a, **k)
+
+    monkeypatch.setattr(checkpoint.np, "empty", small_empty)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    assert str(e.value) == (
+        f"{path}: its compressed pickle bomb/data.pkl inflates to {17 * 2**20 + 32} bytes, more "
+        "than the 16777216 a state dict of weights could need: damaged, or not a checkpoint"
+    )
+
+
+def test_a_view_with_more_elements_than_its_storage_is_refused(tmp_path):
+    """Stride 0 would let 4 bytes in the file stand for a tensor of any size."""
+    specs = [("w", np.float32, (10**5, 10**5), (0, 0), 0, 1)]
+    path = tmp_path / "expand.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("expand/data.pkl", state_dict_pickle(specs))
+        z.writestr("expand/data/0", bytes(4))
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    assert str(e.value) == (
+        f"{path}: a tensor of storage 0 has 10000000000 elements, more than its storage's 1: "
+        "damaged, or not a state dict of weights"
+    )
+
+
+def test_hostile_values_are_cut_short_in_messages(tmp_path):
+    huge_pid = pickle.PROTO + b"\x02" + pickle.MARK + _str("x") * 10**5 + pickle.LIST
+    path = save_torch_zip(tmp_path / "p.pth", {}, pickle_bytes=huge_pid + pickle.BINPERSID + b".")
+    with pytest.raises(UnsafePickleError) as e:
+        open_checkpoint(path)
+    assert str(e.value) == f"{path}: unexpected persistent id {repr(['x'] * 16)[:77]}..."

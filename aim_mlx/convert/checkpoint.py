@@ -88,9 +88,20 @@ def _rebuild_tensor_v2(
     ):
         raise CheckpointError(
             f"a tensor of storage {storage.key} has a damaged offset, size or stride "
-            f"({storage_offset!r}, {size!r}, {stride!r})"
+            f"({_short(storage_offset)}, {_short(size)}, {_short(stride)})"
+        )
+    if math.prod(size) > storage.numel:  # stride-0 views: a tiny file claiming a huge tensor
+        raise CheckpointError(
+            f"a tensor of storage {storage.key} has {math.prod(size)} elements, more than its "
+            f"storage's {storage.numel}: damaged, or not a state dict of weights"
         )
     return TensorInfo(storage, storage_offset, size, stride)
+
+
+def _short(value) -> str:
+    """A value's repr for a message, cut short (a hostile pickle may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_count(n) -> bool:
@@ -122,19 +133,21 @@ class _StateDictUnpickler(pickle._Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafePickleError(f"unexpected persistent id {pid!r}")
+            raise UnsafePickleError(f"unexpected persistent id {_short(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, StorageType):
-            raise UnsafePickleError(f"persistent id names an unknown storage type {storage_type!r}")
+            raise UnsafePickleError(
+                f"persistent id names an unknown storage type {_short(storage_type)}"
+            )
         if not (isinstance(key, str) and _is_count(numel)):
-            raise CheckpointError(f"a damaged storage entry {pid!r}")
+            raise CheckpointError(f"a damaged storage entry {_short(pid)}")
         return Storage(key, storage_type.dtype, numel)
 
     def load_reduce(self):
         args = self.stack.pop()
         func = self.stack[-1]
         if func not in _CALLABLE or not isinstance(args, tuple):
-            raise UnsafePickleError(f"refusing REDUCE on {func!r}")
+            raise UnsafePickleError(f"refusing REDUCE on {_short(func)}")
         self.stack[-1] = func(*args)
 
     def load_build(self):
@@ -170,7 +183,7 @@ def _unpickle_state_dict(data: bytes, where: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{where}: holds a {type(obj).__name__}, not a state dict")
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, TensorInfo):
-            raise CheckpointError(f"{where}: entry {key!r} is not a tensor")
+            raise CheckpointError(f"{where}: entry {_short(key)} is not a tensor")
     return dict(obj)
 
 
@@ -191,6 +204,9 @@ _DAMAGE = (
 )
 _AGAIN = "download or copy the file again"
 CHUNK = 4 * 2**20
+# The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). A stored one is
+# bounded by the file's size; a compressed one larger than this is refused before it is inflated.
+MAX_PICKLE = 16 * 2**20
 
 
 @contextlib.contextmanager
@@ -238,6 +254,13 @@ class TorchCheckpoint:
         byteorder = self._prefix + "byteorder"
         if byteorder in names and bytes(self._read_record(byteorder)).strip() != b"little":
             raise CheckpointError(f"{self.path}: big-endian checkpoints are not supported")
+        info = self._zip.getinfo(pkl[0])
+        if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_PICKLE:
+            raise CheckpointError(  # a zip bomb: a few MB that inflate to gigabytes
+                f"{self.path}: its compressed pickle {pkl[0]} inflates to {info.file_size} "
+                f"bytes, more than the {MAX_PICKLE} a state dict of weights could need: "
+                "damaged, or not a checkpoint"
+            )
         data = self._read_record(pkl[0])
         self.tensors = _unpickle_state_dict(bytes(data), str(self.path))
 
