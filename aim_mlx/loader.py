@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -118,7 +119,19 @@ def load_model(path: str | Path) -> AIM:
     path = Path(path)
     config = read_config(path)
     check_format(path, config)
-    model = AIM(model_args(path, config))  # random init is lazy: never computed
+    args = model_args(path, config)
+    files = weight_files(path)
+    check_fits(sum(f.stat().st_size for f in files), str(path))
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(str(f)))  # lazy: read on first use
+        except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file
+            raise ModelLoadError(
+                f"{f}: cannot read the weights ({e}); {convert_again(path)}"
+            ) from None
+    _check_blocks(path, args, weights)  # before building them: config.json may claim millions
+    model = AIM(args)  # random init is lazy: never computed
     if q := config.get("quantization"):
         layers = set(q["layers"])
         nn.quantize(
@@ -128,16 +141,6 @@ def load_model(path: str | Path) -> AIM:
             mode=q.get("mode", "affine"),
             class_predicate=lambda p, _: p in layers,
         )
-    files = weight_files(path)
-    check_fits(sum(f.stat().st_size for f in files), str(path))
-    weights = {}
-    for f in files:
-        try:
-            weights.update(mx.load(str(f)))
-        except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file
-            raise ModelLoadError(
-                f"{f}: cannot read the weights ({e}); {convert_again(path)}"
-            ) from None
     _check_weights(path, model, weights, MX_DTYPES[config["dtype"]])
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
@@ -156,6 +159,18 @@ def convert_again(path: Path) -> str:
     if in_cache:
         return f"remove it with `aim-mlx cache rm {path.name}` (converted again on next use)"
     return "convert the model again"
+
+
+def _check_blocks(path: Path, args, weights: dict):
+    """Every block that config.json names has weights, checked before the model (and so each
+    block) is built."""
+    blocks = {int(m[1]) for k in weights if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))}
+    missing = next((i for i in range(args.num_blocks) if i not in blocks), None)
+    if missing is not None:
+        raise ModelLoadError(
+            f"{path}: weights lack 'trunk.blocks.{missing}.*' (config.json says num_blocks "
+            f"{args.num_blocks}); {convert_again(path)}"
+        )
 
 
 def _check_weights(path: Path, model: AIM, weights: dict, dtype: mx.Dtype):

@@ -59,6 +59,8 @@ def clean(result, code: int) -> str:
         ({"probe_layers": [1, 2.5]}, "probe layers must be block indices (integers)"),
         ({"probe_layers": [1, 8]}, "probe layers [8] are outside blocks 0..7"),
         ({"norm_eps": "x"}, "norm_eps must be a number between 0 and 1"),
+        ({"num_classes": 2**31}, "num_classes 2147483648 or patch_size 14 make a layer wider"),
+        ({"mlp_ratio": 2**25}, "mlp_ratio 33554432, num_classes 1000"),
     ],
 )
 def test_model_args_name_the_bad_field(change, message):
@@ -93,6 +95,12 @@ def test_model_args_require_the_architecture():
             "quantization group_size must be one",
         ),
         ({"format_version": None}, "no format_version, this aim-mlx reads 1"),
+        (
+            {"num_classes": 10**12},
+            "embed_dim 64, mlp_ratio 4, num_classes 1000000000000 or patch_size 14 make a layer "
+            "wider than 2**31 - 1, the most MLX supports",
+        ),
+        ({"mlp_ratio": 10**8}, "embed_dim 64, mlp_ratio 100000000, num_classes 1000"),
     ],
 )
 def test_hand_edited_converted_config_is_one_line(model_dir, tmp_path, change, message):
@@ -106,6 +114,30 @@ def test_hand_edited_converted_config_is_one_line(model_dir, tmp_path, change, m
     assert f"Error: {folder / 'config.json'}: {message}" in err
     with pytest.raises(ModelLoadError, match="config.json: "):
         aim_mlx.load(folder)
+
+
+def test_a_config_claiming_millions_of_blocks_fails_before_building_them(
+    model_dir, tmp_path, monkeypatch
+):
+    """Each block built takes memory (about 60 KB at this size): 10 million would exhaust it."""
+    from aim_mlx import loader
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_blocks": 10**7}))
+    real_aim = loader.AIM
+
+    def small_aim(args):
+        assert args.num_blocks <= 8, f"built a model of {args.num_blocks} blocks"
+        return real_aim(args)
+
+    monkeypatch.setattr(loader, "AIM", small_aim)
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert err.strip() == (
+        f"Error: {folder}: weights lack 'trunk.blocks.8.*' (config.json says num_blocks "
+        "10000000); convert the model again"
+    )
 
 
 def test_an_empty_config_is_not_called_missing(model_dir, tmp_path):

@@ -174,6 +174,38 @@ def test_key_and_shape_errors(tmp_path, change, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_claiming_millions_of_blocks_fails_before_building_them(tmp_path, monkeypatch):
+    """One key `trunk.blocks.9999999.*` makes 10 million blocks: none is built (each takes
+    memory), the first missing key is named at once."""
+    ckpt = open_checkpoint(BACKBONE)
+    tensors = {k: np.array(ckpt.load(k)) for k in ckpt.keys()}
+    tensors["trunk.blocks.9999999.norm_1.weight"] = np.zeros(64, np.float32)
+    backbone = save_torch_zip(tmp_path / "backbone.pth", tensors)
+    real_aim = converter_module.AIM
+
+    def small_aim(args):
+        assert args.num_blocks <= 8, f"built a model of {args.num_blocks} blocks"
+        return real_aim(args)
+
+    monkeypatch.setattr(converter_module, "AIM", small_aim)
+    with pytest.raises(ConversionError) as e:
+        run(tmp_path / "out", backbone=backbone)
+    assert str(e.value) == (
+        "missing key 'trunk.blocks.8.norm_1.weight' (shape (64,), 79999935 missing in all): "
+        "is the backbone file the right one?"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_layers_wider_than_mlx_supports_are_refused(tmp_path):
+    """A head claiming 2**31 classes (its storage need not exist: shapes are checked first)."""
+    ckpt = open_checkpoint(HEAD_BEST)
+    tensors = {k: np.array(ckpt.load(k)) for k in ckpt.keys()}
+    tensors["head.linear.weight"] = ((2**31, 64), np.float32, lambda: np.zeros(0, np.float32))
+    with pytest.raises(ConversionError, match=r"num_classes 2147483648 or patch_size 14 make"):
+        run(tmp_path / "out", head=save_torch_zip(tmp_path / "head.pth", tensors))
+
+
 def test_unresolvable_shapes_name_the_option(tmp_path):
     with pytest.raises(ConversionError, match="--num-heads"):
         run(tmp_path / "o", num_heads=None)

@@ -10,6 +10,7 @@ renamed into place at the end: a failed or interrupted conversion leaves nothing
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -38,6 +39,7 @@ DROPPED_KEYS = ("head.bn.num_batches_tracked",)
 # in the chosen float dtype: quantizing it measurably moves the logits (tests/test_convert.py).
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization supports (mx.quantize)
+BLOCK_KEY = re.compile(r"trunk\.blocks\.(0|[1-9]\d*)\.(.+)")
 QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 PREPROCESS = {
     "resize_ratio": CROP_RATIO,
@@ -333,23 +335,38 @@ def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tupl
 
 def _match(tensors, args: ModelArgs) -> list[Source]:
     """Check the checkpoint against the model's parameters: every key, every shape."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(AIM(args).parameters())}
-    unexpected = sorted(set(tensors) - set(expected) - set(DROPPED_KEYS))
+    before, block, after = _parameter_shapes(args)
+    fixed, per_block = dict(before + after), dict(block)
+
+    def expected_shape(key: str) -> tuple[int, ...] | None:  # None: not a parameter
+        if m := BLOCK_KEY.fullmatch(key):
+            return per_block.get(m[2]) if int(m[1]) < args.num_blocks else None
+        return fixed.get(key)
+
+    def expected():  # (key, shape) in the model's order
+        yield from before
+        for i in range(args.num_blocks):
+            yield from ((f"trunk.blocks.{i}.{k}", shape) for k, shape in block)
+        yield from after
+
+    unexpected = sorted(k for k in tensors if k not in DROPPED_KEYS and not expected_shape(k))
     if unexpected:
         k = unexpected[0]
         raise ConversionError(
             f"unexpected key {k!r} in {tensors[k].path} ({len(unexpected)} in all); "
             "is this an AIM v1 checkpoint?"
         )
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        part = "head" if missing[0].startswith("head.") else "backbone"
+    present = sum(k not in DROPPED_KEYS for k in tensors)
+    missing = len(fixed) + args.num_blocks * len(block) - present
+    if missing:  # the first in the model's order; a damaged file may claim millions of blocks
+        key, shape = next((k, shape) for k, shape in expected() if k not in tensors)
+        part = "head" if key.startswith("head.") else "backbone"
         raise ConversionError(
-            f"missing key {missing[0]!r} (shape {expected[missing[0]]}, {len(missing)} missing "
+            f"missing key {key!r} (shape {shape}, {missing} missing "
             f"in all): is the {part} file the right one?"
         )
     sources = []
-    for key, shape in expected.items():
+    for key, shape in expected():
         ckpt = tensors[key]
         if tuple(ckpt.shape(key)) != _checkpoint_shape(key, shape):
             raise ConversionError(
@@ -360,6 +377,19 @@ def _match(tensors, args: ModelArgs) -> list[Source]:
             raise ConversionError(f"{key!r} in {ckpt.path} is {ckpt.dtype(key)}, not a float")
         sources.append(Source(key, ckpt, shape))
     return sources
+
+
+def _parameter_shapes(args: ModelArgs):
+    """The model's parameters before its blocks, in one block (without `trunk.blocks.<i>.`) and
+    after them, as (key, shape) lists in the model's order: from a model of one block, since
+    a damaged or hostile checkpoint can claim millions (each built block takes memory)."""
+    one = AIM(dataclasses.replace(args, num_blocks=1, probe_layers=(0,)))
+    flat = [(k, tuple(v.shape)) for k, v in tree_flatten(one.parameters())]
+    prefix = "trunk.blocks.0."
+    first = next(i for i, (k, _) in enumerate(flat) if k.startswith(prefix))
+    block = [(k.removeprefix(prefix), s) for k, s in flat if k.startswith(prefix)]
+    rest = [(k, s) for k, s in flat if not k.startswith(prefix)]
+    return rest[:first], block, rest[first:]
 
 
 def _checkpoint_shape(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:

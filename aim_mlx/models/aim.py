@@ -58,6 +58,13 @@ class ModelArgs:
             raise ValueError(
                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}"
             )
+        widest = max(self.mlp_ratio, 3) * self.embed_dim
+        if max(widest, self.num_classes, self.patch_size) >= 2**31:  # MLX's dimensions are int32
+            raise ValueError(
+                f"embed_dim {self.embed_dim}, mlp_ratio {self.mlp_ratio}, num_classes "
+                f"{self.num_classes} or patch_size {self.patch_size} make a layer wider than "
+                "2**31 - 1, the most MLX supports"
+            )
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim {self.embed_dim} must be a multiple of 4 (sin-cos)")
         if self.img_size % self.patch_size:
