@@ -476,3 +476,46 @@ def test_hostile_values_are_cut_short_in_messages(tmp_path):
     with pytest.raises(UnsafePickleError) as e:
         open_checkpoint(path)
     assert str(e.value) == f"{path}: unexpected persistent id {repr(['x'] * 16)[:77]}..."
+
+
+def test_a_view_reads_only_the_elements_it_spans(tmp_path, monkeypatch):
+    """Four elements of a 4 MB storage: the rest streams through the CRC-32, never kept."""
+    from aim_mlx.convert import checkpoint
+
+    base = np.arange(2**20, dtype=np.float32)
+    path = tmp_path / "view.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("view/data.pkl", state_dict_pickle([("v", np.float32, (4,), (3,), 10, 2**20)]))
+        z.writestr("view/data/0", base.tobytes())
+    real_empty = checkpoint.np.empty
+
+    def small_empty(n, *a, **k):
+        assert n <= checkpoint.CHUNK, f"allocated {n} bytes"
+        return real_empty(n, *a, **k)
+
+    monkeypatch.setattr(checkpoint.np, "empty", small_empty)
+    monkeypatch.setattr(checkpoint, "CHUNK", 2**16)
+    np.testing.assert_array_equal(np.array(open_checkpoint(path).load("v")), [10, 13, 16, 19])
+
+
+@pytest.mark.parametrize("stride", [1, 2])  # the whole record, a view spread over all of it
+def test_a_compressed_tensor_inflating_past_the_file_is_refused(tmp_path, monkeypatch, stride):
+    """A zip bomb in a tensor: 4 MB of zeros deflate to 4 KB. Refused before reading when it
+    would take more than the file's size (and more than MAX_INFLATED, lowered here)."""
+    from aim_mlx.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_INFLATED", 2**20)
+    numel = 2**20 // stride
+    path = tmp_path / "bomb.pth"
+    spec = ("w", np.float32, (numel,), (stride,), 0, 2**20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("bomb/data.pkl", state_dict_pickle([spec]))
+        z.writestr("bomb/data/0", bytes(2**22))
+    size = path.stat().st_size
+    assert size < 2**14
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path).load("w")
+    assert str(e.value) == (
+        f"{path}: tensor 'w' takes {2**22 - 4 * (stride - 1)} bytes of a compressed record, "
+        f"more than the whole file's {size}: damaged, or a zip bomb"
+    )

@@ -207,6 +207,8 @@ CHUNK = 4 * 2**20
 # The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). A stored one is
 # bounded by the file's size; a compressed one larger than this is refused before it is inflated.
 MAX_PICKLE = 16 * 2**20
+# What a tensor may take beyond the file's size (compressed records of zeros inflate ~1000x).
+MAX_INFLATED = 64 * 2**20
 
 
 @contextlib.contextmanager
@@ -294,18 +296,24 @@ class TorchCheckpoint:
             )
         numel = math.prod(t.shape)
         contiguous = _contiguous_strides(t.shape) == t.stride or numel <= 1
-        start, count = (t.offset, numel) if contiguous else (0, t.storage.numel)
-        if numel and (t.offset + _span(t.shape, t.stride) > t.storage.numel):
+        span = _span(t.shape, t.stride) if numel else 0
+        if t.offset + span > t.storage.numel:
             raise CheckpointError(f"{self.path}: tensor {key!r} reaches past its storage")
-        raw = self._read_record(member, start * itemsize, count * itemsize)
+        count = numel if contiguous else span  # a view: the elements it spans, not its storage
+        if count * itemsize > max(self._size, MAX_INFLATED):
+            # Only a compressed record holds more than the file: a few MB inflating to gigabytes.
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} takes {count * itemsize} bytes of a compressed "
+                f"record, more than the whole file's {self._size}: damaged, or a zip bomb"
+            )
+        raw = self._read_record(member, t.offset * itemsize, count * itemsize)
         np_dtype = np.uint16 if t.dtype == "bfloat16" else np.dtype(t.dtype)
         arr = raw.view(np.dtype(np_dtype).newbyteorder("<"))
         if contiguous:
             arr = arr.reshape(t.shape)
         else:
-            arr = np.lib.stride_tricks.as_strided(
-                arr[t.offset :], t.shape, [s * itemsize for s in t.stride]
-            ).copy()
+            strides = [s * itemsize for s in t.stride]
+            arr = np.lib.stride_tricks.as_strided(arr, t.shape, strides).copy()
         out = mx.array(arr)
         return out.view(mx.bfloat16) if t.dtype == "bfloat16" else out
 
