@@ -519,3 +519,18 @@ def test_a_compressed_tensor_inflating_past_the_file_is_refused(tmp_path, monkey
         f"{path}: tensor 'w' takes {2**22 - 4 * (stride - 1)} bytes of a compressed record, "
         f"more than the whole file's {size}: damaged, or a zip bomb"
     )
+
+
+def test_two_records_of_one_name_are_refused(tmp_path):
+    """zipfile reads the last of them, other readers may take the first: refused, not guessed."""
+    path = tmp_path / "twice.pth"
+    with zipfile.ZipFile(path, "w") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr("twice/data.pkl", state_dict_pickle([("w", np.float32, (2,), (1,), 0, 2)]))
+        z.writestr("twice/data/0", np.array([1, 2], np.float32).tobytes())
+        z.writestr("twice/data/0", np.array([3, 4], np.float32).tobytes())
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    assert str(e.value) == (
+        f"{path}: holds two records named 'twice/data/0': damaged or tampered with; "
+        "download or copy the file again"
+    )

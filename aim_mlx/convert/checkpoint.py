@@ -246,6 +246,12 @@ class TorchCheckpoint:
         self._size = self.path.stat().st_size
         with _damage_reported(self.path, "zip directory"):
             names = self._zip.namelist()
+        if len(set(names)) < len(names):  # readers differ on which of them they take
+            twice = next(n for n in names if names.count(n) > 1)
+            raise CheckpointError(
+                f"{self.path}: holds two records named {_short(twice)}: damaged or tampered "
+                f"with; {_AGAIN}"
+            )
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
             raise CheckpointError(
