@@ -247,7 +247,7 @@ class TorchCheckpoint:
         with _damage_reported(self.path, "zip directory"):
             names = self._zip.namelist()
         if len(set(names)) < len(names):  # readers differ on which of them they take
-            twice = next(n for n in names if names.count(n) > 1)
+            twice = next(n for n, count in collections.Counter(names).items() if count > 1)
             raise CheckpointError(
                 f"{self.path}: holds two records named {_short(twice)}: damaged or tampered "
                 f"with; {_AGAIN}"
