@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 
 import mlx.core as mx
 import numpy as np
@@ -44,8 +45,9 @@ def is_image_name(name: str) -> bool:
 
 
 def _image_files(folder: str) -> Iterator[tuple[str, str | None]]:
-    """(path, None) for each image file under a folder and (folder, reason) for each folder
-    that cannot be read, in no set order. Hidden files and folders (such as macOS
+    """(path, None) for each image file under a folder and (path, reason) for each folder
+    that cannot be read and each image name that is a pipe, socket or device (opening a pipe
+    waits for a writer, forever), in no set order. Hidden files and folders (such as macOS
     `._name.jpg` resource forks) are skipped; symlinked folders are followed, except one that
     leads back to a folder above it (a loop)."""
     stack = [(folder, frozenset())]
@@ -68,12 +70,23 @@ def _image_files(folder: str) -> Iterator[tuple[str, str | None]]:
             if is_dir:
                 stack.append((entry.path, above | {real}))
             elif is_image_name(entry.name):
-                yield entry.path, None
+                yield entry.path, _not_a_file(entry)
+
+
+def _not_a_file(entry: os.DirEntry) -> str | None:
+    """Why an entry is not read as an image: it is a pipe, socket or device. None for a file,
+    and for a broken link (its error comes when it is read)."""
+    try:
+        mode = entry.stat().st_mode  # through a symlink
+    except OSError:
+        return None
+    return None if S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
 
 
 def walk_images(folder: str, errors: list[tuple[str, str]] | None = None) -> list[str]:
     """Image files under a folder, recursively, in sorted order; hidden ones skipped. Folders
-    that cannot be read are added to `errors` as (path, reason), in sorted order."""
+    that cannot be read, and pipes or devices with image names, are added to `errors` as
+    (path, reason), in sorted order."""
     found, unreadable = [], []
     for path, error in _image_files(folder):
         if error:

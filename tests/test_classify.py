@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -371,6 +373,30 @@ def test_chmod_000_sub_folder_is_reported(model_dir, tmp_path):
         locked.chmod(0o755)
     assert result.exit_code == 1 and "chelsea.png" in result.stdout
     assert f"error: {locked}: cannot read the folder: Permission denied" in result.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_a_pipe_named_like_an_image_in_a_folder_is_an_error_not_a_hang(model_dir, tmp_path):
+    """Opening a pipe waits for a writer, forever (and a worker thread stuck there kept the
+    process alive through SIGTERM)."""
+    from aim_mlx import images
+
+    shutil.copy(REF / "images" / "rocket.jpg", tmp_path)
+    os.mkfifo(tmp_path / "x.jpg")
+    reason = "not a regular file (a pipe, socket or device)"
+    assert [(Path(it.path).name, it.error) for it in images.collect([tmp_path])] == [
+        ("rocket.jpg", None),
+        ("x.jpg", reason),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", "from aim_mlx.cli import main; main()", "classify", tmp_path]
+        + ["--model", model_dir, "--no-progress", "-k", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "rocket.jpg" in proc.stdout
+    assert proc.stderr == f"error: {tmp_path / 'x.jpg'}: {reason}\n"
 
 
 def test_symlinked_folders_are_searched_once_and_loops_are_not_followed(tmp_path):
