@@ -123,7 +123,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
                 f"floating-point image with values from {np.nanmin(a):.4g} to {np.nanmax(a):.4g}; "
                 "expected intensities in 0..1: save it with 8- or 16-bit integer samples"
             )
-        a = np.round(a * 255.0).astype(np.uint8)
+        a = np.round(np.multiply(a, 255.0, out=a), out=a).astype(np.uint8)  # in place: 8 B/px
         return Image.fromarray(a, mode="L").convert("RGB")
     if img.mode in _WIDE_MODES:
         a = np.asarray(img, dtype=np.float64)
@@ -134,7 +134,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
             )
         # Mode I holds 16-bit PNGs (0..65535) as well as 32-bit samples (0..2^31 - 1).
         top = 65535.0 if not a.size or a.max() <= 65535 else 2.0**31 - 1
-        a = np.round(a / (top / 255.0)).astype(np.uint8)
+        a = np.round(np.divide(a, top / 255.0, out=a), out=a).astype(np.uint8)  # in place
         return Image.fromarray(a, mode="L").convert("RGB")
     with warnings.catch_warnings():
         # "Palette images with Transparency expressed in bytes should be converted to RGBA".

@@ -64,6 +64,26 @@ def test_32_bit_integer_images_are_scaled_not_clipped(tmp_path):
         open_image(path)
 
 
+@pytest.mark.parametrize("mode, value, expected", [("I;16", 30000, 117), ("F", 0.5, 128)])
+def test_wide_and_float_images_are_scaled_in_one_float64_copy(mode, value, expected):
+    """Under PIL's pixel limit (89 million pixels), each float64 copy of an image takes 700 MB:
+    the scaling to 8 bits works in place on one copy, not on three."""
+    import tracemalloc
+
+    from aim_mlx.transforms import to_rgb
+
+    img = Image.fromarray(np.full((1000, 1000), value, np.uint16 if mode == "I;16" else "f4"))
+    assert img.mode == mode
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.mode == "RGB" and rgb.getpixel((500, 500)) == (expected,) * 3
+    assert peak < 1.6 * 8 * 1000 * 1000, f"{peak / 1e6:.1f} MB for a 1-megapixel image"
+
+
 def test_modes_become_rgb_like_convert(tmp_path):
     photo = rgb_photo()
     cmyk = tmp_path / "cmyk.jpg"
