@@ -49,7 +49,12 @@ def open_image(path: str | Path) -> Image.Image:
         with warnings.catch_warnings():
             # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # bad EXIF
             with Image.open(path) as img:
+                # Checked again: warning filters are process-wide, and another thread leaving
+                # its catch_warnings can drop the one above before PIL warns.
+                if limit and img.width * img.height > limit:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height}")
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

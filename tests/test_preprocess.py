@@ -168,6 +168,39 @@ def test_decompression_bombs_are_refused(tmp_path, side):
         open_image(path)
 
 
+def test_the_pixel_limit_holds_when_another_thread_dropped_the_warning_filter(
+    tmp_path, monkeypatch
+):
+    """Warning filters are process-wide: a decoding thread leaving its catch_warnings restores
+    the list it saw, dropping another's "error" filter. PIL then only warns past its limit (up
+    to twice it), and the image must still be refused, not decoded."""
+    from aim_mlx import transforms
+
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", "10000")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    Image.new("RGB", (120, 120), (200, 30, 40)).save(tmp_path / "over.png")  # 14400 pixels
+    monkeypatch.setattr(transforms.warnings, "simplefilter", lambda *a, **k: None)
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageError) as e:
+        open_image(tmp_path / "over.png")
+    assert str(e.value).startswith("refused as a possible decompression bomb: more than 10000")
+
+
+def test_damaged_exif_is_ignored_without_warnings(tmp_path):
+    """Photos with slightly damaged EXIF are common: read, without PIL's warnings on stderr."""
+    import io
+    import warnings
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (60, 40), (200, 30, 40)).save(jpeg, "JPEG")
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 0xFFFF) + bytes(20)  # 65535 entries
+    app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    (tmp_path / "exif.jpg").write_bytes(jpeg.getvalue()[:2] + app1 + jpeg.getvalue()[2:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert open_image(tmp_path / "exif.jpg").size == (60, 40)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_unreadable_files_are_refused_with_a_reason(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not a picture\n")
