@@ -69,6 +69,8 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageError("no such file") from None
     except IsADirectoryError:
         raise ImageError("is a directory, not an image") from None
+    except PermissionError:
+        raise ImageError("cannot be read: permission denied") from None
     except UnidentifiedImageError:
         raise ImageError(_unreadable_reason(path)) from None
     except Exception as e:  # truncated or corrupt data, bad EXIF: PIL raises many kinds

@@ -216,6 +216,25 @@ def test_unreadable_files_are_refused_with_a_reason(tmp_path):
             open_image(tmp_path / name)
 
 
+def test_a_file_without_read_permission_says_so(tmp_path, monkeypatch):
+    """As root reads any file, the denial is simulated where PIL opens the file."""
+    import builtins
+
+    path = tmp_path / "locked.jpg"
+    path.write_bytes((REF / "images" / "rocket.jpg").read_bytes())
+    real_open = builtins.open
+
+    def deny(file, *args, **kwargs):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    with pytest.raises(ImageError) as e:
+        open_image(path)
+    assert str(e.value) == "cannot be read: permission denied"
+
+
 def test_one_pixel_image(tmp_path):
     Image.new("RGB", (1, 1), (200, 30, 40)).save(tmp_path / "dot.png")
     x = preprocess(tmp_path / "dot.png")

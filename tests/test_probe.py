@@ -351,6 +351,21 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     assert config["training"]["train_images"] + config["training"]["val_images"] == 40
 
 
+def test_heic_photos_are_usable_training_images(tmp_path):
+    """iPhone photos, the README's example: the header check reads them as decoding does
+    (a process that had decoded none yet took every HEIC file for "not an image")."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif reads HEIC")
+    from aim_mlx.probe.data import read_dataset
+
+    photo = Image.open(REF / "images" / "rocket.jpg").convert("RGB")
+    for i, name in enumerate(["cat", "dog", "cat", "dog"]):
+        (tmp_path / name).mkdir(exist_ok=True)
+        heif = pillow_heif.from_pillow(photo.rotate(30 * i))
+        heif.save(tmp_path / name / f"{i}.heic")
+    dataset = read_dataset(tmp_path)
+    assert dataset.skipped == [] and dataset.counts() == [2, 2]
+
+
 def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, unreadable):
     from aim_mlx.probe.data import read_dataset
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import images
+from .. import images, transforms
 from ..errors import AimMlxError
 
 
@@ -36,14 +36,20 @@ class Dataset:
 
 def _header_error(path: str) -> str | None:
     """Why PIL cannot even identify this file, or None. Only the header is read: a truncated
-    image passes here and is caught when decoded for feature extraction."""
+    image (or one past the pixel limit) passes here and is caught when decoded for feature
+    extraction."""
+    transforms._register_heif()  # HEIC / HEIF: iPhone photos
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path):
                 return None
+    except Image.DecompressionBombError:
+        return None  # refused, with its reason, when decoded
+    except PermissionError:
+        return "cannot be read: permission denied"
     except Exception:
-        return "not an image PIL can read (empty, damaged or another format)"
+        return transforms._unreadable_reason(path)
 
 
 def class_folders(
