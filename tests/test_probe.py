@@ -423,6 +423,31 @@ def test_probe_eval_without_a_readable_image_has_no_accuracy(heads, model_dir, t
     assert res.stdout == "no accuracy: no image could be read (see the errors above)\n"
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # Integer weights loaded as they were: every image scored 50/50, exit status 0.
+        ("int32", "'{first}' is stored as mlx.core.int32, not float32"),
+        ("extra", "Received 1 parameters not in model: zzz."),  # MLX's message, on one line
+    ],
+)
+def test_damaged_head_weights_are_refused(heads, model_dir, tmp_path, change, message):
+    head = tmp_path / "head"
+    shutil.copytree(heads["linear"].out, head)
+    weights = mx.load(str(head / "head.safetensors"))
+    if change == "int32":
+        weights = {k: v.astype(mx.int32) for k, v in weights.items()}
+    else:
+        weights["zzz"] = mx.zeros(3)
+    mx.save_safetensors(str(head / "head.safetensors"), weights)
+    message = message.format(first=next(iter(mx.load(str(head / "head.safetensors")))))
+    res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", head)
+    assert res.exit_code == 1 and res.stdout == ""
+    assert res.stderr == (
+        f"Error: {head}/head.safetensors: cannot load the head's weights ({message})\n"
+    )
+
+
 def test_head_with_another_trunk_is_refused(heads, tmp_path):
     # the same architecture from other source weights (the hub-style file): another trunk
     other = convert(tmp_path / "other", hf_path=REF / "hf_repo", progress=False, name="other")

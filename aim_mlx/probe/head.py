@@ -160,9 +160,12 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
     head = make_head(config["kind"], model.args, len(classes))
     try:
         weights = mx.load(str(Path(folder) / WEIGHTS))
+        if bad := next((k for k, v in weights.items() if v.dtype != mx.float32), None):
+            raise ValueError(f"{bad!r} is stored as {weights[bad].dtype}, not float32")
         head.load_weights(list(weights.items()), strict=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ProbeError(f"{folder}/{WEIGHTS}: cannot load the head's weights ({e})") from None
+        why = " ".join(str(e).split())  # MLX's messages can span lines
+        raise ProbeError(f"{folder}/{WEIGHTS}: cannot load the head's weights ({why})") from None
     try:
         model.replace_head(head, config["probe_layers"], classes, config["img_size"])
     except ValueError as e:  # e.g. an image size the trunk's patches do not divide
