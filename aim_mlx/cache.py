@@ -239,7 +239,7 @@ def list_feature_sets() -> list[FeatureSetEntry]:
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep
         return None
 
 

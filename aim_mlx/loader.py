@@ -39,7 +39,7 @@ def read_config(path: str | Path) -> dict:
         config = json.loads(config_file.read_text())
     except OSError as e:
         raise ModelLoadError(f"{config_file}: cannot be read ({e.strerror or e})") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise ModelLoadError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ModelLoadError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
@@ -107,7 +107,7 @@ def weight_files(path: Path) -> list[Path]:
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [path / name for name in names]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(f"{index}: cannot read the shard list ({e})") from None
     if missing := [f for f in files if not f.is_file()]:
         raise ModelLoadError(f"{missing[0]}: a weight shard listed in {INDEX} is missing")

@@ -191,7 +191,7 @@ def _from_env() -> dict[str, ModelSpec]:
         return {}
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
         raise RegistryError(f"cannot read the registry file {path} ({REGISTRY_ENV}): {e}") from None
     entries = data.get("models") if isinstance(data, dict) else data
     if not isinstance(entries, list):

@@ -534,3 +534,13 @@ def test_two_records_of_one_name_are_refused(tmp_path):
         f"{path}: holds two records named 'twice/data/0': damaged or tampered with; "
         "download or copy the file again"
     )
+
+
+def test_safetensors_header_nested_too_deep_is_a_clean_error(tmp_path):
+    import struct
+
+    raw = b"[" * 10**5 + b"]" * 10**5
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError, match="not a safetensors file \\(header is not JSON\\)"):
+        open_checkpoint(path)

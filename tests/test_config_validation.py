@@ -140,6 +140,38 @@ def test_a_config_claiming_millions_of_blocks_fails_before_building_them(
     )
 
 
+def test_json_nested_too_deep_is_one_line_not_a_traceback(model_dir, tmp_path):
+    """Python's JSON parser recurses: 200 KB of brackets raised RecursionError."""
+    deep = "[" * 10**5 + "]" * 10**5
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    (folder / "config.json").write_text(deep)
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert err.startswith(f"Error: {folder / 'config.json'}: not valid JSON (maximum recursion")
+    shutil.copy(model_dir / "config.json", folder / "config.json")
+    (folder / "model.safetensors.index.json").write_text(deep)
+    with pytest.raises(ModelLoadError, match="index.json: cannot read the shard list"):
+        aim_mlx.load(folder)
+    head = tmp_path / "head"
+    head.mkdir()
+    (head / "head.safetensors").write_bytes(b"")
+    (head / "config.json").write_text(deep)
+    err = clean(cli("classify", ROCKET, "-m", model_dir, "--head", head, "--no-progress"), 1)
+    assert err.startswith(f"Error: {head / 'config.json'}: cannot read it (maximum recursion")
+    registry = tmp_path / "models.json"
+    for text in (deep, "\udcff"):  # nested too deep; not UTF-8
+        registry.write_text(text, errors="surrogateescape")
+        result = CliRunner().invoke(main, ["models"], env={"AIM_MLX_REGISTRY": str(registry)})
+        assert result.stderr.startswith(f"Error: cannot read the registry file {registry}")
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    from aim_mlx import cache
+
+    feature_set = cache.features_root() / "set"
+    feature_set.mkdir(parents=True)
+    (feature_set / "info.json").write_text(deep)
+    assert [entry.info for entry in cache.list_feature_sets()] == [None]  # listed as unknown
+
+
 def test_an_empty_config_is_not_called_missing(model_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(model_dir, folder)
@@ -169,6 +201,7 @@ HUB_CONFIG = json.loads((REF / "hf_repo" / "config.json").read_text())
         ({**HUB_CONFIG, "probe_layers": 3}, "probe layers must be a list of block indices"),
         ({**HUB_CONFIG, "img_size": 100}, "img_size 100 must be a multiple of patch_size 14"),
         ({**HUB_CONFIG, "num_heads": "4"}, "num_heads must be a positive integer, got '4'"),
+        ("[" * 10**5 + "]" * 10**5, "config.json: cannot read it as JSON (maximum recursion"),
     ],
 )
 def test_bad_hub_style_config_is_one_line(tmp_path, config, message):

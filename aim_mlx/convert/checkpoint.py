@@ -485,7 +485,7 @@ def _safetensors_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: not a safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise CheckpointError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")

@@ -127,7 +127,7 @@ def _is_model_folder(folder: Path) -> bool:
     """A folder a conversion wrote: what --force may replace."""
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return False
     return (
         isinstance(config, dict)
@@ -217,7 +217,7 @@ def _hub_config(file: Path) -> dict:
         return {}
     try:
         config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise ConversionError(f"{file}: cannot read it as JSON ({e})") from None
     if not isinstance(config, dict):
         raise ConversionError(f"{file}: expected a JSON object, got {type(config).__name__}")

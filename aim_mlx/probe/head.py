@@ -68,7 +68,7 @@ def check_output(out: str | Path, force: bool = False, inputs=()) -> Path:
 def _is_head_output(folder: Path) -> bool:
     try:
         config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         return False
     return isinstance(config, dict) and config.get("format") == HEAD_FORMAT
 
@@ -100,7 +100,7 @@ def read_head_config(folder: str | Path) -> dict:
             f"--head {folder}: no config.json; not a trained head's folder (make one with "
             "`aim-mlx probe train`)"
         ) from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise ProbeError(f"{file}: cannot read it ({e})") from None
     if not isinstance(config, dict) or config.get("format") != HEAD_FORMAT:
         raise ProbeError(f"{file}: not a trained head's config (no format {HEAD_FORMAT!r})")
