@@ -115,6 +115,15 @@ def test_exif_orientation_is_applied(tmp_path):
     assert not np.array_equal(preprocess(path), preprocess(photo))
 
 
+@pytest.mark.parametrize("name", ["anim.gif", "anim.png", "anim.webp", "pages.tif"])
+def test_animated_and_multi_page_images_give_their_first_frame(tmp_path, name):
+    red, blue = (Image.new("RGB", (64, 48), c) for c in ((200, 30, 40), (30, 40, 200)))
+    options = {"lossless": True} if name.endswith(".webp") else {}
+    red.save(tmp_path / name, save_all=True, append_images=[blue], **options)
+    assert getattr(Image.open(tmp_path / name), "n_frames", 1) == 2
+    np.testing.assert_array_equal(preprocess(tmp_path / name), preprocess(red))
+
+
 def test_heic_photos_are_read_upright_like_the_same_png(tmp_path):
     """iPhone photos: HEIC, often with an orientation, found in folders and read upright."""
     pillow_heif = pytest.importorskip("pillow_heif", reason="pillow-heif reads HEIC")
