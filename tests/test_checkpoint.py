@@ -544,3 +544,37 @@ def test_safetensors_header_nested_too_deep_is_a_clean_error(tmp_path):
     path.write_bytes(struct.pack("<Q", len(raw)) + raw)
     with pytest.raises(CheckpointError, match="not a safetensors file \\(header is not JSON\\)"):
         open_checkpoint(path)
+
+
+def test_overlapping_records_are_refused(tmp_path):
+    """A record whose bytes take in the next one's (a zip bomb that needs no compression: N such
+    records make N times the file's size of tensors)."""
+    import struct
+    import zlib
+
+    path = tmp_path / "overlap.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("overlap/data.pkl", state_dict_pickle([]))
+        z.writestr("overlap/data/0", bytes(16))
+        z.writestr("overlap/data/1", bytes(4096))
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        first, second = z.getinfo("overlap/data/0"), z.getinfo("overlap/data/1")
+    start = first.header_offset + 30 + len(first.filename) + len(first.extra)
+    end = second.header_offset + 30 + len(second.filename) + len(second.extra) + 4096
+    entry = data.rindex(b"overlap/data/0") - 46  # its central-directory entry
+    assert data[entry : entry + 4] == b"PK\x01\x02"
+    data[entry + 16 : entry + 28] = struct.pack(  # CRC-32 and sizes: from its start to the end
+        "<III", zlib.crc32(bytes(data[start:end])), end - start, end - start
+    )
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as z:
+        assert z.read("overlap/data/0")[-4096:] == bytes(4096)  # zipfile reads it as valid
+    size = len(data)
+    stored = len(state_dict_pickle([])) + (end - start) + 4096
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    assert str(e.value) == (
+        f"{path}: its records overlap ({stored} bytes of them in a file of {size}): damaged, "
+        "or a zip bomb; download or copy the file again"
+    )

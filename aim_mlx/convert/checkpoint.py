@@ -252,6 +252,14 @@ class TorchCheckpoint:
                 f"{self.path}: holds two records named {_short(twice)}: damaged or tampered "
                 f"with; {_AGAIN}"
             )
+        # Records sharing bytes (N of them make N times the file); one alone past the end of
+        # the file is reported as such when read.
+        sizes = [info.compress_size for info in self._zip.infolist()]
+        if (stored := sum(n for n in sizes if n <= self._size)) > self._size:
+            raise CheckpointError(
+                f"{self.path}: its records overlap ({stored} bytes of them in a file of "
+                f"{self._size}): damaged, or a zip bomb; {_AGAIN}"
+            )
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
             raise CheckpointError(
