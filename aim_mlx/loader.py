@@ -121,7 +121,6 @@ def load_model(path: str | Path) -> AIM:
     check_format(path, config)
     args = model_args(path, config)
     files = weight_files(path)
-    check_fits(sum(f.stat().st_size for f in files), str(path))
     weights = {}
     for f in files:
         try:
@@ -130,6 +129,8 @@ def load_model(path: str | Path) -> AIM:
             raise ModelLoadError(
                 f"{f}: cannot read the weights ({e}); {convert_again(path)}"
             ) from None
+    # What the tensors take once read (the files' size, or more where their bytes overlap).
+    check_fits(sum(v.nbytes for v in weights.values()), str(path))
     _check_blocks(path, args, weights)  # before building them: config.json may claim millions
     model = AIM(args)  # random init is lazy: never computed
     if q := config.get("quantization"):

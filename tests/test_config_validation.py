@@ -419,3 +419,33 @@ def test_an_interrupted_cache_rm_leaves_no_damaged_entry(model_dir, monkeypatch)
     result = cli("cache", "rm", "--all")
     assert clean(result, 0) == "" and not left.exists()
     assert result.stdout.startswith("removed what interrupted conversions left (")
+
+
+def test_weights_sharing_bytes_are_checked_against_memory_by_what_they_take(
+    model_dir, tmp_path, monkeypatch
+):
+    """Every tensor of model.safetensors given the same bytes (MLX's reader allows it): a small
+    file that would take the whole model's size once read, checked as such."""
+    import struct
+
+    from aim_mlx import memory
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    raw = (folder / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    sizes = {
+        k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k[0] != "_"
+    }
+    for key, size in sizes.items():
+        header[key]["data_offsets"] = [0, size]
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(
+        struct.pack("<Q", len(text)) + text + bytes(max(sizes.values()))
+    )
+    file_size = (folder / "model.safetensors").stat().st_size
+    assert file_size * 4 < sum(sizes.values())
+    monkeypatch.setattr(memory, "device_memory", lambda: (2 * file_size, "memory"))
+    with pytest.raises(memory.NotEnoughMemoryError, match=f"{folder}: the weights alone take"):
+        aim_mlx.load(folder)

@@ -167,7 +167,7 @@ def test_cache_entry_with_broken_config_is_not_current(tmp_path, monkeypatch):
 
 def test_weights_larger_than_memory_are_refused_before_any_download(tmp_path, monkeypatch):
     """A model whose weights exceed the device's whole memory is refused by name before the
-    hub is asked for anything; a converted folder is checked by its files' size."""
+    hub is asked for anything; a converted folder by its tensors' size."""
     from aim_mlx import memory
     from aim_mlx.loader import load_model
     from aim_mlx.probe.head import load_trunk
