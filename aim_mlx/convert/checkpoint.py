@@ -207,7 +207,8 @@ CHUNK = 4 * 2**20
 # The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). A stored one is
 # bounded by the file's size; a compressed one larger than this is refused before it is inflated.
 MAX_PICKLE = 16 * 2**20
-# What a tensor may take beyond the file's size (compressed records of zeros inflate ~1000x).
+# How far past the file's size a compressed record may inflate (zeros deflate ~1000x); a
+# stored record is bounded by the file itself.
 MAX_INFLATED = 64 * 2**20
 
 
@@ -314,12 +315,6 @@ class TorchCheckpoint:
         if t.offset + span > t.storage.numel:
             raise CheckpointError(f"{self.path}: tensor {key!r} reaches past its storage")
         count = numel if contiguous else span  # a view: the elements it spans, not its storage
-        if count * itemsize > max(self._size, MAX_INFLATED):
-            # Only a compressed record holds more than the file: a few MB inflating to gigabytes.
-            raise CheckpointError(
-                f"{self.path}: tensor {key!r} takes {count * itemsize} bytes of a compressed "
-                f"record, more than the whole file's {self._size}: damaged, or a zip bomb"
-            )
         raw = self._read_record(member, t.offset * itemsize, count * itemsize)
         np_dtype = np.uint16 if t.dtype == "bfloat16" else np.dtype(t.dtype)
         arr = raw.view(np.dtype(np_dtype).newbyteorder("<"))
@@ -359,6 +354,11 @@ class TorchCheckpoint:
                         out, crc = self._stream(f, size, name, True, crc)
                         crc = self._stream(f, info.file_size - start - size, name, False, crc)[1]
             else:  # zipfile checks the CRC itself when a record is read to its end
+                if info.file_size > max(self._size, MAX_INFLATED):  # all of it is inflated
+                    raise CheckpointError(
+                        f"{self.path}: record {name} inflates to {info.file_size} bytes, more "
+                        f"than the whole file's {self._size}: damaged, or a zip bomb"
+                    )
                 with self._zip.open(info) as f:
                     self._stream(f, start, name, keep=False)
                     out = self._stream(f, size, name, keep=True)[0]
