@@ -349,7 +349,7 @@ def _match(tensors, args: ModelArgs) -> list[Source]:
             yield from ((f"trunk.blocks.{i}.{k}", shape) for k, shape in block)
         yield from after
 
-    unexpected = sorted(k for k in tensors if k not in DROPPED_KEYS and not expected_shape(k))
+    unexpected = sorted(k for k in tensors if k not in DROPPED_KEYS and expected_shape(k) is None)
     if unexpected:
         k = unexpected[0]
         raise ConversionError(
