@@ -109,6 +109,10 @@ def weight_files(path: Path) -> list[Path]:
         files = [path / name for name in names]
     except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
         raise ModelLoadError(f"{index}: cannot read the shard list ({e})") from None
+    if outside := next((n for n in names if Path(n).name != n or n in ("", ".", "..")), None):
+        raise ModelLoadError(  # a shard is a file of the folder, never one elsewhere
+            f"{index}: shard {outside!r} is not a file name in the folder; {convert_again(path)}"
+        )
     if missing := [f for f in files if not f.is_file()]:
         raise ModelLoadError(f"{missing[0]}: a weight shard listed in {INDEX} is missing")
     return files

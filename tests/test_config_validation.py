@@ -272,6 +272,25 @@ def test_only_the_listed_shards_are_read(tmp_path, monkeypatch):
         aim_mlx.load(out)
 
 
+@pytest.mark.parametrize("where", ["relative", "absolute", "parent"])
+def test_shards_outside_the_folder_are_refused(model_dir, tmp_path, where):
+    """A hand-made or downloaded index cannot make the loader read another folder's files."""
+    folder, other = tmp_path / "m", tmp_path / "other"
+    shutil.copytree(model_dir, folder)
+    other.mkdir()
+    (folder / "model.safetensors").rename(other / "model.safetensors")  # loadable, elsewhere
+    name = {
+        "relative": "../other/model.safetensors",
+        "absolute": str(other / "model.safetensors"),
+        "parent": "..",
+    }[where]
+    keys = mx.load(str(other / "model.safetensors"))
+    index = {"weight_map": dict.fromkeys(keys, name)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=f"shard '{re.escape(name)}' is not a file name in"):
+        aim_mlx.load(folder)
+
+
 def test_weights_in_another_dtype_than_the_config_are_refused(model_dir, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(model_dir, folder)
