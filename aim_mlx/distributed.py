@@ -322,7 +322,8 @@ def map_images(
         if not isinstance(e, AimMlxError):
             traceback.print_exc()
         failure = str(e) if isinstance(e, AimMlxError) else f"{type(e).__name__}: {e}"
-    print(tag(f"{len(rows)} images"), file=sys.stderr, flush=True)
+    n = len(rows)
+    print(tag(f"{n} image{'' if n == 1 else 's'}"), file=sys.stderr, flush=True)
     local = np.stack(rows) if rows else None
     shape = [list(local.shape[1:]), local.dtype.str] if local is not None else None
     with _collective(f"gathering the results of {desc}"):

@@ -128,13 +128,13 @@ def test_classify_and_eval_two_ranks_equal_one_process(hub_folder, tmp_path):
     cli("classify", REF / "images", "-m", hub_folder, "-k", "3")  # converted once, here
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
-    inputs = [*IMAGES[:2], bad, *IMAGES[2:]]  # rank 0: two images, rank 1: the bad one, two
+    inputs = [IMAGES[0], bad, *IMAGES[1:]]  # rank 0: an image and the bad one; rank 1: three
     two = launch("classify", *inputs, "-m", "hf", "--json", "-b", "2", cwd=tmp_path)
     one = cli("classify", *inputs, "-m", hub_folder, "--json", "-b", "2")
     assert one.exit_code == 1 and two.stdout == one.stdout and two.stdout.count("\n") == 5
     assert f'"path": "{bad}", "error"' in two.stdout  # every input has its row
     assert two.stderr.count(f"error: {bad}: not an image") == 1, two.stderr
-    assert "rank 0/2: 2 images" in two.stderr and "rank 1/2: 2 images" in two.stderr
+    assert "rank 0/2: 1 image\n" in two.stderr and "rank 1/2: 3 images" in two.stderr
 
     # eval: camera and coffee in their top-1 class, chelsea in its second, rocket in its
     # 100th, and a copy of camera with rocket: 2 top-1 hits, 3 top-5 hits in 5 images.
