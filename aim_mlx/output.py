@@ -131,8 +131,8 @@ def move_into_place(tmp: Path, out: Path) -> None:
                     old.rename(out)
                 raise
     finally:
-        if out.exists():  # the new one in place (a signal held back is raised by now)
-            shutil.rmtree(old, ignore_errors=True)
+        if out.exists() and old.exists():  # the new one in place (a held signal is raised now)
+            _delete(old, out)
 
 
 def remove_leftovers(out: Path) -> None:
@@ -142,10 +142,20 @@ def remove_leftovers(out: Path) -> None:
     for path, kind in dead_leftovers(out.parent, out.name):
         if kind == "old" and not out.exists() and not out.is_symlink():
             path.rename(out)
+        elif kind == "old":
+            _delete(path, out)
         elif path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
+
+
+def _delete(old: Path, out: Path) -> None:
+    """Delete an old output moved aside: renamed to a partial name first, so that a kill while
+    deleting leaves a leftover to remove, never half an old output to put back."""
+    doomed = temp_path(out)
+    old.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}(\.[^.]*)?")

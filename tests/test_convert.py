@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,6 +335,51 @@ def test_stale_partial_folder_of_a_dead_process_is_removed(tmp_path):
     (stale / "model.safetensors").write_bytes(b"half")
     run(tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _dead_pid() -> int:
+    """The PID of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout)
+
+
+def _as_dead_process(path):
+    """`path` (a temporary name of this process) renamed as if its process were gone."""
+    return path.rename(path.with_name(re.sub(r"-\d+-", f"-{_dead_pid()}-", path.name, count=1)))
+
+
+def _killed_while_deleting(path, **_):
+    """shutil.rmtree stopped after one file (as by a SIGKILL)."""
+    next(p for p in path.iterdir() if p.is_file()).unlink()
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("where", ["replacing", "clearing leftovers"])
+def test_an_old_output_half_deleted_is_never_put_back(tmp_path, monkeypatch, where):
+    """A process killed while deleting the old folder it replaced (once the new one is in
+    place) leaves a leftover; if the user then removes the output, the next run must not put
+    half of the old folder back as the output."""
+    from aim_mlx import output
+
+    out, other = tmp_path / "out", tmp_path / "new"
+    if where == "clearing leftovers":  # the old folder a killed run moved aside, out in place
+        other = tmp_path / f".out.old-{_dead_pid()}-deadbeef"
+    for folder in (out, other):
+        folder.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (folder / name).write_text(folder.name)
+    with monkeypatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(output.shutil, "rmtree", _killed_while_deleting)
+        if where == "replacing":
+            output.move_into_place(other, out)
+        else:
+            output.remove_leftovers(out)
+    (left,) = tmp_path.glob(".out.*")
+    _as_dead_process(left)
+    shutil.rmtree(out)  # the user's choice
+    output.prepare_output(out, replaceable=lambda _: True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_convert(tmp_path):
