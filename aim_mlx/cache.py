@@ -104,10 +104,16 @@ def model_locks(name: str, on_wait=None):
     folder = cache_root() / ".locks"
     prefix = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # as in entry_key
     keys = sorted(p.name.removesuffix(".lock") for p in folder.glob(f"{prefix}--*.lock"))
+    waits = []  # on_wait is called once, for whichever lock is held by another process
+
+    def waiting():
+        if on_wait and not waits:
+            waits.append(True)
+            on_wait()
+
     with ExitStack() as stack:
         for key in keys:
-            stack.enter_context(lock(key, on_wait))
-            on_wait = None  # said once
+            stack.enter_context(lock(key, waiting))
         yield
 
 

@@ -411,6 +411,34 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     assert_ranks_match_reference(res.stdout)
 
 
+def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch):
+    """Another process converting the model's second entry (not the first, in sorted order):
+    model_locks still says it waits, once, then holds every lock."""
+    import threading
+
+    from aim_mlx import cache
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    keys = [cache.entry_key("aim-tiny", "best", dtype) for dtype in ("float16", "float32")]
+    for key in keys:
+        with cache.lock(key):  # its lock file stays, as after a conversion
+            pass
+    said, holding = threading.Event(), threading.Event()
+
+    def convert_second():  # another FileLock, as another process's
+        with cache.lock(keys[1]):
+            holding.set()
+            said.wait(timeout=5)
+
+    other = threading.Thread(target=convert_second)
+    other.start()
+    holding.wait(timeout=5)
+    calls = []
+    with cache.model_locks("aim-tiny", on_wait=lambda: (calls.append(1), said.set())):
+        assert calls == [1] and said.is_set()
+    other.join()
+
+
 def test_rm_downloads_removes_what_killed_downloads_left(tmp_path, monkeypatch):
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec
