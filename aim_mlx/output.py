@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import uuid
@@ -92,7 +94,7 @@ def _check_replaceable(given: Path, path: Path, force: bool, replaceable) -> Non
 
 
 # Temporary names beside an output add up to this many bytes to its name.
-_TEMP_NAME_EXTRA = 40
+_TEMP_NAME_EXTRA = 48
 
 
 def _check_name_length(path: Path) -> None:
@@ -108,18 +110,37 @@ def _check_name_length(path: Path) -> None:
         )
 
 
+def _this_machine() -> str:
+    """A short tag of this machine (its machine id and host name): temporary names carry it,
+    so that machines sharing a disk (an NFS home) never judge each other's processes."""
+    try:
+        ident = Path("/etc/machine-id").read_text().strip()
+    except OSError:
+        ident = ""
+    return hashlib.sha1(f"{ident}/{socket.gethostname()}".encode()).hexdigest()[:6]
+
+
+MACHINE = _this_machine()
+
+
+def _owner() -> str:
+    """PID-RANDOM-MACHINE: which process, on which machine, a temporary name belongs to."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{MACHINE}"
+
+
 def temp_path(out: Path, keep_suffix: bool = False) -> Path:
-    """A hidden name beside `out` to write it under, `.NAME.partial-PID-RANDOM` (and `out`'s
-    suffix with `keep_suffix`): what `remove_leftovers` removes once the process is gone."""
+    """A hidden name beside `out` to write it under, `.NAME.partial-PID-RANDOM-MACHINE` (and
+    `out`'s suffix with `keep_suffix`): what `remove_leftovers` removes once the process is
+    gone."""
     suffix = out.suffix if keep_suffix else ""
-    return out.with_name(f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    return out.with_name(f".{out.name}.partial-{_owner()}{suffix}")
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished folder `tmp` to `out`; an `out` already there (replaced with --force)
     is moved aside first and removed once the new one is in place. Ctrl-C and SIGTERM wait
     until one of the two is in place; after a SIGKILL, `remove_leftovers` puts the old one back."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    old = out.with_name(f".{out.name}.old-{_owner()}")
     try:
         with signals_held():
             if out.exists():
@@ -140,14 +161,18 @@ def remove_leftovers(out: Path) -> None:
     (`temp_path`), and old outputs they had moved aside to replace them, which are put back
     when `out` is missing (the process died between the two renames) and removed otherwise."""
     for path, kind in dead_leftovers(out.parent, out.name):
-        if kind == "old" and not out.exists() and not out.is_symlink():
-            path.rename(out)
-        elif kind == "old":
-            _delete(path, out)
-        elif path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            old_folder = kind == "old" and path.is_dir() and not path.is_symlink()
+            if old_folder and not out.exists() and not out.is_symlink():
+                path.rename(out)
+            elif old_folder:
+                _delete(path, out)
+            elif path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError:  # another user's, in a shared folder: not this run's to clear
+            continue
 
 
 def _delete(old: Path, out: Path) -> None:
@@ -158,17 +183,22 @@ def _delete(old: Path, out: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}(\.[^.]*)?")
+_LEFTOVER = re.compile(
+    r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}(-(?P<machine>[0-9a-f]{6}))?"
+    r"(\.[^.]*)?"
+)
 
 
 def dead_leftovers(folder: Path, name: str | None = None) -> list[tuple[Path, str]]:
     """(path, "partial" or "old") for the temporary names in `folder` (beside `name`, or any
-    file) of processes that are gone."""
+    file) of this machine's processes that are gone (names without a machine: older runs')."""
     pattern = f".{glob.escape(name)}.*-*" if name else ".*-*"
     found = []
     for path in folder.glob(pattern):
         m = _LEFTOVER.fullmatch(path.name)
-        if m and (name is None or m["name"] == name) and not process_alive(int(m["pid"])):
+        if not m or (name is not None and m["name"] != name):
+            continue
+        if m["machine"] in (None, MACHINE) and not process_alive(int(m["pid"])):
             found.append((path, m["kind"]))
     return found
 
@@ -178,8 +208,10 @@ def process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError):
-        return pid < 2**22
+    except PermissionError:  # another user's
+        return True
+    except OverflowError:  # not a PID
+        return False
     return True
 
 

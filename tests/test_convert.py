@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -380,6 +381,57 @@ def test_an_old_output_half_deleted_is_never_put_back(tmp_path, monkeypatch, whe
     shutil.rmtree(out)  # the user's choice
     output.prepare_output(out, replaceable=lambda _: True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_are_judged_only_on_their_own_machine(tmp_path):
+    """Temporary names carry their machine: on a disk several machines share, a run never
+    clears (or restores) what a process of another machine is writing, whose PID means
+    nothing here; this machine's dead processes' leftovers, tagged or older untagged, go."""
+    from aim_mlx import output
+
+    dead = _dead_pid()
+    names = {
+        "mine": f".out.partial-{dead}-deadbeef-{output.MACHINE}",
+        "untagged": f".out.partial-{dead}-deadbeef",
+        "other machine": f".out.partial-{dead}-deadbeef-{'0' * 6}",
+        "other machine's old": f".out.old-{dead}-deadbeef-{'0' * 6}",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    assert output.temp_path(tmp_path / "out").name.endswith(f"-{output.MACHINE}")
+    output.prepare_output(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["other machine"], names["other machine's old"]]
+    )
+
+
+def test_a_link_named_like_an_old_output_is_not_put_back(tmp_path):
+    from aim_mlx import output
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / f".out.old-{_dead_pid()}-deadbeef").symlink_to(target)
+    output.prepare_output(tmp_path / "out")
+    assert not (tmp_path / "out").exists() and target.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_the_run(tmp_path, monkeypatch):
+    """Another user's leftover in a shared folder (permission denied) is not this run's."""
+    from aim_mlx import output
+
+    stale = tmp_path / f".out.partial-{_dead_pid()}-deadbeef"
+    stale.write_text("theirs")
+    real = Path.unlink
+
+    def denied(path, *args, **kwargs):
+        if path == stale:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", denied)
+    assert output.prepare_output(tmp_path / "out") == tmp_path / "out"
+    assert stale.exists()
 
 
 def test_cli_convert(tmp_path):

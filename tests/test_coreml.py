@@ -597,3 +597,30 @@ def test_coreml_predict_matches_mlx(export, photos, precision, tol):
         assert np.abs(probs - r).max() < tol
         if np.sort(r)[-1] - np.sort(r)[-2] > 2 * tol:
             assert out["classLabel"] == labels[int(r.argmax())]
+
+
+def test_exports_in_threads_take_turns_with_the_temporary_folder(tmp_path):
+    """coremltools writes under tempfile's folder, a process-wide setting: two exports in
+    threads of one process each see their own folder throughout, and the setting is given
+    back afterwards."""
+    import tempfile
+    import threading
+    import time
+
+    before, seen = tempfile.tempdir, []
+
+    def export(name: str):
+        with coreml._temporary_files_in(tmp_path / name):
+            seen.append((name, tempfile.gettempdir()))
+            time.sleep(0.2)  # the other thread tries to start meanwhile
+            seen.append((name, tempfile.gettempdir()))
+
+    threads = [threading.Thread(target=export, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tempfile.tempdir == before
+    first, second = seen[0][0], seen[2][0]
+    assert {first, second} == {"a", "b"}
+    assert seen == [(n, str(tmp_path / n)) for n in (first, first, second, second)]

@@ -628,47 +628,62 @@ def export_coreml(
     pipeline.remove_passes({"common::const_deduplication"})
     # coremltools' temporary packages (as big as the model, one per compression step) go
     # beside the output: on the disk checked for it, and cleared after a SIGKILL by the next run.
+    image_input = ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")
     work = temp_path(out)
     work.mkdir()
-    tempdir, tempfile.tempdir = tempfile.tempdir, str(work)
     try:
-        with _progress_bars(progress):
-            mlmodel = ct.convert(
-                program,
-                pass_pipeline=pipeline,
-                inputs=[ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")],
-                classifier_config=None if features else ct.ClassifierConfig(labels),
-                minimum_deployment_target=opset,
-                compute_precision=ct.precision.FLOAT32,  # dtypes are set op by op in the program
-                convert_to="mlprogram",
-                skip_model_load=True,
+        with _temporary_files_in(work):
+            with _progress_bars(progress):
+                mlmodel = ct.convert(
+                    program,
+                    pass_pipeline=pipeline,
+                    inputs=[image_input],
+                    classifier_config=None if features else ct.ClassifierConfig(labels),
+                    minimum_deployment_target=opset,
+                    compute_precision=ct.precision.FLOAT32,  # dtypes set op by op in the program
+                    convert_to="mlprogram",
+                    skip_model_load=True,
+                )
+                del program
+                mlmodel = _compress(ct, mlmodel, compress, target)
+            _describe(
+                mlmodel,
+                name=name or default_name(args),
+                source=source or "unknown",
+                license=license,
+                args=args,
+                img_size=img_size,
+                precision=precision,
+                compress=compress,
+                target=target,
+                features=features,
+                trained_head=trained,
             )
-            del program
-            mlmodel = _compress(ct, mlmodel, compress, target)
-        _describe(
-            mlmodel,
-            name=name or default_name(args),
-            source=source or "unknown",
-            license=license,
-            args=args,
-            img_size=img_size,
-            precision=precision,
-            compress=compress,
-            target=target,
-            features=features,
-            trained_head=trained,
-        )
-        mlmodel.save(str(work / out.name))
-        move_into_place(work / out.name, out)
+            mlmodel.save(str(work / out.name))
+            move_into_place(work / out.name, out)
     except (OSError, RuntimeError) as e:  # disk full, I/O error (RuntimeError: "[MIL FileWriter]")
         if isinstance(e, RuntimeError) and "FileWriter" not in str(e):
             raise
         reason = getattr(e, "strerror", None) or e
         raise ExportError(f"cannot write {out} (is the disk full?): {reason}") from None
     finally:
-        tempfile.tempdir = tempdir
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+_TEMPDIR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _temporary_files_in(folder: Path):
+    """tempfile's default folder set to `folder` while coremltools writes its temporary packages
+    (as big as the model); one export at a time per process, as the setting is process-wide."""
+    with _TEMPDIR_LOCK:
+        saved, tempfile.tempdir = tempfile.tempdir, str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved
 
 
 def check_output(out: str | Path, overwrite: bool = False, inputs=()) -> Path:
