@@ -280,6 +280,7 @@ def test_signal_during_cli_conversion_leaves_nothing(tmp_path, sig):
         capture_output=True,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        timeout=300,
     )
     assert proc.returncode == 128 + sig, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -313,6 +314,7 @@ def test_signal_while_replacing_an_output_never_loses_it(tmp_path, sig):
         capture_output=True,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        timeout=300,
     )
     assert "Traceback" not in proc.stderr
     if sig == signal.SIGKILL:

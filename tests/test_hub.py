@@ -381,7 +381,7 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
         def paused(*args, **kwargs):  # downloaded, not yet checked: wait for the test
             pathlib.Path({str(ready)!r}).touch()
             start = time.monotonic()
-            while not pathlib.Path({str(go)!r}).exists() and time.monotonic() - start < 60:
+            while not pathlib.Path({str(go)!r}).exists() and time.monotonic() - start < 300:
                 time.sleep(0.05)
             return verify(*args, **kwargs)
         hub.verify = paused
@@ -391,18 +391,24 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     """
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     add = subprocess.Popen([sys.executable, "-c", script], env=env, **pipes)
-    wait_until(lambda: ready.exists() or add.poll() is not None)
-    assert ready.exists(), add.communicate()
-    with open(tmp_path / "rm.err", "w") as err:
-        rm = subprocess.Popen(
-            [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
-            env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-        )  # fmt: skip
-    waiting = "waiting for another process converting aim-tiny"
-    wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
-    go.touch()
-    add_out, add_err = add.communicate(timeout=120)
-    rm_out, _ = rm.communicate(timeout=120)
+    rm = None
+    try:
+        wait_until(lambda: ready.exists() or add.poll() is not None)
+        assert ready.exists(), add.communicate()
+        with open(tmp_path / "rm.err", "w") as err:
+            rm = subprocess.Popen(
+                [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
+                env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+        waiting = "waiting for another process converting aim-tiny"
+        wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
+        go.touch()
+        add_out, add_err = add.communicate(timeout=120)
+        rm_out, _ = rm.communicate(timeout=120)
+    finally:  # a failed assertion leaves neither process running
+        for proc in (add, rm):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
     assert add.returncode == 0, add_err
     assert rm.returncode == 0 and "removed aim-tiny downloads" in rm_out
     assert waiting in (tmp_path / "rm.err").read_text()
