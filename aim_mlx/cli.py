@@ -473,7 +473,7 @@ def info(as_json):
 
 
 def _settings_state() -> str:
-    """"ok", or what is wrong with the AIM_MLX_* settings (`info` shows it, never fails on it)."""
+    """ "ok", or what is wrong with the AIM_MLX_* settings (`info` shows it, never fails on it)."""
     from . import cache, registry
 
     try:

@@ -336,9 +336,7 @@ def stale_partials(spec: ModelSpec, cache_dir=None) -> list[Path]:
     root = Path(cache_dir or constants.HF_HUB_CACHE)
     blobs = root / f"models--{spec.repo.replace('/', '--')}" / "blobs"
     now = time.time()
-    return sorted(
-        p for p in blobs.glob("*.incomplete") if now - p.stat().st_mtime > STALE_AFTER_S
-    )
+    return sorted(p for p in blobs.glob("*.incomplete") if now - p.stat().st_mtime > STALE_AFTER_S)
 
 
 def free_bytes(folder: Path) -> tuple[Path, int]:

@@ -38,8 +38,10 @@ class HubFile:
 
     def __post_init__(self):
         parts = str(self.filename).replace("\\", "/").split("/")
-        if not isinstance(self.filename, str) or self.filename.startswith("/") or (
-            set(parts) & {"", ".", ".."}
+        if (
+            not isinstance(self.filename, str)
+            or self.filename.startswith("/")
+            or (set(parts) & {"", ".", ".."})
         ):
             raise RegistryError(
                 f"filename must be a file's path inside the repo, like backbone.pth or "

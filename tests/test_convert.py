@@ -320,8 +320,20 @@ def test_signal_while_replacing_an_output_never_loses_it(tmp_path, sig):
     if sig == signal.SIGKILL:
         assert proc.returncode == -sig
         # the next run finds the old model back in place, as before the killed one
-        again = CliRunner().invoke(main, ["convert", "--backbone", str(BACKBONE), "--head",
-                                          str(HEAD_BEST), "--num-heads", "4", "--out", str(out)])
+        again = CliRunner().invoke(
+            main,
+            [
+                "convert",
+                "--backbone",
+                str(BACKBONE),
+                "--head",
+                str(HEAD_BEST),
+                "--num-heads",
+                "4",
+                "--out",
+                str(out),
+            ],
+        )
         assert again.exit_code == 1 and "already exists" in again.output
         expected = "float16"
     else:

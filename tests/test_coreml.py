@@ -514,13 +514,17 @@ def test_a_killed_export_leaves_its_temporary_packages_beside_the_output(tmp_pat
     removed when the process exits normally; a SIGKILL leaves it: beside the output, where the
     next export removes it, not in TMPDIR for good."""
     out = tmp_path / "out" / "m.mlpackage"
-    res = export_in_a_process(tmp_path, out, before_main="""
+    res = export_in_a_process(
+        tmp_path,
+        out,
+        before_main="""
         import os, signal
         from aim_mlx.export import coreml
         def killed(ct, mlmodel, *args):  # after ct.convert wrote its temporary package
             os.kill(os.getpid(), signal.SIGKILL)
         coreml._compress = killed
-    """)
+    """,
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr
     assert list((tmp_path / "tmp").iterdir()) == []
     assert [p.name.split("-")[0] for p in (tmp_path / "out").iterdir()] == [".m.mlpackage.partial"]

@@ -248,10 +248,14 @@ def entry_with(**changes) -> dict:
         ([entry_with(arch={"embed_dim": 64, "num_blocks": 8, "num_heads": 3})], "not divisible"),
         ([entry_with(probe_layers={"best": [1, 99], "last": [2]})], "probe layers \\[99\\]"),
         ([entry_with(probe_layers={"best": 3, "last": [2]})], "list of block indices, got 3"),
-        ([entry_with(backbone={"filename": "../../x.pth", "sha256": "af1ca2e5"})],
-         "filename must be a file's path inside the repo"),
-        ([entry_with(backbone={"filename": "a\\..\\b.pth", "sha256": "af1ca2e5"})],
-         "filename must be a file's path inside the repo"),
+        (
+            [entry_with(backbone={"filename": "../../x.pth", "sha256": "af1ca2e5"})],
+            "filename must be a file's path inside the repo",
+        ),
+        (
+            [entry_with(backbone={"filename": "a\\..\\b.pth", "sha256": "af1ca2e5"})],
+            "filename must be a file's path inside the repo",
+        ),
     ],
 )
 def test_a_malformed_registry_file_is_one_error_naming_it(tmp_path, monkeypatch, content, message):
