@@ -321,6 +321,15 @@ def test_nn_quantize_by_hand_keeps_its_mode_and_defaults():
         assert np.abs(to_np(q(x)) - to_np(x @ dense.T)).max() <= 1e-5
 
 
+def test_quantizing_the_inputs_is_refused_by_name():
+    """nn.quantize(..., quantize_input=True) asks for MLX's activation-quantized layers, which
+    AIM's do not offer: a ValueError saying so (was a TypeError about the keyword)."""
+    from aim_mlx.models.aim import Linear
+
+    with pytest.raises(ValueError, match="quantize their weights only, not their inputs"):
+        nn.quantize(nn.Sequential(Linear(64, 32)), mode="nvfp4", quantize_input=True)
+
+
 def test_quantized_linear_dequantizes_where_mlx_cuda_runs_it(monkeypatch):
     # On MLX's CUDA backend (faked here: the arithmetic runs on the CPU) a quantized layer is a
     # dense matmul in the activations' dtype on its dequantized weights, not MLX's kernel.

@@ -217,7 +217,11 @@ class Linear(nn.Linear):
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
         return _matmul(x, self.weight_as(x.dtype), add)
 
-    def to_quantized(self, group_size: int = 64, bits: int = 8, mode: str = "affine"):
+    def to_quantized(
+        self, group_size: int = 64, bits: int = 8, mode: str = "affine", quantize_input=False
+    ):
+        if quantize_input:  # nn.quantize(..., quantize_input=True): MLX's QQLinear
+            raise ValueError("AIM's linear layers quantize their weights only, not their inputs")
         return QuantizedLinear.from_linear(self, group_size, bits, mode)
 
 
