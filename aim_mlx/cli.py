@@ -623,11 +623,15 @@ def embed(
 
     # before creating folders and loading (downloading) the model; unknown block count: syntax
     check_layers(known_num_blocks(model) or 10**9)
-    if distributed.is_root():  # the rank that writes; before any work
+
+    def prepare() -> tuple[Path, Path | None]:  # on the rank that writes; before any work
         target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
         listing = None  # beside the .npy as the user named it, where they will look for it
         if suffix == ".npy":
             listing = prepare_output(listing_path(out), force=force, inputs=[model, head])
+        return target, listing
+
+    target, listing = distributed.on_root(prepare) or (None, None)
     if images.any_image(inputs):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)

@@ -261,6 +261,26 @@ def from_root(record):
         return gather_json(record if is_root() else None)[0]
 
 
+def on_root(check: Callable[[], object]):
+    """`check()` on rank 0 only (preparing the output that rank 0 writes), its failure shared:
+    the other ranks stop at once, saying why, instead of finding rank 0 gone later. `check()`'s
+    result on rank 0, None elsewhere."""
+    if size() == 1:
+        return check()
+    result = error = None
+    if is_root():
+        try:
+            result = check()
+        except AimMlxError as e:
+            error = e
+    failed = from_root(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise DistributedError(tag(f"rank 0 stopped before any work: {failed}"))
+    return result
+
+
 def check_same_inputs(items, what: str) -> None:
     """Every rank must have listed the same inputs, in the same order."""
     with _collective(f"comparing the inputs of {what}"):

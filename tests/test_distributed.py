@@ -124,6 +124,18 @@ def test_embed_two_ranks_equal_one_process(hub_folder, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cache", "hf", "one.safetensors", "two.safetensors"]
 
 
+def test_an_output_rank_0_refuses_stops_every_rank_at_once(hub_folder, tmp_path):
+    """Rank 0 (the one that writes) finds the output exists: the other rank stops with the
+    reason at once, instead of failing later on a vanished peer (with the ring's socket noise)."""
+    (tmp_path / "out.npy").write_bytes(b"keep")
+    two = launch("embed", *IMAGES, "-m", "hf", "-o", "out.npy", cwd=tmp_path)
+    refused = "out.npy already exists; choose another output or pass --force"
+    # (rank 0 says it too, unless the launcher stops it first, once rank 1 has exited)
+    assert f"Error: rank 1/2: rank 0 stopped before any work: {refused}" in two.stderr, two.stderr
+    assert "no answer from" not in two.stderr and "[ring]" not in two.stderr, two.stderr
+    assert (tmp_path / "out.npy").read_bytes() == b"keep"
+
+
 def test_classify_and_eval_two_ranks_equal_one_process(hub_folder, tmp_path):
     cli("classify", REF / "images", "-m", hub_folder, "-k", "3")  # converted once, here
     bad = tmp_path / "broken.png"

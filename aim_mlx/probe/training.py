@@ -262,7 +262,7 @@ def train(
         )
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
-    head.check_output(out, force, inputs=[model, train_dir, val_dir])
+    distributed.on_root(lambda: head.check_output(out, force, inputs=[model, train_dir, val_dir]))
     if probe_layers not in (None, "best", "last"):  # before a download or conversion
         parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=known_num_blocks(model)))
     dataset = data.read_dataset(train_dir)
