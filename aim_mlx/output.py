@@ -25,6 +25,7 @@ def prepare_output(
     force: bool = False,
     inputs: Iterable[str | os.PathLike | None] = (),
     replaceable: Callable[[Path], bool] | None = None,
+    cache_entry: bool = False,
 ) -> Path:
     """Check that `path` can be written, before any work; return it absolute, `~` expanded and
     links resolved (an output given as a link replaces what it points to): write there.
@@ -36,14 +37,17 @@ def prepare_output(
     created and removed, which also catches read-only file systems). An existing `path` is
     refused unless `force`, and even then never a folder where a file goes (or the reverse),
     and an existing folder is replaced only when it is empty or `replaceable(folder)` says it is
-    this kind of output: `--force` never deletes a folder of photos or checkpoints. Raises
-    OutputError naming the path as given.
+    this kind of output: `--force` never deletes a folder of photos or checkpoints. It is never
+    inside the cache's models/ or features/ folders (`cache rm` would delete it), unless
+    `cache_entry`. Raises OutputError naming the path as given.
     """
     given = Path(path).expanduser()
     path = Path(os.path.realpath(given))  # links and `..` resolved as the file system does
     try:
         remove_leftovers(path)
         _check_inputs(given, path, [p for p in inputs if p is not None])
+        if not cache_entry:
+            _check_outside_cache(given, path)
         _check_replaceable(given, path, force, replaceable)
     except OSError as e:  # e.g. a name too long for the file system
         if isinstance(e, OutputError):
@@ -75,6 +79,18 @@ def _check_inputs(given: Path, path: Path, inputs: list) -> None:
         else:
             continue
         raise OutputError(f"the output {given} {what} the input {source}; choose another output")
+
+
+def _check_outside_cache(given: Path, path: Path) -> None:
+    """OutputError if `path` lies in a folder the cache manages (listed and removed by `cache`)."""
+    from .cache import cache_root  # cache imports this module
+
+    for folder in (cache_root() / "models", cache_root() / "features"):
+        if Path(os.path.realpath(folder)) in path.parents:
+            raise OutputError(
+                f"the output {given} is inside the cache folder {folder} (`aim-mlx cache rm` "
+                "deletes what is there); choose another output"
+            )
 
 
 def _check_replaceable(given: Path, path: Path, force: bool, replaceable) -> None:

@@ -411,6 +411,25 @@ def test_probe_train_output_errors_name_the_output(tmp_path):
     assert f"{out} already exists" in err and "feature cache" not in err
 
 
+def test_an_output_inside_the_cache_folders_is_refused(model_dir, tmp_path):
+    # A head written into the cache's models/ folder was listed as an old-format entry and
+    # deleted by `cache rm --all`.
+    data = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(ROCKET, data / cls / "a.jpg")
+    models = tmp_path / "cache" / "models"
+    err = clean(cli("probe", "train", data, "-m", model_dir, "-o", models / "head"), 1)
+    assert f"the output {models / 'head'} is inside the cache folder {models}" in err
+    assert not (models / "head").exists()
+    features = tmp_path / "cache" / "features"
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", features / "e.npy"), 1)
+    assert f"is inside the cache folder {features}" in err
+    assert not features.exists() or list(features.iterdir()) == []
+    # beside them is fine, and the cache's own conversions still write into models/
+    assert cli("embed", ROCKET, "-m", model_dir, "-o", tmp_path / "cache" / "e.npy").exit_code == 0
+
+
 def test_ctrl_c_during_a_swallowing_import_still_interrupts():
     # coremltools' import catches KeyboardInterrupt in bare `except:`; the export then went on
     import signal

@@ -95,7 +95,13 @@ def convert(
         check_quantize_options(q_bits, q_group_size)
     sources_given = [] if into_cache else [backbone, head, hf_path]
     try:
-        out = prepare_output(out, force=force, inputs=sources_given, replaceable=_is_model_folder)
+        out = prepare_output(
+            out,
+            force=force,
+            inputs=sources_given,
+            replaceable=_is_model_folder,
+            cache_entry=into_cache,
+        )
     except OutputError as e:
         raise ConversionError(str(e)) from None
 
