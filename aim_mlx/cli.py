@@ -1210,7 +1210,8 @@ def probe_eval(
         target = Path(confusion)
         if target.suffix.lower() != ".png":
             raise click.BadParameter("must end in .png", param_hint="--confusion")
-        target = prepare_output(target, force=force, inputs=[model, head, val_dir])
+        inputs = [model, head, val_dir]  # checked by rank 0, which writes it (mlx.launch)
+        target = distributed.on_root(lambda: prepare_output(confusion, force=force, inputs=inputs))
     labels = read_head_config(head)["classes"]
     labelled_images(val_dir, labels, head)  # before loading (perhaps downloading) the trunk
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)

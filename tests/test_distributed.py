@@ -272,3 +272,19 @@ def test_probe_train_two_ranks_extract_what_one_process_extracts(hub_folder, tmp
     configs = [json.loads((tmp_path / h / "config.json").read_text()) for h in ("head2", "head1")]
     assert configs[0]["classes"] == configs[1]["classes"]
     assert configs[0]["training"]["train_images"] == configs[1]["training"]["train_images"]
+
+
+def test_probe_eval_confusion_output_is_checked_by_rank_0_alone(hub_folder, tmp_path):
+    """Rank 0 writes the confusion matrix: the other ranks neither check nor create its
+    folder (on their machines), and stop with rank 0's reason when it refuses it."""
+    from test_probe import draw_dataset
+
+    data = draw_dataset(tmp_path / "data", per_class=2, size=32)
+    trained = cli("probe", "train", data, "-m", "hf", "--epochs", "1", "-o", "head")
+    assert trained.exit_code == 0, trained.stderr
+    (tmp_path / "c.png").write_bytes(b"keep")
+    two = launch("probe", "eval", data, "-m", "hf", "--head", "head", "--confusion", "c.png",
+                 cwd=tmp_path)  # fmt: skip
+    refused = "c.png already exists; choose another output or pass --force"
+    assert f"Error: rank 1/2: rank 0 stopped before any work: {refused}" in two.stderr, two.stderr
+    assert (tmp_path / "c.png").read_bytes() == b"keep"
