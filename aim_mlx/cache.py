@@ -184,11 +184,18 @@ def list_entries() -> list[Entry]:
 
 
 def remove(key: str) -> int:
-    """Delete one entry (under its lock); bytes freed."""
+    """Delete one entry (under its lock); bytes freed. An entry that is a link (to a folder
+    elsewhere) is unlinked, its target kept: 0 bytes freed."""
     path = entry_dir(key)
     if not path.is_dir():
         raise CacheError(f"no cache entry {key!r} in {cache_root() / 'models'}")
     with lock(key):
+        if path.is_symlink():  # an entry moved to another disk: the link goes, never its target
+            try:
+                path.unlink()
+            except OSError as e:
+                raise CacheError(f"cannot remove {path}: {e.strerror} ({CACHE_ENV})") from None
+            return 0
         size = folder_size(path)
         doomed = temp_path(path)  # out of the cache at once: an interrupted removal leaves a
         try:  # hidden leftover (`remove_leftovers`), not a damaged entry

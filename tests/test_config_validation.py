@@ -440,6 +440,21 @@ def test_an_interrupted_cache_rm_leaves_no_damaged_entry(model_dir, monkeypatch)
     assert result.stdout.startswith("removed what interrupted conversions left (")
 
 
+def test_cache_rm_of_an_entry_that_is_a_link_removes_the_link_only(model_dir, tmp_path):
+    """An entry moved to another disk and linked back: `cache rm` removes the link (it said
+    'cannot remove: Cannot call rmtree on a symbolic link', yet the entry had left the list)."""
+    from aim_mlx import cache
+
+    moved = tmp_path / "big-disk" / "entry"
+    shutil.copytree(model_dir, moved)
+    entry = cache.entry_dir("x--best--float32")
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(moved)
+    result = cli("cache", "rm", "x--best--float32")
+    assert clean(result, 0) == "" and result.stdout == "removed x--best--float32 (0.0 MB)\n"
+    assert list(entry.parent.iterdir()) == [] and (moved / "config.json").is_file()
+
+
 def test_weights_sharing_bytes_are_checked_against_memory_by_what_they_take(
     model_dir, tmp_path, monkeypatch
 ):
