@@ -83,9 +83,11 @@ def _check_inputs(given: Path, path: Path, inputs: list) -> None:
 
 def _check_outside_cache(given: Path, path: Path) -> None:
     """OutputError if `path` lies in a folder the cache manages (listed and removed by `cache`)."""
-    from .cache import cache_root  # cache imports this module
+    from .cache import _default_root  # not cache_root(): a cache setting that is not a
+    # folder matters only to commands that use the cache (cache imports this module)
 
-    for folder in (cache_root() / "models", cache_root() / "features"):
+    root = _default_root()
+    for folder in (root / "models", root / "features"):
         if Path(os.path.realpath(folder)) in path.parents:
             raise OutputError(
                 f"the output {given} is inside the cache folder {folder} (`aim-mlx cache rm` "

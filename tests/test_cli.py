@@ -428,6 +428,18 @@ def test_an_output_inside_the_cache_folders_is_refused(model_dir, tmp_path):
     assert not features.exists() or list(features.iterdir()) == []
     # beside them is fine, and the cache's own conversions still write into models/
     assert cli("embed", ROCKET, "-m", model_dir, "-o", tmp_path / "cache" / "e.npy").exit_code == 0
+    # a cache setting that is not a folder matters only to commands that use the cache
+    (tmp_path / "file").touch()
+    result = cli(
+        "embed",
+        ROCKET,
+        "-m",
+        model_dir,
+        "-o",
+        tmp_path / "f.npy",
+        env={"AIM_MLX_CACHE": str(tmp_path / "file")},
+    )
+    assert clean(result, 0).startswith("wrote 1x64 features")
 
 
 def test_ctrl_c_during_a_swallowing_import_still_interrupts():
