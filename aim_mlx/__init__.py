@@ -2,9 +2,17 @@
 
 # First, before anything imports mlx.core: a bounded GPU command buffer (runtime.py) and an
 # optimized BLAS for MLX on the Linux CPU (blas.py).
+import os
+import sys
+
 from . import blas, runtime
 
-runtime.check_backend()
+try:
+    runtime.check_backend()
+except ImportError as e:
+    if os.path.basename(sys.argv[0]) == "aim-mlx":  # the command: one line, not a traceback
+        sys.exit(f"Error: {str(e).removeprefix('aim-mlx: ')}")
+    raise
 runtime.setup()
 blas.setup()
 

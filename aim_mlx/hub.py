@@ -156,7 +156,8 @@ def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
     except Exception as e:
         if _is_connection_error(e, no_answer=True):
             raise HubError(
-                f"cannot reach the hub for {spec.repo} ({e}). {NO_NETWORK_HINT}"
+                f"cannot reach the hub ({_endpoint(endpoint)}) for {spec.repo} ({e}). "
+                f"{NO_NETWORK_HINT}"
             ) from None
 
 

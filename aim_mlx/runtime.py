@@ -91,12 +91,34 @@ def check_backend() -> None:
     spec = importlib.util.find_spec("mlx")
     if spec is None or not spec.submodule_search_locations:
         return  # no MLX at all: importing it says so
-    if not any((Path(p) / "lib" / "libmlx.so").exists() for p in spec.submodule_search_locations):
+    folders = spec.submodule_search_locations
+    if not any((Path(p) / "lib" / "libmlx.so").exists() for p in folders):
+        if installed := _backend_distributions(folders):  # its library removed with another backend
+            names = " ".join(installed)
+            raise ImportError(
+                f"aim-mlx: MLX's library (libmlx.so) is missing, though {names} is installed "
+                "(uninstalling another MLX backend removes the file they share). Put it back: "
+                f"pip install --force-reinstall --no-deps {names}"
+            )
         raise ImportError(
             "aim-mlx: MLX is installed without a backend (no libmlx.so in the mlx package). "
             'Install one: pip install "aim-mlx[cpu]" (CPU), "aim-mlx[cuda]" (NVIDIA GPU, CUDA 13) '
             'or "aim-mlx[cuda12]" (CUDA 12); from a source tree: pip install ".[cpu]".'
         )
+
+
+def _backend_distributions(folders) -> list[str]:
+    """The MLX backend packages (mlx-cpu, mlx-cuda-13, ...) installed beside this `mlx`."""
+    from importlib.metadata import distributions
+
+    here = {Path(p).resolve() for p in folders}
+    names = set()
+    for d in distributions():
+        name = (d.metadata["Name"] or "").lower()
+        backend = name == "mlx-cpu" or name.startswith("mlx-cuda")
+        if backend and Path(d.locate_file("mlx")).resolve() in here:
+            names.add(name)
+    return sorted(names)
 
 
 def _cuda_backend() -> bool:

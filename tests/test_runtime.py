@@ -88,6 +88,39 @@ def test_mlx_without_a_backend_names_the_install_command(tmp_path):
     assert "without a backend" in out.stderr and 'pip install "aim-mlx[cpu]"' in out.stderr
 
 
+@linux
+def test_backend_whose_library_was_removed_says_how_to_put_it_back(tmp_path):
+    # mlx-cpu and mlx-cuda-13 both install mlx/lib/libmlx.so: uninstalling one removes it.
+    (tmp_path / "mlx").mkdir()
+    (tmp_path / "mlx" / "__init__.py").write_text("")
+    info = tmp_path / "mlx_cuda_13-0.32.4.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mlx-cuda-13\nVersion: 0.32.4\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", "import aim_mlx"], env=env, capture_output=True,
+                         text=True)  # fmt: skip
+    assert out.returncode == 1
+    assert "libmlx.so) is missing, though mlx-cuda-13 is installed" in out.stderr
+    assert "pip install --force-reinstall --no-deps mlx-cuda-13" in out.stderr
+
+
+@linux
+def test_command_without_a_backend_says_so_in_one_line(tmp_path):
+    # `pip install ".[coreml]"` alone on Linux: the `aim-mlx` script (as pip writes it) reports
+    # the missing backend as one Error line, for any command, --help included.
+    (tmp_path / "mlx").mkdir()
+    (tmp_path / "mlx" / "__init__.py").write_text("")
+    script = tmp_path / "aim-mlx"
+    script.write_text("import sys\nfrom aim_mlx.cli import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    for args in (["--help"], ["info"]):
+        out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True,
+                             text=True)  # fmt: skip
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.startswith("Error: MLX is installed without a backend")
+        assert out.stderr.count("\n") == 1 and 'pip install "aim-mlx[cpu]"' in out.stderr
+
+
 @pytest.mark.skipif(sys.platform != "darwin", reason="macOS only")
 def test_metal_keeps_its_own_limits():
     assert probe()["after"] is None
