@@ -44,7 +44,7 @@ def open_image(path: str | Path) -> Image.Image:
     possible decompression bombs; 0 lifts the limit.
     """
     limit = apply_pixel_limit()
-    _register_heif()
+    register_heif()
     try:
         with warnings.catch_warnings():
             # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
@@ -72,13 +72,13 @@ def open_image(path: str | Path) -> Image.Image:
     except PermissionError:
         raise ImageError("cannot be read: permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError(_unreadable_reason(path)) from None
+        raise ImageError(unreadable_reason(path)) from None
     except Exception as e:  # truncated or corrupt data, bad EXIF: PIL raises many kinds
         raise ImageError(f"cannot decode the image: {e}") from None
 
 
 @functools.cache
-def _register_heif() -> bool:
+def register_heif() -> bool:
     """Teach PIL to read HEIC / HEIF through pillow-heif; False where it is not installed."""
     try:
         from pillow_heif import register_heif_opener
@@ -88,9 +88,9 @@ def _register_heif() -> bool:
     return True
 
 
-def _unreadable_reason(path: str | Path) -> str:
+def unreadable_reason(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
-    if suffix in HEIF_SUFFIXES and not _register_heif():
+    if suffix in HEIF_SUFFIXES and not register_heif():
         return "a HEIC/HEIF image, which needs pillow-heif: pip install pillow-heif"
     if suffix in AVIF_SUFFIXES and not features.check("avif"):
         return "an AVIF image, which this Pillow cannot decode: pip install -U pillow (11.3+)"

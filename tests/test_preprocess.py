@@ -145,7 +145,7 @@ def test_heic_photos_are_read_upright_like_the_same_png(tmp_path):
 def test_heic_and_avif_without_a_decoder_say_what_to_install(tmp_path, monkeypatch):
     from aim_mlx import transforms
 
-    monkeypatch.setattr(transforms, "_register_heif", lambda: False)  # pillow-heif missing
+    monkeypatch.setattr(transforms, "register_heif", lambda: False)  # pillow-heif missing
     monkeypatch.setattr(transforms.features, "check", lambda name: False)  # Pillow without AVIF
     for name, reason in [
         ("IMG_0002.heic", "a HEIC/HEIF image, which needs pillow-heif: pip install pillow-heif"),

@@ -38,7 +38,7 @@ def _header_error(path: str) -> str | None:
     """Why PIL cannot even identify this file, or None. Only the header is read: a truncated
     image (or one past the pixel limit) passes here and is caught when decoded for feature
     extraction."""
-    transforms._register_heif()  # HEIC / HEIF: iPhone photos
+    transforms.register_heif()  # HEIC / HEIF: iPhone photos
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -49,7 +49,7 @@ def _header_error(path: str) -> str | None:
     except PermissionError:
         return "cannot be read: permission denied"
     except Exception:
-        return transforms._unreadable_reason(path)
+        return transforms.unreadable_reason(path)
 
 
 def class_folders(
