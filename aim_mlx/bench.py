@@ -24,7 +24,7 @@ from .constants import MX_DTYPES, GiB
 from .convert.converter import QUANTIZED_LAYER
 from .errors import AimMlxError, OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
-from .models.aim import QuantizedLinear
+from .models.layers import QuantizedLinear
 
 
 @dataclass

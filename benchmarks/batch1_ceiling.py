@@ -9,8 +9,9 @@ peak). Each round here times, one after the other (float32, random weights, all 
 
 - the peak: numpy's (512, 1536) @ (1536, 6144), best of three (as `vs_pytorch.py`);
 - "matmuls only": the products of the 24 blocks exactly as the CPU runner runs batch 1 (each of
-  the streams its share of every layer's output features, `Block.shard`, one BLAS thread each),
-  with nothing between them; once with 256 rows (one image), once with 512 (two images);
+  the streams its share of every layer's output features, `cpu_runner.shard_block`, one BLAS
+  thread each), with nothing between them; once with 256 rows (one image), once with 512 (two
+  images);
 - the trunk: the 24 blocks at batch 1 through `ops.run_blocks`, all of the work;
 - on one stream, one shard's work between its matmuls: attention's softmax and products, GELU,
   the two layer norms and the four joins (the copies that give every stream whole rows).
@@ -60,7 +61,7 @@ def matmuls_only(blocks, streams, rows: int) -> list[mx.array]:
     n, outs = len(streams), []
     for block in blocks:
         for i, stream in enumerate(streams):
-            shard = block.shard(i, n)
+            shard = cpu_runner.shard_block(block, i, n)
             with mx.stream(stream):
                 outs += ops.qkv_heads(x, shard.attn.qkv, shard.attn.num_heads)
                 outs += [shard.attn.proj(x), shard.mlp.fc1(x), shard.mlp.fc2(h)]
@@ -69,7 +70,7 @@ def matmuls_only(blocks, streams, rows: int) -> list[mx.array]:
 
 def between_matmuls(block, stream, n: int) -> dict[str, float]:
     """Seconds (best of 10) of one shard's work besides its matmuls, on one stream."""
-    shard = block.shard(0, n)
+    shard = cpu_runner.shard_block(block, 0, n)
     D, hidden, H = block.embed_dim, block.hidden_dim, shard.attn.num_heads
     x = mx.random.normal((1, TOKENS, D))
     q, k, v = (mx.random.normal((1, H, TOKENS, D // block.attn.num_heads)) for _ in range(3))

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from conftest import REF, build_reference_model
 
 from aim_mlx.export import coreml
-from aim_mlx.models.aim import Linear
+from aim_mlx.models.layers import Linear
 
 try:
     ct = coreml.require_coremltools()

@@ -97,7 +97,7 @@ def test_narrow_weights_widened_once_per_block(monkeypatch, quantize, batch):
     forward."""
     import mlx.nn as nn
 
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     model = build_reference_model("best")
     model.trunk.set_dtype(mx.float16)  # the head stays float32: nothing of it is widened
@@ -138,7 +138,7 @@ def test_rows_of_a_layer():
     """`rows` keeps exactly the chosen output features, in order, for dense and quantized
     layers, and `split` cuts them into equal parts; `share` cuts a range into consecutive parts
     that cover it."""
-    from aim_mlx.models.aim import Linear, QuantizedLinear, share
+    from aim_mlx.models.layers import Linear, QuantizedLinear, share
 
     x = mx.random.normal((5, 64), key=mx.random.key(1))
     dense = Linear.of(mx.random.normal((12, 64), key=mx.random.key(2)))

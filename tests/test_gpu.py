@@ -24,7 +24,7 @@ from conftest import (
 import aim_mlx
 from aim_mlx import bench, runtime
 from aim_mlx.models import cuda, ops
-from aim_mlx.models.aim import Linear
+from aim_mlx.models.layers import Linear
 from aim_mlx.resolve import default_dtype
 
 pytestmark = pytest.mark.gpu

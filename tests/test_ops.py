@@ -203,7 +203,7 @@ def test_qkv_heads_split_the_projection_into_heads(monkeypatch, gpu_branch, quan
     """q, k, v per head, whichever way they are computed (one matmul viewed as heads, or a
     product per head), equal x @ W.T cut into q, k, v and heads; a shard's rows of each give
     its heads of each."""
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     B, N, D, H = 2, 7, 32, 4
     layer = Linear.of(mx.random.normal((3 * D, D), key=mx.random.key(10)))
@@ -288,7 +288,7 @@ def test_metal_branch_on_the_cpu_matches_the_reference(
 
 
 def test_quantized_linear_on_cpu_uses_float32():
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     lin = Linear(128, 64)
     lin.weight = (0.05 * mx.random.normal((64, 128), key=mx.random.key(3))).astype(mx.float16)
@@ -303,7 +303,7 @@ def test_quantized_linear_on_cpu_uses_float32():
 def test_nn_quantize_by_hand_keeps_its_mode_and_defaults():
     """`nn.quantize(model, ...)` on an AIM: the mode asked for (not affine whatever it is), and
     MLX's own group size and bits when none are given (as for MLX's layers)."""
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     lin = Linear(128, 64)
     lin.weight = 0.05 * mx.random.normal((64, 128), key=mx.random.key(3))
@@ -324,7 +324,7 @@ def test_nn_quantize_by_hand_keeps_its_mode_and_defaults():
 def test_quantizing_the_inputs_is_refused_by_name():
     """nn.quantize(..., quantize_input=True) asks for MLX's activation-quantized layers, which
     AIM's do not offer: a ValueError saying so (was a TypeError about the keyword)."""
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     with pytest.raises(ValueError, match="quantize their weights only, not their inputs"):
         nn.quantize(nn.Sequential(Linear(64, 32)), mode="nvfp4", quantize_input=True)
@@ -333,7 +333,7 @@ def test_quantizing_the_inputs_is_refused_by_name():
 def test_quantized_linear_dequantizes_where_mlx_cuda_runs_it(monkeypatch):
     # On MLX's CUDA backend (faked here: the arithmetic runs on the CPU) a quantized layer is a
     # dense matmul in the activations' dtype on its dequantized weights, not MLX's kernel.
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(mx.cuda, "is_available", lambda: True)
@@ -350,7 +350,7 @@ def test_quantized_linear_dequantizes_where_mlx_cuda_runs_it(monkeypatch):
 
 
 def test_linear_adds_the_residual_in_the_matmul_only_on_a_gpu(monkeypatch):
-    from aim_mlx.models.aim import Linear
+    from aim_mlx.models.layers import Linear
 
     layer = Linear(64, 32)
     x = mx.random.normal((3, 64), key=mx.random.key(5))

@@ -178,11 +178,11 @@ class _Observed(nn.Module):
         self._see(out_kind, out, self._block)
         return out if add is None else add + out
 
-    def widened(self, dtype):  # as the layer it wraps (see `Block.widened`)
+    def widened(self, dtype):  # as the layer it wraps (see `cpu_runner.widened_block`)
         wide = self.layer.widened(dtype)
         return self if wide is self.layer else self._around(wide)
 
-    def rows(self, *spans):  # as the layer it wraps (see `Block.shard`)
+    def rows(self, *spans):  # as the layer it wraps (see `cpu_runner.shard_block`)
         return self._around(self.layer.rows(*spans))
 
     def _around(self, layer):

@@ -3,11 +3,14 @@
 Parameter names are the official PyTorch ones, so a converted checkpoint loads without renaming.
 The one layout change: `preprocessor.patchifier.proj.weight` is stored OHWI (MLX's convolution
 layout) instead of PyTorch's OIHW.
+
+The file reads as the architecture: the config (ModelArgs, the official sizes), then the network
+from the patch embedding to the head. Its layer types are in `layers`, the device-dependent
+kernels in `ops`, and how the blocks are scheduled on the CPU in `cpu_runner`.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import math
@@ -21,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from . import ops
+from .layers import FrozenBatchNorm, LayerNorm, Linear, PatchConv
 
 
 @dataclass
@@ -159,202 +163,6 @@ def sincos_pos_embed(grid_h: int, grid_w: int, dim: int) -> mx.array:
     return mx.array(np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32))
 
 
-def _matmul(x: mx.array, weight: mx.array, add: mx.array | None) -> mx.array:
-    """x @ weight.T, plus `add` (same shape as the result) if given: added by the matmul itself
-    where `ops.fused_residual()`."""
-    if add is None:
-        return x @ weight.T
-    return mx.addmm(add, x, weight.T) if ops.fused_residual() else add + x @ weight.T
-
-
-def _rows(one_span, spans) -> nn.Module:
-    """A layer computing the output features in `spans` ((start, stop) ranges), in order, from
-    `one_span(start, stop)`, the layer of one range (row views of the weights)."""
-    parts = [one_span(start, stop) for start, stop in spans]
-    return parts[0] if len(parts) == 1 else Concatenated(parts)
-
-
-def share(size: int, i: int, n: int) -> tuple[int, int]:
-    """The i-th of n near-equal consecutive parts of range(size), as (start, stop)."""
-    return size * i // n, size * (i + 1) // n
-
-
-class Linear(nn.Linear):
-    """A bias-free linear layer whose stored weights may be narrower than the activations.
-
-    Half-precision weights used with float32 activations are widened just before the matmul
-    (one layer at a time), so a small model file can still compute in float32.
-    """
-
-    def __init__(self, in_dims: int, out_dims: int):
-        super().__init__(in_dims, out_dims, bias=False)
-
-    @classmethod
-    def of(cls, weight: mx.array) -> Linear:
-        """A layer holding `weight` (out, in) as it is."""
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.weight = weight
-        return layer
-
-    def weight_as(self, dtype: mx.Dtype) -> mx.array:
-        """The (out, in) weight in `dtype`: widened on the fly if stored narrower."""
-        w = self.weight
-        return w if w.dtype == dtype else ops.widen(w, dtype)
-
-    def widened(self, dtype: mx.Dtype) -> Linear:
-        """This layer with its weight already in `dtype` (itself if it is)."""
-        return self if self.weight.dtype == dtype else Linear.of(self.weight_as(dtype))
-
-    def rows(self, *spans: tuple[int, int]) -> nn.Module:
-        """The layer that computes only the output features in `spans`, (start, stop) ranges."""
-        return _rows(lambda start, stop: Linear.of(self.weight[start:stop]), spans)
-
-    def split(self, n: int) -> list[nn.Module]:
-        """n layers computing consecutive `share`s of the output features (row views)."""
-        return [self.rows(share(self.weight.shape[0], j, n)) for j in range(n)]
-
-    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        return _matmul(x, self.weight_as(x.dtype), add)
-
-    def to_quantized(
-        self, group_size: int = 64, bits: int = 8, mode: str = "affine", quantize_input=False
-    ):
-        if quantize_input:  # nn.quantize(..., quantize_input=True): MLX's QQLinear
-            raise ValueError("AIM's linear layers quantize their weights only, not their inputs")
-        return QuantizedLinear.from_linear(self, group_size, bits, mode)
-
-
-class QuantizedLinear(nn.QuantizedLinear):
-    """Quantized weights, multiplied by MLX's quantized kernels where `ops.quantized_kernels()`
-    (Metal); elsewhere dequantized for a dense matmul in the activations' dtype (float32 on the
-    CPU, where `ops.widen_low_precision()`)."""
-
-    def weight_as(self, dtype: mx.Dtype) -> mx.array:
-        """The dequantized (out, in) weight in `dtype`."""
-        if self.mode == "affine":
-            w = ops.dequantize_float32(
-                self.weight, self.scales, self.biases, self.group_size, self.bits
-            )
-        else:
-            w = mx.dequantize(
-                self.weight, self.scales, None, self.group_size, self.bits, mode=self.mode
-            )
-        return w.astype(dtype)
-
-    def widened(self, dtype: mx.Dtype) -> nn.Module:
-        return Linear.of(self.weight_as(dtype)) if ops.widen_low_precision() else self
-
-    def rows(self, *spans: tuple[int, int]) -> nn.Module:
-        """The layer that computes only the output features in `spans`, (start, stop) ranges."""
-
-        def one_span(start: int, stop: int) -> QuantizedLinear:
-            layer = copy.copy(self)
-            for name in ("weight", "scales", "biases"):
-                if self.get(name) is not None:
-                    layer[name] = self[name][start:stop]
-            return layer
-
-        return _rows(one_span, spans)
-
-    split = Linear.split
-
-    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        if not ops.quantized_kernels():
-            return _matmul(x, self.weight_as(x.dtype), add)
-        y = mx.quantized_matmul(
-            x,
-            self.weight,
-            self.scales,
-            self.get("biases"),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        ).astype(x.dtype)
-        return y if add is None else add + y
-
-    @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, group_size: int | None, bits: int | None, mode: str = "affine"
-    ) -> QuantizedLinear:
-        """`linear` quantized; None: MLX's group size or bits for `mode` (as `nn.quantize`)."""
-        out_dims, in_dims = linear.weight.shape
-        ql = cls(in_dims, out_dims, bias=False, group_size=group_size, bits=bits, mode=mode)
-        ql.weight, ql.scales, *biases = mx.quantize(
-            linear.weight, ql.group_size, ql.bits, mode=mode
-        )
-        ql.biases = biases[0] if biases else None  # only affine has biases
-        return ql
-
-
-class Concatenated(nn.Module):
-    """Linear layers side by side: their outputs concatenated (`Linear.rows` of several ranges,
-    which multiplies each range where it lies rather than copying them into one weight)."""
-
-    def __init__(self, parts: list):
-        super().__init__()
-        self.parts = parts
-
-    def widened(self, dtype: mx.Dtype) -> Concatenated:
-        wide = [p.widened(dtype) for p in self.parts]
-        same = all(w is p for w, p in zip(wide, self.parts, strict=True))
-        return self if same else Concatenated(wide)
-
-    def split(self, n: int) -> list[nn.Module]:
-        """Its n parts (see `Linear.split`)."""
-        if n != len(self.parts):
-            raise ValueError(f"{len(self.parts)} parts cannot be split {n} ways")
-        return list(self.parts)
-
-    def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
-        out = mx.concatenate([p(x) for p in self.parts], axis=-1)
-        return out if add is None else add + out
-
-
-class LayerNorm(nn.LayerNorm):
-    """Layer norm in the activations' dtype, whatever the dtype of its scale and offset."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return ops.layer_norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype), self.eps)
-
-
-class PatchConv(nn.Conv2d):
-    """The patch-embedding convolution in the activations' dtype."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        w, b = self.weight.astype(x.dtype), self.bias.astype(x.dtype)
-        return mx.conv2d(x, w, stride=self.stride) + b
-
-
-class _Statistics(set):
-    """A BatchNorm's frozen keys that keep its running statistics: MLX's `unfreeze` of a module
-    above it (`model.head.unfreeze()` to fine-tune the head) clears this set directly, which
-    made the statistics trainable parameters, moved by gradients and weight decay."""
-
-    KEEP = ("running_mean", "running_var")
-
-    def clear(self):
-        super().clear()
-        self.update(self.KEEP)
-
-    def difference_update(self, *others):
-        super().difference_update(*others)
-        self.update(self.KEEP)
-
-
-class FrozenBatchNorm(nn.BatchNorm):
-    """BatchNorm with its running statistics (never trained), in the activations' dtype."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._no_grad = _Statistics(self._no_grad)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        mean, var = self.running_mean.astype(x.dtype), self.running_var.astype(x.dtype)
-        return (x - mean) * mx.rsqrt(var + self.eps)
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -403,6 +211,7 @@ class Attention(nn.Module):
         return out.transpose(0, 2, 1, 3).reshape(B, N, H * hd)
 
     def __call__(self, x: mx.array) -> mx.array:
+        # x: (B, N, D) -> proj(attention): (B, N, D)
         return self.proj(self.mix(*self.project(x)))
 
 
@@ -413,9 +222,11 @@ class MLP(nn.Module):
         self.fc2 = Linear(hidden, dim)
 
     def hidden(self, x: mx.array) -> mx.array:
+        # x: (B, N, D) -> GELU(fc1 x): (B, N, hidden)
         return ops.gelu(self.fc1(x))
 
     def __call__(self, x: mx.array, add: mx.array | None = None) -> mx.array:
+        # (B, N, D) -> fc2 GELU(fc1 x), plus `add` (B, N, D) if given: the residual
         return self.fc2(self.hidden(x), add)
 
 
@@ -425,7 +236,7 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D = args.embed_dim
-        # sizes of the whole block (a shard keeps them: `shard` divides them)
+        # sizes of the whole block (a shard keeps them: `cpu_runner.shard_block` divides them)
         self.embed_dim, self.hidden_dim = D, args.mlp_ratio * D
         self.norm_1 = LayerNorm(D, eps=args.norm_eps)
         self.attn = Attention(D, args.num_heads)
@@ -437,44 +248,9 @@ class Block(nn.Module):
         return self.attn.mix(*self.attn.project(self.norm_1(x)))
 
     def __call__(self, x: mx.array) -> mx.array:
+        # x: (B, N, D) -> (B, N, D)
         x = self.attn.proj(self.attention(x), add=x)  # x + attention
         return self.mlp(self.norm_2(x), add=x)  # x + MLP
-
-    def shard(self, i: int, n: int) -> Block:
-        """The i-th of n shares of this block's work (`share` of each size): heads i of n for
-        attention, and output features i of n of the projection, of fc1 (the hidden units)
-        and of fc2. Views of the weights' rows."""
-        D, hidden, H = self.embed_dim, self.hidden_dim, self.attn.num_heads
-        first, last = share(H, i, n)
-        head_dim = D // H
-        q_k_v = [(j * D + first * head_dim, j * D + last * head_dim) for j in range(3)]
-        block = self._copy()
-        block.attn.num_heads = last - first
-        block.attn.qkv = self.attn.qkv.rows(*q_k_v)
-        block.attn.proj = self.attn.proj.rows(share(D, i, n))
-        block.mlp.fc1 = self.mlp.fc1.rows(share(hidden, i, n))
-        block.mlp.fc2 = self.mlp.fc2.rows(share(D, i, n))
-        return block
-
-    def _copy(self) -> Block:
-        """A shallow copy whose attention and MLP are copies too, for replacing their layers."""
-        block = copy.copy(self)
-        block.attn, block.mlp = copy.copy(self.attn), copy.copy(self.mlp)
-        return block
-
-    def widened(self, dtype: mx.Dtype) -> Block:
-        """This block with its matmul weights as `dtype` arrays, widened (or dequantized) once
-        here, for applying it to several parts of the input; itself if nothing needs widening."""
-        layers = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
-        wide = {
-            (m, n): getattr(self[m], n).widened(dtype) for m, names in layers.items() for n in names
-        }
-        if all(wide[m, n] is getattr(self[m], n) for m, n in wide):
-            return self
-        block = self._copy()
-        for (m, n), layer in wide.items():
-            block[m][n] = layer
-        return block
 
 
 class Trunk(nn.Module):

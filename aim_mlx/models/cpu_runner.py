@@ -6,9 +6,9 @@ blocks run on `streams()` CPU streams at once, with the BLAS on cores // streams
 
 - a batch that divides evenly over the streams (or a large one): each stream takes its share of
   the images through whole blocks; half-precision and quantized weights are widened once per
-  block (`Block.widened`) for all streams;
+  block (`widened_block`) for all streams;
 - one image, or a few that do not divide evenly: each stream takes its share of every block's
-  work for all the images (`Block.shard`: its heads, its share of each layer's output
+  work for all the images (`shard_block`: its heads, its share of each layer's output
   features), and widens only that share. The streams join their shares four times a block (a
   copy each time), so that every matmul has all the tokens' rows: the BLAS runs faster per
   thread on them than on a share of the tokens.
@@ -27,6 +27,7 @@ default all of them; a launcher that runs several processes on one machine divid
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from functools import lru_cache
@@ -36,7 +37,7 @@ import mlx.core as mx
 from .. import blas
 from ..errors import SettingError
 from ..runtime import switched_off
-from .aim import share
+from .layers import share
 
 STREAMS_ENV = "AIM_MLX_CPU_STREAMS"
 CORES_ENV = "AIM_MLX_CPU_CORES"
@@ -137,7 +138,7 @@ def _by_images(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
     outputs = []
     for block in blocks:
         with mx.stream(streams[0]):
-            block = block.widened(x.dtype)  # narrow weights: widened once, for every stream
+            block = widened_block(block, x.dtype)  # narrow weights: once, for every stream
         for i, (stream, part) in enumerate(zip(streams, parts, strict=True)):
             with mx.stream(stream):
                 parts[i] = block(part)
@@ -155,8 +156,8 @@ def _by_shards(blocks, x: mx.array, streams: tuple) -> list[mx.array]:
 
 
 def _sharded_block(block, xs: list, streams: tuple) -> list[mx.array]:
-    """The steps of `Block.__call__`, each stream on its shard of the block; `join` gives every
-    stream the whole of a result from the streams' shares of its features."""
+    """The steps of `Block.__call__`, each stream on its shard of the block (`shard_block`);
+    `join` gives every stream the whole of a result from the streams' shares of its features."""
     n, D = len(streams), xs[0].shape[-1]
 
     def join(parts: list) -> list[mx.array]:
@@ -169,8 +170,9 @@ def _sharded_block(block, xs: list, streams: tuple) -> list[mx.array]:
     shards, heads = [], []
     for i, stream in enumerate(streams):
         with mx.stream(stream):
-            shards.append(block.shard(i, n).widened(xs[i].dtype))  # narrow weights: this share
-            heads.append(shards[i].attention(xs[i]))
+            shard = widened_block(shard_block(block, i, n), xs[i].dtype)  # narrow: this share
+            shards.append(shard)
+            heads.append(shard.attention(xs[i]))
     heads, ys = join(heads), []
     for i, stream in enumerate(streams):
         with mx.stream(stream):
@@ -185,3 +187,40 @@ def _sharded_block(block, xs: list, streams: tuple) -> list[mx.array]:
         with mx.stream(stream):
             zs.append(shards[i].mlp.fc2(hidden[i], add=ys[i]))  # y + MLP
     return join(zs)
+
+
+def shard_block(block, i: int, n: int):
+    """The i-th of n shares of `block`'s work (`share` of each size): heads i of n for
+    attention, and output features i of n of the projection, of fc1 (the hidden units) and of
+    fc2. Views of the weights' rows."""
+    D, hidden, H = block.embed_dim, block.hidden_dim, block.attn.num_heads
+    first, last = share(H, i, n)
+    head_dim = D // H
+    q_k_v = [(j * D + first * head_dim, j * D + last * head_dim) for j in range(3)]
+    shard = _copy_block(block)
+    shard.attn.num_heads = last - first
+    shard.attn.qkv = block.attn.qkv.rows(*q_k_v)
+    shard.attn.proj = block.attn.proj.rows(share(D, i, n))
+    shard.mlp.fc1 = block.mlp.fc1.rows(share(hidden, i, n))
+    shard.mlp.fc2 = block.mlp.fc2.rows(share(D, i, n))
+    return shard
+
+
+def widened_block(block, dtype: mx.Dtype):
+    """`block` with its matmul weights as `dtype` arrays, widened (or dequantized) once here,
+    for applying it to several parts of the input; `block` itself if nothing needs widening."""
+    layers = {"attn": ("qkv", "proj"), "mlp": ("fc1", "fc2")}
+    wide = {(m, n): block[m][n].widened(dtype) for m, names in layers.items() for n in names}
+    if all(wide[m, n] is block[m][n] for m, n in wide):
+        return block
+    out = _copy_block(block)
+    for (m, n), layer in wide.items():
+        out[m][n] = layer
+    return out
+
+
+def _copy_block(block):
+    """A shallow copy whose attention and MLP are copies too, for replacing their layers."""
+    out = copy.copy(block)
+    out.attn, out.mlp = copy.copy(block.attn), copy.copy(block.mlp)
+    return out

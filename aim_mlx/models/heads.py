@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .aim import FrozenBatchNorm
+from .layers import FrozenBatchNorm
 
 
 class LinearPoolingHead(nn.Module):
