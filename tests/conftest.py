@@ -7,6 +7,10 @@ from pathlib import Path
 # that float32 parity keeps tight bounds there too. Read when MLX starts: set before it loads.
 # The CPU backend does not read it; subprocesses inherit it.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
+# The hub tests serve their files from 127.0.0.1 (tests/hub_server.py): an offline mode set in
+# the shell (huggingface_hub reads it at import) would refuse those local downloads too.
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("TRANSFORMERS_OFFLINE", None)
 
 import aim_mlx  # noqa: E402, F401  (first: it loads an optimized BLAS before mlx.core)
 

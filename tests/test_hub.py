@@ -315,6 +315,17 @@ def test_drop_downloads_models_listing_and_cache_rm(env, hub):
     assert aim_mlx(env, "cache", "rm", "aim-tiny").returncode == 1  # nothing left to remove
 
 
+def test_the_suite_downloads_from_its_local_hub_with_offline_mode_set_in_the_shell():
+    """An HF_HUB_OFFLINE=1 in the shell that runs the tests leaves the local hub usable."""
+    test = f"{__file__}::test_disk_space_is_checked_before_downloading"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout[-2000:]
+
+
 def test_disk_space_is_checked_before_downloading(tmp_path, hub, monkeypatch):
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec
