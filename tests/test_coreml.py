@@ -177,15 +177,15 @@ def test_activation_ranges_follow_the_model(model, photos):
     assert stats["residual"][0] >= max(np.abs(np.array(f)).max() for f in feats) * (1 - 1e-6)
 
 
-@pytest.mark.usefixtures("pin_cpu")
 def test_activation_ranges_of_one_image_in_shards(model, photos, monkeypatch):
     """One image on two CPU streams runs each block in shards of its layers: the observed
     ranges are those of the one-stream forward."""
     x = normalise(photos[0][:1])
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
-    whole = coreml.activation_ranges(model, x)
-    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
-    sharded = coreml.activation_ranges(model, x)
+    with mx.stream(mx.cpu):  # this test's CPU only (pin_cpu would keep it for later tests)
+        monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
+        whole = coreml.activation_ranges(model, x)
+        monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "2")
+        sharded = coreml.activation_ranges(model, x)
     assert set(sharded) == set(whole)
     for kind, (value, block) in whole.items():
         assert sharded[kind][1] == block and sharded[kind][0] == pytest.approx(value, rel=1e-5)
