@@ -521,6 +521,55 @@ def test_ctrl_c_exits_130(monkeypatch, model_dir, tmp_path):
         assert "interrupted" in result.stderr
 
 
+SLOW_IMPORT = """\
+import sys, time
+
+class Slow:  # holds the import of one module, as a slow disk or a large library would
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            print("importing", name, flush=True)
+            time.sleep(60)
+
+sys.meta_path.insert(0, Slow())
+"""
+
+
+@pytest.mark.parametrize("loading", ["aim_mlx.blas", "click"])
+def test_ctrl_c_while_the_command_loads_exits_130(tmp_path, loading):
+    """Ctrl-C in the first fraction of a second of `aim-mlx ...`, while modules load (held here
+    on `loading`: in the package's __init__, or the command line's own imports): exit 130 with
+    one line, as in a command, not a KeyboardInterrupt traceback."""
+    import signal
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parent.parent
+    entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["aim-mlx"]
+    module, function = entry.split(":")
+    script = tmp_path / "aim-mlx"  # as pip writes it, after the hook
+    script.write_text(
+        SLOW_IMPORT.format(module=loading)
+        + f"from {module} import {function}\nsys.exit({function}())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "models"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        assert proc.stdout.readline() == f"importing {loading}\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130 and err.strip() == "interrupted"
+
+
 def test_malformed_config_is_reported_as_such(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
