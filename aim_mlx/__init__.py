@@ -2,26 +2,28 @@
 
 # First, before anything imports mlx.core: a bounded GPU command buffer (runtime.py) and an
 # optimized BLAS for MLX on the Linux CPU (blas.py).
-import os
 import sys
 
-from . import blas, runtime
+from .command import interruptible, is_command
 
-try:
-    runtime.check_backend()
-except ImportError as e:
-    if os.path.basename(sys.argv[0]) == "aim-mlx":  # the command: one line, not a traceback
-        sys.exit(f"Error: {str(e).removeprefix('aim-mlx: ')}")
-    raise
-runtime.setup()
-blas.setup()
+with interruptible():  # Ctrl-C while `aim-mlx` starts: exit 130, no traceback (command.py)
+    from . import blas, runtime
 
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
+    try:
+        runtime.check_backend()
+    except ImportError as e:
+        if is_command():  # one line, not a traceback
+            sys.exit(f"Error: {str(e).removeprefix('aim-mlx: ')}")
+        raise
+    runtime.setup()
+    blas.setup()
 
-try:
-    __version__ = version("aim-mlx")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+local"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("aim-mlx")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        __version__ = "0.0.0+local"
 
 
 def load(model, head=None, dtype=None, **kwargs):

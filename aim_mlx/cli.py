@@ -652,7 +652,7 @@ def embed(
         report_error(path, reason)
     if emb.paths:
         meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
-        save(target, emb, meta, listing)
+        save(target, emb, meta, listing, replace=force)
         shape = "x".join(map(str, emb.features.shape))
         named = [out, listing_path(out)] if suffix == ".npy" else [out]  # as the user gave it
         click.echo(f"wrote {shape} features to {', '.join(map(str, named))}", err=True)

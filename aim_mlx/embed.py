@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 
 from . import images
 from .errors import OptionError, OutputError
-from .output import signals_held, temp_path
+from .output import keep_aside, rename_new, signals_held, temp_path
 
 POOLS = ("mean", "tokens")
 
@@ -125,11 +125,16 @@ def read_listing(path: str | Path) -> list[str]:
 
 
 def save(
-    out: str | Path, emb: Embeddings, metadata: dict | None = None, listing: Path | None = None
+    out: str | Path,
+    emb: Embeddings,
+    metadata: dict | None = None,
+    listing: Path | None = None,
+    replace: bool = True,
 ) -> list[Path]:
     """Write `.safetensors` (tensor `features`, the paths as JSON in metadata key `paths`) or
     `.npy` plus `<out>.paths.txt` (one line per row, each a JSON string, so that any file name
-    round-trips; see `read_listing`). Written whole or not at all, with the usual file mode."""
+    round-trips; see `read_listing`). Written whole or not at all, with the usual file mode.
+    `replace=False`: a file already there, even one made while this ran, is kept: OutputError."""
     out = Path(out)
     if out.suffix not in (".safetensors", ".npy"):
         raise OptionError(f"{out}: the output must end in .safetensors or .npy")
@@ -139,7 +144,8 @@ def save(
         meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
         meta["paths"] = json.dumps(emb.paths)
         _write_all(
-            {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)}
+            {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)},
+            replace,
         )
         return [out]
     listing = listing or listing_path(out)  # `out` may be a link's target: the CLI says where
@@ -148,37 +154,52 @@ def save(
         {
             out: lambda tmp: np.save(tmp, emb.features, allow_pickle=False),
             listing: lambda tmp: tmp.write_text(text, encoding="ascii"),
-        }
+        },
+        replace,
     )
     return [out, listing]
 
 
-def _write_all(writers: dict) -> None:
+def _write_all(writers: dict, replace: bool = True) -> None:
     """Write each {path: write(tmp_path)} to a temporary file, then move all of them into place;
-    on failure none is written (a path replaced before the failure is removed)."""
+    on failure the paths are as before (the old files put back, new ones removed). Without
+    `replace`, a path that exists by then (another process's) is kept: OutputError."""
     tmps = {p: temp_path(p, keep_suffix=True) for p in writers}
-    moved, current = [], None
+    olds, moved, current = {}, [], None
     try:
         for current, write in writers.items():
             write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
             os.chmod(tmps[current], _file_mode())
         with signals_held():  # Ctrl-C cannot split the pair; after a SIGKILL here a listing
-            for current in list(tmps)[1:]:  # is missing rather than another run's
-                current.unlink(missing_ok=True)
+            if replace:  # is missing rather than another run's
+                for current in tmps:
+                    olds[current] = keep_aside(current)
+                for current in list(tmps)[1:]:
+                    current.unlink(missing_ok=True)
             for current, tmp in tmps.items():
-                os.replace(tmp, current)
+                if replace:
+                    os.replace(tmp, current)
+                else:
+                    rename_new(tmp, current)
                 moved.append(current)
     except BaseException as e:
-        if len(moved) < len(tmps):  # not all of them in place: none
+        if len(moved) < len(tmps):  # not all of them in place: none, the old ones back
             for path in moved:
                 path.unlink(missing_ok=True)
-        if isinstance(e, OSError | SafetensorError):  # disk full, I/O error
-            reason = getattr(e, "strerror", None) or e
+            for path, old in list(olds.items()):
+                try:
+                    if old is not None:
+                        os.replace(old, path)
+                except OSError:  # kept under its old name rather than deleted
+                    del olds[path]
+        if isinstance(e, OSError | SafetensorError) and not isinstance(e, OutputError):
+            reason = getattr(e, "strerror", None) or e  # disk full, I/O error
             raise OutputError(f"cannot write {current}: {reason}") from None
         raise
     finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+        for tmp in [*tmps.values(), *olds.values()]:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
 
 
 def _file_mode() -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import glob
 import hashlib
 import os
@@ -9,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import uuid
@@ -154,10 +158,16 @@ def temp_path(out: Path, keep_suffix: bool = False) -> Path:
     return out.with_name(f".{out.name}.partial-{_owner()}{suffix}")
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder `tmp` to `out`; an `out` already there (replaced with --force)
-    is moved aside first and removed once the new one is in place. Ctrl-C and SIGTERM wait
-    until one of the two is in place; after a SIGKILL, `remove_leftovers` puts the old one back."""
+def move_into_place(tmp: Path, out: Path, replace: bool = True) -> None:
+    """Rename the finished folder `tmp` to `out`. With `replace`, an `out` already there is
+    moved aside first and removed once the new one is in place; Ctrl-C and SIGTERM wait until
+    one of the two is in place; after a SIGKILL, `remove_leftovers` puts the old one back.
+    Without it, an `out` that appeared since `prepare_output` is kept: OutputError
+    (`rename_new`)."""
+    if not replace:
+        with signals_held():
+            rename_new(tmp, out)
+        return
     old = out.with_name(f".{out.name}.old-{_owner()}")
     try:
         with signals_held():
@@ -172,6 +182,109 @@ def move_into_place(tmp: Path, out: Path) -> None:
     finally:
         if out.exists() and old.exists():  # the new one in place (a held signal is raised now)
             _delete(old, out)
+
+
+def rename_new(src: Path, dst: Path) -> None:
+    """Rename the file or folder `src` to `dst` only if nothing is there, in one step: what
+    another process put there since the output was checked is never replaced. OutputError
+    naming `dst` if something is there (`src` is left for the caller to remove)."""
+    try:
+        if not _rename_noreplace(src, dst):
+            _rename_reserved(src, dst)
+    except FileExistsError:
+        raise OutputError(
+            f"{dst} appeared while this command ran (another process?) and is kept; choose "
+            "another output, or pass --force to replace it"
+        ) from None
+
+
+_NOT_SUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """The system's rename that never replaces (Linux renameat2 RENAME_NOREPLACE, macOS
+    renamex_np RENAME_EXCL): True once renamed, False where there is none (nothing done);
+    FileExistsError if `dst` exists."""
+    rename = _noreplace_call()
+    if rename is None:
+        return False
+    if rename(os.fsencode(src), os.fsencode(dst)) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _NOT_SUPPORTED:  # an old kernel, or a file system without it (NFS, FUSE)
+        return False
+    raise OSError(code, os.strerror(code), str(src), None, str(dst))
+
+
+@functools.cache
+def _noreplace_call():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    if sys.platform == "linux" and hasattr(libc, "renameat2"):  # glibc 2.28+
+        call = libc.renameat2
+        int_, path, flags = ctypes.c_int, ctypes.c_char_p, ctypes.c_uint
+        call.argtypes = [int_, path, int_, path, flags]
+        at_fdcwd, noreplace = -100, 1
+        return lambda src, dst: call(at_fdcwd, src, at_fdcwd, dst, noreplace)
+    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
+        call = libc.renamex_np
+        call.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+        rename_excl = 0x4
+        return lambda src, dst: call(src, dst, rename_excl)
+    return None
+
+
+def _rename_reserved(src: Path, dst: Path) -> None:
+    """`rename_new` without the system's call: a file is given the second name `dst` (a hard
+    link, never made over anything) and loses the first. Elsewhere the name is reserved first
+    (an empty folder or file, made only if nothing is there) and `src` renamed over it; a rename
+    never replaces a folder that is not empty, so only the empty reservation can be lost."""
+    folder = src.is_dir()
+    if not folder:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (FAT, some network disks)
+            pass
+        else:
+            os.unlink(src)
+            return
+    if folder:
+        os.mkdir(dst)
+    else:
+        os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        os.rename(src, dst)
+    except OSError as e:
+        try:  # the reservation, if still empty (else another process's)
+            if dst.is_dir():
+                dst.rmdir()
+            elif dst.stat().st_size == 0:
+                dst.unlink()
+        except OSError:
+            pass
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST):  # filled by another process meanwhile
+            raise FileExistsError(e.errno, e.strerror, str(dst)) from None
+        raise
+
+
+def keep_aside(path: Path) -> Path | None:
+    """A second name for the file `path` (None if there is none), from which `os.replace` puts
+    it back when replacing `path` fails: a hard link, `path` staying in place; `path` renamed
+    where there are no links. Old outputs' names (`remove_leftovers` deletes a killed run's)."""
+    if path.is_dir() and not path.is_symlink():  # not a file: replacing it fails anyway
+        return None
+    old = path.with_name(f".{path.name}.old-{_owner()}")
+    try:
+        os.link(path, old, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError:  # no hard links here (FAT, some network disks)
+        path.rename(old)
+    return old
 
 
 def remove_leftovers(out: Path) -> None:

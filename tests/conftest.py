@@ -161,3 +161,28 @@ def unreadable(monkeypatch):
             return real(path)
 
         monkeypatch.setattr(os, name, refuse)
+
+
+def appears_before_publish(monkeypatch, out: Path, make) -> list:
+    """Another process makes `out` (`make(out)`) just before this one moves its finished output
+    there, whichever call moves it: the interleaving that checking `out` at the start misses.
+    Returns a list that holds `out` once it was made."""
+    import aim_mlx.output
+
+    made = []
+
+    def hooked(original):
+        def call(src, dst, *args, **kwargs):
+            if not made and Path(os.fsdecode(dst)) == out:
+                made.append(out)
+                make(out)
+            return original(src, dst, *args, **kwargs)
+
+        return call
+
+    for name in ("rename", "replace", "link"):
+        monkeypatch.setattr(os, name, hooked(getattr(os, name)))
+    original = getattr(aim_mlx.output, "_rename_noreplace", None)  # the system's no-replace call
+    if original is not None:
+        monkeypatch.setattr(aim_mlx.output, "_rename_noreplace", hooked(original))
+    return made

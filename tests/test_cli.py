@@ -2,6 +2,7 @@
 (exit 1; usage errors exit 2; Ctrl-C 130), tracebacks only for bugs, and the same options on
 every command."""
 
+import errno
 import json
 import os
 import shlex
@@ -18,7 +19,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_CONFIG, REF, convert_fixture
+from conftest import FIXTURE_CONFIG, REF, appears_before_publish, convert_fixture
 from PIL import Image
 from test_hub import registry_entry
 
@@ -520,6 +521,55 @@ def test_ctrl_c_exits_130(monkeypatch, model_dir, tmp_path):
         assert "interrupted" in result.stderr
 
 
+SLOW_IMPORT = """\
+import sys, time
+
+class Slow:  # holds the import of one module, as a slow disk or a large library would
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            print("importing", name, flush=True)
+            time.sleep(60)
+
+sys.meta_path.insert(0, Slow())
+"""
+
+
+@pytest.mark.parametrize("loading", ["aim_mlx.blas", "click"])
+def test_ctrl_c_while_the_command_loads_exits_130(tmp_path, loading):
+    """Ctrl-C in the first fraction of a second of `aim-mlx ...`, while modules load (held here
+    on `loading`: in the package's __init__, or the command line's own imports): exit 130 with
+    one line, as in a command, not a KeyboardInterrupt traceback."""
+    import signal
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parent.parent
+    entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["aim-mlx"]
+    module, function = entry.split(":")
+    script = tmp_path / "aim-mlx"  # as pip writes it, after the hook
+    script.write_text(
+        SLOW_IMPORT.format(module=loading)
+        + f"from {module} import {function}\nsys.exit({function}())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "models"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        assert proc.stdout.readline() == f"importing {loading}\n"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Traceback" not in err, err
+    assert proc.returncode == 130 and err.strip() == "interrupted"
+
+
 def test_malformed_config_is_reported_as_such(tmp_path):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -694,6 +744,52 @@ def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(out), np.ones((2, 2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("name", ["f.npy", "f.npy.paths.txt", "f.safetensors"])
+def test_embed_keeps_an_output_made_while_it_ran(model_dir, tmp_path, monkeypatch, name):
+    """Without --force, an output checked at the start but made by another process before the
+    features are moved into place is kept: one line naming it, nothing of this run left."""
+    folder = tmp_path / "out"
+    out = folder / ("f.safetensors" if name == "f.safetensors" else "f.npy")
+    theirs = folder / name
+    made = appears_before_publish(monkeypatch, theirs, lambda p: p.write_text("theirs"))
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out), 1)
+    assert made == [theirs]
+    assert err.startswith(f"Error: {theirs} appeared while this command ran")
+    assert "pass --force" in err and len(err.splitlines()) == 1
+    assert [p.name for p in folder.iterdir()] == [name]  # theirs alone: no temporary, no .npy
+    assert theirs.read_text() == "theirs"
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard links", "no hard links"])
+@pytest.mark.parametrize("failing", ["f.npy", "f.npy.paths.txt"])
+def test_embed_force_that_fails_keeps_the_old_pair(
+    model_dir, tmp_path, monkeypatch, failing, links
+):
+    """--force over a .npy and its listing: when moving one of the new files into place fails,
+    both old ones are back, never old features with a new image order (or none)."""
+    out = tmp_path / "f.npy"
+    save(out, Embeddings(np.zeros((2, 2), np.float32), ["a.jpg", "b.jpg"]))
+    replace = os.replace
+    if not links:  # the old files are then renamed aside, to be renamed back
+
+        def no_links(*args, **kwargs):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_links)
+
+    def replace_failing(src, dst):
+        if Path(dst) == tmp_path / failing and ".partial-" in str(src):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing)
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
+    assert err.strip() == f"Error: cannot write {tmp_path / failing}: Input/output error"
+    assert read_listing(listing_path(out)) == ["a.jpg", "b.jpg"]
+    np.testing.assert_array_equal(np.load(out), np.zeros((2, 2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
 
 
 def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path):

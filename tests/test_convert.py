@@ -1,7 +1,9 @@
 """The converter: output layout, dtypes, quantization, sharding, and refusing bad input safely."""
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, rel_err
+from conftest import REF, appears_before_publish, rel_err
 from safetensors import safe_open
 from torch_zip import save_torch_zip
 
@@ -23,6 +25,7 @@ import aim_mlx
 from aim_mlx.cli import main
 from aim_mlx.convert import ConversionError, convert, open_checkpoint
 from aim_mlx.convert import converter as converter_module
+from aim_mlx.errors import OutputError
 
 # Conversion, and float32 parity at CPU bounds: on the CPU whatever MLX's default device is.
 pytestmark = pytest.mark.usefixtures("pin_cpu")
@@ -395,6 +398,73 @@ def test_an_old_output_half_deleted_is_never_put_back(tmp_path, monkeypatch, whe
     shutil.rmtree(out)  # the user's choice
     output.prepare_output(out, replaceable=lambda _: True)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("theirs", ["an empty folder", "a model"])
+def test_a_folder_made_during_the_conversion_is_kept(tmp_path, monkeypatch, theirs):
+    """Without --force, a folder made by another process after the output was checked (here just
+    before the conversion is renamed into place) is kept, empty or not: a clear error, and no
+    temporary folder left."""
+    out = tmp_path / "m"
+
+    def make(folder):
+        folder.mkdir()
+        if theirs == "a model":
+            (folder / "config.json").write_text("theirs")
+
+    made = appears_before_publish(monkeypatch, out, make)
+    with pytest.raises(ConversionError) as caught:
+        run(out)
+    assert made == [out]
+    assert str(caught.value) == (
+        f"{out} appeared while this command ran (another process?) and is kept; choose "
+        "another output, or pass --force to replace it"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert [p.name for p in out.iterdir()] == (["config.json"] if theirs == "a model" else [])
+
+
+@pytest.mark.parametrize("system", ["renameat2 / renamex_np", "hard links", "neither"])
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_rename_new_never_replaces(tmp_path, monkeypatch, system, kind):
+    """output.rename_new on every path it takes: the system's no-replace rename, else a hard
+    link (files), else a reservation made only where nothing is."""
+    from aim_mlx import output
+
+    if system != "renameat2 / renamex_np":
+        monkeypatch.setattr(output, "_rename_noreplace", lambda src, dst: False)
+    if system == "neither":
+
+        def no_links(*args, **kwargs):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_links)
+
+    def make(path, content):
+        if kind == "file":
+            path.write_text(content)
+        else:
+            path.mkdir()
+            (path / "a").write_text(content)
+
+    def read(path):
+        return path.read_text() if kind == "file" else (path / "a").read_text()
+
+    new, taken, empty = tmp_path / "new", tmp_path / "taken", tmp_path / "empty"
+    make(new, "new")
+    make(taken, "theirs")
+    empty.mkdir()
+    for there in (taken, empty):
+        with pytest.raises(OutputError, match=f"^{re.escape(str(there))} appeared while"):
+            output.rename_new(new, there)
+        assert read(new) == "new"
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")  # a name, even of a broken link
+    with pytest.raises(OutputError, match="appeared while"):
+        output.rename_new(new, tmp_path / "dangling")
+    assert read(taken) == "theirs" and list(empty.iterdir()) == []
+    output.rename_new(new, tmp_path / "out")
+    assert read(tmp_path / "out") == "new" and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "empty", "out", "taken"]
 
 
 def test_leftovers_are_judged_only_on_their_own_machine(tmp_path):

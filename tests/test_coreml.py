@@ -8,6 +8,7 @@ Linux has no Core ML runtime, so `tests/mil_numpy.py` runs the saved ML Program 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 
@@ -16,7 +17,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, build_reference_model
+from conftest import REF, appears_before_publish, build_reference_model
 
 from aim_mlx.export import coreml
 from aim_mlx.models.layers import Linear
@@ -569,6 +570,30 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     not_an_image.write_text("hello")
     res = CliRunner().invoke(main, [*args, "--force", "--sample", str(not_an_image)])
     assert res.exit_code == 2 and "--sample" in res.output and "notes.jpg" in res.output
+
+
+def test_a_package_made_during_the_export_is_kept(export, tmp_path, monkeypatch):
+    """Without --force, a package another process wrote after the output was checked (here just
+    before this one is renamed into place) is kept: one error line, nothing of this export left."""
+    from aim_mlx.cli import main
+    from aim_mlx.convert import convert
+
+    theirs = export(precision="float32")
+    out = tmp_path / "m.mlpackage"
+    made = appears_before_publish(monkeypatch, out, lambda p: shutil.copytree(theirs, p))
+    model = tmp_path / "fixture"
+    convert(model, hf_path=REF / "hf_repo", progress=False)
+    args = ["export", "coreml", "-m", str(model), "-o", str(out), "--precision", "float32"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert made == [out]
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: {out} appeared while this command ran (another process?) and is kept; choose "
+        "another output, or pass --force to replace it"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fixture", "m.mlpackage"]
+    assert sorted(os.listdir(out)) == sorted(os.listdir(theirs))
+    assert (out / "Manifest.json").read_bytes() == (theirs / "Manifest.json").read_bytes()
 
 
 def test_cli_without_coremltools_says_how_to_install(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, convert_fixture
+from conftest import REF, appears_before_publish, convert_fixture
 from PIL import Image
 
 import aim_mlx
@@ -528,6 +528,22 @@ def test_what_killed_runs_left_is_cleared_by_the_next(heads, model_dir, data, tm
         assert not dead.exists() and live.exists()
     finally:
         live.unlink()
+
+
+def test_a_folder_made_while_training_is_kept(heads, model_dir, data, tmp_path, monkeypatch):
+    """Without --force, an (empty) folder made by another process after the output was checked
+    (here just before the head is renamed into place) is kept, not silently replaced."""
+    out = tmp_path / "h"
+    made = appears_before_publish(monkeypatch, out, lambda folder: folder.mkdir())
+    res = cli("probe", "train", data, "-m", model_dir, "-o", out,
+              "--kind", "linear", "--epochs", "1", "--no-progress")  # fmt: skip
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert made == [out]
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: {out} appeared while this command ran (another process?) and is kept; choose "
+        "another output, or pass --force to replace it"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["h"] and list(out.iterdir()) == []
 
 
 def test_cache_lists_and_removes_feature_sets(heads, workdir):

@@ -524,9 +524,10 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool):
-    if out.exists() and not force:
-        raise ConversionError(f"{out} appeared during the conversion; pass --force to replace")
-    move_into_place(tmp, out)
+    try:
+        move_into_place(tmp, out, replace=force)
+    except OutputError as e:  # without --force: it appeared during the conversion
+        raise ConversionError(str(e)) from None
 
 
 class _SourceHasher(threading.Thread):

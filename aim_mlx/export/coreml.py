@@ -660,7 +660,9 @@ def export_coreml(
                 trained_head=trained,
             )
             mlmodel.save(str(work / out.name))
-            move_into_place(work / out.name, out)
+            move_into_place(work / out.name, out, replace=overwrite)
+    except OutputError as e:  # without --force: it appeared during the export
+        raise ExportError(str(e)) from None
     except (OSError, RuntimeError) as e:  # disk full, I/O error (RuntimeError: "[MIL FileWriter]")
         if isinstance(e, RuntimeError) and "FileWriter" not in str(e):
             raise

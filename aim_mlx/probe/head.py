@@ -82,7 +82,7 @@ def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = Fals
         weights = {k: v.astype(mx.float32) for k, v in tree_flatten(head.parameters())}
         mx.save_safetensors(str(tmp / WEIGHTS), weights, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        move_into_place(tmp, out)
+        move_into_place(tmp, out, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
