@@ -1221,7 +1221,8 @@ def probe_eval(
     for path, reason in result.failed:
         report_error(path, reason)
     if confusion:
-        save_confusion(result, target, f"{Path(head).name}: {heading_of(result)} of {val_dir}")
+        title = f"{Path(head).name}: {heading_of(result)} of {val_dir}"
+        save_confusion(result, target, title, replace=force)
     if as_json:
         info = dict(model=model, head=str(head), dtype=str(net.dtype).split(".")[-1])
         click.echo(json.dumps({**info, "img_size": net.args.img_size, **result.to_dict()}))

@@ -379,15 +379,19 @@ def _reason(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def write_atomic(path: str | os.PathLike, write) -> Path:
+def write_atomic(path: str | os.PathLike, write, replace: bool = True) -> Path:
     """Write `path` through `write(binary file)` into a temporary file beside it, then move that
-    into place: a failure midway leaves the old file, or none, never half of one."""
+    into place: a failure midway leaves the old file, or none, never half of one. Without
+    `replace`, a `path` there by then (another process's) is kept: OutputError (`rename_new`)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            rename_new(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

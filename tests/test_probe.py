@@ -546,6 +546,24 @@ def test_a_folder_made_while_training_is_kept(heads, model_dir, data, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["h"] and list(out.iterdir()) == []
 
 
+def test_a_confusion_picture_made_while_evaluating_is_kept(heads, model_dir, data, tmp_path,
+                                                           monkeypatch):  # fmt: skip
+    """Without --force, a --confusion file made by another process after it was checked (here
+    just before the picture is moved into place) is kept, as for -o: one error line."""
+    picture = tmp_path / "c.png"
+    made = appears_before_publish(monkeypatch, picture, lambda p: p.write_text("theirs"))
+    res = cli("probe", "eval", data, "-m", model_dir, "--head", heads["linear"].out,
+              "--confusion", picture, "--no-progress")  # fmt: skip
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert made == [picture]
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: {picture} appeared while this command ran (another process?) and is kept; "
+        "choose another output, or pass --force to replace it"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["c.png"]  # no temporary file left
+    assert picture.read_text() == "theirs"
+
+
 def test_cache_lists_and_removes_feature_sets(heads, workdir):
     res = cli("cache")
     assert res.exit_code == 0, res.output

@@ -160,6 +160,9 @@ def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
     return img
 
 
-def save_confusion(result: HeadEvalResult, path: str | Path, title: str = "") -> Path:
+def save_confusion(
+    result: HeadEvalResult, path: str | Path, title: str = "", replace: bool = True
+) -> Path:
+    """The picture written to `path`; `replace=False` keeps a file already there (OutputError)."""
     picture = confusion_image(result, title)
-    return write_atomic(path, lambda f: picture.save(f, format="PNG"))
+    return write_atomic(path, lambda f: picture.save(f, format="PNG"), replace)
