@@ -184,14 +184,15 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                 moved.append(current)
     except BaseException as e:
         if len(moved) < len(tmps):  # not all of them in place: none, the old ones back
-            for path in moved:
-                path.unlink(missing_ok=True)
-            for path, old in list(olds.items()):
-                try:
-                    if old is not None:
-                        os.replace(old, path)
-                except OSError:  # kept under its old name rather than deleted
-                    del olds[path]
+            with signals_held():  # a Ctrl-C midway would lose them (their names go below)
+                for path in moved:
+                    path.unlink(missing_ok=True)
+                for path, old in list(olds.items()):
+                    try:
+                        if old is not None:
+                            os.replace(old, path)
+                    except OSError:  # kept under its old name rather than deleted
+                        del olds[path]
         if isinstance(e, OSError | SafetensorError) and not isinstance(e, OutputError):
             reason = getattr(e, "strerror", None) or e  # disk full, I/O error
             raise OutputError(f"cannot write {current}: {reason}") from None

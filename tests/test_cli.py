@@ -792,6 +792,39 @@ def test_embed_force_that_fails_keeps_the_old_pair(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
 
 
+@pytest.mark.parametrize("links", [True, False], ids=["hard links", "no hard links"])
+def test_ctrl_c_while_the_old_pair_is_put_back(tmp_path, monkeypatch, links):
+    """Replacing a .npy and its listing fails after the .npy is in place; a Ctrl-C while the old
+    pair is put back waits until both are back (it would lose them: the names they were kept
+    under are removed on the way out)."""
+    import signal
+
+    out = tmp_path / "f.npy"
+    save(out, Embeddings(np.zeros((2, 2), np.float32), ["a.jpg", "b.jpg"]))
+    replace = os.replace
+    if not links:
+
+        def no_links(*args, **kwargs):
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+        monkeypatch.setattr(os, "link", no_links)
+
+    def replace_failing(src, dst):
+        if ".partial-" in str(src) and Path(dst) == listing_path(out):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(src))
+        if ".old-" in str(src) and Path(dst) == out:  # putting the old .npy back
+            signal.raise_signal(signal.SIGINT)
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_failing)
+    with pytest.raises(KeyboardInterrupt):
+        save(out, Embeddings(np.ones((2, 2), np.float32), ["c.jpg", "d.jpg"]))
+    assert read_listing(listing_path(out)) == ["a.jpg", "b.jpg"]
+    np.testing.assert_array_equal(np.load(out), np.zeros((2, 2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path):
     old = os.umask(0o022)
     try:
