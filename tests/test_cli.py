@@ -720,6 +720,13 @@ def test_a_cache_entry_removed_while_loading_is_made_again(tmp_path, monkeypatch
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [calls[0]]
 
 
+def assert_pair_alone(out: Path, features, names: list) -> None:
+    """`out` holds `features` and its listing `names`, the two alone in their folder."""
+    assert read_listing(listing_path(out)) == names
+    np.testing.assert_array_equal(np.load(out), features)
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name, listing_path(out).name]
+
+
 def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
     """Ctrl-C while the .npy is moved into place (--force over another run's pair): the
     listing follows it before the interrupt is raised, never one run's features with the other
@@ -740,9 +747,7 @@ def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
     monkeypatch.setattr(embed.os, "replace", replace_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         save(out, Embeddings(np.ones((2, 2), np.float32), ["c.jpg", "d.jpg"]))
-    assert read_listing(listing_path(out)) == ["c.jpg", "d.jpg"]
-    np.testing.assert_array_equal(np.load(out), np.ones((2, 2)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+    assert_pair_alone(out, np.ones((2, 2)), ["c.jpg", "d.jpg"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -787,9 +792,7 @@ def test_embed_force_that_fails_keeps_the_old_pair(
     monkeypatch.setattr(os, "replace", replace_failing)
     err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
     assert err.strip() == f"Error: cannot write {tmp_path / failing}: Input/output error"
-    assert read_listing(listing_path(out)) == ["a.jpg", "b.jpg"]
-    np.testing.assert_array_equal(np.load(out), np.zeros((2, 2)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+    assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
 
 
 @pytest.mark.parametrize("links", [True, False], ids=["hard links", "no hard links"])
@@ -819,9 +822,7 @@ def test_ctrl_c_while_the_old_pair_is_put_back(tmp_path, monkeypatch, links):
     monkeypatch.setattr(os, "replace", replace_failing)
     with pytest.raises(KeyboardInterrupt):
         save(out, Embeddings(np.ones((2, 2), np.float32), ["c.jpg", "d.jpg"]))
-    assert read_listing(listing_path(out)) == ["a.jpg", "b.jpg"]
-    np.testing.assert_array_equal(np.load(out), np.zeros((2, 2)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+    assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
