@@ -171,8 +171,8 @@ def _write_all(writers: dict, replace: bool = True) -> None:
             write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
             os.chmod(tmps[current], _file_mode())
         with signals_held():  # Ctrl-C cannot split the pair; after a SIGKILL here a listing
-            if replace:  # is missing rather than another run's
-                for current in tmps:
+            if replace and len(tmps) > 1:  # is missing rather than another run's. The old
+                for current in tmps:  # pair is kept, to be put back (one file: os.replace keeps it)
                     olds[current] = keep_aside(current)
                 for current in list(tmps)[1:]:
                     current.unlink(missing_ok=True)

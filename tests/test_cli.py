@@ -826,6 +826,33 @@ def test_ctrl_c_while_the_old_pair_is_put_back(tmp_path, monkeypatch, links):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_one_file_replaced_stays_in_place_until_the_new_one_is(tmp_path, monkeypatch):
+    """Replacing a .safetensors on a disk without hard links: the old file keeps its name until
+    the new one takes it (renamed aside, a SIGKILL there would lose it: the next run removes
+    what a killed one left beside the output)."""
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "f.safetensors"
+    save(out, Embeddings(np.zeros((2, 2), np.float32), ["a.jpg", "b.jpg"]))
+
+    def no_links(*args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    replace, there = os.replace, []
+
+    def replace_looking(src, dst):
+        if Path(dst) == out:
+            there.append(out.exists())
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(os, "replace", replace_looking)
+    save(out, Embeddings(np.ones((2, 2), np.float32), ["c.jpg", "d.jpg"]))
+    assert there == [True]
+    np.testing.assert_array_equal(load_file(out)["features"], np.ones((2, 2)))
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
+
+
 def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path):
     old = os.umask(0o022)
     try:
