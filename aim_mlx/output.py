@@ -218,6 +218,8 @@ def _rename_noreplace(src: Path, dst: Path) -> bool:
 
 @functools.cache
 def _noreplace_call():
+    if sys.platform not in ("linux", "darwin"):  # elsewhere: the portable way
+        return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:

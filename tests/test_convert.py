@@ -603,3 +603,22 @@ def test_a_checked_source_is_not_hashed_again(tmp_path, monkeypatch):
     sources = json.loads((out / "config.json").read_text())["sources"]
     assert sources[0]["sha256"] == digest
     assert len(hashed) == 1  # the head only
+
+
+def test_rename_new_elsewhere_than_linux_and_macos_takes_the_portable_way(tmp_path, monkeypatch):
+    """Where there is neither renameat2 nor renamex_np (Windows: ctypes.CDLL(None) is a
+    TypeError there), rename_new does not look for them: it links the file into place."""
+    from aim_mlx import output
+
+    monkeypatch.setattr(output.sys, "platform", "win32")
+    monkeypatch.setattr(output.ctypes, "CDLL", lambda *a, **k: 1 / 0)  # never called
+    output._noreplace_call.cache_clear()
+    try:
+        (tmp_path / "new").write_text("new")
+        (tmp_path / "taken").write_text("theirs")
+        with pytest.raises(OutputError, match="appeared while"):
+            output.rename_new(tmp_path / "new", tmp_path / "taken")
+        output.rename_new(tmp_path / "new", tmp_path / "out")
+        assert (tmp_path / "out").read_text() == "new" and not (tmp_path / "new").exists()
+    finally:
+        output._noreplace_call.cache_clear()
