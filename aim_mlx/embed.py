@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 
 from . import images
 from .errors import OptionError, OutputError
-from .output import keep_aside, rename_new, signals_held, temp_path
+from .output import keep_aside, place_file, signals_held, temp_path
 
 POOLS = ("mean", "tokens")
 
@@ -177,10 +177,7 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                 for current in list(tmps)[1:]:
                     current.unlink(missing_ok=True)
             for current, tmp in tmps.items():
-                if replace:
-                    os.replace(tmp, current)
-                else:
-                    rename_new(tmp, current)
+                place_file(tmp, current, replace)
                 moved.append(current)
     except BaseException as e:
         if len(moved) < len(tmps):  # not all of them in place: none, the old ones back

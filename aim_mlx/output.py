@@ -198,6 +198,15 @@ def rename_new(src: Path, dst: Path) -> None:
         ) from None
 
 
+def place_file(tmp: Path, path: Path, replace: bool) -> None:
+    """Rename the finished file `tmp` to `path`: over a file there (`replace`), else only where
+    nothing is (`rename_new`)."""
+    if replace:
+        os.replace(tmp, path)
+    else:
+        rename_new(tmp, path)
+
+
 _NOT_SUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
@@ -390,10 +399,7 @@ def write_atomic(path: str | os.PathLike, write, replace: bool = True) -> Path:
     try:
         with open(tmp, "wb") as f:
             write(f)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            rename_new(tmp, path)
+        place_file(tmp, path, replace)
     finally:
         tmp.unlink(missing_ok=True)
     return path
