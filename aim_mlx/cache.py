@@ -4,6 +4,7 @@ Layout under the cache root (AIM_MLX_CACHE, else the user's cache folder + "aim-
 
     models/<name>--<head>--<dtype>[--q<bits>g<group>]/   config.json + safetensors
     .locks/<key>.lock                                     held while that entry is converted
+    .locks/downloads/<name>.lock                          held while <name>'s downloads are removed
 
 Entries appear atomically (the converter writes a temporary folder and renames it), so readers
 need no lock; writers take the entry's lock so two processes never convert the same model at once.
@@ -17,7 +18,7 @@ import os
 import re
 import shutil
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,12 @@ def entry_key(name: str, head: str, dtype: str, quantization: dict | None = None
     key = f"{name}--{head}--{dtype}"
     if quantization:
         key += f"--q{quantization['bits']}g{quantization['group_size']}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+    return _safe(key)
+
+
+def _safe(name: str) -> str:
+    """`name` as a file name: characters other than letters, digits and ._- as _."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def entry_dir(key: str) -> Path:
@@ -80,10 +86,50 @@ def ensure_writable() -> Path:
 
 
 @contextmanager
-def lock(key: str, on_wait=None):
+def lock(key: str, on_wait=None, reads_downloads_of: str | None = None):
     """Hold the inter-process lock of one entry, waiting as long as it takes; `on_wait()` is
-    called once if another process holds it."""
+    called once if another process holds it (or, with `reads_downloads_of`, that gate).
+    `reads_downloads_of`: the model whose downloads the holder reads; the entry's lock file is
+    made while no other process removes them (`model_locks`), so that one sees and waits for it."""
     path = ensure_writable() / ".locks" / f"{key}.lock"
+    if reads_downloads_of:
+        with _held(_downloads_gate(reads_downloads_of), on_wait):
+            path.touch()
+    with _held(path, on_wait):
+        yield
+
+
+@contextmanager
+def model_locks(name: str, on_wait=None):
+    """Hold the lock of every entry of the model `name` that was ever converted or is being
+    converted (their lock files stay), waiting for conversions that read its downloads; a
+    conversion of the model that starts meanwhile waits until these are released."""
+    waits = []  # on_wait is called once, for whichever lock is held by another process
+
+    def waiting():
+        if on_wait and not waits:
+            waits.append(True)
+            on_wait()
+
+    with ExitStack() as stack:
+        with suppress(CacheError):  # a cache that cannot be written has no conversion to wait for
+            stack.enter_context(_held(_downloads_gate(name), waiting))
+        folder = cache_root() / ".locks"
+        keys = sorted(p.name.removesuffix(".lock") for p in folder.glob(f"{_safe(name)}--*.lock"))
+        for key in keys:
+            stack.enter_context(lock(key, waiting))
+        yield
+
+
+def _downloads_gate(name: str) -> Path:
+    folder = ensure_writable() / ".locks" / "downloads"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{_safe(name)}.lock"
+
+
+@contextmanager
+def _held(path: Path, on_wait=None):
+    """Hold the file lock `path`; `on_wait()` is called once if another process holds it."""
     file_lock = FileLock(path)
     try:
         file_lock.acquire(timeout=0)
@@ -95,26 +141,6 @@ def lock(key: str, on_wait=None):
         yield
     finally:
         file_lock.release()
-
-
-@contextmanager
-def model_locks(name: str, on_wait=None):
-    """Hold the lock of every entry of the model `name` that was ever converted or is being
-    converted (their lock files stay), waiting for conversions that read its downloads."""
-    folder = cache_root() / ".locks"
-    prefix = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # as in entry_key
-    keys = sorted(p.name.removesuffix(".lock") for p in folder.glob(f"{prefix}--*.lock"))
-    waits = []  # on_wait is called once, for whichever lock is held by another process
-
-    def waiting():
-        if on_wait and not waits:
-            waits.append(True)
-            on_wait()
-
-    with ExitStack() as stack:
-        for key in keys:
-            stack.enter_context(lock(key, waiting))
-        yield
 
 
 def has_weights(folder: Path) -> bool:

@@ -159,18 +159,27 @@ def check_memory(model: str | Path, dtype: str | None, quantize_bits: int | None
 
 
 def _convert_into_cache(
-    key: str, progress: bool, make_sources, expected: dict | None = None, **convert_kwargs
+    key: str,
+    progress: bool,
+    make_sources,
+    expected: dict | None = None,
+    hub_model: str | None = None,
+    **convert_kwargs,
 ) -> Path:
     """Convert once into the cache entry `key`; concurrent callers wait and reuse the result.
-    `expected`: what the entry must have been made from (`cache.is_current`'s files, args)."""
+    `expected`: what the entry must have been made from (`cache.is_current`'s files, args);
+    `hub_model`: the registered model whose downloads `make_sources` returns."""
     from .convert import convert
 
     out = cache.entry_dir(key)
     expected = expected or {}
     if cache.is_current(out, **expected):
         return out
+    busy = f"making {out}" + (f" or removing {hub_model}'s downloads" if hub_model else "")
     with cache.lock(
-        key, on_wait=lambda: say(f"waiting for another process making {out}", progress)
+        key,
+        on_wait=lambda: say(f"waiting for another process {busy}", progress),
+        reads_downloads_of=hub_model,
     ):
         if cache.is_current(out, **expected):  # another process converted it while we waited
             return out
@@ -208,6 +217,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         progress,
         download,
         dict(files=spec.files(head), settings=settings),  # a changed registry entry: again
+        hub_model=spec.name,
         **settings,
         dtype=dtype,
         name=spec.name,

@@ -251,13 +251,20 @@ def test_concurrent_first_runs_convert_once(env, hub):
     assert classify_json(env, offline=True).returncode == 0
 
 
-def test_a_process_waits_while_another_holds_the_entry_lock(env, hub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("holder", ["entry lock", "rm-downloads"])
+def test_a_process_waits_while_another_holds_the_entry_lock(
+    env, hub, tmp_path, monkeypatch, holder
+):
+    """Another process converting the entry, or removing the model's downloads (`cache
+    rm-downloads`: it holds every lock of the model, and the first conversion of an entry waits
+    for it too): the conversion waits before downloading, then goes on."""
     from aim_mlx import cache
 
     monkeypatch.setenv("AIM_MLX_CACHE", env["AIM_MLX_CACHE"])
     args = [sys.executable, "-m", "aim_mlx.cli", "cache", "add", "aim-tiny", "--dtype", "float32"]
     log = tmp_path / "stderr.txt"
-    with cache.lock(ENTRY), open(log, "w") as stderr:
+    held = cache.lock(ENTRY) if holder == "entry lock" else cache.model_locks("aim-tiny")
+    with held, open(log, "w") as stderr:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 60
         while "waiting for another process" not in log.read_text():
@@ -454,6 +461,36 @@ def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch
     with cache.model_locks("aim-tiny", on_wait=lambda: (calls.append(1), said.set())):
         assert calls == [1] and said.is_set()
     other.join()
+
+
+def test_conversion_starting_during_rm_downloads_waits_for_it(tmp_path, monkeypatch):
+    """A conversion of a model entry never made before (so no lock file of it was listed) that
+    starts while `cache rm-downloads` holds the model's locks waits, saying so, until the
+    removal is done, instead of reading the downloads that are being removed."""
+    import threading
+
+    from aim_mlx import cache
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    removed, converting, waited = threading.Event(), threading.Event(), threading.Event()
+    removed_before = []
+
+    def convert_new_entry():  # another FileLock, as another process's
+        key = cache.entry_key("aim-tiny", "last", "bfloat16")
+        with cache.lock(key, on_wait=waited.set, reads_downloads_of="aim-tiny"):
+            removed_before.append(removed.is_set())  # it reads no download being removed
+            converting.set()
+
+    with cache.model_locks("aim-tiny"):
+        other = threading.Thread(target=convert_new_entry)
+        other.start()
+        assert waited.wait(timeout=10)  # blocked on the gate, saying so
+        assert not converting.is_set()
+        removed.set()
+    other.join(timeout=10)
+    assert converting.is_set() and removed_before == [True]
+    # and the next removal sees the new entry's lock file (and would wait for its conversion)
+    assert (tmp_path / "cache" / ".locks" / "aim-tiny--last--bfloat16.lock").is_file()
 
 
 def test_rm_downloads_removes_what_killed_downloads_left(tmp_path, monkeypatch):
