@@ -139,6 +139,14 @@ class Group(click.Group):
         finally:
             sys.stdout = saved
 
+    def make_context(self, *args, **kwargs):
+        """Ctrl-C while click reads the command line: as in a command (not click's Aborted!)."""
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
+
     def invoke(self, ctx):
         previous = signal.getsignal(signal.SIGTERM)
         _exit_on_sigterm()

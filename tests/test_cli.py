@@ -521,6 +521,16 @@ def test_ctrl_c_exits_130(monkeypatch, model_dir, tmp_path):
         assert "interrupted" in result.stderr
 
 
+def test_ctrl_c_while_click_reads_the_command_line_exits_130(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(click.Group, "parse_args", interrupted)
+    result = cli("models")
+    assert result.exit_code == 130, result.output
+    assert result.stderr == "\ninterrupted\n"  # not click's "Aborted!"
+
+
 SLOW_IMPORT = """\
 import sys, time
 
