@@ -592,3 +592,43 @@ def test_the_log_reads_well(data, model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert "training an attention head on 32 images (2 classes), validating on 8" in res.stderr
     assert "(32 training, 8 validation images, 2 classes; " in res.stderr
+
+
+def test_the_readmes_python_examples_run_as_written(heads, model_dir, data):
+    """The README's Python blocks, run in order with the tiny model, its images and a trained
+    head in place of aim-600M, photos and my-head: what their comments say holds."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) == 2
+    photo, photos, new_image = REF / "images" / "rocket.jpg", REF / "images", data / "green"
+    new_image = sorted(new_image.iterdir())[0]
+    places = {
+        '"aim-600M"': model_dir,
+        '"photo.jpg"': photo,
+        '"photos/"': photos,
+        '"my-head"': heads["linear"].out,
+        '"new.jpg"': new_image,
+    }
+    scope, results = {}, []
+    for block in blocks:
+        for name, path in places.items():
+            block = block.replace(name, repr(str(path)))
+        exec(compile(block, "README.md", "exec"), scope)
+        results.append(dict(scope))
+
+    first, second = results
+    assert first["x"].dtype == np.float32 and first["x"].shape == (3, 224, 224)
+    assert first["logits"].dtype == mx.float32 and first["logits"].shape == (1, 1000)
+    assert len(first["features"]) == 1 + 6  # blocks 0..6: 6 is the best head's last probe layer
+    res = cli("classify", photo, photos, "-m", model_dir, "--json", "--no-progress")
+    assert res.exit_code == 0, res.output
+    printed = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["path"], r["top_k"][0]["index"]) for r in first["rows"]] == [
+        (r["path"], r["top_k"][0]["index"]) for r in printed
+    ]  # the rows `--json` prints
+    (row,) = second["rows"]
+    labels = [t["label"] for t in row["top_k"]]
+    assert row["path"] == str(new_image) and len(labels) == 3 and set(labels) <= set(COLOURS)
+    assert labels[0] == "green"  # the class names of the head, which learnt them
