@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def test_csv_output(model_dir):
     assert [r[1] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
     assert {r[5] for r in rows[1:]} == {""}
     assert rows[1][3] == imagenet_classes()[expected_top("chelsea.png")[0]].name  # commas quoted
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert re.search(r"--csv +# (\S+)", readme).group(1) == ",".join(rows[0])  # its columns
 
 
 def bad_and_odd_images(folder: Path) -> dict[str, str | None]:

@@ -1,7 +1,12 @@
 """pyproject's MLX backend choice: one backend per install, named by the extras on Linux."""
 
+import configparser
+import os
 import re
+import shutil
+import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,98 @@ def test_this_install_has_one_backend():
     names = {d.metadata["Name"].lower() for d in distributions()}
     backends = names & {"mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-cuda"}
     assert len(backends) <= 1, backends
+
+
+# The wheel a user's `pip install ".[cpu]"` builds: its files, and the installed copy running
+# outside this checkout (CI installs editable, which reads the source tree).
+BUILD_SYSTEM = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
+SETUPTOOLS = next(r for r in map(Requirement, BUILD_SYSTEM["requires"]) if r.name == "setuptools")
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+NOT_COPIED = {".git", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache"}
+
+
+def test_test_extra_can_build_the_wheel():
+    # `pip wheel --no-build-isolation` builds with the venv's setuptools: the test extra
+    # brings it (a Python 3.12 venv has none, a 3.11 one too old a setuptools).
+    test_extra = [Requirement(r) for r in PROJECT["optional-dependencies"]["test"]]
+    assert any(r.name == "setuptools" and r.specifier == SETUPTOOLS.specifier for r in test_extra)
+
+
+def _not_copied(folder, names):
+    """The checkout's build leftovers, caches and virtual environments (CI's .venv)."""
+    return [
+        n
+        for n in names
+        if n in NOT_COPIED or n.endswith(".egg-info") or (Path(folder, n) / "pyvenv.cfg").exists()
+    ]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel built offline from a copy of this checkout (a build in place would leave
+    build/ and *.egg-info in it, and a stale build/ would go into later wheels)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("setuptools")
+    except PackageNotFoundError:
+        installed = None
+    if installed is None or installed not in SETUPTOOLS.specifier:
+        pytest.skip(f"building the wheel needs {SETUPTOOLS} (the test extra), found {installed}")
+    tmp = tmp_path_factory.mktemp("wheel")
+    src, out = tmp / "src", tmp / "dist"
+    shutil.copytree(ROOT, src, ignore=_not_copied)
+    subprocess.run(
+        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", out, src],
+        check=True,
+    )
+    (built,) = out.glob("aim_mlx-*.whl")
+    return built
+
+
+def test_wheel_holds_the_package_and_nothing_else(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    package = {n for n in names if not n.startswith("aim_mlx-")}  # dist-info aside
+    sources = {p for p in (ROOT / "aim_mlx").rglob("*.py") if "__pycache__" not in p.parts}
+    data = {p for p in (ROOT / "aim_mlx" / "data").iterdir() if p.is_file()}
+    expected = {p.relative_to(ROOT).as_posix() for p in sources | data}
+    assert "aim_mlx/data/imagenet1k_classes.tsv" in expected
+    assert package == expected  # every module and data file; no tests, benchmarks, fixtures
+    assert not [n for n in names if n.split("/")[0] in {"tests", "benchmarks", "fixtures"}]
+
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    config = configparser.ConfigParser()
+    config.read_string(zipfile.ZipFile(wheel).read(entry_points).decode())
+    assert dict(config["console_scripts"]) == {"aim-mlx": "aim_mlx.command:main"}
+    assert dict(config["console_scripts"]) == PROJECT["scripts"]
+
+
+def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
+    site, elsewhere = tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run(
+        [*PIP, "install", "--no-deps", "--no-index", "--target", site, wheel], check=True
+    )
+    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        done = subprocess.run(args, cwd=elsewhere, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    # The class list, read independently from the checkout's file.
+    table = (ROOT / "aim_mlx" / "data" / "imagenet1k_classes.tsv").read_text("utf-8")
+    names = [row.split("\t")[2] for row in table.splitlines()[1:]]
+    code = (
+        "import aim_mlx\nfrom aim_mlx.labels import imagenet_classes, label\n"
+        "print(aim_mlx.__file__)\nprint(len(imagenet_classes()))\n"
+        "print(label(0))\nprint(label(999))\nprint(aim_mlx.__version__)"
+    )
+    where, count, first, last, version = run(sys.executable, "-c", code)
+    assert Path(where) == site / "aim_mlx" / "__init__.py"  # the installed copy, not this one
+    assert (int(count), first, last) == (len(names), names[0], names[-1])
+    assert version == PROJECT["version"]
+
+    expected = [f"aim-mlx, version {PROJECT['version']}"]
+    assert run(sys.executable, "-m", "aim_mlx.cli", "--version") == expected
+    assert run(str(site / "bin" / "aim-mlx"), "--version") == expected  # the console script
