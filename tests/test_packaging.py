@@ -91,7 +91,7 @@ def test_this_install_has_one_backend():
 BUILD_SYSTEM = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]
 SETUPTOOLS = next(r for r in map(Requirement, BUILD_SYSTEM["requires"]) if r.name == "setuptools")
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-NOT_COPIED = {".git", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache"}
+NOT_COPIED = {"build", "dist", "__pycache__"}
 
 
 def test_test_extra_can_build_the_wheel():
@@ -102,11 +102,15 @@ def test_test_extra_can_build_the_wheel():
 
 
 def _not_copied(folder, names):
-    """The checkout's build leftovers, caches and virtual environments (CI's .venv)."""
+    """The checkout's build leftovers, hidden folders (.git, caches, CI's .venv, .gpu) and
+    virtual environments."""
     return [
         n
         for n in names
-        if n in NOT_COPIED or n.endswith(".egg-info") or (Path(folder, n) / "pyvenv.cfg").exists()
+        if n in NOT_COPIED
+        or n.startswith(".")
+        or n.endswith(".egg-info")
+        or (Path(folder, n) / "pyvenv.cfg").exists()
     ]
 
 
