@@ -580,3 +580,31 @@ def test_overlapping_records_are_refused(tmp_path):
         f"{path}: its records overlap ({stored} bytes of them in a file of {size}): damaged, "
         "or a zip bomb; download or copy the file again"
     )
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+@pytest.mark.parametrize("record", ["data.pkl", "data/0"])
+def test_an_encrypted_record_is_a_clean_error(tmp_path, compression, record):
+    """zipfile asks for a password (a RuntimeError) where a record's encryption flag is set:
+    torch.save never encrypts, so the file is refused, naming the record."""
+    import struct
+
+    path = tmp_path / "locked.pth"
+    with zipfile.ZipFile(path, "w", compression) as z:
+        z.writestr("locked/data.pkl", state_dict_pickle([("w", np.float32, (4,), (1,), 0, 4)]))
+        z.writestr("locked/data/0", np.arange(4, dtype=np.float32).tobytes())
+    assert open_checkpoint(path).load("w").tolist() == [0, 1, 2, 3]
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"locked/{record}")
+    central = data.rindex(info.filename.encode()) - 46  # its central-directory entry
+    for at, flags in ((info.header_offset, 6), (central, 8)):  # local and central headers
+        (bits,) = struct.unpack_from("<H", data, at + flags)
+        struct.pack_into("<H", data, at + flags, bits | 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path).load("w")
+    assert str(e.value) == (
+        f"{path}: record locked/{record} is encrypted: damaged, or not a PyTorch checkpoint; "
+        "download or copy the file again"
+    )

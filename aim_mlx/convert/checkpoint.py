@@ -336,6 +336,11 @@ class TorchCheckpoint:
         """
         with _damage_reported(self.path, f"record {name}"):
             info = self._zip.getinfo(name)
+            if info.flag_bits & 0x1:  # zipfile would ask for a password; torch.save never encrypts
+                raise CheckpointError(
+                    f"{self.path}: record {name} is encrypted: damaged, or not a PyTorch "
+                    f"checkpoint; {_AGAIN}"
+                )
             size = info.file_size - start if size is None else size
             check = not self.verified and name not in self._checked
             if info.compress_type == zipfile.ZIP_STORED:
