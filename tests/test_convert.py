@@ -211,6 +211,33 @@ def test_layers_wider_than_mlx_supports_are_refused(tmp_path):
         run(tmp_path / "out", head=save_torch_zip(tmp_path / "head.pth", tensors))
 
 
+@pytest.mark.parametrize(
+    "key, shape, layout",
+    [
+        ("preprocessor.patchifier.proj.weight", (), "(D, 3, P, P)"),
+        ("preprocessor.patchifier.proj.weight", (64, 588), "(D, 3, P, P)"),
+        ("preprocessor.patchifier.proj.weight", (0, 3, 14, 14), "(D, 3, P, P)"),
+        ("trunk.blocks.0.mlp.fc1.weight", (), "(4D, D)"),
+        ("head.linear.weight", (), "(N, D)"),
+    ],
+)
+def test_tensors_the_architecture_is_read_from_have_their_rank(tmp_path, key, shape, layout):
+    """The patch weight, the first fc1 and the classifier give the model's sizes: a damaged
+    shape there was a traceback (unpacking, indexing, a division by zero), not an error."""
+    source = BACKBONE if key.startswith(("preprocessor", "trunk")) else HEAD_BEST
+    ckpt = open_checkpoint(source)
+    tensors = {k: np.array(ckpt.load(k)) for k in ckpt.keys()}
+    tensors[key] = np.zeros(shape, np.float32)
+    bad = save_torch_zip(tmp_path / source.name, tensors)
+    files = {"backbone": bad} if source == BACKBONE else {"head": bad}
+    with pytest.raises(ConversionError) as e:
+        run(tmp_path / "out", **files)
+    assert str(e.value) == (
+        f"{key!r} in {bad} has shape {shape}, not {layout}: is this an AIM v1 checkpoint?"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_unresolvable_shapes_name_the_option(tmp_path):
     with pytest.raises(ConversionError, match="--num-heads"):
         run(tmp_path / "o", num_heads=None)

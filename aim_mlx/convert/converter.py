@@ -272,7 +272,7 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
         raise ConversionError(
             f"no {PATCH_WEIGHT} in {', '.join(str(f) for f in files)}: not an AIM v1 backbone"
         )
-    embed_dim, channels, patch, patch_w = tensors[PATCH_WEIGHT].shape(PATCH_WEIGHT)
+    embed_dim, channels, patch, patch_w = _shape(tensors, PATCH_WEIGHT, "(D, 3, P, P)")
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))}
     if not blocks:
         raise ConversionError("no trunk.blocks.* keys: the backbone file is missing")
@@ -295,8 +295,10 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
     layers = _resolve_probe_layers(
         parse_probe_layers(probe_layers), hub_config, files, preset, num_blocks
     )
-    head_w = tensors.get("head.linear.weight")
-    fc1 = tensors.get("trunk.blocks.0.mlp.fc1.weight")
+    head_w = "head.linear.weight" in tensors and _shape(tensors, "head.linear.weight", "(N, D)")
+    fc1 = "trunk.blocks.0.mlp.fc1.weight" in tensors and _shape(
+        tensors, "trunk.blocks.0.mlp.fc1.weight", "(4D, D)"
+    )
     try:
         return ModelArgs(
             embed_dim=embed_dim,
@@ -305,12 +307,24 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
             probe_layers=layers,
             patch_size=patch,
             img_size=img_size or hub_config.get("img_size") or 224,
-            num_classes=head_w.shape("head.linear.weight")[0] if head_w else 1000,
-            mlp_ratio=fc1.shape("trunk.blocks.0.mlp.fc1.weight")[0] // embed_dim if fc1 else 4,
+            num_classes=head_w[0] if head_w else 1000,
+            mlp_ratio=fc1[0] // embed_dim if fc1 else 4,
         )
     except ValueError as e:
         where = f" (in {files[0].parent / 'config.json'} or the options)" if hub_config else ""
         raise ConversionError(f"{e}{where}") from None
+
+
+def _shape(tensors, key: str, layout: str) -> tuple[int, ...]:
+    """The shape of a tensor the architecture is read from: as many dimensions as `layout`,
+    none of them 0 (a damaged or foreign file), else ConversionError naming the key."""
+    shape = tuple(tensors[key].shape(key))
+    if len(shape) != layout.count(",") + 1 or not all(shape):
+        raise ConversionError(
+            f"{key!r} in {tensors[key].path} has shape {shape}, not {layout}: "
+            "is this an AIM v1 checkpoint?"
+        )
+    return shape
 
 
 def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tuple[int, ...]:
