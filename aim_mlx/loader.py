@@ -138,18 +138,40 @@ def load_model(path: str | Path) -> AIM:
     _check_blocks(path, args, weights)  # before building them: config.json may claim millions
     model = AIM(args)  # random init is lazy: never computed
     if q := config.get("quantization"):
-        layers = set(q["layers"])
+        _quantize(path, model, q)
+    _check_weights(path, model, weights, MX_DTYPES[config["dtype"]])
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    return model
+
+
+def _quantize(path: Path, model: AIM, q: dict):
+    """Quantize the layers config.json lists; ModelLoadError for one that cannot be (a module
+    without quantized form, an input size that is not a multiple of the group size)."""
+    layers = set(q["layers"])
+
+    def chosen(name: str, module) -> bool:
+        if name in layers and not hasattr(module, "to_quantized"):
+            raise ModelLoadError(
+                f"{path}/config.json: quantization lists {name!r}, which is not a linear "
+                f"layer; {convert_again(path)}"
+            )
+        return name in layers
+
+    try:
         nn.quantize(
             model,
             group_size=q["group_size"],
             bits=q["bits"],
             mode=q.get("mode", "affine"),
-            class_predicate=lambda p, _: p in layers,
+            class_predicate=chosen,
         )
-    _check_weights(path, model, weights, MX_DTYPES[config["dtype"]])
-    model.load_weights(list(weights.items()), strict=True)
-    model.eval()
-    return model
+    except ModelLoadError:
+        raise
+    except ValueError as e:  # MLX's quantize
+        raise ModelLoadError(
+            f"{path}/config.json: quantization does not fit the layers ({e}); {convert_again(path)}"
+        ) from None
 
 
 def convert_again(path: Path) -> str:

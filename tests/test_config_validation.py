@@ -315,6 +315,38 @@ def test_quantized_weights_pass_the_dtype_check(tmp_path):
     assert aim_mlx.load(out).trunk.blocks[0].mlp.fc1.scales.dtype == mx.float16
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda q: q["layers"].append("trunk.post_trunk_norm"),
+            "quantization lists 'trunk.post_trunk_norm', which is not a linear layer",
+        ),
+        (
+            lambda q: q["layers"].append("preprocessor.patchifier.proj"),
+            "quantization lists 'preprocessor.patchifier.proj', which is not a linear layer",
+        ),
+        (
+            lambda q: q.update(group_size=128),
+            r"quantization does not fit the layers \(\[quantize\] The last dimension",
+        ),
+    ],
+)
+def test_quantized_layers_that_cannot_be_are_one_line(tmp_path, change, message):
+    """config.json's list of quantized layers naming a norm or the patch convolution, or a
+    group size that does not divide their inputs: MLX's ValueError was a traceback."""
+    kw = dict(backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth", num_heads=4)
+    out = convert(
+        tmp_path / "q", probe_layers="1,2,3,4,5,6", quantize=True, q_group_size=32,
+        progress=False, **kw,
+    )  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    change(config["quantization"])
+    (out / "config.json").write_text(json.dumps(config))
+    err = clean(cli("classify", ROCKET, "-m", out), 1)
+    assert re.fullmatch(f"Error: {out}/config.json: {message}.*; convert the model again\n", err)
+
+
 # ---- The cache: damaged entries, removing, listing, where it is ---------------------------
 
 
