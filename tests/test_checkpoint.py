@@ -548,9 +548,10 @@ def test_safetensors_header_nested_too_deep_is_a_clean_error(tmp_path):
         open_checkpoint(path)
 
 
-def test_overlapping_records_are_refused(tmp_path):
-    """A record whose bytes take in the next one's (a zip bomb that needs no compression: N such
-    records make N times the file's size of tensors)."""
+@pytest.mark.parametrize("into", [4096, 1])
+def test_overlapping_records_are_refused(tmp_path, into):
+    """A record whose bytes take in the next one's: all of it (a zip bomb that needs no
+    compression: N such records make N times the file's size of tensors), or one byte of it."""
     import struct
     import zlib
 
@@ -564,22 +565,31 @@ def test_overlapping_records_are_refused(tmp_path):
         first, second = z.getinfo("overlap/data/0"), z.getinfo("overlap/data/1")
     start = first.header_offset + 30 + len(first.filename) + len(first.extra)
     end = second.header_offset + 30 + len(second.filename) + len(second.extra) + 4096
+    end = {4096: end, 1: second.header_offset + 1}[into]  # to the end, or one byte in
     entry = data.rindex(b"overlap/data/0") - 46  # its central-directory entry
     assert data[entry : entry + 4] == b"PK\x01\x02"
-    data[entry + 16 : entry + 28] = struct.pack(  # CRC-32 and sizes: from its start to the end
+    data[entry + 16 : entry + 28] = struct.pack(  # CRC-32 and sizes: from its start to `end`
         "<III", zlib.crc32(bytes(data[start:end])), end - start, end - start
     )
     path.write_bytes(bytes(data))
     with zipfile.ZipFile(path) as z:
-        assert z.read("overlap/data/0")[-4096:] == bytes(4096)  # zipfile reads it as valid
-    size = len(data)
-    stored = len(state_dict_pickle([])) + (end - start) + 4096
+        assert len(z.read("overlap/data/0")) == end - start  # zipfile reads it as valid
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(path)
     assert str(e.value) == (
-        f"{path}: its records overlap ({stored} bytes of them in a file of {size}): damaged, "
-        "or a zip bomb; download or copy the file again"
+        f"{path}: records 'overlap/data/0' and 'overlap/data/1' overlap: damaged, or a zip "
+        "bomb; download or copy the file again"
     )
+
+
+def test_adjacent_records_with_non_ascii_names_are_not_overlaps(tmp_path):
+    """Records end to end, with names of several bytes per character: no overlap is claimed."""
+    path = tmp_path / "names.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("names/data.pkl", state_dict_pickle([]))
+        for i in range(3):
+            z.writestr(f"names/é-日本-{i}", bytes(10))
+    open_checkpoint(path)  # no error
 
 
 @pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])

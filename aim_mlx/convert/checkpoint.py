@@ -253,14 +253,7 @@ class TorchCheckpoint:
                 f"{self.path}: holds two records named {_short(twice)}: damaged or tampered "
                 f"with; {_AGAIN}"
             )
-        # Records sharing bytes (N of them make N times the file); one alone past the end of
-        # the file is reported as such when read.
-        sizes = [info.compress_size for info in self._zip.infolist()]
-        if (stored := sum(n for n in sizes if n <= self._size)) > self._size:
-            raise CheckpointError(
-                f"{self.path}: its records overlap ({stored} bytes of them in a file of "
-                f"{self._size}): damaged, or a zip bomb; {_AGAIN}"
-            )
+        self._check_no_overlap()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
             raise CheckpointError(
@@ -325,6 +318,22 @@ class TorchCheckpoint:
             arr = np.lib.stride_tricks.as_strided(arr, t.shape, strides).copy()
         out = mx.array(arr)
         return out.view(mx.bfloat16) if t.dtype == "bfloat16" else out
+
+    def _check_no_overlap(self):
+        """Refuse records that share bytes (N of them make N times the file: a zip bomb without
+        compression). A record takes at least its local header's 30 bytes, its name and its
+        data; one past the end of the file is reported as such when read."""
+        spans = []
+        for info in self._zip.infolist():
+            start = info.header_offset
+            spans.append((start, start + 30 + len(info.filename) + info.compress_size, info))
+        spans.sort(key=lambda span: span[:2])
+        for (_, end, info), (start, _, following) in zip(spans, spans[1:], strict=False):
+            if start < end <= self._size:
+                raise CheckpointError(
+                    f"{self.path}: records {_short(info.filename)} and "
+                    f"{_short(following.filename)} overlap: damaged, or a zip bomb; {_AGAIN}"
+                )
 
     def _read_record(self, name: str, start: int = 0, size: int | None = None) -> np.ndarray:
         """Bytes [start, start + size) of record `name`, as a uint8 array.
