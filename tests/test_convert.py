@@ -632,6 +632,22 @@ def test_a_checked_source_is_not_hashed_again(tmp_path, monkeypatch):
     assert len(hashed) == 1  # the head only
 
 
+def test_a_source_that_cannot_be_hashed_fails_the_conversion(tmp_path, monkeypatch, capfd):
+    """The SHA-256 of the sources is computed on a second thread: a source removed or
+    unreadable meanwhile is the conversion's one error, naming it; no output, no thread's
+    traceback, no config.json with its sources left out."""
+
+    def vanished(path, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(converter_module, "file_sha256", vanished)
+    with pytest.raises(ConversionError) as e:
+        run(tmp_path / "m")
+    assert str(e.value) == f"{BACKBONE}: No such file or directory"
+    assert not (tmp_path / "m").exists() and list(tmp_path.iterdir()) == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_rename_new_elsewhere_than_linux_and_macos_takes_the_portable_way(tmp_path, monkeypatch):
     """Where there is neither renameat2 nor renamex_np (Windows: ctypes.CDLL(None) is a
     TypeError there), rename_new does not look for them: it links the file into place."""

@@ -549,17 +549,22 @@ class _SourceHasher(threading.Thread):
 
     def __init__(self, files: list[Path]):
         super().__init__(daemon=True)
-        self.files, self.stop, self._result = files, threading.Event(), None
+        self.files, self.stop, self._result, self._error = files, threading.Event(), None, None
         self.start()
 
     def run(self):
-        self._result = [
-            {"file": p.name, "size": p.stat().st_size, "sha256": file_sha256(p, stop=self.stop)}
-            for p in self.files
-        ]
+        try:
+            self._result = [
+                {"file": p.name, "size": p.stat().st_size, "sha256": file_sha256(p, stop=self.stop)}
+                for p in self.files
+            ]
+        except OSError as e:  # a source moved or unreadable meanwhile: the conversion says so
+            self._error = e
 
     def result(self) -> list[dict]:
         self.join()
+        if self._error:
+            raise self._error
         return self._result
 
 
