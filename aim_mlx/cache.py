@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -184,8 +185,19 @@ def _config_or_none(folder: Path) -> dict | None:
         return None
 
 
+def file_size(path: Path) -> int | None:
+    """The size of a file; None for anything else, or for a file that another process removed
+    since it was listed (a listing while a conversion or an extraction runs)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes of the files under `folder`; what another process removes meanwhile counts 0."""
+    return sum(file_size(Path(top, n)) or 0 for top, _, names in os.walk(folder) for n in names)
 
 
 @dataclass
@@ -267,11 +279,13 @@ def list_feature_sets() -> list[FeatureSetEntry]:
         return []
     entries = []
     for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = [p for p in path.iterdir() if p.is_file()]
-        images = sum(1 for p in files if p.suffix == ".npy" and not p.name.startswith("."))
-        size = sum(p.stat().st_size for p in files)
+        try:
+            sizes = {p: size for p in path.iterdir() if (size := file_size(p)) is not None}
+        except FileNotFoundError:  # removed by another process meanwhile
+            continue
+        images = sum(1 for p in sizes if p.suffix == ".npy" and not p.name.startswith("."))
         info = _read_json(path / "info.json")
-        entries.append(FeatureSetEntry(path.name, path, size, images, info))
+        entries.append(FeatureSetEntry(path.name, path, sum(sizes.values()), images, info))
     return entries
 
 

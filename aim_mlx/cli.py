@@ -797,7 +797,7 @@ def cache_listing() -> dict:
     from huggingface_hub import constants
 
     from . import hub, registry
-    from .cache import cache_root, features_root, list_entries, list_feature_sets
+    from .cache import cache_root, features_root, file_size, list_entries, list_feature_sets
 
     return dict(
         cache=str(cache_root()),
@@ -807,9 +807,10 @@ def cache_listing() -> dict:
         ],
         downloads_dir=str(constants.HF_HUB_CACHE),
         downloads=[
-            dict(model=spec.name, file=file.filename, path=str(path), size=path.stat().st_size)
+            dict(model=spec.name, file=file.filename, path=str(path), size=size)
             for spec in registry.all_models().values()
             for file, path in hub.downloaded(spec)
+            if (size := file_size(path)) is not None  # not removed meanwhile (rm-downloads)
         ],
         features_dir=str(features_root()),
         features=[

@@ -377,7 +377,9 @@ def models_overview(hf_cache_dir: str | Path | None = None) -> list[dict]:
         files = []
         for role, file in [("backbone", spec.backbone), *spec.heads.items()]:
             local = hub.cached_path(spec, file, hf_cache_dir)
-            size = local.stat().st_size if local else file.size
+            size = cache.file_size(local) if local else None
+            if size is None:  # not downloaded, or removed meanwhile (rm-downloads elsewhere)
+                local, size = None, file.size
             files.append(
                 dict(
                     role=role,

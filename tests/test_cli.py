@@ -962,6 +962,22 @@ def test_help_and_the_cache_listing_report_a_full_stdout_too():
         assert run.stderr.decode().startswith("Error: ") and len(run.stderr.splitlines()) == 1
 
 
+def test_listings_leave_out_a_download_removed_while_they_list(monkeypatch, tmp_path):
+    """`cache list` and `models` while `cache rm-downloads` runs in another process: a file
+    found in huggingface_hub's cache and removed before its size is read is left out (listed as
+    not downloaded), not a FileNotFoundError traceback."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub, "cached_path", lambda *args, **kwargs: tmp_path / "removed.pth")
+    listing = cli("cache", "list", "--json")
+    assert listing.exit_code == 0, listing.output
+    assert json.loads(listing.stdout)["downloads"] == []
+    overview = cli("models", "--json")
+    assert overview.exit_code == 0, overview.output
+    files = [f for row in json.loads(overview.stdout) for f in row["files"]]
+    assert files and not any(f["downloaded"] for f in files)
+    assert all(f["size"] for f in files)  # the registry's sizes, as for files not downloaded
+
+
 def test_results_reach_a_stdout_that_cannot_encode_them(model_dir, tmp_path):
     # an ASCII-configured stdout: click writes UTF-8 to its byte stream (the wrapper hid it)
     folder = tmp_path / "ünï"
