@@ -93,6 +93,7 @@ def lock(key: str, on_wait=None, reads_downloads_of: str | None = None):
     `reads_downloads_of`: the model whose downloads the holder reads; the entry's lock file is
     made while no other process removes them (`model_locks`), so that one sees and waits for it."""
     path = ensure_writable() / ".locks" / f"{key}.lock"
+    on_wait = _once(on_wait)
     if reads_downloads_of:
         with _held(_downloads_gate(reads_downloads_of), on_wait):
             path.touch()
@@ -105,13 +106,7 @@ def model_locks(name: str, on_wait=None):
     """Hold the lock of every entry of the model `name` that was ever converted or is being
     converted (their lock files stay), waiting for conversions that read its downloads; a
     conversion of the model that starts meanwhile waits until these are released."""
-    waits = []  # on_wait is called once, for whichever lock is held by another process
-
-    def waiting():
-        if on_wait and not waits:
-            waits.append(True)
-            on_wait()
-
+    waiting = _once(on_wait)  # for whichever lock is held by another process
     with ExitStack() as stack:
         with suppress(CacheError):  # a cache that cannot be written has no conversion to wait for
             stack.enter_context(_held(_downloads_gate(name), waiting))
@@ -120,6 +115,18 @@ def model_locks(name: str, on_wait=None):
         for key in keys:
             stack.enter_context(lock(key, waiting))
         yield
+
+
+def _once(on_wait):
+    """`on_wait` that does something the first time only (one "waiting" line per wait)."""
+    calls = []
+
+    def once():
+        if on_wait and not calls:
+            calls.append(True)
+            on_wait()
+
+    return once
 
 
 def _downloads_gate(name: str) -> Path:

@@ -493,6 +493,39 @@ def test_conversion_starting_during_rm_downloads_waits_for_it(tmp_path, monkeypa
     assert (tmp_path / "cache" / ".locks" / "aim-tiny--last--bfloat16.lock").is_file()
 
 
+def test_a_conversion_waiting_on_both_locks_says_so_once(tmp_path, monkeypatch):
+    """Waiting for a removal of the model's downloads, then for another process converting the
+    same entry: one "waiting" line, not two."""
+    import threading
+
+    from filelock import FileLock
+
+    from aim_mlx import cache
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    key = cache.entry_key("aim-tiny", "best", "float16")
+    gate = FileLock(cache._downloads_gate("aim-tiny"))  # other processes' locks
+    entry = FileLock(tmp_path / "cache" / ".locks" / f"{key}.lock")
+    gate.acquire()
+    entry.acquire()
+    said, held = [], threading.Event()
+
+    def convert():
+        with cache.lock(key, on_wait=lambda: said.append(1), reads_downloads_of="aim-tiny"):
+            held.set()
+
+    other = threading.Thread(target=convert)
+    other.start()
+    for release in (gate, entry):  # the removal ends first, then the other conversion
+        deadline = time.monotonic() + 10
+        while not said and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        release.release()
+    other.join(timeout=10)
+    assert held.is_set() and said == [1]
+
+
 def test_rm_downloads_removes_what_killed_downloads_left(tmp_path, monkeypatch):
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec
