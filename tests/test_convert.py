@@ -103,6 +103,21 @@ def test_hub_folder_with_safetensors(tmp_path):
     assert rel_err(np.array(model(X)), REF_BEST) < 1e-4
 
 
+@pytest.mark.parametrize("field", ["num_heads", "img_size"])
+def test_a_zero_in_the_hub_config_or_the_options_is_refused_by_name(tmp_path, field):
+    """0 heads or a 0 px image size, in a hub folder's config.json or as a Python argument, is
+    an error naming it, not silently the preset's value."""
+    folder = tmp_path / "hub"
+    shutil.copytree(REF / "hf_repo", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: 0}))
+    with pytest.raises(ConversionError, match=f"{field} must be a positive int.*config.json"):
+        convert(tmp_path / "a", hf_path=folder, progress=False)
+    with pytest.raises(ConversionError, match=f"{field} must be a positive int"):
+        run(tmp_path / "b", **{field: 0})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no output made
+
+
 def test_quantized_8bit_close_and_4bit_runs(tmp_path):
     q8 = aim_mlx.load(run(tmp_path / "q8", quantize=True, q_bits=8))
     # Trunk quantized, head in full precision.

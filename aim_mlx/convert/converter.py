@@ -284,10 +284,10 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
                 f"config.json says {field}={hub_config[field]} but the weights have {value}"
             )
     preset = _preset_for(embed_dim, num_blocks, patch)
-    num_heads = (
-        num_heads or hub_config.get("num_heads") or (preset and PRESETS[preset]["num_heads"])
+    num_heads = _first_given(
+        num_heads, hub_config.get("num_heads"), preset and PRESETS[preset]["num_heads"]
     )
-    if not num_heads:
+    if num_heads is None:
         raise ConversionError(
             f"the weights (embed_dim {embed_dim}, {num_blocks} blocks) are not an official AIM "
             "size, and the head count cannot be read from them: pass --num-heads"
@@ -306,13 +306,18 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
             num_heads=num_heads,
             probe_layers=layers,
             patch_size=patch,
-            img_size=img_size or hub_config.get("img_size") or 224,
+            img_size=_first_given(img_size, hub_config.get("img_size"), 224),
             num_classes=head_w[0] if head_w else 1000,
             mlp_ratio=fc1[0] // embed_dim if fc1 else 4,
         )
     except ValueError as e:
         where = f" (in {files[0].parent / 'config.json'} or the options)" if hub_config else ""
         raise ConversionError(f"{e}{where}") from None
+
+
+def _first_given(*values):
+    """The first value that is not None (a 0 is given, and refused by ModelArgs by name)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _shape(tensors, key: str, layout: str) -> tuple[int, ...]:
