@@ -366,6 +366,24 @@ def test_heic_photos_are_usable_training_images(tmp_path):
     assert dataset.skipped == [] and dataset.counts() == [2, 2]
 
 
+def test_a_link_back_to_the_root_adds_no_other_class_images(data, tmp_path):
+    """A link in a class folder back to the dataset's root is a loop, as `classify` sees it;
+    it put every other class's images in that class too, labelled as it."""
+    from aim_mlx.probe.data import read_dataset
+    from aim_mlx.probe.evaluate import labelled_images
+
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    (root / "red" / "up").symlink_to(root, target_is_directory=True)
+    dataset = read_dataset(root)
+    assert dataset.classes == ["blue", "red"] and dataset.counts() == [20, 20]
+    assert all(Path(s.path).parent.name == dataset.classes[s.label] for s in dataset.samples)
+    pairs = labelled_images(root, ["blue", "red"], "head")
+    assert sorted(pairs) == sorted((s.path, s.label) for s in dataset.samples)
+    (root / "all").symlink_to(root, target_is_directory=True)  # a class folder that is the root
+    with pytest.raises(ProbeError, match="'all' hold no usable image"):
+        read_dataset(root)
+
+
 def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, unreadable):
     from aim_mlx.probe.data import read_dataset
 

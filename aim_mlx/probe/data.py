@@ -69,7 +69,8 @@ def class_folders(
             f"{what} {root} has no class sub-folders: put each class's images in its own "
             f"sub-folder ({root}/cat/..., {root}/dog/...)"
         )
-    return {f.name: images.walk_images(str(f), errors) for f in folders}
+    # a link back to the root would put the other classes' images in this one
+    return {f.name: images.walk_images(str(f), errors, above=[root]) for f in folders}
 
 
 def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
