@@ -130,6 +130,17 @@ def test_training_is_seeded(heads, model_dir, data, tmp_path):
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
 
 
+def test_numpy_numbers_in_the_settings_are_written_as_numbers(heads, model_dir, data, tmp_path):
+    """A sweep over np.arange(...) seeds trained, then failed writing config.json (numpy's
+    int64 is not JSON): nothing was saved."""
+    settings = Settings(kind="linear", epochs=np.int64(2), batch_size=np.int32(16),
+                        lr=np.float32(1e-3), seed=np.uint64(3))  # fmt: skip
+    res = train(model_dir, data, tmp_path / "h", settings=settings, log=lambda _: None)
+    config = json.loads((res.out / "config.json").read_text())["training"]
+    assert (config["epochs"], config["batch_size"], config["seed"]) == (2, 16, 3)
+    assert config["lr"] == pytest.approx(1e-3) and len(res.history) == 2
+
+
 def numpy_head(folder: Path, tokens: np.ndarray) -> np.ndarray:
     """The saved head applied to (B, N, D) tokens, written out in numpy (float64)."""
     w = {
@@ -329,6 +340,14 @@ def test_python_settings_are_checked_as_the_cli_options_are(data, model_dir, tmp
     for wrong in ([1.5, 2], [True]):  # were blocks 1 and 2 (1): rounded silently
         with pytest.raises(ProbeError, match="probe layers must be block indices"):
             train(model_dir, data, out, probe_layers=wrong)
+    for wrong in (Settings(seed=-1), Settings(seed=2**64), Settings(seed=1.5)):  # tracebacks
+        with pytest.raises(ProbeError, match="seed must be a whole number from 0 to 2"):
+            train(model_dir, data, out, settings=wrong)
+    with pytest.raises(ProbeError, match="epochs and batch size must be whole numbers"):
+        train(model_dir, data, out, settings=Settings(epochs=2.5))
+    for seed in ("-1", str(2**64)):  # numpy's and MLX's generators take 0..2^64 - 1
+        res = cli("probe", "train", data, "-m", model_dir, "-o", out, "--seed", seed)
+        assert res.exit_code == 2 and "--seed" in res.output and "Traceback" not in res.output
     with pytest.raises(TypeError, match=r"settings: give aim_mlx.probe.Settings\(...\)"):
         train(model_dir, data, out, settings={"epochs": 1})
     with pytest.raises(TypeError, match="a model name or folder.*not a loaded model"):
