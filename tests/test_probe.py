@@ -517,6 +517,26 @@ def test_head_with_another_trunk_is_refused(heads, tmp_path):
     assert res.exit_code == 1 and "was trained on the trunk aim-tiny" in res.output
 
 
+def test_the_same_weights_with_other_heads_are_another_trunk(model_dir, data, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    """The number of attention heads is not in the weights (`convert --num-heads`): a backbone
+    converted again with another one took the first conversion's cached features, and its
+    trained heads, as its own."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    probe_layers = json.loads((model_dir / "config.json").read_text())["probe_layers"]
+    eight = convert(tmp_path / "eight", backbone=REF / "backbone.pth", head=REF /
+                    "head_best_layers.pth", num_heads=8, probe_layers=probe_layers,
+                    name="aim-tiny", progress=False)  # fmt: skip
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    settings = Settings(kind="linear", epochs=1)
+    four = train(model_dir, root, tmp_path / "h4", settings=settings, log=lambda _: None)
+    res = train(eight, root, tmp_path / "h8", settings=settings, log=lambda _: None)
+    assert (four.extracted, res.extracted) == (40, 40)  # not the 4-head trunk's features
+    with pytest.raises(ProbeError, match=r"trained on the trunk aim-tiny .*4 heads\), not on "
+                       r"aim-tiny .*8 heads\)"):  # fmt: skip
+        aim_mlx.load(eight, head=four.out)
+
+
 def test_head_keywords_win_over_folders(heads, model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(heads["linear"].out, tmp_path / "best")
