@@ -1096,7 +1096,7 @@ def probe():
     "--seed",
     default=0,
     show_default=True,
-    type=int,
+    type=click.IntRange(0, 2**64 - 1),
     help="Seed of the validation split, the head's initial weights and the batch order.",
 )
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP)

@@ -43,7 +43,8 @@ def imagenet_folder(
         )
     unreadable = []
     per_class = [
-        [(path, index[f.name]) for path in images.walk_images(str(f), unreadable)] for f in folders
+        [(path, index[f.name]) for path in images.walk_images(str(f), unreadable, [root])]
+        for f in folders
     ]
     pairs = [p for p in itertools.chain(*itertools.zip_longest(*per_class)) if p is not None]
     if not pairs:

@@ -44,13 +44,13 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
-def _image_files(folder: str) -> Iterator[tuple[str, str | None]]:
+def _image_files(folder: str, above: Iterable[str] = ()) -> Iterator[tuple[str, str | None]]:
     """(path, None) for each image file under a folder and (path, reason) for each folder
     that cannot be read and each image name that is a pipe, socket or device (opening a pipe
     waits for a writer, forever), in no set order. Hidden files and folders (such as macOS
     `._name.jpg` resource forks) are skipped; symlinked folders are followed, except one that
-    leads back to a folder above it (a loop)."""
-    stack = [(folder, frozenset())]
+    leads back to a folder above it (a loop), `above` (e.g. a dataset's root) included."""
+    stack = [(folder, frozenset(os.path.realpath(a) for a in above))]
     while stack:
         path, above = stack.pop()
         real = os.path.realpath(path)
@@ -83,12 +83,15 @@ def _not_a_file(entry: os.DirEntry) -> str | None:
     return None if S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
 
 
-def walk_images(folder: str, errors: list[tuple[str, str]] | None = None) -> list[str]:
+def walk_images(
+    folder: str, errors: list[tuple[str, str]] | None = None, above: Iterable[str] = ()
+) -> list[str]:
     """Image files under a folder, recursively, in sorted order; hidden ones skipped. Folders
     that cannot be read, and pipes or devices with image names, are added to `errors` as
-    (path, reason), in sorted order."""
+    (path, reason), in sorted order. `above`: folders holding `folder` (a dataset's root, whose
+    class sub-folders are walked one by one), never walked into through a link."""
     found, unreadable = [], []
-    for path, error in _image_files(folder):
+    for path, error in _image_files(folder, above):
         if error:
             unreadable.append((path, error))
         else:

@@ -418,6 +418,18 @@ def test_symlinked_folders_are_searched_once_and_loops_are_not_followed(tmp_path
     )
 
 
+def test_eval_does_not_follow_a_link_back_to_the_data_folder(tmp_path):
+    """A class folder's link to the data folder put the other classes' images in that class."""
+    from aim_mlx.evaluate import imagenet_folder as listed
+
+    data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0, "rocket.jpg": 1})
+    wnid = sorted(p.name for p in data.iterdir())[0]
+    (data / wnid / "up").symlink_to(data, target_is_directory=True)
+    pairs = listed(data)
+    assert sorted(pairs) == sorted([(str(data / wnid / "chelsea.png"), 0),
+                                    (str(next(data.glob("*/rocket.jpg"))), 1)])  # fmt: skip
+
+
 def test_eval_refuses_a_trained_head_and_takes_one_folder_two_ways(model_dir, tmp_path):
     data = imagenet_folder(tmp_path / "val", {"chelsea.png": 0})
     head = tmp_path / "my-head"

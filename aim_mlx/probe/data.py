@@ -69,7 +69,8 @@ def class_folders(
             f"{what} {root} has no class sub-folders: put each class's images in its own "
             f"sub-folder ({root}/cat/..., {root}/dog/...)"
         )
-    return {f.name: images.walk_images(str(f), errors) for f in folders}
+    # a link back to the root would put the other classes' images in this one
+    return {f.name: images.walk_images(str(f), errors, above=[root]) for f in folders}
 
 
 def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
@@ -125,9 +126,11 @@ def stratified_split(
     if not 0 < val_fraction < 1:
         raise ProbeError(f"the validation split must be between 0 and 1, got {val_fraction}")
     rng = np.random.default_rng(seed)
+    by_label = [[] for _ in dataset.classes]  # each class's samples, in one pass
+    for i, s in enumerate(dataset.samples):
+        by_label[s.label].append(i)
     train, val = [], []
-    for label in range(len(dataset.classes)):
-        members = [i for i, s in enumerate(dataset.samples) if s.label == label]
+    for members in by_label:
         n_val = min(len(members) - 1, max(1, round(val_fraction * len(members))))
         chosen = set(rng.permutation(members)[:n_val].tolist())
         train += [i for i in members if i not in chosen]

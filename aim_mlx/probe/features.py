@@ -5,8 +5,9 @@ Layout under the cache root (AIM_MLX_CACHE):
     features/<set key>/info.json          what the set holds (trunk, dtype, layers, image size)
     features/<set key>/<sha256>.npy       one image: float16 (N_tokens, D), the head's input
 
-A set is keyed by the trunk (the SHA-256 of its source weights), its dtype and quantization,
-the probe layers and the image size; an image by the SHA-256 of its file's bytes. Each image is
+A set is keyed by the trunk (the SHA-256 of its source weights and its number of attention
+heads, which the weights do not hold), its dtype and quantization, the probe layers and the
+image size; an image by the SHA-256 of its file's bytes. Each image is
 written to a temporary file and renamed, so an interrupted extraction leaves only complete
 files and the next run computes only the missing ones (and removes the temporary files of
 killed runs). Features are stored in float16 whatever the trunk computes in (half the disk of
@@ -44,9 +45,10 @@ class TrunkInfo:
     embed_dim: int
     num_blocks: int
     img_size: int
+    num_heads: int  # not in the weights: a backbone converted with another --num-heads differs
 
     def describe(self) -> str:
-        return f"{self.name} (weights sha256 {self.sha256[:12]})"
+        return f"{self.name} (weights sha256 {self.sha256[:12]}, {self.num_heads} heads)"
 
 
 def trunk_info(model_dir: str | Path) -> TrunkInfo:
@@ -76,13 +78,15 @@ def trunk_info(model_dir: str | Path) -> TrunkInfo:
         embed_dim=config["embed_dim"],
         num_blocks=config["num_blocks"],
         img_size=config.get("img_size", 224),
+        num_heads=config["num_heads"],
     )
 
 
 def set_key(trunk: TrunkInfo, probe_layers, img_size: int, dtype: str) -> str:
     """The feature set's folder name. `dtype`: the weights' dtype the trunk ran with."""
     layers = "-".join(str(i) for i in probe_layers)
-    key = f"{trunk.name}-{trunk.sha256[:12]}--{dtype}--{trunk.quantization}--L{layers}"
+    key = f"{trunk.name}-{trunk.sha256[:12]}-h{trunk.num_heads}--{dtype}--{trunk.quantization}"
+    key += f"--L{layers}"
     key += f"--{img_size}px"
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 

@@ -143,11 +143,12 @@ def _check_fields(config: dict) -> None:
 
 def check_trunk(config: dict, trunk: TrunkInfo, folder) -> None:
     want = config["trunk"]
-    if want["sha256"] != trunk.sha256:
+    heads = want.get("num_heads", trunk.num_heads)  # heads trained before it was recorded: any
+    if want["sha256"] != trunk.sha256 or heads != trunk.num_heads:
         raise ProbeError(
             f"the head {folder} was trained on the trunk {want['name']} (weights sha256 "
-            f"{want['sha256'][:12]}), not on {trunk.describe()}; use it with the model it was "
-            "trained on, or train a head for this one"
+            f"{want['sha256'][:12]}, {heads} heads), not on {trunk.describe()}; use it with the "
+            "model it was trained on, or train a head for this one"
         )
 
 

@@ -4,6 +4,7 @@ epoch (validation top-1, then validation loss) kept."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,8 @@ from ..models.aim import check_probe_layers
 from ..resolve import known_num_blocks
 from . import data, features, head
 from .data import ProbeError, Sample
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass
@@ -217,6 +220,43 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _checked(settings: Settings) -> Settings:
+    """`settings` checked as the CLI's option ranges are, in Python's own numbers (numpy's
+    cannot go into the head's config.json: the run failed once trained)."""
+    if not isinstance(settings, Settings):
+        raise TypeError(f"settings: give aim_mlx.probe.Settings(...), got {settings!r:.60}")
+    s = settings
+    if s.kind not in head.KINDS:
+        raise ProbeError(f"head kind must be one of {', '.join(head.KINDS)}, got {s.kind!r}")
+    if not all(_whole(v) and v >= 1 for v in (s.epochs, s.batch_size)):
+        raise ProbeError(
+            f"epochs and batch size must be whole numbers of at least 1, got {s.epochs!r}, "
+            f"{s.batch_size!r}"
+        )
+    rates = (s.lr, s.weight_decay, s.warmup_epochs)
+    real = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in rates)
+    if not real or not s.lr > 0 or not s.weight_decay >= 0 or not s.warmup_epochs >= 0:
+        raise ProbeError(
+            "lr must be above 0, weight decay and warmup epochs 0 or more; got "
+            f"{s.lr!r}, {s.weight_decay!r}, {s.warmup_epochs!r}"
+        )
+    if not _whole(s.seed) or not 0 <= s.seed <= MAX_SEED:  # numpy's and MLX's generators
+        raise ProbeError(f"the seed must be a whole number from 0 to 2^64 - 1, got {s.seed!r}")
+    return dataclasses.replace(
+        s,
+        epochs=int(s.epochs),
+        batch_size=int(s.batch_size),
+        lr=float(s.lr),
+        weight_decay=float(s.weight_decay),
+        warmup_epochs=float(s.warmup_epochs),
+        seed=int(s.seed),
+    )
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def train(
     model,
     train_dir: str | Path,
@@ -248,18 +288,7 @@ def train(
         raise TypeError(
             "model: give what aim_mlx.load takes (a model name or folder), not a loaded model"
         )
-    settings = settings or Settings()
-    if not isinstance(settings, Settings):
-        raise TypeError(f"settings: give aim_mlx.probe.Settings(...), got {settings!r:.60}")
-    if settings.kind not in head.KINDS:
-        raise ProbeError(f"head kind must be one of {', '.join(head.KINDS)}, got {settings.kind!r}")
-    if settings.epochs < 1 or settings.batch_size < 1:
-        raise ProbeError("epochs and batch size must be at least 1")
-    if not settings.lr > 0 or not settings.weight_decay >= 0 or not settings.warmup_epochs >= 0:
-        raise ProbeError(  # as the CLI's option ranges
-            "lr must be above 0, weight decay and warmup epochs 0 or more; got "
-            f"{settings.lr}, {settings.weight_decay}, {settings.warmup_epochs}"
-        )
+    settings = _checked(settings or Settings())
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
     distributed.on_root(lambda: head.check_output(out, force, inputs=[model, train_dir, val_dir]))
