@@ -517,6 +517,27 @@ def test_head_with_another_trunk_is_refused(heads, tmp_path):
     assert res.exit_code == 1 and "was trained on the trunk aim-tiny" in res.output
 
 
+def test_the_trunk_is_the_files_that_hold_it_whatever_their_names(model_dir, tmp_path):
+    """A backbone named *head* and a head file without "head" in its name: the trunk a head is
+    tied to (and its features keyed by) is still the backbone's SHA-256 alone; a folder
+    converted before the converter recorded it is read by the file names, as then."""
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy(REF / "backbone.pth", odd / "my_head_trunk.pth")
+    shutil.copy(REF / "head_best_layers.pth", odd / "probe.pth")
+    out = convert(tmp_path / "m", backbone=odd / "my_head_trunk.pth", head=odd / "probe.pth",
+                  num_heads=4, probe_layers="1,2,3,4,5,6", progress=False)  # fmt: skip
+    backbone = sha256(REF / "backbone.pth")
+    assert feature_cache.trunk_info(out).sha256 == backbone
+    assert feature_cache.trunk_info(model_dir).sha256 == backbone
+    older = tmp_path / "older"  # its sources without "trunk": the official names tell
+    shutil.copytree(model_dir, older)
+    config = json.loads((older / "config.json").read_text())
+    config["sources"] = [{k: v for k, v in s.items() if k != "trunk"} for s in config["sources"]]
+    (older / "config.json").write_text(json.dumps(config))
+    assert feature_cache.trunk_info(older).sha256 == backbone
+
+
 def test_the_same_weights_with_other_heads_are_another_trunk(model_dir, data, tmp_path,
                                                              monkeypatch):  # fmt: skip
     """The number of attention heads is not in the weights (`convert --num-heads`): a backbone

@@ -126,7 +126,9 @@ def convert(
         "layout": {PATCH_WEIGHT: "OHWI (PyTorch: OIHW)", "dropped": list(DROPPED_KEYS)},
         "converter": f"aim-mlx {__version__}",
     }
-    return _write_folder(out, plan, config, force, progress, _SourceHasher(files))
+    trunk_files = {Path(s.checkpoint.path) for s in sources if not s.key.startswith("head.")}
+    hasher = _SourceHasher(files, trunk_files)
+    return _write_folder(out, plan, config, force, progress, hasher)
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -552,15 +554,21 @@ def _move_into_place(tmp: Path, out: Path, force: bool):
 class _SourceHasher(threading.Thread):
     """SHA-256 of the source files, computed on a second thread while the conversion runs."""
 
-    def __init__(self, files: list[Path]):
+    def __init__(self, files: list[Path], trunk_files: set[Path]):
         super().__init__(daemon=True)
-        self.files, self.stop, self._result, self._error = files, threading.Event(), None, None
+        self.files, self.trunk_files = files, trunk_files
+        self.stop, self._result, self._error = threading.Event(), None, None
         self.start()
 
     def run(self):
         try:
             self._result = [
-                {"file": p.name, "size": p.stat().st_size, "sha256": file_sha256(p, stop=self.stop)}
+                {
+                    "file": p.name,
+                    "size": p.stat().st_size,
+                    "sha256": file_sha256(p, stop=self.stop),
+                    "trunk": Path(p) in self.trunk_files,  # holds trunk weights (probe heads' tie)
+                }
                 for p in self.files
             ]
         except OSError as e:  # a source moved or unreadable meanwhile: the conversion says so

@@ -54,12 +54,17 @@ class TrunkInfo:
 def trunk_info(model_dir: str | Path) -> TrunkInfo:
     """The identity of the trunk in a converted model folder, from its config.json.
 
-    The SHA-256 is the backbone checkpoint's (head files are left out; a hub-style
-    `pytorch_model.bin` holding both is taken whole; several backbone shards are combined).
+    The SHA-256 is that of the source files holding trunk weights (head files are left out; a
+    hub-style `pytorch_model.bin` holding both is taken whole; several backbone shards are
+    combined). Folders converted before the converter recorded which they are: by file name.
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    sources = [s for s in config.get("sources") or [] if "head" not in s["file"].lower()]
+    recorded = config.get("sources") or []
+    if all("trunk" in s for s in recorded):
+        sources = [s for s in recorded if s["trunk"]]
+    else:
+        sources = [s for s in recorded if "head" not in s["file"].lower()]
     if not sources:
         raise ProbeError(
             f"{model_dir}/config.json records no trunk source files and their SHA-256, which a "
