@@ -538,6 +538,19 @@ def test_the_trunk_is_the_files_that_hold_it_whatever_their_names(model_dir, tmp
     assert feature_cache.trunk_info(older).sha256 == backbone
 
 
+def test_features_of_another_set_format_are_not_reused(model_dir, data, tmp_path, monkeypatch):
+    """The feature-set format is in the set's key: a version whose images give other features
+    (it bumps SET_FORMAT) extracts them again instead of reading the old ones as its own."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    settings = Settings(kind="linear", epochs=1)
+    first = train(model_dir, root, tmp_path / "h1", settings=settings, log=lambda _: None)
+    again = train(model_dir, root, tmp_path / "h2", settings=settings, log=lambda _: None)
+    monkeypatch.setattr(feature_cache, "SET_FORMAT", feature_cache.SET_FORMAT + 1)
+    newer = train(model_dir, root, tmp_path / "h3", settings=settings, log=lambda _: None)
+    assert (first.extracted, again.extracted, newer.extracted) == (40, 0, 40)
+
+
 def test_the_same_weights_with_other_heads_are_another_trunk(model_dir, data, tmp_path,
                                                              monkeypatch):  # fmt: skip
     """The number of attention heads is not in the weights (`convert --num-heads`): a backbone

@@ -31,6 +31,8 @@ from ..output import dead_leftovers, write_atomic
 from .data import ProbeError, Sample
 
 FEATURE_DTYPE = np.float16
+# In every set's key: bump it when what an image gives changes (preprocessing, the stored
+# layout), so that older features are never read as this version's.
 SET_FORMAT = 1
 
 
@@ -92,7 +94,7 @@ def set_key(trunk: TrunkInfo, probe_layers, img_size: int, dtype: str) -> str:
     layers = "-".join(str(i) for i in probe_layers)
     key = f"{trunk.name}-{trunk.sha256[:12]}-h{trunk.num_heads}--{dtype}--{trunk.quantization}"
     key += f"--L{layers}"
-    key += f"--{img_size}px"
+    key += f"--{img_size}px--f{SET_FORMAT}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", key)
 
 
