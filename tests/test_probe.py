@@ -313,6 +313,24 @@ def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_t
     assert not out.exists()
 
 
+def test_validation_images_that_are_training_images_are_refused(data, model_dir, tmp_path,
+                                                                 no_trunk):  # fmt: skip
+    """--val naming the training folder itself, or a folder linking to its images: the best
+    epoch would be chosen on training images. Refused before any work, naming the overlap."""
+    out = tmp_path / "head"
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    linked = tmp_path / "linked"
+    for name in ("red", "blue"):
+        (linked / name).mkdir(parents=True)
+        first = sorted((root / name).iterdir())[0]
+        (linked / name / "x.png").symlink_to(first)
+    for val, shared in ((root, 40), (linked, 2)):
+        res = cli("probe", "train", root, "-m", model_dir, "-o", out, "--val", val)
+        assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+        assert f"{shared} image(s) of the validation folder {val} are training images" in res.output
+    assert not out.exists()
+
+
 def test_options_the_split_cannot_satisfy_are_refused_before_any_work(
     data, model_dir, tmp_path, no_trunk
 ):

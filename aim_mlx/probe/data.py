@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,3 +137,17 @@ def stratified_split(
         train += [i for i in members if i not in chosen]
         val += [i for i in members if i in chosen]
     return [dataset.samples[i] for i in sorted(train)], [dataset.samples[i] for i in sorted(val)]
+
+
+def check_apart(train: Dataset, val: Dataset) -> None:
+    """Refuse validation images that are training images too (the same folder, one inside the
+    other, a link): the best epoch would be chosen on images the head was trained on."""
+    trained = {os.path.realpath(s.path) for s in train.samples}
+    shared = [s.path for s in val.samples if os.path.realpath(s.path) in trained]
+    if shared:
+        raise ProbeError(
+            f"{len(shared)} image(s) of the validation folder {val.root} are training images "
+            f"of {train.root} too (e.g. {shared[0]}): the best epoch would be chosen on images "
+            "the head was trained on; pass a separate folder, or leave out --val to hold out a "
+            "part of the training folder"
+        )

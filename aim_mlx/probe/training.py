@@ -298,6 +298,7 @@ def train(
     if val_dir is not None:
         val_set = data.read_dataset(val_dir, "validation folder")
         data.check_same_classes(dataset, val_set)
+        data.check_apart(dataset, val_set)
         train_samples, val_samples = dataset.samples, val_set.samples
         skipped = dataset.skipped + val_set.skipped
     else:
