@@ -73,17 +73,31 @@ class _Stdout:
         return getattr(self._stream, name)
 
     def write(self, text):
-        return self._do("write", text)
+        try:
+            return self._do("write", text)
+        except UnicodeEncodeError:
+            buffer = getattr(self._stream, "buffer", None)
+            if buffer is None:
+                raise
+            # A file name whose bytes are not UTF-8 (Linux) under a locale that encodes strictly:
+            # its own bytes, as under the C locale (what this cannot encode raises again).
+            data = text.encode(self._stream.encoding, "surrogateescape")
+            self._do("flush")
+            self._do_on(buffer, "write", data)
+            return len(text)
 
     def flush(self):
         if self._stream is not None:  # closed: nothing was written, nothing to flush
             return self._do("flush")
 
     def _do(self, method, *args):
-        if self._stream is None:
+        return self._do_on(self._stream, method, *args)
+
+    def _do_on(self, stream, method, *args):
+        if stream is None:
             raise OutputError("standard output is closed: the results cannot be written")
         try:
-            return getattr(self._stream, method)(*args)
+            return getattr(stream, method)(*args)
         except OSError as e:
             if e.errno == errno.EPIPE:
                 raise

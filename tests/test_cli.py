@@ -993,6 +993,23 @@ def test_results_reach_a_stdout_that_cannot_encode_them(model_dir, tmp_path):
     assert run.returncode == 0 and str(folder / "ï.jpg").encode() in run.stdout, run.stderr
 
 
+def test_a_file_name_that_is_not_utf8_reaches_a_strict_utf8_stdout(model_dir, tmp_path):
+    # A Linux desktop's UTF-8 locale encodes stdout strictly; a name from a Latin-1 archive
+    # (bytes that are not UTF-8) was a UnicodeEncodeError traceback, the rows after it lost.
+    folder = os.fsencode(tmp_path)
+    for name in (b"caf\xe9.jpg", b"z.jpg"):
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(ROCKET.read_bytes())
+    args = f"classify {shlex.quote(str(tmp_path))} -m {shlex.quote(str(model_dir))} -k 1"
+    for form in ("", "--csv"):
+        run = aim_mlx_in_shell(f"{args} {form}", env={"PYTHONIOENCODING": "utf-8:strict"})
+        assert run.returncode == 0 and b"Traceback" not in run.stderr, run.stderr
+        lines = run.stdout.splitlines()
+        first = next(i for i, line in enumerate(lines) if b"caf" in line)
+        assert lines[first].startswith(os.path.join(folder, b"caf\xe9.jpg"))  # its own bytes
+        assert any(line.startswith(os.path.join(folder, b"z.jpg")) for line in lines[first:])
+
+
 def test_a_closed_stderr_loses_only_the_messages(model_dir):
     run = aim_mlx_in_shell(f"classify {shlex.quote(str(ROCKET))} -m {model_dir} --json 2>&-")
     assert run.returncode == 0 and json.loads(run.stdout)["path"] == str(ROCKET)
