@@ -628,7 +628,7 @@ def embed(
     import numpy as np
 
     from . import distributed, images
-    from .embed import Embeddings, listing_path, parse_layers, save
+    from .embed import Embeddings, check_safetensors_header, listing_path, parse_layers, save
     from .embed import embed as embed_images
     from .output import prepare_output
     from .resolve import known_num_blocks
@@ -651,6 +651,8 @@ def embed(
         listing = None  # beside the .npy as the user named it, where they will look for it
         if suffix == ".npy":
             listing = prepare_output(listing_path(out), force=force, inputs=[model, head])
+        else:  # every path that may be written fits in the metadata
+            check_safetensors_header([it.path for it in images.collect(inputs) if not it.error])
         return target, listing
 
     target, listing = distributed.on_root(prepare) or (None, None)

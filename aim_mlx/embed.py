@@ -18,6 +18,9 @@ from .errors import OptionError, OutputError
 from .output import keep_aside, place_file, signals_held, temp_path
 
 POOLS = ("mean", "tokens")
+# safetensors refuses a header (tensor list and metadata, as JSON) past 100 MB; the image paths
+# go in its metadata, so a very large image set fits only in a .npy and its listing.
+SAFETENSORS_HEADER_MAX = 100_000_000
 
 
 def parse_layers(layers: str | Iterable[int], num_blocks: int) -> str | tuple[int, ...]:
@@ -143,6 +146,7 @@ def save(
 
         meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
         meta["paths"] = json.dumps(emb.paths)
+        check_safetensors_header(emb.paths, len(json.dumps(meta)))
         _write_all(
             {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)},
             replace,
@@ -158,6 +162,18 @@ def save(
         replace,
     )
     return [out, listing]
+
+
+def check_safetensors_header(paths: list[str], size: int | None = None) -> None:
+    """OutputError if the paths (or a header of `size` bytes) pass safetensors' header limit;
+    the CLI asks before any work, with every path it may write."""
+    size = size or len(json.dumps({"paths": json.dumps(paths)}))
+    if size + 1000 > SAFETENSORS_HEADER_MAX:  # 1000: the tensor's entry and the other keys
+        raise OutputError(
+            f"the paths of {len(paths)} images take {size / 1e6:.0f} MB as .safetensors "
+            f"metadata, past its limit of {SAFETENSORS_HEADER_MAX // 10**6} MB: write a .npy "
+            "instead (the paths go to FILE.npy.paths.txt)"
+        )
 
 
 def _write_all(writers: dict, replace: bool = True) -> None:

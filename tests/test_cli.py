@@ -696,6 +696,26 @@ def test_embed_cli_with_an_undecodable_file_name(model_dir, tmp_path):
     assert np.load(out).shape == (1, 64)
 
 
+def test_paths_past_safetensors_header_limit_are_refused_before_any_work(tmp_path, monkeypatch):
+    # safetensors refuses a header past 100 MB (about 1.7 million image paths): that was an
+    # error after extracting every image's features. Here the limit is lowered to 300 bytes.
+    from aim_mlx import embed
+
+    monkeypatch.setattr(embed, "SAFETENSORS_HEADER_MAX", 1300, raising=False)  # 1000: margin
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(20):  # about 500 bytes of paths
+        (folder / f"{i:02d}.jpg").write_bytes(b"")
+    out = tmp_path / "f.safetensors"
+    err = clean(cli("embed", folder, "-m", "no-such-model", "-o", out), 1)  # before the model
+    assert err.strip().startswith("Error: the paths of 20 images take") and "write a .npy" in err
+    err = clean(cli("embed", folder / "00.jpg", "-m", "no-such-model", "-o", out), 1)
+    assert "paths of" not in err  # one path fits: on to the model
+    with pytest.raises(OutputError, match="write a .npy"):  # the library says so too
+        save(out, Embeddings(np.zeros((20, 2), np.float32), [str(p) for p in folder.iterdir()]))
+    assert sorted(tmp_path.iterdir()) == [folder]
+
+
 def test_npy_and_listing_are_written_both_or_neither(tmp_path, monkeypatch):
     emb = Embeddings(np.zeros((1, 2), np.float32), ["a.jpg"])
     out = tmp_path / "f.npy"
