@@ -128,7 +128,9 @@ def load_model(path: str | Path) -> AIM:
     weights = {}
     for f in files:
         try:
-            weights.update(mx.load(str(f)))  # lazy: read on first use
+            weights.update(mx.load(mlx_path(f)))  # lazy: read on first use
+        except NotUtf8Path as e:
+            raise ModelLoadError(str(e)) from None
         except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file
             raise ModelLoadError(
                 f"{f}: cannot read the weights ({e}); {convert_again(path)}"
@@ -172,6 +174,24 @@ def _quantize(path: Path, model: AIM, q: dict):
         raise ModelLoadError(
             f"{path}/config.json: quantization does not fit the layers ({e}); {convert_again(path)}"
         ) from None
+
+
+class NotUtf8Path(ValueError):
+    pass
+
+
+def mlx_path(path: Path) -> str:
+    """`path` for MLX's readers, which take UTF-8 names only (a Linux name may hold any bytes:
+    MLX says std::bad_cast)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise NotUtf8Path(
+            f"{path}: MLX cannot open a file whose path is not valid UTF-8; rename the folder "
+            "(or move the model) to a UTF-8 name"
+        ) from None
+    return name
 
 
 def convert_again(path: Path) -> str:

@@ -998,6 +998,21 @@ def test_listings_leave_out_a_download_removed_while_they_list(monkeypatch, tmp_
     assert all(f["size"] for f in files)  # the registry's sizes, as for files not downloaded
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS names are UTF-8")
+def test_a_model_folder_whose_name_is_not_utf8_is_named_as_such(model_dir, tmp_path):
+    """MLX opens UTF-8 paths only (std::bad_cast): the error says so and what to do, not that
+    the model is damaged and should be converted again."""
+    odd = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9-model"))
+    try:
+        shutil.copytree(model_dir, odd)
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    res = cli("classify", ROCKET, "-m", odd)
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert "MLX cannot open a file whose path is not valid UTF-8; rename the folder" in res.stderr
+    assert "convert the model again" not in res.stderr
+
+
 def test_results_reach_a_stdout_that_cannot_encode_them(model_dir, tmp_path):
     # an ASCII-configured stdout: click writes UTF-8 to its byte stream (the wrapper hid it)
     folder = tmp_path / "ünï"

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import OptionError
+from ..loader import mlx_path
 from ..models import AIM
 from ..models.aim import AttentionPoolingHead, check_probe_layers, positive_int
 from ..models.heads import LinearPoolingHead
@@ -160,7 +161,7 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
     classes = config["classes"]
     head = make_head(config["kind"], model.args, len(classes))
     try:
-        weights = mx.load(str(Path(folder) / WEIGHTS))
+        weights = mx.load(mlx_path(Path(folder) / WEIGHTS))
         if bad := next((k for k, v in weights.items() if v.dtype != mx.float32), None):
             raise ValueError(f"{bad!r} is stored as {weights[bad].dtype}, not float32")
         head.load_weights(list(weights.items()), strict=True)
