@@ -906,7 +906,8 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
      ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
      ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
      ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
-     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB")],
+     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB"),
+     ("AIM_MLX_CPU_CORES", "\u00b2"), ("AIM_MLX_CPU_CACHE_MB", "\u00b2")],  # isdigit, not int
 )  # fmt: skip
 def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
