@@ -443,11 +443,13 @@ class _Graph:
             x = self.block(x, i, n)
             if i in args.probe_layers:
                 probe.append(x)
-        x = probe[0]
-        for f in probe[1:]:
-            x = mb.add(x=x, y=f)
+        # The mean, each layer scaled before the sum: in float16 the sum of the layers could
+        # leave the range the check allows each of them (their mean cannot).
         one = 1.0 / len(probe)
-        x = mb.mul(x=x, y=np.float16(one) if self.hi == "fp16" else np.float32(one))
+        one = np.float16(one) if self.hi == "fp16" else np.float32(one)
+        x = mb.mul(x=probe[0], y=one)
+        for f in probe[1:]:
+            x = mb.add(x=x, y=mb.mul(x=f, y=one))
         pooled = self.pooled(x, n)
         if features:
             return mb.cast(x=pooled, dtype="fp32", name="features")
