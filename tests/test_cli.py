@@ -1238,6 +1238,10 @@ def test_bench_refuses_a_model_larger_than_memory_before_making_it(monkeypatch):
     assert "aim-1B in 8-bit: the weights alone take 1.1 GiB, more than this machine's 1.0" in err
     monkeypatch.setattr(memory, "device_memory", lambda: (2 * 2**30, "memory"))
     assert isinstance(cli("bench", "--model", "aim-1B", "-q", "--q-bits", "8").exception, Made)
+    # every configuration is checked before the first runs (it ran, then the next was refused)
+    monkeypatch.setattr(memory, "device_memory", lambda: (4 * 2**30, "memory"))
+    err = clean(cli("bench", "--model", "aim-1B", "--dtype", "float16,float32"), 1)
+    assert "aim-1B in float32: the weights alone take 4.5 GiB" in err
     monkeypatch.setattr(memory, "device_memory", lambda: (None, ""))  # unknown: no check
     assert isinstance(cli("bench", "--model", "aim-1B").exception, Made)
 
