@@ -341,8 +341,12 @@ def test_features_variant_outputs_the_pooled_descriptor(export, model, photos):
     assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
-def test_quantized_model_is_dequantized(tmp_path, photos):
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_quantized_model_is_dequantized(tmp_path, photos, dtype):
+    """Also with half-precision scales: the weights are dequantized in float32, as the model
+    computes them (they were rounded to the scales' dtype first, 1e-4 to 1e-3 off MLX)."""
     q = build_reference_model("best")
+    q.set_dtype(dtype)
     nn.quantize(q, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, Linear))
     assert isinstance(q.trunk.blocks[0].attn.qkv, nn.QuantizedLinear)
     pixels = photos[0][:2]

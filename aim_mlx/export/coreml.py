@@ -296,9 +296,11 @@ def float_weights(model) -> dict[str, mx.array]:
     params = dict(tree_flatten(model.parameters()))
     for name, m in model.named_modules():
         if isinstance(m, nn.QuantizedLinear):
-            biases = params.pop(f"{name}.biases", None)
+            scales, biases = params.pop(f"{name}.scales"), params.pop(f"{name}.biases", None)
+            if m.mode == "affine":  # in float32, as the CPU computes them: rounded only once
+                scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
             params[f"{name}.weight"] = mx.dequantize(
-                m.weight, params.pop(f"{name}.scales"), biases, m.group_size, m.bits, mode=m.mode
+                m.weight, scales, biases, m.group_size, m.bits, mode=m.mode
             )
     return params
 
