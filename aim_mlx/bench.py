@@ -128,17 +128,17 @@ def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, s
     return model
 
 
-def make_model(config: BenchConfig) -> AIM:
-    if config.dtype not in MX_DTYPES:
-        raise OptionError(f"dtype must be one of {', '.join(MX_DTYPES)}, got {config.dtype!r}")
-    dtype = MX_DTYPES[config.dtype]
+def _preset_args(config: BenchConfig) -> ModelArgs:
     overrides = {"img_size": config.img_size} if config.img_size else {}
-    if config.model in PRESETS:
-        args = preset_args(config.model, head=config.head or "best", **overrides)
-        params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))  # lazy: no memory
-        memory.check_model(config.model, params, config.dtype, config.q_bits)
-        return random_model(args, dtype, config.q_bits, config.q_group_size)
+    return preset_args(config.model, head=config.head or "best", **overrides)
+
+
+def make_model(config: BenchConfig) -> AIM:
     check(config)
+    if config.model in PRESETS:
+        args = _preset_args(config)
+        dtype = MX_DTYPES[config.dtype]
+        return random_model(args, dtype, config.q_bits, config.q_group_size)
     from .loader import load_model
 
     model = load_model(config.model)
@@ -148,8 +148,14 @@ def make_model(config: BenchConfig) -> AIM:
 
 def check(config: BenchConfig) -> None:
     """OptionError for a model that is neither a preset nor a folder, and for options that do
-    not apply to a converted folder (benchmarked as it was converted, with its own head)."""
+    not apply to a converted folder (benchmarked as it was converted, with its own head);
+    NotEnoughMemoryError for a size whose weights cannot fit (`memory.check_model`)."""
+    if config.dtype not in MX_DTYPES:
+        raise OptionError(f"dtype must be one of {', '.join(MX_DTYPES)}, got {config.dtype!r}")
     if config.model in PRESETS:
+        model = AIM(_preset_args(config))  # lazy: no memory
+        params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        memory.check_model(config.model, params, config.dtype, config.q_bits)
         return
     path = Path(config.model)
     if not path.is_dir():

@@ -142,6 +142,8 @@ def _hub_file(f) -> HubFile:
     if not isinstance(f, dict):
         raise ValueError(f"a file must be an object with filename and sha256, got {f!r}")
     size = _field(f, "size", int, None)
+    if size is not None and size < 1:  # bytes: the download's disk-space check adds them up
+        raise ValueError(f"size must be a positive integer (bytes), got {size!r}")
     return HubFile(_field(f, "filename", str), _field(f, "sha256", str), size)
 
 

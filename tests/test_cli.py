@@ -926,7 +926,8 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
      ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
      ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
      ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
-     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB")],
+     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB"),
+     ("AIM_MLX_CPU_CORES", "\u00b2"), ("AIM_MLX_CPU_CACHE_MB", "\u00b2")],  # isdigit, not int
 )  # fmt: skip
 def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
@@ -1289,6 +1290,10 @@ def test_bench_refuses_a_model_larger_than_memory_before_making_it(monkeypatch):
     assert "aim-1B in 8-bit: the weights alone take 1.1 GiB, more than this machine's 1.0" in err
     monkeypatch.setattr(memory, "device_memory", lambda: (2 * 2**30, "memory"))
     assert isinstance(cli("bench", "--model", "aim-1B", "-q", "--q-bits", "8").exception, Made)
+    # every configuration is checked before the first runs (it ran, then the next was refused)
+    monkeypatch.setattr(memory, "device_memory", lambda: (4 * 2**30, "memory"))
+    err = clean(cli("bench", "--model", "aim-1B", "--dtype", "float16,float32"), 1)
+    assert "aim-1B in float32: the weights alone take 4.5 GiB" in err
     monkeypatch.setattr(memory, "device_memory", lambda: (None, ""))  # unknown: no check
     assert isinstance(cli("bench", "--model", "aim-1B").exception, Made)
 

@@ -341,8 +341,12 @@ def test_features_variant_outputs_the_pooled_descriptor(export, model, photos):
     assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max()
 
 
-def test_quantized_model_is_dequantized(tmp_path, photos):
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
+def test_quantized_model_is_dequantized(tmp_path, photos, dtype):
+    """Also with half-precision scales: the weights are dequantized in float32, as the model
+    computes them (they were rounded to the scales' dtype first, 1e-4 to 1e-3 off MLX)."""
     q = build_reference_model("best")
+    q.set_dtype(dtype)
     nn.quantize(q, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, Linear))
     assert isinstance(q.trunk.blocks[0].attn.qkv, nn.QuantizedLinear)
     pixels = photos[0][:2]
@@ -402,22 +406,22 @@ def test_compression_with_shared_zero_constants(tmp_path, photos):
 # float16 range check
 
 
-def overflowing_model(where: str):
+def overflowing_model(where: str, scale: float = 1e5):
     """The fixture with activations pushed past float16's range.
 
-    "residual": the patch embedding's LayerNorm scaled 1e5x, so the residual stream reaches
-    ~1e5 while each block's normalised inputs stay small; the head's BatchNorm statistics are
-    scaled to match, so its output is unchanged. "linear": an MLP weight scaled so that a
-    linear layer's output overflows.
+    "residual": the patch embedding's LayerNorm scaled `scale` times (1e5 by default), so the
+    residual stream grows as much while each block's normalised inputs stay small; the head's
+    BatchNorm statistics are scaled to match, so its output is unchanged. "linear": an MLP
+    weight scaled so that a linear layer's output overflows.
     """
     m = build_reference_model("best")
     if where == "residual":
         norm = m.preprocessor.patchifier.norm
-        norm.weight = norm.weight * 1e5
-        norm.bias = norm.bias * 1e5
+        norm.weight = norm.weight * scale
+        norm.bias = norm.bias * scale
         bn = m.head.bn
-        bn.running_mean = bn.running_mean * 1e5
-        bn.running_var = bn.running_var * 1e10
+        bn.running_mean = bn.running_mean * scale
+        bn.running_var = bn.running_var * scale**2
     else:
         fc1 = m.trunk.blocks[3].mlp.fc1
         fc1.weight = fc1.weight * 1e5
@@ -436,6 +440,32 @@ def test_float16_export_refuses_overflow_and_suggests_mixed(tmp_path):
     ref = np.array(mx.softmax(m(normalise(pixels)), axis=-1))
     probs, _ = package_probs(coreml.export_coreml(m, out, precision="mixed"), pixels)
     assert np.abs(probs - ref).max() < 1e-3
+
+
+def test_float16_mean_of_the_probe_layers_stays_in_range(tmp_path):
+    """A residual stream within the check's limit, whose sum over the six probe layers is
+    not: the package takes their mean without leaving float16's range (it summed them first,
+    and gave NaN probabilities)."""
+    m = overflowing_model("residual", scale=5000)
+    residual = coreml.activation_ranges(m, coreml.synthetic_sample(224))["residual"][0]
+    assert coreml.FP16_MAX / 6 < residual < coreml.FP16_MAX / coreml.FP16_HEADROOM
+    pixels = photo_pixels()[:1]
+    ref = np.array(mx.softmax(m(normalise(pixels)), axis=-1))
+    for features in (False, True):
+        out = tmp_path / f"{features}.mlpackage"
+        coreml.export_coreml(m, out, precision="float16", features=features)
+        if not features:
+            probs, _ = package_probs(out, pixels)
+            assert np.abs(probs - ref).max() < 1e-3
+            continue
+        prog, _ = mil_numpy.load_program(out)
+        got = mil_numpy.evaluate(prog, {"image": pixels.astype(np.float32)})["features"]
+        linear, m.head.linear = m.head.linear, nn.Identity()  # the MLX model's features
+        try:
+            want = np.array(m(normalise(pixels)))
+        finally:
+            m.head.linear = linear
+        assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
 
 
 def test_range_check_covers_only_what_the_package_computes(tmp_path):

@@ -249,6 +249,10 @@ def entry_with(**changes) -> dict:
         ([entry_with(probe_layers={"best": [1, 99], "last": [2]})], "probe layers \\[99\\]"),
         ([entry_with(probe_layers={"best": 3, "last": [2]})], "list of block indices, got 3"),
         (
+            [entry_with(backbone={"filename": "b.pth", "sha256": "af1ca2e5", "size": -5})],
+            "entry 'aim-tiny': size must be a positive integer \\(bytes\\), got -5",
+        ),
+        (
             [entry_with(backbone={"filename": "../../x.pth", "sha256": "af1ca2e5"})],
             "filename must be a file's path inside the repo",
         ),

@@ -296,9 +296,11 @@ def float_weights(model) -> dict[str, mx.array]:
     params = dict(tree_flatten(model.parameters()))
     for name, m in model.named_modules():
         if isinstance(m, nn.QuantizedLinear):
-            biases = params.pop(f"{name}.biases", None)
+            scales, biases = params.pop(f"{name}.scales"), params.pop(f"{name}.biases", None)
+            if m.mode == "affine":  # in float32, as the CPU computes them: rounded only once
+                scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
             params[f"{name}.weight"] = mx.dequantize(
-                m.weight, params.pop(f"{name}.scales"), biases, m.group_size, m.bits, mode=m.mode
+                m.weight, scales, biases, m.group_size, m.bits, mode=m.mode
             )
     return params
 
@@ -443,11 +445,13 @@ class _Graph:
             x = self.block(x, i, n)
             if i in args.probe_layers:
                 probe.append(x)
-        x = probe[0]
-        for f in probe[1:]:
-            x = mb.add(x=x, y=f)
+        # The mean, each layer scaled before the sum: in float16 the sum of the layers could
+        # leave the range the check allows each of them (their mean cannot).
         one = 1.0 / len(probe)
-        x = mb.mul(x=x, y=np.float16(one) if self.hi == "fp16" else np.float32(one))
+        one = np.float16(one) if self.hi == "fp16" else np.float32(one)
+        x = mb.mul(x=probe[0], y=one)
+        for f in probe[1:]:
+            x = mb.add(x=x, y=mb.mul(x=f, y=one))
         pooled = self.pooled(x, n)
         if features:
             return mb.cast(x=pooled, dtype="fp32", name="features")

@@ -51,7 +51,7 @@ def _positive(name: str) -> int | None:
     value = os.environ.get(name, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
+    if not value.isdecimal() or int(value) < 1:  # isdigit() passes "²"
         raise SettingError(f"{name}={value!r}: expected a whole number of 1 or more (or unset)")
     return int(value)
 
@@ -71,7 +71,7 @@ def cache_mb() -> int | None:
     if switched_off(CACHE_ENV):
         return None
     value = os.environ.get(CACHE_ENV, "").strip() or str(CACHE_MB)
-    if not value.isdigit():
+    if not value.isdecimal():
         raise SettingError(f"{CACHE_ENV}={value!r}: expected a whole number of MB, or 'off'")
     return int(value)
 
