@@ -86,7 +86,7 @@ def _ranks_on_this_machine(my_rank: int) -> int:
     """How many ranks the launcher started on this machine: from MPI's local size, or from the
     ring backend's host file (the ranks that share this rank's IP addresses); else 1."""
     for var in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
-        if os.environ.get(var, "").isdigit():
+        if os.environ.get(var, "").isdecimal():
             return max(1, int(os.environ[var]))
     try:
         with open(os.environ["MLX_HOSTFILE"]) as f:

@@ -12,7 +12,8 @@ import os
 import mlx.core as mx
 
 from .constants import ITEMSIZE, GiB
-from .errors import AimMlxError, SettingError
+from .errors import AimMlxError
+from .runtime import check_switch, switched_off
 
 SKIP_VARIABLE = "AIM_MLX_MEMORY_CHECK"  # "off": load whatever the size
 
@@ -68,13 +69,9 @@ def check_model(name: str, params: int, dtype: str, quantize_bits: int | None = 
 
 def check_enabled() -> bool:
     """Whether AIM_MLX_MEMORY_CHECK leaves the check on (unset, on, 1, yes, true) or turns it
-    off (off, 0, no, false); SettingError for anything else."""
-    value = os.environ.get(SKIP_VARIABLE, "").strip().lower()
-    if value in ("off", "0", "no", "false"):
-        return False
-    if value in ("", "on", "1", "yes", "true"):
-        return True
-    raise SettingError(f"{SKIP_VARIABLE}={value!r}: expected off (no check) or on (the default)")
+    off (off, 0, none, no, false), as every on/off setting; SettingError for anything else."""
+    check_switch(SKIP_VARIABLE)
+    return not switched_off(SKIP_VARIABLE)
 
 
 def check_fits(nbytes: int, what: str) -> None:
