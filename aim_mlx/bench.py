@@ -333,7 +333,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def configs(model, batch_sizes, dtypes, q_bits, compile_, img_size, head, warmup, iters):
-    """Every combination of the listed batch sizes and dtypes, each checked before any runs."""
+    """Every combination of the listed batch sizes and dtypes, each checked before any runs. A
+    size may be named in any case (aim-600m), as the other commands take model names."""
+    sizes = {name.lower(): name for name in PRESETS}
+    if not Path(model).is_dir():
+        model = sizes.get(str(model).lower(), model)
     rows = [
         BenchConfig(model, b, dtype, q_bits, 64, compile_, img_size, head, warmup, iters)
         for dtype in dtypes

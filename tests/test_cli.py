@@ -1296,6 +1296,7 @@ def test_bench_refuses_a_model_larger_than_memory_before_making_it(monkeypatch):
     assert "aim-1B in float32: the weights alone take 4.5 GiB" in err
     monkeypatch.setattr(memory, "device_memory", lambda: (None, ""))  # unknown: no check
     assert isinstance(cli("bench", "--model", "aim-1B").exception, Made)
+    assert isinstance(cli("bench", "--model", "AIM-1b").exception, Made)  # any case, as elsewhere
 
 
 def test_device_memory_is_the_machines_on_the_cpu():
