@@ -12,6 +12,7 @@ file named by the environment variable AIM_MLX_REGISTRY:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -110,6 +111,12 @@ class ModelSpec:
                 raise ValueError(f"repo must be a hub repo id like apple/AIM, got {spec.repo!r}")
             if spec.params is not None and spec.params < 1:
                 raise ValueError(f"params must be a positive integer, got {spec.params!r}")
+            known = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers", "extra"}
+            if unknown := sorted(set(spec.arch) - known):  # a typo would be silently a default
+                known = ", ".join(sorted(known))
+                raise ValueError(f"arch has unknown key(s) {', '.join(unknown)}; known: {known}")
+            if not all(_is_number(v) for v in spec.top1.values()):
+                raise ValueError(f"top1 values must be numbers (percent), got {spec.top1!r}")
             if not spec.heads:
                 raise ValueError("heads is empty")
             for head in spec.heads:
@@ -120,6 +127,10 @@ class ModelSpec:
         except (ValueError, TypeError) as e:
             raise RegistryError(f"registry entry {name!r}: {e}") from None
         return spec
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _MISSING = object()

@@ -250,6 +250,11 @@ def entry_with(**changes) -> dict:
         ([entry_with(probe_layers={"best": [1, 99], "last": [2]})], "probe layers \\[99\\]"),
         ([entry_with(probe_layers={"best": 3, "last": [2]})], "list of block indices, got 3"),
         (
+            [entry_with(arch={"embed_dim": 64, "num_blocks": 8, "num_heads": 4, "mlp_ration": 4})],
+            "arch has unknown key\\(s\\) mlp_ration; known: .*mlp_ratio",
+        ),
+        ([entry_with(top1={"best": "high"})], "top1 values must be numbers"),
+        (
             [entry_with(backbone={"filename": "b.pth", "sha256": "af1ca2e5", "size": -5})],
             "entry 'aim-tiny': size must be a positive integer \\(bytes\\), got -5",
         ),
