@@ -1006,6 +1006,12 @@ def export_coreml(
 
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
+    if sample and precision == "float32":
+        raise click.BadParameter(
+            "images for the float16 range check: a float32 package has none (use it with "
+            "--precision float16 or mixed)",
+            param_hint="--sample",
+        )
     coreml.require_coremltools()
     coreml.check_output(out, force, inputs=[model, head])  # before a download or conversion
     pictures = []

@@ -600,6 +600,9 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     not_an_image.write_text("hello")
     res = CliRunner().invoke(main, [*args, "--force", "--sample", str(not_an_image)])
     assert res.exit_code == 2 and "--sample" in res.output and "notes.jpg" in res.output
+    float32 = [*args, "--force", "--precision", "float32", "--sample", photo]
+    res = CliRunner().invoke(main, float32)  # no range check to feed: not silently ignored
+    assert res.exit_code == 2 and "a float32 package has none" in res.output
 
 
 def test_a_package_made_during_the_export_is_kept(export, tmp_path, monkeypatch):
