@@ -176,6 +176,33 @@ def test_cli_bench_folder_refuses_dtype(converted):
     assert res.exit_code == 2 and "converted folder" in res.output
 
 
+@pytest.mark.parametrize("warmup", [1, 0])
+def test_peak_memory_is_that_of_the_timed_passes(warmup):
+    """peak_memory_gb: mx.get_peak_memory over the timed passes, weights included (the
+    counterpart of torch.cuda.max_memory_allocated); a warmup pass's own peak is left out."""
+    passes = []
+
+    class Spiky(AIM):  # its first pass holds a 256 MiB temporary
+        def __call__(self, x):
+            if not passes:
+                mx.eval(mx.zeros((64, 2**20)))
+            passes.append(1)
+            return super().__call__(x)
+
+    with mx.stream(mx.cpu):
+        model = Spiky(reference_args("best"))
+        mx.eval(model.parameters())
+        config = bench.BenchConfig("spiky", 1, "float32", warmup=warmup, iters=1)
+        row = bench.run(config, model=model)
+    spike = 2**28 / 2**30  # GiB
+    weights = row["weight_gb"]
+    assert weights > 0 and row["peak_memory_gb"] >= weights  # the weights are counted
+    if warmup:
+        assert row["peak_memory_gb"] < spike
+    else:
+        assert row["peak_memory_gb"] >= spike
+
+
 def test_cli_info():
     res = CliRunner().invoke(main, ["info"])
     assert res.exit_code == 0
