@@ -442,6 +442,9 @@ def test_float16_export_refuses_overflow_and_suggests_mixed(tmp_path):
     assert np.abs(probs - ref).max() < 1e-3
 
 
+# coremltools' own float16 value inference of a layer norm on this deliberately large residual
+# stream (the package itself is checked against MLX below)
+@pytest.mark.filterwarnings("ignore:overflow encountered in square:RuntimeWarning")
 def test_float16_mean_of_the_probe_layers_stays_in_range(tmp_path):
     """A residual stream within the check's limit, whose sum over the six probe layers is
     not: the package takes their mean without leaving float16's range (it summed them first,
