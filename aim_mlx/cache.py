@@ -58,10 +58,10 @@ def entry_key(name: str, head: str, dtype: str, quantization: dict | None = None
     key = f"{name}--{head}--{dtype}"
     if quantization:
         key += f"--q{quantization['bits']}g{quantization['group_size']}"
-    return _safe(key)
+    return safe_name(key)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """`name` as a file name: characters other than letters, digits and ._- as _."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
@@ -111,7 +111,9 @@ def model_locks(name: str, on_wait=None):
         with suppress(CacheError):  # a cache that cannot be written has no conversion to wait for
             stack.enter_context(_held(_downloads_gate(name), waiting))
         folder = cache_root() / ".locks"
-        keys = sorted(p.name.removesuffix(".lock") for p in folder.glob(f"{_safe(name)}--*.lock"))
+        keys = sorted(
+            p.name.removesuffix(".lock") for p in folder.glob(f"{safe_name(name)}--*.lock")
+        )
         for key in keys:
             stack.enter_context(lock(key, waiting))
         yield
@@ -132,7 +134,7 @@ def _once(on_wait):
 def _downloads_gate(name: str) -> Path:
     folder = ensure_writable() / ".locks" / "downloads"
     folder.mkdir(exist_ok=True)
-    return folder / f"{_safe(name)}.lock"
+    return folder / f"{safe_name(name)}.lock"
 
 
 @contextmanager

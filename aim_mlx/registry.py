@@ -111,10 +111,12 @@ class ModelSpec:
                 raise ValueError(f"repo must be a hub repo id like apple/AIM, got {spec.repo!r}")
             if spec.params is not None and spec.params < 1:
                 raise ValueError(f"params must be a positive integer, got {spec.params!r}")
-            known = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers", "extra"}
-            if unknown := sorted(set(spec.arch) - known):  # a typo would be silently a default
-                known = ", ".join(sorted(known))
-                raise ValueError(f"arch has unknown key(s) {', '.join(unknown)}; known: {known}")
+            fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers", "extra"}
+            if unknown := sorted(set(spec.arch) - fields):  # a typo would be silently a default
+                raise ValueError(
+                    f"arch has unknown key(s) {', '.join(unknown)}; known: "
+                    f"{', '.join(sorted(fields))}"
+                )
             if not all(_is_number(v) for v in spec.top1.values()):
                 raise ValueError(f"top1 values must be numbers (percent), got {spec.top1!r}")
             if not spec.heads:

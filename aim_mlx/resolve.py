@@ -5,7 +5,6 @@ converted MLX model folder, downloading and converting into the cache on first u
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -342,7 +341,7 @@ def _official_match(sources: dict, head: str) -> dict:
 def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     head = checkpoint_head(folder, head)
     sources = find_checkpoints(folder, head)
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)
+    stem = cache.safe_name(folder.resolve().name)
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
 
     def checked_sources() -> dict:

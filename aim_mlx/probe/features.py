@@ -6,9 +6,9 @@ Layout under the cache root (AIM_MLX_CACHE):
     features/<set key>/<sha256>.npy       one image: float16 (N_tokens, D), the head's input
 
 A set is keyed by the trunk (the SHA-256 of its source weights and its number of attention
-heads, which the weights do not hold), its dtype and quantization, the probe layers and the
-image size; an image by the SHA-256 of its file's bytes. Each image is
-written to a temporary file and renamed, so an interrupted extraction leaves only complete
+heads, which the weights do not hold), its dtype and quantization, the probe layers, the image
+size and SET_FORMAT; an image by the SHA-256 of its file's bytes. Each image is written to a
+temporary file and renamed, so an interrupted extraction leaves only complete
 files and the next run computes only the missing ones (and removes the temporary files of
 killed runs). Features are stored in float16 whatever the trunk computes in (half the disk of
 float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,9 +92,8 @@ def set_key(trunk: TrunkInfo, probe_layers, img_size: int, dtype: str) -> str:
     """The feature set's folder name. `dtype`: the weights' dtype the trunk ran with."""
     layers = "-".join(str(i) for i in probe_layers)
     key = f"{trunk.name}-{trunk.sha256[:12]}-h{trunk.num_heads}--{dtype}--{trunk.quantization}"
-    key += f"--L{layers}"
-    key += f"--{img_size}px--f{SET_FORMAT}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", key)
+    key += f"--L{layers}--{img_size}px--f{SET_FORMAT}"
+    return cache.safe_name(key)
 
 
 def file_sha256(path: str) -> str:
