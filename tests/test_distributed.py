@@ -251,7 +251,8 @@ def test_ranks_on_one_machine_share_its_cores(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "cpu_count", lambda: 10)
     for var in ("AIM_MLX_CPU_CORES", "AIM_MLX_CPU_STREAMS"):
-        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "")  # so that the teardown restores them as they were: unset
+        monkeypatch.delenv(var)
     distributed._share_cores(4)
     assert (os.environ["AIM_MLX_CPU_CORES"], os.environ["AIM_MLX_CPU_STREAMS"]) == ("2", "2")
     monkeypatch.setenv("AIM_MLX_CPU_CORES", "1")  # the user's settings win
