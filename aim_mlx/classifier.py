@@ -49,6 +49,7 @@ def classify_iter(
     for item, row in images.run(
         logits,
         items,
+        not_finite=images.not_finite_error(model),
         size=images.input_size(model, img_size),
         batch_size=batch_size,
         progress=progress,

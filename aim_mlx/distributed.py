@@ -304,6 +304,7 @@ def map_images(
     fn: Callable[[mx.array], np.ndarray],
     items: list,
     *,
+    not_finite: str | None = None,
     size: int = 224,
     batch_size: int = 8,
     progress: bool = False,
@@ -318,10 +319,11 @@ def map_images(
     """
     from . import images
 
+    settings = dict(
+        not_finite=not_finite, size=size, batch_size=batch_size, progress=progress, desc=desc
+    )
     if group().size() == 1:
-        yield from images.run_here(
-            fn, items, size=size, batch_size=batch_size, progress=progress, desc=desc
-        )
+        yield from images.run_here(fn, items, **settings)
         return
     wait = peer_wait()
     check_same_inputs(items, desc)
@@ -329,11 +331,7 @@ def map_images(
     rows, errors, failure = [], {}, None
     started = time.monotonic()
     try:
-        for i, (item, row) in enumerate(
-            images.run_here(
-                fn, mine, size=size, batch_size=batch_size, progress=progress, desc=desc
-            )
-        ):
+        for i, (item, row) in enumerate(images.run_here(fn, mine, **settings)):
             if item.error:
                 errors[i] = item.error
             else:

@@ -92,6 +92,7 @@ def embed(
     for item, row in images.run(
         lambda x: features(model, x, layers, pool),
         images.collect(inputs),
+        not_finite=images.not_finite_error(model),
         size=images.input_size(model, img_size),
         batch_size=batch_size,
         progress=progress,

@@ -71,15 +71,22 @@ class EvalResult:
 
 def top5_predictions(model, paths: list[str], *, size: int, batch_size: int, progress: bool):
     """(item, its top-5 class indices (5,), most likely first) for every image path, in order;
-    (item with .error, None) for an unreadable one."""
+    (item with .error, None) for an unreadable one or one whose logits are not finite."""
 
-    def best5(x: mx.array) -> np.ndarray:  # (B, 5)
-        return np.array(mx.argsort(-model(x), axis=-1)[:, :5])
+    def logits(x: mx.array) -> np.ndarray:  # (B, classes)
+        return np.array(model(x).astype(mx.float32))
 
     items = [images.Item(p) for p in paths]
-    return images.run(
-        best5, items, size=size, batch_size=batch_size, progress=progress, desc="eval"
-    )
+    for item, row in images.run(
+        logits,
+        items,
+        not_finite=images.not_finite_error(model),
+        size=size,
+        batch_size=batch_size,
+        progress=progress,
+        desc="eval",
+    ):
+        yield item, (None if row is None else np.argsort(-row, kind="stable")[:5])
 
 
 def evaluate(

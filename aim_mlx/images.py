@@ -139,6 +139,14 @@ def check_model(model) -> None:
         )
 
 
+def not_finite_error(model) -> str:
+    """The error of an image whose output from `model` holds NaN or Inf, saying what to do."""
+    what = "the model's output for this image is NaN or Inf"
+    if model.activation_dtype() == mx.float16:
+        return f"{what}: float16 overflowed; load the model in bfloat16 or float32 (--dtype)"
+    return f"{what}: the model's weights may hold NaN or Inf; convert the checkpoint again"
+
+
 def check_positive(name: str, value) -> int:
     """`value` if it is a positive whole number, else a ValueError naming `name`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -194,20 +202,28 @@ def run(
     fn: Callable[[mx.array], np.ndarray],
     items: list[Item],
     *,
+    not_finite: str | None,
     size: int = 224,
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "images",
 ) -> Iterator[tuple[Item, np.ndarray | None]]:
     """Apply `fn` (a batch (B, 3, size, size) -> a numpy array with B rows) to every readable
-    image; yield (item, its row) in input order, or (item with .error, None).
+    image; yield (item, its row) in input order, or (item with .error, None). A row holding
+    NaN or Inf becomes the error `not_finite` (`not_finite_error`; None: rows are not checked).
 
     Under `mlx.launch` the items are shared out between the ranks and rank 0 alone yields them
     all (`distributed.map_images`); without a launcher this is `run_here`."""
     from . import distributed
 
     return distributed.map_images(
-        fn, items, size=size, batch_size=batch_size, progress=progress, desc=desc
+        fn,
+        items,
+        not_finite=not_finite,
+        size=size,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
     )
 
 
@@ -215,6 +231,7 @@ def run_here(
     fn: Callable[[mx.array], np.ndarray],
     items: list[Item],
     *,
+    not_finite: str | None = None,
     size: int = 224,
     batch_size: int = 8,
     progress: bool = True,
@@ -234,5 +251,8 @@ def run_here(
             arrays = [x for x in loaded if not isinstance(x, str)]
             rows = iter(fn(mx.array(np.stack(arrays))) if arrays else [])
             for it in chunk:
-                yield it, (None if it.error else next(rows))
+                row = None if it.error else next(rows)
+                if not_finite and row is not None and not np.isfinite(row).all():
+                    it.error, row = not_finite, None
+                yield it, row
             bar.update(len(chunk))

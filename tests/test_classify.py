@@ -521,3 +521,69 @@ def test_embed_without_a_readable_image_has_the_features_shape(model, tmp_path, 
     assert none.paths == [] and len(none.errors) == 1
     assert none.features.shape == (0, *one.features.shape[1:]) and none.features.dtype == np.float32
     assert np.concatenate([none.features, one.features]).shape == one.features.shape
+
+
+def test_an_image_whose_output_is_not_finite_gets_an_error_not_its_row(tmp_path):
+    from aim_mlx import images
+
+    def fn(x):  # the second image of a batch of two: NaN in one place
+        rows = np.ones((x.shape[0], 3), np.float32)
+        rows[1:, 2] = np.nan
+        return rows
+
+    items = [images.Item(str(REF / "images" / n)) for n in ("camera.png", "coffee.png")]
+    got = list(images.run_here(fn, items, not_finite="not finite", size=28, progress=False))
+    assert [it.error for it, _ in got] == [None, "not finite"]
+    assert got[0][1].tolist() == [1, 1, 1] and got[1][1] is None
+    items = [images.Item(str(REF / "images" / n)) for n in ("camera.png", "coffee.png")]
+    got = list(images.run_here(fn, items, not_finite=None, size=28, progress=False))
+    assert [it.error for it, _ in got] == [None, None] and np.isnan(got[1][1][2])
+
+
+def nan_weights(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the fixture model with a NaN weight in its first block (a damaged file)."""
+    from safetensors.numpy import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    weights["trunk.blocks.0.attn.proj.weight"][7, 3] = np.nan
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "mlx"})
+    return damaged
+
+
+def no_constants(token):
+    raise ValueError(f"not JSON: {token}")
+
+
+def test_nan_weights_give_error_rows_not_nan_probabilities(model_dir, tmp_path):
+    damaged = nan_weights(model_dir, tmp_path)
+    why = "the model's output for this image is NaN or Inf: the model's weights may hold NaN"
+    run = cli("classify", REF / "images", "-m", damaged, "--json")
+    rows = [json.loads(line, parse_constant=no_constants) for line in run.stdout.splitlines()]
+    assert run.exit_code == 1 and len(rows) == 4
+    assert all(set(r) == {"path", "error"} and r["error"].startswith(why) for r in rows), rows
+
+    placement = {"chelsea.png": expected_top("chelsea.png")[0]}
+    data = imagenet_folder(tmp_path / "val", placement)
+    run = cli("eval", "--data-path", data, "-m", damaged, "--json")
+    result = json.loads(run.stdout, parse_constant=no_constants)
+    assert run.exit_code == 1 and result["top1"] is None and result["images"] == 0
+    assert [f["error"][: len(why)] for f in result["failed"]] == [why]
+
+    run = cli("embed", REF / "images" / "camera.png", "-m", damaged, "-o", tmp_path / "f.npy")
+    assert run.exit_code == 1 and why in run.stderr and not (tmp_path / "f.npy").exists()
+
+
+def test_float16_overflow_is_named_and_float32_is_suggested(model_dir):
+    m = aim_mlx.load(model_dir)
+    m.head.linear.weight = m.head.linear.weight * 3e4  # float16 holds it; not the logits
+    m.compute_dtype = mx.float16
+    rows = aim_mlx.classify(m, REF / "images", k=1)
+    assert [r.get("error") for r in rows] == [
+        "the model's output for this image is NaN or Inf: float16 overflowed; "
+        "load the model in bfloat16 or float32 (--dtype)"
+    ] * 4
+    m.compute_dtype = mx.float32  # the same weights: the reference's top-1 classes
+    rows = aim_mlx.classify(m, REF / "images", k=1)
+    assert [r["top_k"][0]["index"] for r in rows] == [expected_top(n)[0] for n in sorted(LOGITS)]

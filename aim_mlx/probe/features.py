@@ -236,6 +236,7 @@ def extract(
     for item, row in images.run(
         head_input,
         [item for item, _ in todo],
+        not_finite=images.not_finite_error(model),
         size=args.img_size,
         batch_size=batch_size,
         progress=progress,
