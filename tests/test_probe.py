@@ -183,6 +183,12 @@ def test_probe_layers_last(model_dir, data, tmp_path, monkeypatch):
     assert json.loads((res.out / "config.json").read_text())["probe_layers"] == [2, 3, 4, 5, 6, 7]
     assert res.extracted == 100  # other layers: another feature set
     assert aim_mlx.load(model_dir, head=res.out).args.probe_layers == (2, 3, 4, 5, 6, 7)
+    # the head averages its layers: the same blocks in another order are the same features
+    again = train(model_dir, data, tmp_path / "h2", probe_layers="7,2,6,3,5,4",
+                  settings=Settings(kind="linear", epochs=2), log=lambda _: None)  # fmt: skip
+    assert again.extracted == 0
+    assert json.loads((again.out / "config.json").read_text())["probe_layers"] == [7, 2, 6, 3, 5, 4]
+    assert len(os.listdir(tmp_path / "cache" / "features")) == 1
 
 
 # ---------------------------------------------------------------------------------------------

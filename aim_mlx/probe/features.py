@@ -90,7 +90,7 @@ def trunk_info(model_dir: str | Path) -> TrunkInfo:
 
 def set_key(trunk: TrunkInfo, probe_layers, img_size: int, dtype: str) -> str:
     """The feature set's folder name. `dtype`: the weights' dtype the trunk ran with."""
-    layers = "-".join(str(i) for i in probe_layers)
+    layers = "-".join(str(i) for i in sorted(probe_layers))  # averaged: in any order
     key = f"{trunk.name}-{trunk.sha256[:12]}-h{trunk.num_heads}--{dtype}--{trunk.quantization}"
     key += f"--L{layers}--{img_size}px--f{SET_FORMAT}"
     return cache.safe_name(key)
@@ -204,7 +204,7 @@ def extract(
         format=SET_FORMAT,
         trunk=asdict(trunk),
         dtype=dtype,
-        probe_layers=list(args.probe_layers),
+        probe_layers=sorted(args.probe_layers),
         img_size=args.img_size,
         feature_dtype=np.dtype(FEATURE_DTYPE).name,
     )
