@@ -22,7 +22,7 @@ def imagenet_folder(
     data_path: str | Path, limit: int | None = None, errors: list | None = None
 ) -> list[tuple[str, int]]:
     """(image path, class index) pairs from `data_path/<wnid>/**/<image>`; folders inside it
-    that cannot be read are added to `errors` as (path, reason).
+    that cannot be read, and images directly in it, are added to `errors` as (path, reason).
 
     With `limit`, images are taken round-robin over the classes (the first of each class, then
     the second, ...) so that a small limit still covers every class.
@@ -35,13 +35,20 @@ def imagenet_folder(
     except OSError as e:
         raise DatasetError(f"{root}: cannot read the folder: {e.strerror or e}") from None
     index = wnid_to_index()
+    loose = images.loose_images(root)
+    if loose and not folders:
+        raise DatasetError(
+            f"{root}: its {len(loose)} images lie directly in it; eval needs them sorted into "
+            "one sub-folder per class, named by WordNet id (n01440764/...). ImageNet's "
+            "validation set comes as one flat folder: sort it by its labels first"
+        )
     unknown = [p.name for p in folders if p.name not in index]
     if unknown:
         raise DatasetError(
             f"{root}: sub-folders must be ImageNet-1k WordNet ids like n01440764; "
             f"not: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         )
-    unreadable = []
+    unreadable = [(path, images.LOOSE) for path in loose]
     per_class = [
         [(path, index[f.name]) for path in images.walk_images(str(f), unreadable, [root])]
         for f in folders

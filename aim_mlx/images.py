@@ -101,6 +101,20 @@ def walk_images(
     return sorted(found)
 
 
+LOOSE = "directly in the dataset folder, in no class sub-folder: left out"
+
+
+def loose_images(folder: str | Path) -> list[str]:
+    """Image files directly in `folder` (by name; hidden ones skipped), sorted: in a dataset of
+    class sub-folders they belong to no class."""
+    try:
+        with os.scandir(folder) as entries:
+            files = [e.path for e in entries if e.is_file() and not e.name.startswith(".")]
+    except OSError:
+        return []
+    return sorted(f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+
+
 def any_image(inputs: Iterable[str | os.PathLike]) -> bool:
     """Whether `collect` would find something to read: an input that exists and is not a
     folder, or a folder with an image inside. Stops at the first, so it is cheap enough to ask

@@ -19,6 +19,7 @@ from PIL import Image
 from test_preprocess import png_header
 
 import aim_mlx
+from aim_mlx import images
 from aim_mlx.cli import main
 from aim_mlx.labels import imagenet_classes
 from aim_mlx.transforms import ImageError
@@ -524,8 +525,6 @@ def test_embed_without_a_readable_image_has_the_features_shape(model, tmp_path, 
 
 
 def test_an_image_whose_output_is_not_finite_gets_an_error_not_its_row(tmp_path):
-    from aim_mlx import images
-
     def fn(x):  # the second image of a batch of two: NaN in one place
         rows = np.ones((x.shape[0], 3), np.float32)
         rows[1:, 2] = np.nan
@@ -587,3 +586,21 @@ def test_float16_overflow_is_named_and_float32_is_suggested(model_dir):
     m.compute_dtype = mx.float32  # the same weights: the reference's top-1 classes
     rows = aim_mlx.classify(m, REF / "images", k=1)
     assert [r["top_k"][0]["index"] for r in rows] == [expected_top(n)[0] for n in sorted(LOGITS)]
+
+
+def test_eval_names_images_in_no_class_folder(model_dir, tmp_path):
+    flat = tmp_path / "flat"  # ImageNet's validation set as downloaded: one flat folder
+    flat.mkdir()
+    for name in ("chelsea.png", "camera.png"):
+        shutil.copy(REF / "images" / name, flat / f"ILSVRC2012_val_{name}")
+    result = cli("eval", "--data-path", flat, "--model", model_dir)
+    assert result.exit_code == 1 and "its 2 images lie directly in it" in result.stderr
+    assert "sort it by its labels first" in result.stderr and "Traceback" not in result.output
+
+    data = imagenet_folder(tmp_path / "val", {"chelsea.png": expected_top("chelsea.png")[0]})
+    shutil.copy(REF / "images" / "camera.png", data / "stray.png")
+    result = cli("eval", "--data-path", data, "--model", model_dir, "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and (report["top1"], report["images"]) == (100.0, 1)
+    assert report["failed"] == [{"path": str(data / "stray.png"), "error": images.LOOSE}]
+    assert f"error: {data / 'stray.png'}: directly in the dataset folder" in result.stderr

@@ -788,3 +788,27 @@ def test_the_readmes_python_examples_run_as_written(heads, model_dir, data):
     labels = [t["label"] for t in row["top_k"]]
     assert row["path"] == str(new_image) and len(labels) == 3 and set(labels) <= set(COLOURS)
     assert labels[0] == "green"  # the class names of the head, which learnt them
+
+
+def test_images_in_no_class_folder_are_named_not_dropped_silently(data, tmp_path, heads,
+                                                                  model_dir):  # fmt: skip
+    from aim_mlx.images import LOOSE
+    from aim_mlx.probe.data import read_dataset
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        shutil.copy(data / "red" / "000.png", flat / f"{i}.png")
+    with pytest.raises(ProbeError, match="no class sub-folders; its 3 images lie directly in it"):
+        read_dataset(flat)
+
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    shutil.copy(data / "red" / "000.png", root / "stray.png")
+    (root / "notes.txt").write_text("not an image, not reported")
+    dataset = read_dataset(root)
+    assert dataset.skipped == [(str(root / "stray.png"), LOOSE)] and dataset.counts() == [20, 20]
+    res = cli("probe", "eval", root, "-m", model_dir, "--head", heads["attention"].out, "--json",
+              "--no-progress")  # fmt: skip
+    out = json.loads(res.stdout)
+    assert res.exit_code == 1 and out["images"] == 40, res.output
+    assert out["failed"] == [{"path": str(root / "stray.png"), "error": LOOSE}]

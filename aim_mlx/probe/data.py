@@ -57,7 +57,8 @@ def class_folders(
     root: str | Path, what: str = "training folder", errors: list | None = None
 ) -> dict[str, list[str]]:
     """{class name: image paths} of the non-hidden sub-folders of `root`, sorted; folders that
-    cannot be read are added to `errors` as (path, reason)."""
+    cannot be read, and images directly in `root` (in no class), are added to `errors` as
+    (path, reason)."""
     root = Path(root)
     if not root.is_dir():
         raise ProbeError(f"{what} {root} is not a folder")
@@ -65,11 +66,15 @@ def class_folders(
         folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except OSError as e:
         raise ProbeError(f"{what} {root}: cannot read the folder: {e.strerror or e}") from None
+    loose = images.loose_images(root)
     if not folders:
+        held = f"; its {len(loose)} images lie directly in it" if loose else ""
         raise ProbeError(
-            f"{what} {root} has no class sub-folders: put each class's images in its own "
+            f"{what} {root} has no class sub-folders{held}: put each class's images in its own "
             f"sub-folder ({root}/cat/..., {root}/dog/...)"
         )
+    if errors is not None:
+        errors += [(path, images.LOOSE) for path in loose]
     # a link back to the root would put the other classes' images in this one
     return {f.name: images.walk_images(str(f), errors, above=[root]) for f in folders}
 
