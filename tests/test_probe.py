@@ -812,3 +812,28 @@ def test_images_in_no_class_folder_are_named_not_dropped_silently(data, tmp_path
     out = json.loads(res.stdout)
     assert res.exit_code == 1 and out["images"] == 40, res.output
     assert out["failed"] == [{"path": str(root / "stray.png"), "error": LOOSE}]
+
+
+def test_class_names_match_in_either_unicode_form(data, tmp_path):
+    """A folder named on macOS (often NFD) and the same name typed on Linux (NFC) are one class."""
+    from aim_mlx.probe.data import check_same_classes, read_dataset
+    from aim_mlx.probe.evaluate import labelled_images
+
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    train_dir, val_dir = tmp_path / "train", tmp_path / "val"
+    for root, name in ((train_dir, nfd), (val_dir, nfc)):
+        shutil.copytree(data / "red", root / name)
+        shutil.copytree(data / "blue", root / "tea")
+    train, val = read_dataset(train_dir), read_dataset(val_dir)
+    assert train.classes == val.classes == [nfc, "tea"]
+    check_same_classes(train, val)
+    assert {Path(s.path).parent.name for s in train.samples if s.label == 0} == {nfd}
+    for labels in ([nfd, "tea"], [nfc, "tea"]):  # a head trained before names were NFC, or after
+        pairs = labelled_images(val_dir, labels, "head")
+        assert {label for p, label in pairs if Path(p).parent.name == nfc} == {0}
+        assert len(pairs) == 40
+
+    if not (train_dir / nfc).exists():  # (macOS's file systems: one folder, either form)
+        shutil.copytree(data / "green", train_dir / nfc)  # both forms side by side: refused
+        with pytest.raises(ProbeError, match="the same name in two Unicode forms"):
+            read_dataset(train_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,8 @@ def _header_error(path: str) -> str | None:
 def class_folders(
     root: str | Path, what: str = "training folder", errors: list | None = None
 ) -> dict[str, list[str]]:
-    """{class name: image paths} of the non-hidden sub-folders of `root`, sorted; folders that
+    """{class name (`class_name`): image paths} of the non-hidden sub-folders of `root`, sorted
+    by name; folders that
     cannot be read, and images directly in `root` (in no class), are added to `errors` as
     (path, reason)."""
     root = Path(root)
@@ -75,8 +77,23 @@ def class_folders(
         )
     if errors is not None:
         errors += [(path, images.LOOSE) for path in loose]
-    # a link back to the root would put the other classes' images in this one
-    return {f.name: images.walk_images(str(f), errors, above=[root]) for f in folders}
+    found = {}
+    for f in folders:
+        name = class_name(f.name)
+        if name in found:
+            raise ProbeError(
+                f"{what} {root}: class folders {f.name!r} and {found[name][0]!r} are the same "
+                "name in two Unicode forms; merge or rename them"
+            )
+        # a link back to the root would put the other classes' images in this one
+        found[name] = (f.name, images.walk_images(str(f), errors, above=[root]))
+    return {name: paths for name, (_, paths) in sorted(found.items())}
+
+
+def class_name(folder_name: str) -> str:
+    """A class's name from its folder's: Unicode NFC, so that a folder written on macOS (often
+    decomposed, NFD) and one written on Linux (NFC) are the same class."""
+    return unicodedata.normalize("NFC", folder_name)
 
 
 def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:

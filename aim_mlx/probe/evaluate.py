@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..evaluate import top5_predictions
 from ..output import write_atomic
-from .data import ProbeError, class_folders
+from .data import ProbeError, class_folders, class_name
 
 
 @dataclass
@@ -51,13 +51,14 @@ def labelled_images(
     be among `labels`, the classes of the trained head `head`; folders that cannot be read are
     added to `errors` as (path, reason)."""
     found = class_folders(data_path, "evaluation folder", errors)
-    unknown = sorted(set(found) - set(labels))
+    index = {class_name(name): i for i, name in enumerate(labels)}  # heads made before NFC
+    unknown = sorted(set(found) - set(index))
     if unknown:
         raise ProbeError(
             f"evaluation folder {data_path}: class sub-folder(s) {unknown} are not classes of the "
             f"head {head} ({', '.join(labels)})"
         )
-    pairs = [(p, labels.index(name)) for name, paths in found.items() for p in paths]
+    pairs = [(p, index[name]) for name, paths in found.items() for p in paths]
     if not pairs:
         raise ProbeError(f"evaluation folder {data_path}: no images in its class sub-folders")
     return pairs
