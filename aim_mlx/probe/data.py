@@ -58,9 +58,8 @@ def class_folders(
     root: str | Path, what: str = "training folder", errors: list | None = None
 ) -> dict[str, list[str]]:
     """{class name (`class_name`): image paths} of the non-hidden sub-folders of `root`, sorted
-    by name; folders that
-    cannot be read, and images directly in `root` (in no class), are added to `errors` as
-    (path, reason)."""
+    by name; folders that cannot be read, and images directly in `root` (in no class), are
+    added to `errors` as (path, reason)."""
     root = Path(root)
     if not root.is_dir():
         raise ProbeError(f"{what} {root} is not a folder")
