@@ -7,9 +7,11 @@ output); `aim_mlx.convert.convert` to float32, float16 and 4-bit. Peak RSS is ea
 CPU time its user + system time.
 Loading every tensor, and the float32 conversion, also run with the zip records' CRC-32 checks off
 (`verified=True`, as for a hub download whose SHA-256 was checked), and each round's ratio of the
-two is printed; `--crc` runs only these pairs.
+two is printed; `--crc` runs only these pairs. The float32 and float16 conversions also run without
+the converter's NaN / Inf check (patched out in the child), ratios printed the same way; `--finite`
+runs only those pairs.
 
-    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2] [--crc]
+    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2] [--crc | --finite]
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from torch_zip import random_maker, save_torch_zip  # noqa: E402
 
 CRC_PAIRS = (("load tensors", "load, no CRC"), ("convert float32", "float32, no CRC"))
+FINITE_PAIRS = (
+    ("convert float32", "float32, no NaN check"),
+    ("convert float16", "float16, no NaN check"),
+)
 SHAPES = ROOT / "tests/fixtures/reference/official_parameter_shapes.json"
 
 # Each child prints its own peak RSS (VmHWM) last: ru_maxrss would include the parent's, from fork.
@@ -62,7 +68,10 @@ CONVERT = (
     """
 import sys
 from aim_mlx.convert import convert
-backbone, head, out, dtype, bits, crc = sys.argv[1:]
+backbone, head, out, dtype, bits, crc, finite = sys.argv[1:]
+if finite == "off":  # the converter's NaN / Inf check skipped, to measure its cost
+    import aim_mlx.convert.converter as converter
+    converter._all_finite = lambda w: True
 convert(out, backbone=backbone, head=head, dtype=dtype, quantize=bits != "0",
         q_bits=int(bits) or 8, progress=False, force=True, verified=crc == "off")
 """
@@ -127,6 +136,7 @@ def main():
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks/out")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--crc", action="store_true", help="only the CRC-32 on / off pairs")
+    parser.add_argument("--finite", action="store_true", help="only the NaN check on / off pairs")
     args = parser.parse_args()
     backbone, head = write_checkpoints(args.workdir)
     size_gb = (backbone.stat().st_size + head.stat().st_size) / 1e9
@@ -136,13 +146,18 @@ def main():
         "copy both files": (COPY, backbone, head, args.workdir / "copy"),
         "load tensors": (LOAD, backbone, head, "on"),
         "load, no CRC": (LOAD, backbone, head, "off"),
-        "convert float32": (CONVERT, backbone, head, out, "float32", 0, "on"),
-        "float32, no CRC": (CONVERT, backbone, head, out, "float32", 0, "off"),
-        "convert float16": (CONVERT, backbone, head, out, "float16", 0, "on"),
-        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4, "on"),
+        "convert float32": (CONVERT, backbone, head, out, "float32", 0, "on", "on"),
+        "float32, no CRC": (CONVERT, backbone, head, out, "float32", 0, "off", "on"),
+        "float32, no NaN check": (CONVERT, backbone, head, out, "float32", 0, "on", "off"),
+        "convert float16": (CONVERT, backbone, head, out, "float16", 0, "on", "on"),
+        "float16, no NaN check": (CONVERT, backbone, head, out, "float16", 0, "on", "off"),
+        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4, "on", "on"),
     }
-    if args.crc:
-        keep = {"read both files", *(name for pair in CRC_PAIRS for name in pair)}
+    pairs = (CRC_PAIRS if args.crc or not args.finite else ()) + (
+        FINITE_PAIRS if args.finite or not args.crc else ()
+    )
+    if args.crc or args.finite:
+        keep = {"read both files", *(name for pair in pairs for name in pair)}
         cases = {k: v for k, v in cases.items() if k in keep}
     results = {name: [] for name in cases}
     for i in range(args.repeats):
@@ -163,18 +178,19 @@ def main():
         f" Python {platform.python_version()}, best of {args.repeats}"
     )
     read_time = min(t for t, _, _ in results["read both files"])
-    print(f"{'case':<18}{'time s':>9}{'x read':>9}{'CPU s':>8}{'peak RSS MB':>14}")
+    print(f"{'case':<22}{'time s':>9}{'x read':>9}{'CPU s':>8}{'peak RSS MB':>14}")
     for name, runs in results.items():
         t = min(r[0] for r in runs)
         cpu = min(r[1] for r in runs)
         rss = max(r[2] for r in runs)
-        print(f"{name:<18}{t:>9.1f}{t / read_time:>9.1f}{cpu:>8.1f}{rss:>14.0f}")
-    for on, off in CRC_PAIRS:
+        print(f"{name:<22}{t:>9.1f}{t / read_time:>9.1f}{cpu:>8.1f}{rss:>14.0f}")
+    for on, off in pairs:
+        check = "CRC-32" if "CRC" in off else "NaN check"
         for what, i in (("time", 0), ("CPU time", 1)):
-            pairs = zip(results[on], results[off], strict=True)
-            ratios = sorted(a[i] / b[i] for a, b in pairs)
+            rounds = zip(results[on], results[off], strict=True)
+            ratios = sorted(a[i] / b[i] for a, b in rounds)
             print(
-                f"{on}: CRC-32 on / off, {what}, per round (sorted): "
+                f"{on}: {check} on / off, {what}, per round (sorted): "
                 f"{', '.join(f'{r:.3f}' for r in ratios)} (median {statistics.median(ratios):.3f})"
             )
 

@@ -680,3 +680,36 @@ def test_rename_new_elsewhere_than_linux_and_macos_takes_the_portable_way(tmp_pa
         assert (tmp_path / "out").read_text() == "new" and not (tmp_path / "new").exists()
     finally:
         output._noreplace_call.cache_clear()
+
+
+def test_nan_or_inf_weights_are_refused_naming_the_tensor(tmp_path):
+    ckpt = open_checkpoint(HEAD_BEST)
+    tensors = {k: np.array(ckpt.load(k)) for k in ckpt.keys()}
+    tensors["head.k.weight"][5, 7] = np.nan
+    tensors["head.k.weight"][0, 0] = np.inf
+    head = save_torch_zip(tmp_path / "head.pth", tensors)
+    message = r"head.pth: tensor 'head.k.weight' holds 2 NaN or Inf value\(s\): the checkpoint"
+    for dtype in ("float32", "float16", "bfloat16"):
+        with pytest.raises(ConversionError, match=message):
+            run(tmp_path / "out", head=head, dtype=dtype)
+        assert sorted(os.listdir(tmp_path)) == ["head.pth"]
+
+
+def test_weights_past_float16s_range_are_refused_in_float16_only(tmp_path):
+    ckpt = open_checkpoint(HEAD_BEST)
+    tensors = {k: np.array(ckpt.load(k)) for k in ckpt.keys()}
+    tensors["head.linear.weight"][3, 4] = -1.0e5  # float16's largest: 65504
+    head = save_torch_zip(tmp_path / "head.pth", tensors)
+    with pytest.raises(ConversionError, match=r"'head.linear.weight' has values of size up to "
+                       r"1e\+05, past float16's largest, 6.55e\+04; convert with --dtype "
+                       "bfloat16 or float32"):  # fmt: skip
+        run(tmp_path / "f16", head=head, dtype="float16")
+    result = CliRunner().invoke(main, ["convert", "--backbone", BACKBONE, "--head", head,
+                                       "--num-heads", "4", "--probe-layers", "1,2,3,4,5,6",
+                                       "--dtype", "float16", "-o", tmp_path / "cli"])  # fmt: skip
+    assert result.exit_code == 1 and "past float16's largest" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "cli").exists()
+    for dtype in ("float32", "bfloat16"):
+        folder = run(tmp_path / dtype, head=head, dtype=dtype)
+        weights = aim_mlx.load(folder).head.linear.weight
+        assert weights[3, 4].item() == (-1.0e5 if dtype == "float32" else -99840.0)  # rounded

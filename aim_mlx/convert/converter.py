@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
@@ -472,10 +473,45 @@ def _produce(source: Source, outputs, dtype: mx.Dtype, q: dict | None) -> list[m
     if source.key == PATCH_WEIGHT:
         w = w.transpose(0, 2, 3, 1)
     w = w.astype(dtype)
+    _check_finite(source, w, dtype)
     quantized = len(outputs) == 3  # weight, scales, biases
     arrays = list(mx.quantize(w, q["group_size"], q["bits"])) if quantized else [w]
     mx.eval(arrays)
     return arrays
+
+
+def _check_finite(source: Source, w: mx.array, dtype: mx.Dtype) -> None:
+    """ConversionError if `w` (the source tensor cast to `dtype`) holds NaN or Inf: a model made
+    from it would give NaN for every image."""
+    if _all_finite(w):
+        return
+    where = f"{source.checkpoint.path}: tensor {source.key!r}"
+    raw = source.checkpoint.load(source.key)
+    if not mx.all(mx.isfinite(raw)).item():
+        bad = raw.size - mx.sum(mx.isfinite(raw)).item()
+        raise ConversionError(
+            f"{where} holds {bad} NaN or Inf value(s): the checkpoint is damaged, or saved from "
+            "a training run that diverged; nothing was written"
+        )
+    largest = mx.max(mx.abs(raw)).item()
+    raise ConversionError(
+        f"{where} has values of size up to {largest:.4g}, past {str(dtype).split('.')[-1]}'s "
+        f"largest, {mx.finfo(dtype).max:.4g}; convert with --dtype bfloat16 or float32"
+    )
+
+
+_EXPONENT_BITS = {mx.float16: 0x7C00, mx.bfloat16: 0x7F80}  # all set: Inf or NaN
+
+
+def _all_finite(w: mx.array) -> bool:
+    """Whether `w` holds no NaN or Inf, in numpy: several times faster than MLX's CPU reductions
+    (about 5 GB/s here for float32, 2 GB/s for 16-bit floats, read as their bits)."""
+    if w.dtype == mx.float32:
+        return bool(np.isfinite(np.asarray(w)).all())
+    if w.dtype in _EXPONENT_BITS:
+        mask = _EXPONENT_BITS[w.dtype]
+        return not np.any((np.asarray(w.view(mx.uint16)) & mask) == mask)
+    return mx.all(mx.isfinite(w)).item()
 
 
 def _source_nbytes(s: Source) -> int:
