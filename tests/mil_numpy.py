@@ -6,9 +6,11 @@ as saved, and its ops run one by one: with coremltools' own `value_inference` (o
 with the small numpy versions below otherwise (conv and classify, which coremltools does not
 evaluate, reduce_mean, and the exact GELU, which it evaluates one element at a time).
 
-float16 is emulated as "float16 storage, float32 arithmetic": every op computes in float32 and
-its float16 outputs are rounded to float16, as GPUs and the Neural Engine accumulate in wider
-precision than they store.
+float16: a float16 variable holds float16 values (coremltools stores what is bound to a variable
+in its declared dtype), so the ops coremltools evaluates compute in numpy's float16 arithmetic,
+each result rounded to float16. conv here widens its inputs to float32, and np.mean accumulates
+float16 in float32. Core ML on a GPU or the Neural Engine may accumulate in wider precision than
+it stores, so this is the stricter of the two.
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ def _bind(var, value):
 
 
 def _wide(a):
-    """Computation dtype: float16 values are held as float32."""
+    """float16 values widened to float32 (for conv's arithmetic)."""
     return a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype == np.float16 else a
 
 
 def _round_to(var, a):
-    """A float op output rounded to its declared dtype (float16 or float32), held as float32."""
+    """A float op output rounded to its declared dtype (float16 or float32); binding it stores
+    it in that dtype."""
     from coremltools.converters.mil.mil import types
 
     a = np.asarray(a)
@@ -116,11 +119,7 @@ def evaluate(prog, feeds: dict[str, np.ndarray]) -> dict:
         _bind(var, np.asarray(feeds[name], dtype=np.float32))
     results = {}  # the classify op's label and dictionary (not tensors)
     for op in fn.operations:
-        if op.op_type == "const":
-            # weights stay as loaded; float16 ones are widened for the float32 arithmetic
-            val = op.outputs[0].val
-            if isinstance(val, np.ndarray) and val.dtype == np.float16:
-                _bind(op.outputs[0], _wide(val))
+        if op.op_type == "const":  # weights hold their values as loaded, in their own dtype
             continue
         outs = _run_op(op)
         if op.op_type == "classify":
