@@ -412,6 +412,23 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
     assert config["training"]["train_images"] + config["training"]["val_images"] == 40
 
 
+def test_training_without_usable_features_says_why(data, model_dir, tmp_path, monkeypatch):
+    """Every image's features NaN (damaged weights, or float16 overflowing): the refusal names
+    an image and its reason, which the error lines printed after training never reach."""
+    from safetensors.numpy import load_file, save_file
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))  # not the healthy features
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    weights["trunk.blocks.0.attn.proj.weight"][7, 3] = np.nan
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "mlx"})
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    res = cli("probe", "train", root, "-m", damaged, "-o", tmp_path / "h", "--no-progress")
+    assert res.exit_code == 1 and "no readable training image left" in res.output
+    assert f"{root / 'blue' / '000.png'}: the model's output for this image is NaN" in res.output
+
+
 def test_heic_photos_are_usable_training_images(tmp_path):
     """iPhone photos, the README's example: the header check reads them as decoding does
     (a process that had decoded none yet took every HEIC file for "not an image")."""

@@ -321,17 +321,20 @@ def train(
     if not distributed.is_root():  # under mlx.launch: this rank's share went to rank 0
         return None
     usable = dict(zip((s.path for s in ext.samples), ext.keys, strict=True))
+    failed = dict(ext.errors)
 
     def keyed(samples: list[Sample], what: str):
         ok = [s for s in samples if s.path in usable]
         have = {s.label for s in ok}
         missing = [c for i, c in enumerate(dataset.classes) if i not in have]
+        # the errors are listed after training: name one of a class left empty here
+        lost = [s.path for s in samples if s.label not in have and s.path in failed]
+        why = f"; {lost[0]}: {failed[lost[0]]}" if lost else ""
         if what == "training" and missing:
-            raise ProbeError(
-                f"no readable {what} image left in class(es) {', '.join(map(repr, missing))}"
-            )
+            names = ", ".join(map(repr, missing))
+            raise ProbeError(f"no readable {what} image left in class(es) {names}{why}")
         if not ok:
-            raise ProbeError(f"no readable {what} image")
+            raise ProbeError(f"no readable {what} image{why}")
         return [usable[s.path] for s in ok], np.array([s.label for s in ok], dtype=np.int32)
 
     train_data, val_data = keyed(train_samples, "training"), keyed(val_samples, "validation")
