@@ -105,14 +105,21 @@ LOOSE = "directly in the dataset folder, in no class sub-folder: left out"
 
 
 def loose_images(folder: str | Path) -> list[str]:
-    """Image files directly in `folder` (by name; hidden ones skipped), sorted: in a dataset of
-    class sub-folders they belong to no class."""
+    """Image names directly in `folder` that are not folders (hidden ones skipped), sorted: in a
+    dataset of class sub-folders they belong to no class."""
     try:
         with os.scandir(folder) as entries:
-            files = [e.path for e in entries if e.is_file() and not e.name.startswith(".")]
+            named = [e for e in entries if is_image_name(e.name)]
     except OSError:
         return []
-    return sorted(f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(e.path for e in named if not _is_dir(e))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # through a symlink too
+    except OSError:  # a symlink loop: one entry, not the whole listing
+        return False
 
 
 def any_image(inputs: Iterable[str | os.PathLike]) -> bool:

@@ -604,3 +604,18 @@ def test_eval_names_images_in_no_class_folder(model_dir, tmp_path):
     assert result.exit_code == 1 and (report["top1"], report["images"]) == (100.0, 1)
     assert report["failed"] == [{"path": str(data / "stray.png"), "error": images.LOOSE}]
     assert f"error: {data / 'stray.png'}: directly in the dataset folder" in result.stderr
+
+
+def test_a_link_loop_in_the_dataset_folder_hides_no_loose_image(tmp_path):
+    """A link to itself among the images directly in the folder: one entry that cannot be
+    looked at, not a reason to leave the others unnamed."""
+    from aim_mlx.evaluate import imagenet_folder as listing
+
+    root = tmp_path / "val"
+    (root / "n01440764").mkdir(parents=True)
+    shutil.copy(REF / "images" / "chelsea.png", root / "n01440764" / "a.png")
+    shutil.copy(REF / "images" / "camera.png", root / "stray.png")
+    (root / "loop.jpg").symlink_to(root / "loop.jpg")
+    errors = []
+    assert listing(root, errors=errors) == [(str(root / "n01440764" / "a.png"), 0)]
+    assert errors == [(str(root / p), images.LOOSE) for p in ("loop.jpg", "stray.png")]
