@@ -31,11 +31,10 @@ def imagenet_folder(
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
     try:
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders, loose = images.dataset_listing(root)
     except OSError as e:
         raise DatasetError(f"{root}: cannot read the folder: {e.strerror or e}") from None
     index = wnid_to_index()
-    loose = images.loose_images(root)
     if loose and not folders:
         raise DatasetError(
             f"{root}: its {len(loose)} images lie directly in it; eval needs them sorted into "

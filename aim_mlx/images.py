@@ -104,15 +104,20 @@ def walk_images(
 LOOSE = "directly in the dataset folder, in no class sub-folder: left out"
 
 
-def loose_images(folder: str | Path) -> list[str]:
-    """Image names directly in `folder` that are not folders (hidden ones skipped), sorted: in a
-    dataset of class sub-folders they belong to no class."""
-    try:
-        with os.scandir(folder) as entries:
-            named = [e for e in entries if is_image_name(e.name)]
-    except OSError:
-        return []
-    return sorted(e.path for e in named if not _is_dir(e))
+def dataset_listing(folder: str | Path) -> tuple[list[Path], list[str]]:
+    """(sub-folders, image names that are not folders) directly in a dataset folder, each sorted,
+    hidden ones skipped: its class folders, and the images in no class. OSError if it cannot be
+    listed."""
+    folders, loose = [], []
+    with os.scandir(folder) as entries:
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if _is_dir(e):
+                folders.append(Path(e.path))
+            elif is_image_name(e.name):
+                loose.append(e.path)
+    return sorted(folders), sorted(loose)
 
 
 def _is_dir(entry: os.DirEntry) -> bool:

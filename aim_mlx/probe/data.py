@@ -64,10 +64,9 @@ def class_folders(
     if not root.is_dir():
         raise ProbeError(f"{what} {root} is not a folder")
     try:
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        folders, loose = images.dataset_listing(root)
     except OSError as e:
         raise ProbeError(f"{what} {root}: cannot read the folder: {e.strerror or e}") from None
-    loose = images.loose_images(root)
     if not folders:
         held = f"; its {len(loose)} images lie directly in it" if loose else ""
         raise ProbeError(
