@@ -473,16 +473,16 @@ def _produce(source: Source, outputs, dtype: mx.Dtype, q: dict | None) -> list[m
     if source.key == PATCH_WEIGHT:
         w = w.transpose(0, 2, 3, 1)
     w = w.astype(dtype)
-    _check_finite(source, w, dtype)
+    _check_finite(source, w)
     quantized = len(outputs) == 3  # weight, scales, biases
     arrays = list(mx.quantize(w, q["group_size"], q["bits"])) if quantized else [w]
     mx.eval(arrays)
     return arrays
 
 
-def _check_finite(source: Source, w: mx.array, dtype: mx.Dtype) -> None:
-    """ConversionError if `w` (the source tensor cast to `dtype`) holds NaN or Inf: a model made
-    from it would give NaN for every image."""
+def _check_finite(source: Source, w: mx.array) -> None:
+    """ConversionError if `w` (the source tensor cast to the output dtype) holds NaN or Inf: a
+    model made from it would give NaN for every image."""
     if _all_finite(w):
         return
     where = f"{source.checkpoint.path}: tensor {source.key!r}"
@@ -495,8 +495,8 @@ def _check_finite(source: Source, w: mx.array, dtype: mx.Dtype) -> None:
         )
     largest = mx.max(mx.abs(raw)).item()
     raise ConversionError(
-        f"{where} has values of size up to {largest:.4g}, past {str(dtype).split('.')[-1]}'s "
-        f"largest, {mx.finfo(dtype).max:.4g}; convert with --dtype bfloat16 or float32"
+        f"{where} has values of size up to {largest:.4g}, past {str(w.dtype).split('.')[-1]}'s "
+        f"largest, {mx.finfo(w.dtype).max:.4g}; convert with --dtype bfloat16 or float32"
     )
 
 
