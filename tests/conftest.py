@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 # Full float32 matmuls on a GPU (MLX's CUDA backend multiplies float32 in TF32 by default), so
@@ -137,6 +138,19 @@ def build_reference_model(variant: str):
     model = AIM(reference_args(variant))
     model.load_weights(list(reference_weights(variant).items()))
     return model
+
+
+def nan_weights(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a converted fixture model with a NaN weight in its first block (a damaged
+    file)."""
+    from safetensors.numpy import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    weights["trunk.blocks.0.attn.proj.weight"][7, 3] = np.nan
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "mlx"})
+    return damaged
 
 
 def rel_err(out, ref) -> float:

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_CONFIG, REF, convert_fixture
+from conftest import FIXTURE_CONFIG, REF, convert_fixture, nan_weights
 from PIL import Image
 from test_preprocess import png_header
 
@@ -179,7 +179,6 @@ def test_folder_without_images_says_so(model_dir, tmp_path):
 def test_any_image_agrees_with_collect(tmp_path):
     """The cheap check made before loading a model says yes exactly when `collect` finds
     something to read."""
-    from aim_mlx import images
 
     hidden = tmp_path / "hidden"
     (hidden / ".thumbs").mkdir(parents=True)
@@ -383,7 +382,6 @@ def test_chmod_000_sub_folder_is_reported(model_dir, tmp_path):
 def test_a_pipe_named_like_an_image_in_a_folder_is_an_error_not_a_hang(model_dir, tmp_path):
     """Opening a pipe waits for a writer, forever (and a worker thread stuck there kept the
     process alive through SIGTERM)."""
-    from aim_mlx import images
 
     shutil.copy(REF / "images" / "rocket.jpg", tmp_path)
     os.mkfifo(tmp_path / "x.jpg")
@@ -404,7 +402,6 @@ def test_a_pipe_named_like_an_image_in_a_folder_is_an_error_not_a_hang(model_dir
 
 
 def test_symlinked_folders_are_searched_once_and_loops_are_not_followed(tmp_path):
-    from aim_mlx import images
 
     photos = tmp_path / "photos"
     (photos / "b").mkdir(parents=True)
@@ -537,18 +534,6 @@ def test_an_image_whose_output_is_not_finite_gets_an_error_not_its_row(tmp_path)
     items = [images.Item(str(REF / "images" / n)) for n in ("camera.png", "coffee.png")]
     got = list(images.run_here(fn, items, not_finite=None, size=28, progress=False))
     assert [it.error for it, _ in got] == [None, None] and np.isnan(got[1][1][2])
-
-
-def nan_weights(model_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the fixture model with a NaN weight in its first block (a damaged file)."""
-    from safetensors.numpy import load_file, save_file
-
-    damaged = tmp_path / "damaged"
-    shutil.copytree(model_dir, damaged)
-    weights = load_file(damaged / "model.safetensors")
-    weights["trunk.blocks.0.attn.proj.weight"][7, 3] = np.nan
-    save_file(weights, damaged / "model.safetensors", metadata={"format": "mlx"})
-    return damaged
 
 
 def no_constants(token):

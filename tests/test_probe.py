@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, appears_before_publish, convert_fixture
+from conftest import REF, appears_before_publish, convert_fixture, nan_weights
 from PIL import Image
 
 import aim_mlx
@@ -415,14 +415,8 @@ def test_unreadable_images_are_reported_and_left_out(data, model_dir, tmp_path):
 def test_training_without_usable_features_says_why(data, model_dir, tmp_path, monkeypatch):
     """Every image's features NaN (damaged weights, or float16 overflowing): the refusal names
     an image and its reason, which the error lines printed after training never reach."""
-    from safetensors.numpy import load_file, save_file
-
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))  # not the healthy features
-    damaged = tmp_path / "damaged"
-    shutil.copytree(model_dir, damaged)
-    weights = load_file(damaged / "model.safetensors")
-    weights["trunk.blocks.0.attn.proj.weight"][7, 3] = np.nan
-    save_file(weights, damaged / "model.safetensors", metadata={"format": "mlx"})
+    damaged = nan_weights(model_dir, tmp_path)
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
     res = cli("probe", "train", root, "-m", damaged, "-o", tmp_path / "h", "--no-progress")
     assert res.exit_code == 1 and "no readable training image left" in res.output
