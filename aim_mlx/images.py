@@ -169,7 +169,10 @@ def not_finite_error(model) -> str:
     """The error of an image whose output from `model` holds NaN or Inf, saying what to do."""
     what = "the model's output for this image is NaN or Inf"
     if model.activation_dtype() == mx.float16:
-        return f"{what}: float16 overflowed; load the model in bfloat16 or float32 (--dtype)"
+        return (
+            f"{what}: float16 overflowed, or the weights hold NaN or Inf; load the model in "
+            "bfloat16 or float32 (--dtype), and if that gives NaN too, convert the checkpoint again"
+        )
     return f"{what}: the model's weights may hold NaN or Inf; convert the checkpoint again"
 
 
