@@ -843,6 +843,8 @@ def test_class_names_match_in_either_unicode_form(data, tmp_path):
         pairs = labelled_images(val_dir, labels, "head")
         assert {label for p, label in pairs if Path(p).parent.name == nfc} == {0}
         assert len(pairs) == 40
+    with pytest.raises(ProbeError, match=f"head has classes '{nfd}' and '{nfc}', the same name"):
+        labelled_images(val_dir, [nfd, "tea", nfc], "head")  # an old head with both: not merged
 
     if not (train_dir / nfc).exists():  # (macOS's file systems: one folder, either form)
         shutil.copytree(data / "green", train_dir / nfc)  # both forms side by side: refused

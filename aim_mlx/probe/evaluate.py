@@ -51,7 +51,13 @@ def labelled_images(
     be among `labels`, the classes of the trained head `head`; folders that cannot be read are
     added to `errors` as (path, reason)."""
     found = class_folders(data_path, "evaluation folder", errors)
-    index = {class_name(name): i for i, name in enumerate(labels)}  # heads made before NFC
+    index = {}  # heads made before NFC may hold names that are not
+    for i, name in enumerate(labels):
+        if (same := index.setdefault(class_name(name), i)) != i:
+            raise ProbeError(
+                f"the head {head} has classes {labels[same]!r} and {name!r}, the same name in two "
+                "Unicode forms; train it again (class folders are now matched in one form)"
+            )
     unknown = sorted(set(found) - set(index))
     if unknown:
         raise ProbeError(
