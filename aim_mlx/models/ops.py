@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import platform
-from functools import lru_cache
+import threading
+from functools import lru_cache, partial
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from ..runtime import switched_off
 from . import cuda
@@ -60,6 +60,25 @@ def fused_residual() -> bool:
     """Whether `x + a @ w.T` is one matmul with x added in its epilogue (`mx.addmm`): on the GPU,
     where it saves a pass over the activations; on the CPU the BLAS gains nothing from it."""
     return on_gpu()
+
+
+_this_thread = threading.local()
+
+
+def compiled(fn, **constants):
+    """`mx.compile(fn)`, with `constants` bound as keyword arguments, made once in each thread.
+
+    MLX (0.32) keeps compiled graphs in a cache of the thread that ran them, and frees a
+    thread's cache only after the thread's Python state is gone, taking the GIL: when that
+    happens while the interpreter exits (a worker thread that ran the model, then the end of the
+    program), the process aborts ("terminate called without an active exception"). A function
+    compiled in its thread is dropped with the thread's Python state, and empties that cache.
+    """
+    made = _this_thread.__dict__.setdefault("compiled", {})
+    key = (fn, *sorted(constants.items()))
+    if key not in made:
+        made[key] = mx.compile(partial(fn, **constants) if constants else fn)
+    return made[key]
 
 
 @lru_cache(maxsize=1)
@@ -152,7 +171,8 @@ def _gelu_rational(x: mx.array, t: mx.array) -> mx.array:
     return ((x * t) * _poly6(GELU_P, s) + (0.5 * x) * q) / q
 
 
-_gelu_rational_compiled = mx.compile(_gelu_rational)
+def _gelu_erf(x: mx.array) -> mx.array:
+    return x * (1 + mx.erf(x / math.sqrt(2))) / 2  # as MLX's nn.gelu
 
 
 def gelu_approx(x: mx.array, rational=_gelu_rational) -> mx.array:
@@ -169,13 +189,15 @@ def gelu_approx(x: mx.array, rational=_gelu_rational) -> mx.array:
 
 
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU: MLX's kernel on Metal, this project's on CUDA (`cuda.gelu`), the fused
-    arithmetic one on the CPU."""
+    """Exact (erf) GELU: MLX's formula on Metal, this project's kernel on CUDA (`cuda.gelu`),
+    the fused arithmetic one on the CPU."""
     if cuda_kernels() and x.size:
         return cuda.gelu(x)
-    if on_gpu() or x.dtype != mx.float32 or not can_compile():
-        return nn.gelu(x)
-    return gelu_approx(x, _gelu_rational_compiled)
+    if not can_compile():
+        return _gelu_erf(x)
+    if on_gpu() or x.dtype != mx.float32:
+        return compiled(_gelu_erf)(x)
+    return gelu_approx(x, compiled(_gelu_rational))
 
 
 def qkv_heads(x: mx.array, qkv, num_heads: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -228,9 +250,6 @@ def _dequantize_arith(w: mx.array, scales: mx.array, biases: mx.array, group_siz
     return (q.astype(mx.float32) * s + b).reshape(rows, -1)  # one fused kernel, then a free view
 
 
-_dequantize_compiled = mx.compile(_dequantize_arith)
-
-
 def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.array:
     """Affine-quantized weights as float32, for a BLAS matmul on the CPU.
 
@@ -242,7 +261,7 @@ def dequantize_float32(w, scales, biases, group_size: int, bits: int) -> mx.arra
         return mx.dequantize(
             w, scales.astype(mx.float32), biases.astype(mx.float32), group_size, bits
         )
-    return _dequantize_compiled(w, scales, biases, group_size, bits)
+    return compiled(_dequantize_arith)(w, scales, biases, group_size, bits)
 
 
 def _float16_bits(u: mx.array) -> mx.array:
@@ -251,9 +270,6 @@ def _float16_bits(u: mx.array) -> mx.array:
     u = u.astype(mx.uint32)
     special = ((u & 0x7C00) == 0x7C00).astype(mx.uint32) * 0x7F800000
     return ((u & 0x7FFF) << 13) | ((u & 0x8000) << 16) | special
-
-
-_float16_bits_compiled = mx.compile(_float16_bits)
 
 
 # MLX's x86-64 wheels convert float16 in software, one value at a time (ARM has instructions).
@@ -267,7 +283,7 @@ def widen(w: mx.array, dtype: mx.Dtype) -> mx.array:
     fast = SOFTWARE_FLOAT16 and not on_gpu() and can_compile()
     if not fast or w.dtype != mx.float16 or dtype != mx.float32:
         return w.astype(dtype)
-    scaled = _float16_bits_compiled(w.view(mx.uint16)).view(mx.float32)
+    scaled = compiled(_float16_bits)(w.view(mx.uint16)).view(mx.float32)
     return scaled * 2.0**112  # exact; subnormal float16 values become normal float32 ones
 
 
@@ -297,28 +313,23 @@ def _square_up(r: mx.array) -> mx.array:
     return 1.0 + r
 
 
-def exp_neg_approx(x: mx.array, scale: float = 1.0) -> mx.array:
+def exp_neg_approx(x: mx.array, scale: float = 1.0, fused: bool = False) -> mx.array:
     """exp(x * scale) for x * scale <= 0, from plain arithmetic: absolute error <= 2.5e-7.
 
     Squares exp(x / 32) five times, carried as r = exp(.) - 1 (r <- r (2 + r)) so that no
-    rounding near 1 is amplified; softmax only needs this absolute accuracy. On the CPU: the
-    clamp at EXP_FLOOR in MLX's own kernel (see `gelu_approx`), then two fused kernels (see
-    `_poly6` on depth); tested in tests/test_ops.py.
+    rounding near 1 is amplified; softmax only needs this absolute accuracy. `fused` (attention
+    on the CPU): the clamp at EXP_FLOOR in MLX's own kernel (see `gelu_approx`), then two
+    compiled kernels (see `_poly6` on depth). Tested in tests/test_ops.py.
     """
     x = mx.maximum(x, EXP_FLOOR / scale)
+    if fused:
+        return compiled(_square_up)(compiled(_expm1_small, scale=scale)(x))
     return _square_up(_expm1_small(x, scale))
-
-
-@lru_cache(maxsize=32)
-def _compiled_exp(scale: float):
-    small = mx.compile(lambda d: _expm1_small(d, scale))
-    square = mx.compile(_square_up)
-    return lambda s, m: square(small(mx.maximum(s - m, EXP_FLOOR / scale)))
 
 
 def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     s = q @ k.swapaxes(-1, -2)  # (B, H, Nq, Nk), unscaled
-    e = _compiled_exp(scale)(s, s.max(-1, keepdims=True))  # exp((s - max) * scale)
+    e = exp_neg_approx(s - s.max(-1, keepdims=True), scale, fused=True)  # exp((s - max) scale)
     # Normalise after the product with v: a pass over (Nq, head_dim) instead of (Nq, Nk).
     return (e @ v) / _row_sums(e)
 
