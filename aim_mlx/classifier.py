@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import images
-from .labels import label
+from .labels import imagenet_classes, label
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -27,6 +27,15 @@ def top_k(logits: np.ndarray, k: int = 5, labels=None) -> list[dict]:
     return [{"index": int(i), "label": name(int(i)), "prob": float(probs[i])} for i in order]
 
 
+def class_names(model) -> tuple[str, ...] | None:
+    """The names of the model's classes: a trained head's, None for ImageNet-1k's (a head of
+    1000 classes), else "class I": a converted head of another size, not ImageNet's classes."""
+    n = model.args.num_classes
+    if model.labels is not None or n == len(imagenet_classes()):
+        return model.labels
+    return tuple(f"class {i}" for i in range(n))
+
+
 def classify_iter(
     model,
     inputs: Iterable[str | os.PathLike],
@@ -41,7 +50,7 @@ def classify_iter(
     k = min(images.check_positive("k", k), model.args.num_classes)
     images.check_positive("batch_size", batch_size)
     items = images.collect(inputs)
-    labels = model.labels  # None: ImageNet-1k's
+    labels = class_names(model)  # None: ImageNet-1k's
 
     def logits(x: mx.array) -> np.ndarray:
         return np.array(model(x).astype(mx.float32))
@@ -73,7 +82,8 @@ def classify(
     """Classify image files and folders (searched recursively, sorted).
 
     `model`: an AIM model (see `aim_mlx.load`; with a trained head, its classes are the labels
-    and `k` is clamped to their number). Returns one row per image, in order:
+    and `k` is clamped to their number; a converted head of other than ImageNet-1k's 1000
+    classes has labels "class I"). Returns one row per image, in order:
     `{"path": ..., "top_k": [{"index": i, "label": ..., "prob": p}, ...]}`, or
     `{"path": ..., "error": reason}` for a file that could not be read. `img_size`: the input
     size, a multiple of the patch size (default: the model's).

@@ -193,12 +193,14 @@ _registered: dict[str, ModelSpec] = {}
 
 
 def register(spec: ModelSpec | dict, replace: bool = False) -> ModelSpec:
-    """Add a model to the registry (a ModelSpec or its dict form, as in a registry file)."""
+    """Add a model to the registry (a ModelSpec or its dict form, as in a registry file);
+    `replace`: it takes the place of the model of that name, in any case."""
     if isinstance(spec, dict):
         spec = ModelSpec.from_dict(spec)
-    if not replace and spec.name.lower() in {n.lower() for n in all_models()}:
+    taken = next((n for n in all_models() if n.lower() == spec.name.lower()), None)
+    if taken and not replace:
         raise RegistryError(f"a model named {spec.name!r} is already registered")
-    _registered[spec.name] = spec
+    _registered[taken or spec.name] = spec  # under the name it replaces: one entry, not two
     return spec
 
 

@@ -1,3 +1,4 @@
+import io
 import json
 import math
 import os
@@ -138,6 +139,13 @@ def build_reference_model(variant: str):
     model = AIM(reference_args(variant))
     model.load_weights(list(reference_weights(variant).items()))
     return model
+
+
+def pending_operations(a: mx.array) -> int:
+    """How many operations MLX has still to compute for `a` (its lazy graph, as exported)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, a)
+    return dot.getvalue().count("shape=rectangle")  # operations; arrays are ellipses
 
 
 def nan_weights(model_dir: Path, tmp_path: Path) -> Path:

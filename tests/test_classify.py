@@ -463,6 +463,32 @@ def test_embed_layers_are_block_numbers_not_rounded(model):
             parse_layers(wrong, 8)
 
 
+@pytest.mark.parametrize("classes", [10, 1005])
+def test_a_head_of_other_than_imagenets_classes_is_not_named_by_them(tmp_path, classes):
+    """A checkpoint whose head has another number of classes converts: its classes are not
+    ImageNet-1k's (10 classes were named tench, goldfish, ...; past 1000, an IndexError)."""
+    from safetensors.numpy import save_file
+
+    from aim_mlx.convert import convert
+    from aim_mlx.convert.checkpoint import open_checkpoint
+
+    best = FIXTURE_CONFIG["variants"]["best"]
+    ckpt = open_checkpoint(REF / best["head"])
+    head = {k: np.asarray(ckpt.load(k)) for k in ckpt.keys()}
+    rng = np.random.default_rng(0)
+    head["head.linear.weight"] = rng.standard_normal((classes, 64)).astype(np.float32)
+    save_file(head, str(tmp_path / "head.safetensors"))
+    sources = dict(backbone=REF / "backbone.pth", head=tmp_path / "head.safetensors")
+    options = dict(num_heads=4, probe_layers=best["probe_layers"], progress=False)
+    folder = convert(tmp_path / "m", **sources, **options)
+    model = aim_mlx.load(folder)
+    rocket = REF / "images" / "rocket.jpg"
+    [row] = aim_mlx.classify(model, rocket, k=classes)
+    logits = np.array(model(mx.array(aim_mlx.preprocess(rocket)[None])))[0]
+    assert [t["index"] for t in row["top_k"]] == np.argsort(-logits, kind="stable").tolist()
+    assert all(t["label"] == f"class {t['index']}" for t in row["top_k"])
+
+
 def test_python_api_names_what_it_takes(model, model_dir):
     """A notebook's likely slips get an error naming what to give, not an AttributeError."""
     from PIL import Image

@@ -10,6 +10,7 @@ from conftest import (
     REF,
     build_reference_model,
     float32_bound,
+    pending_operations,
     rel_err,
     to_np,
 )
@@ -74,6 +75,19 @@ def test_half_precision_compute_dtype(converted):
     for dtype in (mx.float16, mx.float32):
         model.compute_dtype = dtype
         assert model.extract_features(x)[0].dtype == dtype
+
+
+def test_loading_leaves_nothing_pending_on_the_random_key(converted):
+    """Building a model draws random initial weights, lazily, from MLX's global key; loaded
+    weights replace them. The key's chain of splits was never computed: it grew with every
+    model loaded (about 2 KB a layer) for as long as the process ran."""
+    mx.eval(mx.random.state)
+    assert pending_operations(mx.random.state[0]) == 0
+    for _ in range(3):
+        aim_mlx.load(converted["best", "float32"])
+    assert pending_operations(mx.random.state[0]) == 0
+    mx.random.normal((2,))  # a draw of the program's own is computed when it is used
+    assert pending_operations(mx.random.state[0]) > 0
 
 
 def test_hub_folder_equals_backbone_and_head(converted, tmp_path):

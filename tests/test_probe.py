@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, appears_before_publish, convert_fixture, nan_weights
+from conftest import REF, appears_before_publish, convert_fixture, nan_weights, pending_operations
 from PIL import Image
 
 import aim_mlx
@@ -174,6 +174,15 @@ def test_head_folder_round_trip(heads, model_dir, data, kind):
     expected = numpy_head(folder, tokens)
     got = np.array(model(x))
     assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("kind", ["attention", "linear"])
+def test_loading_a_head_leaves_nothing_pending_on_the_random_key(heads, model_dir, kind):
+    """The new head's random initial weights, replaced by the trained ones, split MLX's global
+    key lazily: never computed, that chain grew with every head loaded."""
+    mx.eval(mx.random.state)
+    aim_mlx.load(model_dir, head=heads[kind].out)
+    assert pending_operations(mx.random.state[0]) == 0
 
 
 def test_probe_layers_last(model_dir, data, tmp_path, monkeypatch):

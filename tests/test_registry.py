@@ -72,6 +72,17 @@ def test_registry_file_and_register_api(tmp_path, monkeypatch):
         registry.register(bad)
 
 
+def test_register_replace_takes_the_place_of_a_name_in_another_case():
+    """Names are case-insensitive: the replacement was added beside the old entry, which
+    lookups kept returning."""
+    registry.register(registry_entry())  # aim-tiny
+    new = registry.register({**registry_entry(), "name": "AIM-Tiny", "repo": "me/x"}, replace=True)
+    assert registry.get("aim-tiny") is new and registry.get("AIM-Tiny") is new
+    assert [n for n in registry.all_models() if n.lower() == "aim-tiny"] == ["aim-tiny"]
+    builtin = registry.register({**registry_entry(), "name": "AIM-600m"}, replace=True)
+    assert registry.get("aim-600M") is builtin
+
+
 def test_load_by_name_downloads_converts_and_matches_the_reference(tmp_path):
     registry.register(registry_entry())
     server = HubServer({REPO: {f: REF / f for f in FILES}}).start()
