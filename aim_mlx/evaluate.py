@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import images
-from .errors import AimMlxError
-from .labels import wnid_to_index
+from .errors import AimMlxError, OptionError
+from .labels import imagenet_classes, wnid_to_index
 
 
 class DatasetError(AimMlxError, ValueError):
@@ -95,6 +95,21 @@ def top5_predictions(model, paths: list[str], *, size: int, batch_size: int, pro
         yield item, (None if row is None else np.argsort(-row, kind="stable")[:5])
 
 
+def check_imagenet_head(model) -> None:
+    """OptionError unless `model`'s classes are ImageNet-1k's, which eval's folders are."""
+    n = model.args.num_classes
+    if model.labels is not None:
+        raise OptionError(
+            f"the model's head is a trained head ({n} classes of its own), not ImageNet-1k's: "
+            "evaluate it with `aim-mlx probe eval` (aim_mlx.probe.evaluate_head)"
+        )
+    if n != len(imagenet_classes()):
+        raise OptionError(
+            f"the model's head has {n} classes, not ImageNet-1k's 1000: eval measures ImageNet "
+            "accuracy; give a model with an ImageNet head"
+        )
+
+
 def evaluate(
     model,
     data_path: str | Path,
@@ -106,6 +121,7 @@ def evaluate(
 ) -> EvalResult:
     """Top-1 / top-5 of `model` on an ImageNet-style folder; `img_size` defaults to the
     model's input size."""
+    check_imagenet_head(model)  # before listing the folder
     pairs = imagenet_folder(data_path, limit, unreadable := [])
     return evaluate_pairs(
         model,
@@ -129,6 +145,7 @@ def evaluate_pairs(
     """`evaluate` on (image path, class index) pairs, as `imagenet_folder` lists them;
     `failed`: (path, reason) of what could not be listed (unreadable folders), reported first."""
     images.check_positive("batch_size", batch_size)
+    check_imagenet_head(model)
     target = dict(pairs)
     hits1 = hits5 = n = 0
     classes, failed = set(), list(failed)

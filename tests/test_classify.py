@@ -487,6 +487,10 @@ def test_a_head_of_other_than_imagenets_classes_is_not_named_by_them(tmp_path, c
     logits = np.array(model(mx.array(aim_mlx.preprocess(rocket)[None])))[0]
     assert [t["index"] for t in row["top_k"]] == np.argsort(-logits, kind="stable").tolist()
     assert all(t["label"] == f"class {t['index']}" for t in row["top_k"])
+    data = imagenet_folder(tmp_path / "val", {"rocket.jpg": 0})  # not its classes: refused
+    run = cli("eval", data, "-m", folder)
+    assert run.exit_code != 0 and "Traceback" not in run.output
+    assert f"the model's head has {classes} classes, not ImageNet-1k's 1000" in run.stderr
 
 
 def test_python_api_names_what_it_takes(model, model_dir):

@@ -23,6 +23,8 @@ from PIL import Image
 import aim_mlx
 from aim_mlx.cli import main
 from aim_mlx.convert import convert
+from aim_mlx.errors import OptionError
+from aim_mlx.evaluate import evaluate
 from aim_mlx.probe import ProbeError, Settings, train
 from aim_mlx.probe import features as feature_cache
 from aim_mlx.probe import head as head_lib
@@ -174,6 +176,8 @@ def test_head_folder_round_trip(heads, model_dir, data, kind):
     expected = numpy_head(folder, tokens)
     got = np.array(model(x))
     assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
+    with pytest.raises(OptionError, match="a trained head .5 classes of its own.*probe eval"):
+        evaluate(model, data)  # ImageNet accuracy: not what its classes are
 
 
 @pytest.mark.parametrize("kind", ["attention", "linear"])
