@@ -36,6 +36,13 @@ class ImageError(AimMlxError, ValueError):
     """An image that cannot be read or is refused (the message names the reason)."""
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation says (a copy without the tag), or `img` itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # bad EXIF
+        return ImageOps.exif_transpose(img)
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image as RGB, upright (EXIF orientation applied).
 
@@ -56,7 +63,7 @@ def open_image(path: str | Path) -> Image.Image:
                 if limit and img.width * img.height > limit:
                     raise Image.DecompressionBombError(f"{img.width}x{img.height}")
                 img.load()
-                return to_rgb(ImageOps.exif_transpose(img))
+                return to_rgb(upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
             f"refused as a possible decompression bomb: more than {limit} pixels. If the image "
@@ -181,15 +188,15 @@ def preprocess(image: str | Path | Image.Image | np.ndarray, size: int = 224) ->
     """An image path, a PIL image or a uint8 numpy array (H, W, 3) RGB or (H, W) grey -> the
     model's input, float32 (3, size, size); `size` a positive multiple of 14, the patch size.
 
-    Paths are opened with `open_image` (EXIF orientation, 16-bit scaling, bomb check);
-    a PIL image is converted to RGB as it is.
+    Paths are opened with `open_image` (EXIF orientation, 16-bit scaling, bomb check); a PIL
+    image is turned upright as its EXIF orientation says (as a path is) and converted to RGB.
     """
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % 14:
         raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
     if isinstance(image, (str, os.PathLike)):
         img = open_image(image)
     elif isinstance(image, Image.Image):
-        img = to_rgb(image)
+        img = to_rgb(upright(image))
     elif (
         isinstance(image, np.ndarray)
         and image.dtype == np.uint8

@@ -113,6 +113,8 @@ def test_exif_orientation_is_applied(tmp_path):
     upright = photo.transpose(Image.Transpose.ROTATE_270)
     np.testing.assert_array_equal(preprocess(path), preprocess(upright))
     assert not np.array_equal(preprocess(path), preprocess(photo))
+    with Image.open(path) as opened:  # a PIL image as an app opens it: the same, upright
+        np.testing.assert_array_equal(preprocess(opened), preprocess(upright))
 
 
 @pytest.mark.parametrize("name", ["anim.gif", "anim.png", "anim.webp", "pages.tif"])
