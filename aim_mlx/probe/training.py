@@ -4,6 +4,7 @@ epoch (validation top-1, then validation loss) kept."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import sys
 import time
@@ -235,9 +236,10 @@ def _checked(settings: Settings) -> Settings:
         )
     rates = (s.lr, s.weight_decay, s.warmup_epochs)
     real = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in rates)
-    if not real or not s.lr > 0 or not s.weight_decay >= 0 or not s.warmup_epochs >= 0:
+    finite = real and all(math.isfinite(v) for v in rates)  # NaN, and inf: a NaN head
+    if not finite or not s.lr > 0 or not s.weight_decay >= 0 or not s.warmup_epochs >= 0:
         raise ProbeError(
-            "lr must be above 0, weight decay and warmup epochs 0 or more; got "
+            "lr must be above 0, weight decay and warmup epochs 0 or more, all finite; got "
             f"{s.lr!r}, {s.weight_decay!r}, {s.warmup_epochs!r}"
         )
     if not _whole(s.seed) or not 0 <= s.seed <= MAX_SEED:  # numpy's and MLX's generators
