@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .errors import AimMlxError, SettingError
@@ -37,9 +37,12 @@ class ImageError(AimMlxError, ValueError):
 
 
 def upright(img: Image.Image) -> Image.Image:
-    """`img` turned as its EXIF orientation says (a copy without the tag), or `img` itself."""
+    """`img` turned as its EXIF orientation says (a copy without the tag), or `img` itself
+    (`ImageOps.exif_transpose` would copy it)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # bad EXIF
+        if img.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
+            return img
         return ImageOps.exif_transpose(img)
 
 
@@ -63,7 +66,7 @@ def open_image(path: str | Path) -> Image.Image:
                 if limit and img.width * img.height > limit:
                     raise Image.DecompressionBombError(f"{img.width}x{img.height}")
                 img.load()
-                return to_rgb(upright(img))
+                return to_rgb(ImageOps.exif_transpose(img))  # a copy: img is closed below
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
             f"refused as a possible decompression bomb: more than {limit} pixels. If the image "

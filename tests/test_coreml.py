@@ -258,6 +258,28 @@ def test_spec_is_an_xcode_image_classifier(export):
     assert list(classify.classes.val) == coreml.imagenet_labels()
 
 
+def test_a_head_of_other_than_imagenets_classes_is_exported_with_its_own_labels(tmp_path):
+    """A converted head of 10 classes: labelled "class 0" ... "class 9" as classify names them,
+    not refused as "10 classes but 1000 labels were given" (no labels were given)."""
+    import dataclasses
+
+    from conftest import reference_args, reference_weights
+
+    from aim_mlx.models import AIM
+
+    model = AIM(dataclasses.replace(reference_args("best"), num_classes=10))
+    weights = reference_weights("best")
+    rng = np.random.default_rng(0)
+    weights["head.linear.weight"] = mx.array(rng.standard_normal((10, 64), dtype=np.float32))
+    model.load_weights(list(weights.items()))
+    path = coreml.export_coreml(model, tmp_path / "ten.mlpackage", precision="float32")
+    prog, spec = mil_numpy.load_program(path)
+    (classify,) = [op for op in prog.functions["main"].operations if op.op_type == "classify"]
+    assert list(classify.classes.val) == [f"class {i}" for i in range(10)]
+    described = spec.description.output[0].shortDescription
+    assert "10 classes" in described and "(ImageNet-1k)" not in described
+
+
 @pytest.mark.parametrize("target", coreml.TARGETS)
 def test_float32_package_matches_mlx(export, photos, target):
     pixels, ref = photos

@@ -117,6 +117,24 @@ def test_exif_orientation_is_applied(tmp_path):
         np.testing.assert_array_equal(preprocess(opened), preprocess(upright))
 
 
+def test_a_pil_image_with_nothing_to_turn_is_not_copied(tmp_path):
+    """No EXIF, or an orientation of 1 (already upright): preprocess uses the caller's image as
+    it is (ImageOps.exif_transpose returns a full copy, 36 MB for a 12-megapixel photo)."""
+    from aim_mlx.transforms import upright
+
+    photo = rgb_photo()
+    exif = Image.Exif()
+    exif[0x0112] = 1  # "upright"
+    photo.save(tmp_path / "upright.jpg", exif=exif)
+    with Image.open(tmp_path / "upright.jpg") as opened:
+        for img in (photo, opened):
+            assert upright(img) is img
+    exif[0x0112] = 6
+    photo.save(tmp_path / "turned.jpg", exif=exif)
+    with Image.open(tmp_path / "turned.jpg") as turned:
+        assert upright(turned).size == photo.size[::-1]  # still turned
+
+
 @pytest.mark.parametrize("name", ["anim.gif", "anim.png", "anim.webp", "pages.tif"])
 def test_animated_and_multi_page_images_give_their_first_frame(tmp_path, name):
     red, blue = (Image.new("RGB", (64, 48), c) for c in ((200, 30, 40), (30, 40, 200)))

@@ -373,7 +373,8 @@ def test_python_settings_are_checked_as_the_cli_options_are(data, model_dir, tmp
     for wrong in (Settings(lr=-1.0), Settings(lr=0.0), Settings(weight_decay=-0.1),
                   Settings(warmup_epochs=-1.0), Settings(lr=float("nan")),
                   Settings(lr=float("inf")), Settings(weight_decay=float("inf")),
-                  Settings(warmup_epochs=float("inf"))):  # fmt: skip
+                  Settings(warmup_epochs=float("inf")), Settings(lr=10**400),
+                  Settings(weight_decay=10**400)):  # fmt: skip
         with pytest.raises(ProbeError, match="lr must be above 0, weight decay and warmup"):
             train(model_dir, data, out, settings=wrong)
     for wrong in ([1.5, 2], [True]):  # were blocks 1 and 2 (1): rounded silently

@@ -30,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..classifier import class_names
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
@@ -523,6 +524,8 @@ def _describe(
     trained_head=None,
 ):
     classes = f"{args.num_classes} classes of a trained head" if trained_head else "ImageNet-1k"
+    if not trained_head and args.num_classes != len(imagenet_classes()):
+        classes = f"{args.num_classes} classes, not ImageNet-1k's"
     kind = "feature extractor" if features else f"image classifier ({classes})"
     mlmodel.short_description = (
         f"{name}: AIM v1 {kind}, {img_size}x{img_size} RGB input, {precision} precision"
@@ -596,7 +599,8 @@ def export_coreml(
     target: "iOS17" (attention as matmul/softmax) or "iOS18" (fused scaled_dot_product_attention).
     features: output the head's pooled `features` instead of the classifier's outputs.
     labels: the class names in logit order; default: a trained head's classes
-        (`aim_mlx.load(M, head=FOLDER)`), else ImageNet-1k's.
+        (`aim_mlx.load(M, head=FOLDER)`), ImageNet-1k's for a head of 1000 classes, else
+        "class 0", "class 1", ... (as `aim-mlx classify` names them).
     progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
     """
     out = check_output(out, overwrite)
@@ -605,7 +609,8 @@ def export_coreml(
     _check_options(precision, compress, target, img_size, args.patch_size)
     trained = getattr(model, "trained_head", None)
     if not features:
-        labels = labels or (list(trained.classes) if trained else imagenet_labels())
+        names = class_names(model)  # a trained head's, "class I" for a head of another size
+        labels = labels or (imagenet_labels() if names is None else list(names))
         if len(labels) != args.num_classes:
             raise ExportError(
                 f"the model has {args.num_classes} classes but {len(labels)} labels were given"

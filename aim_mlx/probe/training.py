@@ -221,6 +221,14 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _finite(v: numbers.Real) -> bool:
+    """Whether v is a finite float, or an int that converts to one (10**400 does not)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _checked(settings: Settings) -> Settings:
     """`settings` checked as the CLI's option ranges are, in Python's own numbers (numpy's
     cannot go into the head's config.json: the run failed once trained)."""
@@ -236,7 +244,7 @@ def _checked(settings: Settings) -> Settings:
         )
     rates = (s.lr, s.weight_decay, s.warmup_epochs)
     real = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in rates)
-    finite = real and all(math.isfinite(v) for v in rates)  # NaN, and inf: a NaN head
+    finite = real and all(map(_finite, rates))  # NaN, and inf: a NaN head
     if not finite or not s.lr > 0 or not s.weight_decay >= 0 or not s.warmup_epochs >= 0:
         raise ProbeError(
             "lr must be above 0, weight decay and warmup epochs 0 or more, all finite; got "
