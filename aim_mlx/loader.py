@@ -14,7 +14,7 @@ from .constants import DTYPE_NAMES, MX_DTYPES
 from .convert.converter import FORMAT_VERSION, Q_BITS, Q_GROUP_SIZES
 from .errors import AimMlxError
 from .memory import check_fits
-from .models import AIM, ModelArgs
+from .models import AIM, ModelArgs, ops
 
 INDEX = "model.safetensors.index.json"
 
@@ -139,23 +139,13 @@ def load_model(path: str | Path) -> AIM:
     check_fits(sum(v.nbytes for v in weights.values()), str(path))
     _check_blocks(path, args, weights)  # before building them: config.json may claim millions
     model = AIM(args)  # random init is lazy: never computed
-    settle_random_key()
+    ops.settle_random_key()
     if q := config.get("quantization"):
         _quantize(path, model, q)
     _check_weights(path, model, weights, MX_DTYPES[config["dtype"]])
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     return model
-
-
-def settle_random_key() -> None:
-    """Compute MLX's global random key, after building layers whose weights are then loaded.
-
-    Each layer built draws its initial weights from that key lazily, splitting it into a new
-    lazy key; loaded weights replace them, so the key is never computed and its chain of
-    splits (about 2 KB a layer) grew with every model loaded, for as long as the process ran.
-    """
-    mx.eval(mx.random.state)
 
 
 def _quantize(path: Path, model: AIM, q: dict):

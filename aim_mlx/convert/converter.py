@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 from .. import __version__
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB
 from ..errors import AimMlxError, OutputError
+from ..models import ops
 from ..models.aim import AIM, PRESETS, ModelArgs, check_probe_layers, last_probe_layers
 from ..output import move_into_place, prepare_output, temp_path
 from .checkpoint import CheckpointError, file_sha256, open_checkpoint
@@ -412,6 +413,7 @@ def _parameter_shapes(args: ModelArgs):
     after them, as (key, shape) lists in the model's order: from a model of one block, since
     a damaged or hostile checkpoint can claim millions (each built block takes memory)."""
     one = AIM(dataclasses.replace(args, num_blocks=1, probe_layers=(0,)))
+    ops.settle_random_key()  # its random init is never used
     flat = [(k, tuple(v.shape)) for k, v in tree_flatten(one.parameters())]
     prefix = "trunk.blocks.0."
     first = next(i for i, (k, _) in enumerate(flat) if k.startswith(prefix))

@@ -65,20 +65,48 @@ def fused_residual() -> bool:
 _this_thread = threading.local()
 
 
-def compiled(fn, **constants):
-    """`mx.compile(fn)`, with `constants` bound as keyword arguments, made once in each thread.
+class _AtThreadEnd:
+    def __del__(self):
+        mx.clear_streams()  # the thread's streams, and its random key
 
-    MLX (0.32) keeps compiled graphs in a cache of the thread that ran them, and frees a
-    thread's cache only after the thread's Python state is gone, taking the GIL: when that
-    happens while the interpreter exits (a worker thread that ran the model, then the end of the
-    program), the process aborts ("terminate called without an active exception"). A function
-    compiled in its thread is dropped with the thread's Python state, and empties that cache.
+
+def this_thread() -> dict:
+    """aim-mlx's state of this thread; in a worker thread, MLX's is then freed in time too.
+
+    MLX (0.32) keeps a thread's random key and compiled graphs, which hold Python objects, in
+    C++ thread-local storage, and frees them after the thread's Python state is gone, taking
+    the GIL: when the interpreter exits meanwhile (a worker thread loaded or ran the model,
+    then the program ended), the process aborts ("terminate called without an active
+    exception"). What is kept here goes with the thread's Python state, while Python still
+    runs: compiled functions (`compiled`), which empty their cache, and in a worker thread a
+    finalizer that clears the thread's streams and random key (`mx.clear_streams`).
     """
-    made = _this_thread.__dict__.setdefault("compiled", {})
+    state = _this_thread.__dict__
+    if "end" not in state:
+        main = threading.current_thread() is threading.main_thread()
+        state["end"] = None if main else _AtThreadEnd()
+    return state
+
+
+def compiled(fn, **constants):
+    """`mx.compile(fn)`, with `constants` bound as keyword arguments, made once in each thread
+    and dropped with it (`this_thread`)."""
+    made = this_thread().setdefault("compiled", {})
     key = (fn, *sorted(constants.items()))
     if key not in made:
         made[key] = mx.compile(partial(fn, **constants) if constants else fn)
     return made[key]
+
+
+def settle_random_key() -> None:
+    """Compute MLX's random key, after building layers whose weights are then loaded.
+
+    Each layer built draws its initial weights from that key lazily, splitting it into a new
+    lazy key; loaded weights replace them, so the key is never computed and its chain of
+    splits (about 2 KB a layer) grew with every model loaded, for as long as the process ran.
+    """
+    this_thread()  # the key is the thread's
+    mx.eval(mx.random.state)
 
 
 @lru_cache(maxsize=1)

@@ -19,8 +19,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import OptionError
-from ..loader import mlx_path, settle_random_key
-from ..models import AIM
+from ..loader import mlx_path
+from ..models import AIM, ops
 from ..models.aim import AttentionPoolingHead, check_probe_layers, positive_int
 from ..models.heads import LinearPoolingHead
 from ..output import move_into_place, prepare_output, temp_path
@@ -160,7 +160,7 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
     check_trunk(config, trunk, folder)
     classes = config["classes"]
     head = make_head(config["kind"], model.args, len(classes))
-    settle_random_key()  # its random init is replaced by the trained weights
+    ops.settle_random_key()  # its random init is replaced by the trained weights
     try:
         weights = mx.load(mlx_path(Path(folder) / WEIGHTS))
         if bad := next((k for k, v in weights.items() if v.dtype != mx.float32), None):
