@@ -88,13 +88,13 @@ def this_thread() -> dict:
     return state
 
 
-def compiled(fn, **constants):
-    """`mx.compile(fn)`, with `constants` bound as keyword arguments, made once in each thread
-    and dropped with it (`this_thread`)."""
+def compiled(fn, shapeless: bool = False, **constants):
+    """`mx.compile(fn, shapeless)`, with `constants` bound as keyword arguments, made once in
+    each thread and dropped with it (`this_thread`)."""
     made = this_thread().setdefault("compiled", {})
-    key = (fn, *sorted(constants.items()))
+    key = (fn, shapeless, *sorted(constants.items()))
     if key not in made:
-        made[key] = mx.compile(partial(fn, **constants) if constants else fn)
+        made[key] = mx.compile(partial(fn, **constants) if constants else fn, shapeless=shapeless)
     return made[key]
 
 
@@ -224,7 +224,7 @@ def gelu(x: mx.array) -> mx.array:
     if not can_compile():
         return _gelu_erf(x)
     if on_gpu() or x.dtype != mx.float32:
-        return compiled(_gelu_erf)(x)
+        return compiled(_gelu_erf, shapeless=True)(x)  # element-wise: as nn.gelu, any shape
     return gelu_approx(x, compiled(_gelu_rational))
 
 
