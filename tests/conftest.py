@@ -14,6 +14,13 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
 
+import signal  # noqa: E402
+
+# The Ctrl-C tests need Python's own SIGINT handler; a script's background job starts with
+# SIGINT ignored (`pytest &`).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import aim_mlx  # noqa: E402, F401  (first: it loads an optimized BLAS before mlx.core)
 
 # isort: split

@@ -461,6 +461,28 @@ def test_ctrl_c_during_a_swallowing_import_still_interrupts():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_ctrl_c_stays_ignored():
+    # a background job of a script ignores SIGINT: the export's import and an output's
+    # replacement hold Ctrl-C back, and must not turn an ignored one into an interruption
+    import signal
+
+    from aim_mlx.export.coreml import _interrupt_after
+    from aim_mlx.output import signals_held
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for held in (_interrupt_after, signals_held):
+            try:
+                with held():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                pytest.fail(f"{held.__name__} raised an ignored Ctrl-C")
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_read_only_cache_names_aim_mlx_cache(read_only, monkeypatch):
     monkeypatch.setenv("AIM_MLX_CACHE", str(read_only / "cache"))
     err = clean(cli("classify", ROCKET, "-m", REF / "hf_repo"), 1)

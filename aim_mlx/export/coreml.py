@@ -97,8 +97,10 @@ def require_coremltools():
 @contextmanager
 def _interrupt_after():
     """Hold back Ctrl-C until the block ends, then raise it: coremltools' import swallows a
-    KeyboardInterrupt in bare `except:` clauses, and the export would go on."""
-    if threading.current_thread() is not threading.main_thread():
+    KeyboardInterrupt in bare `except:` clauses, and the export would go on. Where SIGINT is
+    ignored (a background job of a script), it stays ignored."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored or threading.current_thread() is not threading.main_thread():
         yield
         return
     caught = []
