@@ -573,6 +573,8 @@ def test_convert_from_a_hub_repo_id(tmp_path):
         out = tmp_path / "converted"
         run = aim_mlx(env, "convert", "--hf-path", repo, "--out", str(out))
         assert run.returncode == 0, run.stderr
+        # Bars only on a terminal: not huggingface_hub's "Fetching 2 files" either.
+        assert "Fetching" not in run.stderr and "it/s" not in run.stderr, run.stderr
         config = json.loads((out / "config.json").read_text())
         assert config["probe_layers"] == [1, 2, 3, 4, 5, 6] and config["num_heads"] == 4
         assert [s["file"] for s in config["sources"]] == ["pytorch_model.bin"]

@@ -107,7 +107,7 @@ def convert(
     except OutputError as e:
         raise ConversionError(str(e)) from None
 
-    files, hub_config = _source_files(backbone, head, hf_path)
+    files, hub_config = _source_files(backbone, head, hf_path, progress)
     checkpoints = [_open(f, verified) for f in files]
     tensors = _merge(checkpoints)
     args = _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
@@ -195,11 +195,11 @@ def parse_probe_layers(value: str | Sequence[int] | None):
         raise ConversionError(f"--probe-layers: {e}") from None
 
 
-def _source_files(backbone, head, hf_path) -> tuple[list[Path], dict]:
+def _source_files(backbone, head, hf_path, progress=True) -> tuple[list[Path], dict]:
     if hf_path is not None:
         if backbone or head:
             raise ConversionError("give either --hf-path or --backbone/--head, not both")
-        folder = _hub_folder(hf_path)
+        folder = _hub_folder(hf_path, progress)
         config = _hub_config(folder / "config.json")
         files = sorted(folder.glob("model*.safetensors")) or sorted(
             folder.glob("pytorch_model*.bin")
@@ -234,17 +234,25 @@ def _hub_config(file: Path) -> dict:
     return config
 
 
-def _hub_folder(hf_path) -> Path:
+def _hub_folder(hf_path, progress=True) -> Path:
     path = Path(hf_path)
     if path.is_dir():
         return path
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(hf_path)):
         raise ConversionError(f"{hf_path}: not a folder, nor a hub repo id like apple/AIM-600M")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class Bar(hub_tqdm):
+        """snapshot_download's "Fetching N files" bar, shown as aim-mlx's own bars are: only on
+        a terminal, never with --no-progress (huggingface_hub shows it everywhere)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": not progress or None})
 
     patterns = ["config.json", "model*.safetensors", "pytorch_model*.bin", "*.json"]
     try:
-        return Path(snapshot_download(str(hf_path), allow_patterns=patterns))
+        return Path(snapshot_download(str(hf_path), allow_patterns=patterns, tqdm_class=Bar))
     except Exception as e:
         raise ConversionError(f"could not download {hf_path} from the hub: {e}") from None
 
