@@ -195,6 +195,10 @@ HEAD_HELP = (
     "by `aim-mlx probe train` (a folder named best: ./best). Default: a converted folder's own "
     "head, else best."
 )
+OFFICIAL_HEAD_HELP = (
+    "best or last: which official head (the best or the last six layers). Default: a converted "
+    "folder's own head, else best."
+)
 DTYPE_HELP = "Weight dtype. Default: float16 on the GPU (Metal, CUDA), float32 on the CPU."
 quantize_option = click.option(
     "-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."
@@ -233,7 +237,6 @@ def model_options_for(head_help: str = HEAD_HELP):
     )
 
 
-weight_options = weight_options_for()
 model_options = model_options_for()
 
 
@@ -865,7 +868,7 @@ def cache_list(as_json=False):
 
 @cache.command("add")
 @click.argument("model")
-@weight_options
+@weight_options_for(OFFICIAL_HEAD_HELP)  # the cache holds official heads only
 @click.option(
     "--drop-downloads",
     is_flag=True,

@@ -1200,6 +1200,14 @@ def test_common_options(command, options):
         assert option in text, (command, option)
 
 
+def test_cache_add_help_offers_official_heads_only():
+    """`cache add --head` takes best or last, not a trained head's folder: its help says so."""
+    text = " ".join(cli("cache", "add", "--help").stdout.split())
+    assert "best or last: which official head" in text and "probe train" not in text
+    refused = cli("cache", "add", "aim-600M", "--head", "my-head")
+    assert "must be one of best, last" in clean(refused, 2)
+
+
 def test_usage_errors_exit_2(model_dir, tmp_path):
     assert "--backbone FILE" in clean(cli("convert", "-o", tmp_path / "m"), 2)
     both = cli("convert", "--hf-path", "x", "--backbone", "b.pth", "-o", tmp_path / "m")
