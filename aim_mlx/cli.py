@@ -695,7 +695,7 @@ DATA_FOLDER = click.Path(exists=True, file_okay=False)
 @main.command("eval")
 @click.argument("data", required=False, type=DATA_FOLDER)
 @click.option("--data-path", type=DATA_FOLDER, help="The same as DATA.")
-@model_options
+@model_options_for(OFFICIAL_HEAD_HELP)  # a trained head: `probe eval`
 @click.option(
     "--limit",
     type=click.IntRange(1),

@@ -1200,10 +1200,15 @@ def test_common_options(command, options):
         assert option in text, (command, option)
 
 
-def test_cache_add_help_offers_official_heads_only():
-    """`cache add --head` takes best or last, not a trained head's folder: its help says so."""
-    text = " ".join(cli("cache", "add", "--help").stdout.split())
+@pytest.mark.parametrize("command", [["cache", "add"], ["eval"]])
+def test_help_offers_official_heads_only(command):
+    """`cache add` and `eval` take best or last, not a trained head's folder: their help says so
+    (eval points a trained head to `probe eval`)."""
+    text = " ".join(cli(*command, "--help").stdout.split())
     assert "best or last: which official head" in text and "probe train" not in text
+
+
+def test_cache_add_refuses_a_trained_head():
     refused = cli("cache", "add", "aim-600M", "--head", "my-head")
     assert "must be one of best, last" in clean(refused, 2)
 
