@@ -472,6 +472,25 @@ def test_a_link_back_to_the_root_adds_no_other_class_images(data, tmp_path):
         read_dataset(root)
 
 
+def test_one_file_in_two_classes_is_refused_before_any_work(data, model_dir, tmp_path, no_trunk):
+    """A link or a hard link in one class to another class's image: one image with two labels,
+    which the split may train on under one class and validate on under the other."""
+    from aim_mlx.probe.data import read_dataset
+
+    for link in (os.symlink, os.link):
+        root = make_classes(tmp_path / link.__name__, data, ["red", "blue"])
+        link(root / "red" / "000.png", root / "blue" / "x.png")
+        with pytest.raises(ProbeError, match=r"blue/x.png and .*red/000.png are one file .* in two"
+                           r" classes, 'blue' and 'red'"):  # fmt: skip
+            train(model_dir, root, tmp_path / "head")
+        res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "head", "--val", root)
+        assert res.exit_code == 1 and "are one file (a link) in two classes" in res.output
+    (root / "red" / "again.png").symlink_to(root / "red" / "001.png")  # in one class: one label
+    (root / "blue" / "x.png").unlink()
+    assert len(read_dataset(root).samples) == 41
+    assert not (tmp_path / "head").exists()
+
+
 def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, unreadable):
     from aim_mlx.probe.data import read_dataset
 

@@ -125,7 +125,25 @@ def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
             f"{what} {root}: class folder(s) {', '.join(map(repr, empty))} hold no usable image; "
             "add images or remove the folder"
         )
+    check_one_class_each(root, what, classes, samples)
     return Dataset(str(root), classes, samples, skipped)
+
+
+def check_one_class_each(root, what: str, classes: list[str], samples: list[Sample]) -> None:
+    """Refuse a file (a link or a hard link to it) in two classes: one image with two labels,
+    which the split may also train on under one and validate on under the other."""
+    seen = {}
+    for s in samples:
+        try:
+            st = os.stat(s.path)
+        except OSError:  # gone since it was listed: its error comes when it is read
+            continue
+        other = seen.setdefault((st.st_dev, st.st_ino), s)
+        if other.label != s.label:
+            raise ProbeError(
+                f"{what} {root}: {other.path} and {s.path} are one file (a link) in two classes, "
+                f"{classes[other.label]!r} and {classes[s.label]!r}; keep it in one class"
+            )
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:
