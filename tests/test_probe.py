@@ -338,12 +338,14 @@ def test_validation_images_that_are_training_images_are_refused(data, model_dir,
     epoch would be chosen on training images. Refused before any work, naming the overlap."""
     out = tmp_path / "head"
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
-    linked = tmp_path / "linked"
+    linked, hard = tmp_path / "linked", tmp_path / "hard"  # a copy made with cp -al, say
     for name in ("red", "blue"):
         (linked / name).mkdir(parents=True)
+        (hard / name).mkdir(parents=True)
         first = sorted((root / name).iterdir())[0]
         (linked / name / "x.png").symlink_to(first)
-    for val, shared in ((root, 40), (linked, 2)):
+        os.link(first, hard / name / "x.png")
+    for val, shared in ((root, 40), (linked, 2), (hard, 2)):
         res = cli("probe", "train", root, "-m", model_dir, "-o", out, "--val", val)
         assert res.exit_code == 1 and "Traceback" not in res.output, res.output
         assert f"{shared} image(s) of the validation folder {val} are training images" in res.output
