@@ -166,7 +166,8 @@ def resize_shorter_side(img: Image.Image, short: int) -> Image.Image:
         new_w, new_h = short, int(short * h / w)
     else:
         new_w, new_h = int(short * w / h), short
-    if new_w * new_h > (limit := Image.MAX_IMAGE_PIXELS or math.inf):
+    limit = apply_pixel_limit() or math.inf  # here too: a PIL image or array is not opened
+    if new_w * new_h > limit:
         raise ImageError(
             f"resizing {w}x{h} to {new_w}x{new_h} for the model would pass the limit of {limit} "
             f"pixels; set {MAX_PIXELS_ENV} to a larger number of pixels (0: no limit)"

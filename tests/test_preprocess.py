@@ -285,3 +285,14 @@ def test_a_numpy_array_is_accepted_and_bad_arguments_are_clear():
     for size in (0, -14, 2.5, 100, True):
         with pytest.raises(ValueError, match=f"size must be a positive multiple of 14.*{size!r}"):
             preprocess(photo, size)
+
+
+@pytest.mark.parametrize("pixels", ["0", "5000000"])
+def test_the_pixel_limit_set_holds_for_images_given_in_memory(monkeypatch, pixels):
+    """AIM_MLX_MAX_PIXELS lifts the limit on the resized size of a PIL image or an array too,
+    before any file is opened; such an image was refused, saying to set the variable set."""
+    monkeypatch.setenv("AIM_MLX_MAX_PIXELS", pixels)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # PIL's, made small; restored after
+    wide = np.full((2, 100, 3), 90, np.uint8)  # resized to 12800x256 for 224
+    for image in (Image.fromarray(wide), wide):
+        assert preprocess(image).shape == (3, 224, 224)

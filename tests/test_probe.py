@@ -338,12 +338,14 @@ def test_validation_images_that_are_training_images_are_refused(data, model_dir,
     epoch would be chosen on training images. Refused before any work, naming the overlap."""
     out = tmp_path / "head"
     root = make_classes(tmp_path / "d", data, ["red", "blue"])
-    linked = tmp_path / "linked"
+    linked, hard = tmp_path / "linked", tmp_path / "hard"  # a copy made with cp -al, say
     for name in ("red", "blue"):
         (linked / name).mkdir(parents=True)
+        (hard / name).mkdir(parents=True)
         first = sorted((root / name).iterdir())[0]
         (linked / name / "x.png").symlink_to(first)
-    for val, shared in ((root, 40), (linked, 2)):
+        os.link(first, hard / name / "x.png")
+    for val, shared in ((root, 40), (linked, 2), (hard, 2)):
         res = cli("probe", "train", root, "-m", model_dir, "-o", out, "--val", val)
         assert res.exit_code == 1 and "Traceback" not in res.output, res.output
         assert f"{shared} image(s) of the validation folder {val} are training images" in res.output
@@ -470,6 +472,25 @@ def test_a_link_back_to_the_root_adds_no_other_class_images(data, tmp_path):
     (root / "all").symlink_to(root, target_is_directory=True)  # a class folder that is the root
     with pytest.raises(ProbeError, match="'all' hold no usable image"):
         read_dataset(root)
+
+
+def test_one_file_in_two_classes_is_refused_before_any_work(data, model_dir, tmp_path, no_trunk):
+    """A link or a hard link in one class to another class's image: one image with two labels,
+    which the split may train on under one class and validate on under the other."""
+    from aim_mlx.probe.data import read_dataset
+
+    for link in (os.symlink, os.link):
+        root = make_classes(tmp_path / link.__name__, data, ["red", "blue"])
+        link(root / "red" / "000.png", root / "blue" / "x.png")
+        with pytest.raises(ProbeError, match=r"blue/x.png and .*red/000.png are one file .* in two"
+                           r" classes, 'blue' and 'red'"):  # fmt: skip
+            train(model_dir, root, tmp_path / "head")
+        res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "head", "--val", root)
+        assert res.exit_code == 1 and "are one file (a link) in two classes" in res.output
+    (root / "red" / "again.png").symlink_to(root / "red" / "001.png")  # in one class: one label
+    (root / "blue" / "x.png").unlink()
+    assert len(read_dataset(root).samples) == 41
+    assert not (tmp_path / "head").exists()
 
 
 def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, unreadable):

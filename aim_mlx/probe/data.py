@@ -125,7 +125,32 @@ def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
             f"{what} {root}: class folder(s) {', '.join(map(repr, empty))} hold no usable image; "
             "add images or remove the folder"
         )
+    check_one_class_each(root, what, classes, samples)
     return Dataset(str(root), classes, samples, skipped)
+
+
+def check_one_class_each(root, what: str, classes: list[str], samples: list[Sample]) -> None:
+    """Refuse a file (a link or a hard link to it) in two classes: one image with two labels,
+    which the split may also train on under one and validate on under the other."""
+    seen = {}
+    for s in samples:
+        other = seen.setdefault(file_id(s.path), s)
+        if other.label != s.label:
+            raise ProbeError(
+                f"{what} {root}: {other.path} and {s.path} are one file (a link) in two classes, "
+                f"{classes[other.label]!r} and {classes[s.label]!r}; keep it in one class"
+            )
+
+
+def file_id(path: str) -> tuple[int, int] | str:
+    """What is the same for every name of one file, links and hard links alike: its device and
+    inode, or its real path where the file system has no inode numbers or it cannot be looked at
+    (its error comes when it is read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:
@@ -161,9 +186,10 @@ def stratified_split(
 
 def check_apart(train: Dataset, val: Dataset) -> None:
     """Refuse validation images that are training images too (the same folder, one inside the
-    other, a link): the best epoch would be chosen on images the head was trained on."""
-    trained = {os.path.realpath(s.path) for s in train.samples}
-    shared = [s.path for s in val.samples if os.path.realpath(s.path) in trained]
+    other, a link or a hard link): the best epoch would be chosen on images the head was
+    trained on."""
+    trained = {file_id(s.path) for s in train.samples}
+    shared = [s.path for s in val.samples if file_id(s.path) in trained]
     if shared:
         raise ProbeError(
             f"{len(shared)} image(s) of the validation folder {val.root} are training images "
