@@ -12,9 +12,14 @@ INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 
 def is_command() -> bool:
-    """Whether this process is the `aim-mlx` command (rather than Python importing aim_mlx)."""
+    """Whether this process is the `aim-mlx` command or `python -m aim_mlx` (rather than Python
+    importing aim_mlx)."""
     argv = getattr(sys, "argv", None) or [""]
-    return os.path.basename(argv[0]) == "aim-mlx"
+    if os.path.basename(argv[0]) == "aim-mlx":
+        return True
+    orig = getattr(sys, "orig_argv", [])  # python [options] -m aim_mlx [argv[1:]]
+    start = len(orig) - len(argv)
+    return start > 0 and orig[start - 1 : start + 1] == ["-m", "aim_mlx"]
 
 
 @contextmanager

@@ -567,8 +567,9 @@ sys.meta_path.insert(0, Slow())
 """
 
 
+@pytest.mark.parametrize("how", ["aim-mlx", "python -m aim_mlx"])
 @pytest.mark.parametrize("loading", ["aim_mlx.blas", "click"])
-def test_ctrl_c_while_the_command_loads_exits_130(tmp_path, loading):
+def test_ctrl_c_while_the_command_loads_exits_130(tmp_path, loading, how):
     """Ctrl-C in the first fraction of a second of `aim-mlx ...`, while modules load (held here
     on `loading`: in the package's __init__, or the command line's own imports): exit 130 with
     one line, as in a command, not a KeyboardInterrupt traceback."""
@@ -578,14 +579,17 @@ def test_ctrl_c_while_the_command_loads_exits_130(tmp_path, loading):
     root = Path(__file__).parent.parent
     entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["aim-mlx"]
     module, function = entry.split(":")
-    script = tmp_path / "aim-mlx"  # as pip writes it, after the hook
-    script.write_text(
-        SLOW_IMPORT.format(module=loading)
-        + f"from {module} import {function}\nsys.exit({function}())\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    hold = SLOW_IMPORT.format(module=loading)
+    if how == "aim-mlx":
+        script = tmp_path / "aim-mlx"  # as pip writes it, after the hook
+        script.write_text(hold + f"from {module} import {function}\nsys.exit({function}())\n")
+        command = [sys.executable, str(script)]
+    else:  # the hook runs at start-up, before -m imports the package
+        (tmp_path / "sitecustomize.py").write_text(hold)
+        command = [sys.executable, "-m", "aim_mlx"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])}
     proc = subprocess.Popen(
-        [sys.executable, str(script), "models"],
+        [*command, "models"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
