@@ -28,6 +28,17 @@ MAX_PIXELS_ENV = "AIM_MLX_MAX_PIXELS"
 HEIF_SUFFIXES = {".heic", ".heif", ".hif"}  # iPhone photos among them; read by pillow-heif
 AVIF_SUFFIXES = {".avif"}  # read by Pillow itself from 11.3, when built with libavif
 
+# PIL's warnings about damaged metadata, common in photos and harmless to the pixels, are
+# ignored for the whole process, not only in the blocks below: images are decoded in threads,
+# and `catch_warnings` is not thread-safe (a thread leaving its block drops another's filter).
+warnings.filterwarnings(
+    "ignore",
+    "(possibly )?corrupt exif|metadata warning|tag (offset|data)|"
+    "palette images with transparency|image appears to be a malformed mpo",
+    UserWarning,
+    r"PIL\.",
+)
+
 # Modes holding more than 8 bits per sample: scaled down, not clipped.
 _WIDE_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 

@@ -230,6 +230,32 @@ def test_damaged_exif_is_ignored_without_warnings(tmp_path):
     assert [str(w.message) for w in caught] == []
 
 
+def test_damaged_exif_stays_quiet_outside_aim_mlx_blocks(tmp_path):
+    """Images are decoded in threads, and one thread leaving its `catch_warnings` drops the
+    filters of another still inside its own: PIL warned on stderr now and then. The filter holds
+    for the process: as if another thread had dropped aim-mlx's, PIL reads the EXIF here (in a
+    program of its own: pytest imports aim_mlx inside a `catch_warnings` of its own)."""
+    import io
+    import subprocess
+    import sys
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (60, 40)).save(jpeg, "JPEG")
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 0xFFFF) + bytes(20)  # 65535 entries
+    app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    (tmp_path / "exif.jpg").write_bytes(jpeg.getvalue()[:2] + app1 + jpeg.getvalue()[2:])
+    program = (
+        "import sys, aim_mlx.transforms\n"
+        "from PIL import Image\n"
+        "with Image.open(sys.argv[1]) as img:\n"
+        "    img.getexif()\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", program, str(tmp_path / "exif.jpg")], capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+
+
 def test_unreadable_files_are_refused_with_a_reason(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("not a picture\n")
