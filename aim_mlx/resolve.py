@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, hub, memory, registry
-from .constants import DTYPE_NAMES, GB, ITEMSIZE, MX_DTYPES
+from .constants import DTYPE_NAMES, ITEMSIZE, MX_DTYPES
 from .convert.converter import ConversionError, check_quantize_options
 from .errors import OptionError
 from .loader import ModelLoadError, model_args, read_config
@@ -226,7 +226,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
     if not keep:
         freed = hub.remove_downloads(spec, hf_cache_dir, progress)
         if freed:
-            say(f"removed {freed / GB:.2f} GB of downloaded checkpoints", progress)
+            say(f"removed {hub.human(freed)} of downloaded checkpoints", progress)
     return out
 
 

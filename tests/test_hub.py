@@ -7,6 +7,7 @@ the real `aim-mlx` command in a subprocess, as a user would run it.
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -298,6 +299,8 @@ def test_drop_downloads_models_listing_and_cache_rm(env, hub):
 
     add = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32", "--drop-downloads")
     assert add.returncode == 0, add.stderr
+    size = re.search(r"downloading .* \((.+)\) from", add.stderr).group(1)
+    assert size.endswith(" MB") and f"removed {size} of downloaded" in add.stderr  # not 0.00 GB
     blobs = Path(env["HF_HOME"]) / "hub" / f"models--{REPO.replace('/', '--')}" / "blobs"
     assert list(blobs.iterdir()) == []  # raw checkpoints gone, converted model kept
     tiny = next(
