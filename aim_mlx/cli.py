@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .constants import DTYPE_NAMES, GB, MB, MiB
@@ -279,7 +280,15 @@ def json_option(help: str):
 
 
 def _bits(quantize: bool, q_bits: str) -> int | None:
-    return int(q_bits) if quantize else None
+    """--q-bits with -q; without -q a usage error if given (it would be ignored)."""
+    if quantize:
+        return int(q_bits)
+    ctx = click.get_current_context()
+    for name in ("q_bits", "q_group_size"):
+        if name in ctx.params and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            option = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{option} is for quantized weights: add -q (--quantize)")
+    return None
 
 
 def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
@@ -366,6 +375,7 @@ def convert(
         parse_probe_layers(probe_layers)
     except ConversionError as e:
         raise click.BadParameter(str(e), param_hint="--probe-layers") from None
+    _bits(quantize, q_bits)
     run_convert(
         out,
         backbone=backbone,
@@ -1182,7 +1192,7 @@ def probe_train(
             probe_layers=probe_layers,
             settings=settings,
             dtype=dtype,
-            quantize_bits=int(q_bits) if quantize else None,
+            quantize_bits=_bits(quantize, q_bits),
             extract_batch_size=extract_batch_size,
             progress=progress,
             force=force,

@@ -1228,6 +1228,25 @@ def test_usage_errors_exit_2(model_dir, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["classify", ROCKET, "-m", "MODEL", "--q-bits", "4"],
+        ["bench", "--model", "aim-600M", "--q-bits", "8"],
+        ["probe", "train", "DATA", "-m", "MODEL", "-o", "OUT", "--q-bits", "4"],
+        ["convert", "--hf-path", "MODEL", "-o", "OUT", "--q-group-size", "32"],
+    ],
+    ids=["classify", "bench", "probe train", "convert"],
+)
+def test_quantization_settings_without_q_are_refused(model_dir, tmp_path, command):
+    """--q-bits (or --q-group-size) without -q was ignored: the weights stayed unquantized."""
+    where = {"MODEL": model_dir, "DATA": tmp_path, "OUT": tmp_path / "out"}
+    option = command[-2]
+    err = clean(cli(*[where.get(a, a) for a in command]), 2)
+    assert f"{option} is for quantized weights: add -q (--quantize)" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_img_size_on_classify_embed_and_eval(model_dir, tmp_path):
     model = aim_mlx.load(model_dir)
     x = mx.array(preprocess(ROCKET, 112)[None])
