@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,10 +125,32 @@ def download(
 
     paths = []
     for p in planned:
-        path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+        with hub_bars(progress):
+            path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
         verify(spec, p.file, path, progress=progress)
         paths.append(path)
     return paths
+
+
+@contextmanager
+def hub_bars(progress: bool):
+    """huggingface_hub's own progress bars, in the block, as aim-mlx shows its bars: only on a
+    terminal, never with --no-progress (it shows them whatever was asked)."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    terminal = sys.stderr is not None and sys.stderr.isatty()
+    if (progress and terminal) or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def check_download_cache(hub_dir: Path) -> None:

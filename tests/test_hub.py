@@ -121,6 +121,34 @@ def test_first_run_downloads_converts_caches_and_second_run_is_offline(env, hub)
     assert hub.requests == []  # the converted cache was used: no network at all
 
 
+def test_no_progress_on_a_terminal_shows_no_bar(env, hub):
+    """--no-progress holds for huggingface_hub's download bars too (they left their lines on a
+    terminal): a first run on a terminal with --no-progress writes nothing to stderr."""
+    import pty
+
+    master, terminal = pty.openpty()
+    args = ["classify", str(REF / "images"), "-m", "aim-tiny", "--json", "--no-progress"]
+    run = subprocess.Popen(
+        [sys.executable, "-m", "aim_mlx.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(master)
+    assert run.wait(timeout=300) == 0 and len(run.stdout.read().splitlines()) == len(LOGITS.files)
+    assert shown == b""
+
+
 def test_corrupted_file_is_refused_then_fetched_afresh(env, hub):
     hub.corrupt.add("head_best_layers.pth")
     bad = classify_json(env)

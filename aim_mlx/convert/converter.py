@@ -241,18 +241,13 @@ def _hub_folder(hf_path, progress=True) -> Path:
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(hf_path)):
         raise ConversionError(f"{hf_path}: not a folder, nor a hub repo id like apple/AIM-600M")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import tqdm as hub_tqdm
 
-    class Bar(hub_tqdm):
-        """snapshot_download's "Fetching N files" bar, shown as aim-mlx's own bars are: only on
-        a terminal, never with --no-progress (huggingface_hub shows it everywhere)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "disable": not progress or None})
+    from ..hub import hub_bars
 
     patterns = ["config.json", "model*.safetensors", "pytorch_model*.bin", "*.json"]
     try:
-        return Path(snapshot_download(str(hf_path), allow_patterns=patterns, tqdm_class=Bar))
+        with hub_bars(progress):
+            return Path(snapshot_download(str(hf_path), allow_patterns=patterns))
     except Exception as e:
         raise ConversionError(f"could not download {hf_path} from the hub: {e}") from None
 
