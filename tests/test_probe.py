@@ -477,7 +477,6 @@ def test_a_link_back_to_the_root_adds_no_other_class_images(data, tmp_path):
 def test_one_file_in_two_classes_is_refused_before_any_work(data, model_dir, tmp_path, no_trunk):
     """A link or a hard link in one class to another class's image: one image with two labels,
     which the split may train on under one class and validate on under the other."""
-    from aim_mlx.probe.data import read_dataset
 
     for link in (os.symlink, os.link):
         root = make_classes(tmp_path / link.__name__, data, ["red", "blue"])
@@ -487,10 +486,25 @@ def test_one_file_in_two_classes_is_refused_before_any_work(data, model_dir, tmp
             train(model_dir, root, tmp_path / "head")
         res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "head", "--val", root)
         assert res.exit_code == 1 and "are one file (a link) in two classes" in res.output
-    (root / "red" / "again.png").symlink_to(root / "red" / "001.png")  # in one class: one label
-    (root / "blue" / "x.png").unlink()
-    assert len(read_dataset(root).samples) == 41
     assert not (tmp_path / "head").exists()
+
+
+def test_a_second_name_of_one_image_is_skipped(data, tmp_path):
+    """Two names of one image in one class (a link, a hard link): the split could train on one
+    and validate on the other. The second name is skipped, saying which image it is."""
+    from aim_mlx.probe.data import file_id, read_dataset, stratified_split
+
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    (root / "red" / "fav.png").symlink_to(root / "red" / "000.png")
+    os.link(root / "blue" / "001.png", root / "blue" / "zz.png")
+    dataset = read_dataset(root)
+    assert len(dataset.samples) == 40 and sorted(dataset.skipped) == [
+        (str(root / "blue" / "zz.png"), f"the same file as {root / 'blue' / '001.png'}"),
+        (str(root / "red" / "fav.png"), f"the same file as {root / 'red' / '000.png'}"),
+    ]
+    for seed in range(10):
+        train_set, val_set = stratified_split(dataset, 0.5, seed)
+        assert not {file_id(s.path) for s in train_set} & {file_id(s.path) for s in val_set}
 
 
 def test_unreadable_sub_folders_are_listed_as_skipped(data, tmp_path, unreadable):

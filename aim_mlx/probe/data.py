@@ -125,21 +125,27 @@ def read_dataset(root: str | Path, what: str = "training folder") -> Dataset:
             f"{what} {root}: class folder(s) {', '.join(map(repr, empty))} hold no usable image; "
             "add images or remove the folder"
         )
-    check_one_class_each(root, what, classes, samples)
+    samples = one_name_per_file(root, what, classes, samples, skipped)
     return Dataset(str(root), classes, samples, skipped)
 
 
-def check_one_class_each(root, what: str, classes: list[str], samples: list[Sample]) -> None:
-    """Refuse a file (a link or a hard link to it) in two classes: one image with two labels,
-    which the split may also train on under one and validate on under the other."""
-    seen = {}
+def one_name_per_file(root, what: str, classes: list[str], samples: list[Sample], skipped: list):
+    """`samples` with one name per file: the split could otherwise train on one name of an image
+    (a link or a hard link) and validate on another; the other names go to `skipped`. A file in
+    two classes is refused: one image with two labels."""
+    seen, kept = {}, []
     for s in samples:
         other = seen.setdefault(file_id(s.path), s)
-        if other.label != s.label:
+        if other is s:
+            kept.append(s)
+        elif other.label == s.label:
+            skipped.append((s.path, f"the same file as {other.path}"))
+        else:
             raise ProbeError(
                 f"{what} {root}: {other.path} and {s.path} are one file (a link) in two classes, "
                 f"{classes[other.label]!r} and {classes[s.label]!r}; keep it in one class"
             )
+    return kept
 
 
 def file_id(path: str) -> tuple[int, int] | str:
