@@ -557,6 +557,7 @@ def classify(
     from . import distributed, images
     from .classifier import classify_iter
 
+    _bits(quantize, q_bits)  # a usage error before any work
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     if images.any_image(inputs):
@@ -646,6 +647,7 @@ def embed(
     from .output import prepare_output
     from .resolve import known_num_blocks
 
+    _bits(quantize, q_bits)  # a usage error before any work (prepare creates folders)
     suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
     if suffix not in (".safetensors", ".npy"):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
@@ -736,6 +738,7 @@ def eval_command(
     from .evaluate import evaluate_pairs, imagenet_folder
     from .probe.head import is_head_folder
 
+    _bits(quantize, q_bits)  # a usage error before any work
     if data and data_path and Path(data).resolve() != Path(data_path).resolve():
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
@@ -1017,6 +1020,7 @@ def export_coreml(
     from .resolve import resolve
     from .transforms import ImageError, open_image, preprocess
 
+    _bits(quantize, q_bits)  # a usage error before any work
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     if sample and precision == "float32":
@@ -1248,6 +1252,7 @@ def probe_eval(
     from .probe.evaluate import evaluate_head, heading_of, labelled_images, save_confusion
     from .probe.head import is_head_folder, read_head_config
 
+    _bits(quantize, q_bits)  # a usage error before any work
     if not is_head_folder(head):
         raise click.UsageError("--head must be a trained head's folder (from `probe train`)")
     if confusion:

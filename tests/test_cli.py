@@ -1235,12 +1235,20 @@ def test_usage_errors_exit_2(model_dir, tmp_path):
         ["bench", "--model", "aim-600M", "--q-bits", "8"],
         ["probe", "train", "DATA", "-m", "MODEL", "-o", "OUT", "--q-bits", "4"],
         ["convert", "--hf-path", "MODEL", "-o", "OUT", "--q-group-size", "32"],
+        # before any work: a folder without images, an output's folders, a data folder's listing
+        ["classify", "DATA", "-m", "MODEL", "--q-bits", "4"],
+        ["embed", ROCKET, "-m", "MODEL", "-o", "OUT_NPY", "--q-bits", "4"],
+        ["eval", "DATA", "-m", "MODEL", "--q-bits", "4"],
+        ["export", "coreml", "-m", "MODEL", "-o", "OUT_PKG", "--q-bits", "4"],
+        ["probe", "eval", "DATA", "-m", "MODEL", "--head", "best", "--q-bits", "4"],
     ],
-    ids=["classify", "bench", "probe train", "convert"],
+    ids=["classify", "bench", "probe train", "convert"]
+    + ["classify no image", "embed", "eval", "export", "probe eval"],
 )
 def test_quantization_settings_without_q_are_refused(model_dir, tmp_path, command):
     """--q-bits (or --q-group-size) without -q was ignored: the weights stayed unquantized."""
     where = {"MODEL": model_dir, "DATA": tmp_path, "OUT": tmp_path / "out"}
+    where |= {"OUT_NPY": tmp_path / "out" / "f.npy", "OUT_PKG": tmp_path / "out" / "m.mlpackage"}
     option = command[-2]
     err = clean(cli(*[where.get(a, a) for a in command]), 2)
     assert f"{option} is for quantized weights: add -q (--quantize)" in err
