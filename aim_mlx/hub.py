@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,10 +133,17 @@ def download(
     return paths
 
 
+_bars_lock = threading.Lock()
+_bars_off = {"blocks": 0, "ours": False}  # hub_bars blocks open; whether they turned bars off
+
+
 @contextmanager
 def hub_bars(progress: bool):
     """huggingface_hub's own progress bars, in the block, as aim-mlx shows its bars: only on a
-    terminal, never with --no-progress (it shows them whatever was asked)."""
+    terminal, never with --no-progress (it shows them whatever was asked). Bars a user turned
+    off stay off; HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them on; with blocks in several threads,
+    they come back on when the last block ends."""
+    from huggingface_hub import constants
     from huggingface_hub.utils import (
         are_progress_bars_disabled,
         disable_progress_bars,
@@ -143,14 +151,22 @@ def hub_bars(progress: bool):
     )
 
     terminal = sys.stderr is not None and sys.stderr.isatty()
-    if (progress and terminal) or are_progress_bars_disabled():
+    if (progress and terminal) or constants.HF_HUB_DISABLE_PROGRESS_BARS is False:
         yield
         return
-    disable_progress_bars()
+    with _bars_lock:
+        if not _bars_off["blocks"]:
+            _bars_off["ours"] = not are_progress_bars_disabled()
+            if _bars_off["ours"]:
+                disable_progress_bars()
+        _bars_off["blocks"] += 1
     try:
         yield
     finally:
-        enable_progress_bars()
+        with _bars_lock:
+            _bars_off["blocks"] -= 1
+            if not _bars_off["blocks"] and _bars_off["ours"]:
+                enable_progress_bars()
 
 
 def check_download_cache(hub_dir: Path) -> None:

@@ -149,6 +149,43 @@ def test_no_progress_on_a_terminal_shows_no_bar(env, hub):
     assert shown == b""
 
 
+def test_hub_bars_leave_the_process_as_they_found_it(monkeypatch):
+    """hub_bars turns huggingface_hub's bars (global state) off off a terminal: blocks of two
+    threads overlapping keep them off until the last ends, bars the user turned off stay off,
+    and HF_HUB_DISABLE_PROGRESS_BARS=0 (bars forced on) is left alone, without a warning."""
+    import warnings
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled as off
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    from aim_mlx.hub import hub_bars
+
+    try:
+        first, second = hub_bars(False), hub_bars(False)  # as two threads' downloads overlap
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)
+        assert off()  # the second download is still running
+        second.__exit__(None, None, None)
+        assert not off()
+
+        disable_progress_bars()  # by the user: left off
+        with hub_bars(False):
+            assert off()
+        assert off()
+        enable_progress_bars()
+
+        for module in (constants, sys.modules["huggingface_hub.utils.tqdm"]):  # read there
+            monkeypatch.setattr(module, "HF_HUB_DISABLE_PROGRESS_BARS", False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with hub_bars(False):
+                pass
+    finally:
+        enable_progress_bars()
+
+
 def test_corrupted_file_is_refused_then_fetched_afresh(env, hub):
     hub.corrupt.add("head_best_layers.pth")
     bad = classify_json(env)
