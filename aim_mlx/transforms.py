@@ -33,7 +33,7 @@ AVIF_SUFFIXES = {".avif"}  # read by Pillow itself from 11.3, when built with li
 # and `catch_warnings` is not thread-safe (a thread leaving its block drops another's filter).
 warnings.filterwarnings(
     "ignore",
-    "(possibly )?corrupt exif|metadata warning|tag (offset|data)|"
+    "(possibly )?corrupt exif|metadata warning|tag (offset|data)|truncated file read|"
     "palette images with transparency|image appears to be a malformed mpo",
     UserWarning,
     r"PIL\.",

@@ -230,7 +230,15 @@ def test_damaged_exif_is_ignored_without_warnings(tmp_path):
     assert [str(w.message) for w in caught] == []
 
 
-def test_damaged_exif_stays_quiet_outside_aim_mlx_blocks(tmp_path):
+@pytest.mark.parametrize(
+    "entries",
+    [
+        struct.pack("<H", 0xFFFF) + bytes(20),  # 65535 entries: corrupt EXIF data
+        struct.pack("<HHHIII", 1, 0x010F, 2, 8, 20, 0),  # Make's text past the end: truncated
+    ],
+    ids=["corrupt", "truncated"],
+)
+def test_damaged_exif_stays_quiet_outside_aim_mlx_blocks(tmp_path, entries):
     """Images are decoded in threads, and one thread leaving its `catch_warnings` drops the
     filters of another still inside its own: PIL warned on stderr now and then. The filter holds
     for the process: as if another thread had dropped aim-mlx's, PIL reads the EXIF here (in a
@@ -241,7 +249,7 @@ def test_damaged_exif_stays_quiet_outside_aim_mlx_blocks(tmp_path):
 
     jpeg = io.BytesIO()
     Image.new("RGB", (60, 40)).save(jpeg, "JPEG")
-    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, 0xFFFF) + bytes(20)  # 65535 entries
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 8) + entries
     app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
     (tmp_path / "exif.jpg").write_bytes(jpeg.getvalue()[:2] + app1 + jpeg.getvalue()[2:])
     program = (
