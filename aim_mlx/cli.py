@@ -132,7 +132,19 @@ class Command(click.Command):
         with _reported(ctx):
             if _top_command(ctx) not in NO_SETTINGS:
                 _check_environment()
+            _check_quantize_options(ctx)
             return super().invoke(ctx)
+
+
+def _check_quantize_options(ctx: click.Context) -> None:
+    """--q-bits or --q-group-size given without -q: a usage error, before any work (they would
+    be ignored)."""
+    if ctx.params.get("quantize", True):
+        return
+    for name in ("q_bits", "q_group_size"):
+        if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
+            option = "--" + name.replace("_", "-")
+            raise click.UsageError(f"{option} is for quantized weights: add -q (--quantize)", ctx)
 
 
 class Group(click.Group):
@@ -280,15 +292,7 @@ def json_option(help: str):
 
 
 def _bits(quantize: bool, q_bits: str) -> int | None:
-    """--q-bits with -q; without -q a usage error if given (it would be ignored)."""
-    if quantize:
-        return int(q_bits)
-    ctx = click.get_current_context()
-    for name in ("q_bits", "q_group_size"):
-        if name in ctx.params and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE:
-            option = "--" + name.replace("_", "-")
-            raise click.UsageError(f"{option} is for quantized weights: add -q (--quantize)")
-    return None
+    return int(q_bits) if quantize else None
 
 
 def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
@@ -375,7 +379,6 @@ def convert(
         parse_probe_layers(probe_layers)
     except ConversionError as e:
         raise click.BadParameter(str(e), param_hint="--probe-layers") from None
-    _bits(quantize, q_bits)
     run_convert(
         out,
         backbone=backbone,
@@ -557,7 +560,6 @@ def classify(
     from . import distributed, images
     from .classifier import classify_iter
 
-    _bits(quantize, q_bits)  # a usage error before any work
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
     if images.any_image(inputs):
@@ -647,7 +649,6 @@ def embed(
     from .output import prepare_output
     from .resolve import known_num_blocks
 
-    _bits(quantize, q_bits)  # a usage error before any work (prepare creates folders)
     suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
     if suffix not in (".safetensors", ".npy"):
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
@@ -738,7 +739,6 @@ def eval_command(
     from .evaluate import evaluate_pairs, imagenet_folder
     from .probe.head import is_head_folder
 
-    _bits(quantize, q_bits)  # a usage error before any work
     if data and data_path and Path(data).resolve() != Path(data_path).resolve():
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
@@ -1020,7 +1020,6 @@ def export_coreml(
     from .resolve import resolve
     from .transforms import ImageError, open_image, preprocess
 
-    _bits(quantize, q_bits)  # a usage error before any work
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     if sample and precision == "float32":
@@ -1252,7 +1251,6 @@ def probe_eval(
     from .probe.evaluate import evaluate_head, heading_of, labelled_images, save_confusion
     from .probe.head import is_head_folder, read_head_config
 
-    _bits(quantize, q_bits)  # a usage error before any work
     if not is_head_folder(head):
         raise click.UsageError("--head must be a trained head's folder (from `probe train`)")
     if confusion:
