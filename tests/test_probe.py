@@ -132,6 +132,23 @@ def test_training_is_seeded(heads, model_dir, data, tmp_path):
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
 
 
+def test_training_leaves_mlxs_global_generator_alone(heads, model_dir, data, tmp_path):
+    """The seed decides the head (its initial weights are drawn from a key of their own), and
+    a user's random numbers after training follow from the user's own seed, not from it."""
+    after = []
+    for user_seed in (1, 2):
+        mx.random.seed(user_seed)
+        res = train(model_dir, data, tmp_path / f"h{user_seed}",
+                    settings=Settings(kind="attention", epochs=1), log=lambda _: None)  # fmt: skip
+        after.append(np.array(mx.random.uniform(shape=(4,))))
+        head = mx.load(str(res.out / "head.safetensors"))
+        if user_seed == 1:
+            first = head
+    assert not np.array_equal(after[0], after[1])
+    for k in first:
+        assert np.array_equal(np.array(first[k]), np.array(head[k])), k
+
+
 def test_numpy_numbers_in_the_settings_are_written_as_numbers(heads, model_dir, data, tmp_path):
     """A sweep over np.arange(...) seeds trained, then failed writing config.json (numpy's
     int64 is not JSON): nothing was saved."""

@@ -151,6 +151,22 @@ def evaluate_features(model: nn.Module, store, keys, labels, batch_size: int):
     return loss / n, 100 * hits1 / n, (100 * hits5 / n if classes >= 5 else None)
 
 
+def draw_initial_weights(module: nn.Module, seed: int) -> None:
+    """Draw a new head's weights from `seed` alone, leaving MLX's global generator to the
+    caller: linear layers uniform in +-1/sqrt(fan_in) (as MLX draws them), the attention
+    head's query (`cls_token`) from N(0, 0.02^2)."""
+    key = mx.random.key(seed)
+    for _, layer in module.named_modules():
+        if isinstance(layer, nn.Linear):
+            bound = layer.weight.shape[1] ** -0.5
+            for name in ("weight", "bias"):
+                if name in layer:
+                    key, sub = mx.random.split(key)
+                    layer[name] = mx.random.uniform(-bound, bound, layer[name].shape, key=sub)
+    if "cls_token" in module:
+        module.cls_token = 0.02 * mx.random.normal(module.cls_token.shape, key=key)
+
+
 def model_classes(module: nn.Module) -> int:
     return module.linear.weight.shape[0]
 
@@ -288,8 +304,8 @@ def train(
 
     `model`: what `aim_mlx.load` accepts (its trunk is used, frozen). Validation: `val_dir` with
     the same classes, or a stratified, seeded `val_split` of `train_dir` (0.2 by default).
-    `settings.seed` also seeds MLX's global generator (`mx.random.seed`), as the head's
-    initial weights are drawn from it.
+    `settings.seed` decides the split, the head's initial weights and the batches' order;
+    MLX's global generator is left alone.
     Everything the user can get wrong (output, folders, classes, options) is checked before any
     download, conversion or extraction. Under `mlx.launch` every rank extracts its share of the
     features; rank 0 trains, writes and returns the result, the other ranks return None.
@@ -349,10 +365,8 @@ def train(
 
     train_data, val_data = keyed(train_samples, "training"), keyed(val_samples, "validation")
 
-    mx.random.seed(settings.seed)
     module = head.make_head(settings.kind, net.args, len(dataset.classes))
-    if settings.kind == "attention":
-        module.cls_token = 0.02 * mx.random.normal(module.cls_token.shape)
+    draw_initial_weights(module, settings.seed)
     module.bn.running_mean, module.bn.running_var = feature_stats(store, train_data[0])
     log(
         f"training {'an' if settings.kind[0] in 'aeiou' else 'a'} {settings.kind} head on "
