@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +49,36 @@ class ImageError(AimMlxError, ValueError):
     """An image that cannot be read or is refused (the message names the reason)."""
 
 
+_quiet_lock = threading.Lock()
+_quiet = {"blocks": 0, "filters": None}  # quiet_pil blocks open; the catch_warnings they share
+
+
+@contextmanager
+def quiet_pil():
+    """PIL's UserWarnings (bad EXIF and the like) ignored and its DecompressionBombWarning an
+    error, in the block. Warning filters are process-wide and `catch_warnings` is not
+    thread-safe: blocks in several threads that ended out of order left their filters in place
+    for good, in the user's code too. So the blocks share one, ended when the last block ends."""
+    with _quiet_lock:
+        if not _quiet["blocks"]:
+            _quiet["filters"] = warnings.catch_warnings()
+            _quiet["filters"].__enter__()
+            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        _quiet["blocks"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet["blocks"] -= 1
+            if not _quiet["blocks"]:
+                _quiet["filters"].__exit__(None, None, None)
+
+
 def upright(img: Image.Image) -> Image.Image:
     """`img` turned as its EXIF orientation says (a copy without the tag), or `img` itself
     (`ImageOps.exif_transpose` would copy it)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # bad EXIF
+    with quiet_pil():  # bad EXIF
         if img.getexif().get(ExifTags.Base.Orientation, 1) not in range(2, 9):
             return img
         return ImageOps.exif_transpose(img)
@@ -67,17 +94,14 @@ def open_image(path: str | Path) -> Image.Image:
     limit = apply_pixel_limit()
     register_heif()
     try:
-        with warnings.catch_warnings():
-            # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")  # bad EXIF
-            with Image.open(path) as img:
-                # Checked again: warning filters are process-wide, and another thread leaving
-                # its catch_warnings can drop the one above before PIL warns.
-                if limit and img.width * img.height > limit:
-                    raise Image.DecompressionBombError(f"{img.width}x{img.height}")
-                img.load()
-                return to_rgb(ImageOps.exif_transpose(img))  # a copy: img is closed below
+        # Past Image.MAX_IMAGE_PIXELS PIL only warns (it raises past twice that): refuse both.
+        with quiet_pil(), Image.open(path) as img:  # bad EXIF ignored too
+            # Checked again: warning filters are process-wide, and another thread leaving its
+            # catch_warnings can drop quiet_pil's before PIL warns.
+            if limit and img.width * img.height > limit:
+                raise Image.DecompressionBombError(f"{img.width}x{img.height}")
+            img.load()
+            return to_rgb(ImageOps.exif_transpose(img))  # a copy: img is closed below
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
             f"refused as a possible decompression bomb: more than {limit} pixels. If the image "
@@ -164,9 +188,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if not a.size or a.max() <= 65535 else 2.0**31 - 1
         a = np.round(np.divide(a, top / 255.0, out=a), out=a).astype(np.uint8)  # in place
         return Image.fromarray(a, mode="L").convert("RGB")
-    with warnings.catch_warnings():
+    with quiet_pil():
         # "Palette images with Transparency expressed in bytes should be converted to RGBA".
-        warnings.simplefilter("ignore", UserWarning)
         return img.convert("RGB")
 
 

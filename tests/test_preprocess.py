@@ -330,3 +330,24 @@ def test_the_pixel_limit_set_holds_for_images_given_in_memory(monkeypatch, pixel
     wide = np.full((2, 100, 3), 90, np.uint8)  # resized to 12800x256 for 224
     for image in (Image.fromarray(wide), wide):
         assert preprocess(image).shape == (3, 224, 224)
+
+
+def test_images_read_in_threads_leave_the_warning_filters_as_they_were(tmp_path):
+    """`catch_warnings` is not thread-safe: decoding threads that left their blocks out of order
+    kept PIL's DecompressionBombWarning an error and its UserWarnings ignored, for good, in the
+    user's code too (a pool of `preprocess` calls, or classify's decoding threads)."""
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (300, 200), (i, 30, 40)).save(paths[-1])
+        paths.append(tmp_path / f"{i}-palette.png")  # converted in a block of its own
+        Image.new("P", (200, 300), i).save(paths[-1], transparency=b"\x00" * 8)
+    preprocess(paths[0])  # the process-wide filter of PIL's damaged-metadata warnings is set
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            list(pool.map(preprocess, paths))
+    assert warnings.filters == before
