@@ -49,9 +49,17 @@ def parse_layers(layers: str | Iterable[int], num_blocks: int) -> str | tuple[in
     return tuple(i % num_blocks for i in blocks)
 
 
-def features(model, x: mx.array, layers: str | tuple[int, ...], pool: str) -> np.ndarray:
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise OptionError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    return pool
+
+
+def features(model, x: mx.array, layers: str | Iterable[int], pool: str) -> np.ndarray:
     """x (B, 3, H, W) -> float32 features:
-    head / last: (B, D) pooled, (B, N, D) tokens; blocks: (B, L, D) pooled, (B, L, N, D) tokens."""
+    head / last: (B, D) pooled, (B, N, D) tokens; blocks: (B, L, D) pooled, (B, L, N, D) tokens.
+    `layers` and `pool` as `embed` takes them (blocks counted from the end too: -1 the last)."""
+    layers, pool = parse_layers(layers, model.args.num_blocks), check_pool(pool)
     if layers == "head":
         out = model.head_input(model.extract_features(x))
     elif layers == "last":
@@ -84,8 +92,7 @@ def embed(
     """Features of image files and folders (searched recursively, sorted); `img_size`: the
     input size, a multiple of the patch size (default: the model's)."""
     images.check_model(model)
-    if pool not in POOLS:
-        raise OptionError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    check_pool(pool)
     layers = parse_layers(layers, model.args.num_blocks)
     images.check_positive("batch_size", batch_size)
     rows, paths, errors = [], [], []

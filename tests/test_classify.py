@@ -243,6 +243,22 @@ def test_embed_head_layers_match_the_reference_features(model):
     np.testing.assert_allclose(chosen, blocks[[1, 4]].mean(axis=2).transpose(1, 0, 2), atol=2e-5)
 
 
+def test_embed_features_takes_layers_and_pool_as_embed_does(model):
+    """`features` on a batch of its own: (2, -1) was blocks 2 and 2 (blocks up to 2 were run,
+    and -1 took the last of them), and a pool other than "mean" gave the tokens."""
+    from aim_mlx.embed import features
+
+    x = mx.array(np.load(REF / "input.npy")[:1])
+    last = np.array(model.extract_features(x, -1)[-1].mean(axis=1))  # (1, D)
+    np.testing.assert_allclose(features(model, x, (2, -1), "mean")[:, 1], last, atol=1e-6)
+    np.testing.assert_array_equal(
+        features(model, x, "2,-1", "mean"), features(model, x, [2, 7], "mean")
+    )
+    for pool in ("Mean", "cls"):
+        with pytest.raises(ValueError, match="pool must be one of mean, tokens"):
+            features(model, x, "head", pool)
+
+
 def test_embed_cli_safetensors_and_npy(model, model_dir, tmp_path):
     from safetensors import safe_open
 
