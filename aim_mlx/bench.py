@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 from . import __version__, blas, memory, runtime
 from .constants import MX_DTYPES, GiB
-from .convert.converter import QUANTIZED_LAYER
+from .convert.converter import QUANTIZED_LAYER, ConversionError, check_quantize_options
 from .errors import AimMlxError, OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.layers import QuantizedLinear
@@ -152,6 +152,13 @@ def check(config: BenchConfig) -> None:
     NotEnoughMemoryError for a size whose weights cannot fit (`memory.check_model`)."""
     if config.dtype not in MX_DTYPES:
         raise OptionError(f"dtype must be one of {', '.join(MX_DTYPES)}, got {config.dtype!r}")
+    if config.head not in (None, "best", "last"):  # any other was the last layers, silently
+        raise OptionError(f"head must be best, last or None, got {config.head!r}")
+    if config.q_bits is not None:  # MLX quantizes to 3 or 5 bits too: not what aim-mlx makes
+        try:
+            check_quantize_options(config.q_bits, config.q_group_size)
+        except ConversionError as e:
+            raise OptionError(str(e)) from None
     if config.model in PRESETS:
         model = AIM(_preset_args(config))  # lazy: no memory
         params = sum(v.size for _, v in tree_flatten(model.parameters()))

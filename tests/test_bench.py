@@ -163,6 +163,9 @@ def test_cli_bench_bad_input(args, message):
         ({"batch_size": 0}, "batch_size must be a whole number of 1 or more"),  # 0 img/s
         ({"warmup": -1}, "warmup must be a whole number of 0 or more"),  # one iteration less
         ({"model": "aim-600M", "dtype": "fp16"}, "dtype must be one of float32"),  # KeyError
+        ({"model": "aim-600M", "head": "bset"}, "head must be best, last or None"),  # last's
+        ({"model": "aim-600M", "q_bits": 3}, "--q-bits must be 4 or 8, got 3"),  # 3 bits ran
+        ({"model": "aim-600M", "q_bits": 4, "q_group_size": 48}, "--q-group-size must be one"),
     ],
 )
 def test_python_bench_checks_its_config(converted, options, message):
