@@ -118,6 +118,14 @@ def test_a_zero_in_the_hub_config_or_the_options_is_refused_by_name(tmp_path, fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no output made
 
 
+@pytest.mark.parametrize("options", [{"q_bits": 4}, {"q_group_size": 32}])
+def test_quantization_options_without_quantize_are_refused(tmp_path, options):
+    """As `--q-bits` without `-q` is a usage error: q_bits=4 alone converted unquantized."""
+    with pytest.raises(ConversionError, match="apply with quantize=True only"):
+        run(tmp_path / "m", **options)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantized_8bit_close_and_4bit_runs(tmp_path):
     q8 = aim_mlx.load(run(tmp_path / "q8", quantize=True, q_bits=8))
     # Trunk quantized, head in full precision.

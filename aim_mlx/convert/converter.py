@@ -95,6 +95,11 @@ def convert(
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize:
         check_quantize_options(q_bits, q_group_size)
+    elif (q_bits, q_group_size) != (8, 64):  # as the command line's --q-bits without -q
+        raise ConversionError(
+            f"q_bits={q_bits!r}, q_group_size={q_group_size!r} apply with quantize=True only; "
+            "without it the weights are not quantized"
+        )
     sources_given = [] if into_cache else [backbone, head, hf_path]
     try:
         out = prepare_output(
