@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,8 +193,9 @@ def _write_all(writers: dict, replace: bool = True) -> None:
     olds, moved, current = {}, [], None
     try:
         for current, write in writers.items():
+            mode = _new_file_mode(tmps[current])
             write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
-            os.chmod(tmps[current], _file_mode())
+            os.chmod(tmps[current], mode)
         with signals_held():  # Ctrl-C cannot split the pair; after a SIGKILL here a listing
             if replace and len(tmps) > 1:  # is missing rather than another run's. The old
                 for current in tmps:  # pair is kept, to be put back (one file: os.replace keeps it)
@@ -224,8 +226,9 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                 tmp.unlink(missing_ok=True)
 
 
-def _file_mode() -> int:
-    """The mode a new file gets (0o666 less the umask): some writers create 0o600 files."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def _new_file_mode(path: Path) -> int:
+    """The mode a new file gets (0o666 less the umask), read from `path` created empty: some
+    writers create 0o600 files. (`os.umask` reads the umask only by setting it, for the whole
+    process: a file another thread created meanwhile got 0o666.)"""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return stat.S_IMODE(os.stat(path).st_mode)

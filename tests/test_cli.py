@@ -909,13 +909,18 @@ def test_one_file_replaced_stays_in_place_until_the_new_one_is(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]
 
 
-def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_safetensors_gets_the_usual_file_mode(model_dir, tmp_path, monkeypatch, umask):
+    """Without setting the umask to read it: that is process-wide, and a file another thread
+    created in between got 0o666, whatever the user's umask."""
+    old = os.umask(umask)
     try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("os.umask called"))
         for name in ("f.safetensors", "f.npy"):
             clean(cli("embed", ROCKET, "-m", model_dir, "-o", tmp_path / name), 0)
-            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
     finally:
+        monkeypatch.undo()
         os.umask(old)
 
 
