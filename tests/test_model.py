@@ -151,8 +151,10 @@ def test_bad_input_shape_is_explained():
     model = build_reference_model("best")
     with pytest.raises(ValueError, match="multiples of 14"):
         model(mx.zeros((1, 3, 225, 224)))
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        model(mx.zeros((1, 224, 224, 3)))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*x\.transpose\(0, 3, 1, 2\)\)"):
+        model(mx.zeros((1, 224, 224, 3)))  # NHWC, as PIL and numpy images come
+    with pytest.raises(ValueError, match=r"x\.transpose\(2, 0, 1\)\[None\]\)"):
+        model(np.zeros((224, 224, 3), np.float32))  # one image, HWC
     with pytest.raises(ValueError, match="positive multiples of 14"):  # not MLX's conv error
         model(mx.zeros((1, 3, 0, 224)))
 

@@ -370,7 +370,13 @@ class AIM(nn.Module):
             x = np.asarray(x)  # a numpy array or nested lists: their own dtype, checked below
         p = self.args.patch_size
         if x.ndim != 4 or x.shape[1] != 3 or any(n % p or not n for n in x.shape[2:]):
-            hint = " (one image: add a batch axis, x[None])" if x.ndim == 3 else ""
+            hint = ""
+            if x.ndim in (3, 4) and x.shape[-1] == 3 and x.shape[-3] != 3:  # (B,) H, W, 3
+                batch = "[None]" if x.ndim == 3 else ""
+                axes = "2, 0, 1" if x.ndim == 3 else "0, 3, 1, 2"
+                hint = f" (channels last: x.transpose({axes}){batch})"
+            elif x.ndim == 3:
+                hint = " (one image: add a batch axis, x[None])"
             raise ValueError(
                 f"expected input (B, 3, H, W) with H and W positive multiples of {p}, got shape "
                 f"{tuple(x.shape)}{hint}"
