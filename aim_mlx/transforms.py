@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import threading
 import warnings
 from contextlib import contextmanager
@@ -53,18 +54,28 @@ _quiet_lock = threading.Lock()
 _quiet = {"blocks": 0, "filters": None}  # quiet_pil blocks open; the catch_warnings they share
 
 
+def _quiet_filters() -> None:
+    warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
 @contextmanager
 def quiet_pil():
     """PIL's UserWarnings (bad EXIF and the like) ignored and its DecompressionBombWarning an
     error, in the block. Warning filters are process-wide and `catch_warnings` is not
     thread-safe: blocks in several threads that ended out of order left their filters in place
-    for good, in the user's code too. So the blocks share one, ended when the last block ends."""
+    for good, in the user's code too. So the blocks share one, ended when the last block ends
+    (unless the filters are per thread: Python 3.14's context-aware warnings)."""
+    if getattr(sys.flags, "context_aware_warnings", False):
+        with warnings.catch_warnings():
+            _quiet_filters()
+            yield
+        return
     with _quiet_lock:
         if not _quiet["blocks"]:
             _quiet["filters"] = warnings.catch_warnings()
             _quiet["filters"].__enter__()
-            warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            _quiet_filters()
         _quiet["blocks"] += 1
     try:
         yield

@@ -351,3 +351,24 @@ def test_images_read_in_threads_leave_the_warning_filters_as_they_were(tmp_path)
         for _ in range(3):
             list(pool.map(preprocess, paths))
     assert warnings.filters == before
+
+
+def test_with_context_aware_warnings_each_thread_has_its_own_block(tmp_path, monkeypatch):
+    """Python 3.14's context-aware warnings keep filters per thread: a block shared between
+    threads would then filter only the first thread's warnings."""
+    import types
+    import warnings
+
+    from aim_mlx import transforms
+
+    flags = types.SimpleNamespace(context_aware_warnings=True)
+    monkeypatch.setattr(transforms, "sys", types.SimpleNamespace(flags=flags))
+    shared = transforms._quiet["filters"]
+    with transforms.quiet_pil():
+        with pytest.raises(Image.DecompressionBombWarning):
+            warnings.warn("too big", Image.DecompressionBombWarning, stacklevel=1)
+        assert transforms._quiet == {"blocks": 0, "filters": shared}  # not the shared block
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    Image.new("RGB", (120, 120)).save(tmp_path / "over.png")  # 14400 pixels: PIL only warns
+    with pytest.raises(ImageError, match="decompression bomb"):
+        open_image(tmp_path / "over.png")
