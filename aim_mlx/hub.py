@@ -11,9 +11,8 @@ import errno
 import os
 import shutil
 import sys
-import threading
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from .constants import GB
 from .convert.checkpoint import file_sha256
 from .errors import AimMlxError
 from .output import check_writable
+from .process_wide import ProcessWide
 from .registry import HubFile, ModelSpec, estimated_sizes
 
 NO_NETWORK_HINT = (
@@ -133,40 +133,37 @@ def download(
     return paths
 
 
-_bars_lock = threading.Lock()
-_bars_off = {"blocks": 0, "ours": False}  # hub_bars blocks open; whether they turned bars off
+def _bars_off() -> bool:
+    """Whether this turned huggingface_hub's bars off (False: they were off already)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
+    if are_progress_bars_disabled():
+        return False
+    disable_progress_bars()
+    return True
 
 
-@contextmanager
+def _bars_back(turned_off: bool) -> None:
+    from huggingface_hub.utils import enable_progress_bars
+
+    if turned_off:
+        enable_progress_bars()
+
+
+_HUB_BARS_OFF = ProcessWide(_bars_off, _bars_back)
+
+
 def hub_bars(progress: bool):
     """huggingface_hub's own progress bars, in the block, as aim-mlx shows its bars: only on a
     terminal, never with --no-progress (it shows them whatever was asked). Bars a user turned
     off stay off; HF_HUB_DISABLE_PROGRESS_BARS=0 keeps them on; with blocks in several threads,
-    they come back on when the last block ends."""
+    they come back on when the last block ends (`ProcessWide`)."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
 
     terminal = sys.stderr is not None and sys.stderr.isatty()
     if (progress and terminal) or constants.HF_HUB_DISABLE_PROGRESS_BARS is False:
-        yield
-        return
-    with _bars_lock:
-        if not _bars_off["blocks"]:
-            _bars_off["ours"] = not are_progress_bars_disabled()
-            if _bars_off["ours"]:
-                disable_progress_bars()
-        _bars_off["blocks"] += 1
-    try:
-        yield
-    finally:
-        with _bars_lock:
-            _bars_off["blocks"] -= 1
-            if not _bars_off["blocks"] and _bars_off["ours"]:
-                enable_progress_bars()
+        return nullcontext()
+    return _HUB_BARS_OFF.held()
 
 
 def check_download_cache(hub_dir: Path) -> None:

@@ -13,7 +13,6 @@ import functools
 import math
 import os
 import sys
-import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .errors import AimMlxError, SettingError
+from .process_wide import ProcessWide
 
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
 STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
@@ -50,40 +50,34 @@ class ImageError(AimMlxError, ValueError):
     """An image that cannot be read or is refused (the message names the reason)."""
 
 
-_quiet_lock = threading.Lock()
-_quiet = {"blocks": 0, "filters": None}  # quiet_pil blocks open; the catch_warnings they share
-
-
 def _quiet_filters() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="PIL")
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def _quiet_block() -> warnings.catch_warnings:
+    block = warnings.catch_warnings()
+    block.__enter__()
+    _quiet_filters()
+    return block
+
+
+_QUIET_PIL = ProcessWide(_quiet_block, lambda block: block.__exit__(None, None, None))
 
 
 @contextmanager
 def quiet_pil():
     """PIL's UserWarnings (bad EXIF and the like) ignored and its DecompressionBombWarning an
     error, in the block. Warning filters are process-wide and `catch_warnings` is not
-    thread-safe: blocks in several threads that ended out of order left their filters in place
-    for good, in the user's code too. So the blocks share one, ended when the last block ends
-    (unless the filters are per thread: Python 3.14's context-aware warnings)."""
+    thread-safe, so the decoding threads' blocks share one (`ProcessWide`), unless filters are
+    per thread (Python 3.14's context-aware warnings)."""
     if getattr(sys.flags, "context_aware_warnings", False):
         with warnings.catch_warnings():
             _quiet_filters()
             yield
-        return
-    with _quiet_lock:
-        if not _quiet["blocks"]:
-            _quiet["filters"] = warnings.catch_warnings()
-            _quiet["filters"].__enter__()
-            _quiet_filters()
-        _quiet["blocks"] += 1
-    try:
-        yield
-    finally:
-        with _quiet_lock:
-            _quiet["blocks"] -= 1
-            if not _quiet["blocks"]:
-                _quiet["filters"].__exit__(None, None, None)
+    else:
+        with _QUIET_PIL.held():
+            yield
 
 
 def upright(img: Image.Image) -> Image.Image:

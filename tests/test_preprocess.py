@@ -363,11 +363,10 @@ def test_with_context_aware_warnings_each_thread_has_its_own_block(tmp_path, mon
 
     flags = types.SimpleNamespace(context_aware_warnings=True)
     monkeypatch.setattr(transforms, "sys", types.SimpleNamespace(flags=flags))
-    shared = transforms._quiet["filters"]
     with transforms.quiet_pil():
         with pytest.raises(Image.DecompressionBombWarning):
             warnings.warn("too big", Image.DecompressionBombWarning, stacklevel=1)
-        assert transforms._quiet == {"blocks": 0, "filters": shared}  # not the shared block
+        assert transforms._QUIET_PIL._blocks == 0  # not the shared block
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
     Image.new("RGB", (120, 120)).save(tmp_path / "over.png")  # 14400 pixels: PIL only warns
     with pytest.raises(ImageError, match="decompression bomb"):
