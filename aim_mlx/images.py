@@ -147,9 +147,13 @@ def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[s
     except TypeError:  # a PIL image, a number: one input that is not a path
         inputs = [inputs]
     if bad := [p for p in inputs if not isinstance(p, (str, os.PathLike))]:
+        got = type(bad[0]).__name__
+        if hasattr(bad[0], "shape") or hasattr(bad[0], "getexif"):  # an array or a PIL image
+            hint = "; an image in memory: model(mx.array(aim_mlx.preprocess(image)[None]))"
+        else:
+            hint, got = "", f"{got} {bad[0]!r:.60}"
         raise TypeError(
-            "inputs: give paths as str or pathlib.Path (or a list of them), got "
-            f"{type(bad[0]).__name__} {bad[0]!r:.60}"
+            f"inputs: give paths as str or pathlib.Path (or a list of them), got {got}{hint}"
         )
     return [os.fspath(p) for p in inputs]
 

@@ -519,8 +519,13 @@ def test_python_api_names_what_it_takes(model, model_dir):
     for run in (aim_mlx.classify, embed):
         with pytest.raises(TypeError, match=r"model: give a loaded model.*got str"):
             run(str(model_dir), [rocket])  # a folder or name, not loaded
-        with pytest.raises(TypeError, match="give paths as str or pathlib.Path.*got JpegImage"):
+        in_memory = r"got {}; an image in memory: model\(mx.array\(aim_mlx.preprocess\(image\)"
+        with pytest.raises(TypeError, match=in_memory.format("JpegImageFile")):
             run(model, Image.open(rocket))  # one PIL image (not iterable)
+        with pytest.raises(TypeError, match=in_memory.format("ndarray")):
+            run(model, np.zeros((32, 32, 3), np.uint8))  # before: the first row's repr
+        with pytest.raises(TypeError, match=in_memory.format("array")):
+            run(model, mx.zeros((1, 3, 28, 28)))
         with pytest.raises(ValueError, match="img-size must be a positive multiple of 14"):
             run(model, [rocket], img_size="224")
     assert aim_mlx.classify(model, rocket, img_size=np.int64(112))[0]["path"] == str(rocket)
