@@ -282,10 +282,23 @@ def run_here(
                 if isinstance(x, str):
                     it.error = x
             arrays = [x for x in loaded if not isinstance(x, str)]
-            rows = iter(fn(mx.array(np.stack(arrays))) if arrays else [])
+            rows = iter(_in_this_thread(fn, mx.array(np.stack(arrays))) if arrays else [])
             for it in chunk:
                 row = None if it.error else next(rows)
                 if not_finite and row is not None and not np.isfinite(row).all():
                     it.error, row = not_finite, None
                 yield it, row
             bar.update(len(chunk))
+
+
+def _in_this_thread(fn: Callable[[mx.array], np.ndarray], x: mx.array) -> np.ndarray:
+    """fn(x), saying what to do where MLX cannot compute the model's lazy weights here."""
+    try:
+        return fn(x)
+    except RuntimeError as e:  # MLX computes a lazy array only in the thread that made it
+        if "in current thread" not in str(e):
+            raise
+        raise RuntimeError(
+            f"{e} The model's weights are read lazily, in the thread that loaded it: to use "
+            "the model in other threads, run mx.eval(model.parameters()) after aim_mlx.load"
+        ) from None

@@ -656,3 +656,19 @@ def test_a_link_loop_in_the_dataset_folder_hides_no_loose_image(tmp_path):
     errors = []
     assert listing(root, errors=errors) == [(str(root / "n01440764" / "a.png"), 0)]
     assert errors == [(str(root / p), images.LOOSE) for p in ("loop.jpg", "stray.png")]
+
+
+def test_a_lazy_model_used_in_another_thread_says_what_to_do(model_dir):
+    """MLX computes a lazy array only in the thread that made it: classify in a worker thread,
+    on a model just loaded, failed with MLX's bare "There is no Stream(cpu, 0) in current
+    thread."."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = aim_mlx.load(model_dir)  # weights not read yet
+    rocket = REF / "images" / "rocket.jpg"
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(RuntimeError, match=r"run mx.eval\(model.parameters\(\)\) after aim"):
+            pool.submit(aim_mlx.classify, model, [rocket]).result()
+        mx.eval(model.parameters())
+        rows = pool.submit(aim_mlx.classify, model, [rocket]).result()
+    assert rows == aim_mlx.classify(model, [rocket])
