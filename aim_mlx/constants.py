@@ -9,6 +9,14 @@ DTYPE_NAMES = ("float32", "float16", "bfloat16")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 MX_DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 
+
+def as_dtype_name(dtype):
+    """mx.float16 -> "float16"; anything else as it is (to be checked by the caller)."""
+    if isinstance(dtype, mx.Dtype):
+        return next((n for n, d in MX_DTYPES.items() if d == dtype), str(dtype))
+    return dtype
+
+
 # Byte units: GB (10^9) for file and download sizes, as the hub and disk tools show them;
 # GiB (2^30) for memory figures.
 GB = 10**9

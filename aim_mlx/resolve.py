@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, hub, memory, registry
-from .constants import DTYPE_NAMES, ITEMSIZE, MX_DTYPES
+from .constants import DTYPE_NAMES, ITEMSIZE, as_dtype_name
 from .convert.converter import ConversionError, check_quantize_options
 from .errors import OptionError
 from .loader import ModelLoadError, model_args, read_config
@@ -32,8 +32,7 @@ def default_dtype() -> str:
 
 def dtype_name(dtype: str | mx.Dtype | None) -> str | None:
     """A weight dtype's name ("float16") from its name or its mx.Dtype (mx.float16)."""
-    if isinstance(dtype, mx.Dtype):
-        dtype = next((n for n, d in MX_DTYPES.items() if d == dtype), str(dtype))
+    dtype = as_dtype_name(dtype)
     if dtype is not None and dtype not in DTYPE_NAMES:
         raise OptionError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
     return dtype

@@ -118,6 +118,14 @@ def test_a_zero_in_the_hub_config_or_the_options_is_refused_by_name(tmp_path, fi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]  # no output made
 
 
+def test_dtype_as_mlx_dtype(tmp_path):
+    """As aim_mlx.load takes it: mx.float16 was "unknown dtype mlx.core.float16"."""
+    out = run(tmp_path / "m", dtype=mx.float16)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    with pytest.raises(ConversionError, match="unknown dtype 'mlx.core.int8'; choose one of"):
+        run(tmp_path / "i8", dtype=mx.int8)
+
+
 @pytest.mark.parametrize("options", [{"q_bits": 4}, {"q_group_size": 32}])
 def test_quantization_options_without_quantize_are_refused(tmp_path, options):
     """As `--q-bits` without `-q` is a usage error: q_bits=4 alone converted unquantized."""

@@ -25,7 +25,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
-from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB
+from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB, as_dtype_name
 from ..errors import AimMlxError, OutputError
 from ..models import ops
 from ..models.aim import AIM, PRESETS, ModelArgs, check_probe_layers, last_probe_layers
@@ -91,6 +91,7 @@ def convert(
     `into_cache`: `out` is a cache entry (`resolve`), which may lie anywhere, even inside the
     checkpoints' folder (AIM_MLX_CACHE=./cache).
     """
+    dtype = as_dtype_name(dtype)  # mx.float16 too, as aim_mlx.load takes it
     if dtype not in MX_DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize:
