@@ -1115,7 +1115,7 @@ def probe():
 )
 @click.option(
     "--lr",
-    default=1e-3,
+    default=3e-3,
     show_default=True,
     type=click.FloatRange(0, min_open=True),
     help="Peak learning rate (linear warmup, cosine decay).",

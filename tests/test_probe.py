@@ -149,6 +149,35 @@ def test_training_leaves_mlxs_global_generator_alone(heads, model_dir, data, tmp
         assert np.array_equal(np.array(first[k]), np.array(head[k])), k
 
 
+def test_the_optimizer_is_adamw_as_pytorch_defines_it():
+    """Two steps against AdamW written out (bias-corrected moments, decoupled decay, the
+    cosine schedule's rate at steps 0 and 1). MLX's AdamW leaves the correction out by
+    default: its first step was 3.2x lr."""
+    from aim_mlx.probe.training import make_optimizer
+
+    lr, wd, total = 1e-2, 0.5, 40
+    opt = make_optimizer(Settings(lr=lr, weight_decay=wd, warmup_epochs=0, epochs=1), total)
+    p = {"w": mx.array([1.0, -2.0, 0.5])}
+    grads = [np.array([0.3, -0.004, 2.0]), np.array([-0.1, 0.02, 1.0])]
+    want, m, v = np.array(p["w"], dtype=np.float64), 0.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        p = opt.apply_gradients({"w": mx.array(g.astype(np.float32))}, p)
+        rate = lr * 0.01 + (lr - lr * 0.01) * 0.5 * (1 + np.cos(np.pi * (t - 1) / total))
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        want = want * (1 - rate * wd)
+        want -= rate * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    np.testing.assert_allclose(np.array(p["w"]), want, rtol=1e-6, atol=1e-7)
+
+
+def test_cli_defaults_are_the_settings_defaults():
+    from aim_mlx.cli import main
+
+    params = {p.name: p.default for p in main.commands["probe"].commands["train"].params}
+    names = {"warmup": "warmup_epochs"}
+    for name in ("kind", "epochs", "batch_size", "lr", "weight_decay", "warmup", "seed"):
+        assert params[name] == getattr(Settings(), names.get(name, name)), name
+
+
 def test_numpy_numbers_in_the_settings_are_written_as_numbers(heads, model_dir, data, tmp_path):
     """A sweep over np.arange(...) seeds trained, then failed writing config.json (numpy's
     int64 is not JSON): nothing was saved."""
