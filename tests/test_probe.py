@@ -398,6 +398,40 @@ def test_validation_images_that_are_training_images_are_refused(data, model_dir,
     assert not out.exists()
 
 
+def test_validation_copies_of_training_images_are_left_out(data, model_dir, tmp_path):
+    """Copies (the same bytes under another name, not a link) are found by the content hash
+    that keys the feature cache: validating on them picked the best epoch on training images,
+    and every copy scored."""
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    val = make_classes(tmp_path / "val", data, ["red", "blue"])  # all 40: copies
+    with pytest.raises(ProbeError, match="every validation image is a copy of a training image"):
+        train(model_dir, root, tmp_path / "h0", val_dir=val, log=lambda _: None,
+              settings=Settings(kind="linear", epochs=1))  # fmt: skip
+    for name in ("red", "blue"):  # keep one copy and three others of each class
+        for i, p in enumerate(sorted((val / name).iterdir())):
+            if i >= 4:
+                p.unlink()
+            elif i:
+                p.write_bytes((data / "green" / p.name).read_bytes())  # not a training image
+    res = cli("probe", "train", root, "-m", model_dir, "-o", tmp_path / "h", "--val", val,
+              "--epochs", "1", "--kind", "linear")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    for name in ("red", "blue"):
+        copy, original = val / name / "000.png", root / name / "000.png"
+        assert f"error: {copy}: left out of validation: a copy of {original}" in res.stderr
+    config = json.loads((tmp_path / "h" / "config.json").read_text())["training"]
+    assert (config["train_images"], config["val_images"]) == (40, 6)
+    # a split: copies whose original went to training are left out of validation too
+    for p in sorted((root / "red").iterdir()):
+        (root / "red" / f"copy-{p.name}").write_bytes(p.read_bytes())
+    res = train(model_dir, root, tmp_path / "h2", val_split=0.5, log=lambda _: None,
+                settings=Settings(kind="linear", epochs=1))  # fmt: skip
+    copies = [e for e in res.errors if "left out of validation" in e[1]]
+    assert copies and res.train_images + res.val_images + len(copies) == 60
+    for path, reason in copies:  # each names the training image it repeats
+        assert Path(path).read_bytes() == Path(reason.split()[-1]).read_bytes()
+
+
 def test_options_the_split_cannot_satisfy_are_refused_before_any_work(
     data, model_dir, tmp_path, no_trunk
 ):

@@ -161,6 +161,22 @@ def evaluate_features(model: nn.Module, store, keys, labels, batch_size: int):
     return loss / n, 100 * hits1 / n, (100 * hits5 / n if classes >= 5 else None)
 
 
+def _without_training_copies(train: list[Sample], val: list[Sample], content: dict):
+    """The validation samples that are not copies of a training image (the same content, by
+    `content`: path -> SHA-256), and a (path, reason) for each copy, left out: validating on
+    training images picks the best epoch on them. ProbeError when every one is a copy."""
+    in_training = {content[s.path]: s.path for s in train if s.path in content}
+    twin = {s.path: in_training.get(content.get(s.path)) for s in val}
+    kept = [s for s in val if twin[s.path] is None]
+    copies = [(p, f"left out of validation: a copy of {t}") for p, t in twin.items() if t]
+    if copies and not kept:
+        raise ProbeError(
+            f"every validation image is a copy of a training image ({copies[0][0]}: "
+            f"{copies[0][1]}); validate on other images"
+        )
+    return kept, copies
+
+
 def draw_initial_weights(module: nn.Module, seed: int) -> None:
     """Draw a new head's weights from `seed` alone, leaving MLX's global generator to the
     caller: linear layers uniform in +-1/sqrt(fan_in) (as MLX draws them), the attention
@@ -358,6 +374,8 @@ def train(
         return None
     usable = dict(zip((s.path for s in ext.samples), ext.keys, strict=True))
     failed = dict(ext.errors)
+    val_samples, copies = _without_training_copies(train_samples, val_samples, usable)
+    skipped = skipped + copies
 
     def keyed(samples: list[Sample], what: str):
         ok = [s for s in samples if s.path in usable]
