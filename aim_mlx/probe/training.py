@@ -61,7 +61,7 @@ class TrainResult:
     train_images: int
     val_images: int
     extracted: int  # images run through the trunk (the others came from the feature cache)
-    errors: list[tuple[str, str]] = field(default_factory=list)  # unreadable files
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, why): files left out
 
 
 def parse_probe_layers(value, args) -> tuple[int, ...]:
