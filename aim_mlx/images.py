@@ -149,7 +149,10 @@ def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[s
     if bad := [p for p in inputs if not isinstance(p, (str, os.PathLike))]:
         got = type(bad[0]).__name__
         if hasattr(bad[0], "shape") or hasattr(bad[0], "getexif"):  # an array or a PIL image
-            hint = "; an image in memory: model(mx.array(aim_mlx.preprocess(image)[None]))"
+            hint = (
+                "; an image in memory: x = mx.array(aim_mlx.preprocess(image)[None]), then "
+                "model(x) for logits or aim_mlx.embed.features(model, x, layers, pool)"
+            )
         else:
             hint, got = "", f"{got} {bad[0]!r:.60}"
         raise TypeError(

@@ -519,7 +519,10 @@ def test_python_api_names_what_it_takes(model, model_dir):
     for run in (aim_mlx.classify, embed):
         with pytest.raises(TypeError, match=r"model: give a loaded model.*got str"):
             run(str(model_dir), [rocket])  # a folder or name, not loaded
-        in_memory = r"got {}; an image in memory: model\(mx.array\(aim_mlx.preprocess\(image\)"
+        in_memory = (
+            r"got {}; an image in memory: x = mx.array\(aim_mlx.preprocess\(image\)\[None\]\), "
+            r"then model\(x\) for logits or aim_mlx.embed.features\(model, x, layers, pool\)"
+        )
         with pytest.raises(TypeError, match=in_memory.format("JpegImageFile")):
             run(model, Image.open(rocket))  # one PIL image (not iterable)
         with pytest.raises(TypeError, match=in_memory.format("ndarray")):
