@@ -132,7 +132,7 @@ def test_training_is_seeded(heads, model_dir, data, tmp_path):
         assert np.array_equal(np.array(a[k]), np.array(b[k])), k
 
 
-def test_training_leaves_mlxs_global_generator_alone(heads, model_dir, data, tmp_path):
+def test_training_does_not_reseed_mlxs_global_generator(heads, model_dir, data, tmp_path):
     """The seed decides the head (its initial weights are drawn from a key of their own), and
     a user's random numbers after training follow from the user's own seed, not from it."""
     after = []
