@@ -119,6 +119,7 @@ def test_head_learns_the_drawn_classes(heads, kind):
     assert config["metrics"]["val_top1"] == result.best.val_top1
     assert config["metrics"]["best_epoch"] == result.best.epoch
     assert config["training"]["seed"] == 0 and config["training"]["epochs"] == 30
+    assert config["training"]["optimizer"] == "AdamW, bias-corrected"  # earlier heads: "AdamW"
 
 
 def test_training_is_seeded(heads, model_dir, data, tmp_path):

@@ -414,7 +414,7 @@ def train(
         trunk=dataclasses.asdict(trunk),
         training=dict(
             **dataclasses.asdict(settings),
-            optimizer="AdamW",
+            optimizer="AdamW, bias-corrected",
             schedule="linear warmup, cosine decay to 1% of lr",
             train_dir=str(train_dir),
             val=str(val_dir) if val_dir is not None else f"split {val_split or 0.2}",
