@@ -361,20 +361,3 @@ def test_linear_adds_the_residual_in_the_matmul_only_on_a_gpu(monkeypatch):
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
     monkeypatch.setattr(mx, "addmm", lambda c, a, b: ("addmm", c, a, b))
     assert layer(x, add=r)[0] == "addmm"
-
-
-def test_worker_threads_end_quietly_without_mx_clear_streams(monkeypatch):
-    """MLX 0.29 (pyproject's lowest) has no `mx.clear_streams` (nor per-thread streams): every
-    worker thread that ran the model printed "Exception ignored ... AttributeError" as it
-    ended."""
-    import sys
-    import threading
-
-    monkeypatch.delattr(mx, "clear_streams")
-    unraisable = []
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    worker = threading.Thread(target=ops.this_thread)
-    worker.start()
-    worker.join()
-    del worker
-    assert unraisable == []

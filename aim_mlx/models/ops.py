@@ -84,8 +84,7 @@ def this_thread() -> dict:
     state = _this_thread.__dict__
     if "end" not in state:
         main = threading.current_thread() is threading.main_thread()
-        per_thread = hasattr(mx, "clear_streams")  # absent (as per-thread streams) in MLX 0.29
-        state["end"] = _AtThreadEnd() if per_thread and not main else None
+        state["end"] = None if main else _AtThreadEnd()
     return state
 
 
