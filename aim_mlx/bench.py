@@ -20,7 +20,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, blas, memory, runtime
-from .constants import MX_DTYPES, GiB
+from .constants import MX_DTYPES, GiB, as_dtype_name
 from .convert.converter import QUANTIZED_LAYER, ConversionError, check_quantize_options
 from .errors import AimMlxError, OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
@@ -39,6 +39,9 @@ class BenchConfig:
     head: str | None = None  # presets only: "best" (the default) or "last" layers
     warmup: int = 1
     iters: int = 5
+
+    def __post_init__(self):
+        self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
 
 
 def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:
@@ -159,6 +162,8 @@ def check(config: BenchConfig) -> None:
             check_quantize_options(config.q_bits, config.q_group_size)
         except ConversionError as e:
             raise OptionError(str(e)) from None
+    elif config.q_group_size != BenchConfig.q_group_size:  # as convert() refuses it
+        raise OptionError(f"q_group_size={config.q_group_size!r} applies with q_bits only")
     if config.model in PRESETS:
         model = AIM(_preset_args(config))  # lazy: no memory
         params = sum(v.size for _, v in tree_flatten(model.parameters()))

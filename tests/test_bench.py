@@ -166,12 +166,20 @@ def test_cli_bench_bad_input(args, message):
         ({"model": "aim-600M", "head": "bset"}, "head must be best, last or None"),  # last's
         ({"model": "aim-600M", "q_bits": 3}, "--q-bits must be 4 or 8, got 3"),  # 3 bits ran
         ({"model": "aim-600M", "q_bits": 4, "q_group_size": 48}, "--q-group-size must be one"),
+        ({"model": "aim-600M", "q_group_size": 32}, "q_group_size=32 applies with q_bits only"),
+        ({"model": "aim-600M", "dtype": mx.int8}, "dtype must be one of.*got 'mlx.core.int8'"),
     ],
 )
 def test_python_bench_checks_its_config(converted, options, message):
     config = bench.BenchConfig(**{"model": str(converted), **options})
     with pytest.raises(ValueError, match=message):
         bench.run(config)
+
+
+def test_python_bench_takes_an_mlx_dtype():
+    config = bench.BenchConfig("aim-600M", dtype=mx.float16)
+    bench.check(config)  # was "dtype must be one of ..., got mlx.core.float16"
+    assert config.dtype == "float16"
 
 
 def test_cli_bench_folder_refuses_dtype(converted):
