@@ -35,7 +35,7 @@ class Settings:
     kind: str = "attention"
     epochs: int = 30
     batch_size: int = 32
-    lr: float = 3e-3  # peak learning rate (benchmarks/README.md, "Probe learning rate")
+    lr: float = 3e-3  # peak learning rate (why 3e-3: benchmarks/probe_lr.py and its write-up)
     weight_decay: float = 0.05
     warmup_epochs: float = 3.0
     seed: int = 0
