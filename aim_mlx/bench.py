@@ -21,7 +21,12 @@ from mlx.utils import tree_flatten
 
 from . import __version__, blas, memory, runtime
 from .constants import MX_DTYPES, GiB, as_dtype_name
-from .convert.converter import QUANTIZED_LAYER, ConversionError, check_quantize_options
+from .convert.converter import (
+    Q_GROUP_SIZE_DEFAULT,
+    QUANTIZED_LAYER,
+    ConversionError,
+    check_quantize_options,
+)
 from .errors import AimMlxError, OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.layers import QuantizedLinear
@@ -33,7 +38,7 @@ class BenchConfig:
     batch_size: int = 1
     dtype: str = "float32"
     q_bits: int | None = None  # None: not quantized
-    q_group_size: int = 64
+    q_group_size: int = Q_GROUP_SIZE_DEFAULT
     compile: bool = False
     img_size: int | None = None  # None: the model's own
     head: str | None = None  # presets only: "best" (the default) or "last" layers
@@ -162,7 +167,7 @@ def check(config: BenchConfig) -> None:
             check_quantize_options(config.q_bits, config.q_group_size)
         except ConversionError as e:
             raise OptionError(str(e)) from None
-    elif config.q_group_size != BenchConfig.q_group_size:  # as convert() refuses it
+    elif config.q_group_size != Q_GROUP_SIZE_DEFAULT:  # as convert() refuses it
         raise OptionError(f"q_group_size={config.q_group_size!r} applies with q_bits only")
     if config.model in PRESETS:
         model = AIM(_preset_args(config))  # lazy: no memory

@@ -13,7 +13,7 @@ import mlx.core as mx
 
 from . import cache, hub, memory, registry
 from .constants import DTYPE_NAMES, ITEMSIZE, as_dtype_name
-from .convert.converter import ConversionError, check_quantize_options
+from .convert.converter import Q_GROUP_SIZE_DEFAULT, ConversionError, check_quantize_options
 from .errors import OptionError
 from .loader import ModelLoadError, model_args, read_config
 from .models import PRESETS, last_probe_layers
@@ -49,7 +49,7 @@ def resolve(
     dtype: str | None = None,
     *,
     quantize_bits: int | None = None,
-    q_group_size: int = 64,
+    q_group_size: int = Q_GROUP_SIZE_DEFAULT,
     keep_downloads: bool = True,
     progress: bool = True,
     endpoint: str | None = None,

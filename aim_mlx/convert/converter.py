@@ -41,6 +41,7 @@ DROPPED_KEYS = ("head.bn.num_batches_tracked",)
 # in the chosen float dtype: quantizing it measurably moves the logits (tests/test_convert.py).
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization supports (mx.quantize)
+Q_BITS_DEFAULT, Q_GROUP_SIZE_DEFAULT = 8, 64
 BLOCK_KEY = re.compile(r"trunk\.blocks\.(0|[1-9]\d*)\.(.+)")
 QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 PREPROCESS = {
@@ -75,8 +76,8 @@ def convert(
     img_size: int | None = None,
     dtype: str = "float32",
     quantize: bool = False,
-    q_bits: int = 8,
-    q_group_size: int = 64,
+    q_bits: int = Q_BITS_DEFAULT,
+    q_group_size: int = Q_GROUP_SIZE_DEFAULT,
     force: bool = False,
     progress: bool = True,
     name: str | None = None,
@@ -96,7 +97,7 @@ def convert(
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize:
         check_quantize_options(q_bits, q_group_size)
-    elif (q_bits, q_group_size) != (8, 64):  # as the command line's --q-bits without -q
+    elif (q_bits, q_group_size) != (Q_BITS_DEFAULT, Q_GROUP_SIZE_DEFAULT):  # as --q-bits without -q
         raise ConversionError(
             f"q_bits={q_bits!r}, q_group_size={q_group_size!r} apply with quantize=True only; "
             "without it the weights are not quantized"
