@@ -47,6 +47,7 @@ class BenchConfig:
 
     def __post_init__(self):
         self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
+        self.model = preset_name(self.model)
 
 
 def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:
@@ -350,14 +351,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(head + [""] + lines)
 
 
+def preset_name(model):
+    """A size named in any case (aim-600m) as PRESETS spells it, as the other commands take
+    model names; a folder or anything else as it is."""
+    if isinstance(model, str) and not Path(model).is_dir():
+        return next((name for name in PRESETS if name.lower() == model.lower()), model)
+    return model
+
+
 def configs(model, batch_sizes, dtypes, q_bits, compile_, img_size, head, warmup, iters):
-    """Every combination of the listed batch sizes and dtypes, each checked before any runs. A
-    size may be named in any case (aim-600m), as the other commands take model names."""
-    sizes = {name.lower(): name for name in PRESETS}
-    if not Path(model).is_dir():
-        model = sizes.get(str(model).lower(), model)
+    """Every combination of the listed batch sizes and dtypes, each checked before any runs."""
     rows = [
-        BenchConfig(model, b, dtype, q_bits, 64, compile_, img_size, head, warmup, iters)
+        BenchConfig(
+            model, b, dtype, q_bits, Q_GROUP_SIZE_DEFAULT, compile_, img_size, head, warmup, iters
+        )
         for dtype in dtypes
         for b in batch_sizes
     ]

@@ -242,6 +242,8 @@ def all_models() -> dict[str, ModelSpec]:
 
 def get(name: str) -> ModelSpec:
     """The spec of a model name (case-insensitive)."""
+    if not isinstance(name, str):  # None.lower() was an AttributeError
+        raise RegistryError(f"a model name must be a string, got {name!r}")
     models = all_models()
     for key, spec in models.items():
         if key.lower() == name.lower():

@@ -5,6 +5,7 @@ converted MLX model folder, downloading and converting into the cache on first u
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -65,6 +66,9 @@ def resolve(
     folder that does not hold the head asked for is an error. `dtype` None picks
     `default_dtype()`.
     """
+    if not isinstance(model, (str, os.PathLike)):  # str(None) would look up "None"
+        known = ", ".join(registry.all_models())
+        raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
     if head is not None and head not in registry.HEADS:
         raise OptionError(
             f"--head must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"

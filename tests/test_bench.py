@@ -182,6 +182,15 @@ def test_python_bench_takes_an_mlx_dtype():
     assert config.dtype == "float16"
 
 
+def test_python_bench_takes_a_size_in_any_case(tmp_path, monkeypatch):
+    config = bench.BenchConfig("aim-600m")  # was "not a preset (aim-600M, ...) nor a model folder"
+    bench.check(config)
+    assert config.model == "aim-600M"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "aim-1b").mkdir()  # a folder of that name stays a folder
+    assert bench.BenchConfig("aim-1b").model == "aim-1b"
+
+
 def test_cli_bench_folder_refuses_dtype(converted):
     res = CliRunner().invoke(main, ["bench", "--model", str(converted), "--dtype", "float16"])
     assert res.exit_code == 2 and "converted folder" in res.output

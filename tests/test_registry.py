@@ -11,6 +11,7 @@ from test_hub import FILES, REPO, registry_entry
 
 import aim_mlx
 from aim_mlx import cache, registry
+from aim_mlx.errors import OptionError
 from aim_mlx.loader import read_config
 from aim_mlx.resolve import default_dtype, resolve
 
@@ -293,3 +294,12 @@ def test_a_malformed_registry_file_is_one_error_naming_it(tmp_path, monkeypatch,
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
     assert f"Error: the registry file {path}" in result.stderr
+
+
+@pytest.mark.parametrize("model", [None, 3, ["aim-600M"]])
+def test_a_model_that_is_not_a_name_nor_a_path_is_one_error(model):
+    # None was a TypeError from pathlib, registry.get(None) an AttributeError
+    with pytest.raises(registry.RegistryError, match=r"a model name must be a string, got"):
+        registry.get(model)
+    with pytest.raises(OptionError, match=r"model must be a model name \(aim-600M, "):
+        aim_mlx.load(model)
