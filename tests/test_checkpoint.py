@@ -380,7 +380,7 @@ def test_absurd_record_size_is_refused_before_reading(ref_dir, tmp_path, monkeyp
         return real_empty(n, *a, **k)
 
     monkeypatch.setattr(checkpoint.np, "empty", small_empty)
-    with pytest.raises(CheckpointError, match="reaches past the end of the file"):
+    with pytest.raises(CheckpointError, match="holds 4294967280 bytes, more than the 16777216"):
         open_checkpoint(path)
 
 
@@ -450,9 +450,47 @@ def test_compressed_pickle_bomb_is_refused_before_inflating(tmp_path, monkeypatc
     with pytest.raises(CheckpointError) as e:
         open_checkpoint(path)
     assert str(e.value) == (
-        f"{path}: its compressed pickle bomb/data.pkl inflates to {17 * 2**20 + 32} bytes, more "
-        "than the 16777216 a state dict of weights could need: damaged, or not a checkpoint"
+        f"{path}: its record bomb/data.pkl holds {17 * 2**20 + 32} bytes, more than the "
+        "16777216 a state dict of weights could need: damaged, or not a checkpoint"
     )
+
+
+@pytest.mark.parametrize("record", ["data.pkl", "byteorder"])
+def test_a_large_stored_pickle_or_byteorder_is_refused_before_reading(
+    tmp_path, monkeypatch, record
+):
+    """Records read whole are capped when stored too: a stored pickle could be most of a
+    many-GB file, and unpickling takes many times its size (1-byte opcodes making lists)."""
+    from aim_mlx.convert import checkpoint
+
+    monkeypatch.setattr(checkpoint, "MAX_PICKLE", 2**16)  # 16 MiB in use
+    body = {
+        "data.pkl": state_dict_pickle([])[:-1] + pickle.EMPTY_LIST * 2**17 + b".",
+        "byteorder": b"little" + b" " * 2**17,
+    }
+    path = tmp_path / "big.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(
+            "big/data.pkl", body["data.pkl"] if record == "data.pkl" else state_dict_pickle([])
+        )
+        z.writestr("big/byteorder", body["byteorder"] if record == "byteorder" else b"little")
+    read = []
+    real_read = checkpoint.TorchCheckpoint._read_record
+
+    def reading(self, name, *args):
+        read.append(name)
+        return real_read(self, name, *args)
+
+    monkeypatch.setattr(checkpoint.TorchCheckpoint, "_read_record", reading)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path)
+    size = len(body[record])
+    limit = 2**16 if record == "data.pkl" else 16
+    assert str(e.value) == (
+        f"{path}: its record big/{record} holds {size} bytes, more than the {limit} a state "
+        "dict of weights could need: damaged, or not a checkpoint"
+    )
+    assert read == (["big/byteorder"] if record == "data.pkl" else [])  # small: read
 
 
 def test_a_view_with_more_elements_than_its_storage_is_refused(tmp_path):

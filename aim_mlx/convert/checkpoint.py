@@ -204,9 +204,11 @@ _DAMAGE = (
 )
 _AGAIN = "download or copy the file again"
 CHUNK = 4 * 2**20
-# The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). A stored one is
-# bounded by the file's size; a compressed one larger than this is refused before it is inflated.
+# The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). One larger than this,
+# stored or compressed, is refused before it is read: it is read whole, and unpickling takes many
+# times its size in memory (each 1-byte EMPTY_LIST opcode makes a list of some 60 bytes).
 MAX_PICKLE = 16 * 2**20
+MAX_BYTEORDER = 16  # "little" or "big"
 # How far past the file's size a compressed record may inflate (zeros deflate ~1000x); a
 # stored record is bounded by the file itself.
 MAX_INFLATED = 64 * 2**20
@@ -262,17 +264,23 @@ class TorchCheckpoint:
             )
         self._prefix = pkl[0][: -len("data.pkl")]
         byteorder = self._prefix + "byteorder"
-        if byteorder in names and bytes(self._read_record(byteorder)).strip() != b"little":
-            raise CheckpointError(f"{self.path}: big-endian checkpoints are not supported")
-        info = self._zip.getinfo(pkl[0])
-        if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_PICKLE:
-            raise CheckpointError(  # a zip bomb: a few MB that inflate to gigabytes
-                f"{self.path}: its compressed pickle {pkl[0]} inflates to {info.file_size} "
-                f"bytes, more than the {MAX_PICKLE} a state dict of weights could need: "
-                "damaged, or not a checkpoint"
-            )
+        if byteorder in names:
+            self._check_small(byteorder, MAX_BYTEORDER)
+            if bytes(self._read_record(byteorder)).strip() != b"little":
+                raise CheckpointError(f"{self.path}: big-endian checkpoints are not supported")
+        self._check_small(pkl[0], MAX_PICKLE)
         data = self._read_record(pkl[0])
         self.tensors = _unpickle_state_dict(bytes(data), str(self.path))
+
+    def _check_small(self, name: str, limit: int) -> None:
+        """Refuse a record read whole (the pickle, the byteorder) larger than `limit` bytes,
+        before reading it: stored, it could be most of a large file; compressed, a zip bomb."""
+        size = self._zip.getinfo(name).file_size
+        if size > limit:
+            raise CheckpointError(
+                f"{self.path}: its record {name} holds {size} bytes, more than the {limit} a "
+                "state dict of weights could need: damaged, or not a checkpoint"
+            )
 
     def keys(self) -> list[str]:
         return list(self.tensors)
