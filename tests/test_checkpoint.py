@@ -166,6 +166,64 @@ def test_reduce_and_build_only_on_allowed_objects(tmp_path):
         open_checkpoint(path)
 
 
+DEEP = pickle.EMPTY_TUPLE + pickle.TUPLE1 * 300_000  # ((((),),),...): 300 KB
+DEEP_KEYS = {
+    "setitem": pickle.EMPTY_DICT + DEEP + pickle.NONE + pickle.SETITEM,
+    "setitems": pickle.EMPTY_DICT + pickle.MARK + DEEP + pickle.NONE + pickle.SETITEMS,
+    "dict": pickle.MARK + DEEP + pickle.NONE + pickle.DICT,
+    "frozenset": pickle.MARK + DEEP + pickle.FROZENSET,
+    "additems": pickle.EMPTY_SET + pickle.MARK + DEEP + pickle.ADDITEMS,
+    "OrderedDict(pairs)": _global("collections", "OrderedDict")
+    + DEEP
+    + pickle.NONE
+    + pickle.TUPLE2
+    + pickle.TUPLE1
+    + pickle.TUPLE1
+    + pickle.REDUCE,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DEEP_KEYS))
+def test_a_deeply_nested_key_is_refused_not_a_crash(tmp_path, kind):
+    """Hashing a tuple nested 300,000 deep overflows the C stack: the process died (SIGSEGV)
+    with no message. Dict keys and set items must be strings or ints; OrderedDict() takes no
+    arguments (torch pickles its items after it)."""
+    data = pickle.PROTO + b"\x04" + DEEP_KEYS[kind] + pickle.STOP
+    path = save_torch_zip(tmp_path / "deep.pth", {}, pickle_bytes=data)
+    code = (
+        "import sys\nfrom aim_mlx.convert import open_checkpoint, UnsafePickleError\n"
+        "try:\n    open_checkpoint(sys.argv[1])\nexcept UnsafePickleError as e:\n    print(e)"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-500:]
+    expected = (
+        "refusing REDUCE on OrderedDict with arguments"
+        if kind == "OrderedDict(pairs)"
+        else "refusing a tuple as a dict key or set item: a state dict's keys are strings"
+    )
+    assert run.stdout == f"{path}: {expected}\n"
+
+
+def test_a_value_nested_too_deep_for_its_repr_is_a_clean_error(tmp_path):
+    """Messages show hostile values through their repr, which fails on deep nesting: that
+    RecursionError escaped as a traceback where the pickle's own loop did not catch it."""
+    from aim_mlx.convert.checkpoint import _short
+
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert _short(deep) == "a list nested too deep"
+    data = pickle.PROTO + b"\x02" + pickle.EMPTY_LIST * 100_000 + pickle.APPEND * 99_999
+    path = save_torch_zip(tmp_path / "deep.pth", {}, pickle_bytes=data + pickle.STOP)
+    with pytest.raises(CheckpointError, match="holds a list, not a state dict"):
+        open_checkpoint(path)
+    path = save_torch_zip(
+        tmp_path / "r.pth", {}, pickle_bytes=data + pickle.EMPTY_TUPLE + pickle.REDUCE + b"."
+    )
+    with pytest.raises(UnsafePickleError, match="refusing REDUCE on a list nested too deep"):
+        open_checkpoint(path)
+
+
 def test_truncated_checkpoint(tmp_path, ref_dir):
     data = (ref_dir / "backbone.pth").read_bytes()
     path = tmp_path / "backbone.pth"

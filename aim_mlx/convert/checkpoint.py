@@ -100,7 +100,10 @@ def _rebuild_tensor_v2(
 
 def _short(value) -> str:
     """A value's repr for a message, cut short (a hostile pickle may hold megabytes)."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # nested a million deep
+        return f"a {type(value).__name__} nested too deep"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -114,6 +117,10 @@ _ALLOWED_GLOBALS = {
     **{("torch", name): st for name, st in STORAGE_TYPES.items()},
 }
 _CALLABLE = (collections.OrderedDict, _rebuild_tensor_v2)
+# What a state dict's dicts are keyed by (tensor names, "_metadata"'s module names, "version").
+# Anything else is refused before it is hashed: hashing a tuple nested a million deep (3 MB of
+# TUPLE1 opcodes) overflows the C stack, a crash no exception handler sees.
+_KEY_TYPES = (str, int)
 
 
 class _StateDictUnpickler(pickle._Unpickler):
@@ -148,6 +155,8 @@ class _StateDictUnpickler(pickle._Unpickler):
         func = self.stack[-1]
         if func not in _CALLABLE or not isinstance(args, tuple):
             raise UnsafePickleError(f"refusing REDUCE on {_short(func)}")
+        if func is collections.OrderedDict and args:  # torch pickles OrderedDict(), then items
+            raise UnsafePickleError("refusing REDUCE on OrderedDict with arguments")
         self.stack[-1] = func(*args)
 
     def load_build(self):
@@ -161,11 +170,44 @@ class _StateDictUnpickler(pickle._Unpickler):
             raise UnsafePickleError(f"refusing BUILD on {type(inst).__name__}")
         inst.__dict__.update(state)
 
+    def _check_keys(self, keys):
+        for key in keys:
+            if type(key) not in _KEY_TYPES:
+                raise UnsafePickleError(
+                    f"refusing a {type(key).__name__} as a dict key or set item: a state "
+                    "dict's keys are strings"
+                )
+
+    def load_setitem(self):
+        self._check_keys(self.stack[-2:-1])
+        pickle._Unpickler.load_setitem(self)
+
+    def load_setitems(self):  # the items since the MARK are the stack
+        self._check_keys(self.stack[::2])
+        pickle._Unpickler.load_setitems(self)
+
+    def load_dict(self):
+        self._check_keys(self.stack[::2])
+        pickle._Unpickler.load_dict(self)
+
+    def load_additems(self):
+        self._check_keys(self.stack)
+        pickle._Unpickler.load_additems(self)
+
+    def load_frozenset(self):
+        self._check_keys(self.stack)
+        pickle._Unpickler.load_frozenset(self)
+
     def _refuse(self):
         raise UnsafePickleError("refusing to create an object (INST/OBJ/NEWOBJ opcode)")
 
     dispatch[pickle.REDUCE[0]] = load_reduce
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+    dispatch[pickle.DICT[0]] = load_dict
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
     for _op in (pickle.INST, pickle.OBJ, pickle.NEWOBJ, pickle.NEWOBJ_EX):
         dispatch[_op[0]] = _refuse
     for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
