@@ -238,8 +238,21 @@ def test_storage_shorter_than_its_tensor(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("short/data.pkl", data)
         z.writestr("short/data/0", np.zeros(3, np.float32).tobytes())
-    with pytest.raises(CheckpointError, match="holds 12 bytes, expected 16"):
+    with pytest.raises(CheckpointError, match="holds 12 bytes, expected 16: damaged or trunc"):
         open_checkpoint(path).load("w")
+
+
+def test_a_view_past_its_storage_says_what_to_do(tmp_path):
+    data = state_dict_pickle([("w", np.float32, (2,), (1,), 3, 4)])  # elements 3 and 4 of 4
+    path = tmp_path / "past.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("past/data.pkl", data)
+        z.writestr("past/data/0", np.zeros(4, np.float32).tobytes())
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(path).load("w")
+    assert str(e.value) == (
+        f"{path}: tensor 'w' reaches past its storage: damaged; download or copy the file again"
+    )
 
 
 @pytest.mark.parametrize(

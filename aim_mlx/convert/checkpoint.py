@@ -350,13 +350,15 @@ class TorchCheckpoint:
         if info.file_size != t.storage.numel * itemsize:
             raise CheckpointError(
                 f"{self.path}: storage of {key!r} holds {info.file_size} bytes, "
-                f"expected {t.storage.numel * itemsize}"
+                f"expected {t.storage.numel * itemsize}: damaged or truncated; {_AGAIN}"
             )
         numel = math.prod(t.shape)
         contiguous = _contiguous_strides(t.shape) == t.stride or numel <= 1
         span = _span(t.shape, t.stride) if numel else 0
         if t.offset + span > t.storage.numel:
-            raise CheckpointError(f"{self.path}: tensor {key!r} reaches past its storage")
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} reaches past its storage: damaged; {_AGAIN}"
+            )
         count = numel if contiguous else span  # a view: the elements it spans, not its storage
         raw = self._read_record(member, t.offset * itemsize, count * itemsize)
         np_dtype = np.uint16 if t.dtype == "bfloat16" else np.dtype(t.dtype)
