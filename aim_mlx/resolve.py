@@ -14,7 +14,12 @@ import mlx.core as mx
 
 from . import cache, hub, memory, registry
 from .constants import DTYPE_NAMES, ITEMSIZE, as_dtype_name
-from .convert.converter import Q_GROUP_SIZE_DEFAULT, ConversionError, check_quantize_options
+from .convert.converter import (
+    Q_GROUP_SIZE_DEFAULT,
+    ConversionError,
+    WriteError,
+    check_quantize_options,
+)
 from .errors import OptionError
 from .loader import ModelLoadError, model_args, read_config
 from .models import PRESETS, last_probe_layers
@@ -363,6 +368,8 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
             **_official_match(sources, head),
             **_quant_kwargs(quant),
         )
+    except WriteError:  # the cache's disk, not the checkpoints: converting by hand won't help
+        raise
     except ConversionError as e:
         raise ConversionError(
             f"{folder}: {e}. Convert it with `aim-mlx convert` and the options it needs "

@@ -729,3 +729,32 @@ def test_weights_past_float16s_range_are_refused_in_float16_only(tmp_path):
         folder = run(tmp_path / dtype, head=head, dtype=dtype)
         weights = aim_mlx.load(folder).head.linear.weight
         assert weights[3, 4].item() == (-1.0e5 if dtype == "float32" else -99840.0)  # rounded
+
+
+def test_a_full_disk_says_so_not_to_convert_by_hand(tmp_path, monkeypatch):
+    """A disk that fills midway: the message says to free space, leaves nothing behind, and
+    a cache fill from a checkpoint folder no longer advises `aim-mlx convert --out DIR` (the
+    advice for checkpoints it cannot convert alone), which would fill the same disk."""
+    from aim_mlx import resolve
+    from aim_mlx.convert import safetensors_writer
+
+    def full(self, name, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_writer.SafetensorsWriter, "write", full)
+    with pytest.raises(ConversionError) as e:
+        convert(tmp_path / "m", hf_path=REF / "hf_repo", progress=False)
+    assert str(e.value) == (
+        f"{tmp_path / 'm'}: No space left on device: free some space and run the command again"
+    )
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    hub = tmp_path / "hub"
+    shutil.copytree(REF / "hf_repo", hub)
+    with pytest.raises(ConversionError) as e:
+        resolve.resolve(hub, dtype="float32", progress=False)
+    assert str(e.value).endswith(
+        "No space left on device: free some space and run the command again"
+    )
+    assert "aim-mlx convert" not in str(e.value)
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == []

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from errno import ENOSPC
 from pathlib import Path
 
 import mlx.core as mx
@@ -54,6 +55,10 @@ PREPROCESS = {
 
 class ConversionError(AimMlxError, ValueError):
     """A conversion that cannot proceed; the message says what to do."""
+
+
+class WriteError(ConversionError):
+    """The output could not be written (a full disk, an I/O error): not the checkpoints' fault."""
 
 
 @dataclass
@@ -587,7 +592,8 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
         hasher.stop.set()
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, AimMlxError):  # disk full, I/O error
-            raise ConversionError(f"{e.filename or out}: {e.strerror or e}") from None
+            hint = ": free some space and run the command again" if e.errno == ENOSPC else ""
+            raise WriteError(f"{e.filename or out}: {e.strerror or e}{hint}") from None
         raise
     return out
 
