@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -758,3 +759,40 @@ def test_a_full_disk_says_so_not_to_convert_by_hand(tmp_path, monkeypatch):
     )
     assert "aim-mlx convert" not in str(e.value)
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == []
+
+
+def test_tensors_far_larger_than_their_files_are_refused(tmp_path, monkeypatch):
+    """Compressed records of zeros (or views sharing one storage) let a file of a few MB stand
+    for TBs of output: 1.4 MB wrote 904 MB before, unbounded but for the pickle's size. A
+    deflated copy of real weights still converts."""
+    import zipfile
+
+    monkeypatch.setattr(converter_module, "SOURCE_SLACK", 0)  # 64 MiB in use
+    real = REF / "hf_repo" / "pytorch_model.bin"
+    for name, zeros in (("bomb", True), ("deflated", False)):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(REF / "hf_repo" / "config.json", folder)
+        with (
+            zipfile.ZipFile(real) as src,
+            zipfile.ZipFile(folder / "pytorch_model.bin", "w", zipfile.ZIP_DEFLATED) as out,
+        ):
+            for info in src.infolist():
+                data = src.read(info)
+                if zeros and "/data/" in info.filename:
+                    data = bytes(len(data))
+                out.writestr(info.filename, data)
+    convert(tmp_path / "ok", hf_path=tmp_path / "deflated", progress=False)
+    bomb = tmp_path / "bomb" / "pytorch_model.bin"
+    with pytest.raises(ConversionError) as e:
+        convert(tmp_path / "out", hf_path=tmp_path / "bomb", progress=False)
+    ckpt = open_checkpoint(real)
+    claimed = sum(
+        4 * math.prod(ckpt.shape(k)) for k in ckpt.keys() if k != "head.bn.num_batches_tracked"
+    )
+    assert str(e.value) == (
+        f"the tensors in {bomb} take {claimed} bytes, more than twice the "
+        f"files' {bomb.stat().st_size}: tensors sharing their bytes, or records that inflate far "
+        "(a damaged file, or a zip bomb); download or copy the files again"
+    )
+    assert not (tmp_path / "out").exists()

@@ -43,6 +43,10 @@ DROPPED_KEYS = ("head.bn.num_batches_tracked",)
 Q_BITS = (4, 8)
 Q_GROUP_SIZES = (32, 64, 128)  # what MLX's affine quantization supports (mx.quantize)
 Q_BITS_DEFAULT, Q_GROUP_SIZE_DEFAULT = 8, 64
+# A conversion refuses tensors that take more than twice their files' size (plus this): views
+# sharing one storage, or compressed records of zeros, would let a few MB fill the disk with TBs.
+# Stored weights take their size; deflate saves a few percent on them.
+SOURCE_SLACK = 64 * 2**20
 BLOCK_KEY = re.compile(r"trunk\.blocks\.(0|[1-9]\d*)\.(.+)")
 QUANTIZED_LAYER = re.compile(r"trunk\.blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)$")
 PREPROCESS = {
@@ -124,6 +128,7 @@ def convert(
     tensors = _merge(checkpoints)
     args = _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
     sources = _match(tensors, args)
+    _check_source_bytes(sources, files)
 
     q = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"} if quantize else None
     if q:
@@ -143,6 +148,18 @@ def convert(
     trunk_files = {Path(s.checkpoint.path) for s in sources if not s.key.startswith("head.")}
     hasher = _SourceHasher(files, trunk_files)
     return _write_folder(out, plan, config, force, progress, hasher)
+
+
+def _check_source_bytes(sources: list[Source], files: list[Path]) -> None:
+    """ConversionError if the tensors take far more bytes than their files (`SOURCE_SLACK`)."""
+    claimed = sum(_source_nbytes(s) for s in sources)
+    have = sum(f.stat().st_size for f in files)
+    if claimed > 2 * have + SOURCE_SLACK:
+        raise ConversionError(
+            f"the tensors in {', '.join(str(f) for f in files)} take {claimed} bytes, more than "
+            f"twice the files' {have}: tensors sharing their bytes, or records that inflate far "
+            "(a damaged file, or a zip bomb); download or copy the files again"
+        )
 
 
 def _is_model_folder(folder: Path) -> bool:
