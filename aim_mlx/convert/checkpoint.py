@@ -246,10 +246,10 @@ _DAMAGE = (
 )
 _AGAIN = "download or copy the file again"
 CHUNK = 4 * 2**20
-# The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). One larger than this,
-# stored or compressed, is refused before it is read: it is read whole, and unpickling takes many
-# times its size in memory (each 1-byte EMPTY_LIST opcode makes a list of some 60 bytes).
-MAX_PICKLE = 16 * 2**20
+# The pickle takes about 100 bytes per tensor (aim-7B's backbone: some 40 KB). One larger than this
+# (100 times that), stored or compressed, is refused before it is read: it is read whole, and
+# unpickling takes many times its size (each 1-byte EMPTY_LIST makes a list of some 60 bytes).
+MAX_PICKLE = 4 * 2**20
 MAX_BYTEORDER = 16  # "little" or "big"
 # How far past the file's size a compressed record may inflate (zeros deflate ~1000x); a
 # stored record is bounded by the file itself.
