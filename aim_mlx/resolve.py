@@ -335,15 +335,42 @@ def _fingerprint(folder: Path, sources: dict) -> str:
     return h.hexdigest()[:10]
 
 
+def _named_spec(sources: dict, head: str):
+    """The registered model whose backbone file name the folder's backbone carries, or None."""
+    name = Path(sources.get("backbone", "")).name
+    specs = registry.all_models().values()
+    return next((s for s in specs if s.backbone.filename == name and head in s.heads), None)
+
+
 def _official_match(sources: dict, head: str) -> dict:
     """Architecture options when the files carry an official name, else none (the converter
     then reads what it can from the tensors and the folder's config.json)."""
-    name = Path(sources.get("backbone", "")).name
-    for spec in registry.all_models().values():
-        if spec.backbone.filename == name and head in spec.heads:
-            args = spec.model_args(head)
-            return dict(probe_layers=list(args.probe_layers), num_heads=args.num_heads)
+    if spec := _named_spec(sources, head):
+        args = spec.model_args(head)
+        return dict(probe_layers=list(args.probe_layers), num_heads=args.num_heads)
     return {}
+
+
+def _check_named_weights(sources: dict, head: str) -> None:
+    """ConversionError if the backbone carries a registered model's file name but not its
+    shapes: that model's head count and probe layers would be used on other weights (aim-3B's
+    under aim-600M's names made a 12-head model of a 24-head one)."""
+    if not (spec := _named_spec(sources, head)):
+        return
+    from .convert.checkpoint import open_checkpoint
+    from .convert.converter import PATCH_WEIGHT
+
+    tensors = open_checkpoint(sources["backbone"])  # the pickle only: shapes, no weights
+    keys = tensors.keys()
+    width = tensors.shape(PATCH_WEIGHT)[0] if PATCH_WEIGHT in keys else None
+    blocks = len({k.split(".")[2] for k in keys if k.startswith("trunk.blocks.")})
+    want = (spec.arch["embed_dim"], spec.arch["num_blocks"])
+    if (width, blocks) != want:
+        raise ConversionError(
+            f"{Path(sources['backbone']).name} is {spec.name}'s file name, but its weights are "
+            f"not {spec.name}'s (embed_dim {width}, {blocks} blocks; {spec.name} has {want[0]} "
+            f"and {want[1]}); if they are another model's, rename the files"
+        )
 
 
 def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
@@ -353,6 +380,7 @@ def _from_checkpoints(folder: Path, head, dtype, quant, progress) -> Path:
     key = cache.entry_key(f"local-{stem}-{_fingerprint(folder, sources)}", head, dtype, quant)
 
     def checked_sources() -> dict:
+        _check_named_weights(sources, head)
         float32_bytes = sum(f.stat().st_size for f in _source_files(sources))
         needs = converted_size(float32_bytes // 4, dtype, quant)
         hub.check_disk_space({cache.cache_root(): needs}, str(folder))

@@ -5,12 +5,13 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import REF, rel_err
+from conftest import FIXTURE_CONFIG, REF, rel_err
 from hub_server import HubServer
 from test_hub import FILES, REPO, registry_entry
 
 import aim_mlx
 from aim_mlx import cache, registry
+from aim_mlx.convert.converter import ConversionError
 from aim_mlx.errors import OptionError
 from aim_mlx.loader import read_config
 from aim_mlx.resolve import default_dtype, resolve
@@ -303,3 +304,28 @@ def test_a_model_that_is_not_a_name_nor_a_path_is_one_error(model):
         registry.get(model)
     with pytest.raises(OptionError, match=r"model must be a model name \(aim-600M, "):
         aim_mlx.load(model)
+
+
+def test_checkpoints_named_as_a_registered_model_but_of_another_shape_are_refused(tmp_path):
+    """The file names set the head count and probe layers: on other weights that made a model
+    of the wrong head count without a word (here 2 heads of 32 for the fixture's 4 of 16)."""
+    wide = {**FIXTURE_CONFIG["config"], "embed_dim": 128, "num_heads": 2}
+    entry = registry_entry()
+    entry.update(name="aim-wide", arch=wide)
+    entry["backbone"] = {**entry["backbone"], "filename": "wide_backbone.pth"}
+    entry["heads"] = {
+        v: {**f, "filename": f"wide_head_{v}_layers.pth"} for v, f in entry["heads"].items()
+    }
+    registry.register(entry)
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "wide_backbone.pth").symlink_to(REF / "backbone.pth")
+    (folder / "wide_head_best_layers.pth").symlink_to(REF / "head_best_layers.pth")
+    with pytest.raises(ConversionError) as e:
+        aim_mlx.load(folder, progress=False)
+    assert str(e.value).startswith(
+        f"{folder}: wide_backbone.pth is aim-wide's file name, but its weights are not "
+        "aim-wide's (embed_dim 64, 8 blocks; aim-wide has 128 and 8); if they are another "
+        "model's, rename the files. Convert it with `aim-mlx convert`"
+    )
+    assert cache.list_entries() == []  # nothing converted
