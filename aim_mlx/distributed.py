@@ -124,8 +124,9 @@ def _collective(what: str):
     except DistributedError:
         raise
     except (RuntimeError, _LostRank) as e:  # the ring backend: "connection to a peer was lost"
-        if isinstance(e, _LostRank):
-            other = f"rank {e.args[0]}/{size()}"
+        if isinstance(e, _LostRank):  # the parts that did not come (not always one rank's:
+            # with three or more ranks a rank relaying a lost one's part sends none of its own)
+            other = " or ".join(f"rank {r}/{size()}" for r in e.args)
         else:
             other = f"rank {1 - rank()}/2" if size() == 2 else "another rank"
         raise DistributedError(
@@ -198,18 +199,22 @@ def _all_gather(x: np.ndarray) -> list[np.ndarray]:
     """Every rank's `x` (the same shape and dtype on all ranks), in rank order.
 
     A peer that is gone can leave an all_gather returning zeros instead of raising: each part
-    carries a check (a marker, its rank and the CRC-32 of its bytes) that is verified here."""
+    carries a check (a marker, its rank and the CRC-32 of its bytes) that is verified here; the
+    ranks whose parts fail it are named."""
     data = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
     check = np.frombuffer(b"aim" + bytes([rank() % 256]), np.uint8)
     crc = np.array([zlib.crc32(data)], np.uint32).view(np.uint8)
     sent = np.concatenate([data, check, crc])
     out = np.array(mx.distributed.all_gather(mx.array(sent), stream=mx.cpu))
     parts = out.reshape(size(), -1)
+    lost = []
     for r, part in enumerate(parts):
         body, tail = part[: data.size], part[data.size :]
         ok = tail[:4].tobytes() == b"aim" + bytes([r % 256])
         if not ok or tail[4:].view(np.uint32)[0] != zlib.crc32(body):
-            raise _LostRank(r)
+            lost.append(r)
+    if lost:
+        raise _LostRank(*lost)
     return [part[: data.size].view(x.dtype).reshape(x.shape) for part in parts]
 
 

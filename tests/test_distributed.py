@@ -304,3 +304,19 @@ def test_probe_eval_confusion_output_is_checked_by_rank_0_alone(hub_folder, tmp_
     refused = "c.png already exists; choose another output or pass --force"
     assert f"Error: rank 1/2: rank 0 stopped before any work: {refused}" in two.stderr, two.stderr
     assert (tmp_path / "c.png").read_bytes() == b"keep"
+
+
+def test_parts_that_did_not_come_are_all_named(monkeypatch):
+    """Three ranks, rank 2 gone: rank 1 receives neither rank 2's part nor that of rank 0, which
+    relays it (as seen under mlx.launch -n 3). The message names both, not rank 0 alone."""
+    monkeypatch.setattr(distributed, "size", lambda: 3)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+
+    def all_gather(sent, stream=None):  # rank 1's own part only; zeros for the others
+        own = np.array(sent)
+        return np.concatenate([np.zeros_like(own), own, np.zeros_like(own)])
+
+    monkeypatch.setattr(mx.distributed, "all_gather", all_gather)
+    with pytest.raises(distributed.DistributedError) as e, distributed._collective("gathering"):
+        distributed.gather_json({"errors": {}})
+    assert str(e.value).startswith("rank 1/3: no answer from rank 0/3 or rank 2/3 while gathering")
