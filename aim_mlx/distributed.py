@@ -288,16 +288,20 @@ def on_root(check: Callable[[], object]):
 
 def check_same_inputs(items, what: str) -> None:
     """Every rank must have listed the same inputs, in the same order."""
+    unreadable = next((f"{it.path}: {it.error}" for it in items if it.error), None)
     with _collective(f"comparing the inputs of {what}"):
-        seen = gather_json([len(items), _digest(items)])
-    different = [r for r, s in enumerate(seen) if s != seen[0]]
+        seen = gather_json([len(items), _digest(items), unreadable])
+    different = [r for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
     if different:
         r = different[0]
+        (n, _, why), (n0, _, why0) = seen[r], seen[0]
+        found = f"{n} inputs and rank 0 {n0}" if n != n0 else "other inputs than rank 0"
+        if why != why0:  # a file missing (or unreadable) on one machine only: name it
+            found += f" (rank {r}: {why})" if why else f" (rank 0: {why0})"
         raise DistributedError(
             tag(
-                f"rank {r} found {seen[r][0]} inputs and rank 0 {seen[0][0]}, or other paths: "
-                "every machine needs the same images at the same paths (relative paths are "
-                "taken from each rank's working folder)"
+                f"rank {r} found {found}: every machine needs the same images at the same paths "
+                "(relative paths are taken from each rank's working folder)"
             )
         )
 

@@ -320,3 +320,27 @@ def test_parts_that_did_not_come_are_all_named(monkeypatch):
     with pytest.raises(distributed.DistributedError) as e, distributed._collective("gathering"):
         distributed.gather_json({"errors": {}})
     assert str(e.value).startswith("rank 1/3: no answer from rank 0/3 or rank 2/3 while gathering")
+
+
+def test_an_input_missing_on_one_rank_only_is_named(monkeypatch):
+    """Same paths, but one is missing on rank 1's machine: the message names it (it said "rank 1
+    found 2 inputs and rank 0 2, or other paths")."""
+    from aim_mlx.images import Item
+
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    sent = []
+
+    def gather_json(record):  # rank 0's record (the first sent), then this one as rank 1's
+        sent.append(record)
+        return [sent[0], record]
+
+    monkeypatch.setattr(distributed, "gather_json", gather_json)
+    distributed.check_same_inputs([Item("a.png"), Item("b.png")], "embed")  # rank 0
+    missing = [Item("a.png"), Item("b.png", "no such file or folder")]
+    with pytest.raises(distributed.DistributedError) as e:
+        distributed.check_same_inputs(missing, "embed")  # rank 1
+    assert str(e.value).startswith(
+        "rank 0/2: rank 1 found other inputs than rank 0 (rank 1: b.png: no such file or folder): "
+        "every machine needs the same images at the same paths"
+    )
