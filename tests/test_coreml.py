@@ -711,3 +711,22 @@ def test_exports_in_threads_take_turns_with_the_temporary_folder(tmp_path):
     first, second = seen[0][0], seen[2][0]
     assert {first, second} == {"a", "b"}
     assert seen == [(n, str(tmp_path / n)) for n in (first, first, second, second)]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"precision": "bf16"}, "precision must be one of float16, float32, mixed, got 'bf16'"),
+        ({"compress": "int4"}, "compress must be one of none, int8"),
+        ({"img_size": 30}, "img_size must be a positive multiple of the patch size 14, got 30"),
+        ({"img_size": 0}, "got 0"),  # was the model's 224 px, silently
+        ({"img_size": 14.0}, "got 14.0"),  # was a TypeError from coremltools
+    ],
+)
+def test_bad_options_are_refused_before_the_output_folders_are_made(
+    model, tmp_path, options, message
+):
+    out = tmp_path / "new" / "m.mlpackage"
+    with pytest.raises(coreml.ExportError, match=message):
+        coreml.export_coreml(model, out, progress=False, **options)
+    assert list(tmp_path.iterdir()) == []  # no folder made for an export that cannot run

@@ -605,10 +605,10 @@ def export_coreml(
         "class 0", "class 1", ... (as `aim-mlx classify` names them).
     progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
     """
-    out = check_output(out, overwrite)
     args = model.args
-    img_size = img_size or args.img_size
+    img_size = args.img_size if img_size is None else img_size
     _check_options(precision, compress, target, img_size, args.patch_size)
+    img_size = int(img_size)
     trained = getattr(model, "trained_head", None)
     if not features:
         names = class_names(model)  # a trained head's, "class I" for a head of another size
@@ -617,6 +617,7 @@ def export_coreml(
             raise ExportError(
                 f"the model has {args.num_classes} classes but {len(labels)} labels were given"
             )
+    out = check_output(out, overwrite)  # once the options are known good: it creates folders
     ct = require_coremltools()
     from coremltools.converters.mil import Builder as mb
 
@@ -724,5 +725,8 @@ def _check_options(precision, compress, target, img_size, patch):
     ):
         if value not in choices:
             raise ExportError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
-    if img_size <= 0 or img_size % patch:
-        raise ExportError(f"img_size must be a positive multiple of the patch size {patch}")
+    whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
+    if not whole or img_size <= 0 or img_size % patch:
+        raise ExportError(
+            f"img_size must be a positive multiple of the patch size {patch}, got {img_size!r}"
+        )
