@@ -730,3 +730,10 @@ def test_bad_options_are_refused_before_the_output_folders_are_made(
     with pytest.raises(coreml.ExportError, match=message):
         coreml.export_coreml(model, out, progress=False, **options)
     assert list(tmp_path.iterdir()) == []  # no folder made for an export that cannot run
+
+
+def test_a_model_name_instead_of_a_model_is_a_clear_type_error(tmp_path):
+    """As aim_mlx.classify and embed say it (was "'str' object has no attribute 'args'")."""
+    with pytest.raises(TypeError, match=r"give a loaded model, model = aim_mlx.load\(...\)"):
+        coreml.export_coreml("aim-600M", tmp_path / "m.mlpackage")
+    assert list(tmp_path.iterdir()) == []

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import __version__
+from .. import __version__, images
 from ..classifier import class_names
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import AimMlxError, OutputError
@@ -605,6 +605,7 @@ def export_coreml(
         "class 0", "class 1", ... (as `aim-mlx classify` names them).
     progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
     """
+    images.check_model(model)  # a name or folder: aim_mlx.load it first, as for classify
     args = model.args
     img_size = args.img_size if img_size is None else img_size
     _check_options(precision, compress, target, img_size, args.patch_size)
