@@ -274,6 +274,8 @@ def _setting(read):
 def run(config: BenchConfig, model: AIM | None = None) -> dict:
     """Time `config`; returns one result row (see `aim-mlx bench --json`)."""
     check_counts(config)
+    if model is not None:  # a name or folder goes in config.model
+        images.check_model(model)
     mx.reset_peak_memory()
     model = model if model is not None else make_model(config)
     build_peak = mx.get_peak_memory()

@@ -190,6 +190,12 @@ def test_python_bench_checks_img_size_as_classify_does(converted, img_size, pres
         bench.run(config)
 
 
+def test_python_bench_model_must_be_a_loaded_model():
+    """As aim_mlx.classify says it (was "'str' object has no attribute 'args'")."""
+    with pytest.raises(TypeError, match=r"give a loaded model, model = aim_mlx.load"):
+        bench.run(bench.BenchConfig("aim-600M"), model="aim-600M")
+
+
 def test_python_bench_takes_an_mlx_dtype():
     config = bench.BenchConfig("aim-600M", dtype=mx.float16)
     bench.check(config)  # was "dtype must be one of ..., got mlx.core.float16"
