@@ -737,3 +737,34 @@ def test_a_model_name_instead_of_a_model_is_a_clear_type_error(tmp_path):
     with pytest.raises(TypeError, match=r"give a loaded model, model = aim_mlx.load\(...\)"):
         coreml.export_coreml("aim-600M", tmp_path / "m.mlpackage")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_coremltools_import_ends_the_export(monkeypatch):
+    """coremltools' import swallows exceptions in bare `except:` clauses: the CLI's SystemExit
+    on SIGTERM (a launcher or `timeout` stopping it) was lost there, and the export went on."""
+    import importlib.abc
+    import importlib.util
+    import time
+
+    class SwallowingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "coremltools" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+            except BaseException:  # what coremltools' import does
+                pass
+
+    monkeypatch.delitem(sys.modules, "coremltools")
+    monkeypatch.setattr(sys, "meta_path", [SwallowingImport(), *sys.meta_path])
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the CLI's
+    try:
+        with pytest.raises(SystemExit):
+            coreml.require_coremltools()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
-from ..output import move_into_place, prepare_output, temp_path
+from ..output import move_into_place, prepare_output, signals_held, temp_path
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
@@ -84,33 +83,14 @@ def require_coremltools():
     log = logging.getLogger("coremltools")
     level = log.level
     log.setLevel(logging.ERROR)  # Linux: "Failed to load _MLModelProxy" etc. on import
-    try:
-        with _interrupt_after():
+    try:  # Ctrl-C and SIGTERM held back: its import swallows KeyboardInterrupt and SystemExit
+        with signals_held():  # in bare `except:` clauses, and the export would go on
             import coremltools
     except ImportError as e:
         raise ExportError(f"{INSTALL_HINT} ({e})") from None
     finally:
         log.setLevel(level)
     return coremltools
-
-
-@contextmanager
-def _interrupt_after():
-    """Hold back Ctrl-C until the block ends, then raise it: coremltools' import swallows a
-    KeyboardInterrupt in bare `except:` clauses, and the export would go on. Where SIGINT is
-    ignored (a background job of a script), it stays ignored."""
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    if ignored or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def preprocessing_note(img_size: int) -> str:
