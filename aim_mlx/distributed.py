@@ -266,6 +266,15 @@ def from_root(record):
         return gather_json(record if is_root() else None)[0]
 
 
+def on_any(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (`flag` itself with one rank): a choice
+    that every rank must make alike, such as whether there is any image to run the model on."""
+    if size() == 1:
+        return flag
+    with _collective("comparing the inputs"):
+        return any(gather_json(bool(flag)))
+
+
 def on_root(check: Callable[[], object]):
     """`check()` on rank 0 only (preparing the output that rank 0 writes), its failure shared:
     the other ranks stop at once, saying why, instead of finding rank 0 gone later. `check()`'s

@@ -344,3 +344,29 @@ def test_an_input_missing_on_one_rank_only_is_named(monkeypatch):
         "rank 0/2: rank 1 found other inputs than rank 0 (rank 1: b.png: no such file or folder): "
         "every machine needs the same images at the same paths"
     )
+
+
+ELSEWHERE = """
+import os, sys
+from aim_mlx.cli import main
+
+if os.environ.get("MLX_RANK") == "1":  # another Mac, without the images
+    os.chdir("elsewhere")
+sys.exit(main())
+"""
+
+
+def test_a_rank_that_finds_none_of_the_images_is_named(tmp_path):
+    """Rank 1 finds none of the inputs: it skipped the model and the comparison of the inputs
+    (exit 0, no message), and rank 0 said only "no answer from rank 1/2 ... see its messages"."""
+    shutil.copytree(REF / "images", tmp_path / "imgs")
+    (tmp_path / "elsewhere").mkdir()
+    script = tmp_path / "elsewhere.py"
+    script.write_text(ELSEWHERE)
+    model = tmp_path / "model"
+    cli("convert", "--hf-path", REF / "hf_repo", "-o", model, "--no-progress")
+    inputs = ["imgs/camera.png", "imgs/chelsea.png"]
+    run = launch("classify", *inputs, "-m", model, "--json", cwd=tmp_path, script=script)
+    missing = "rank 1 found other inputs than rank 0 (rank 1: imgs/camera.png: no such file"
+    assert f"Error: rank 0/2: {missing}" in run.stderr, run.stderr
+    assert "no answer from" not in run.stderr and run.stdout == ""
