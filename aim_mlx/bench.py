@@ -13,13 +13,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import __version__, blas, memory, runtime
+from . import __version__, blas, images, memory, runtime
 from .constants import MX_DTYPES, GiB, as_dtype_name
 from .convert.converter import (
     Q_GROUP_SIZE_DEFAULT,
@@ -171,6 +172,8 @@ def check(config: BenchConfig) -> None:
     elif config.q_group_size != Q_GROUP_SIZE_DEFAULT:  # as convert() refuses it
         raise OptionError(f"q_group_size={config.q_group_size!r} applies with q_bits only")
     if config.model in PRESETS:
+        if config.img_size is not None:  # as classify and embed check it; a folder's: in run
+            images.input_size(SimpleNamespace(args=preset_args(config.model)), config.img_size)
         model = AIM(_preset_args(config))  # lazy: no memory
         params = sum(v.size for _, v in tree_flatten(model.parameters()))
         memory.check_model(config.model, params, config.dtype, config.q_bits)
@@ -271,11 +274,13 @@ def _setting(read):
 def run(config: BenchConfig, model: AIM | None = None) -> dict:
     """Time `config`; returns one result row (see `aim-mlx bench --json`)."""
     check_counts(config)
+    if model is not None:  # a name or folder goes in config.model
+        images.check_model(model)
     mx.reset_peak_memory()
     model = model if model is not None else make_model(config)
     build_peak = mx.get_peak_memory()
     args = model.args
-    size = config.img_size or args.img_size
+    size = images.input_size(model, config.img_size)
     x = mx.random.normal((config.batch_size, 3, size, size), key=mx.random.key(1))
     mx.eval(x)
     forward = mx.compile(model) if config.compile else model

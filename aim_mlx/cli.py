@@ -562,7 +562,8 @@ def classify(
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    if images.any_image(inputs):
+    # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
+    if distributed.on_any(images.any_image(inputs)):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         rows = classify_iter(
             net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
@@ -672,7 +673,8 @@ def embed(
         return target, listing
 
     target, listing = distributed.on_root(prepare) or (None, None)
-    if images.any_image(inputs):
+    # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
+    if distributed.on_any(images.any_image(inputs)):
         net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
         check_layers(net.args.num_blocks)
         emb = embed_images(

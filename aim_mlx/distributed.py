@@ -124,8 +124,9 @@ def _collective(what: str):
     except DistributedError:
         raise
     except (RuntimeError, _LostRank) as e:  # the ring backend: "connection to a peer was lost"
-        if isinstance(e, _LostRank):
-            other = f"rank {e.args[0]}/{size()}"
+        if isinstance(e, _LostRank):  # the parts that did not come (not always one rank's:
+            # with three or more ranks a rank relaying a lost one's part sends none of its own)
+            other = " or ".join(f"rank {r}/{size()}" for r in e.args)
         else:
             other = f"rank {1 - rank()}/2" if size() == 2 else "another rank"
         raise DistributedError(
@@ -198,18 +199,22 @@ def _all_gather(x: np.ndarray) -> list[np.ndarray]:
     """Every rank's `x` (the same shape and dtype on all ranks), in rank order.
 
     A peer that is gone can leave an all_gather returning zeros instead of raising: each part
-    carries a check (a marker, its rank and the CRC-32 of its bytes) that is verified here."""
+    carries a check (a marker, its rank and the CRC-32 of its bytes) that is verified here; the
+    ranks whose parts fail it are named."""
     data = np.ascontiguousarray(x).view(np.uint8).reshape(-1)
     check = np.frombuffer(b"aim" + bytes([rank() % 256]), np.uint8)
     crc = np.array([zlib.crc32(data)], np.uint32).view(np.uint8)
     sent = np.concatenate([data, check, crc])
     out = np.array(mx.distributed.all_gather(mx.array(sent), stream=mx.cpu))
     parts = out.reshape(size(), -1)
+    lost = []
     for r, part in enumerate(parts):
         body, tail = part[: data.size], part[data.size :]
         ok = tail[:4].tobytes() == b"aim" + bytes([r % 256])
         if not ok or tail[4:].view(np.uint32)[0] != zlib.crc32(body):
-            raise _LostRank(r)
+            lost.append(r)
+    if lost:
+        raise _LostRank(*lost)
     return [part[: data.size].view(x.dtype).reshape(x.shape) for part in parts]
 
 
@@ -261,6 +266,15 @@ def from_root(record):
         return gather_json(record if is_root() else None)[0]
 
 
+def on_any(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (`flag` itself with one rank): a choice
+    that every rank must make alike, such as whether there is any image to run the model on."""
+    if size() == 1:
+        return flag
+    with _collective("comparing the inputs"):
+        return any(gather_json(bool(flag)))
+
+
 def on_root(check: Callable[[], object]):
     """`check()` on rank 0 only (preparing the output that rank 0 writes), its failure shared:
     the other ranks stop at once, saying why, instead of finding rank 0 gone later. `check()`'s
@@ -283,16 +297,20 @@ def on_root(check: Callable[[], object]):
 
 def check_same_inputs(items, what: str) -> None:
     """Every rank must have listed the same inputs, in the same order."""
+    unreadable = next((f"{it.path}: {it.error}" for it in items if it.error), None)
     with _collective(f"comparing the inputs of {what}"):
-        seen = gather_json([len(items), _digest(items)])
-    different = [r for r, s in enumerate(seen) if s != seen[0]]
+        seen = gather_json([len(items), _digest(items), unreadable])
+    different = [r for r, s in enumerate(seen) if s[:2] != seen[0][:2]]
     if different:
         r = different[0]
+        (n, _, why), (n0, _, why0) = seen[r], seen[0]
+        found = f"{n} inputs and rank 0 {n0}" if n != n0 else "other inputs than rank 0"
+        if why != why0:  # a file missing (or unreadable) on one machine only: name it
+            found += f" (rank {r}: {why})" if why else f" (rank 0: {why0})"
         raise DistributedError(
             tag(
-                f"rank {r} found {seen[r][0]} inputs and rank 0 {seen[0][0]}, or other paths: "
-                "every machine needs the same images at the same paths (relative paths are "
-                "taken from each rank's working folder)"
+                f"rank {r} found {found}: every machine needs the same images at the same paths "
+                "(relative paths are taken from each rank's working folder)"
             )
         )
 

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from aim_mlx import bench
 from aim_mlx.cli import main
 from aim_mlx.convert.converter import QUANTIZED_LAYER
+from aim_mlx.errors import OptionError
 from aim_mlx.models import AIM, ModelArgs, ops, preset_args
 
 
@@ -174,6 +175,25 @@ def test_python_bench_checks_its_config(converted, options, message):
     config = bench.BenchConfig(**{"model": str(converted), **options})
     with pytest.raises(ValueError, match=message):
         bench.run(config)
+
+
+@pytest.mark.parametrize("img_size", [30, -14, 0, 14.0, True])
+@pytest.mark.parametrize("preset", [False, True])
+def test_python_bench_checks_img_size_as_classify_does(converted, img_size, preset):
+    """As the CLI's --img-size and aim_mlx.classify / embed check it (was, for a folder: 0
+    benchmarked 224 px, 14.0 a TypeError from mx.random.normal, -14 "[bits] Negative
+    dimensions", 30 a ValueError from the forward pass; for a size, ValueErrors of ModelArgs)."""
+    if preset and img_size == 0:  # (without the check: aim-600M built and timed at 224)
+        pytest.skip("the folder covers it")
+    config = bench.BenchConfig("aim-600M" if preset else str(converted), img_size=img_size)
+    with pytest.raises(OptionError, match="--img-size must be a positive multiple of 14, got"):
+        bench.run(config)
+
+
+def test_python_bench_model_must_be_a_loaded_model():
+    """As aim_mlx.classify says it (was "'str' object has no attribute 'args'")."""
+    with pytest.raises(TypeError, match=r"give a loaded model, model = aim_mlx.load"):
+        bench.run(bench.BenchConfig("aim-600M"), model="aim-600M")
 
 
 def test_python_bench_takes_an_mlx_dtype():

@@ -447,10 +447,10 @@ def test_ctrl_c_during_a_swallowing_import_still_interrupts():
     # coremltools' import catches KeyboardInterrupt in bare `except:`; the export then went on
     import signal
 
-    from aim_mlx.export.coreml import _interrupt_after
+    from aim_mlx.output import signals_held
 
     went_on = []
-    with pytest.raises(KeyboardInterrupt), _interrupt_after():
+    with pytest.raises(KeyboardInterrupt), signals_held():
         try:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.1)
@@ -466,12 +466,11 @@ def test_an_ignored_ctrl_c_stays_ignored():
     # replacement hold Ctrl-C back, and must not turn an ignored one into an interruption
     import signal
 
-    from aim_mlx.export.coreml import _interrupt_after
     from aim_mlx.output import signals_held
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        for held in (_interrupt_after, signals_held):
+        for held in (signals_held,):
             try:
                 with held():
                     os.kill(os.getpid(), signal.SIGINT)

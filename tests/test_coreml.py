@@ -711,3 +711,60 @@ def test_exports_in_threads_take_turns_with_the_temporary_folder(tmp_path):
     first, second = seen[0][0], seen[2][0]
     assert {first, second} == {"a", "b"}
     assert seen == [(n, str(tmp_path / n)) for n in (first, first, second, second)]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"precision": "bf16"}, "precision must be one of float16, float32, mixed, got 'bf16'"),
+        ({"compress": "int4"}, "compress must be one of none, int8"),
+        ({"img_size": 30}, "img_size must be a positive multiple of the patch size 14, got 30"),
+        ({"img_size": 0}, "got 0"),  # was the model's 224 px, silently
+        ({"img_size": 14.0}, "got 14.0"),  # was a TypeError from coremltools
+    ],
+)
+def test_bad_options_are_refused_before_the_output_folders_are_made(
+    model, tmp_path, options, message
+):
+    out = tmp_path / "new" / "m.mlpackage"
+    with pytest.raises(coreml.ExportError, match=message):
+        coreml.export_coreml(model, out, progress=False, **options)
+    assert list(tmp_path.iterdir()) == []  # no folder made for an export that cannot run
+
+
+def test_a_model_name_instead_of_a_model_is_a_clear_type_error(tmp_path):
+    """As aim_mlx.classify and embed say it (was "'str' object has no attribute 'args'")."""
+    with pytest.raises(TypeError, match=r"give a loaded model, model = aim_mlx.load\(...\)"):
+        coreml.export_coreml("aim-600M", tmp_path / "m.mlpackage")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_coremltools_import_ends_the_export(monkeypatch):
+    """coremltools' import swallows exceptions in bare `except:` clauses: the CLI's SystemExit
+    on SIGTERM (a launcher or `timeout` stopping it) was lost there, and the export went on."""
+    import importlib.abc
+    import importlib.util
+    import time
+
+    class SwallowingImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path, target=None):
+            return importlib.util.spec_from_loader(name, self) if name == "coremltools" else None
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+            except BaseException:  # what coremltools' import does
+                pass
+
+    monkeypatch.delitem(sys.modules, "coremltools")
+    monkeypatch.setattr(sys, "meta_path", [SwallowingImport(), *sys.meta_path])
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the CLI's
+    try:
+        with pytest.raises(SystemExit):
+            coreml.require_coremltools()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

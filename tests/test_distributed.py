@@ -304,3 +304,69 @@ def test_probe_eval_confusion_output_is_checked_by_rank_0_alone(hub_folder, tmp_
     refused = "c.png already exists; choose another output or pass --force"
     assert f"Error: rank 1/2: rank 0 stopped before any work: {refused}" in two.stderr, two.stderr
     assert (tmp_path / "c.png").read_bytes() == b"keep"
+
+
+def test_parts_that_did_not_come_are_all_named(monkeypatch):
+    """Three ranks, rank 2 gone: rank 1 receives neither rank 2's part nor that of rank 0, which
+    relays it (as seen under mlx.launch -n 3). The message names both, not rank 0 alone."""
+    monkeypatch.setattr(distributed, "size", lambda: 3)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+
+    def all_gather(sent, stream=None):  # rank 1's own part only; zeros for the others
+        own = np.array(sent)
+        return np.concatenate([np.zeros_like(own), own, np.zeros_like(own)])
+
+    monkeypatch.setattr(mx.distributed, "all_gather", all_gather)
+    with pytest.raises(distributed.DistributedError) as e, distributed._collective("gathering"):
+        distributed.gather_json({"errors": {}})
+    assert str(e.value).startswith("rank 1/3: no answer from rank 0/3 or rank 2/3 while gathering")
+
+
+def test_an_input_missing_on_one_rank_only_is_named(monkeypatch):
+    """Same paths, but one is missing on rank 1's machine: the message names it (it said "rank 1
+    found 2 inputs and rank 0 2, or other paths")."""
+    from aim_mlx.images import Item
+
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    sent = []
+
+    def gather_json(record):  # rank 0's record (the first sent), then this one as rank 1's
+        sent.append(record)
+        return [sent[0], record]
+
+    monkeypatch.setattr(distributed, "gather_json", gather_json)
+    distributed.check_same_inputs([Item("a.png"), Item("b.png")], "embed")  # rank 0
+    missing = [Item("a.png"), Item("b.png", "no such file or folder")]
+    with pytest.raises(distributed.DistributedError) as e:
+        distributed.check_same_inputs(missing, "embed")  # rank 1
+    assert str(e.value).startswith(
+        "rank 0/2: rank 1 found other inputs than rank 0 (rank 1: b.png: no such file or folder): "
+        "every machine needs the same images at the same paths"
+    )
+
+
+ELSEWHERE = """
+import os, sys
+from aim_mlx.cli import main
+
+if os.environ.get("MLX_RANK") == "1":  # another Mac, without the images
+    os.chdir("elsewhere")
+sys.exit(main())
+"""
+
+
+def test_a_rank_that_finds_none_of_the_images_is_named(tmp_path):
+    """Rank 1 finds none of the inputs: it skipped the model and the comparison of the inputs
+    (exit 0, no message), and rank 0 said only "no answer from rank 1/2 ... see its messages"."""
+    shutil.copytree(REF / "images", tmp_path / "imgs")
+    (tmp_path / "elsewhere").mkdir()
+    script = tmp_path / "elsewhere.py"
+    script.write_text(ELSEWHERE)
+    model = tmp_path / "model"
+    cli("convert", "--hf-path", REF / "hf_repo", "-o", model, "--no-progress")
+    inputs = ["imgs/camera.png", "imgs/chelsea.png"]
+    run = launch("classify", *inputs, "-m", model, "--json", cwd=tmp_path, script=script)
+    missing = "rank 1 found other inputs than rank 0 (rank 1: imgs/camera.png: no such file"
+    assert f"Error: rank 0/2: {missing}" in run.stderr, run.stderr
+    assert "no answer from" not in run.stderr and run.stdout == ""

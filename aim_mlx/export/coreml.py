@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -29,14 +28,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import __version__
+from .. import __version__, images
 from ..classifier import class_names
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import AimMlxError, OutputError
 from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
-from ..output import move_into_place, prepare_output, temp_path
+from ..output import move_into_place, prepare_output, signals_held, temp_path
 
 PRECISIONS = ("float16", "float32", "mixed")
 COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
@@ -84,33 +83,14 @@ def require_coremltools():
     log = logging.getLogger("coremltools")
     level = log.level
     log.setLevel(logging.ERROR)  # Linux: "Failed to load _MLModelProxy" etc. on import
-    try:
-        with _interrupt_after():
+    try:  # Ctrl-C and SIGTERM held back: its import swallows KeyboardInterrupt and SystemExit
+        with signals_held():  # in bare `except:` clauses, and the export would go on
             import coremltools
     except ImportError as e:
         raise ExportError(f"{INSTALL_HINT} ({e})") from None
     finally:
         log.setLevel(level)
     return coremltools
-
-
-@contextmanager
-def _interrupt_after():
-    """Hold back Ctrl-C until the block ends, then raise it: coremltools' import swallows a
-    KeyboardInterrupt in bare `except:` clauses, and the export would go on. Where SIGINT is
-    ignored (a background job of a script), it stays ignored."""
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-    if ignored or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def preprocessing_note(img_size: int) -> str:
@@ -605,10 +585,11 @@ def export_coreml(
         "class 0", "class 1", ... (as `aim-mlx classify` names them).
     progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
     """
-    out = check_output(out, overwrite)
+    images.check_model(model)  # a name or folder: aim_mlx.load it first, as for classify
     args = model.args
-    img_size = img_size or args.img_size
+    img_size = args.img_size if img_size is None else img_size
     _check_options(precision, compress, target, img_size, args.patch_size)
+    img_size = int(img_size)
     trained = getattr(model, "trained_head", None)
     if not features:
         names = class_names(model)  # a trained head's, "class I" for a head of another size
@@ -617,6 +598,7 @@ def export_coreml(
             raise ExportError(
                 f"the model has {args.num_classes} classes but {len(labels)} labels were given"
             )
+    out = check_output(out, overwrite)  # once the options are known good: it creates folders
     ct = require_coremltools()
     from coremltools.converters.mil import Builder as mb
 
@@ -724,5 +706,8 @@ def _check_options(precision, compress, target, img_size, patch):
     ):
         if value not in choices:
             raise ExportError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
-    if img_size <= 0 or img_size % patch:
-        raise ExportError(f"img_size must be a positive multiple of the patch size {patch}")
+    whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
+    if not whole or img_size <= 0 or img_size % patch:
+        raise ExportError(
+            f"img_size must be a positive multiple of the patch size {patch}, got {img_size!r}"
+        )
