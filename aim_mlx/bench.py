@@ -75,6 +75,14 @@ def attention_head_flops(tokens: int, dim: int, heads: int, classes: int) -> int
     return 2 * (2 * dim * dim) + 2 * (2 * tokens * dim * heads) + 2 * dim * classes
 
 
+def batch_floor(args: ModelArgs, batch_size: int, img_size: int, dtype: mx.Dtype) -> int:
+    """Bytes a forward pass of `batch_size` images cannot do without, beside the weights: the
+    float32 input and the first MLP layer's output, (B, N, mlp_ratio * D) in `dtype`."""
+    tokens = (img_size // args.patch_size) ** 2
+    hidden = tokens * args.mlp_ratio * args.embed_dim * dtype.size
+    return batch_size * (3 * img_size**2 * 4 + hidden)
+
+
 def blocks_run(args: ModelArgs) -> int:
     """The forward pass stops after the last probe layer."""
     return max(args.probe_layers) + 1
@@ -159,7 +167,8 @@ def make_model(config: BenchConfig) -> AIM:
 def check(config: BenchConfig) -> None:
     """OptionError for a model that is neither a preset nor a folder, and for options that do
     not apply to a converted folder (benchmarked as it was converted, with its own head);
-    NotEnoughMemoryError for a size whose weights cannot fit (`memory.check_model`)."""
+    NotEnoughMemoryError for a size whose weights, or a batch of whose inputs and activations
+    (`batch_floor`), cannot fit."""
     if config.dtype not in MX_DTYPES:
         raise OptionError(f"dtype must be one of {', '.join(MX_DTYPES)}, got {config.dtype!r}")
     if config.head not in (None, "best", "last"):  # any other was the last layers, silently
@@ -174,9 +183,13 @@ def check(config: BenchConfig) -> None:
     if config.model in PRESETS:
         if config.img_size is not None:  # as classify and embed check it; a folder's: in run
             images.input_size(SimpleNamespace(args=preset_args(config.model)), config.img_size)
-        model = AIM(_preset_args(config))  # lazy: no memory
-        params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        args = _preset_args(config)
+        params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))  # lazy: no memory
         memory.check_model(config.model, params, config.dtype, config.q_bits)
+        check_counts(config)
+        floor = batch_floor(args, config.batch_size, args.img_size, MX_DTYPES[config.dtype])
+        weights = memory.weights_lower_bound(params, config.dtype, config.q_bits)
+        memory.check_batch_fits(weights + floor, config.batch_size)  # before making the model
         return
     path = Path(config.model)
     if not path.is_dir():
@@ -281,6 +294,8 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
     build_peak = mx.get_peak_memory()
     args = model.args
     size = images.input_size(model, config.img_size)
+    need = weight_bytes(model) + batch_floor(args, config.batch_size, size, model.dtype)
+    memory.check_batch_fits(need, config.batch_size)
     x = mx.random.normal((config.batch_size, 3, size, size), key=mx.random.key(1))
     mx.eval(x)
     forward = mx.compile(model) if config.compile else model

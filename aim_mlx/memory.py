@@ -77,13 +77,30 @@ def check_enabled() -> bool:
 def check_fits(nbytes: int, what: str) -> None:
     """Raise NotEnoughMemoryError when `nbytes` of weights exceed the device's whole memory
     (unless AIM_MLX_MEMORY_CHECK=off)."""
+    if memory := _short_of(nbytes):
+        raise NotEnoughMemoryError(
+            f"{what}: the weights alone take {nbytes / GiB:.1f} GiB, more than {memory}; use "
+            "half precision (--dtype float16 or bfloat16), quantize (-q, --q-bits 8 or 4) or a "
+            f"smaller model ({SKIP_VARIABLE}=off to try anyway)"
+        )
+
+
+def check_batch_fits(nbytes: int, batch_size: int) -> None:
+    """NotEnoughMemoryError when a batch's lower bound `nbytes` (weights, input and one layer's
+    output) exceeds the device's memory: MLX's CPU allocator crashes when it cannot allocate."""
+    if memory := _short_of(nbytes):
+        raise NotEnoughMemoryError(
+            f"a batch of {batch_size} images takes at least {nbytes / GiB:.1f} GiB (the weights, "
+            f"the input and one layer's output), more than {memory}; use a smaller "
+            f"--batch-size ({SKIP_VARIABLE}=off to try anyway)"
+        )
+
+
+def _short_of(nbytes: int) -> str | None:
+    """ "this machine's N GiB of memory" when `nbytes` exceed it and the check is on, else None."""
     if not check_enabled():
-        return
+        return None
     total, kind = device_memory()
     if total is None or nbytes <= total:
-        return
-    raise NotEnoughMemoryError(
-        f"{what}: the weights alone take {nbytes / GiB:.1f} GiB, more than this machine's "
-        f"{total / GiB:.1f} GiB of {kind}; use half precision (--dtype float16 or bfloat16), "
-        f"quantize (-q, --q-bits 8 or 4) or a smaller model ({SKIP_VARIABLE}=off to try anyway)"
-    )
+        return None
+    return f"this machine's {total / GiB:.1f} GiB of {kind}"

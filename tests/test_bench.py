@@ -177,6 +177,38 @@ def test_python_bench_checks_its_config(converted, options, message):
         bench.run(config)
 
 
+def test_batch_floor_by_hand():
+    # The fixture: 16 x 16 = 256 tokens, fc1's output 256 wide (4 x 64).
+    args = reference_args("best")
+    one = 3 * 224 * 224 * 4 + 256 * 256 * 4  # the float32 input, fc1's output in float32
+    assert bench.batch_floor(args, 2, 224, mx.float32) == 2 * one == 1_728_512
+    assert bench.batch_floor(args, 3, 112, mx.float16) == 3 * (3 * 112 * 112 * 4 + 64 * 256 * 2)
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_it_is_made(converted, monkeypatch):
+    """A batch larger than memory crashed MLX's CPU allocator (SIGSEGV, no message): refused,
+    for a size before its random model is made, for a folder before the input is."""
+    from aim_mlx import memory
+
+    monkeypatch.setattr(bench, "random_model", lambda *a, **k: pytest.fail("model made"))
+    monkeypatch.setattr(memory, "device_memory", lambda: (4 * 2**30, "memory"))
+    # aim-600M in float16: 1.28 GiB of weights (686,794,752 with the head), and 3.7 MB a 224 px
+    # image (its float32 input, fc1's output of 256 x 6144 in float16)
+    config = bench.BenchConfig("aim-600M", batch_size=1000, dtype="float16")
+    with pytest.raises(memory.NotEnoughMemoryError) as e:
+        bench.check(config)
+    assert str(e.value).startswith(
+        "a batch of 1000 images takes at least 4.8 GiB (the weights, the input and one "
+        "layer's output), more than this machine's 4.0 GiB of memory; use a smaller --batch-size"
+    )
+    bench.check(bench.BenchConfig("aim-600M", batch_size=500, dtype="float16"))  # 3.0 GiB
+    monkeypatch.setattr(memory, "device_memory", lambda: (2**30, "memory"))
+    with pytest.raises(memory.NotEnoughMemoryError, match="a batch of 1300 images takes at le"):
+        bench.run(bench.BenchConfig(str(converted), batch_size=1300))  # 1.05 GiB + the weights
+    monkeypatch.setenv("AIM_MLX_MEMORY_CHECK", "off")
+    bench.check(config)
+
+
 @pytest.mark.parametrize("img_size", [30, -14, 0, 14.0, True])
 @pytest.mark.parametrize("preset", [False, True])
 def test_python_bench_checks_img_size_as_classify_does(converted, img_size, preset):
