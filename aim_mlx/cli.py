@@ -303,6 +303,18 @@ def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
     return load(model, head, dtype, quantize_bits=_bits(quantize, q_bits), progress=progress)
 
 
+def one_process(command: str) -> None:
+    """Under mlx.launch with several ranks: an error on every rank, for a command whose ranks
+    would each do the whole job (timings on shared cores, one package written twice)."""
+    from . import distributed
+
+    if distributed.size() > 1:
+        raise distributed.DistributedError(
+            f"{command} runs in one process: start it without mlx.launch (classify, embed, eval "
+            "and probe share their work between ranks)"
+        )
+
+
 def _count(n: int, word: str) -> str:
     """A count and its noun: 1 image, 2 images, 1 class, 3 classes."""
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
@@ -468,6 +480,7 @@ def bench(
     """Images/s, latency and memory of a model (offline: sizes use random weights)."""
     from . import bench as lib
 
+    one_process("bench")
     rows = []
     for config in lib.configs(
         model,
@@ -1022,6 +1035,7 @@ def export_coreml(
     from .resolve import resolve
     from .transforms import ImageError, open_image, preprocess
 
+    one_process("export coreml")
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     if sample and precision == "float32":

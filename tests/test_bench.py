@@ -234,6 +234,12 @@ def test_python_bench_takes_an_mlx_dtype():
     assert config.dtype == "float16"
 
 
+@pytest.mark.parametrize("model", [None, 600])
+def test_python_bench_model_must_be_a_name_or_a_path(model):
+    with pytest.raises(OptionError, match=r"model must be a size \(aim-600M, .*\) or a folder"):
+        bench.check(bench.BenchConfig(model))  # None was a TypeError from pathlib
+
+
 def test_python_bench_takes_a_size_in_any_case(tmp_path, monkeypatch):
     config = bench.BenchConfig("aim-600m")  # was "not a preset (aim-600M, ...) nor a model folder"
     bench.check(config)

@@ -370,3 +370,13 @@ def test_a_rank_that_finds_none_of_the_images_is_named(tmp_path):
     missing = "rank 1 found other inputs than rank 0 (rank 1: imgs/camera.png: no such file"
     assert f"Error: rank 0/2: {missing}" in run.stderr, run.stderr
     assert "no answer from" not in run.stderr and run.stdout == ""
+
+
+def test_bench_and_export_refuse_to_run_under_several_ranks(tmp_path):
+    """Each rank would do the whole job: bench timed on shared cores (one row per rank), and
+    export wrote one package twice (the second 'appeared while this command ran')."""
+    for name, out in (("bench", []), ("export coreml", ["-o", "a.mlpackage"])):
+        ran = launch(*name.split(), *out, "-m", "no-such-model", cwd=tmp_path)  # no download
+        for r in (0, 1):
+            said = f"Error: rank {r}/2: {name} runs in one process: start it without mlx.launch"
+            assert said in ran.stderr, ran.stderr
