@@ -1038,6 +1038,13 @@ def export_coreml(
     one_process("export coreml")
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
+    if quantize:  # the package holds float weights: dequantized, they only add rounding error
+        raise click.BadParameter(
+            "a package holds float weights: quantized MLX weights would be dequantized (their "
+            "rounding error, not their size); make it smaller with --compress int8, palettize6 "
+            "or palettize4",
+            param_hint="-q/--quantize",
+        )
     if sample and precision == "float32":
         raise click.BadParameter(
             "images for the float16 range check: a float32 package has none (use it with "
