@@ -97,7 +97,8 @@ def check_batch_fits(nbytes: int, batch_size: int) -> None:
 
 
 def _short_of(nbytes: int) -> str | None:
-    """ "this machine's N GiB of memory" when `nbytes` exceed it and the check is on, else None."""
+    """Which memory `nbytes` exceed ("this machine's 8.0 GiB of memory"), None where they fit
+    or the check is off."""
     if not check_enabled():
         return None
     total, kind = device_memory()

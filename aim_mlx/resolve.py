@@ -361,8 +361,11 @@ def _check_named_weights(sources: dict, head: str) -> None:
     from .convert.converter import PATCH_WEIGHT
 
     tensors = open_checkpoint(sources["backbone"])  # the pickle only: shapes, no weights
-    keys = tensors.keys()
-    width = tensors.shape(PATCH_WEIGHT)[0] if PATCH_WEIGHT in keys else None
+    try:
+        keys = tensors.keys()
+        width = tensors.shape(PATCH_WEIGHT)[0] if PATCH_WEIGHT in keys else None
+    finally:
+        tensors.close()
     blocks = len({k.split(".")[2] for k in keys if k.startswith("trunk.blocks.")})
     want = (spec.arch["embed_dim"], spec.arch["num_blocks"])
     if (width, blocks) != want:
