@@ -213,29 +213,43 @@ OFFICIAL_HEAD_HELP = (
     "folder's own head, else best."
 )
 DTYPE_HELP = "Weight dtype. Default: float16 on the GPU (Metal, CUDA), float32 on the CPU."
-quantize_option = click.option(
-    "-q", "--quantize", is_flag=True, help="Quantize the trunk's linear layers."
-)
-q_bits_option = click.option(
-    "--q-bits",
-    type=click.Choice(["4", "8"]),
-    default="8",
-    show_default=True,
-    help="Bits per quantized weight (with -q).",
-)
 
 
-def weight_options_for(head_help: str = HEAD_HELP):
+def quantize_options(hidden: bool = False) -> tuple:
+    """-q/--quantize and --q-bits; `hidden` leaves them out of --help where they are refused
+    (export coreml), yet parsed so that the refusal says why."""
+    return (
+        click.option(
+            "-q",
+            "--quantize",
+            is_flag=True,
+            hidden=hidden,
+            help="Quantize the trunk's linear layers.",
+        ),
+        click.option(
+            "--q-bits",
+            type=click.Choice(["4", "8"]),
+            default="8",
+            show_default=True,
+            hidden=hidden,
+            help="Bits per quantized weight (with -q).",
+        ),
+    )
+
+
+quantize_option, q_bits_option = quantize_options()
+
+
+def weight_options_for(head_help: str = HEAD_HELP, quantize: bool = True):
     """--head, --dtype, -q/--quantize, --q-bits: which weights to load or convert."""
     return _options(
         click.option("--head", default=None, help=head_help),
         click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None, help=DTYPE_HELP),
-        quantize_option,
-        q_bits_option,
+        *quantize_options(hidden=not quantize),
     )
 
 
-def model_options_for(head_help: str = HEAD_HELP):
+def model_options_for(head_help: str = HEAD_HELP, quantize: bool = True):
     """-m/--model and the weight options: what to load (fetched and converted on first use)."""
     return _options(
         click.option(
@@ -246,7 +260,7 @@ def model_options_for(head_help: str = HEAD_HELP):
             help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
             "converted folder, or a folder of PyTorch checkpoints.",
         ),
-        weight_options_for(head_help),
+        weight_options_for(head_help, quantize),
     )
 
 
@@ -979,7 +993,7 @@ def export():
 
 
 @export.command("coreml")
-@model_options
+@model_options_for(quantize=False)  # a package holds float weights: -q is refused
 @output_options("Output .mlpackage (missing parent folders are created).", path_type=Path)
 @click.option(
     "--precision",

@@ -1216,6 +1216,14 @@ def test_help_offers_official_heads_only(command):
     assert "best or last: which official head" in text and "probe train" not in text
 
 
+def test_export_help_does_not_offer_quantize():
+    """`export coreml` refuses -q (a package holds float weights): its help listed -q as 'Quantize
+    the trunk's linear layers.' and --q-bits beside it."""
+    text = cli("export", "coreml", "--help").stdout
+    assert "--compress" in text
+    assert "--quantize" not in text and "--q-bits" not in text
+
+
 def test_cache_add_refuses_a_trained_head():
     refused = cli("cache", "add", "aim-600M", "--head", "my-head")
     assert "must be one of best, last" in clean(refused, 2)
