@@ -138,7 +138,17 @@ class Command(click.Command):
 
 def _check_quantize_options(ctx: click.Context) -> None:
     """--q-bits or --q-group-size given without -q: a usage error, before any work (they would
-    be ignored)."""
+    be ignored). Where -q is hidden (export coreml), any of them is refused."""
+    quantize = next((p for p in ctx.command.params if p.name == "quantize"), None)
+    if quantize is not None and quantize.hidden:
+        given = ("quantize", "q_bits", "q_group_size")
+        if any(ctx.get_parameter_source(n) is ParameterSource.COMMANDLINE for n in given):
+            raise click.UsageError(
+                "a package holds float weights: quantized MLX weights would be dequantized "
+                "(their rounding error, not their size); make it smaller with --compress int8, "
+                "palettize6 or palettize4",
+                ctx,
+            )
     if ctx.params.get("quantize", True):
         return
     for name in ("q_bits", "q_group_size"):
@@ -1052,13 +1062,6 @@ def export_coreml(
     one_process("export coreml")
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
-    if quantize:  # the package holds float weights: dequantized, they only add rounding error
-        raise click.BadParameter(
-            "a package holds float weights: quantized MLX weights would be dequantized (their "
-            "rounding error, not their size); make it smaller with --compress int8, palettize6 "
-            "or palettize4",
-            param_hint="-q/--quantize",
-        )
     if sample and precision == "float32":
         raise click.BadParameter(
             "images for the float16 range check: a float32 package has none (use it with "

@@ -1251,11 +1251,10 @@ def test_usage_errors_exit_2(model_dir, tmp_path):
         ["classify", "DATA", "-m", "MODEL", "--q-bits", "4"],
         ["embed", ROCKET, "-m", "MODEL", "-o", "OUT_NPY", "--q-bits", "4"],
         ["eval", "DATA", "-m", "MODEL", "--q-bits", "4"],
-        ["export", "coreml", "-m", "MODEL", "-o", "OUT_PKG", "--q-bits", "4"],
         ["probe", "eval", "DATA", "-m", "MODEL", "--head", "best", "--q-bits", "4"],
     ],
     ids=["classify", "bench", "probe train", "convert"]
-    + ["classify no image", "embed", "eval", "export", "probe eval"],
+    + ["classify no image", "embed", "eval", "probe eval"],
 )
 def test_quantization_settings_without_q_are_refused(model_dir, tmp_path, command):
     """--q-bits (or --q-group-size) without -q was ignored: the weights stayed unquantized."""

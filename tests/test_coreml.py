@@ -629,9 +629,10 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
     res = CliRunner().invoke(main, float32)  # no range check to feed: not silently ignored
     assert res.exit_code == 2 and "a float32 package has none" in res.output
     # -q made a package of float weights dequantized from 4 bits: their error, not their size
-    res = CliRunner().invoke(main, [*args, "--force", "-q", "--q-bits", "4"])
-    assert res.exit_code == 2 and "Invalid value for -q/--quantize: a package holds" in res.output
-    assert "--compress int8, palettize6 or palettize4" in res.output
+    for quantize in (["-q"], ["-q", "--q-bits", "4"], ["--q-bits", "4"]):
+        res = CliRunner().invoke(main, [*args, "--force", *quantize])
+        assert res.exit_code == 2 and "Error: a package holds float weights" in res.output
+        assert "--compress int8, palettize6 or palettize4" in res.output
 
 
 def test_a_package_made_during_the_export_is_kept(export, tmp_path, monkeypatch):
