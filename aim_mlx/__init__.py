@@ -2,6 +2,7 @@
 
 # First, before anything imports mlx.core: a bounded GPU command buffer (runtime.py) and an
 # optimized BLAS for MLX on the Linux CPU (blas.py).
+import os
 import sys
 
 from .command import interruptible, is_command
@@ -40,9 +41,15 @@ def load(model, head=None, dtype=None, **kwargs):
 def preprocess(image, size=224):
     """An image path, a PIL image or a uint8 numpy array (H, W, 3) RGB or (H, W) grey ->
     float32 array (3, size, size), the evaluation transform; `size` a multiple of 14."""
+    from .transforms import ImageError
     from .transforms import preprocess as run
 
-    return run(image, size)
+    try:
+        return run(image, size)
+    except ImageError as e:
+        if isinstance(image, (str, os.PathLike)):  # which file: the CLI names it on its row
+            raise ImageError(f"{image}: {e}") from None
+        raise
 
 
 def classify(model, inputs, **kwargs):

@@ -277,6 +277,9 @@ def test_unreadable_files_are_refused_with_a_reason(tmp_path):
     ]:
         with pytest.raises(ImageError, match=reason):
             open_image(tmp_path / name)
+        with pytest.raises(ImageError) as e:  # the public API names the file
+            aim_mlx.preprocess(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: ") and reason in str(e.value)
 
 
 def test_a_file_without_read_permission_says_so(tmp_path, monkeypatch):
