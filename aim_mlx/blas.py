@@ -131,18 +131,21 @@ def _maybe_warn() -> None:
     if _state["warned"] or info()["fast"]:
         return
     _state["warned"] = True
-    if _state["late"]:
-        why = (
+    setting = f"set {ENV}=/path/to/libblas.so ({ENV}=off silences this)"
+    if _state["late"]:  # the setting cannot help now: only the import order can
+        how = (
             "mlx.core was imported before aim_mlx, so aim-mlx could not load an optimized BLAS; "
-            "import aim_mlx first"
+            f"import aim_mlx first ({ENV}=off silences this)"
         )
     elif _state["error"] and os.environ.get(ENV):
-        why = f"{ENV} could not be loaded ({_state['error']})"
+        how = f"{ENV} could not be loaded ({_state['error']}); {setting}"
     else:
-        why = "no optimized BLAS found; install OpenBLAS (Debian/Ubuntu: apt install libopenblas0)"
+        how = (
+            "no optimized BLAS found; install OpenBLAS (Debian/Ubuntu: apt install "
+            f"libopenblas0), or {setting}"
+        )
     warnings.warn(
-        f"aim-mlx: MLX's CPU matmuls use the slow reference BLAS: {why}, "
-        f"or set {ENV}=/path/to/libblas.so ({ENV}=off silences this).",
+        f"aim-mlx: MLX's CPU matmuls use the slow reference BLAS: {how}.",
         RuntimeWarning,
         stacklevel=3,
     )
