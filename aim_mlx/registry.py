@@ -107,8 +107,12 @@ class ModelSpec:
                 params=_field(d, "params", int, None),
                 top1=_field(d, "top1", dict, {}),
             )
-            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec.repo):
+            if not _is_repo_id(spec.repo):
                 raise ValueError(f"repo must be a hub repo id like apple/AIM, got {spec.repo!r}")
+            if set(spec.revision.replace("\\", "/").split("/")) & {"", ".", ".."}:
+                raise ValueError(  # huggingface_hub writes refs/<revision> in its cache
+                    f"revision must be a branch, tag or commit like main, got {spec.revision!r}"
+                )
             if spec.params is not None and spec.params < 1:
                 raise ValueError(f"params must be a positive integer, got {spec.params!r}")
             fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers", "extra"}
@@ -129,6 +133,17 @@ class ModelSpec:
         except (ValueError, TypeError) as e:
             raise RegistryError(f"registry entry {name!r}: {e}") from None
         return spec
+
+
+def _is_repo_id(repo: str) -> bool:
+    """An id the hub (huggingface_hub) accepts: one or two names of letters, digits and ._-,
+    neither starting nor ending with . or -, without -- or .., 96 characters at most."""
+    name = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+    return (
+        len(repo) <= 96
+        and re.fullmatch(f"{name}(/{name})?", repo) is not None
+        and not ("--" in repo or ".." in repo)
+    )
 
 
 def _is_number(value) -> bool:

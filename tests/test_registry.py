@@ -255,6 +255,12 @@ def entry_with(**changes) -> dict:
         ([registry_entry(), entry_with(name="AIM-tiny")], "taken by another entry in the file"),
         ([entry_with(repo=5)], "entry 'aim-tiny': repo must be a string, got 5"),
         ([entry_with(repo="a b")], "repo must be a hub repo id like apple/AIM"),
+        # ids the hub refuses (a traceback on download); a revision out of its refs/ folder
+        ([entry_with(repo="../..")], "repo must be a hub repo id like apple/AIM"),
+        ([entry_with(repo="me/.x")], "repo must be a hub repo id"),
+        ([entry_with(repo="me--x/y")], "repo must be a hub repo id"),
+        ([entry_with(revision="../../../etc")], "revision must be a branch, tag or commit"),
+        ([entry_with(revision="/tmp/x")], "revision must be a branch, tag or commit"),
         ([entry_with(params="lots")], "params must be an integer, got 'lots'"),
         ([entry_with(heads={"best": "x.pth"})], "a file must be an object with filename"),
         ([entry_with(arch={"num_blocks": 8, "num_heads": 4})], "missing embed_dim"),
