@@ -936,8 +936,10 @@ def cache_rm(names, remove_all):
     chosen = set(entries) if remove_all else set()
     features = feature_sets if remove_all else feature_sets & set(names)
     for name in (n for n in names if n not in feature_sets):  # every name checked first
-        prefix = name.lower() + "--"
-        matches = {key for key in entries if key == name or key.lower().startswith(prefix)}
+        prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
+        matches = {key for key in entries if key.lower() == name.lower()} or {
+            key for key in entries if key.lower().startswith(prefix)
+        }
         if not matches:
             raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
         chosen |= matches

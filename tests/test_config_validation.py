@@ -386,6 +386,21 @@ def test_cache_rm_checks_every_name_before_removing_any():
     )
 
 
+def test_cache_rm_of_an_entry_removes_that_entry_only():
+    """An entry's key as `cache list` shows it (in any case) is that entry, not also the
+    quantized ones whose keys it begins; a model name is every entry of the model."""
+    from aim_mlx import cache
+
+    keys = ["x--best--float32", "x--best--float32--q4g64", "x--last--float32"]
+    for key in keys:
+        cache.entry_dir(key).mkdir(parents=True)
+    result = cli("cache", "rm", "X--BEST--FLOAT32")
+    assert clean(result, 0) == "" and result.stdout == "removed x--best--float32 (0.0 MB)\n"
+    assert [e.key for e in cache.list_entries()] == keys[1:]
+    result = cli("cache", "rm", "x")
+    assert result.stdout.splitlines() == [f"removed {key} (0.0 MB)" for key in keys[1:]]
+
+
 def test_json_listings_include_the_feature_sets():
     folder = feature_set("set-1")
     text = cli("cache").stdout
