@@ -215,7 +215,7 @@ class Entry:
     path: Path
     size: int
     config: dict | None
-    current: bool  # False: an older (or unreadable) format, converted again on next use
+    current: bool  # False: converted again on next use (another format, or its model changed)
 
 
 def list_entries() -> list[Entry]:
@@ -224,10 +224,29 @@ def list_entries() -> list[Entry]:
         return []
     entries = []
     for path in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        entries.append(
-            Entry(path.name, path, folder_size(path), _config_or_none(path), is_current(path))
-        )
+        config = _config_or_none(path)
+        current = is_current(path, **_expected(path.name, config))
+        entries.append(Entry(path.name, path, folder_size(path), config, current))
     return entries
+
+
+def _expected(key: str, config: dict | None) -> dict:
+    """What the entry `key` of a registered model must have been made from, as its model now
+    stands in the registry (`is_current`'s files and settings); {} for other entries."""
+    from . import registry
+
+    name = (config or {}).get("name")
+    try:
+        if not isinstance(name, str) or not registry.is_known(name):
+            return {}
+        spec = registry.get(name)
+    except registry.RegistryError:  # an unreadable AIM_MLX_REGISTRY: the format alone
+        return {}
+    prefix = safe_name(spec.name).lower() + "--"  # a local folder's entry is "local-..."
+    head = key[len(prefix) :].split("--")[0] if key.lower().startswith(prefix) else None
+    if head not in spec.heads:
+        return {}
+    return dict(files=spec.files(head), settings=spec.cache_settings(head))
 
 
 def remove(key: str) -> int:

@@ -801,6 +801,10 @@ def eval_command(
         sys.exit(1)
 
 
+# A cache entry of another format, or of a registered model whose entry changed since.
+STALE = "  (old format or model changed: converted again on use)"
+
+
 def _gb(nbytes: int | None, exact: bool = True) -> str:
     if nbytes is None:
         return "?"
@@ -827,7 +831,7 @@ def models(as_json):
             size = _gb(f["size"], f["size_exact"])
             click.echo(f"    {f['role']:<9}{f['filename']}  {size}  sha256 {f['sha256']}  [{mark}]")
         for c in r["converted"]:
-            state = "" if c["current"] else "  (old format: converted again on use)"
+            state = "" if c["current"] else STALE
             click.echo(f"    converted {c['key']}  {_gb(c['size'])}{state}")
 
 
@@ -880,7 +884,7 @@ def cache_list(as_json=False):
     if not models:
         click.echo("  no converted models")
     for m in models:
-        state = "" if m["current"] else "  (old format: converted again on use)"
+        state = "" if m["current"] else STALE
         click.echo(f"  {m['key']:<40} {_gb(m['size']):>10}{state}")
     if models:
         click.echo(f"  total {_gb(sum(m['size'] for m in models))}")

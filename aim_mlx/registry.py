@@ -77,6 +77,14 @@ class ModelSpec:
         self.head_file(head)
         return ModelArgs.from_dict({**self.arch, "probe_layers": self.probe_layers[head]})
 
+    def cache_settings(self, head: str) -> dict:
+        """The config values a cache entry of this model and head must hold (besides its files):
+        an entry made before the registry entry changed them is converted again."""
+        args = self.model_args(head)
+        return dict(
+            probe_layers=list(args.probe_layers), num_heads=args.num_heads, img_size=args.img_size
+        )
+
     def param_count(self) -> int:
         """The published count, else the float32 file size estimate's."""
         return self.params or sum(estimated_sizes(self)) // 4

@@ -215,10 +215,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         )
         return dict(backbone=backbone, head=head_file)
 
-    args = spec.model_args(head)
-    settings = dict(
-        probe_layers=list(args.probe_layers), num_heads=args.num_heads, img_size=args.img_size
-    )
+    settings = spec.cache_settings(head)
     out = _convert_into_cache(
         key,
         progress,

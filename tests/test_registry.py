@@ -226,12 +226,18 @@ def test_a_changed_registry_entry_is_converted_again(tmp_path, monkeypatch):
     second["probe_layers"]["best"] = second["probe_layers"]["last"]
     try:
         assert rel_err(run(first), np.load(REF / "logits_best.npy")) < 1e-5
+        assert [e.current for e in cache.list_entries()] == [True]
+        path.write_text(json.dumps({"models": [second]}))  # another head file (SHA-256)
+        assert [e.current for e in cache.list_entries()] == [False]
         assert rel_err(run(second), np.load(REF / "logits_last.npy")) < 1e-5
         entry = cache.entry_dir("aim-tiny--best--float32")
         assert [s["file"] for s in read_config(entry)["sources"]][1] == "head_last_layers.pth"
         # same files, other probe layers: converted again with the new ones
         third = {**second, "probe_layers": {**second["probe_layers"], "best": [1, 2, 3, 4, 5, 7]}}
+        path.write_text(json.dumps({"models": [third]}))
+        assert [e.current for e in cache.list_entries()] == [False]  # `cache list` says so
         run(third)
+        assert [e.current for e in cache.list_entries()] == [True]
         assert read_config(entry)["probe_layers"] == [1, 2, 3, 4, 5, 7]
         assert len(server.downloads("backbone.pth")) == 1  # the downloads are reused
         run(third)  # unchanged: reused, not converted again
