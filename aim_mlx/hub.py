@@ -314,7 +314,14 @@ def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) ->
 
     A file that fails is removed from the download cache, so the next run fetches it afresh.
     """
-    digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # a bar: terminals only
+    try:
+        digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # bar: terminals only
+    except FileNotFoundError:  # not under this cache's locks (`model_locks`): another AIM_MLX_CACHE
+        raise HubError(
+            f"{file.filename} from {spec.repo} was removed from the download cache meanwhile, "
+            "by another process (`aim-mlx cache rm-downloads` with another AIM_MLX_CACHE, or "
+            "`hf cache delete`); run the command again to download it afresh"
+        ) from None
     if digest.startswith(file.sha256):
         return
     remove_cached_file(path)

@@ -503,6 +503,17 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     assert_ranks_match_reference(res.stdout)
 
 
+def test_a_download_removed_before_its_check_is_one_error(tmp_path):
+    """`cache rm-downloads` under another AIM_MLX_CACHE (whose locks this process does not
+    see) removed a file between its download and its check: a HubError, not a traceback."""
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    spec = ModelSpec.from_dict(registry_entry())
+    with pytest.raises(hub_module.HubError, match="backbone.pth from .* was removed from the"):
+        hub_module.verify(spec, spec.backbone, tmp_path / "gone" / "backbone.pth")
+
+
 def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch):
     """Another process converting the model's second entry (not the first, in sorted order):
     model_locks still says it waits, once, then holds every lock."""
