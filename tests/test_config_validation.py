@@ -95,6 +95,8 @@ def test_model_args_require_the_architecture():
             "quantization group_size must be one",
         ),
         ({"format_version": None}, "no format_version, this aim-mlx reads 1"),
+        ({"format_version": 0}, "format version 0, this aim-mlx reads 1; convert the"),
+        ({"format_version": 99}, "format version 99, written by a newer aim-mlx; this one"),
         (
             {"num_classes": 10**12},
             "embed_dim 64, mlp_ratio 4, num_classes 1000000000000 or patch_size 14 make a layer "
