@@ -225,6 +225,14 @@ q_bits_option = click.option(
 )
 
 
+def _model(ctx, param, value: str) -> str:
+    """A model name or folder; "" (`-m "$MODEL"`, MODEL unset) is refused, not taken as the
+    working folder."""
+    if value == "":
+        raise click.BadParameter("give a model name (see `aim-mlx models`) or a folder, got ''")
+    return value
+
+
 def weight_options_for(head_help: str = HEAD_HELP):
     """--head, --dtype, -q/--quantize, --q-bits: which weights to load or convert."""
     return _options(
@@ -243,6 +251,7 @@ def model_options_for(head_help: str = HEAD_HELP):
             "-m",
             default="aim-600M",
             show_default=True,
+            callback=_model,
             help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
             "converted folder, or a folder of PyTorch checkpoints.",
         ),
@@ -434,6 +443,7 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
     "-m",
     default="aim-600M",
     show_default=True,
+    callback=_model,
     help="A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.",
 )
 @click.option(
@@ -899,7 +909,7 @@ def cache_list(as_json=False):
 
 
 @cache.command("add")
-@click.argument("model")
+@click.argument("model", callback=_model)
 @weight_options_for(OFFICIAL_HEAD_HELP)  # the cache holds official heads only
 @click.option(
     "--drop-downloads",
@@ -1106,7 +1116,14 @@ def probe():
 
 @probe.command("train")
 @click.argument("train_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--model", "-m", default="aim-600M", show_default=True, help="The trunk to use.")
+@click.option(
+    "--model",
+    "-m",
+    default="aim-600M",
+    show_default=True,
+    callback=_model,
+    help="The trunk to use.",
+)
 @output_options("Output head folder (missing parent folders are created).", file_okay=False)
 @click.option(
     "--val",

@@ -71,7 +71,8 @@ def resolve(
     folder that does not hold the head asked for is an error. `dtype` None picks
     `default_dtype()`.
     """
-    if not isinstance(model, (str, os.PathLike)):  # str(None) would look up "None"
+    # str(None) would look up "None"; "" (`-m "$MODEL"`, MODEL unset) was the working folder
+    if not isinstance(model, (str, os.PathLike)) or str(model) == "":
         known = ", ".join(registry.all_models())
         raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
     if head is not None and head not in registry.HEADS:

@@ -318,6 +318,20 @@ def test_a_model_that_is_not_a_name_nor_a_path_is_one_error(model):
         aim_mlx.load(model)
 
 
+def test_an_empty_model_name_is_not_the_working_folder(tmp_path, monkeypatch):
+    """`-m "$MODEL"` with MODEL unset: a usage error, not a conversion of the working folder."""
+    from click.testing import CliRunner
+
+    from aim_mlx.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OptionError, match=r"model must be a model name .* or a folder, got ''"):
+        aim_mlx.load("")
+    for args in (["cache", "add", ""], ["embed", str(tmp_path), "-o", "e.npy", "-m", ""]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "or a folder, got ''" in result.stderr, result.output
+
+
 def test_checkpoints_named_as_a_registered_model_but_of_another_shape_are_refused(tmp_path):
     """The file names set the head count and probe layers: on other weights that made a model
     of the wrong head count without a word (here 2 heads of 32 for the fixture's 4 of 16)."""
