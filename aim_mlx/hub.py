@@ -72,7 +72,9 @@ def plan(spec: ModelSpec, head: str, cache_dir=None, endpoint=None) -> list[Plan
 
 
 def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
-    """The size the hub reports for a file, or None when it cannot be asked (offline)."""
+    """The size the hub reports for a file, or None when it cannot be asked (offline). A file
+    the hub says it does not have, or will not give (HTTP 401, 403, 404), is a HubError here,
+    before any file is fetched (not after a backbone of many GB)."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     if constants.HF_HUB_OFFLINE:
@@ -80,7 +82,10 @@ def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
         return get_hf_file_metadata(url).size
-    except Exception:  # the download that follows reports the real problem
+    except Exception as e:  # other problems: the download that follows reports them
+        if (status := _http_status(e)) in (401, 403, 404):
+            where = f"{file.filename} from {spec.repo}"
+            raise HubError(_http_error(where, status, endpoint)) from None
         return None
 
 
@@ -252,7 +257,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                     f"downloading {where} failed: a request header holds a character that is "
                     "not ASCII; check HF_TOKEN (and any other HF_* setting)"
                 ) from None
-            if (status := _http_status(e)) in (401, 403):
+            if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
                 raise HubError(_http_error(where, status, endpoint)) from None
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {e}") from e
@@ -272,11 +277,12 @@ def _http_status(error: BaseException | None) -> int | None:
 
 
 def _http_error(where: str, status: int, endpoint: str | None) -> str:
-    hint = (
-        "Check HF_TOKEN (`hf auth login`) and that your account may read the repo."
-        if status in (401, 403)
-        else "Check HF_ENDPOINT, or try again later."
-    )
+    hints = {
+        401: "Check HF_TOKEN (`hf auth login`) and that your account may read the repo.",
+        404: "Check HF_ENDPOINT (a mirror may lack the file) and the model's repo, revision and "
+        "file names (AIM_MLX_REGISTRY).",
+    }
+    hint = hints.get(401 if status == 403 else status, "Check HF_ENDPOINT, or try again later.")
     answer = f"the hub ({_endpoint(endpoint)}) answered HTTP {status}"
     return f"downloading {where} failed: {answer}. {hint}"
 

@@ -239,6 +239,9 @@ def test_file_missing_on_the_hub_is_not_retried(env, hub):
     assert "downloading head_last_layers.pth from aim-test-org/AIM-tiny failed" in result.stderr
     assert "trying again" not in result.stderr and "Traceback" not in result.stderr
     assert hub.downloads("head_last_layers.pth") == []  # 404 on the metadata request
+    assert hub.downloads("backbone.pth") == []  # found before the backbone was fetched
+    assert "answered HTTP 404. Check HF_ENDPOINT (a mirror may lack the file)" in result.stderr
+    assert "\n\n" not in result.stderr  # one line, not the hub's paragraphs
 
 
 def test_offline_without_cache_is_a_clear_error(env, hub):
