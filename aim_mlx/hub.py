@@ -133,7 +133,18 @@ def download(
     for p in planned:
         with hub_bars(progress):
             path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-        verify(spec, p.file, path, progress=progress)
+        try:
+            verify(spec, p.file, path, progress=progress)
+        except ChecksumError:
+            if not p.local or constants.HF_HUB_OFFLINE:
+                raise
+            # downloaded before its registry entry changed (verify removed it): fetched afresh
+            if progress:
+                print(f"{p.file.filename}: the download cache held another version; downloading "
+                      "it again", file=sys.stderr)  # fmt: skip
+            with hub_bars(progress):
+                path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+            verify(spec, p.file, path, progress=progress)
         paths.append(path)
     return paths
 

@@ -202,6 +202,24 @@ def test_corrupted_file_is_refused_then_fetched_afresh(env, hub):
     assert len(hub.downloads("backbone.pth")) == 1  # the good backbone was kept
 
 
+def test_a_download_older_than_its_registry_entry_is_fetched_afresh(env, hub):
+    """The model's file changed on the hub and in the registry (new SHA-256, same name) after
+    it was downloaded: the cached copy is replaced in this run, not refused as a mismatch
+    with 'run the command again'."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    hub.repos[REPO]["head_best_layers.pth"] = REF / "head_last_layers.pth"
+    entry = registry_entry()
+    entry["heads"]["best"] = {**entry["heads"]["last"], "filename": "head_best_layers.pth"}
+    entry["probe_layers"]["best"] = entry["probe_layers"]["last"]
+    Path(env["AIM_MLX_REGISTRY"]).write_text(json.dumps({"models": [entry]}))
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert "head_best_layers.pth: the download cache held another version" in result.stderr
+    assert len(hub.downloads("head_best_layers.pth")) == 2
+    assert len(hub.downloads("backbone.pth")) == 1
+    assert entry_config(env)["sources"][1]["sha256"] == sha256(REF / "head_last_layers.pth")
+
+
 def test_interrupted_download_recovers(env, hub):
     size = (REF / "backbone.pth").stat().st_size
     hub.interrupt_once["backbone.pth"] = size // 2
