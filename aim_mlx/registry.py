@@ -99,9 +99,9 @@ class ModelSpec:
         if not isinstance(d, dict):
             raise RegistryError(f"a registry entry must be an object, got {d!r}")
         name = d.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-            raise RegistryError(
-                f"a registry entry needs a name (letters, digits, ._-), got {name!r}"
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or "--" in name:
+            raise RegistryError(  # "--" parts a cache entry's key: `cache rm x` took x--ft's
+                f"a registry entry needs a name (letters, digits, ._-, no --), got {name!r}"
             )
         try:
             spec = cls(
