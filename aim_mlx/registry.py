@@ -99,9 +99,10 @@ class ModelSpec:
         if not isinstance(d, dict):
             raise RegistryError(f"a registry entry must be an object, got {d!r}")
         name = d.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name) or "--" in name:
-            raise RegistryError(  # "--" parts a cache entry's key: `cache rm x` took x--ft's
-                f"a registry entry needs a name (letters, digits, ._-, no --), got {name!r}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or "--" in name:
+            raise RegistryError(  # a cache entry's key is the name, then "--": `cache rm x` took
+                # x--ft's entries; "aimé" was "aim_", which `cache rm aimé` did not find
+                f"a registry entry needs a name (ASCII letters, digits, ._-, no --), got {name!r}"
             )
         try:
             spec = cls(

@@ -261,7 +261,8 @@ def entry_with(**changes) -> dict:
         ([registry_entry(), entry_with(name="AIM-tiny")], "taken by another entry in the file"),
         ([entry_with(repo=5)], "entry 'aim-tiny': repo must be a string, got 5"),
         ([entry_with(repo="a b")], "repo must be a hub repo id like apple/AIM"),
-        ([entry_with(name="aim-tiny--ft")], "needs a name \\(letters, digits, ._-, no --\\)"),
+        ([entry_with(name="aim-tiny--ft")], "needs a name \\(ASCII letters, digits, ._-, no"),
+        ([entry_with(name="aimé")], "needs a name \\(ASCII letters, digits, ._-, no --\\)"),
         # ids the hub refuses (a traceback on download); a revision out of its refs/ folder
         ([entry_with(repo="../..")], "repo must be a hub repo id like apple/AIM"),
         ([entry_with(repo="me/.x")], "repo must be a hub repo id"),
