@@ -270,11 +270,18 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                 ) from None
             if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
                 raise HubError(_http_error(where, status, endpoint)) from None
+            reason = _first_line(e)
             if _is_permanent(e) or attempt == ATTEMPTS:
-                raise HubError(f"downloading {where} failed: {e}") from e
+                raise HubError(f"downloading {where} failed: {reason}") from e
             attempt += 1
-            print(f"{where}: {e}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
+            print(f"{where}: {reason}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
             time.sleep(attempt - 1)
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's first line: huggingface_hub's go on with advice for its Python API ("Please
+    retry with `force_download=True`") or the hub's paragraphs."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _http_status(error: BaseException | None) -> int | None:

@@ -535,6 +535,33 @@ def test_a_download_removed_before_its_check_is_one_error(tmp_path):
         hub_module.verify(spec, spec.backbone, tmp_path / "gone" / "backbone.pth")
 
 
+def test_a_download_failure_is_one_line_without_python_api_advice(tmp_path, monkeypatch, capsys):
+    """huggingface_hub's size check after a download says "Please retry with
+    `force_download=True`" on a second line: advice for its Python API, not for a CLI user."""
+    import huggingface_hub
+
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    def inconsistent(*args, **kwargs):
+        raise OSError(
+            "Consistency check failed: file should be of size 11 but has size 10 (backbone.pth)."
+            "\nThis is usually due to network issues while downloading the file. Please retry "
+            "with `force_download=True`."
+        )
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", inconsistent)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda s: None)
+    spec = ModelSpec.from_dict(registry_entry())
+    with pytest.raises(hub_module.HubError) as e:
+        hub_module.fetch(spec, spec.backbone, cache_dir=tmp_path)
+    assert str(e.value) == (
+        "downloading backbone.pth from aim-test-org/AIM-tiny failed: Consistency check failed: "
+        "file should be of size 11 but has size 10 (backbone.pth)."
+    )
+    assert "force_download" not in capsys.readouterr().err
+
+
 def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch):
     """Another process converting the model's second entry (not the first, in sorted order):
     model_locks still says it waits, once, then holds every lock."""
