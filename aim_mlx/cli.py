@@ -535,12 +535,13 @@ def info(as_json):
 
 def _settings_state() -> str:
     """ "ok", or what is wrong with the AIM_MLX_* settings (`info` shows it, never fails on it)."""
-    from . import cache, registry
+    from . import cache, hub, registry
 
     try:
         _check_environment()
         registry.all_models()  # AIM_MLX_REGISTRY
         cache.cache_root()  # AIM_MLX_CACHE
+        hub.check_endpoint()  # HF_ENDPOINT
     except AimMlxError as e:
         return f"invalid: {e}"
     return "ok"

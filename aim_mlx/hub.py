@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .constants import GB
 from .convert.checkpoint import file_sha256
@@ -50,8 +51,25 @@ class PlannedFile:
     size: int  # bytes (estimated when neither the registry nor the hub says)
 
 
+def check_endpoint() -> None:
+    """HubError unless HF_ENDPOINT, if set, is an http(s) address: huggingface_hub failed to
+    import with a ValueError for a port out of range, and retried a URL without http:// as if
+    the network had failed."""
+    value = os.environ.get("HF_ENDPOINT")
+    try:
+        parts = urlsplit(value or "https://huggingface.co")
+        good = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:  # a port out of range or not a number
+        good = False
+    if not good:
+        raise HubError(
+            f"HF_ENDPOINT must be the hub's address, like https://huggingface.co, got {value!r}"
+        )
+
+
 def cached_path(spec: ModelSpec, file: HubFile, cache_dir: str | Path | None = None) -> Path | None:
     """The file in huggingface_hub's cache, or None; no network."""
+    check_endpoint()  # before huggingface_hub is imported
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(
@@ -103,6 +121,7 @@ def download(
     `also_needed` adds other space requirements ({folder: bytes}, e.g. the converted model) to
     the free-space check made before the first byte is fetched.
     """
+    check_endpoint()
     from huggingface_hub import constants
 
     hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)

@@ -445,6 +445,18 @@ def test_an_http_error_is_named_not_called_unreachable(env, hub):
     assert "cannot be reached" not in result.stderr and "HF_HUB_OFFLINE" not in result.stderr
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "127.0.0.1:8080", "ftp://hub"])
+def test_an_endpoint_that_is_no_http_address_is_one_error(env, endpoint):
+    """A port out of range made importing huggingface_hub fail (a ValueError traceback, even
+    for `cache list`); an address without http:// was tried three times as a network error."""
+    env = {**env, "HF_ENDPOINT": endpoint}
+    expected = "Error: HF_ENDPOINT must be the hub's address, like https://huggingface.co, got "
+    for args in (["cache", "add", "aim-tiny"], ["cache", "list"], ["models"]):
+        result = aim_mlx(env, *args)
+        assert result.returncode == 1 and result.stderr == f"{expected}{endpoint!r}\n", args
+    assert "settings: invalid: HF_ENDPOINT must be" in aim_mlx(env, "info").stdout
+
+
 def test_no_access_names_the_token(env, hub):
     hub.status["backbone.pth"] = 401
     result = aim_mlx(env, "cache", "add", "aim-tiny")
