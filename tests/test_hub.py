@@ -451,7 +451,9 @@ def test_an_endpoint_that_is_no_http_address_is_one_error(env, endpoint):
     for `cache list`); an address without http:// was tried three times as a network error."""
     env = {**env, "HF_ENDPOINT": endpoint}
     expected = "Error: HF_ENDPOINT must be the hub's address, like https://huggingface.co, got "
-    for args in (["cache", "add", "aim-tiny"], ["cache", "list"], ["models"]):
+    out = str(Path(env["AIM_MLX_CACHE"]).parent / "out")
+    convert = ["convert", "--hf-path", "me/AIM-hf", "-o", out]
+    for args in (["cache", "add", "aim-tiny"], ["cache", "list"], ["models"], convert):
         result = aim_mlx(env, *args)
         assert result.returncode == 1 and result.stderr == f"{expected}{endpoint!r}\n", args
     assert "settings: invalid: HF_ENDPOINT must be" in aim_mlx(env, "info").stdout
