@@ -219,30 +219,31 @@ class Entry:
 
 
 def list_entries() -> list[Entry]:
+    from . import registry
+
     models = cache_root() / "models"
     if not models.is_dir():
         return []
+    try:  # by lowercase name, as registry.get finds them
+        specs = {name.lower(): spec for name, spec in registry.all_models().items()}
+    except registry.RegistryError:  # an unreadable AIM_MLX_REGISTRY: the format alone
+        specs = {}
     entries = []
     for path in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
         config = _config_or_none(path)
-        current = is_current(path, **_expected(path.name, config))
+        current = is_current(path, **_expected(path.name, config, specs))
         entries.append(Entry(path.name, path, folder_size(path), config, current))
     return entries
 
 
-def _expected(key: str, config: dict | None) -> dict:
-    """What the entry `key` of a registered model must have been made from, as its model now
-    stands in the registry (`is_current`'s files and settings); {} for other entries."""
-    from . import registry
-
+def _expected(key: str, config: dict | None, specs: dict) -> dict:
+    """What the entry `key` of a registered model (in `specs`) must have been made from, as
+    the registry now has it (`is_current`'s files and settings); {} for other entries."""
     name = (config or {}).get("name")
-    try:
-        if not isinstance(name, str) or not registry.is_known(name):
-            return {}
-        spec = registry.get(name)
-    except registry.RegistryError:  # an unreadable AIM_MLX_REGISTRY: the format alone
+    spec = specs.get(name.lower()) if isinstance(name, str) else None
+    if spec is None:
         return {}
-    prefix = safe_name(spec.name).lower() + "--"  # a local folder's entry is "local-..."
+    prefix = safe_name(spec.name).lower() + "--"  # a checkpoint folder's entry: "local-..."
     head = key[len(prefix) :].split("--")[0] if key.lower().startswith(prefix) else None
     if head not in spec.heads:
         return {}
