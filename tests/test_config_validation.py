@@ -403,6 +403,17 @@ def test_cache_rm_of_an_entry_removes_that_entry_only():
     assert result.stdout.splitlines() == [f"removed {key} (0.0 MB)" for key in keys[1:]]
 
 
+def test_cache_rm_works_with_an_unreadable_registry(tmp_path, monkeypatch):
+    """`cache list` compares registered models' entries with the registry; an unreadable
+    AIM_MLX_REGISTRY leaves that out and never stops a removal."""
+    from aim_mlx import cache
+
+    cache.entry_dir("x--best--float32").mkdir(parents=True)
+    monkeypatch.setenv("AIM_MLX_REGISTRY", str(tmp_path / "missing.json"))
+    result = cli("cache", "rm", "--all")
+    assert clean(result, 0) == "" and result.stdout == "removed x--best--float32 (0.0 MB)\n"
+
+
 def test_json_listings_include_the_feature_sets():
     folder = feature_set("set-1")
     text = cli("cache").stdout
