@@ -367,12 +367,15 @@ def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) ->
         ) from None
     if digest.startswith(file.sha256):
         return
+    from huggingface_hub import constants
+
     remove_cached_file(path)
+    online = "" if not constants.HF_HUB_OFFLINE else ", online (HF_HUB_OFFLINE is set),"
     raise ChecksumError(
         f"checksum mismatch for {file.filename} from {spec.repo}: its SHA-256 is {digest[:16]}..., "
         f"expected {file.sha256}... The file was removed from the download cache; run the "
-        "command again to download it afresh. If this repeats, the file on the hub is not the "
-        "one aim-mlx knows: do not use it."
+        f"command again{online} to download it afresh. If this repeats, the file on the hub is "
+        "not the one aim-mlx knows: do not use it."
     )
 
 

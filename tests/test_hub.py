@@ -220,6 +220,18 @@ def test_a_download_older_than_its_registry_entry_is_fetched_afresh(env, hub):
     assert entry_config(env)["sources"][1]["sha256"] == sha256(REF / "head_last_layers.pth")
 
 
+def test_a_damaged_download_offline_says_to_fetch_it_online(env, hub):
+    """HF_HUB_OFFLINE=1 and a cached file that fails its check: it is removed, and the advice
+    is to run again online ('run the command again' offline only said it was not downloaded)."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    assert aim_mlx(env, "cache", "rm", "aim-tiny").returncode == 0
+    path = next(Path(env["HF_HOME"]).rglob("snapshots/*/head_best_layers.pth")).resolve()
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32", offline=True)
+    assert result.returncode == 1 and not path.exists()
+    assert "run the command again, online (HF_HUB_OFFLINE is set), to download" in result.stderr
+
+
 def test_interrupted_download_recovers(env, hub):
     size = (REF / "backbone.pth").stat().st_size
     hub.interrupt_once["backbone.pth"] = size // 2
