@@ -197,6 +197,14 @@ def _options(*options):
     return apply
 
 
+def _model(ctx, param, value: str) -> str:
+    """A model name or folder; "" (`-m "$MODEL"`, MODEL unset) is refused, not taken as the
+    working folder."""
+    if value == "":
+        raise click.BadParameter("give a model name (see `aim-mlx models`) or a folder, got ''")
+    return value
+
+
 def _img_size(ctx, param, value: int | None) -> int | None:
     if value is not None and (value <= 0 or value % 14):
         raise click.BadParameter(f"must be a positive multiple of 14 (the patch size), got {value}")
@@ -223,14 +231,6 @@ q_bits_option = click.option(
     show_default=True,
     help="Bits per quantized weight (with -q).",
 )
-
-
-def _model(ctx, param, value: str) -> str:
-    """A model name or folder; "" (`-m "$MODEL"`, MODEL unset) is refused, not taken as the
-    working folder."""
-    if value == "":
-        raise click.BadParameter("give a model name (see `aim-mlx models`) or a folder, got ''")
-    return value
 
 
 def weight_options_for(head_help: str = HEAD_HELP):
