@@ -215,19 +215,39 @@ class Entry:
     path: Path
     size: int
     config: dict | None
-    current: bool  # False: an older (or unreadable) format, converted again on next use
+    current: bool  # False: converted again on next use (another format, or its model changed)
 
 
 def list_entries() -> list[Entry]:
+    from . import registry
+
     models = cache_root() / "models"
     if not models.is_dir():
         return []
+    try:  # by lowercase name, as registry.get finds them
+        specs = {name.lower(): spec for name, spec in registry.all_models().items()}
+    except registry.RegistryError:  # an unreadable AIM_MLX_REGISTRY: the format alone
+        specs = {}
     entries = []
     for path in sorted(p for p in models.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        entries.append(
-            Entry(path.name, path, folder_size(path), _config_or_none(path), is_current(path))
-        )
+        config = _config_or_none(path)
+        current = is_current(path, **_expected(path.name, config, specs))
+        entries.append(Entry(path.name, path, folder_size(path), config, current))
     return entries
+
+
+def _expected(key: str, config: dict | None, specs: dict) -> dict:
+    """What the entry `key` of a registered model (in `specs`) must have been made from, as
+    the registry now has it (`is_current`'s files and settings); {} for other entries."""
+    name = (config or {}).get("name")
+    spec = specs.get(name.lower()) if isinstance(name, str) else None
+    if spec is None:
+        return {}
+    prefix = safe_name(spec.name).lower() + "--"  # a checkpoint folder's entry: "local-..."
+    head = key[len(prefix) :].split("--")[0] if key.lower().startswith(prefix) else None
+    if head not in spec.heads:
+        return {}
+    return dict(files=spec.files(head), settings=spec.cache_settings(head))
 
 
 def remove(key: str) -> int:

@@ -207,6 +207,14 @@ def _options(*options):
     return apply
 
 
+def _model(ctx, param, value: str) -> str:
+    """A model name or folder; "" (`-m "$MODEL"`, MODEL unset) is refused, not taken as the
+    working folder."""
+    if value == "":
+        raise click.BadParameter("give a model name (see `aim-mlx models`) or a folder, got ''")
+    return value
+
+
 def _img_size(ctx, param, value: int | None) -> int | None:
     if value is not None and (value <= 0 or value % 14):
         raise click.BadParameter(f"must be a positive multiple of 14 (the patch size), got {value}")
@@ -267,6 +275,7 @@ def model_options_for(head_help: str = HEAD_HELP, quantize: bool = True):
             "-m",
             default="aim-600M",
             show_default=True,
+            callback=_model,
             help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
             "converted folder, or a folder of PyTorch checkpoints.",
         ),
@@ -458,6 +467,7 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
     "-m",
     default="aim-600M",
     show_default=True,
+    callback=_model,
     help="A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.",
 )
 @click.option(
@@ -549,12 +559,13 @@ def info(as_json):
 
 def _settings_state() -> str:
     """ "ok", or what is wrong with the AIM_MLX_* settings (`info` shows it, never fails on it)."""
-    from . import cache, registry
+    from . import cache, hub, registry
 
     try:
         _check_environment()
         registry.all_models()  # AIM_MLX_REGISTRY
         cache.cache_root()  # AIM_MLX_CACHE
+        hub.check_endpoint()  # HF_ENDPOINT
     except AimMlxError as e:
         return f"invalid: {e}"
     return "ok"
@@ -825,6 +836,10 @@ def eval_command(
         sys.exit(1)
 
 
+# A cache entry of another format, or of a registered model whose entry changed since.
+STALE = "  (old format or model changed: converted again on use)"
+
+
 def _gb(nbytes: int | None, exact: bool = True) -> str:
     if nbytes is None:
         return "?"
@@ -851,7 +866,7 @@ def models(as_json):
             size = _gb(f["size"], f["size_exact"])
             click.echo(f"    {f['role']:<9}{f['filename']}  {size}  sha256 {f['sha256']}  [{mark}]")
         for c in r["converted"]:
-            state = "" if c["current"] else "  (old format: converted again on use)"
+            state = "" if c["current"] else STALE
             click.echo(f"    converted {c['key']}  {_gb(c['size'])}{state}")
 
 
@@ -904,7 +919,7 @@ def cache_list(as_json=False):
     if not models:
         click.echo("  no converted models")
     for m in models:
-        state = "" if m["current"] else "  (old format: converted again on use)"
+        state = "" if m["current"] else STALE
         click.echo(f"  {m['key']:<40} {_gb(m['size']):>10}{state}")
     if models:
         click.echo(f"  total {_gb(sum(m['size'] for m in models))}")
@@ -919,7 +934,7 @@ def cache_list(as_json=False):
 
 
 @cache.command("add")
-@click.argument("model")
+@click.argument("model", callback=_model)
 @weight_options_for(OFFICIAL_HEAD_HELP)  # the cache holds official heads only
 @click.option(
     "--drop-downloads",
@@ -960,8 +975,10 @@ def cache_rm(names, remove_all):
     chosen = set(entries) if remove_all else set()
     features = feature_sets if remove_all else feature_sets & set(names)
     for name in (n for n in names if n not in feature_sets):  # every name checked first
-        prefix = name.lower() + "--"
-        matches = {key for key in entries if key == name or key.lower().startswith(prefix)}
+        prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
+        matches = {key for key in entries if key.lower() == name.lower()} or {
+            key for key in entries if key.lower().startswith(prefix)
+        }
         if not matches:
             raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
         chosen |= matches
@@ -1117,7 +1134,14 @@ def probe():
 
 @probe.command("train")
 @click.argument("train_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--model", "-m", default="aim-600M", show_default=True, help="The trunk to use.")
+@click.option(
+    "--model",
+    "-m",
+    default="aim-600M",
+    show_default=True,
+    callback=_model,
+    help="The trunk to use.",
+)
 @output_options("Output head folder (missing parent folders are created).", file_okay=False)
 @click.option(
     "--val",

@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .constants import GB
 from .convert.checkpoint import file_sha256
@@ -50,8 +51,25 @@ class PlannedFile:
     size: int  # bytes (estimated when neither the registry nor the hub says)
 
 
+def check_endpoint() -> None:
+    """HubError unless HF_ENDPOINT, if set, is an http(s) address: huggingface_hub failed to
+    import with a ValueError for a port out of range, and retried a URL without http:// as if
+    the network had failed."""
+    value = os.environ.get("HF_ENDPOINT")
+    try:
+        parts = urlsplit(value or "https://huggingface.co")
+        good = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
+    except ValueError:  # a port out of range or not a number
+        good = False
+    if not good:
+        raise HubError(
+            f"HF_ENDPOINT must be the hub's address, like https://huggingface.co, got {value!r}"
+        )
+
+
 def cached_path(spec: ModelSpec, file: HubFile, cache_dir: str | Path | None = None) -> Path | None:
     """The file in huggingface_hub's cache, or None; no network."""
+    check_endpoint()  # before huggingface_hub is imported
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(
@@ -72,7 +90,9 @@ def plan(spec: ModelSpec, head: str, cache_dir=None, endpoint=None) -> list[Plan
 
 
 def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
-    """The size the hub reports for a file, or None when it cannot be asked (offline)."""
+    """The size the hub reports for a file, or None when it cannot be asked (offline). A file
+    the hub says it does not have, or will not give (HTTP 401, 403, 404), is a HubError here,
+    before any file is fetched (not after a backbone of many GB)."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     if constants.HF_HUB_OFFLINE:
@@ -80,7 +100,10 @@ def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
         return get_hf_file_metadata(url).size
-    except Exception:  # the download that follows reports the real problem
+    except Exception as e:  # other problems: the download that follows reports them
+        if (status := _http_status(e)) in (401, 403, 404):
+            where = f"{file.filename} from {spec.repo}"
+            raise HubError(_http_error(where, status, endpoint)) from None
         return None
 
 
@@ -98,6 +121,7 @@ def download(
     `also_needed` adds other space requirements ({folder: bytes}, e.g. the converted model) to
     the free-space check made before the first byte is fetched.
     """
+    check_endpoint()
     from huggingface_hub import constants
 
     hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
@@ -128,7 +152,18 @@ def download(
     for p in planned:
         with hub_bars(progress):
             path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-        verify(spec, p.file, path, progress=progress)
+        try:
+            verify(spec, p.file, path, progress=progress)
+        except ChecksumError:
+            if not p.local or constants.HF_HUB_OFFLINE:
+                raise
+            # downloaded before its registry entry changed (verify removed it): fetched afresh
+            if progress:
+                print(f"{p.file.filename}: the download cache held another version; downloading "
+                      "it again", file=sys.stderr)  # fmt: skip
+            with hub_bars(progress):
+                path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+            verify(spec, p.file, path, progress=progress)
         paths.append(path)
     return paths
 
@@ -252,13 +287,20 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                     f"downloading {where} failed: a request header holds a character that is "
                     "not ASCII; check HF_TOKEN (and any other HF_* setting)"
                 ) from None
-            if (status := _http_status(e)) in (401, 403):
+            if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
                 raise HubError(_http_error(where, status, endpoint)) from None
+            reason = _first_line(e)
             if _is_permanent(e) or attempt == ATTEMPTS:
-                raise HubError(f"downloading {where} failed: {e}") from e
+                raise HubError(f"downloading {where} failed: {reason}") from e
             attempt += 1
-            print(f"{where}: {e}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
+            print(f"{where}: {reason}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
             time.sleep(attempt - 1)
+
+
+def _first_line(error: BaseException) -> str:
+    """An error's first line: huggingface_hub's go on with advice for its Python API ("Please
+    retry with `force_download=True`") or the hub's paragraphs."""
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def _http_status(error: BaseException | None) -> int | None:
@@ -272,11 +314,12 @@ def _http_status(error: BaseException | None) -> int | None:
 
 
 def _http_error(where: str, status: int, endpoint: str | None) -> str:
-    hint = (
-        "Check HF_TOKEN (`hf auth login`) and that your account may read the repo."
-        if status in (401, 403)
-        else "Check HF_ENDPOINT, or try again later."
-    )
+    hints = {
+        401: "Check HF_TOKEN (`hf auth login`) and that your account may read the repo.",
+        404: "Check HF_ENDPOINT (a mirror may lack the file) and the model's repo, revision and "
+        "file names (AIM_MLX_REGISTRY).",
+    }
+    hint = hints.get(401 if status == 403 else status, "Check HF_ENDPOINT, or try again later.")
     answer = f"the hub ({_endpoint(endpoint)}) answered HTTP {status}"
     return f"downloading {where} failed: {answer}. {hint}"
 
@@ -314,15 +357,25 @@ def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) ->
 
     A file that fails is removed from the download cache, so the next run fetches it afresh.
     """
-    digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # a bar: terminals only
+    try:
+        digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # bar: terminals only
+    except FileNotFoundError:  # not under this cache's locks (`model_locks`): another AIM_MLX_CACHE
+        raise HubError(
+            f"{file.filename} from {spec.repo} was removed from the download cache meanwhile, "
+            "by another process (`aim-mlx cache rm-downloads` with another AIM_MLX_CACHE, or "
+            "`hf cache delete`); run the command again to download it afresh"
+        ) from None
     if digest.startswith(file.sha256):
         return
+    from huggingface_hub import constants
+
     remove_cached_file(path)
+    online = "" if not constants.HF_HUB_OFFLINE else ", online (HF_HUB_OFFLINE is set),"
     raise ChecksumError(
         f"checksum mismatch for {file.filename} from {spec.repo}: its SHA-256 is {digest[:16]}..., "
         f"expected {file.sha256}... The file was removed from the download cache; run the "
-        "command again to download it afresh. If this repeats, the file on the hub is not the "
-        "one aim-mlx knows: do not use it."
+        f"command again{online} to download it afresh. If this repeats, the file on the hub is "
+        "not the one aim-mlx knows: do not use it."
     )
 
 

@@ -54,6 +54,12 @@ def check_format(path: str | Path, config: dict) -> None:
             "model it was trained on as -m/--model"
         )
     version = config.get("format_version")
+    if type(version) is int and version > FORMAT_VERSION:  # "convert again" would not help
+        raise ModelLoadError(
+            f"{path}/config.json: format version {version}, written by a newer aim-mlx; this "
+            f"one reads {FORMAT_VERSION}: upgrade aim-mlx, or convert the checkpoints again "
+            "with this one (`aim-mlx convert`)"
+        )
     if version != FORMAT_VERSION:
         what = f"format version {version}" if version is not None else "no format_version"
         raise ModelLoadError(

@@ -77,6 +77,14 @@ class ModelSpec:
         self.head_file(head)
         return ModelArgs.from_dict({**self.arch, "probe_layers": self.probe_layers[head]})
 
+    def cache_settings(self, head: str) -> dict:
+        """The config values a cache entry of this model and head must hold (besides its files):
+        an entry made before the registry entry changed them is converted again."""
+        args = self.model_args(head)
+        return dict(
+            probe_layers=list(args.probe_layers), num_heads=args.num_heads, img_size=args.img_size
+        )
+
     def param_count(self) -> int:
         """The published count, else the float32 file size estimate's."""
         return self.params or sum(estimated_sizes(self)) // 4
@@ -91,9 +99,10 @@ class ModelSpec:
         if not isinstance(d, dict):
             raise RegistryError(f"a registry entry must be an object, got {d!r}")
         name = d.get("name")
-        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-            raise RegistryError(
-                f"a registry entry needs a name (letters, digits, ._-), got {name!r}"
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or "--" in name:
+            raise RegistryError(  # a cache entry's key is the name, then "--": `cache rm x` took
+                # x--ft's entries; "aimé" was "aim_", which `cache rm aimé` did not find
+                f"a registry entry needs a name (ASCII letters, digits, ._-, no --), got {name!r}"
             )
         try:
             spec = cls(
@@ -107,8 +116,12 @@ class ModelSpec:
                 params=_field(d, "params", int, None),
                 top1=_field(d, "top1", dict, {}),
             )
-            if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec.repo):
+            if not _is_repo_id(spec.repo):
                 raise ValueError(f"repo must be a hub repo id like apple/AIM, got {spec.repo!r}")
+            if set(spec.revision.replace("\\", "/").split("/")) & {"", ".", ".."}:
+                raise ValueError(  # huggingface_hub writes refs/<revision> in its cache
+                    f"revision must be a branch, tag or commit like main, got {spec.revision!r}"
+                )
             if spec.params is not None and spec.params < 1:
                 raise ValueError(f"params must be a positive integer, got {spec.params!r}")
             fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers", "extra"}
@@ -129,6 +142,17 @@ class ModelSpec:
         except (ValueError, TypeError) as e:
             raise RegistryError(f"registry entry {name!r}: {e}") from None
         return spec
+
+
+def _is_repo_id(repo: str) -> bool:
+    """An id the hub (huggingface_hub) accepts: one or two names of letters, digits and ._-,
+    neither starting nor ending with . or -, without -- or .., 96 characters at most."""
+    name = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+    return (
+        len(repo) <= 96
+        and re.fullmatch(f"{name}(/{name})?", repo) is not None
+        and not ("--" in repo or ".." in repo)
+    )
 
 
 def _is_number(value) -> bool:

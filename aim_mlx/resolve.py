@@ -71,7 +71,8 @@ def resolve(
     folder that does not hold the head asked for is an error. `dtype` None picks
     `default_dtype()`.
     """
-    if not isinstance(model, (str, os.PathLike)):  # str(None) would look up "None"
+    # str(None) would look up "None"; "" (`-m "$MODEL"`, MODEL unset) was the working folder
+    if not isinstance(model, (str, os.PathLike)) or str(model) == "":
         known = ", ".join(registry.all_models())
         raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
     if head is not None and head not in registry.HEADS:
@@ -215,10 +216,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         )
         return dict(backbone=backbone, head=head_file)
 
-    args = spec.model_args(head)
-    settings = dict(
-        probe_layers=list(args.probe_layers), num_heads=args.num_heads, img_size=args.img_size
-    )
+    settings = spec.cache_settings(head)
     out = _convert_into_cache(
         key,
         progress,

@@ -95,6 +95,8 @@ def test_model_args_require_the_architecture():
             "quantization group_size must be one",
         ),
         ({"format_version": None}, "no format_version, this aim-mlx reads 1"),
+        ({"format_version": 0}, "format version 0, this aim-mlx reads 1; convert the"),
+        ({"format_version": 99}, "format version 99, written by a newer aim-mlx; this one"),
         (
             {"num_classes": 10**12},
             "embed_dim 64, mlp_ratio 4, num_classes 1000000000000 or patch_size 14 make a layer "
@@ -384,6 +386,32 @@ def test_cache_rm_checks_every_name_before_removing_any():
     assert (
         result.stdout == "nothing to remove: the cache holds no converted models or feature sets\n"
     )
+
+
+def test_cache_rm_of_an_entry_removes_that_entry_only():
+    """An entry's key as `cache list` shows it (in any case) is that entry, not also the
+    quantized ones whose keys it begins; a model name is every entry of the model."""
+    from aim_mlx import cache
+
+    keys = ["x--best--float32", "x--best--float32--q4g64", "x--last--float32"]
+    for key in keys:
+        cache.entry_dir(key).mkdir(parents=True)
+    result = cli("cache", "rm", "X--BEST--FLOAT32")
+    assert clean(result, 0) == "" and result.stdout == "removed x--best--float32 (0.0 MB)\n"
+    assert [e.key for e in cache.list_entries()] == keys[1:]
+    result = cli("cache", "rm", "x")
+    assert result.stdout.splitlines() == [f"removed {key} (0.0 MB)" for key in keys[1:]]
+
+
+def test_cache_rm_works_with_an_unreadable_registry(tmp_path, monkeypatch):
+    """`cache list` compares registered models' entries with the registry; an unreadable
+    AIM_MLX_REGISTRY leaves that out and never stops a removal."""
+    from aim_mlx import cache
+
+    cache.entry_dir("x--best--float32").mkdir(parents=True)
+    monkeypatch.setenv("AIM_MLX_REGISTRY", str(tmp_path / "missing.json"))
+    result = cli("cache", "rm", "--all")
+    assert clean(result, 0) == "" and result.stdout == "removed x--best--float32 (0.0 MB)\n"
 
 
 def test_json_listings_include_the_feature_sets():

@@ -202,6 +202,36 @@ def test_corrupted_file_is_refused_then_fetched_afresh(env, hub):
     assert len(hub.downloads("backbone.pth")) == 1  # the good backbone was kept
 
 
+def test_a_download_older_than_its_registry_entry_is_fetched_afresh(env, hub):
+    """The model's file changed on the hub and in the registry (new SHA-256, same name) after
+    it was downloaded: the cached copy is replaced in this run, not refused as a mismatch
+    with 'run the command again'."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    hub.repos[REPO]["head_best_layers.pth"] = REF / "head_last_layers.pth"
+    entry = registry_entry()
+    entry["heads"]["best"] = {**entry["heads"]["last"], "filename": "head_best_layers.pth"}
+    entry["probe_layers"]["best"] = entry["probe_layers"]["last"]
+    Path(env["AIM_MLX_REGISTRY"]).write_text(json.dumps({"models": [entry]}))
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert "head_best_layers.pth: the download cache held another version" in result.stderr
+    assert len(hub.downloads("head_best_layers.pth")) == 2
+    assert len(hub.downloads("backbone.pth")) == 1
+    assert entry_config(env)["sources"][1]["sha256"] == sha256(REF / "head_last_layers.pth")
+
+
+def test_a_damaged_download_offline_says_to_fetch_it_online(env, hub):
+    """HF_HUB_OFFLINE=1 and a cached file that fails its check: it is removed, and the advice
+    is to run again online ('run the command again' offline only said it was not downloaded)."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    assert aim_mlx(env, "cache", "rm", "aim-tiny").returncode == 0
+    path = next(Path(env["HF_HOME"]).rglob("snapshots/*/head_best_layers.pth")).resolve()
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32", offline=True)
+    assert result.returncode == 1 and not path.exists()
+    assert "run the command again, online (HF_HUB_OFFLINE is set), to download" in result.stderr
+
+
 def test_interrupted_download_recovers(env, hub):
     size = (REF / "backbone.pth").stat().st_size
     hub.interrupt_once["backbone.pth"] = size // 2
@@ -239,6 +269,9 @@ def test_file_missing_on_the_hub_is_not_retried(env, hub):
     assert "downloading head_last_layers.pth from aim-test-org/AIM-tiny failed" in result.stderr
     assert "trying again" not in result.stderr and "Traceback" not in result.stderr
     assert hub.downloads("head_last_layers.pth") == []  # 404 on the metadata request
+    assert hub.downloads("backbone.pth") == []  # found before the backbone was fetched
+    assert "answered HTTP 404. Check HF_ENDPOINT (a mirror may lack the file)" in result.stderr
+    assert "\n\n" not in result.stderr  # one line, not the hub's paragraphs
 
 
 def test_offline_without_cache_is_a_clear_error(env, hub):
@@ -424,6 +457,20 @@ def test_an_http_error_is_named_not_called_unreachable(env, hub):
     assert "cannot be reached" not in result.stderr and "HF_HUB_OFFLINE" not in result.stderr
 
 
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "127.0.0.1:8080", "ftp://hub"])
+def test_an_endpoint_that_is_no_http_address_is_one_error(env, endpoint):
+    """A port out of range made importing huggingface_hub fail (a ValueError traceback, even
+    for `cache list`); an address without http:// was tried three times as a network error."""
+    env = {**env, "HF_ENDPOINT": endpoint}
+    expected = "Error: HF_ENDPOINT must be the hub's address, like https://huggingface.co, got "
+    out = str(Path(env["AIM_MLX_CACHE"]).parent / "out")
+    convert = ["convert", "--hf-path", "me/AIM-hf", "-o", out]
+    for args in (["cache", "add", "aim-tiny"], ["cache", "list"], ["models"], convert):
+        result = aim_mlx(env, *args)
+        assert result.returncode == 1 and result.stderr == f"{expected}{endpoint!r}\n", args
+    assert "settings: invalid: HF_ENDPOINT must be" in aim_mlx(env, "info").stdout
+
+
 def test_no_access_names_the_token(env, hub):
     hub.status["backbone.pth"] = 401
     result = aim_mlx(env, "cache", "add", "aim-tiny")
@@ -501,6 +548,44 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     res = classify_json(env, offline=True)  # the converted model needs no download
     assert res.returncode == 0, res.stderr
     assert_ranks_match_reference(res.stdout)
+
+
+def test_a_download_removed_before_its_check_is_one_error(tmp_path):
+    """`cache rm-downloads` under another AIM_MLX_CACHE (whose locks this process does not
+    see) removed a file between its download and its check: a HubError, not a traceback."""
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    spec = ModelSpec.from_dict(registry_entry())
+    with pytest.raises(hub_module.HubError, match="backbone.pth from .* was removed from the"):
+        hub_module.verify(spec, spec.backbone, tmp_path / "gone" / "backbone.pth")
+
+
+def test_a_download_failure_is_one_line_without_python_api_advice(tmp_path, monkeypatch, capsys):
+    """huggingface_hub's size check after a download says "Please retry with
+    `force_download=True`" on a second line: advice for its Python API, not for a CLI user."""
+    import huggingface_hub
+
+    from aim_mlx import hub as hub_module
+    from aim_mlx.registry import ModelSpec
+
+    def inconsistent(*args, **kwargs):
+        raise OSError(
+            "Consistency check failed: file should be of size 11 but has size 10 (backbone.pth)."
+            "\nThis is usually due to network issues while downloading the file. Please retry "
+            "with `force_download=True`."
+        )
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", inconsistent)
+    monkeypatch.setattr(hub_module.time, "sleep", lambda s: None)
+    spec = ModelSpec.from_dict(registry_entry())
+    with pytest.raises(hub_module.HubError) as e:
+        hub_module.fetch(spec, spec.backbone, cache_dir=tmp_path)
+    assert str(e.value) == (
+        "downloading backbone.pth from aim-test-org/AIM-tiny failed: Consistency check failed: "
+        "file should be of size 11 but has size 10 (backbone.pth)."
+    )
+    assert "force_download" not in capsys.readouterr().err
 
 
 def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch):

@@ -226,12 +226,18 @@ def test_a_changed_registry_entry_is_converted_again(tmp_path, monkeypatch):
     second["probe_layers"]["best"] = second["probe_layers"]["last"]
     try:
         assert rel_err(run(first), np.load(REF / "logits_best.npy")) < 1e-5
+        assert [e.current for e in cache.list_entries()] == [True]
+        path.write_text(json.dumps({"models": [second]}))  # another head file (SHA-256)
+        assert [e.current for e in cache.list_entries()] == [False]
         assert rel_err(run(second), np.load(REF / "logits_last.npy")) < 1e-5
         entry = cache.entry_dir("aim-tiny--best--float32")
         assert [s["file"] for s in read_config(entry)["sources"]][1] == "head_last_layers.pth"
         # same files, other probe layers: converted again with the new ones
         third = {**second, "probe_layers": {**second["probe_layers"], "best": [1, 2, 3, 4, 5, 7]}}
+        path.write_text(json.dumps({"models": [third]}))
+        assert [e.current for e in cache.list_entries()] == [False]  # `cache list` says so
         run(third)
+        assert [e.current for e in cache.list_entries()] == [True]
         assert read_config(entry)["probe_layers"] == [1, 2, 3, 4, 5, 7]
         assert len(server.downloads("backbone.pth")) == 1  # the downloads are reused
         run(third)  # unchanged: reused, not converted again
@@ -255,6 +261,14 @@ def entry_with(**changes) -> dict:
         ([registry_entry(), entry_with(name="AIM-tiny")], "taken by another entry in the file"),
         ([entry_with(repo=5)], "entry 'aim-tiny': repo must be a string, got 5"),
         ([entry_with(repo="a b")], "repo must be a hub repo id like apple/AIM"),
+        ([entry_with(name="aim-tiny--ft")], "needs a name \\(ASCII letters, digits, ._-, no"),
+        ([entry_with(name="aimé")], "needs a name \\(ASCII letters, digits, ._-, no --\\)"),
+        # ids the hub refuses (a traceback on download); a revision out of its refs/ folder
+        ([entry_with(repo="../..")], "repo must be a hub repo id like apple/AIM"),
+        ([entry_with(repo="me/.x")], "repo must be a hub repo id"),
+        ([entry_with(repo="me--x/y")], "repo must be a hub repo id"),
+        ([entry_with(revision="../../../etc")], "revision must be a branch, tag or commit"),
+        ([entry_with(revision="/tmp/x")], "revision must be a branch, tag or commit"),
         ([entry_with(params="lots")], "params must be an integer, got 'lots'"),
         ([entry_with(heads={"best": "x.pth"})], "a file must be an object with filename"),
         ([entry_with(arch={"num_blocks": 8, "num_heads": 4})], "missing embed_dim"),
@@ -304,6 +318,20 @@ def test_a_model_that_is_not_a_name_nor_a_path_is_one_error(model):
         registry.get(model)
     with pytest.raises(OptionError, match=r"model must be a model name \(aim-600M, "):
         aim_mlx.load(model)
+
+
+def test_an_empty_model_name_is_not_the_working_folder(tmp_path, monkeypatch):
+    """`-m "$MODEL"` with MODEL unset: a usage error, not a conversion of the working folder."""
+    from click.testing import CliRunner
+
+    from aim_mlx.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OptionError, match=r"model must be a model name .* or a folder, got ''"):
+        aim_mlx.load("")
+    for args in (["cache", "add", ""], ["embed", str(tmp_path), "-o", "e.npy", "-m", ""]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "or a folder, got ''" in result.stderr, result.output
 
 
 def test_checkpoints_named_as_a_registered_model_but_of_another_shape_are_refused(tmp_path):

@@ -269,9 +269,10 @@ def _hub_folder(hf_path, progress=True) -> Path:
         return path
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(hf_path)):
         raise ConversionError(f"{hf_path}: not a folder, nor a hub repo id like apple/AIM-600M")
-    from huggingface_hub import snapshot_download
+    from ..hub import check_endpoint, hub_bars
 
-    from ..hub import hub_bars
+    check_endpoint()  # before huggingface_hub is imported
+    from huggingface_hub import snapshot_download
 
     patterns = ["config.json", "model*.safetensors", "pytorch_model*.bin", "*.json"]
     try:
