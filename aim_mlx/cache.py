@@ -184,6 +184,19 @@ def is_current(folder: Path, files=(), settings: dict | None = None) -> bool:
     )
 
 
+def made_by_newer(folder: Path) -> int | None:
+    """The format version of an entry that a newer aim-mlx wrote, else None: this one must
+    neither serve nor replace it (two versions sharing a cache would convert it back and forth)."""
+    return _newer_version(_config_or_none(folder))
+
+
+def _newer_version(config: dict | None) -> int | None:
+    from .convert import FORMAT_VERSION
+
+    version = (config or {}).get("format_version")
+    return version if type(version) is int and version > FORMAT_VERSION else None
+
+
 def _config_or_none(folder: Path) -> dict | None:
     """An entry's config, or None for a missing or damaged one (converted again on use)."""
     from .loader import ModelLoadError, read_config
@@ -216,6 +229,11 @@ class Entry:
     size: int
     config: dict | None
     current: bool  # False: converted again on next use (another format, or its model changed)
+
+    @property
+    def newer(self) -> bool:
+        """Made by a newer aim-mlx: neither served nor replaced by this one."""
+        return _newer_version(self.config) is not None
 
 
 def list_entries() -> list[Entry]:

@@ -836,8 +836,13 @@ def eval_command(
         sys.exit(1)
 
 
-# A cache entry of another format, or of a registered model whose entry changed since.
-STALE = "  (old format or model changed: converted again on use)"
+def _stale(entry: dict) -> str:
+    """What `cache list` and `models` add to an entry that is not served as it is."""
+    if entry["current"]:
+        return ""
+    if entry.get("newer"):
+        return "  (made by a newer aim-mlx: not used by this one)"
+    return "  (old format or model changed: converted again on use)"
 
 
 def _gb(nbytes: int | None, exact: bool = True) -> str:
@@ -866,7 +871,7 @@ def models(as_json):
             size = _gb(f["size"], f["size_exact"])
             click.echo(f"    {f['role']:<9}{f['filename']}  {size}  sha256 {f['sha256']}  [{mark}]")
         for c in r["converted"]:
-            state = "" if c["current"] else STALE
+            state = _stale(c)
             click.echo(f"    converted {c['key']}  {_gb(c['size'])}{state}")
 
 
@@ -888,7 +893,7 @@ def cache_listing() -> dict:
     return dict(
         cache=str(cache_root()),
         models=[
-            dict(key=e.key, path=str(e.path), size=e.size, current=e.current)
+            dict(key=e.key, path=str(e.path), size=e.size, current=e.current, newer=e.newer)
             for e in list_entries()
         ],
         downloads_dir=str(constants.HF_HUB_CACHE),
@@ -919,7 +924,7 @@ def cache_list(as_json=False):
     if not models:
         click.echo("  no converted models")
     for m in models:
-        state = "" if m["current"] else STALE
+        state = _stale(m)
         click.echo(f"  {m['key']:<40} {_gb(m['size']):>10}{state}")
     if models:
         click.echo(f"  total {_gb(sum(m['size'] for m in models))}")

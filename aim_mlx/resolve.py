@@ -191,6 +191,12 @@ def _convert_into_cache(
     ):
         if cache.is_current(out, **expected):  # another process converted it while we waited
             return out
+        if version := cache.made_by_newer(out):
+            raise ModelLoadError(
+                f"{out}: made by a newer aim-mlx (format version {version}); upgrade aim-mlx, "
+                f"use a cache of this version's own (AIM_MLX_CACHE), or remove the entry "
+                f"(`aim-mlx cache rm {out.name}`) to convert it again with this one"
+            )
         sources = make_sources()
         say(f"converting to {convert_kwargs['dtype']} into {out}", progress)
         if out.is_dir() and not out.is_symlink():  # stale or damaged: under the lock, unread
@@ -429,7 +435,7 @@ def models_overview(hf_cache_dir: str | Path | None = None) -> list[dict]:
                 )
             )
         converted = [
-            dict(key=e.key, path=str(e.path), size=e.size, current=e.current)
+            dict(key=e.key, path=str(e.path), size=e.size, current=e.current, newer=e.newer)
             for e in entries
             if e.key.lower().startswith(spec.name.lower() + "--")
         ]

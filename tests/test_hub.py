@@ -389,6 +389,30 @@ def test_older_format_entry_is_converted_again(env, hub):
     assert_ranks_match_reference(result.stdout)
 
 
+def test_a_newer_format_entry_is_neither_used_nor_replaced(env, hub):
+    """Two aim-mlx versions sharing one cache converted an entry back and forth (each found the
+    other's format stale); this one leaves a newer one's entry as it is, and says what to do."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    config_file = Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY / "config.json"
+    newer = {**json.loads(config_file.read_text()), "format_version": FORMAT_VERSION + 1}
+    config_file.write_text(json.dumps(newer))
+    assert "(made by a newer aim-mlx: not used by this one)" in aim_mlx(env, "cache", "list").stdout
+    listed = json.loads(aim_mlx(env, "cache", "list", "--json").stdout)["models"]
+    assert [(m["current"], m["newer"]) for m in listed] == [(False, True)]
+
+    result = classify_json(env, offline=True)
+    assert result.returncode == 1 and "converting" not in result.stderr
+    assert (
+        f"{ENTRY}: made by a newer aim-mlx (format version {FORMAT_VERSION + 1}); upgrade"
+        in result.stderr
+    )
+    assert f"(`aim-mlx cache rm {ENTRY}`) to convert it again with this one" in result.stderr
+    assert entry_config(env) == newer  # untouched
+    assert aim_mlx(env, "cache", "rm", ENTRY).returncode == 0
+    assert classify_json(env, offline=True).returncode == 0
+    assert entry_config(env)["format_version"] == FORMAT_VERSION
+
+
 def test_drop_downloads_models_listing_and_cache_rm(env, hub):
     listing = json.loads(aim_mlx(env, "models", "--json").stdout)
     tiny = next(m for m in listing if m["name"] == "aim-tiny")
