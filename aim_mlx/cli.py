@@ -1005,7 +1005,13 @@ def cache_rm_downloads(models):
     named) from the Hugging Face cache; converted models stay usable."""
     from . import hub, registry
 
-    specs = [registry.get(m) for m in models] or list(registry.all_models().values())
+    try:
+        specs = [registry.get(m) for m in models] or list(registry.all_models().values())
+    except registry.RegistryError as e:  # a model since taken out of the registry, perhaps
+        raise registry.RegistryError(
+            f"{e}; the downloads of a model no longer registered: `hf cache ls`, then "
+            "`hf cache rm model/ORG/NAME`"
+        ) from None
     removed = False
     for spec in specs:
         if freed := hub.remove_downloads(spec):

@@ -1316,6 +1316,10 @@ def test_rm_downloads_says_when_there_is_nothing(tmp_path, monkeypatch):
     result = cli("cache", "rm-downloads", "aim-1B")
     clean(result, 0)
     assert "nothing to remove: no downloads of aim-1B" in result.stdout
+    # a model taken out of the registry: its downloads are hf's to remove
+    err = clean(cli("cache", "rm-downloads", "aim-gone"), 1)
+    assert "unknown model 'aim-gone'; known models: aim-600M" in err
+    assert "no longer registered: `hf cache ls`, then `hf cache rm model/ORG/NAME`" in err
 
 
 def test_a_write_failure_during_conversion_is_one_line(tmp_path, monkeypatch):
