@@ -55,9 +55,9 @@ def check_endpoint() -> None:
     """HubError unless HF_ENDPOINT, if set, is an http(s) address: huggingface_hub failed to
     import with a ValueError for a port out of range, and retried a URL without http:// as if
     the network had failed."""
-    value = os.environ.get("HF_ENDPOINT")
+    value = os.environ.get("HF_ENDPOINT")  # set but empty: huggingface_hub takes "" as is
     try:
-        parts = urlsplit(value or "https://huggingface.co")
+        parts = urlsplit("https://huggingface.co" if value is None else value)
         good = parts.scheme in ("http", "https") and parts.hostname and parts.port != 0
     except ValueError:  # a port out of range or not a number
         good = False

@@ -481,7 +481,10 @@ def test_an_http_error_is_named_not_called_unreachable(env, hub):
     assert "cannot be reached" not in result.stderr and "HF_HUB_OFFLINE" not in result.stderr
 
 
-@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:99999", "127.0.0.1:8080", "ftp://hub"])
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://127.0.0.1:99999", "127.0.0.1:8080", "ftp://hub", ""],  # "": MIRROR unset
+)
 def test_an_endpoint_that_is_no_http_address_is_one_error(env, endpoint):
     """A port out of range made importing huggingface_hub fail (a ValueError traceback, even
     for `cache list`); an address without http:// was tried three times as a network error."""
