@@ -1005,8 +1005,9 @@ def cache_rm_downloads(models):
     named) from the Hugging Face cache; converted models stay usable."""
     from . import hub, registry
 
+    known = registry.all_models()  # an unreadable AIM_MLX_REGISTRY: its own error, no hint
     try:
-        specs = [registry.get(m) for m in models] or list(registry.all_models().values())
+        specs = [registry.get(m) for m in models] or list(known.values())
     except registry.RegistryError as e:  # a model since taken out of the registry, perhaps
         raise registry.RegistryError(
             f"{e}; the downloads of a model no longer registered: `hf cache ls`, then "

@@ -1320,6 +1320,12 @@ def test_rm_downloads_says_when_there_is_nothing(tmp_path, monkeypatch):
     err = clean(cli("cache", "rm-downloads", "aim-gone"), 1)
     assert "unknown model 'aim-gone'; known models: aim-600M" in err
     assert "no longer registered: `hf cache ls`, then `hf cache rm model/ORG/NAME`" in err
+    # an unreadable registry file is its own error, not a model that is no longer registered
+    (tmp_path / "registry.json").write_text('{"models": [')
+    monkeypatch.setenv("AIM_MLX_REGISTRY", str(tmp_path / "registry.json"))
+    for names in ([], ["aim-1B"]):
+        err = clean(cli("cache", "rm-downloads", *names), 1)
+        assert "cannot read the registry file" in err and "no longer registered" not in err
 
 
 def test_a_write_failure_during_conversion_is_one_line(tmp_path, monkeypatch):
