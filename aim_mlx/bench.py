@@ -169,7 +169,7 @@ def check(config: BenchConfig) -> None:
     not apply to a converted folder (benchmarked as it was converted, with its own head);
     NotEnoughMemoryError for a size whose weights, or a batch of whose inputs and activations
     (`batch_floor`), cannot fit."""
-    if not isinstance(config.model, (str, os.PathLike)):
+    if not isinstance(config.model, (str, os.PathLike)) or config.model == "":  # "": as load
         names = ", ".join(PRESETS)
         raise OptionError(f"model must be a size ({names}) or a folder, got {config.model!r}")
     if config.dtype not in MX_DTYPES:

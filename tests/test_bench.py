@@ -234,7 +234,7 @@ def test_python_bench_takes_an_mlx_dtype():
     assert config.dtype == "float16"
 
 
-@pytest.mark.parametrize("model", [None, 600])
+@pytest.mark.parametrize("model", [None, 600, ""])  # "": was the working folder
 def test_python_bench_model_must_be_a_name_or_a_path(model):
     with pytest.raises(OptionError, match=r"model must be a size \(aim-600M, .*\) or a folder"):
         bench.check(bench.BenchConfig(model))  # None was a TypeError from pathlib
