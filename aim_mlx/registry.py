@@ -145,13 +145,11 @@ class ModelSpec:
 
 
 def _is_repo_id(repo: str) -> bool:
-    """An id the hub (huggingface_hub) accepts: one or two names of letters, digits and ._-,
-    neither starting nor ending with . or -, without -- or .., 96 characters at most."""
-    name = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
-    return (
-        len(repo) <= 96
-        and re.fullmatch(f"{name}(/{name})?", repo) is not None
-        and not ("--" in repo or ".." in repo)
+    """An id the hub (huggingface_hub) accepts: one or two names of 96 letters, digits and ._-
+    at most, neither starting nor ending with . or -, without -- or .., not ending in .git."""
+    name = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+    return re.fullmatch(f"{name}(/{name})?", repo) is not None and not (
+        "--" in repo or ".." in repo or repo.endswith(".git")
     )
 
 

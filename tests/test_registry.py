@@ -267,6 +267,7 @@ def entry_with(**changes) -> dict:
         ([entry_with(repo="../..")], "repo must be a hub repo id like apple/AIM"),
         ([entry_with(repo="me/.x")], "repo must be a hub repo id"),
         ([entry_with(repo="me--x/y")], "repo must be a hub repo id"),
+        ([entry_with(repo="me/model.git")], "repo must be a hub repo id"),
         ([entry_with(revision="../../../etc")], "revision must be a branch, tag or commit"),
         ([entry_with(revision="/tmp/x")], "revision must be a branch, tag or commit"),
         ([entry_with(params="lots")], "params must be an integer, got 'lots'"),
@@ -357,3 +358,21 @@ def test_checkpoints_named_as_a_registered_model_but_of_another_shape_are_refuse
         "model's, rename the files. Convert it with `aim-mlx convert`"
     )
     assert cache.list_entries() == []  # nothing converted
+
+
+@pytest.mark.parametrize(
+    "repo",
+    ["a", "me/x", "o" * 40 + "/" + "m" * 60, "o" * 96 + "/" + "m" * 96, "me/" + "m" * 97, "x.git"]
+    + ["me/model.git", "me/.x", "me/x-", "_a/b_", "a/b/c", "me--x/y", "a..b", ""],
+)
+def test_repo_ids_are_those_the_hub_accepts(repo):
+    """As huggingface_hub's validate_repo_id (96 characters a part, not in all; no .git end):
+    an id it refuses was a traceback on first use, one it takes must not be refused."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+        accepted = True
+    except HFValidationError:
+        accepted = False
+    assert registry._is_repo_id(repo) == accepted
