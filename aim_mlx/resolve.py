@@ -361,10 +361,13 @@ def _check_named_weights(sources: dict, head: str) -> None:
     under aim-600M's names made a 12-head model of a 24-head one)."""
     if not (spec := _named_spec(sources, head)):
         return
-    from .convert.checkpoint import open_checkpoint
+    from .convert.checkpoint import CheckpointError, open_checkpoint
     from .convert.converter import PATCH_WEIGHT
 
-    tensors = open_checkpoint(sources["backbone"])  # the pickle only: shapes, no weights
+    try:
+        tensors = open_checkpoint(sources["backbone"])  # the pickle only: shapes, no weights
+    except CheckpointError as e:  # damaged: the ConversionError the converter gives
+        raise ConversionError(str(e)) from None
     try:
         keys = tensors.keys()
         width = tensors.shape(PATCH_WEIGHT)[0] if PATCH_WEIGHT in keys else None

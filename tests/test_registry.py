@@ -358,6 +358,11 @@ def test_checkpoints_named_as_a_registered_model_but_of_another_shape_are_refuse
         "model's, rename the files. Convert it with `aim-mlx convert`"
     )
     assert cache.list_entries() == []  # nothing converted
+    # a damaged file under that name: the ConversionError of any damaged checkpoint folder
+    (folder / "wide_backbone.pth").unlink()
+    (folder / "wide_backbone.pth").write_bytes((REF / "backbone.pth").read_bytes()[:5000])
+    with pytest.raises(ConversionError, match="a damaged or truncated zip file"):
+        aim_mlx.load(folder, progress=False)
 
 
 @pytest.mark.parametrize(
