@@ -157,13 +157,13 @@ def download(
         except ChecksumError:
             if not p.local or constants.HF_HUB_OFFLINE:
                 raise
-            # downloaded before its registry entry changed (verify removed it): fetched afresh
+            # another version (its registry entry changed since) or damaged: fetched afresh
             if progress:
-                print(f"{p.file.filename}: the download cache held another version; downloading "
-                      "it again", file=sys.stderr)  # fmt: skip
+                print(f"{p.file.filename}: the cached copy does not match; downloading it again",
+                      file=sys.stderr)  # fmt: skip
             with hub_bars(progress):
                 path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-            verify(spec, p.file, path, progress=progress)
+            verify(spec, p.file, path, progress=progress, again=True)
         paths.append(path)
     return paths
 
@@ -352,10 +352,13 @@ def _is_permanent(error: Exception) -> bool:
     return 400 <= status < 500 and status not in (408, 429)
 
 
-def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) -> None:
+def verify(
+    spec: ModelSpec, file: HubFile, path: Path, progress: bool = True, again: bool = False
+) -> None:
     """Refuse a file whose SHA-256 does not start with the registry's prefix.
 
     A file that fails is removed from the download cache, so the next run fetches it afresh.
+    `again`: the file was just downloaded afresh after a cached copy failed.
     """
     try:
         digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # bar: terminals only
@@ -363,7 +366,7 @@ def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) ->
         raise HubError(
             f"{file.filename} from {spec.repo} was removed from the download cache meanwhile, "
             "by another process (`aim-mlx cache rm-downloads` with another AIM_MLX_CACHE, or "
-            "`hf cache delete`); run the command again to download it afresh"
+            "`hf cache rm`); run the command again to download it afresh"
         ) from None
     if digest.startswith(file.sha256):
         return
@@ -371,11 +374,18 @@ def verify(spec: ModelSpec, file: HubFile, path: Path, progress: bool = True) ->
 
     remove_cached_file(path)
     online = "" if not constants.HF_HUB_OFFLINE else ", online (HF_HUB_OFFLINE is set),"
-    raise ChecksumError(
+    mismatch = (
         f"checksum mismatch for {file.filename} from {spec.repo}: its SHA-256 is {digest[:16]}..., "
-        f"expected {file.sha256}... The file was removed from the download cache; run the "
-        f"command again{online} to download it afresh. If this repeats, the file on the hub is "
-        "not the one aim-mlx knows: do not use it."
+        f"expected {file.sha256}... The file was removed from the download cache"
+    )
+    if again:  # the cached copy failed too: twice is not a damaged transfer
+        raise ChecksumError(
+            f"{mismatch}; downloaded afresh, it differs again: the file on the hub is not the one "
+            "aim-mlx knows (check AIM_MLX_REGISTRY's sha256 and revision): do not use it."
+        )
+    raise ChecksumError(
+        f"{mismatch}; run the command again{online} to download it afresh. If this repeats, the "
+        "file on the hub is not the one aim-mlx knows: do not use it."
     )
 
 

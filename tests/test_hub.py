@@ -214,10 +214,25 @@ def test_a_download_older_than_its_registry_entry_is_fetched_afresh(env, hub):
     Path(env["AIM_MLX_REGISTRY"]).write_text(json.dumps({"models": [entry]}))
     result = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
-    assert "head_best_layers.pth: the download cache held another version" in result.stderr
+    assert "head_best_layers.pth: the cached copy does not match; downloading it" in result.stderr
     assert len(hub.downloads("head_best_layers.pth")) == 2
     assert len(hub.downloads("backbone.pth")) == 1
     assert entry_config(env)["sources"][1]["sha256"] == sha256(REF / "head_last_layers.pth")
+
+
+def test_a_cached_copy_and_its_fresh_download_both_failing_is_the_hubs_file(env, hub):
+    """Twice is not a damaged transfer: 'run the command again' would download it a third time."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    assert aim_mlx(env, "cache", "rm", "aim-tiny").returncode == 0
+    path = next(Path(env["HF_HOME"]).rglob("snapshots/*/head_best_layers.pth")).resolve()
+    path.write_bytes(path.read_bytes()[:-1] + b"x")
+    hub.corrupt.add("head_best_layers.pth")
+    result = aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32")
+    assert result.returncode == 1 and len(hub.downloads("head_best_layers.pth")) == 2
+    assert (
+        "downloaded afresh, it differs again: the file on the hub is not the one" in result.stderr
+    )
+    assert "run the command again" not in result.stderr
 
 
 def test_a_damaged_download_offline_says_to_fetch_it_online(env, hub):
