@@ -84,7 +84,8 @@ def plan(spec: ModelSpec, head: str, cache_dir=None, endpoint=None) -> list[Plan
     planned = []
     for file in spec.files(head):
         local = cached_path(spec, file, cache_dir)
-        size = local.stat().st_size if local else file.size or remote_size(spec, file, endpoint)
+        # the hub is asked even where the registry gives the size: a missing file is found now
+        size = local.stat().st_size if local else remote_size(spec, file, endpoint) or file.size
         planned.append(PlannedFile(file, local, size or estimates[file]))
     return planned
 

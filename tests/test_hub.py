@@ -277,7 +277,13 @@ def test_interrupted_download_resumes_where_it_stopped(env, hub):
     assert cut < size
 
 
-def test_file_missing_on_the_hub_is_not_retried(env, hub):
+@pytest.mark.parametrize("sized", [False, True])
+def test_file_missing_on_the_hub_is_not_retried(env, hub, sized):
+    if sized:  # a registry entry that gives the sizes: the hub is asked all the same
+        entry = registry_entry()
+        for f in [entry["backbone"], *entry["heads"].values()]:
+            f["size"] = (REF / f["filename"]).stat().st_size
+        Path(env["AIM_MLX_REGISTRY"]).write_text(json.dumps({"models": [entry]}))
     del hub.repos[REPO]["head_last_layers.pth"]
     result = aim_mlx(env, "cache", "add", "aim-tiny", "--head", "last")
     assert result.returncode == 1
