@@ -356,6 +356,10 @@ def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_t
     (empty / "green" / "notes.png").write_text("not an image")
     with pytest.raises(ProbeError, match="'green' hold no usable image"):
         train(model_dir, empty, out)
+    latin1 = make_classes(tmp_path / "latin1", data, ["red", "blue"])  # a folder name's bytes
+    (latin1 / "blue").rename(latin1 / os.fsdecode(b"bl\xe9"))  # that are not UTF-8
+    with pytest.raises(ProbeError, match=r"class folder name 'bl\\udce9' is not UTF-8 text"):
+        train(model_dir, latin1, out)  # was a head Core ML export failed on with a traceback
     val = make_classes(tmp_path / "val", data, ["red", "green"])
     with pytest.raises(ProbeError, match=r"only in training: \['blue'\].*validation: none"):
         train(model_dir, make_classes(tmp_path / "t", data, ["red", "blue", "green"]), out,
