@@ -655,6 +655,8 @@ def test_probe_eval_without_a_readable_image_has_no_accuracy(heads, model_dir, t
         # Integer weights loaded as they were: every image scored 50/50, exit status 0.
         ("int32", "'{first}' is stored as mlx.core.int32, not float32"),
         ("extra", "Received 1 parameters not in model: zzz."),  # MLX's message, on one line
+        # was every image's "output is NaN or Inf ...; convert the checkpoint again"
+        ("nan", "'{first}' holds NaN or Inf; train the head again"),
     ],
 )
 def test_damaged_head_weights_are_refused(heads, model_dir, tmp_path, change, message):
@@ -663,6 +665,8 @@ def test_damaged_head_weights_are_refused(heads, model_dir, tmp_path, change, me
     weights = mx.load(str(head / "head.safetensors"))
     if change == "int32":
         weights = {k: v.astype(mx.int32) for k, v in weights.items()}
+    elif change == "nan":
+        weights = {k: v * float("nan") for k, v in weights.items()}
     else:
         weights["zzz"] = mx.zeros(3)
     mx.save_safetensors(str(head / "head.safetensors"), weights)

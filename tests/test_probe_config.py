@@ -89,6 +89,16 @@ def test_a_feature_file_damaged_after_the_check_is_one_error(workdir, head_dir):
         store.load([path.stem])
 
 
+def test_a_diverged_training_writes_no_head(model_dir, data, head_dir, tmp_path):
+    """NaN validation loss: was a head with "val_loss": NaN in its config.json (not JSON) whose
+    every image then failed with "the model's weights may hold NaN; convert the checkpoint"."""
+    out = tmp_path / "head"
+    settings = Settings(epochs=2, lr=1e38)
+    with pytest.raises(ProbeError, match=r"training diverged: .* is nan; .*lower learning rate"):
+        train(model_dir, data, out, settings=settings, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "error, advice",
     [  # numpy's short write on a full disk has no errno
