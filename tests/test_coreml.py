@@ -726,6 +726,9 @@ def test_exports_in_threads_take_turns_with_the_temporary_folder(tmp_path):
         ({"img_size": 30}, "img_size must be a positive multiple of the patch size 14, got 30"),
         ({"img_size": 0}, "got 0"),  # was the model's 224 px, silently
         ({"img_size": 14.0}, "got 14.0"),  # was a TypeError from coremltools
+        # a Linux folder name that is not UTF-8 (a trained head's class): was coremltools'
+        # UnicodeEncodeError once converted
+        ({"labels": ["a\udce9", *map(str, range(999))]}, r"label 'a\\udce9' is not UTF-8"),
     ],
 )
 def test_bad_options_are_refused_before_the_output_folders_are_made(

@@ -356,6 +356,10 @@ def test_bad_folders_are_refused_before_any_work(data, model_dir, tmp_path, no_t
     (empty / "green" / "notes.png").write_text("not an image")
     with pytest.raises(ProbeError, match="'green' hold no usable image"):
         train(model_dir, empty, out)
+    latin1 = make_classes(tmp_path / "latin1", data, ["red", "blue"])  # a folder name's bytes
+    (latin1 / "blue").rename(latin1 / os.fsdecode(b"bl\xe9"))  # that are not UTF-8
+    with pytest.raises(ProbeError, match=r"class folder name 'bl\\udce9' is not UTF-8 text"):
+        train(model_dir, latin1, out)  # was a head Core ML export failed on with a traceback
     val = make_classes(tmp_path / "val", data, ["red", "green"])
     with pytest.raises(ProbeError, match=r"only in training: \['blue'\].*validation: none"):
         train(model_dir, make_classes(tmp_path / "t", data, ["red", "blue", "green"]), out,
@@ -651,6 +655,8 @@ def test_probe_eval_without_a_readable_image_has_no_accuracy(heads, model_dir, t
         # Integer weights loaded as they were: every image scored 50/50, exit status 0.
         ("int32", "'{first}' is stored as mlx.core.int32, not float32"),
         ("extra", "Received 1 parameters not in model: zzz."),  # MLX's message, on one line
+        # was every image's "output is NaN or Inf ...; convert the checkpoint again"
+        ("nan", "'{first}' holds NaN or Inf; train the head again"),
     ],
 )
 def test_damaged_head_weights_are_refused(heads, model_dir, tmp_path, change, message):
@@ -659,6 +665,8 @@ def test_damaged_head_weights_are_refused(heads, model_dir, tmp_path, change, me
     weights = mx.load(str(head / "head.safetensors"))
     if change == "int32":
         weights = {k: v.astype(mx.int32) for k, v in weights.items()}
+    elif change == "nan":
+        weights = {k: v * float("nan") for k, v in weights.items()}
     else:
         weights["zzz"] = mx.zeros(3)
     mx.save_safetensors(str(head / "head.safetensors"), weights)

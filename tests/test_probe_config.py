@@ -4,6 +4,7 @@ naming the file and the field."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,38 @@ def test_a_feature_file_damaged_after_the_check_is_one_error(workdir, head_dir):
     with pytest.raises(ProbeError, match=f"{path}: cannot read the cached features .*"
                        f"`aim-mlx cache rm {folder.name}`"):  # fmt: skip
         store.load([path.stem])
+
+
+def test_a_diverged_training_writes_no_head(model_dir, data, head_dir, tmp_path):
+    """NaN validation loss: was a head with "val_loss": NaN in its config.json (not JSON) whose
+    every image then failed with "the model's weights may hold NaN; convert the checkpoint"."""
+    out = tmp_path / "head"
+    settings = Settings(epochs=2, lr=1e38)
+    with pytest.raises(ProbeError, match=r"training diverged: .* is nan; .*lower learning rate"):
+        train(model_dir, data, out, settings=settings, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "error, advice",
+    [  # numpy's short write on a full disk has no errno
+        (OSError("16384 requested and 4032 written"), "disk is full?); free some space, or set"),
+        (OSError(30, "Read-only file system"), "Read-only file system); set AIM_MLX_CACHE"),
+    ],
+)
+def test_a_feature_cache_that_cannot_be_written_is_one_error(tmp_path, monkeypatch, error, advice):
+    from aim_mlx.probe.features import FeatureSet
+
+    def fails(file, array):
+        file.write(b"\x93NUMPY")
+        raise error
+
+    monkeypatch.setattr(np, "save", fails)
+    store = FeatureSet(tmp_path, {}, (4, 2))
+    message = f"cannot write the feature cache {tmp_path} .*{re.escape(advice)}"
+    with pytest.raises(ProbeError, match=message):
+        store.write("a" * 64, np.zeros((4, 2), np.float16))
+    assert list(tmp_path.iterdir()) == []  # no partial file left
 
 
 @pytest.mark.parametrize(

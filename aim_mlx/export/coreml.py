@@ -598,6 +598,13 @@ def export_coreml(
             raise ExportError(
                 f"the model has {args.num_classes} classes but {len(labels)} labels were given"
             )
+        for label in labels:  # a Linux folder name's bytes that are not UTF-8 (surrogates)
+            try:
+                str(label).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ExportError(
+                    f"the label {label!r} is not UTF-8 text, which Core ML's labels must be"
+                ) from None
     out = check_output(out, overwrite)  # once the options are known good: it creates folders
     ct = require_coremltools()
     from coremltools.converters.mil import Builder as mb

@@ -77,6 +77,13 @@ def class_folders(
         errors += [(path, images.LOOSE) for path in loose]
     found = {}
     for f in folders:
+        try:
+            f.name.encode("utf-8")  # bytes that are not UTF-8 (Linux): surrogate escapes
+        except UnicodeEncodeError:
+            raise ProbeError(
+                f"{what} {root}: the class folder name {f.name!r} is not UTF-8 text, which a "
+                "head's config.json and a Core ML model's labels hold; rename the folder"
+            ) from None
         name = class_name(f.name)
         if name in found:
             raise ProbeError(

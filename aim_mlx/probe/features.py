@@ -16,6 +16,7 @@ float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -143,7 +144,17 @@ class FeatureSet:
         return False
 
     def write(self, key: str, features: np.ndarray) -> None:
-        write_atomic(self.path(key), lambda f: np.save(f, features))
+        try:
+            write_atomic(self.path(key), lambda f: np.save(f, features))
+        except OSError as e:
+            # numpy's short write has no errno: "16384 requested and 4032 written"
+            full = e.errno in (None, errno.ENOSPC, errno.EDQUOT)
+            why = e.strerror or f"{e}: the disk is full?"
+            fix = "free some space, or set" if full else "set"
+            raise ProbeError(
+                f"cannot write the feature cache {self.folder} ({why}); {fix} "
+                f"{cache.CACHE_ENV} to a writable folder with room"
+            ) from None
 
     def load(self, keys: list[str]) -> np.ndarray:
         """(len(keys), N, D) float16."""

@@ -165,6 +165,8 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
         weights = mx.load(mlx_path(Path(folder) / WEIGHTS))
         if bad := next((k for k, v in weights.items() if v.dtype != mx.float32), None):
             raise ValueError(f"{bad!r} is stored as {weights[bad].dtype}, not float32")
+        if bad := next((k for k, v in weights.items() if not mx.isfinite(v).all()), None):
+            raise ValueError(f"{bad!r} holds NaN or Inf; train the head again")
         head.load_weights(list(weights.items()), strict=True)
     except (OSError, ValueError, RuntimeError) as e:
         why = " ".join(str(e).split())  # MLX's messages can span lines

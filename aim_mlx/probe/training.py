@@ -402,6 +402,11 @@ def train(
         f"validating on {len(val_data[0])}"
     )
     history, best = fit(module, store, train_data, val_data, settings, log)
+    if not math.isfinite(best.val_loss):  # NaN logits: a head that classifies nothing
+        raise ProbeError(
+            f"training diverged: the validation loss of the best epoch ({best.epoch}) is "
+            f"{best.val_loss}; train again with a lower learning rate (now {settings.lr:g})"
+        )
 
     config = dict(
         format=head.HEAD_FORMAT,
