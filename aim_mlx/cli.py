@@ -215,6 +215,13 @@ def _model(ctx, param, value: str) -> str:
     return value
 
 
+def model_option(help: str):
+    """-m/--model, aim-600M unless given."""
+    return click.option(
+        "--model", "-m", default="aim-600M", show_default=True, callback=_model, help=help
+    )
+
+
 def _img_size(ctx, param, value: int | None) -> int | None:
     if value is not None and (value <= 0 or value % 14):
         raise click.BadParameter(f"must be a positive multiple of 14 (the patch size), got {value}")
@@ -270,14 +277,9 @@ def weight_options_for(head_help: str = HEAD_HELP, quantize: bool = True):
 def model_options_for(head_help: str = HEAD_HELP, quantize: bool = True):
     """-m/--model and the weight options: what to load (fetched and converted on first use)."""
     return _options(
-        click.option(
-            "--model",
-            "-m",
-            default="aim-600M",
-            show_default=True,
-            callback=_model,
-            help="A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
-            "converted folder, or a folder of PyTorch checkpoints.",
+        model_option(
+            "A model name (aim-600M, aim-1B, aim-3B, aim-7B; see `aim-mlx models`), a "
+            "converted folder, or a folder of PyTorch checkpoints."
         ),
         weight_options_for(head_help, quantize),
     )
@@ -462,14 +464,7 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 
 
 @main.command()
-@click.option(
-    "--model",
-    "-m",
-    default="aim-600M",
-    show_default=True,
-    callback=_model,
-    help="A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.",
-)
+@model_option("A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.")
 @click.option(
     "--batch-size", "-b", default="1", callback=_int_list, show_default=True, help="E.g. 1,8,32."
 )
@@ -1146,14 +1141,7 @@ def probe():
 
 @probe.command("train")
 @click.argument("train_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--model",
-    "-m",
-    default="aim-600M",
-    show_default=True,
-    callback=_model,
-    help="The trunk to use.",
-)
+@model_option("The trunk to use.")
 @output_options("Output head folder (missing parent folders are created).", file_okay=False)
 @click.option(
     "--val",
