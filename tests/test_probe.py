@@ -1,8 +1,9 @@
 """Your own classifier: probe train / eval, heads in folders, classify / load / Core ML with them.
 
-The dataset is drawn here: five colour classes, each image a random stripe texture (angle,
-frequency, phase) with colour, brightness, contrast and pixel-noise jitter. The fixture's random
-trunk separates colours, not the textures: the head has to learn which features matter.
+The dataset is drawn by `benchmarks/probe_lr.py`'s `draw`: five colour classes, each image a
+random stripe texture (angle, frequency, phase) with colour, brightness, contrast and
+pixel-noise jitter. The fixture's random trunk separates colours, not the textures: the head
+has to learn which features matter.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -29,29 +31,12 @@ from aim_mlx.probe import ProbeError, Settings, train
 from aim_mlx.probe import features as feature_cache
 from aim_mlx.probe import head as head_lib
 
-COLOURS = {
-    "red": (0.8, 0.2, 0.2),
-    "yellow": (0.8, 0.75, 0.2),
-    "green": (0.2, 0.7, 0.3),
-    "blue": (0.2, 0.3, 0.8),
-    "magenta": (0.75, 0.2, 0.7),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from probe_lr import COLOURS, draw  # noqa: E402
 
 
 def draw_dataset(root: Path, per_class: int = 20, seed: int = 10, size: int = 64) -> Path:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for name, colour in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            angle, f, p = rng.uniform(0, np.pi), rng.uniform(2, 8), rng.uniform(0, 1)
-            t = np.sin(2 * np.pi * (f * (np.cos(angle) * xx + np.sin(angle) * yy) + p))
-            c = np.array(colour) + rng.normal(0, 0.08, 3)
-            img = c * rng.uniform(0.6, 1.1) * (1 + rng.uniform(0.1, 0.5) * t[..., None])
-            img = img + rng.normal(0, 0.06, (size, size, 3))
-            pixels = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i:03d}.png")
-    return root
+    return draw(root, per_class, colour_noise=0.08, seed=seed, size=size)
 
 
 @pytest.fixture(scope="module")
