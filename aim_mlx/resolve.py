@@ -362,22 +362,22 @@ def _check_named_weights(sources: dict, head: str) -> None:
     if not (spec := _named_spec(sources, head)):
         return
     from .convert.checkpoint import CheckpointError, open_checkpoint
-    from .convert.converter import PATCH_WEIGHT
+    from .convert.converter import trunk_shape
 
+    backbone = Path(sources["backbone"])
     try:
-        tensors = open_checkpoint(sources["backbone"])  # the pickle only: shapes, no weights
+        checkpoint = open_checkpoint(backbone)  # the pickle only: shapes, no weights
     except CheckpointError as e:  # damaged: the ConversionError the converter gives
         raise ConversionError(str(e)) from None
     try:
-        keys = tensors.keys()
-        width = tensors.shape(PATCH_WEIGHT)[0] if PATCH_WEIGHT in keys else None
+        found = trunk_shape(dict.fromkeys(checkpoint.keys(), checkpoint), [backbone])
     finally:
-        tensors.close()
-    blocks = len({k.split(".")[2] for k in keys if k.startswith("trunk.blocks.")})
+        checkpoint.close()
+    width, blocks = found["embed_dim"], found["num_blocks"]
     want = (spec.arch["embed_dim"], spec.arch["num_blocks"])
     if (width, blocks) != want:
         raise ConversionError(
-            f"{Path(sources['backbone']).name} is {spec.name}'s file name, but its weights are "
+            f"{backbone.name} is {spec.name}'s file name, but its weights are "
             f"not {spec.name}'s (embed_dim {width}, {blocks} blocks; {spec.name} has {want[0]} "
             f"and {want[1]}); if they are another model's, rename the files"
         )

@@ -303,18 +303,24 @@ def _merge(checkpoints) -> dict[str, object]:
     return owner
 
 
-def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size) -> ModelArgs:
-    """Architecture from tensor shapes, completed by the hub config, a preset or the options."""
+def trunk_shape(tensors, files) -> dict[str, int]:
+    """embed_dim, num_blocks and patch_size as the tensors ({key: checkpoint}) of `files` have
+    them; ConversionError for files that hold no AIM v1 backbone."""
     if PATCH_WEIGHT not in tensors:
         raise ConversionError(
             f"no {PATCH_WEIGHT} in {', '.join(str(f) for f in files)}: not an AIM v1 backbone"
         )
-    embed_dim, channels, patch, patch_w = _shape(tensors, PATCH_WEIGHT, "(D, 3, P, P)")
+    embed_dim, _, patch, _ = _shape(tensors, PATCH_WEIGHT, "(D, 3, P, P)")
     blocks = {int(m.group(1)) for k in tensors if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))}
     if not blocks:
         raise ConversionError("no trunk.blocks.* keys: the backbone file is missing")
-    num_blocks = max(blocks) + 1
-    found = {"embed_dim": embed_dim, "num_blocks": num_blocks, "patch_size": patch}
+    return {"embed_dim": embed_dim, "num_blocks": max(blocks) + 1, "patch_size": patch}
+
+
+def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size) -> ModelArgs:
+    """Architecture from tensor shapes, completed by the hub config, a preset or the options."""
+    found = trunk_shape(tensors, files)
+    embed_dim, num_blocks, patch = found["embed_dim"], found["num_blocks"], found["patch_size"]
     for field, value in found.items():
         if field in hub_config and hub_config[field] != value:
             raise ConversionError(
