@@ -235,6 +235,16 @@ class Entry:
         """Made by a newer aim-mlx: neither served nor replaced by this one."""
         return _newer_version(self.config) is not None
 
+    def row(self) -> dict:
+        """The entry as `cache list --json` and `models --json` show it."""
+        return dict(
+            key=self.key,
+            path=str(self.path),
+            size=self.size,
+            current=self.current,
+            newer=self.newer,
+        )
+
 
 def list_entries() -> list[Entry]:
     from . import registry

@@ -887,10 +887,7 @@ def cache_listing() -> dict:
 
     return dict(
         cache=str(cache_root()),
-        models=[
-            dict(key=e.key, path=str(e.path), size=e.size, current=e.current, newer=e.newer)
-            for e in list_entries()
-        ],
+        models=[e.row() for e in list_entries()],
         downloads_dir=str(constants.HF_HUB_CACHE),
         downloads=[
             dict(model=spec.name, file=file.filename, path=str(path), size=size)

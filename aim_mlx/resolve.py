@@ -437,11 +437,7 @@ def models_overview(hf_cache_dir: str | Path | None = None) -> list[dict]:
                     downloaded=local is not None,
                 )
             )
-        converted = [
-            dict(key=e.key, path=str(e.path), size=e.size, current=e.current, newer=e.newer)
-            for e in entries
-            if e.key.lower().startswith(spec.name.lower() + "--")
-        ]
+        converted = [e.row() for e in entries if e.key.lower().startswith(spec.name.lower() + "--")]
         rows.append(
             dict(
                 name=spec.name,
