@@ -60,7 +60,11 @@ def features(model, x: mx.array, layers: str | Iterable[int], pool: str) -> np.n
     """x (B, 3, H, W) -> float32 features:
     head / last: (B, D) pooled, (B, N, D) tokens; blocks: (B, L, D) pooled, (B, L, N, D) tokens.
     `layers` and `pool` as `embed` takes them (blocks counted from the end too: -1 the last)."""
-    layers, pool = parse_layers(layers, model.args.num_blocks), check_pool(pool)
+    return _features(model, x, parse_layers(layers, model.args.num_blocks), check_pool(pool))
+
+
+def _features(model, x: mx.array, layers: str | tuple[int, ...], pool: str) -> np.ndarray:
+    """`features` of checked `layers` and `pool` (`embed` checks them once, not per batch)."""
     if layers == "head":
         out = model.head_input(model.extract_features(x))
     elif layers == "last":
@@ -98,7 +102,7 @@ def embed(
     images.check_positive("batch_size", batch_size)
     rows, paths, errors = [], [], []
     for item, row in images.run(
-        lambda x: features(model, x, layers, pool),
+        lambda x: _features(model, x, layers, pool),
         images.collect(inputs),
         not_finite=images.not_finite_error(model),
         size=images.input_size(model, img_size),

@@ -51,11 +51,11 @@ if fault in ("raise", "kill"):  # an error, or the process killed, in its first 
         if fault == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError("injected fault")
-    aim_mlx.embed.features = features
+    aim_mlx.embed._features = features
 if fault == "vanish":  # gone without an error status, before sending its rows
     aim_mlx.distributed.gather_rows = lambda *args: os._exit(0)
 if fault == "hang":  # stuck while alive, in its first batch
-    aim_mlx.embed.features = lambda *args, **kwargs: time.sleep(10**6)
+    aim_mlx.embed._features = lambda *args, **kwargs: time.sleep(10**6)
 sys.exit(main())
 """
 
