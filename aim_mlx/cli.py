@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,12 +21,13 @@ from .errors import AimMlxError, OptionError, OutputError
 from .export import coreml
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+TERMINATED = 128 + signal.SIGTERM
 
 
 def _exit_on_sigterm():
     """Turn SIGTERM into SystemExit so that cleanup code (temporary folders) runs."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(TERMINATED))
 
 
 @contextmanager
@@ -356,7 +358,16 @@ def _count(n: int, word: str) -> str:
 
 
 def report_error(path: str, reason: str) -> None:
-    click.echo(f"error: {path}: {reason}", err=True)
+    click.echo(one_line(f"error: {path}: {reason}"), err=True)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters escaped (a newline as \\n), so that a file or class name
+    cannot break a line of plain-text output into two."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
 
 
 # ---- Commands -----------------------------------------------------------------------------
@@ -635,9 +646,10 @@ def classify(
                 writer.writerow([row["path"], rank, p["index"], p["label"], prob, ""])
             sys.stdout.flush()
         elif "top_k" in row:
-            click.echo(row["path"])
+            click.echo(one_line(row["path"]))
             for rank, p in enumerate(row["top_k"], 1):
-                click.echo(f"  {rank}. {100 * p['prob']:6.2f}%  {p['label']}  ({p['index']})")
+                label = one_line(p["label"])
+                click.echo(f"  {rank}. {100 * p['prob']:6.2f}%  {label}  ({p['index']})")
     if failed:
         sys.exit(1)
 
@@ -1242,7 +1254,6 @@ def probe_train(
 
     from .probe import Settings, train
 
-    _exit_on_sigterm()
     if val_dir and val_split:
         raise click.UsageError("give --val or --val-split, not both")
     settings = Settings(kind, epochs, batch_size, lr, weight_decay, warmup, seed)
@@ -1262,9 +1273,12 @@ def probe_train(
             force=force,
             log=lambda line: click.echo(line, err=True),
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:  # Ctrl-C, or SIGTERM (a SystemExit)
+        stopped = INTERRUPTED if isinstance(e, KeyboardInterrupt) else e.code
+        if stopped not in (INTERRUPTED, TERMINATED):
+            raise
         click.echo("interrupted; extracted features stay cached, the next run resumes", err=True)
-        sys.exit(INTERRUPTED)
+        sys.exit(stopped)
     except AimMlxError:  # its message names the path (an OutputError is an OSError too)
         raise
     except OSError as e:  # writing the feature cache or the head folder
@@ -1303,8 +1317,8 @@ def probe_train(
 def probe_eval(
     val_dir, model, head, dtype, quantize, q_bits, batch_size, confusion, force, as_json, progress
 ):
-    """Top-1 (top-5 with 5+ classes) and per-class accuracy of a trained head (--head DIR) on
-    VAL_DIR, one sub-folder per class."""
+    """Top-1 (top-5 with more than 5 classes) and per-class accuracy of a trained head
+    (--head DIR) on VAL_DIR, one sub-folder per class."""
     import json
 
     from . import distributed
@@ -1344,7 +1358,7 @@ def probe_eval(
         )
         for name, row in result.per_class().items():
             acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
-            click.echo(f"  {acc}  {name}  ({_count(row['images'], 'image')})")
+            click.echo(f"  {acc}  {one_line(name)}  ({_count(row['images'], 'image')})")
     if confusion:
         click.echo(f"wrote {confusion}", err=True)
     if result.failed:

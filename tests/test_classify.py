@@ -127,6 +127,19 @@ def bad_and_odd_images(folder: Path) -> dict[str, str | None]:
     }
 
 
+def test_a_newline_in_a_file_name_cannot_split_a_plain_text_row(model_dir, tmp_path):
+    folder = tmp_path / "in\nbox"
+    folder.mkdir()
+    shutil.copy(REF / "images" / "rocket.jpg", folder / "rocket\n1.jpg")
+    (folder / "broken\r.jpg").write_bytes(b"not an image")
+    result = cli("classify", folder, "--model", model_dir, "-k", "2", "--no-progress")
+    assert result.exit_code == 1
+    assert result.stdout.splitlines()[0] == str(folder / "rocket\n1.jpg").replace("\n", "\\n")
+    assert len(result.stdout.splitlines()) == 3  # the path and its two classes
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: {tmp_path}/in\\nbox/broken\\r.jpg: ")
+
+
 def test_bad_files_get_one_error_each_and_the_rest_are_classified(model_dir, tmp_path):
     expected = bad_and_odd_images(tmp_path)
     missing = tmp_path / "missing.jpg"

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -155,6 +156,36 @@ def test_the_optimizer_is_adamw_as_pytorch_defines_it():
     np.testing.assert_allclose(np.array(p["w"]), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("classes", [7, 5])
+def test_top5_counts_ranks_and_needs_more_than_five_classes(classes):
+    """Logits are the features themselves: the label is ranked 1st, 4th and last."""
+    import mlx.nn as nn
+
+    from aim_mlx.probe.training import evaluate_features
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(classes, classes)
+            self.linear.weight = mx.eye(classes)
+            self.linear.bias = mx.zeros(classes)
+
+        def __call__(self, x):
+            return self.linear(x[:, 0])
+
+    ranked = np.arange(classes, 0, -1, dtype=np.float32)  # class 0 first, the last class last
+    labels = np.array([0, 3, classes - 1])
+    features = {str(i): ranked[None] for i in range(3)}
+
+    class Store:
+        def load(self, keys):
+            return np.stack([features[k] for k in keys])
+
+    _, top1, top5 = evaluate_features(Head(), Store(), list(features), labels, 2)
+    assert top1 == pytest.approx(100 / 3)
+    assert top5 == (pytest.approx(200 / 3) if classes == 7 else None)
+
+
 def test_cli_defaults_are_the_settings_defaults():
     from aim_mlx.cli import main
 
@@ -261,7 +292,7 @@ def test_classify_and_probe_eval_agree(heads, model_dir, data, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["top1"] == pytest.approx(100 * np.mean(right))
-    assert out["top5"] == 100.0 and out["images"] == 100 and out["classes"] == 5
+    assert out["top5"] is None and out["images"] == 100 and out["classes"] == 5  # always 100
     for name in classes:
         mine = [ok for r, ok in zip(rows, right, strict=True) if f"/{name}/" in r["path"]]
         assert out["per_class"][name] == {"images": 20, "top1": pytest.approx(100 * np.mean(mine))}
@@ -746,20 +777,22 @@ def test_head_keywords_win_over_folders(heads, model_dir, tmp_path, monkeypatch)
 # the feature cache
 
 
-def test_interrupted_extraction_resumes(data, model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_extraction_resumes(data, model_dir, tmp_path, monkeypatch, signum):
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
     write = feature_cache.FeatureSet.write
     calls = []
 
     def interrupted_after_7(self, key, array):
         if len(calls) == 7:
-            raise KeyboardInterrupt
+            signal.raise_signal(signum)
         calls.append(key)
         write(self, key, array)
 
     monkeypatch.setattr(feature_cache.FeatureSet, "write", interrupted_after_7)
     res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--no-progress")
-    assert res.exit_code == 130 and not (tmp_path / "h").exists()
+    assert res.exit_code == 128 + signum and not (tmp_path / "h").exists()
+    assert "extracted features stay cached, the next run resumes" in res.stderr
     (folder,) = (tmp_path / "cache" / "features").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [f"{k}.npy" for k in calls] + ["info.json"]

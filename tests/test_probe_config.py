@@ -94,9 +94,35 @@ def test_a_diverged_training_writes_no_head(model_dir, data, head_dir, tmp_path)
     every image then failed with "the model's weights may hold NaN; convert the checkpoint"."""
     out = tmp_path / "head"
     settings = Settings(epochs=2, lr=1e38)
-    with pytest.raises(ProbeError, match=r"training diverged: .* is nan; .*lower learning rate"):
+    with pytest.raises(ProbeError, match=r"training diverged: .* every epoch is nan or inf "
+                       r"\(the last: nan\); .*lower learning rate \(now 1e\+38\)"):  # fmt: skip
         train(model_dir, data, out, settings=settings, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_diverged_epoch_is_never_the_best(model_dir, data, head_dir, tmp_path, monkeypatch):
+    """Epoch 2's loss is NaN with the higher top-1 (NaN logits all pick one class, which can be
+    the most frequent): epoch 1's weights are kept, not a refused NaN head."""
+    from mlx.utils import tree_flatten
+
+    from aim_mlx.probe import training
+
+    real, weights = training.evaluate_features, []
+
+    def second_epoch_diverges(module, *args):
+        weights.append({k: np.array(v) for k, v in tree_flatten(module.parameters())})
+        loss, top1, top5 = real(module, *args)
+        return (loss, top1, top5) if len(weights) == 1 else (float("nan"), 100.0, None)
+
+    monkeypatch.setattr(training, "evaluate_features", second_epoch_diverges)
+    result = train(model_dir, data, tmp_path / "head", settings=Settings(epochs=2, kind="linear"),
+                   log=lambda _: None)  # fmt: skip
+    assert result.best.epoch == 1 and len(weights) == 2
+    saved = mx.load(str(tmp_path / "head" / "head.safetensors"))
+    assert saved.keys() == weights[0].keys()
+    for key, value in weights[0].items():
+        np.testing.assert_array_equal(np.array(saved[key]), value)
+        assert not np.array_equal(value, weights[1][key]) or "running" in key
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from .data import ProbeError, class_folders, class_name
 @dataclass
 class HeadEvalResult:
     top1: float | None  # percent, as `aim_mlx.evaluate.EvalResult`; None: no image read
-    top5: float | None  # None with fewer than 5 classes, or no image read
+    top5: float | None  # None with 5 classes or fewer, or no image read
     images: int
     classes: int  # distinct classes among the images
     labels: list[str]  # the head's classes, in logit order
@@ -101,7 +101,7 @@ def evaluate_head(
         hits5 += int(y in pred)
     n = int(confusion.sum())
     top1 = 100.0 * np.trace(confusion) / n if n else None  # no accuracy, as `aim-mlx eval`
-    top5 = 100.0 * hits5 / n if n and C >= 5 else None
+    top5 = 100.0 * hits5 / n if n and C > 5 else None  # with 5 classes it is always 100
     present = int((confusion.sum(axis=1) > 0).sum())
     return HeadEvalResult(top1, top5, n, present, labels, confusion, failed)
 

@@ -48,7 +48,7 @@ class EpochStats:
     train_top1: float  # percent, on the training batches as they were seen
     val_loss: float
     val_top1: float
-    val_top5: float | None  # with 5 classes or more
+    val_top5: float | None  # with more than 5 classes
     seconds: float
 
 
@@ -158,7 +158,7 @@ def evaluate_features(model: nn.Module, store, keys, labels, batch_size: int):
         hits1 += (top[:, 0] == y).sum().item()
         hits5 += (top == y[:, None]).any(axis=-1).sum().item()
     n = len(keys)
-    return loss / n, 100 * hits1 / n, (100 * hits5 / n if classes >= 5 else None)
+    return loss / n, 100 * hits1 / n, (100 * hits5 / n if classes > 5 else None)
 
 
 def _without_training_copies(train: list[Sample], val: list[Sample], content: dict):
@@ -205,7 +205,8 @@ def fit(
     settings: Settings,
     log: Callable[[str], None],
 ) -> tuple[list[EpochStats], EpochStats]:
-    """Train `module` in place on cached features; it ends holding the best epoch's weights."""
+    """Train `module` in place on cached features; it ends holding the best epoch's weights
+    (the best validation top-1, then loss, of the epochs whose loss is finite)."""
     train_keys, train_labels = train
     rng = np.random.default_rng(settings.seed)
     batch = min(settings.batch_size, len(train_keys))
@@ -248,12 +249,18 @@ def fit(
         )
         history.append(stats)
         score = (stats.val_top1, -stats.val_loss)
-        improved = best is None or score > (best.val_top1, -best.val_loss)
+        finite = math.isfinite(stats.val_loss)  # NaN logits: a head that classifies nothing
+        improved = finite and (best is None or score > (best.val_top1, -best.val_loss))
         if improved:
             best, best_weights = stats, tree_flatten(module.parameters())
         log(
             f"{epoch:>5} {stats.loss:>8.4f} {stats.train_top1:>10.1f}% {stats.val_loss:>9.4f} "
             f"{stats.val_top1:>8.1f}% {stats.seconds:>6.2f}s{'  *' if improved else ''}"
+        )
+    if best is None:
+        raise ProbeError(
+            f"training diverged: the validation loss of every epoch is nan or inf (the last: "
+            f"{history[-1].val_loss}); train again with a lower learning rate (now {settings.lr:g})"
         )
     module.load_weights(best_weights)
     return history, best
@@ -402,11 +409,6 @@ def train(
         f"validating on {len(val_data[0])}"
     )
     history, best = fit(module, store, train_data, val_data, settings, log)
-    if not math.isfinite(best.val_loss):  # NaN logits: a head that classifies nothing
-        raise ProbeError(
-            f"training diverged: the validation loss of the best epoch ({best.epoch}) is "
-            f"{best.val_loss}; train again with a lower learning rate (now {settings.lr:g})"
-        )
 
     config = dict(
         format=head.HEAD_FORMAT,
