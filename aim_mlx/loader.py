@@ -113,16 +113,27 @@ def weight_files(path: Path) -> list[Path]:
             raise ModelLoadError(f"{path}: no model.safetensors (nor {INDEX}) weights")
         return [path / "model.safetensors"]
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / name for name in names]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"{index}: cannot read the shard list ({e})") from None
+        listing = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelLoadError(
+            f"{index}: cannot read the shard list ({e}); {convert_again(path)}"
+        ) from None
+    shards = listing.get("weight_map") if isinstance(listing, dict) else None
+    if not isinstance(shards, dict) or not all(isinstance(n, str) for n in shards.values()):
+        raise ModelLoadError(  # was Python's own words: 'PosixPath' / 'int', 'weight_map'...
+            f'{index}: expected a "weight_map" object from tensor names to shard file names; '
+            f"{convert_again(path)}"
+        )
+    names = sorted(set(shards.values()))
+    files = [path / name for name in names]
     if outside := next((n for n in names if Path(n).name != n or n in ("", ".", "..")), None):
         raise ModelLoadError(  # a shard is a file of the folder, never one elsewhere
             f"{index}: shard {outside!r} is not a file name in the folder; {convert_again(path)}"
         )
     if missing := [f for f in files if not f.is_file()]:
-        raise ModelLoadError(f"{missing[0]}: a weight shard listed in {INDEX} is missing")
+        raise ModelLoadError(
+            f"{missing[0]}: a weight shard listed in {INDEX} is missing; {convert_again(path)}"
+        )
     return files
 
 

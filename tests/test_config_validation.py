@@ -303,6 +303,19 @@ def test_shards_outside_the_folder_are_refused(model_dir, tmp_path, where):
         aim_mlx.load(folder)
 
 
+@pytest.mark.parametrize("listing", [{}, [], {"weight_map": {"a": 1}}, {"weight_map": "x"}])
+def test_a_shard_list_without_a_weight_map_is_one_line(model_dir, tmp_path, listing):
+    """Was Python's own words: "('weight_map')", "unsupported operand type(s) for /"..."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(listing))
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert err == (
+        f'Error: {folder / "model.safetensors.index.json"}: expected a "weight_map" object '
+        "from tensor names to shard file names; convert the model again\n"
+    )
+
+
 def test_a_tensor_in_two_shards_is_refused(model_dir, tmp_path):
     """A tensor in two shards: the shard read last won, silently (here: zeros)."""
     folder = tmp_path / "m"
