@@ -12,11 +12,10 @@ kernels in `ops`, and how the blocks are scheduled on the CPU in `cpu_runner`.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
@@ -38,13 +37,12 @@ class ModelArgs:
     num_classes: int = 1000
     mlp_ratio: int = 4
     norm_eps: float = 1e-6
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, params: dict) -> ModelArgs:
         """Build from a config dict, ignoring keys that are not fields; ValueError naming the
         field for a missing or invalid value."""
-        names = [n for n in inspect.signature(cls).parameters if n != "extra"]
+        names = {f.name for f in dataclasses.fields(cls)}
         if missing := [
             n for n in ("embed_dim", "num_blocks", "num_heads", "probe_layers") if n not in params
         ]:
@@ -82,10 +80,7 @@ class ModelArgs:
         return self.embed_dim // self.num_heads
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        d["probe_layers"] = list(self.probe_layers)
-        return d
+        return {**dataclasses.asdict(self), "probe_layers": list(self.probe_layers)}
 
 
 INT_FIELDS = (
