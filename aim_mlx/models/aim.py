@@ -136,6 +136,10 @@ def last_probe_layers(num_blocks: int) -> tuple[int, ...]:
 
 def preset_args(name: str, head: str = "best", **overrides) -> ModelArgs:
     """ModelArgs of an official size; `head` is "best" or "last"."""
+    if name not in PRESETS or head not in ("best", "last"):  # any other head: last, silently
+        raise ValueError(
+            f"expected one of {', '.join(PRESETS)} and head best or last, got {name!r}, {head!r}"
+        )
     p = dict(PRESETS[name])
     best = p.pop("best")
     layers = tuple(best) if head == "best" else last_probe_layers(p["num_blocks"])
