@@ -225,6 +225,18 @@ def test_bad_hub_style_config_is_one_line(tmp_path, config, message):
     assert message in err
 
 
+def test_a_long_probe_layer_list_is_checked_in_one_pass(model_dir, tmp_path):
+    """A config listing 300,000 probe layers: counting each one's repeats was quadratic (it
+    ran for many minutes before saying anything)."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    layers = [*range(300_000), 7]
+    (folder / "config.json").write_text(json.dumps({**config, "probe_layers": layers}))
+    with pytest.raises(ModelLoadError, match="name block 7 more than once"):
+        aim_mlx.load(folder)
+
+
 def test_repeated_probe_layers_are_refused(tmp_path):
     args = ["convert", "--backbone", REF / "backbone.pth", "--head", REF / "head_best_layers.pth"]
     err = clean(
