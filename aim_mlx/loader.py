@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from safetensors import SafetensorError, safe_open
 
 from .constants import DTYPE_NAMES, MX_DTYPES
 from .convert.converter import FORMAT_VERSION, Q_BITS, Q_GROUP_SIZES
@@ -60,8 +61,8 @@ def check_format(path: str | Path, config: dict) -> None:
             f"one reads {FORMAT_VERSION}: upgrade aim-mlx, or convert the checkpoints again "
             "with this one (`aim-mlx convert`)"
         )
-    if version != FORMAT_VERSION:
-        what = f"format version {version}" if version is not None else "no format_version"
+    if type(version) is not int or version != FORMAT_VERSION:  # "1", 1.0 or true: not written
+        what = f"format version {version!r}" if version is not None else "no format_version"
         raise ModelLoadError(
             f"{path}/config.json: {what}, this aim-mlx reads {FORMAT_VERSION}; "
             "convert the checkpoints again (`aim-mlx convert`)"
@@ -89,9 +90,10 @@ def check_quantization(q) -> None:
         return
     if not isinstance(q, dict):
         raise ValueError(f"quantization must be null or an object, got {q!r}")
-    if q.get("bits") not in Q_BITS:
+    # type int: 8.0 or true passed `in`, then failed inside MLX's quantize with a TypeError
+    if type(q.get("bits")) is not int or q["bits"] not in Q_BITS:
         raise ValueError(f"quantization bits must be 4 or 8, got {q.get('bits')!r}")
-    if q.get("group_size") not in Q_GROUP_SIZES:
+    if type(q.get("group_size")) is not int or q["group_size"] not in Q_GROUP_SIZES:
         raise ValueError(
             f"quantization group_size must be one of {', '.join(map(str, Q_GROUP_SIZES))}, "
             f"got {q.get('group_size')!r}"
@@ -111,16 +113,27 @@ def weight_files(path: Path) -> list[Path]:
             raise ModelLoadError(f"{path}: no model.safetensors (nor {INDEX}) weights")
         return [path / "model.safetensors"]
     try:
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / name for name in names]
-    except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:
-        raise ModelLoadError(f"{index}: cannot read the shard list ({e})") from None
+        listing = json.loads(index.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        raise ModelLoadError(
+            f"{index}: cannot read the shard list ({e}); {convert_again(path)}"
+        ) from None
+    shards = listing.get("weight_map") if isinstance(listing, dict) else None
+    if not isinstance(shards, dict) or not all(isinstance(n, str) for n in shards.values()):
+        raise ModelLoadError(  # was Python's own words: 'PosixPath' / 'int', 'weight_map'...
+            f'{index}: expected a "weight_map" object from tensor names to shard file names; '
+            f"{convert_again(path)}"
+        )
+    names = sorted(set(shards.values()))
+    files = [path / name for name in names]
     if outside := next((n for n in names if Path(n).name != n or n in ("", ".", "..")), None):
         raise ModelLoadError(  # a shard is a file of the folder, never one elsewhere
             f"{index}: shard {outside!r} is not a file name in the folder; {convert_again(path)}"
         )
     if missing := [f for f in files if not f.is_file()]:
-        raise ModelLoadError(f"{missing[0]}: a weight shard listed in {INDEX} is missing")
+        raise ModelLoadError(
+            f"{missing[0]}: a weight shard listed in {INDEX} is missing; {convert_again(path)}"
+        )
     return files
 
 
@@ -134,15 +147,21 @@ def load_model(path: str | Path) -> AIM:
     weights = {}
     for f in files:
         try:
-            weights.update(mx.load(mlx_path(f)))  # lazy: read on first use
+            tensors = mx.load(mlx_path(f))  # lazy: read on first use
         except NotUtf8Path as e:
             raise ModelLoadError(str(e)) from None
         except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: damaged or not a file
             raise ModelLoadError(
                 f"{f}: cannot read the weights ({e}); {convert_again(path)}"
             ) from None
-    # What the tensors take once read (the files' size, or more where their bytes overlap).
+        if twice := next((k for k in tensors if k in weights), None):  # else the last one won
+            raise ModelLoadError(f"{f}: {twice!r} is in another shard too; {convert_again(path)}")
+        weights.update(tensors)
+    # What the tensors take once read: the files' size, more where their bytes overlap (such
+    # a file is refused just below, but may first claim more than the memory).
     check_fits(sum(v.nbytes for v in weights.values()), str(path))
+    for f in files:
+        _check_layout(path, f)
     _check_blocks(path, args, weights)  # before building them: config.json may claim millions
     model = AIM(args)  # random init is lazy: never computed
     ops.settle_random_key()
@@ -213,6 +232,17 @@ def convert_again(path: Path) -> str:
     if in_cache:
         return f"remove it with `aim-mlx cache rm {path.name}` (converted again on next use)"
     return "convert the model again"
+
+
+def _check_layout(path: Path, f: Path):
+    """ModelLoadError unless each tensor of `f` has bytes of its own: MLX's reader lets tensors
+    share bytes or skip some (a header edited to point a tensor at another's weights loaded a
+    silently different model). safetensors' own reader checks the byte ranges."""
+    try:
+        with safe_open(mlx_path(f), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise ModelLoadError(f"{f}: damaged weights ({e}); {convert_again(path)}") from None
 
 
 def _check_blocks(path: Path, args, weights: dict):

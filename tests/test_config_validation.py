@@ -97,6 +97,16 @@ def test_model_args_require_the_architecture():
         ({"format_version": None}, "no format_version, this aim-mlx reads 1"),
         ({"format_version": 0}, "format version 0, this aim-mlx reads 1; convert the"),
         ({"format_version": 99}, "format version 99, written by a newer aim-mlx; this one"),
+        ({"format_version": "1"}, "format version '1', this aim-mlx reads 1; convert the"),
+        ({"format_version": True}, "format version True, this aim-mlx reads 1; convert the"),
+        (  # 8.0 passed `in (4, 8)`, then MLX's quantize raised a TypeError: a traceback
+            {"quantization": {"bits": 8.0, "group_size": 64, "layers": []}},
+            "quantization bits must be 4 or 8, got 8.0",
+        ),
+        (
+            {"quantization": {"bits": 8, "group_size": 64.0, "layers": []}},
+            "quantization group_size must be one of 32, 64, 128, got 64.0",
+        ),
         (
             {"num_classes": 10**12},
             "embed_dim 64, mlp_ratio 4, num_classes 1000000000000 or patch_size 14 make a layer "
@@ -215,6 +225,18 @@ def test_bad_hub_style_config_is_one_line(tmp_path, config, message):
     assert message in err
 
 
+def test_a_long_probe_layer_list_is_checked_in_one_pass(model_dir, tmp_path):
+    """A config listing 300,000 probe layers: counting each one's repeats was quadratic (it
+    ran for many minutes before saying anything)."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    layers = [*range(300_000), 7]
+    (folder / "config.json").write_text(json.dumps({**config, "probe_layers": layers}))
+    with pytest.raises(ModelLoadError, match="name block 7 more than once"):
+        aim_mlx.load(folder)
+
+
 def test_repeated_probe_layers_are_refused(tmp_path):
     args = ["convert", "--backbone", REF / "backbone.pth", "--head", REF / "head_best_layers.pth"]
     err = clean(
@@ -291,6 +313,55 @@ def test_shards_outside_the_folder_are_refused(model_dir, tmp_path, where):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelLoadError, match=f"shard '{re.escape(name)}' is not a file name in"):
         aim_mlx.load(folder)
+
+
+@pytest.mark.parametrize("listing", [{}, [], {"weight_map": {"a": 1}}, {"weight_map": "x"}])
+def test_a_shard_list_without_a_weight_map_is_one_line(model_dir, tmp_path, listing):
+    """Was Python's own words: "('weight_map')", "unsupported operand type(s) for /"..."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(listing))
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert err == (
+        f'Error: {folder / "model.safetensors.index.json"}: expected a "weight_map" object '
+        "from tensor names to shard file names; convert the model again\n"
+    )
+
+
+def test_a_tensor_in_two_shards_is_refused(model_dir, tmp_path):
+    """A tensor in two shards: the shard read last won, silently (here: zeros)."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    weights = mx.load(str(folder / "model.safetensors"))
+    key = "trunk.blocks.0.mlp.fc1.weight"
+    trunk = {k: v for k, v in weights.items() if k.startswith("trunk.")}
+    rest = {k: v for k, v in weights.items() if k not in trunk}
+    mx.save_safetensors(str(folder / "a.safetensors"), trunk)
+    mx.save_safetensors(str(folder / "b.safetensors"), {**rest, key: mx.zeros_like(weights[key])})
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: "a.safetensors" if k in trunk else "b.safetensors" for k in weights}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelLoadError, match=f"b.safetensors: '{key}' is in another shard too"):
+        aim_mlx.load(folder)
+
+
+def test_a_tensor_pointed_at_another_ones_bytes_is_refused(model_dir, tmp_path):
+    """A header edited so that a tensor reads another one's bytes (MLX's reader allows it)
+    loaded a silently different model."""
+    import struct
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    raw = (folder / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    one, two = "trunk.blocks.0.mlp.fc1.weight", "trunk.blocks.1.mlp.fc1.weight"
+    header[two]["data_offsets"] = header[one]["data_offsets"]
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert f"Error: {folder / 'model.safetensors'}: damaged weights (" in err
+    assert err.endswith("; convert the model again\n")
 
 
 def test_weights_in_another_dtype_than_the_config_are_refused(model_dir, tmp_path):

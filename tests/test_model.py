@@ -259,3 +259,6 @@ def test_presets_best_and_last_layers():
     assert preset_args("aim-1B").probe_layers == tuple(range(12, 18))
     assert preset_args("aim-7B", head="last").probe_layers == tuple(range(26, 32))
     assert preset_args("aim-3B", head="last").probe_layers == tuple(range(18, 24))
+    for name, head in (("aim-3B", "Best"), ("aim-3B", None), ("aim-2B", "best")):
+        with pytest.raises(ValueError, match="expected one of aim-600M, .* head best or last"):
+            preset_args(name, head=head)  # a head other than best was the last layers, silently
