@@ -233,8 +233,9 @@ def test_a_long_probe_layer_list_is_checked_in_one_pass(model_dir, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     layers = [*range(300_000), 7]
     (folder / "config.json").write_text(json.dumps({**config, "probe_layers": layers}))
-    with pytest.raises(ModelLoadError, match="name block 7 more than once"):
+    with pytest.raises(ModelLoadError, match=r"\[0, 1, .*, 11, \.\.\.\] name block 7 more") as e:
         aim_mlx.load(folder)
+    assert len(str(e.value)) < 300  # a dozen layers, not 2 MB of them
 
 
 def test_repeated_probe_layers_are_refused(tmp_path):

@@ -135,6 +135,14 @@ def test_quantization_options_without_quantize_are_refused(tmp_path, options):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("options", [{"q_bits": 8.0}, {"q_group_size": 64.0}])
+def test_quantization_options_are_whole_numbers(tmp_path, options):
+    """8.0 passed `in (4, 8)`, then failed inside MLX's quantize: a TypeError traceback."""
+    with pytest.raises(ConversionError, match=r"must be .*, got (8|64)\.0$"):
+        run(tmp_path / "m", quantize=True, **options)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_quantized_8bit_close_and_4bit_runs(tmp_path):
     q8 = aim_mlx.load(run(tmp_path / "q8", quantize=True, q_bits=8))
     # Trunk quantized, head in full precision.

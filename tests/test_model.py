@@ -1,6 +1,7 @@
 """The MLX model against the official PyTorch outputs, through the real convert -> load path."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -143,8 +144,9 @@ def test_numpy_input_and_bad_inputs():
         with pytest.raises(ValueError, match="float images"):
             model(pixels)
     np.testing.assert_array_equal(to_np(model(x[:1].tolist())), to_np(model(mx.array(x[:1]))))
-    with pytest.raises(ValueError, match=r"got shape \(\)"):
-        model("photo.jpg")  # a path: no images (aim_mlx.classify takes paths)
+    for path in ("photo.jpg", Path("photo.jpg")):  # was "got shape ()"
+        with pytest.raises(ValueError, match=r"the path 'photo.jpg': aim_mlx.preprocess\(path\)"):
+            model(path)
 
 
 def test_bad_input_shape_is_explained():

@@ -177,9 +177,9 @@ def _is_model_folder(folder: Path) -> bool:
 
 def check_quantize_options(bits, group_size) -> None:
     """ConversionError unless MLX can quantize with these bits and group size."""
-    if bits not in Q_BITS:
+    if type(bits) is not int or bits not in Q_BITS:  # 8.0 passed `in`, then failed in MLX
         raise ConversionError(f"--q-bits must be 4 or 8, got {bits!r}")
-    if group_size not in Q_GROUP_SIZES:
+    if type(group_size) is not int or group_size not in Q_GROUP_SIZES:
         sizes = ", ".join(map(str, Q_GROUP_SIZES))
         raise ConversionError(f"--q-group-size must be one of {sizes}, got {group_size!r}")
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
+import reprlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -105,21 +107,29 @@ def check_probe_layers(layers, num_blocks: int | None) -> tuple[int, ...]:
     """Block indices the head reads: a non-empty list of distinct blocks of the model (of any
     model while `num_blocks` is None: not known yet)."""
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise ValueError(f"probe layers must be a list of block indices, got {layers!r}")
+        raise ValueError(f"probe layers must be a list of block indices, got {_few(layers)}")
     layers = tuple(layers)
     if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
-        raise ValueError(f"probe layers must be block indices (integers), got {list(layers)}")
+        raise ValueError(f"probe layers must be block indices (integers), got {_few(layers)}")
     layers = tuple(int(i) for i in layers)
     if not layers:
         raise ValueError("no probe layers given: the head needs at least one block")
     # Counter: count() for each was quadratic, minutes for a config listing 100,000 layers
     if repeated := sorted(i for i, n in Counter(layers).items() if n > 1):
-        raise ValueError(f"probe layers {list(layers)} name block {repeated[0]} more than once")
+        raise ValueError(f"probe layers {_few(layers)} name block {repeated[0]} more than once")
     if num_blocks is None and (bad := [i for i in layers if i < 0]):
-        raise ValueError(f"probe layers {bad} are not block indices (0 or more)")
+        raise ValueError(f"probe layers {_few(bad)} are not block indices (0 or more)")
     if num_blocks is not None and (bad := [i for i in layers if not 0 <= i < num_blocks]):
-        raise ValueError(f"probe layers {bad} are outside blocks 0..{num_blocks - 1}")
+        raise ValueError(f"probe layers {_few(bad)} are outside blocks 0..{num_blocks - 1}")
     return layers
+
+
+_SHORT = reprlib.Repr()  # a config.json may list 300,000 layers: a dozen, then ...
+_SHORT.maxlist = _SHORT.maxstring = _SHORT.maxother = 12
+
+
+def _few(values) -> str:
+    return _SHORT.repr(list(values) if isinstance(values, tuple) else values)
 
 
 # Official architectures (head_dim 128, 224 px) and their two heads' probe layers.
@@ -367,6 +377,11 @@ class AIM(nn.Module):
 
     def _check_input(self, x) -> mx.array:
         """x as an mx.array of shape (B, 3, H, W), H and W multiples of the patch size."""
+        if isinstance(x, (str, os.PathLike)):
+            raise ValueError(
+                f"expected an image batch (B, 3, H, W), got the path {str(x)!r:.80}: "
+                "aim_mlx.preprocess(path)[None] makes one (aim_mlx.classify takes paths)"
+            )
         if not isinstance(x, mx.array):
             x = np.asarray(x)  # a numpy array or nested lists: their own dtype, checked below
         p = self.args.patch_size
