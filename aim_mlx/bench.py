@@ -31,11 +31,12 @@ from .convert.converter import (
 from .errors import AimMlxError, OptionError
 from .models import AIM, PRESETS, ModelArgs, cpu_runner, ops, preset_args
 from .models.layers import QuantizedLinear
+from .resolve import is_converted, resolve
 
 
 @dataclass
 class BenchConfig:
-    model: str  # a preset name or a converted folder
+    model: str  # a preset name, a converted folder or a folder of checkpoints
     batch_size: int = 1
     dtype: str = "float32"
     q_bits: int | None = None  # None: not quantized
@@ -159,14 +160,17 @@ def make_model(config: BenchConfig) -> AIM:
         return random_model(args, dtype, config.q_bits, config.q_group_size)
     from .loader import load_model
 
-    model = load_model(config.model)
+    q = dict(quantize_bits=config.q_bits, q_group_size=config.q_group_size)
+    folder = resolve(config.model, config.head, config.dtype, **q)  # checkpoints: converted
+    model = load_model(folder)
     mx.eval(model.parameters())
     return model
 
 
 def check(config: BenchConfig) -> None:
     """OptionError for a model that is neither a preset nor a folder, and for options that do
-    not apply to a converted folder (benchmarked as it was converted, with its own head);
+    not apply to a converted folder (benchmarked as it was converted, with its own head; a
+    folder of checkpoints is converted with them);
     NotEnoughMemoryError for a size whose weights, or a batch of whose inputs and activations
     (`batch_floor`), cannot fit."""
     if not isinstance(config.model, (str, os.PathLike)) or config.model == "":  # "": as load
@@ -198,10 +202,10 @@ def check(config: BenchConfig) -> None:
     if not path.is_dir():
         names = ", ".join(PRESETS)
         raise OptionError(f"--model {config.model!r}: not a preset ({names}) nor a model folder")
-    if config.q_bits or config.dtype != "float32" or config.head:
+    if is_converted(path) and (config.q_bits or config.dtype != "float32" or config.head):
         raise OptionError(
             f"--model {path}: a converted folder is benchmarked as it was converted, with its "
-            "own head; --dtype, --quantize and --head apply to preset names only"
+            "own head; --dtype, --quantize and --head apply to sizes and checkpoint folders"
         )
 
 
@@ -316,7 +320,7 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
     dtype, bits = model_dtype_and_bits(model)
     return {
         "model": config.model if config.model in PRESETS else Path(config.model).name,
-        "head": (config.head or "best") if config.model in PRESETS else "converted",
+        "head": "converted" if is_converted(Path(config.model)) else config.head or "best",
         "blocks": blocks,
         "batch_size": config.batch_size,
         "dtype": dtype,

@@ -475,7 +475,10 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 
 
 @main.command()
-@model_option("A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights) or a converted folder.")
+@model_option(
+    "A size (aim-600M, aim-1B, aim-3B, aim-7B: random weights), a converted folder, or a folder "
+    "of PyTorch checkpoints (converted into the cache first)."
+)
 @click.option(
     "--batch-size", "-b", default="1", callback=_int_list, show_default=True, help="E.g. 1,8,32."
 )
@@ -500,8 +503,8 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
     "--head",
     type=click.Choice(["best", "last"]),
     default=None,
-    help="Sizes only: the best-layers head (the default) stops the trunk early, the "
-    "last-layers one runs it all.",
+    help="Sizes and checkpoint folders: the best-layers head (the default) stops the trunk "
+    "early, the last-layers one runs it all.",
 )
 @click.option(
     "--warmup",

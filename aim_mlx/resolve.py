@@ -98,7 +98,7 @@ def resolve(
         raise ModelNotFoundError(
             f"{model!r} is neither a known model ({known}) nor an existing folder"
         )
-    if _is_converted(path):
+    if is_converted(path):
         if quant:
             raise ModelLoadError(
                 f"{path} is already converted; quantization applies when converting "
@@ -151,7 +151,7 @@ def known_num_blocks(model: str | Path) -> int | None:
     if registry.is_known(str(model)):
         return registry.get(str(model)).arch["num_blocks"]
     path = Path(model).expanduser()
-    if path.is_dir() and _is_converted(path):
+    if path.is_dir() and is_converted(path):
         return model_args(path, read_config(path)).num_blocks
     return None
 
@@ -256,7 +256,7 @@ def _quant_kwargs(quant: dict | None) -> dict:
     return dict(quantize=True, q_bits=quant["bits"], q_group_size=quant["group_size"])
 
 
-def _is_converted(path: Path) -> bool:
+def is_converted(path: Path) -> bool:
     """A folder with a config.json and no checkpoints beside it: the loader reports what is
     wrong with it (rather than calling it a folder of checkpoints without checkpoints)."""
     if not (path / "config.json").is_file() or (path / "pytorch_model.bin").is_file():

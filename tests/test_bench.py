@@ -1,13 +1,14 @@
 """`aim-mlx bench` and `info`: the FLOP count, random models made layer by layer, result rows."""
 
 import json
+import shutil
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import convert_fixture, reference_args
+from conftest import REF, convert_fixture, reference_args
 from mlx.utils import tree_flatten
 
 from aim_mlx import bench
@@ -247,6 +248,22 @@ def test_python_bench_takes_a_size_in_any_case(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "aim-1b").mkdir()  # a folder of that name stays a folder
     assert bench.BenchConfig("aim-1b").model == "aim-1b"
+
+
+def test_cli_bench_converts_a_folder_of_checkpoints_as_asked(tmp_path, monkeypatch):
+    """As classify and the others take one (was "no config.json; not a converted folder")."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    hub_style = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hub_style)
+    res = CliRunner().invoke(main, ["bench", "-m", str(hub_style), "--dtype", "float16", "-q",
+                                    "--iters", "1", "--json"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    [row] = [json.loads(line) for line in res.stdout.splitlines()]
+    assert (row["model"], row["head"], row["dtype"], row["quantization"]) == (
+        "hf", "best", "float16", 8,
+    )  # fmt: skip
+    [entry] = (tmp_path / "cache" / "models").iterdir()
+    assert entry.name.endswith("--best--float16--q8g64")
 
 
 def test_cli_bench_folder_refuses_dtype(converted):
