@@ -83,8 +83,10 @@ class SafetensorsWriter:
         self._emit(view.cast("B"))
 
     def close(self):
-        self._file.close()
-        self.sha256 = self._hash.hexdigest()
+        try:
+            self._file.close()
+        finally:
+            self.sha256 = self._hash.hexdigest()  # its thread ends, whatever happened
         if self._pending:
             raise ValueError(f"{self.path}: {len(self._pending)} tensors were never written")
 
