@@ -9,10 +9,15 @@ Layout under the cache root (AIM_MLX_CACHE, else the user's cache folder + "aim-
 Entries appear atomically (the converter writes a temporary folder and renames it), so readers
 need no lock; writers take the entry's lock so two processes never convert the same model at once.
 An entry written by another converter format version counts as absent and is converted again.
+
+The converter records each written file's size and SHA-256 in the entry's config.json ("files");
+`verify` reads the files again and compares (`aim-mlx cache verify`). Loading never hashes: it
+would cost as much as reading the weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -299,6 +304,144 @@ def remove(key: str) -> int:
         except OSError as e:
             raise CacheError(f"cannot remove {path}: {e.strerror or e} ({CACHE_ENV})") from None
     return size
+
+
+@dataclass
+class Verdict:
+    """What `verify` found in one entry. `status`: ok; damaged (a file differs from its record,
+    or the record cannot be read); missing (recorded files are gone); no-checksums (none recorded:
+    made by an older aim-mlx); newer (made by a newer aim-mlx: not checked); busy (another process
+    converts or removes it now); removed (not in the cache, or removed meanwhile). `problems`:
+    file name -> what is wrong with it."""
+
+    key: str
+    path: Path
+    status: str
+    problems: dict[str, str]
+
+    @property
+    def failed(self) -> bool:
+        """Damaged or missing a file: the next use would compute with wrong weights, or fail."""
+        return self.status in ("damaged", "missing")
+
+    def row(self) -> dict:
+        """The verdict as `cache verify --json` prints it."""
+        return dict(key=self.key, path=str(self.path), status=self.status, problems=self.problems)
+
+
+def verify(key: str, progress: bool = False) -> Verdict:
+    """Hash the files of entry `key` again and compare them with the sizes and SHA-256 recorded
+    at conversion. Runs under the entry's lock, so that no conversion or removal changes it
+    meanwhile; one that holds the lock now makes the verdict "busy" (it does not wait). A cache
+    that cannot be written (no lock file can be made) is read without the lock."""
+    path = entry_dir(key)
+    removed = Verdict(key, path, "removed", {})
+    if not path.is_dir():
+        return removed
+    with _held_unless_busy(key) as free:
+        if not free:
+            return Verdict(key, path, "busy", {})
+        verdict = _verify_files(key, path, progress)
+    return verdict if path.is_dir() else removed  # gone meanwhile (`rm -r`, or no lock held)
+
+
+@contextmanager
+def _held_unless_busy(key: str):
+    """Yield True holding entry `key`'s lock, False if another process holds it; True without
+    the lock where the cache cannot be written."""
+    try:
+        path = ensure_writable() / ".locks" / f"{key}.lock"
+    except CacheError:
+        yield True
+        return
+    file_lock = FileLock(path)
+    try:
+        file_lock.acquire(timeout=0)
+    except Timeout:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        file_lock.release()
+
+
+def _verify_files(key: str, path: Path, progress: bool) -> Verdict:
+    from .loader import ModelLoadError, read_config
+
+    try:
+        config = read_config(path)
+    except ModelLoadError as e:
+        return Verdict(key, path, "damaged", {"config.json": str(e)})
+    if _newer_version(config) is not None:
+        return Verdict(key, path, "newer", {})
+    if "files" not in config:
+        return Verdict(key, path, "no-checksums", {})
+    records = _file_records(config["files"])
+    if records is None:
+        return Verdict(key, path, "damaged", {"config.json": "its record of files is malformed"})
+    problems = _check_files(path, records, progress, desc=f"verifying {key}")
+    missing = problems and all(p == "missing" for p in problems.values())
+    return Verdict(key, path, "missing" if missing else "damaged" if problems else "ok", problems)
+
+
+def _file_records(files) -> list[tuple[str, int, str]] | None:
+    """config.json's "files" as (name, size, sha256); None if malformed (a name that is not a
+    file of the folder included)."""
+    try:
+        records = [(f["file"], f["size"], f["sha256"]) for f in files]
+    except (KeyError, TypeError):
+        return None
+    well_formed = all(
+        isinstance(name, str) and Path(name).name == name and name not in (".", "..")
+        and type(size) is int and isinstance(sha, str)
+        for name, size, sha in records
+    )  # fmt: skip
+    return records if records and well_formed else None
+
+
+def _check_files(folder: Path, records, progress: bool, desc: str) -> dict[str, str]:
+    """file name -> what differs from its record (missing, its size, its SHA-256, unreadable),
+    for the files that differ."""
+    from tqdm import tqdm
+
+    problems = {}
+    total = sum(size for _, size, _ in records)
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc=desc,
+        leave=False,
+        disable=not progress or None,  # None: only on a terminal
+        file=sys.stderr,
+    ) as bar:
+        for name, size, sha in records:
+            file = folder / name
+            if (found := file_size(file)) is None:
+                problems[name] = "missing"
+            elif found != size:
+                problems[name] = f"{found} bytes, {size} when converted"
+            else:
+                try:
+                    if _sha256(file, bar.update) != sha:
+                        problems[name] = "its SHA-256 differs from the one recorded when converted"
+                except FileNotFoundError:
+                    problems[name] = "missing"
+                except OSError as e:  # an I/O error: the disk fault a checksum is there for
+                    problems[name] = f"cannot be read ({e.strerror or e})"
+    return problems
+
+
+def _sha256(path: Path, on_read) -> str:
+    """A file's SHA-256 hex digest, read afresh (never remembered: the bytes may have changed
+    with no change of size or time); `on_read(n)` after each chunk."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            digest.update(chunk)
+            on_read(len(chunk))
+    return digest.hexdigest()
 
 
 def remove_leftovers() -> int:

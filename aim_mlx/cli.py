@@ -888,7 +888,7 @@ def models(as_json):
 @main.group(invoke_without_command=True)
 @click.pass_context
 def cache(ctx):
-    """List, fill and empty the cache of converted models (and the raw downloads)."""
+    """List, fill, check and empty the cache of converted models (and the raw downloads)."""
     if ctx.invoked_subcommand is None:
         ctx.invoke(cache_list)
 
@@ -984,16 +984,10 @@ def cache_rm(names, remove_all):
         raise click.UsageError("name entries or models to remove, or pass --all")
     entries = [e.key for e in model_cache.list_entries()]
     feature_sets = {e.key for e in model_cache.list_feature_sets()}
-    chosen = set(entries) if remove_all else set()
     features = feature_sets if remove_all else feature_sets & set(names)
-    for name in (n for n in names if n not in feature_sets):  # every name checked first
-        prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
-        matches = {key for key in entries if key.lower() == name.lower()} or {
-            key for key in entries if key.lower().startswith(prefix)
-        }
-        if not matches:
-            raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
-        chosen |= matches
+    chosen = _entries_named([n for n in names if n not in feature_sets], entries)
+    if remove_all:
+        chosen = set(entries)
     leftovers = model_cache.remove_leftovers() if remove_all else 0  # of killed processes
     if leftovers:
         click.echo(f"removed what interrupted conversions left ({_gb(leftovers)})")
@@ -1003,6 +997,65 @@ def cache_rm(names, remove_all):
         click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")
     for key in sorted(chosen):
         click.echo(f"removed {key} ({_gb(model_cache.remove(key))})")
+
+
+def _entries_named(names, entries: list[str]) -> set[str]:
+    """The cache entries that `names` pick: an entry's key (in any case) that one entry, a model
+    name every entry of the model. Every name is checked first: one that picks nothing is an
+    error."""
+    chosen = set()
+    for name in names:
+        prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
+        matches = {key for key in entries if key.lower() == name.lower()} or {
+            key for key in entries if key.lower().startswith(prefix)
+        }
+        if not matches:
+            raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
+        chosen |= matches
+    return chosen
+
+
+@cache.command("verify")
+@click.argument("names", nargs=-1)
+@json_option("Print one JSON object per entry, one a line.")
+@progress_option
+def cache_verify(names, as_json, progress):
+    """Check converted models against the SHA-256 recorded when they were converted: the
+    entries named (keys as `aim-mlx cache list` shows them, or model names), else every entry.
+    Exit status 1 if a file is damaged or missing."""
+    from . import cache as model_cache
+
+    entries = [e.key for e in model_cache.list_entries()]
+    keys = sorted(_entries_named(names, entries)) if names else entries
+    if not keys and not as_json:
+        click.echo("nothing to verify: the cache holds no converted models")
+    failed = False
+    for key in keys:
+        verdict = model_cache.verify(key, progress=progress)
+        click.echo(json.dumps(verdict.row()) if as_json else _verdict_line(verdict))
+        failed |= verdict.failed
+    if failed:
+        sys.exit(1)
+
+
+def _verdict_line(verdict) -> str:
+    """`cache verify`'s line for one entry: its status, and what to do about it."""
+    key = verdict.key
+    problems = "; ".join(f"{name}: {what}" for name, what in verdict.problems.items())
+    remedy = f"remove it (`aim-mlx cache rm {key}`): the next use converts it again"
+    detail = {
+        "ok": "",
+        "damaged": f": {problems}; {remedy}",
+        "missing": f": {problems}; {remedy}",
+        "no-checksums": (
+            ": made by an older aim-mlx, which recorded no checksums; to have them, "
+            f"`aim-mlx cache rm {key}` and use the model again"
+        ),
+        "newer": ": made by a newer aim-mlx; not checked",
+        "busy": ": another process is converting or removing it; verify it when that is done",
+        "removed": ": removed by another process meanwhile",
+    }[verdict.status]
+    return f"{verdict.status:<13}{key}{detail}"
 
 
 @cache.command("rm-downloads")

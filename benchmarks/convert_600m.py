@@ -9,9 +9,12 @@ Loading every tensor, and the float32 conversion, also run with the zip records'
 (`verified=True`, as for a hub download whose SHA-256 was checked), and each round's ratio of the
 two is printed; `--crc` runs only these pairs. The float32 and float16 conversions also run without
 the converter's NaN / Inf check (patched out in the child), ratios printed the same way; `--finite`
-runs only those pairs.
+runs only those pairs. The float32 conversion also runs with the SHA-256 of its output (which the
+writer takes on a thread of its own) taken inline instead, and not taken at all; `--hash` runs
+only these three.
 
-    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2] [--crc | --finite]
+    python benchmarks/convert_600m.py [--workdir benchmarks/out] [--repeats 2]
+                                      [--crc | --finite | --hash]
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ CRC_PAIRS = (("load tensors", "load, no CRC"), ("convert float32", "float32, no 
 FINITE_PAIRS = (
     ("convert float32", "float32, no NaN check"),
     ("convert float16", "float16, no NaN check"),
+)
+HASH_PAIRS = (
+    ("convert float32", "float32, no out hash"),
+    ("float32, hash inline", "float32, no out hash"),
 )
 SHAPES = ROOT / "tests/fixtures/reference/official_parameter_shapes.json"
 
@@ -68,10 +75,22 @@ CONVERT = (
     """
 import sys
 from aim_mlx.convert import convert
-backbone, head, out, dtype, bits, crc, finite = sys.argv[1:]
+backbone, head, out, dtype, bits, crc, finite, out_hash = sys.argv[1:]
 if finite == "off":  # the converter's NaN / Inf check skipped, to measure its cost
     import aim_mlx.convert.converter as converter
     converter._all_finite = lambda w: True
+if out_hash != "thread":  # the output's SHA-256 taken inline, or not at all
+    import hashlib
+    import aim_mlx.convert.safetensors_writer as writer
+    class Hash:
+        def __init__(self):
+            self.digest = hashlib.sha256()
+        def update(self, data):
+            if out_hash == "inline":
+                self.digest.update(data)
+        def hexdigest(self):
+            return self.digest.hexdigest()
+    writer._BackgroundHash = Hash
 convert(out, backbone=backbone, head=head, dtype=dtype, quantize=bits != "0",
         q_bits=int(bits) or 8, progress=False, force=True, verified=crc == "off")
 """
@@ -137,26 +156,33 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--crc", action="store_true", help="only the CRC-32 on / off pairs")
     parser.add_argument("--finite", action="store_true", help="only the NaN check on / off pairs")
+    parser.add_argument("--hash", action="store_true", help="only the output SHA-256 cases")
     args = parser.parse_args()
     backbone, head = write_checkpoints(args.workdir)
     size_gb = (backbone.stat().st_size + head.stat().st_size) / 1e9
     out = args.workdir / "converted"
+
+    def converting(dtype, bits=0, crc="on", finite="on", out_hash="thread"):
+        return (CONVERT, backbone, head, out, dtype, bits, crc, finite, out_hash)
+
     cases = {
         "read both files": (READ, backbone, head),
         "copy both files": (COPY, backbone, head, args.workdir / "copy"),
         "load tensors": (LOAD, backbone, head, "on"),
         "load, no CRC": (LOAD, backbone, head, "off"),
-        "convert float32": (CONVERT, backbone, head, out, "float32", 0, "on", "on"),
-        "float32, no CRC": (CONVERT, backbone, head, out, "float32", 0, "off", "on"),
-        "float32, no NaN check": (CONVERT, backbone, head, out, "float32", 0, "on", "off"),
-        "convert float16": (CONVERT, backbone, head, out, "float16", 0, "on", "on"),
-        "float16, no NaN check": (CONVERT, backbone, head, out, "float16", 0, "on", "off"),
-        "convert 4-bit": (CONVERT, backbone, head, out, "float32", 4, "on", "on"),
+        "convert float32": converting("float32"),
+        "float32, no CRC": converting("float32", crc="off"),
+        "float32, no NaN check": converting("float32", finite="off"),
+        "float32, hash inline": converting("float32", out_hash="inline"),
+        "float32, no out hash": converting("float32", out_hash="off"),
+        "convert float16": converting("float16"),
+        "float16, no NaN check": converting("float16", finite="off"),
+        "convert 4-bit": converting("float32", bits=4),
     }
-    pairs = (CRC_PAIRS if args.crc or not args.finite else ()) + (
-        FINITE_PAIRS if args.finite or not args.crc else ()
-    )
-    if args.crc or args.finite:
+    only = [name for name in ("crc", "finite", "hash") if getattr(args, name)]
+    groups = {"crc": CRC_PAIRS, "finite": FINITE_PAIRS, "hash": HASH_PAIRS}
+    pairs = tuple(p for name, group in groups.items() if not only or name in only for p in group)
+    if only:
         keep = {"read both files", *(name for pair in pairs for name in pair)}
         cases = {k: v for k, v in cases.items() if k in keep}
     results = {name: [] for name in cases}
@@ -185,7 +211,7 @@ def main():
         rss = max(r[2] for r in runs)
         print(f"{name:<22}{t:>9.1f}{t / read_time:>9.1f}{cpu:>8.1f}{rss:>14.0f}")
     for on, off in pairs:
-        check = "CRC-32" if "CRC" in off else "NaN check"
+        check = "CRC-32" if "CRC" in off else "NaN check" if "NaN" in off else "output SHA-256"
         for what, i in (("time", 0), ("CPU time", 1)):
             rounds = zip(results[on], results[off], strict=True)
             ratios = sorted(a[i] / b[i] for a, b in rounds)

@@ -6,11 +6,16 @@ things differ from the PyTorch state dict: `preprocessor.patchifier.proj.weight`
 is dropped. Tensors are streamed one at a time from the checkpoint to the output, so memory stays
 at about one tensor whatever the model size. Everything is written to a temporary folder that is
 renamed into place at the end: a failed or interrupted conversion leaves nothing behind.
+
+config.json records the SHA-256 of the source files ("sources") and of every file the
+conversion wrote beside it ("files": name, size, SHA-256, hashed as they were written), which
+`aim-mlx cache verify` checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -36,6 +41,7 @@ from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 
 FORMAT_VERSION = 1
 SHARD_BYTES = 5 * GiB
+INDEX_FILE = "model.safetensors.index.json"
 PATCH_WEIGHT = "preprocessor.patchifier.proj.weight"
 DROPPED_KEYS = ("head.bn.num_batches_tracked",)
 # The trunk's matmul weights are quantized. The head (k, v, linear: about 3% of the weights) stays
@@ -589,7 +595,7 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             disable=not progress or None,  # None: only on a terminal
             file=sys.stderr,
         ) as bar:
-            index = {}
+            index, written = {}, []
             for i, shard in enumerate(shards):
                 name = (
                     "model.safetensors"
@@ -605,11 +611,15 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
                             index[key] = name
                         del arrays
                         bar.update(_source_nbytes(source))
+                written.append(_file_record(name, writer.size, writer.sha256))
             if len(shards) > 1:
-                (tmp / "model.safetensors.index.json").write_text(
-                    json.dumps({"metadata": {"format": "mlx"}, "weight_map": index}, indent=1)
-                )
+                shard_list = {"metadata": {"format": "mlx"}, "weight_map": index}
+                data = json.dumps(shard_list, indent=1).encode()
+                (tmp / INDEX_FILE).write_bytes(data)
+                digest = hashlib.sha256(data).hexdigest()
+                written.append(_file_record(INDEX_FILE, len(data), digest))
             config["sources"] = hasher.result()
+            config["files"] = written
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         _move_into_place(tmp, out, force)
     except BaseException as e:
@@ -620,6 +630,11 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             raise WriteError(f"{e.filename or out}: {e.strerror or e}{hint}") from None
         raise
     return out
+
+
+def _file_record(name: str, size: int, sha256: str) -> dict:
+    """A row of config.json's "files": a file the conversion wrote, as `cache verify` checks it."""
+    return {"file": name, "size": size, "sha256": sha256}
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool):

@@ -3,13 +3,20 @@
 The format is an 8-byte little-endian header length, a JSON header mapping each name to its dtype,
 shape and byte range, then the raw little-endian data. Knowing every shape up front lets us write
 one tensor at a time, so memory never holds more than the tensor being written.
+
+The writer also takes the SHA-256 of every byte it writes, as it writes it (no second read of
+the file): `sha256` and `size` once it is closed. The hashing runs on another thread (hashlib
+releases the GIL), overlapped with producing the next tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import queue
 import struct
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,7 +37,8 @@ def tensor_nbytes(dtype: mx.Dtype, shape: tuple[int, ...]) -> int:
 
 
 class SafetensorsWriter:
-    """Write the tensors listed in `entries` [(name, dtype, shape)], in that order."""
+    """Write the tensors listed in `entries` [(name, dtype, shape)], in that order. Once
+    closed, `size` is the file's size and `sha256` the hex digest of its bytes."""
 
     def __init__(self, path: str | Path, entries, metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -49,7 +57,18 @@ class SafetensorsWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
         self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._hash = _BackgroundHash()
+        self.size, self.sha256 = 0, None
+        try:
+            self._emit(memoryview(struct.pack("<Q", len(raw)) + raw))
+        except BaseException:
+            self._abort()
+            raise
+
+    def _emit(self, data: memoryview):
+        self._hash.update(data)
+        self._file.write(data)
+        self.size += data.nbytes
 
     def write(self, name: str, array: mx.array):
         expected_name, dtype, shape = self._pending.pop(0)
@@ -61,10 +80,13 @@ class SafetensorsWriter:
         view = memoryview(array)
         if not view.c_contiguous:
             view = memoryview(mx.contiguous(array))
-        self._file.write(view.cast("B"))
+        self._emit(view.cast("B"))
 
     def close(self):
-        self._file.close()
+        try:
+            self._file.close()
+        finally:
+            self.sha256 = self._hash.hexdigest()  # its thread ends, whatever happened
         if self._pending:
             raise ValueError(f"{self.path}: {len(self._pending)} tensors were never written")
 
@@ -75,5 +97,36 @@ class SafetensorsWriter:
         if exc_type is None:
             self.close()
         else:
-            self._file.close()
+            self._abort()
         return False
+
+    def _abort(self):
+        self._file.close()
+        self._hash.hexdigest()  # its thread ends
+
+
+class _BackgroundHash:
+    """SHA-256 of the buffers given to `update`, in order, computed on a thread of its own. At
+    most `QUEUED` buffers wait (each keeps its array alive), so memory stays bounded."""
+
+    QUEUED = 2
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._queue = queue.Queue(self.QUEUED)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while (data := self._queue.get()) is not None:
+            self._digest.update(data)
+
+    def update(self, data: memoryview):
+        self._queue.put(data)
+
+    def hexdigest(self) -> str:
+        """The digest of everything given, once the thread has hashed it all."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        return self._digest.hexdigest()

@@ -1,0 +1,257 @@
+"""Checksums of converted models: recorded by the converter as it writes, checked again by
+`aim-mlx cache verify` (a flipped byte, a missing shard), and older entries without them still
+served as they are."""
+
+import hashlib
+import json
+import shutil
+import threading
+
+import pytest
+from click.testing import CliRunner
+from conftest import REF, convert_fixture
+
+import aim_mlx
+from aim_mlx import cache
+from aim_mlx.cli import main
+from aim_mlx.convert import FORMAT_VERSION, converter
+from aim_mlx.resolve import resolve
+
+pytestmark = pytest.mark.usefixtures("pin_cpu")
+
+KEY = "x--best--float32"
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+    """The fixture converted into shards of at most 600 kB (about 2 MB in all)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(converter, "SHARD_BYTES", 600_000)
+        return convert_fixture(tmp_path_factory.mktemp("sharded") / "aim-tiny")
+
+
+def entry(folder, key=KEY):
+    """A copy of a converted folder as the cache entry `key`."""
+    path = cache.entry_dir(key)
+    shutil.copytree(folder, path)
+    return path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def clean(result, code: int) -> str:
+    """stdout, after checking the exit status and that it was a clean exit (no exception)."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) if code else result.exception is None
+    return result.stdout
+
+
+def config_of(folder) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+def edit_config(folder, change) -> None:
+    config = config_of(folder)
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def flip_byte(file, offset=None) -> None:
+    data = bytearray(file.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+# ---- What the converter records ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["one file", "shards"])
+def test_conversion_records_every_file_it_wrote_with_its_sha256(layout, model_dir, sharded_dir):
+    folder = model_dir if layout == "one file" else sharded_dir
+    written = sorted(p.name for p in folder.iterdir() if p.name != "config.json")
+    if layout == "shards":
+        assert len(written) > 3 and "model.safetensors.index.json" in written
+    expected = [
+        {
+            "file": name,
+            "size": (folder / name).stat().st_size,
+            "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+        }
+        for name in written
+    ]
+    assert sorted(config_of(folder)["files"], key=lambda f: f["file"]) == expected
+
+
+def test_an_entry_with_checksums_is_current_and_served_as_it_is(tmp_path):
+    """The new record is no reason to convert again: `is_current` and a second use take it."""
+    hub_style = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hub_style)
+    folder = resolve(hub_style, progress=False)
+    assert "files" in config_of(folder) and cache.is_current(folder)
+    before = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve(hub_style, progress=False) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == before
+
+
+# ---- cache verify ------------------------------------------------------------------------
+
+
+def test_verify_says_ok_for_an_intact_entry(model_dir, sharded_dir):
+    entry(model_dir)
+    entry(sharded_dir, "y--best--float32")
+    out = clean(cli("cache", "verify", "--no-progress"), 0)
+    assert out == f"ok           {KEY}\nok           y--best--float32\n"
+    assert cache.verify(KEY).status == "ok"
+
+
+def test_a_flipped_byte_is_named_and_fails(model_dir):
+    path = entry(model_dir)
+    flip_byte(path / "model.safetensors")
+    out = clean(cli("cache", "verify", KEY), 1)
+    assert out.startswith(f"damaged      {KEY}: model.safetensors: its SHA-256 differs")
+    assert f"remove it (`aim-mlx cache rm {KEY}`): the next use converts it again" in out
+    verdict = cache.verify(KEY)
+    assert verdict.status == "damaged" and list(verdict.problems) == ["model.safetensors"]
+
+
+def test_a_flipped_byte_in_the_shard_list_is_found(sharded_dir):
+    path = entry(sharded_dir)
+    flip_byte(path / "model.safetensors.index.json", offset=40)
+    assert list(cache.verify(KEY).problems) == ["model.safetensors.index.json"]
+
+
+def test_a_file_of_another_size_is_damaged(model_dir):
+    path = entry(model_dir)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    verdict = cache.verify(KEY)
+    size = weights.stat().st_size
+    assert verdict.status == "damaged"
+    assert verdict.problems == {"model.safetensors": f"{size} bytes, {size + 8} when converted"}
+
+
+def test_a_missing_shard_is_named_and_fails(sharded_dir):
+    path = entry(sharded_dir)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    out = clean(cli("cache", "verify", "--no-progress"), 1)
+    assert out.startswith(f"missing      {KEY}: {shard.name}: missing; remove it")
+    assert cache.verify(KEY).problems == {shard.name: "missing"}
+
+
+def test_an_entry_without_checksums_is_reported_and_still_used(tmp_path, monkeypatch):
+    """An entry made before the record existed: `verify` says how to get one (exit 0), and
+    the entry is served as it is, never converted again for it."""
+    hub_style = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hub_style)
+    folder = resolve(hub_style, progress=False)
+    edit_config(folder, lambda c: c.pop("files"))
+    out = clean(cli("cache", "verify", folder.name), 0)
+    assert out == (
+        f"no-checksums {folder.name}: made by an older aim-mlx, which recorded no checksums; "
+        f"to have them, `aim-mlx cache rm {folder.name}` and use the model again\n"
+    )
+    assert cache.is_current(folder)
+    monkeypatch.setattr("aim_mlx.convert.convert", lambda *a, **k: pytest.fail("converted"))
+    assert aim_mlx.load(hub_style, progress=False).args.num_blocks == 8
+    assert "files" not in config_of(folder)
+
+
+def test_unknown_names_are_one_error_before_any_check(model_dir):
+    entry(model_dir)
+    result = cli("cache", "verify", KEY, "typo")
+    assert clean(result, 1) == ""
+    assert result.stderr == "Error: nothing cached under 'typo'; see `aim-mlx cache list`\n"
+
+
+def test_a_model_name_verifies_its_entries(model_dir):
+    entry(model_dir)
+    entry(model_dir, "x--last--float32")
+    entry(model_dir, "z--best--float32")
+    out = clean(cli("cache", "verify", "X", "--no-progress"), 0)
+    assert out.split() == ["ok", KEY, "ok", "x--last--float32"]
+
+
+def test_json_is_one_object_per_entry_per_line(model_dir):
+    entry(model_dir)
+    flip_byte(entry(model_dir, "y--best--float32") / "model.safetensors")
+    out = clean(cli("cache", "verify", "--json"), 1)
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rows == [
+        dict(key=KEY, path=str(cache.entry_dir(KEY)), status="ok", problems={}),
+        dict(
+            key="y--best--float32",
+            path=str(cache.entry_dir("y--best--float32")),
+            status="damaged",
+            problems={
+                "model.safetensors": "its SHA-256 differs from the one recorded when converted"
+            },
+        ),
+    ]
+
+
+def test_an_empty_cache_has_nothing_to_verify():
+    out = clean(cli("cache", "verify"), 0)
+    assert out == "nothing to verify: the cache holds no converted models\n"
+    assert clean(cli("cache", "verify", "--json"), 0) == ""
+
+
+def test_a_damaged_config_fails_and_a_newer_entry_is_left_alone(model_dir):
+    (entry(model_dir) / "config.json").write_text("{")
+    newer = entry(model_dir, "y--best--float32")
+    edit_config(newer, lambda c: c.update(format_version=FORMAT_VERSION + 1))
+    out = clean(cli("cache", "verify"), 1).splitlines()
+    assert out[0].startswith(f"damaged      {KEY}: config.json: ")
+    assert "not valid JSON" in out[0]
+    assert out[1] == "newer        y--best--float32: made by a newer aim-mlx; not checked"
+
+
+def test_an_entry_being_converted_is_busy_not_a_traceback(model_dir):
+    entry(model_dir)
+    holding, done = threading.Event(), threading.Event()
+
+    def convert_it():  # another FileLock, as another process's
+        with cache.lock(KEY):
+            holding.set()
+            done.wait(timeout=30)
+
+    other = threading.Thread(target=convert_it)
+    other.start()
+    try:
+        assert holding.wait(timeout=30)
+        out = clean(cli("cache", "verify"), 0)
+    finally:
+        done.set()
+        other.join()
+    assert out == (
+        f"busy         {KEY}: another process is converting or removing it; "
+        "verify it when that is done\n"
+    )
+    assert cache.verify(KEY).status == "ok"  # its lock released
+
+
+def test_an_entry_removed_meanwhile_is_said_so(model_dir, monkeypatch):
+    """Deleted while its files are read (by a process that takes no lock: `rm -r`)."""
+    path = entry(model_dir)
+    real = cache._sha256
+
+    def remove_first(file, on_read):
+        shutil.rmtree(path)
+        return real(file, on_read)
+
+    monkeypatch.setattr(cache, "_sha256", remove_first)
+    out = clean(cli("cache", "verify"), 0)
+    assert out == f"removed      {KEY}: removed by another process meanwhile\n"
