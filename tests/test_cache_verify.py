@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 
+import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 from conftest import REF, convert_fixture
@@ -255,3 +256,20 @@ def test_an_entry_removed_meanwhile_is_said_so(model_dir, monkeypatch):
     monkeypatch.setattr(cache, "_sha256", remove_first)
     out = clean(cli("cache", "verify"), 0)
     assert out == f"removed      {KEY}: removed by another process meanwhile\n"
+
+
+def test_a_failed_hash_is_raised_and_never_blocks_the_writer(tmp_path, monkeypatch):
+    """A hashing thread that stopped on an error left `update` waiting on a full queue."""
+    from aim_mlx.convert import safetensors_writer
+
+    class Broken:
+        def update(self, data):
+            raise MemoryError("no room")
+
+    monkeypatch.setattr(safetensors_writer.hashlib, "sha256", Broken)
+    entries = [(f"t{i}", mx.float32, (4,)) for i in range(10)]
+    writer = safetensors_writer.SafetensorsWriter(tmp_path / "w.safetensors", entries)
+    for name, _, _ in entries:  # more tensors than the queue holds
+        writer.write(name, mx.zeros(4))
+    with pytest.raises(MemoryError, match="no room"):
+        writer.close()

@@ -112,14 +112,19 @@ class _BackgroundHash:
     QUEUED = 2
 
     def __init__(self):
-        self._digest = hashlib.sha256()
+        self._digest, self._error = hashlib.sha256(), None
         self._queue = queue.Queue(self.QUEUED)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while (data := self._queue.get()) is not None:
-            self._digest.update(data)
+            if self._error:  # the queue is still emptied: `update` must never block
+                continue
+            try:
+                self._digest.update(data)
+            except Exception as e:
+                self._error = e
 
     def update(self, data: memoryview):
         self._queue.put(data)
@@ -129,4 +134,6 @@ class _BackgroundHash:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        if self._error:
+            raise self._error
         return self._digest.hexdigest()
