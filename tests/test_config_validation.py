@@ -521,8 +521,8 @@ def test_a_cache_that_is_a_file_is_an_error(tmp_path, monkeypatch):
     [
         (["-b", "1,,2"], "expected integers like 1,8,32, got '1,,2'"),
         (["--dtype", "float32,,float16"], "expected float32, float16 and/or bfloat16"),
-        (["--head", "last"], "--dtype, --quantize and --head apply to preset names only"),
-        (["--dtype", "float16"], "--dtype, --quantize and --head apply to preset names only"),
+        (["--head", "last"], "--quantize and --head apply to sizes and checkpoint folders"),
+        (["--dtype", "float16"], "--quantize and --head apply to sizes and checkpoint folders"),
     ],
 )
 def test_bench_refuses_what_it_cannot_honour_before_running(model_dir, args, message):
