@@ -2,7 +2,9 @@
 `aim-mlx cache verify` (a flipped byte, a missing shard), and older entries without them still
 served as they are."""
 
+import errno
 import hashlib
+import io
 import json
 import shutil
 import threading
@@ -273,3 +275,27 @@ def test_a_failed_hash_is_raised_and_never_blocks_the_writer(tmp_path, monkeypat
         writer.write(name, mx.zeros(4))
     with pytest.raises(MemoryError, match="no room"):
         writer.close()
+
+
+def test_a_full_disk_ends_the_hashing_thread(tmp_path, monkeypatch):
+    """Closing the file fails too on a full disk (its buffer cannot be flushed): the thread was
+    left waiting, holding the last tensor, at every failed conversion."""
+    from aim_mlx.convert import safetensors_writer
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):  # the header fits, nothing more
+            if self.tell():
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+        def close(self):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors_writer, "open", lambda *_: FullDisk(), raising=False)
+    path, entries = tmp_path / "w.safetensors", [("t", mx.float32, (4,))]
+    with (
+        pytest.raises(OSError, match="No space left"),
+        safetensors_writer.SafetensorsWriter(path, entries) as writer,
+    ):
+        writer.write("t", mx.zeros(4))
+    assert not writer._hash._thread.is_alive()

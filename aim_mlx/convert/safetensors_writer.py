@@ -101,8 +101,10 @@ class SafetensorsWriter:
         return False
 
     def _abort(self):
-        self._file.close()
-        self._hash.hexdigest()  # its thread ends
+        try:
+            self._file.close()  # fails again on a full disk: its buffer cannot be flushed
+        finally:
+            self._hash.hexdigest()  # its thread ends, releasing the last tensor it hashed
 
 
 class _BackgroundHash:
