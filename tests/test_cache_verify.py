@@ -271,8 +271,15 @@ def test_a_failed_hash_is_raised_and_never_blocks_the_writer(tmp_path, monkeypat
     monkeypatch.setattr(safetensors_writer.hashlib, "sha256", Broken)
     entries = [(f"t{i}", mx.float32, (4,)) for i in range(10)]
     writer = safetensors_writer.SafetensorsWriter(tmp_path / "w.safetensors", entries)
-    for name, _, _ in entries:  # more tensors than the queue holds
-        writer.write(name, mx.zeros(4))
+
+    def write_all():
+        for name, _, _ in entries:  # more tensors than the queue holds
+            writer.write(name, mx.zeros(4))
+
+    worker = threading.Thread(target=write_all, daemon=True)  # a blocked one fails, never hangs
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the writer waits on the hashing thread's full queue"
     with pytest.raises(MemoryError, match="no room"):
         writer.close()
 
