@@ -318,9 +318,11 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
     flops = flops_per_image(args, blocks, size, size)
     images_per_s = config.batch_size * len(times) / sum(times)
     dtype, bits = model_dtype_and_bits(model)
+    preset = config.model in PRESETS  # even beside a folder of that name, as `check` takes it
+    converted = not preset and is_converted(Path(config.model))
     return {
-        "model": config.model if config.model in PRESETS else Path(config.model).name,
-        "head": "converted" if is_converted(Path(config.model)) else config.head or "best",
+        "model": config.model if preset else Path(config.model).name,
+        "head": "converted" if converted else config.head or "best",
         "blocks": blocks,
         "batch_size": config.batch_size,
         "dtype": dtype,

@@ -250,6 +250,16 @@ def test_python_bench_takes_a_size_in_any_case(tmp_path, monkeypatch):
     assert bench.BenchConfig("aim-1b").model == "aim-1b"
 
 
+def test_a_size_beside_a_converted_folder_of_its_name_is_a_size(converted, tmp_path, monkeypatch):
+    """`check` and `make_model` take "aim-600M" as the size (random weights): so does the row
+    (was head "converted", from the folder in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(converted, tmp_path / "aim-600M")
+    config = bench.BenchConfig("aim-600M", iters=1, warmup=0)
+    row = bench.run(config, model=bench.random_model(reference_args("last"), mx.float32))
+    assert (row["model"], row["head"]) == ("aim-600M", "best")
+
+
 def test_cli_bench_converts_a_folder_of_checkpoints_as_asked(tmp_path, monkeypatch):
     """As classify and the others take one (was "no config.json; not a converted folder")."""
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
