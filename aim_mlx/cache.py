@@ -283,13 +283,13 @@ def _expected(key: str, config: dict | None, specs: dict) -> dict:
     return dict(files=spec.files(head), settings=spec.cache_settings(head))
 
 
-def remove(key: str) -> int:
-    """Delete one entry (under its lock); bytes freed. An entry that is a link (to a folder
-    elsewhere) is unlinked, its target kept: 0 bytes freed."""
+def remove(key: str, on_wait=None) -> int:
+    """Delete one entry (under its lock; `on_wait()` if another process holds it); bytes freed.
+    An entry that is a link (to a folder elsewhere) is unlinked, its target kept: 0 bytes."""
     path = entry_dir(key)
     if not path.is_dir():
         raise CacheError(f"no cache entry {key!r} in {cache_root() / 'models'}")
-    with lock(key):
+    with lock(key, on_wait):
         if path.is_symlink():  # an entry moved to another disk: the link goes, never its target
             try:
                 path.unlink()
@@ -343,6 +343,12 @@ def verify(key: str, progress: bool = False) -> Verdict:
             return Verdict(key, path, "busy", {})
         verdict = _verify_files(key, path, progress)
     return verdict if path.is_dir() else removed  # gone meanwhile (`rm -r`, or no lock held)
+
+
+def verify_folder(path: str | Path, progress: bool = False) -> Verdict:
+    """`verify` for a converted folder outside the cache (`aim-mlx convert -o`): no lock."""
+    path = Path(path)
+    return _verify_files(str(path), path, progress)
 
 
 @contextmanager

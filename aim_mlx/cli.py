@@ -996,7 +996,9 @@ def cache_rm(names, remove_all):
     for key in sorted(features):
         click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")
     for key in sorted(chosen):
-        click.echo(f"removed {key} ({_gb(model_cache.remove(key))})")
+        wait = f"waiting for another process using {key} (converting or verifying it)"
+        freed = model_cache.remove(key, on_wait=lambda: click.echo(wait, err=True))  # noqa: B023
+        click.echo(f"removed {key} ({_gb(freed)})")
 
 
 def _entries_named(names, entries: list[str]) -> set[str]:
@@ -1005,14 +1007,17 @@ def _entries_named(names, entries: list[str]) -> set[str]:
     error."""
     chosen = set()
     for name in names:
-        prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
-        matches = {key for key in entries if key.lower() == name.lower()} or {
-            key for key in entries if key.lower().startswith(prefix)
-        }
-        if not matches:
+        if not (matches := _entries_of(name, entries)):
             raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
         chosen |= matches
     return chosen
+
+
+def _entries_of(name: str, entries: list[str]) -> set[str]:
+    prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
+    return {key for key in entries if key.lower() == name.lower()} or {
+        key for key in entries if key.lower().startswith(prefix)
+    }
 
 
 @cache.command("verify")
@@ -1021,35 +1026,53 @@ def _entries_named(names, entries: list[str]) -> set[str]:
 @progress_option
 def cache_verify(names, as_json, progress):
     """Check converted models against the SHA-256 recorded when they were converted: the
-    entries named (keys as `aim-mlx cache list` shows them, or model names), else every entry.
-    Exit status 1 if a file is damaged or missing."""
+    entries named (keys as `aim-mlx cache list` shows them, or model names) and converted
+    folders (`aim-mlx convert -o`), else every entry. Exit status 1 if a file is damaged or
+    missing."""
     from . import cache as model_cache
 
     entries = [e.key for e in model_cache.list_entries()]
-    keys = sorted(_entries_named(names, entries)) if names else entries
-    if not keys and not as_json:
+    features = {e.key for e in model_cache.list_feature_sets()}
+    folders = [n for n in names if not _entries_of(n, entries) and _has_config(n)]
+    if feature_set := next((n for n in names if n in features and n not in entries), None):
+        raise click.ClickException(
+            f"{feature_set!r} is a feature set (probe train's cache); verify checks models"
+        )
+    named = [n for n in names if n not in folders]
+    keys = sorted(_entries_named(named, entries)) if names else entries
+    if not keys and not folders and not as_json:
         click.echo("nothing to verify: the cache holds no converted models")
+    checks = [(model_cache.verify, k) for k in keys]
+    checks += [(model_cache.verify_folder, f) for f in folders]
     failed = False
-    for key in keys:
-        verdict = model_cache.verify(key, progress=progress)
-        click.echo(json.dumps(verdict.row()) if as_json else _verdict_line(verdict))
+    for check, name in checks:
+        verdict = check(name, progress)
+        in_cache = check is model_cache.verify
+        click.echo(json.dumps(verdict.row()) if as_json else _verdict_line(verdict, in_cache))
         failed |= verdict.failed
     if failed:
         sys.exit(1)
 
 
-def _verdict_line(verdict) -> str:
-    """`cache verify`'s line for one entry: its status, and what to do about it."""
+def _has_config(name: str) -> bool:
+    return (Path(name) / "config.json").is_file()
+
+
+def _verdict_line(verdict, in_cache: bool = True) -> str:
+    """`cache verify`'s line for one entry or folder: its status, and what to do about it."""
     key = verdict.key
     problems = "; ".join(f"{name}: {what}" for name, what in verdict.problems.items())
-    remedy = f"remove it (`aim-mlx cache rm {key}`): the next use converts it again"
+    if in_cache:
+        remedy = f"remove it (`aim-mlx cache rm {key}`): the next use converts it again"
+        again = f"`aim-mlx cache rm {key}` and use the model again"
+    else:
+        remedy = again = "convert it again (`aim-mlx convert ... --out FOLDER --force`)"
     detail = {
         "ok": "",
         "damaged": f": {problems}; {remedy}",
         "missing": f": {problems}; {remedy}",
         "no-checksums": (
-            ": made by an older aim-mlx, which recorded no checksums; to have them, "
-            f"`aim-mlx cache rm {key}` and use the model again"
+            f": made by an older aim-mlx, which recorded no checksums; to have them, {again}"
         ),
         "newer": ": made by a newer aim-mlx; not checked",
         "busy": ": another process is converting or removing it; verify it when that is done",

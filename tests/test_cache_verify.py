@@ -180,6 +180,47 @@ def test_unknown_names_are_one_error_before_any_check(model_dir):
     assert result.stderr == "Error: nothing cached under 'typo'; see `aim-mlx cache list`\n"
 
 
+def test_a_converted_folder_outside_the_cache_is_verified(model_dir, tmp_path):
+    """`aim-mlx convert -o` records the same checksums: verify takes the folder."""
+    folder = tmp_path / "mine"
+    shutil.copytree(model_dir, folder)
+    assert clean(cli("cache", "verify", folder), 0) == f"ok           {folder}\n"
+    flip_byte(folder / "model.safetensors")
+    out = clean(cli("cache", "verify", folder), 1)
+    assert out == (
+        f"damaged      {folder}: model.safetensors: its SHA-256 differs from the one recorded "
+        "when converted; convert it again (`aim-mlx convert ... --out FOLDER --force`)\n"
+    )
+
+
+def test_a_feature_set_is_not_a_model_to_verify(monkeypatch):
+    monkeypatch.setattr(cache, "list_feature_sets", lambda: [type("E", (), {"key": "f1"})])
+    result = cli("cache", "verify", "f1")
+    assert clean(result, 1) == ""
+    assert "'f1' is a feature set (probe train's cache); verify checks models" in result.stderr
+
+
+def test_removing_an_entry_another_process_holds_says_why_it_waits(model_dir):
+    entry(model_dir)
+    holding, done = threading.Event(), threading.Event()
+
+    def verify_it():  # another FileLock, as another process's
+        with cache.lock(KEY):
+            holding.set()
+            done.wait(timeout=30)
+
+    other = threading.Thread(target=verify_it)
+    other.start()
+    assert holding.wait(timeout=30)
+    threading.Timer(1.0, done.set).start()
+    result = cli("cache", "rm", KEY)
+    other.join()
+    assert clean(result, 0).startswith(f"removed {KEY} (")
+    assert f"waiting for another process using {KEY} (converting or verifying it)" in (
+        result.stderr
+    )
+
+
 def test_a_model_name_verifies_its_entries(model_dir):
     entry(model_dir)
     entry(model_dir, "x--last--float32")
