@@ -712,7 +712,7 @@ def embed(
         save,
     )
     from .embed import embed as embed_images
-    from .output import prepare_output
+    from .output import prepare_output, remove_leftovers
     from .resolve import known_args, known_num_blocks
 
     suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
@@ -736,6 +736,8 @@ def embed(
             size = img_size or args.img_size
             shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
             memory.check_features_fit(len(found), shape)
+        if suffix == ".npy":  # a killed run's partial listing, even where a check below fails
+            remove_leftovers(Path(os.path.realpath(listing_path(Path(out).expanduser()))))
         target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
         listing = None  # beside the .npy as the user named it, where they will look for it
         if suffix == ".npy":

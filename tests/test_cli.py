@@ -112,6 +112,22 @@ def test_embed_creates_missing_folders_and_refuses_to_overwrite(model_dir, tmp_p
     np.testing.assert_array_equal(np.load(out), first)
 
 
+def test_embed_clears_a_killed_runs_listing_even_when_it_refuses_the_output(model_dir, tmp_path):
+    """A run killed while writing leaves partial files beside the .npy and its listing: the
+    next run clears both, even one that stops because the .npy is there (no --force)."""
+    from aim_mlx.output import MACHINE
+
+    out = tmp_path / "f.npy"
+    clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--no-progress"), 0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for name in ("f.npy", "f.npy.paths.txt"):
+        (tmp_path / f".{name}.partial-{dead}-deadbeef-{MACHINE}.x").write_text("half")
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out), 1)
+    assert f"{out} already exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+
+
 def test_convert_checks_its_output(read_only, tmp_path):
     err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", read_only / "m"), 1)
     assert f"cannot write {read_only / 'm'}" in err
