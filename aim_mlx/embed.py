@@ -226,6 +226,8 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                         del olds[path]
         if isinstance(e, OSError | SafetensorError) and not isinstance(e, OutputError):
             reason = getattr(e, "strerror", None) or e  # disk full, I/O error
+            if isinstance(e, OSError) and e.errno is None:  # numpy's "N requested and M written"
+                reason = f"{e} (bytes): is the disk full?"
             raise OutputError(f"cannot write {current}: {reason}") from None
         raise
     finally:

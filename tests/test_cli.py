@@ -866,6 +866,23 @@ def test_embed_force_that_fails_keeps_the_old_pair(
     assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
 
 
+def test_embed_on_a_full_disk_says_so_and_keeps_the_old_pair(model_dir, tmp_path, monkeypatch):
+    """numpy writes a .npy with `tofile`, whose short write on a full disk is an OSError without
+    an errno: "N requested and M written"."""
+    out = tmp_path / "f.npy"
+    save(out, Embeddings(np.zeros((2, 2), np.float32), ["a.jpg", "b.jpg"]))
+
+    def disk_full(path, array, **kwargs):
+        Path(path).write_bytes(b"\x93NUMPY")
+        raise OSError(f"{array.nbytes} requested and 6 written")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
+    assert err.strip() == f"Error: cannot write {out}: 256 requested and 6 written (bytes): is " \
+        "the disk full?"  # fmt: skip
+    assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
+
+
 @pytest.mark.parametrize("links", [True, False], ids=["hard links", "no hard links"])
 def test_ctrl_c_while_the_old_pair_is_put_back(tmp_path, monkeypatch, links):
     """Replacing a .npy and its listing fails after the .npy is in place; a Ctrl-C while the old
