@@ -164,8 +164,11 @@ def save(
         meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
         meta["paths"] = json.dumps(emb.paths)
         check_safetensors_header(emb.paths, len(json.dumps(meta)))
+        # safetensors writes an array's memory as it lies: a strided view (a transpose, a
+        # slice with a step) was written as the wrong numbers, silently
+        features = np.ascontiguousarray(emb.features)
         _write_all(
-            {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)},
+            {out: lambda tmp: save_file({"features": features}, str(tmp), metadata=meta)},
             replace,
         )
         return [out]

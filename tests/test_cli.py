@@ -866,6 +866,20 @@ def test_embed_force_that_fails_keeps_the_old_pair(
     assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
 
 
+@pytest.mark.parametrize("name", ["f.safetensors", "f.npy"])
+def test_save_writes_a_strided_array_as_its_numbers(tmp_path, name):
+    """An Embeddings built in Python may hold a view (a transpose, a slice with a step):
+    safetensors wrote its memory as it lies, other numbers than the array's."""
+    from safetensors.numpy import load_file
+
+    strided = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    for features in (strided, strided.T.copy().T):
+        save(tmp_path / name, Embeddings(features, ["a", "b", "c", "d"]))
+        written = np.load(tmp_path / name) if name.endswith(".npy") else \
+            load_file(tmp_path / name)["features"]  # fmt: skip
+        np.testing.assert_array_equal(written, features)
+
+
 def test_embed_on_a_full_disk_says_so_and_keeps_the_old_pair(model_dir, tmp_path, monkeypatch):
     """numpy writes a .npy with `tofile`, whose short write on a full disk is an OSError without
     an errno: "N requested and M written"."""
