@@ -702,11 +702,18 @@ def embed(
 
     import numpy as np
 
-    from . import distributed, images
-    from .embed import Embeddings, check_safetensors_header, listing_path, parse_layers, save
+    from . import distributed, images, memory
+    from .embed import (
+        Embeddings,
+        check_safetensors_header,
+        feature_shape,
+        listing_path,
+        parse_layers,
+        save,
+    )
     from .embed import embed as embed_images
-    from .output import prepare_output
-    from .resolve import known_num_blocks
+    from .output import prepare_output, remove_leftovers
+    from .resolve import known_args, known_num_blocks
 
     suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
     if suffix not in (".safetensors", ".npy"):
@@ -722,12 +729,21 @@ def embed(
     check_layers(known_num_blocks(model) or 10**9)
 
     def prepare() -> tuple[Path, Path | None]:  # on the rank that writes; before any work
+        args = known_args(model)
+        if args or suffix == ".safetensors":
+            found = [it.path for it in images.collect(inputs) if not it.error]
+        if args:  # the features, held in memory until written, fit there
+            size = img_size or args.img_size
+            shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
+            memory.check_features_fit(len(found), shape)
+        if suffix == ".npy":  # a killed run's partial listing, even where a check below fails
+            remove_leftovers(Path(os.path.realpath(listing_path(Path(out).expanduser()))))
         target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
         listing = None  # beside the .npy as the user named it, where they will look for it
         if suffix == ".npy":
             listing = prepare_output(listing_path(out), force=force, inputs=[model, head])
         else:  # every path that may be written fits in the metadata
-            check_safetensors_header([it.path for it in images.collect(inputs) if not it.error])
+            check_safetensors_header(found)
         return target, listing
 
     target, listing = distributed.on_root(prepare) or (None, None)

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 from safetensors import SafetensorError
 
-from . import images
+from . import images, memory
 from .errors import OptionError, OutputError
 from .output import keep_aside, place_file, signals_held, temp_path
 
@@ -100,12 +100,19 @@ def embed(
     check_pool(pool)
     layers = parse_layers(layers, model.args.num_blocks)
     images.check_positive("batch_size", batch_size)
-    rows, paths, errors = [], [], []
+    size = images.input_size(model, img_size)
+    items = images.collect(inputs)
+    shape = feature_shape(model.args, layers, pool, size)
+    # every row goes straight into one array (rows kept apart, then stacked, took twice the
+    # output's memory at the end), which must fit: refused before any image is read
+    memory.check_features_fit(sum(1 for it in items if not it.error), shape)
+    out = np.empty((len(items), *shape), np.float32)
+    paths, errors = [], []
     for item, row in images.run(
         lambda x: _features(model, x, layers, pool),
-        images.collect(inputs),
+        items,
         not_finite=images.not_finite_error(model),
-        size=images.input_size(model, img_size),
+        size=size,
         batch_size=batch_size,
         progress=progress,
         desc="embed",
@@ -113,13 +120,10 @@ def embed(
         if item.error:
             errors.append((item.path, item.error))
         else:
-            rows.append(row)
+            out[len(paths)] = row
             paths.append(item.path)
-    if rows:
-        return Embeddings(np.stack(rows), paths, errors)
     # no readable image: no rows, in the shape `features` gives (they concatenate with others)
-    shape = feature_shape(model.args, layers, pool, images.input_size(model, img_size))
-    return Embeddings(np.zeros((0, *shape), np.float32), paths, errors)
+    return Embeddings(out[: len(paths)], paths, errors)
 
 
 def feature_shape(args, layers: str | tuple[int, ...], pool: str, size: int) -> tuple[int, ...]:
@@ -160,8 +164,11 @@ def save(
         meta = {k: str(v) for k, v in (metadata or {}).items() if v is not None}
         meta["paths"] = json.dumps(emb.paths)
         check_safetensors_header(emb.paths, len(json.dumps(meta)))
+        # safetensors writes an array's memory as it lies: a strided view (a transpose, a
+        # slice with a step) was written as the wrong numbers, silently
+        features = np.ascontiguousarray(emb.features)
         _write_all(
-            {out: lambda tmp: save_file({"features": emb.features}, str(tmp), metadata=meta)},
+            {out: lambda tmp: save_file({"features": features}, str(tmp), metadata=meta)},
             replace,
         )
         return [out]
@@ -222,6 +229,8 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                         del olds[path]
         if isinstance(e, OSError | SafetensorError) and not isinstance(e, OutputError):
             reason = getattr(e, "strerror", None) or e  # disk full, I/O error
+            if isinstance(e, OSError) and e.errno is None:  # numpy's "N requested and M written"
+                reason = f"{e} (bytes): is the disk full?"
             raise OutputError(f"cannot write {current}: {reason}") from None
         raise
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import mlx.core as mx
+import numpy as np
 
 from .constants import ITEMSIZE, GiB
 from .errors import AimMlxError
@@ -43,6 +44,11 @@ def device_memory() -> tuple[int | None, str]:
         total = gpu_memory(gpu_info())  # unknown: no check rather than a wrong one
         kind = "GPU memory" if mx.cuda.is_available() else "unified memory"
         return (total, kind) if total else (None, "")
+    return host_memory()
+
+
+def host_memory() -> tuple[int | None, str]:
+    """(bytes, "memory") of the machine's RAM, where numpy arrays live; (None, "") if unknown."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory"
     except (AttributeError, ValueError, OSError):
@@ -96,12 +102,24 @@ def check_batch_fits(nbytes: int, batch_size: int) -> None:
         )
 
 
-def _short_of(nbytes: int) -> str | None:
+def check_features_fit(n: int, shape: tuple[int, ...]) -> None:
+    """NotEnoughMemoryError when the float32 features of `n` images of `shape` (held in the
+    machine's memory until they are written) are larger than that memory."""
+    nbytes = n * int(np.prod(shape, dtype=np.int64)) * 4
+    if memory := _short_of(nbytes, host=True):
+        raise NotEnoughMemoryError(
+            f"the features of {n} images, {' x '.join(map(str, shape))} float32 each, take "
+            f"{nbytes / GiB:.1f} GiB, more than {memory}: embed fewer images per run, fewer "
+            f"--layers, or --pool mean ({SKIP_VARIABLE}=off to try anyway)"
+        )
+
+
+def _short_of(nbytes: int, host: bool = False) -> str | None:
     """Which memory `nbytes` exceed ("this machine's 8.0 GiB of memory"), None where they fit
     or the check is off."""
     if not check_enabled():
         return None
-    total, kind = device_memory()
+    total, kind = host_memory() if host else device_memory()
     if total is None or nbytes <= total:
         return None
     return f"this machine's {total / GiB:.1f} GiB of {kind}"

@@ -22,7 +22,7 @@ from .convert.converter import (
 )
 from .errors import OptionError
 from .loader import ModelLoadError, model_args, read_config
-from .models import PRESETS, last_probe_layers
+from .models import PRESETS, ModelArgs, last_probe_layers
 
 
 class ModelNotFoundError(ModelLoadError):
@@ -148,11 +148,19 @@ def load_resolved(model, head, dtype, **kwargs) -> tuple[Path, object]:
 def known_num_blocks(model: str | Path) -> int | None:
     """The number of blocks of a registered model or a converted folder, read without loading
     (or downloading) it; None for anything else."""
+    args = known_args(model)
+    return args.num_blocks if args else None
+
+
+def known_args(model: str | Path) -> ModelArgs | None:
+    """The architecture of a registered model (with one of its heads' probe layers) or of a
+    converted folder, read without loading (or downloading) it; None for anything else."""
     if registry.is_known(str(model)):
-        return registry.get(str(model)).arch["num_blocks"]
+        spec = registry.get(str(model))
+        return spec.model_args(next(iter(spec.heads)))
     path = Path(model).expanduser()
     if path.is_dir() and is_converted(path):
-        return model_args(path, read_config(path)).num_blocks
+        return model_args(path, read_config(path))
     return None
 
 

@@ -688,3 +688,46 @@ def test_a_lazy_model_used_in_another_thread_says_what_to_do(model_dir):
         mx.eval(model.parameters())
         rows = pool.submit(aim_mlx.classify, model, [rocket]).result()
     assert rows == aim_mlx.classify(model, [rocket])
+
+
+def test_embed_holds_its_features_once(model, tmp_path):
+    """Rows go straight into the output array: peak memory about one output, not the rows kept
+    apart and then stacked (two outputs at the end; 20,000 token rows ran out of memory)."""
+    import tracemalloc
+
+    from aim_mlx.embed import embed
+
+    for i in range(24):
+        shutil.copy(REF / "images" / "rocket.jpg", tmp_path / f"{i:02d}.jpg")
+    layers = list(range(8))  # 8 x 256 tokens x 64 float32: 512 KiB an image
+    tracemalloc.start()
+    try:
+        emb = embed(model, [tmp_path], layers=layers, pool="tokens", batch_size=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert emb.features.shape == (24, 8, 256, 64) and len(emb.paths) == 24
+    assert peak < 1.5 * emb.features.nbytes, (peak, emb.features.nbytes)
+
+
+def test_embed_refuses_features_larger_than_memory_before_any_work(
+    model, model_dir, tmp_path, monkeypatch
+):
+    from aim_mlx import memory
+    from aim_mlx.embed import embed
+
+    monkeypatch.setattr(memory, "host_memory", lambda: (2**17, "memory"))  # 128 KiB
+    read, load = [], images._load
+    monkeypatch.setattr(images, "_load", lambda *a: read.append(a) or load(*a))
+    with pytest.raises(memory.NotEnoughMemoryError, match=r"of 4 images, 256 x 64 float32 each"):
+        embed(model, [REF / "images"], pool="tokens")
+    out = tmp_path / "new" / "f.npy"
+    monkeypatch.setattr("aim_mlx.cli.load_for_cli", lambda *a: pytest.fail("model loaded"))
+    result = cli("embed", REF / "images", "-o", out, "--pool", "tokens", "-m", model_dir)
+    assert result.exit_code == 1 and read == []
+    assert "Error: the features of 4 images, 256 x 64 float32 each, take 0.0 GiB, more than " \
+        "this machine's 0.0 GiB of memory: embed fewer images" in result.stderr  # fmt: skip
+    assert not out.parent.exists()  # refused before the output's folder is made
+    assert embed(model, [REF / "images"]).features.shape == (4, 64)  # 1 KiB: fits
+    monkeypatch.setenv("AIM_MLX_MEMORY_CHECK", "off")
+    assert embed(model, [REF / "images"], pool="tokens").features.shape == (4, 256, 64)

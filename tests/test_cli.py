@@ -112,6 +112,22 @@ def test_embed_creates_missing_folders_and_refuses_to_overwrite(model_dir, tmp_p
     np.testing.assert_array_equal(np.load(out), first)
 
 
+def test_embed_clears_a_killed_runs_listing_even_when_it_refuses_the_output(model_dir, tmp_path):
+    """A run killed while writing leaves partial files beside the .npy and its listing: the
+    next run clears both, even one that stops because the .npy is there (no --force)."""
+    from aim_mlx.output import MACHINE
+
+    out = tmp_path / "f.npy"
+    clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--no-progress"), 0)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for name in ("f.npy", "f.npy.paths.txt"):
+        (tmp_path / f".{name}.partial-{dead}-deadbeef-{MACHINE}.x").write_text("half")
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out), 1)
+    assert f"{out} already exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy", "f.npy.paths.txt"]
+
+
 def test_convert_checks_its_output(read_only, tmp_path):
     err = clean(cli("convert", "--hf-path", REF / "hf_repo", "-o", read_only / "m"), 1)
     assert f"cannot write {read_only / 'm'}" in err
@@ -847,6 +863,37 @@ def test_embed_force_that_fails_keeps_the_old_pair(
     monkeypatch.setattr(os, "replace", replace_failing)
     err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
     assert err.strip() == f"Error: cannot write {tmp_path / failing}: Input/output error"
+    assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
+
+
+@pytest.mark.parametrize("name", ["f.safetensors", "f.npy"])
+def test_save_writes_a_strided_array_as_its_numbers(tmp_path, name):
+    """An Embeddings built in Python may hold a view (a transpose, a slice with a step):
+    safetensors wrote its memory as it lies, other numbers than the array's."""
+    from safetensors.numpy import load_file
+
+    strided = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    for features in (strided, strided.T.copy().T):
+        save(tmp_path / name, Embeddings(features, ["a", "b", "c", "d"]))
+        written = np.load(tmp_path / name) if name.endswith(".npy") else \
+            load_file(tmp_path / name)["features"]  # fmt: skip
+        np.testing.assert_array_equal(written, features)
+
+
+def test_embed_on_a_full_disk_says_so_and_keeps_the_old_pair(model_dir, tmp_path, monkeypatch):
+    """numpy writes a .npy with `tofile`, whose short write on a full disk is an OSError without
+    an errno: "N requested and M written"."""
+    out = tmp_path / "f.npy"
+    save(out, Embeddings(np.zeros((2, 2), np.float32), ["a.jpg", "b.jpg"]))
+
+    def disk_full(path, array, **kwargs):
+        Path(path).write_bytes(b"\x93NUMPY")
+        raise OSError(f"{array.nbytes} requested and 6 written")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
+    assert err.strip() == f"Error: cannot write {out}: 256 requested and 6 written (bytes): is " \
+        "the disk full?"  # fmt: skip
     assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
 
 
