@@ -729,10 +729,8 @@ def embed(
     check_layers(known_num_blocks(model) or 10**9)
 
     def prepare() -> tuple[Path, Path | None]:  # on the rank that writes; before any work
-        args = known_args(model)
-        if args or suffix == ".safetensors":
-            found = [it.path for it in images.collect(inputs) if not it.error]
-        if args:  # the features, held in memory until written, fit there
+        found = [it.path for it in images.collect(inputs) if not it.error]
+        if args := known_args(model):  # the features, held in memory until written, fit there
             size = img_size or args.img_size
             shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
             memory.check_features_fit(len(found), shape)
