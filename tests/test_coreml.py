@@ -729,6 +729,8 @@ def test_exports_in_threads_take_turns_with_the_temporary_folder(tmp_path):
         # a Linux folder name that is not UTF-8 (a trained head's class): was coremltools'
         # UnicodeEncodeError once converted
         ({"labels": ["a\udce9", *map(str, range(999))]}, r"label 'a\\udce9' is not UTF-8"),
+        # the package's classLabel_probs held 999 classes, one probability lost
+        ({"labels": ["a", "a", *map(str, range(998))]}, "the label 'a' is given more than once"),
     ],
 )
 def test_bad_options_are_refused_before_the_output_folders_are_made(

@@ -20,6 +20,7 @@ import math
 import shutil
 import tempfile
 import threading
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -580,7 +581,7 @@ def export_coreml(
         (k-means look-up tables: per 16 channels on iOS18, per tensor on iOS17).
     target: "iOS17" (attention as matmul/softmax) or "iOS18" (fused scaled_dot_product_attention).
     features: output the head's pooled `features` instead of the classifier's outputs.
-    labels: the class names in logit order; default: a trained head's classes
+    labels: the class names (distinct) in logit order; default: a trained head's classes
         (`aim_mlx.load(M, head=FOLDER)`), ImageNet-1k's for a head of 1000 classes, else
         "class 0", "class 1", ... (as `aim-mlx classify` names them).
     progress: coremltools' progress bars on stderr (drawn only when it is a terminal).
@@ -598,6 +599,9 @@ def export_coreml(
             raise ExportError(
                 f"the model has {args.num_classes} classes but {len(labels)} labels were given"
             )
+        repeated = [label for label, n in Counter(labels).items() if n > 1]
+        if repeated:  # classLabel_probs maps each label to one probability: one would be lost
+            raise ExportError(f"the label {repeated[0]!r} is given more than once")
         for label in labels:  # a Linux folder name's bytes that are not UTF-8 (surrogates)
             try:
                 str(label).encode("utf-8")
