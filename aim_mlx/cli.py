@@ -1151,7 +1151,7 @@ def export():
     type=click.Choice(coreml.TARGETS),
     default="iOS17",
     show_default=True,
-    help="iOS18 uses the fused scaled_dot_product_attention op.",
+    help="Oldest OS that loads the package (iOS17: macOS 14; iOS18: macOS 15, fused attention).",
 )
 @click.option("--features", is_flag=True, help="Output the pooled features, not class labels.")
 @click.option(
