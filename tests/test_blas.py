@@ -129,3 +129,53 @@ def test_results_unchanged(tmp_path):
     assert np.abs(fast["mm"] - ref["mm"]).max() <= 1e-4 * np.abs(ref["mm"]).max()
     logits = np.load(REF / "logits_best.npy")
     assert np.abs(fast["logits"] - ref["logits"]).max() <= 1e-5 * logits.std()
+
+
+@needs_openblas
+def test_on_searches_as_unset():
+    """on (1, yes, true), as every on/off setting takes it: the default search, not a file."""
+    for value in ("on", "1", "TRUE"):
+        r = probe(blas_env=value)
+        assert r["info"]["name"] == "OpenBLAS" and r["warnings"] == []
+
+
+def test_a_library_that_is_not_a_blas_is_named():
+    """A library that loads but has no cblas_sgemm: the warning and `info` say so (not "no
+    optimized BLAS found; install OpenBLAS")."""
+    r = probe(blas_env="libm.so.6")
+    assert not r["info"]["fast"] and "libm.so.6" in r["info"]["detail"]
+    assert len(r["warnings"]) == 1
+    assert "libm.so.6 loaded, but it has no cblas_sgemm" in r["warnings"][0]
+    assert "install OpenBLAS" not in r["warnings"][0]
+
+
+THREADS = """
+import ctypes, json
+import aim_mlx
+from aim_mlx import blas
+count = ctypes.CDLL(None).openblas_get_num_threads
+own = count()
+blas.set_threads(1)
+one = count()
+blas.set_threads(None)
+restored = count()
+blas.set_threads(10**20)  # AIM_MLX_CPU_CORES of any size: OpenBLAS caps it
+print(json.dumps([own, one, restored]))
+"""
+
+
+@needs_openblas
+@pytest.mark.parametrize(
+    "env",
+    [{"OPENBLAS_NUM_THREADS": "abc"}, {"OPENBLAS_NUM_THREADS": "1.5"}, {"OMP_NUM_THREADS": "1"}],
+)
+def test_default_threads_are_openblas_own(env):
+    """set_threads(None) restores the count OpenBLAS chose from its environment variables (it
+    ignores a value it cannot read; OMP_NUM_THREADS counts too), without failing on them."""
+    base = {k: v for k, v in os.environ.items() if "NUM_THREADS" not in k}
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS], env={**base, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    own, one, restored = json.loads(out.stdout)
+    assert one == 1 and restored == own
