@@ -1,6 +1,7 @@
 """The CPU runner: splitting the batch, or every block's work, over CPU streams changes nothing
 but where the work runs. Pinned to the CPU, where the runner is used."""
 
+import os
 import subprocess
 import sys
 
@@ -212,6 +213,23 @@ def test_buffer_cache_raised_once(monkeypatch, cache_limit, setting, expected_mb
     assert cache_limit() == expected_mb << 20
     mx.set_cache_limit(8 << 20)  # a user's own setting after the first forward pass stays
     assert cache_limit() == 8 << 20
+
+
+def test_a_buffer_cache_larger_than_mlx_takes_is_no_limit(monkeypatch, cache_limit):
+    """A limit past MLX's size_t (16 EiB) is taken as the largest it holds, not a TypeError at
+    the first forward pass."""
+    monkeypatch.setenv(cpu_runner.CACHE_ENV, str(1 << 64))
+    assert cache_limit() == 2**64 - 1
+
+
+def test_default_cores_are_those_the_process_may_run_on(monkeypatch):
+    """`taskset -c 0` on a machine of several cores: one core, so one stream (OpenBLAS counts
+    the affinity too)."""
+    monkeypatch.delenv(cpu_runner.CORES_ENV, raising=False)
+    monkeypatch.delenv(cpu_runner.STREAMS_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu_runner.cores() == 1 and cpu_runner.streams() == 1
 
 
 def test_buffer_cache_shown_by_info(monkeypatch):
