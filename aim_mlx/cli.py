@@ -52,15 +52,9 @@ def _reported(ctx: click.Context):
 
 def _check_environment() -> None:
     """The AIM_MLX_* settings read from the environment, checked before any work."""
-    from . import distributed, memory, runtime, transforms
-    from .models import cpu_runner, ops
+    from . import runtime
 
-    cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
-    runtime.check_switch(runtime.OFF_ENV)
-    runtime.check_switch(ops.CUDA_KERNELS_ENV)
-    memory.check_enabled()
-    distributed.peer_wait()
-    transforms.apply_pixel_limit()
+    runtime.check_settings()
 
 
 class _Stdout:

@@ -27,7 +27,7 @@ import aim_mlx
 from aim_mlx import cache, hub, registry, resolve
 from aim_mlx.cli import main
 from aim_mlx.embed import Embeddings, listing_path, read_listing, save
-from aim_mlx.errors import AimMlxError, OutputError
+from aim_mlx.errors import AimMlxError, OutputError, SettingError
 from aim_mlx.loader import ModelLoadError, read_config
 from aim_mlx.transforms import ImageError, open_image, preprocess
 
@@ -997,15 +997,17 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
         open_image(path)
 
 
-@pytest.mark.parametrize(
-    "variable, value",
-    [("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
-     ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
-     ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
-     ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
-     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB"),
-     ("AIM_MLX_CPU_CORES", "\u00b2"), ("AIM_MLX_CPU_CACHE_MB", "\u00b2")],  # isdigit, not int
-)  # fmt: skip
+BAD_SETTINGS = [
+    ("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
+    ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
+    ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
+    ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
+    ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB"),
+    ("AIM_MLX_CPU_CORES", "\u00b2"), ("AIM_MLX_CPU_CACHE_MB", "\u00b2"),  # isdigit, not int
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variable, value", BAD_SETTINGS)
 def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
     monkeypatch.setenv(variable, value)
@@ -1014,6 +1016,17 @@ def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch
     stderr = clean(result, 1)
     assert stderr.startswith(f"Error: {variable}") and f"{value!r}" in stderr
     assert "no-model" not in stderr and "Usage:" not in stderr and len(stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("variable, value", BAD_SETTINGS)
+def test_bad_settings_stop_the_library_load_before_any_work(variable, value, monkeypatch):
+    """aim_mlx.load, as the command line: the setting's error before the model is looked at
+    (a download and a conversion), not at the first forward pass."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.setattr(resolve, "load", lambda *a, **k: pytest.fail("the model was looked at"))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingError, match=f"^{variable}="):
+        aim_mlx.load("aim-600M")
 
 
 def test_a_small_pixel_limit_gives_the_right_reason(tmp_path, monkeypatch):
