@@ -165,5 +165,5 @@ def _maybe_warn() -> None:
     warnings.warn(
         f"aim-mlx: MLX's CPU matmuls use the slow reference BLAS: {how}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # the line that imports aim_mlx (import machinery skipped)
     )

@@ -94,7 +94,7 @@ def setup() -> None:
             f"too late and the GPU keep MLX's larger command buffers (several times the peak "
             f"memory); import aim_mlx first, or set {BUFFER_ENV} in the environment.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the line that imports aim_mlx (import machinery skipped)
         )
 
 

@@ -179,3 +179,13 @@ def test_default_threads_are_openblas_own(env):
     assert out.returncode == 0, out.stderr
     own, one, restored = json.loads(out.stdout)
     assert one == 1 and restored == own
+
+
+def test_the_warning_points_at_the_users_import(tmp_path):
+    """The import that loaded aim_mlx, where a filter by module or line can take it (not a line
+    inside aim_mlx/__init__.py)."""
+    script = tmp_path / "user.py"
+    script.write_text("import os\nimport aim_mlx\n")
+    env = {**os.environ, "AIM_MLX_BLAS": str(tmp_path / "nope.so")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr.startswith(f"{script}:2: RuntimeWarning: aim-mlx")
