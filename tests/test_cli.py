@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1144,6 +1145,38 @@ def test_a_closed_stderr_loses_only_the_messages(model_dir):
 def test_the_cli_gives_sys_stdout_back():
     before = sys.stdout
     main(["models"], standalone_mode=False)
+    assert sys.stdout is before
+
+
+def test_runs_in_threads_give_sys_stdout_back():
+    """Two runs at once (a notebook's threads): the one that started second ends last, and gave
+    back the wrapper the first had put in place, for good."""
+    from aim_mlx.cli import Group
+
+    both_in, first_out = threading.Barrier(2), threading.Event()
+
+    @click.group(cls=Group)
+    def group():
+        pass
+
+    @group.command()
+    @click.argument("order")
+    def run(order):
+        both_in.wait()
+        if order == "second":
+            first_out.wait()
+
+    def first():
+        group.main(["run", "first"], standalone_mode=False)
+        first_out.set()
+
+    before = sys.stdout
+    threads = [threading.Thread(target=first)]
+    threads.append(threading.Thread(target=group.main, args=(["run", "second"], None, None, False)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert sys.stdout is before
 
 
