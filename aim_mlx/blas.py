@@ -52,7 +52,8 @@ def setup() -> None:
     elif not _load_first(CANDIDATES):
         import ctypes.util  # only here: it costs as much to import as the rest of aim_mlx
 
-        _load_first(filter(None, [ctypes.util.find_library("openblas")]))
+        if not _load_first(filter(None, [ctypes.util.find_library("openblas")])):
+            _state["error"] = None  # none installed: no AIM_MLX_BLAS library to blame
     _maybe_warn()
 
 
@@ -155,7 +156,7 @@ def _maybe_warn() -> None:
             "mlx.core was imported before aim_mlx, so aim-mlx could not load an optimized BLAS; "
             f"import aim_mlx first ({ENV}=off silences this)"
         )
-    elif _state["error"] and os.environ.get(ENV, "").strip().lower() not in ON_VALUES:
+    elif _state["error"]:  # the library AIM_MLX_BLAS names
         how = f"{ENV} could not be used ({_state['error']}); {setting}"
     else:
         how = (

@@ -189,3 +189,29 @@ def test_the_warning_points_at_the_users_import(tmp_path):
     env = {**os.environ, "AIM_MLX_BLAS": str(tmp_path / "nope.so")}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stderr.startswith(f"{script}:2: RuntimeWarning: aim-mlx")
+
+
+NO_OPENBLAS = """
+import ctypes, ctypes.util, json, warnings
+real = ctypes.CDLL
+class Hidden(real):  # as on a machine without OpenBLAS
+    def __init__(self, name, *args, **kwargs):
+        if name and "openblas" in str(name):
+            raise OSError(f"{name}: cannot open shared object file")
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Hidden
+ctypes.util.find_library = lambda name: None
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import aim_mlx
+print(json.dumps({"info": aim_mlx.blas.info(), "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.parametrize("blas_env", [None, "on"])
+def test_no_openblas_installed_says_so(blas_env):
+    """Without OpenBLAS, and AIM_MLX_BLAS unset: install it, says the warning, and `info` does
+    not blame an AIM_MLX_BLAS library (it named the last file it looked for)."""
+    r = json.loads(run(NO_OPENBLAS, blas_env=blas_env))
+    assert r["info"]["detail"] == "the mlx[cpu] wheel's bundled BLAS"
+    assert len(r["warnings"]) == 1 and "install OpenBLAS" in r["warnings"][0]
