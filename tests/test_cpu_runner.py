@@ -178,6 +178,19 @@ def test_blas_threads_divide_the_cores(monkeypatch):
     assert cpu_runner.streams() == 1  # one core: no split by default
 
 
+def test_a_blank_core_count_leaves_openblas_its_own(monkeypatch):
+    """AIM_MLX_CPU_CORES=" " is unset, as everywhere: one stream keeps OpenBLAS's own count
+    (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS), not every core."""
+    from aim_mlx import blas
+
+    calls = []
+    monkeypatch.setattr(blas, "set_threads", lambda n=None: calls.append(n) or True)
+    monkeypatch.setenv("AIM_MLX_CPU_CORES", " ")
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
+    build_reference_model("best").extract_features(mx.zeros((1, 3, 224, 224)))
+    assert calls == [None]
+
+
 @pytest.fixture
 def cache_limit():
     """Run with MLX's default CPU buffer cache (32 MB) and aim-mlx's raise not yet done; restore

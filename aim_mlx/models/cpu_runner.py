@@ -124,7 +124,7 @@ def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     """
     _raise_cache_limit()
     n = min(streams(), blocks[0].attn.num_heads) if blocks else 1  # a shard has a head at least
-    default = n == 1 and not os.environ.get(CORES_ENV)  # OPENBLAS_NUM_THREADS or all cores
+    default = n == 1 and not _positive(CORES_ENV)  # OpenBLAS's own count (blank: unset)
     blas.set_threads(None if default else max(1, cores() // n))
     batch = x.shape[0]
     if n < 2:
