@@ -32,9 +32,10 @@ def load(model, head=None, dtype=None, **kwargs):
     (downloaded and converted into the cache on first use), a converted folder, or a folder of
     PyTorch checkpoints. `head`: "best", "last", or a trained head's folder (`aim-mlx probe
     train`); None takes a converted folder's own head, else best. See `aim_mlx.resolve.resolve`
-    for the options."""
+    for the options. An AIM_MLX_* setting it does not take is a SettingError, before any work."""
     from .resolve import load as load_resolved
 
+    runtime.check_settings()
     return load_resolved(model, head, dtype, **kwargs)
 
 

@@ -12,15 +12,15 @@ On macOS nothing is done: MLX uses Accelerate there.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 import warnings
 
-from .runtime import switched_off
+from .runtime import ON_VALUES, switched_off
 
 ENV = "AIM_MLX_BLAS"
 CANDIDATES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp.so.0")
+MAX_THREADS = 2**31 - 1  # a C int; OpenBLAS caps it at the count it was built for
 
 _state = {"done": False, "loaded": None, "error": None, "late": False, "warned": False}
 
@@ -39,20 +39,35 @@ def setup() -> None:
     choice = os.environ.get(ENV, "").strip()
     if switched_off(ENV):
         return
+    if choice.lower() in ON_VALUES:  # on, 1, yes, true: the default search, as unset
+        choice = ""
     _state["late"] = "mlx.core" in sys.modules
     if _state["late"]:
         _maybe_warn()
         return
-    names = [choice] if choice else [*CANDIDATES, ctypes.util.find_library("openblas")]
-    for name in filter(None, names):
+    if choice:
+        _load_first([choice])
+        if _state["loaded"] and _global_symbol_path("cblas_sgemm") is None:
+            _state["error"] = f"{choice} loaded, but it has no cblas_sgemm: not a BLAS library"
+    elif not _load_first(CANDIDATES):
+        import ctypes.util  # only here: it costs as much to import as the rest of aim_mlx
+
+        if not _load_first(filter(None, [ctypes.util.find_library("openblas")])):
+            _state["error"] = None  # none installed: no AIM_MLX_BLAS library to blame
+    _maybe_warn()
+
+
+def _load_first(names) -> bool:
+    """Load the first of `names` that loads; whether one did."""
+    for name in names:
         try:
             _load(name)
         except OSError as e:
             _state["error"] = str(e)
             continue
         _state["loaded"], _state["error"] = name, None
-        break
-    _maybe_warn()
+        return True
+    return False
 
 
 def _global_symbol_path(symbol: str) -> str | None:
@@ -96,7 +111,7 @@ def info() -> dict:
     if path is None:
         detail = "the mlx[cpu] wheel's bundled BLAS"
         if _state["error"]:
-            detail += f" ({ENV} library failed to load: {_state['error']})"
+            detail += f" ({ENV} library not used: {_state['error']})"
         elif switched_off(ENV):
             detail += f" ({ENV}=off)"
         return {"name": "reference", "fast": False, "path": None, "detail": detail}
@@ -108,15 +123,19 @@ def info() -> dict:
 def set_threads(n: int | None = None) -> bool:
     """Set OpenBLAS's thread count for the calls that follow.
 
-    None restores the default: `OPENBLAS_NUM_THREADS` if set, else one per core.
+    None restores OpenBLAS's own count from before the first call here (from
+    `OPENBLAS_NUM_THREADS` or `OMP_NUM_THREADS` as OpenBLAS reads them, else the cores).
 
     Returns False where the active BLAS has no such control (macOS, other libraries).
     """
     try:
-        fn = ctypes.CDLL(None).openblas_set_num_threads
+        lib = ctypes.CDLL(None)
+        set_count, get_count = lib.openblas_set_num_threads, lib.openblas_get_num_threads
     except (AttributeError, OSError):
         return False
-    fn(int(n or os.environ.get("OPENBLAS_NUM_THREADS") or os.cpu_count() or 1))
+    if "threads" not in _state:
+        _state["threads"] = get_count()
+    set_count(ctypes.c_int(min(n or _state["threads"], MAX_THREADS)))
     return True
 
 
@@ -137,8 +156,8 @@ def _maybe_warn() -> None:
             "mlx.core was imported before aim_mlx, so aim-mlx could not load an optimized BLAS; "
             f"import aim_mlx first ({ENV}=off silences this)"
         )
-    elif _state["error"] and os.environ.get(ENV):
-        how = f"{ENV} could not be loaded ({_state['error']}); {setting}"
+    elif _state["error"]:  # the library AIM_MLX_BLAS names
+        how = f"{ENV} could not be used ({_state['error']}); {setting}"
     else:
         how = (
             "no optimized BLAS found; install OpenBLAS (Debian/Ubuntu: apt install "
@@ -147,5 +166,5 @@ def _maybe_warn() -> None:
     warnings.warn(
         f"aim-mlx: MLX's CPU matmuls use the slow reference BLAS: {how}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # the line that imports aim_mlx (import machinery skipped)
     )

@@ -50,7 +50,8 @@ def cache_root() -> Path:
 
 
 def _default_root() -> Path:
-    if env := os.environ.get(CACHE_ENV):
+    env = os.environ.get(CACHE_ENV, "")
+    if env.strip():  # blank: unset, as for the other settings (not a folder " " made here)
         return Path(env).expanduser().absolute()
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "aim-mlx"

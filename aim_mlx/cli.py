@@ -19,6 +19,7 @@ from . import __version__
 from .constants import DTYPE_NAMES, GB, MB, MiB
 from .errors import AimMlxError, OptionError, OutputError
 from .export import coreml
+from .process_wide import ProcessWide
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 TERMINATED = 128 + signal.SIGTERM
@@ -52,15 +53,9 @@ def _reported(ctx: click.Context):
 
 def _check_environment() -> None:
     """The AIM_MLX_* settings read from the environment, checked before any work."""
-    from . import distributed, memory, runtime, transforms
-    from .models import cpu_runner, ops
+    from . import runtime
 
-    cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
-    runtime.check_switch(runtime.OFF_ENV)
-    runtime.check_switch(ops.CUDA_KERNELS_ENV)
-    memory.check_enabled()
-    distributed.peer_wait()
-    transforms.apply_pixel_limit()
+    runtime.check_settings()
 
 
 class _Stdout:
@@ -105,6 +100,18 @@ class _Stdout:
             if e.errno == errno.EPIPE:
                 raise
             raise OutputError(f"cannot write to standard output: {e.strerror or e}") from None
+
+
+def _check_stdout():
+    saved, sys.stdout = sys.stdout, _Stdout(sys.stdout)
+    return saved
+
+
+def _give_back_stdout(saved):
+    sys.stdout = saved
+
+
+_STDOUT_CHECKED = ProcessWide(_check_stdout, _give_back_stdout)
 
 
 # Commands that read no AIM_MLX_* setting: they work (and `info` shows) whatever the values.
@@ -165,18 +172,16 @@ class Group(click.Group):
 
     def main(self, *args, **kwargs):
         """click's main, writing through `_Stdout` for the whole run (--help and --version
-        too); sys.stdout is given back afterwards (a notebook goes on using it)."""
+        too); sys.stdout is given back afterwards (a notebook goes on using it), when the last
+        of the runs in several threads ends."""
         if sys.stderr is None:  # started with stderr closed (2>&-): messages go nowhere
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's lifetime)
-        saved = sys.stdout
-        sys.stdout = _Stdout(saved)
         try:
-            return super().main(*args, **kwargs)
+            with _STDOUT_CHECKED.held():
+                return super().main(*args, **kwargs)
         except OutputError as e:  # printing --help or --version; commands report their own
             click.echo(f"Error: {e}", err=True)
             sys.exit(1)
-        finally:
-            sys.stdout = saved
 
     def make_context(self, *args, **kwargs):
         """Ctrl-C while click reads the command line: as in a command (not click's Aborted!)."""

@@ -100,11 +100,11 @@ def _ranks_on_this_machine(my_rank: int) -> int:
 def _share_cores(ranks_here: int) -> None:
     """Divide this machine's cores between its ranks for the CPU runner (`models/cpu_runner.py`),
     unless the user set AIM_MLX_CPU_CORES / AIM_MLX_CPU_STREAMS."""
-    from .models.cpu_runner import CORES_ENV, STREAMS_ENV
+    from .models.cpu_runner import CORES_ENV, STREAMS_ENV, machine_cores
 
     if ranks_here < 2:
         return
-    cores = os.environ.get(CORES_ENV) or str(max(1, (os.cpu_count() or 1) // ranks_here))
+    cores = os.environ.get(CORES_ENV) or str(max(1, machine_cores() // ranks_here))
     os.environ[CORES_ENV] = cores
     os.environ.setdefault(STREAMS_ENV, str(min(2, int(cores))))
 

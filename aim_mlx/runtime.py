@@ -51,6 +51,21 @@ def check_switch(name: str) -> None:
         )
 
 
+def check_settings() -> None:
+    """SettingError for the first AIM_MLX_* setting whose value is not one it takes (the command
+    line and `aim_mlx.load` check them before any work). AIM_MLX_BLAS is read at import instead,
+    AIM_MLX_CACHE and AIM_MLX_REGISTRY when they are used."""
+    from . import distributed, memory, transforms
+    from .models import cpu_runner, ops
+
+    cpu_runner.cores(), cpu_runner.streams(), cpu_runner.cache_mb()
+    check_switch(OFF_ENV)
+    check_switch(ops.CUDA_KERNELS_ENV)
+    memory.check_enabled()
+    distributed.peer_wait()
+    transforms.apply_pixel_limit()
+
+
 def _off() -> bool:
     return switched_off(OFF_ENV)
 
@@ -79,7 +94,7 @@ def setup() -> None:
             f"too late and the GPU keep MLX's larger command buffers (several times the peak "
             f"memory); import aim_mlx first, or set {BUFFER_ENV} in the environment.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the line that imports aim_mlx (import machinery skipped)
         )
 
 

@@ -129,3 +129,89 @@ def test_results_unchanged(tmp_path):
     assert np.abs(fast["mm"] - ref["mm"]).max() <= 1e-4 * np.abs(ref["mm"]).max()
     logits = np.load(REF / "logits_best.npy")
     assert np.abs(fast["logits"] - ref["logits"]).max() <= 1e-5 * logits.std()
+
+
+@needs_openblas
+def test_on_searches_as_unset():
+    """on (1, yes, true), as every on/off setting takes it: the default search, not a file."""
+    for value in ("on", "1", "TRUE"):
+        r = probe(blas_env=value)
+        assert r["info"]["name"] == "OpenBLAS" and r["warnings"] == []
+
+
+def test_a_library_that_is_not_a_blas_is_named():
+    """A library that loads but has no cblas_sgemm: the warning and `info` say so (not "no
+    optimized BLAS found; install OpenBLAS")."""
+    r = probe(blas_env="libm.so.6")
+    assert not r["info"]["fast"] and "libm.so.6" in r["info"]["detail"]
+    assert len(r["warnings"]) == 1
+    assert "libm.so.6 loaded, but it has no cblas_sgemm" in r["warnings"][0]
+    assert "install OpenBLAS" not in r["warnings"][0]
+
+
+THREADS = """
+import ctypes, json
+import aim_mlx
+from aim_mlx import blas
+count = ctypes.CDLL(None).openblas_get_num_threads
+own = count()
+blas.set_threads(1)
+one = count()
+blas.set_threads(None)
+restored = count()
+blas.set_threads(10**20)  # AIM_MLX_CPU_CORES of any size: OpenBLAS caps it
+print(json.dumps([own, one, restored]))
+"""
+
+
+@needs_openblas
+@pytest.mark.parametrize(
+    "env",
+    [{"OPENBLAS_NUM_THREADS": "abc"}, {"OPENBLAS_NUM_THREADS": "1.5"}, {"OMP_NUM_THREADS": "1"}],
+)
+def test_default_threads_are_openblas_own(env):
+    """set_threads(None) restores the count OpenBLAS chose from its environment variables (it
+    ignores a value it cannot read; OMP_NUM_THREADS counts too), without failing on them."""
+    base = {k: v for k, v in os.environ.items() if "NUM_THREADS" not in k}
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS], env={**base, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    own, one, restored = json.loads(out.stdout)
+    assert one == 1 and restored == own
+
+
+def test_the_warning_points_at_the_users_import(tmp_path):
+    """The import that loaded aim_mlx, where a filter by module or line can take it (not a line
+    inside aim_mlx/__init__.py)."""
+    script = tmp_path / "user.py"
+    script.write_text("import os\nimport aim_mlx\n")
+    env = {**os.environ, "AIM_MLX_BLAS": str(tmp_path / "nope.so")}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stderr.startswith(f"{script}:2: RuntimeWarning: aim-mlx")
+
+
+NO_OPENBLAS = """
+import ctypes, ctypes.util, json, warnings
+real = ctypes.CDLL
+class Hidden(real):  # as on a machine without OpenBLAS
+    def __init__(self, name, *args, **kwargs):
+        if name and "openblas" in str(name):
+            raise OSError(f"{name}: cannot open shared object file")
+        super().__init__(name, *args, **kwargs)
+ctypes.CDLL = Hidden
+ctypes.util.find_library = lambda name: None
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import aim_mlx
+print(json.dumps({"info": aim_mlx.blas.info(), "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+@pytest.mark.parametrize("blas_env", [None, "on"])
+def test_no_openblas_installed_says_so(blas_env):
+    """Without OpenBLAS, and AIM_MLX_BLAS unset: install it, says the warning, and `info` does
+    not blame an AIM_MLX_BLAS library (it named the last file it looked for)."""
+    r = json.loads(run(NO_OPENBLAS, blas_env=blas_env))
+    assert r["info"]["detail"] == "the mlx[cpu] wheel's bundled BLAS"
+    assert len(r["warnings"]) == 1 and "install OpenBLAS" in r["warnings"][0]

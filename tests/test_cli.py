@@ -11,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import aim_mlx
 from aim_mlx import cache, hub, registry, resolve
 from aim_mlx.cli import main
 from aim_mlx.embed import Embeddings, listing_path, read_listing, save
-from aim_mlx.errors import AimMlxError, OutputError
+from aim_mlx.errors import AimMlxError, OutputError, SettingError
 from aim_mlx.loader import ModelLoadError, read_config
 from aim_mlx.transforms import ImageError, open_image, preprocess
 
@@ -997,15 +998,17 @@ def test_decompression_bomb_message_names_our_setting(tmp_path, monkeypatch):
         open_image(path)
 
 
-@pytest.mark.parametrize(
-    "variable, value",
-    [("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
-     ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
-     ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
-     ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
-     ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB"),
-     ("AIM_MLX_CPU_CORES", "\u00b2"), ("AIM_MLX_CPU_CACHE_MB", "\u00b2")],  # isdigit, not int
-)  # fmt: skip
+BAD_SETTINGS = [
+    ("AIM_MLX_CPU_CORES", "abc"), ("AIM_MLX_CPU_CORES", "0"), ("AIM_MLX_CPU_STREAMS", "-1"),
+    ("AIM_MLX_MEMORY_CHECK", "maybe"), ("AIM_MLX_MAX_PIXELS", "abc"),
+    ("AIM_MLX_MAX_PIXELS", "-1"), ("AIM_MLX_RANK_TIMEOUT", "abc"),
+    ("AIM_MLX_RANK_TIMEOUT", "inf"), ("AIM_MLX_CUDA_KERNELS", "bogus"),
+    ("AIM_MLX_BUFFER_LIMIT", "nah"), ("AIM_MLX_CPU_CACHE_MB", "1GB"),
+    ("AIM_MLX_CPU_CORES", "\u00b2"), ("AIM_MLX_CPU_CACHE_MB", "\u00b2"),  # isdigit, not int
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variable, value", BAD_SETTINGS)
 def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch, tmp_path):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
     monkeypatch.setenv(variable, value)
@@ -1014,6 +1017,17 @@ def test_bad_settings_are_one_error_before_any_work(variable, value, monkeypatch
     stderr = clean(result, 1)
     assert stderr.startswith(f"Error: {variable}") and f"{value!r}" in stderr
     assert "no-model" not in stderr and "Usage:" not in stderr and len(stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("variable, value", BAD_SETTINGS)
+def test_bad_settings_stop_the_library_load_before_any_work(variable, value, monkeypatch):
+    """aim_mlx.load, as the command line: the setting's error before the model is looked at
+    (a download and a conversion), not at the first forward pass."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after
+    monkeypatch.setattr(resolve, "load", lambda *a, **k: pytest.fail("the model was looked at"))
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingError, match=f"^{variable}="):
+        aim_mlx.load("aim-600M")
 
 
 def test_a_small_pixel_limit_gives_the_right_reason(tmp_path, monkeypatch):
@@ -1131,6 +1145,38 @@ def test_a_closed_stderr_loses_only_the_messages(model_dir):
 def test_the_cli_gives_sys_stdout_back():
     before = sys.stdout
     main(["models"], standalone_mode=False)
+    assert sys.stdout is before
+
+
+def test_runs_in_threads_give_sys_stdout_back():
+    """Two runs at once (a notebook's threads): the one that started second ends last, and gave
+    back the wrapper the first had put in place, for good."""
+    from aim_mlx.cli import Group
+
+    both_in, first_out = threading.Barrier(2), threading.Event()
+
+    @click.group(cls=Group)
+    def group():
+        pass
+
+    @group.command()
+    @click.argument("order")
+    def run(order):
+        both_in.wait()
+        if order == "second":
+            first_out.wait()
+
+    def first():
+        group.main(["run", "first"], standalone_mode=False)
+        first_out.set()
+
+    before = sys.stdout
+    threads = [threading.Thread(target=first)]
+    threads.append(threading.Thread(target=group.main, args=(["run", "second"], None, None, False)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     assert sys.stdout is before
 
 

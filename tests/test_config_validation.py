@@ -506,6 +506,17 @@ def test_a_relative_cache_is_made_absolute(tmp_path, monkeypatch):
     assert json.loads(cli("cache", "list", "--json").stdout)["cache"] == str(tmp_path / "relcache")
 
 
+def test_a_blank_cache_setting_is_unset(tmp_path, monkeypatch):
+    from aim_mlx import cache
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(cache.sys, "platform", "linux")
+    for blank in (" ", "\t"):
+        monkeypatch.setenv("AIM_MLX_CACHE", blank)
+        assert cache.cache_root() == tmp_path / "xdg" / "aim-mlx"
+
+
 def test_a_cache_that_is_a_file_is_an_error(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "afile"))

@@ -1,6 +1,7 @@
 """The CPU runner: splitting the batch, or every block's work, over CPU streams changes nothing
 but where the work runs. Pinned to the CPU, where the runner is used."""
 
+import os
 import subprocess
 import sys
 
@@ -177,6 +178,19 @@ def test_blas_threads_divide_the_cores(monkeypatch):
     assert cpu_runner.streams() == 1  # one core: no split by default
 
 
+def test_a_blank_core_count_leaves_openblas_its_own(monkeypatch):
+    """AIM_MLX_CPU_CORES=" " is unset, as everywhere: one stream keeps OpenBLAS's own count
+    (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS), not every core."""
+    from aim_mlx import blas
+
+    calls = []
+    monkeypatch.setattr(blas, "set_threads", lambda n=None: calls.append(n) or True)
+    monkeypatch.setenv("AIM_MLX_CPU_CORES", " ")
+    monkeypatch.setenv("AIM_MLX_CPU_STREAMS", "1")
+    build_reference_model("best").extract_features(mx.zeros((1, 3, 224, 224)))
+    assert calls == [None]
+
+
 @pytest.fixture
 def cache_limit():
     """Run with MLX's default CPU buffer cache (32 MB) and aim-mlx's raise not yet done; restore
@@ -212,6 +226,23 @@ def test_buffer_cache_raised_once(monkeypatch, cache_limit, setting, expected_mb
     assert cache_limit() == expected_mb << 20
     mx.set_cache_limit(8 << 20)  # a user's own setting after the first forward pass stays
     assert cache_limit() == 8 << 20
+
+
+def test_a_buffer_cache_larger_than_mlx_takes_is_no_limit(monkeypatch, cache_limit):
+    """A limit past MLX's size_t (16 EiB) is taken as the largest it holds, not a TypeError at
+    the first forward pass."""
+    monkeypatch.setenv(cpu_runner.CACHE_ENV, str(1 << 64))
+    assert cache_limit() == 2**64 - 1
+
+
+def test_default_cores_are_those_the_process_may_run_on(monkeypatch):
+    """`taskset -c 0` on a machine of several cores: one core, so one stream (OpenBLAS counts
+    the affinity too)."""
+    monkeypatch.delenv(cpu_runner.CORES_ENV, raising=False)
+    monkeypatch.delenv(cpu_runner.STREAMS_ENV, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu_runner.cores() == 1 and cpu_runner.streams() == 1
 
 
 def test_buffer_cache_shown_by_info(monkeypatch):

@@ -249,7 +249,9 @@ def test_ranks_on_one_machine_share_its_cores(tmp_path, monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
     assert distributed._ranks_on_this_machine(0) == 4
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 10)
+    from aim_mlx.models import cpu_runner
+
+    monkeypatch.setattr(cpu_runner, "machine_cores", lambda: 10)
     for var in ("AIM_MLX_CPU_CORES", "AIM_MLX_CPU_STREAMS"):
         monkeypatch.setenv(var, "")  # so that the teardown restores them as they were: unset
         monkeypatch.delenv(var)

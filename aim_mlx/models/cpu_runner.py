@@ -43,6 +43,7 @@ STREAMS_ENV = "AIM_MLX_CPU_STREAMS"
 CORES_ENV = "AIM_MLX_CPU_CORES"
 CACHE_ENV = "AIM_MLX_CPU_CACHE_MB"
 CACHE_MB = 1024
+MAX_BYTES = 2**64 - 1  # the largest cache limit MLX takes (a size_t)
 SHARDS_BELOW = 4  # images a stream: smaller uneven batches are sharded (benchmarks/README.md)
 
 
@@ -57,8 +58,17 @@ def _positive(name: str) -> int | None:
 
 
 def cores() -> int:
-    """The cores this process may use (`AIM_MLX_CPU_CORES`, default all)."""
-    return _positive(CORES_ENV) or os.cpu_count() or 1
+    """The cores this process may use (`AIM_MLX_CPU_CORES`, default all it may run on)."""
+    return _positive(CORES_ENV) or machine_cores()
+
+
+def machine_cores() -> int:
+    """The cores this process may run on: its CPU affinity (`taskset`, a container's cpuset),
+    which OpenBLAS counts too, where the system has one; else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS
+        return os.cpu_count() or 1
 
 
 def streams() -> int:
@@ -89,8 +99,9 @@ def _raise_cache_limit() -> None:
     """Once per process: MLX's buffer cache to at least `cache_mb()` MB."""
     mb = cache_mb()
     if mb is not None:
-        previous = mx.set_cache_limit(mb << 20)
-        if previous > mb << 20:
+        limit = min(mb << 20, MAX_BYTES)  # more than MLX's size_t holds: no limit, as MLX says
+        previous = mx.set_cache_limit(limit)
+        if previous > limit:
             mx.set_cache_limit(previous)
 
 
@@ -113,7 +124,7 @@ def run_blocks(blocks, x: mx.array) -> list[mx.array]:
     """
     _raise_cache_limit()
     n = min(streams(), blocks[0].attn.num_heads) if blocks else 1  # a shard has a head at least
-    default = n == 1 and not os.environ.get(CORES_ENV)  # OPENBLAS_NUM_THREADS or all cores
+    default = n == 1 and not _positive(CORES_ENV)  # OpenBLAS's own count (blank: unset)
     blas.set_threads(None if default else max(1, cores() // n))
     batch = x.shape[0]
     if n < 2:
