@@ -18,7 +18,7 @@ from click.core import ParameterSource
 from . import __version__
 from .constants import DTYPE_NAMES, GB, MB, MiB
 from .errors import AimMlxError, OptionError, OutputError
-from .export import coreml
+from .export import COMPRESSIONS, PRECISIONS, TARGETS
 from .process_wide import ProcessWide
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -1138,14 +1138,14 @@ def export():
 @output_options("Output .mlpackage (missing parent folders are created).", path_type=Path)
 @click.option(
     "--precision",
-    type=click.Choice(coreml.PRECISIONS),
+    type=click.Choice(PRECISIONS),
     default="float16",
     show_default=True,
     help="mixed: float32 layer norms, attention and residual stream.",
 )
 @click.option(
     "--compress",
-    type=click.Choice(coreml.COMPRESSIONS),
+    type=click.Choice(COMPRESSIONS),
     default="none",
     show_default=True,
     help="Weight compression (int8: linear; palettize: k-means look-up tables).",
@@ -1153,7 +1153,7 @@ def export():
 @img_size_option
 @click.option(
     "--target",
-    type=click.Choice(coreml.TARGETS),
+    type=click.Choice(TARGETS),
     default="iOS17",
     show_default=True,
     help="Oldest OS that loads the package (iOS17: macOS 14; iOS18: macOS 15, fused attention).",
@@ -1186,6 +1186,7 @@ def export_coreml(
     import mlx.core as mx
     import numpy as np
 
+    from .export import coreml
     from .probe.head import is_head_folder
     from .resolve import resolve
     from .transforms import ImageError, open_image, preprocess

@@ -37,11 +37,7 @@ from ..labels import imagenet_classes
 from ..models import PRESETS, ops, sincos_pos_embed
 from ..models.heads import LinearPoolingHead
 from ..output import move_into_place, prepare_output, signals_held, temp_path
-
-PRECISIONS = ("float16", "float32", "mixed")
-COMPRESSIONS = ("none", "int8", "palettize4", "palettize6")
-TARGETS = ("iOS17", "iOS18")
-
+from . import COMPRESSIONS, PRECISIONS, TARGETS
 
 FP16_MAX = 65504.0
 # A sample cannot bound every input: refuse float16 once activations pass half of its range.
