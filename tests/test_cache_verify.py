@@ -2,6 +2,7 @@
 `aim-mlx cache verify` (a flipped byte, a missing shard), and older entries without them still
 served as they are."""
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -69,6 +70,27 @@ def edit_config(folder, change) -> None:
     config = config_of(folder)
     change(config)
     (folder / "config.json").write_text(json.dumps(config))
+
+
+@contextlib.contextmanager
+def held_elsewhere(key):
+    """Entry `key`'s lock held on another thread (another FileLock, as another process's) until
+    the block ends or the yielded event is set."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold():
+        with cache.lock(key):
+            holding.set()
+            done.wait(timeout=30)
+
+    other = threading.Thread(target=hold)
+    other.start()
+    try:
+        assert holding.wait(timeout=30)
+        yield done
+    finally:
+        done.set()
+        other.join()
 
 
 def flip_byte(file, offset=None) -> None:
@@ -202,19 +224,9 @@ def test_a_feature_set_is_not_a_model_to_verify(monkeypatch):
 
 def test_removing_an_entry_another_process_holds_says_why_it_waits(model_dir):
     entry(model_dir)
-    holding, done = threading.Event(), threading.Event()
-
-    def verify_it():  # another FileLock, as another process's
-        with cache.lock(KEY):
-            holding.set()
-            done.wait(timeout=30)
-
-    other = threading.Thread(target=verify_it)
-    other.start()
-    assert holding.wait(timeout=30)
-    threading.Timer(1.0, done.set).start()
-    result = cli("cache", "rm", KEY)
-    other.join()
+    with held_elsewhere(KEY) as done:
+        threading.Timer(1.0, done.set).start()
+        result = cli("cache", "rm", KEY)
     assert clean(result, 0).startswith(f"removed {KEY} (")
     assert f"waiting for another process using {KEY} (converting or verifying it)" in (
         result.stderr
@@ -265,21 +277,8 @@ def test_a_damaged_config_fails_and_a_newer_entry_is_left_alone(model_dir):
 
 def test_an_entry_being_converted_is_busy_not_a_traceback(model_dir):
     entry(model_dir)
-    holding, done = threading.Event(), threading.Event()
-
-    def convert_it():  # another FileLock, as another process's
-        with cache.lock(KEY):
-            holding.set()
-            done.wait(timeout=30)
-
-    other = threading.Thread(target=convert_it)
-    other.start()
-    try:
-        assert holding.wait(timeout=30)
+    with held_elsewhere(KEY):
         out = clean(cli("cache", "verify"), 0)
-    finally:
-        done.set()
-        other.join()
     assert out == (
         f"busy         {KEY}: another process is converting or removing it; "
         "verify it when that is done\n"
