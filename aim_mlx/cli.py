@@ -659,7 +659,7 @@ def classify(
                 label = one_line(p["label"])
                 click.echo(f"  {rank}. {100 * p['prob']:6.2f}%  {label}  ({p['index']})")
     if failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)  # a notebook's main(..., standalone_mode=False) gets 1
 
 
 @main.command()
@@ -703,7 +703,6 @@ def embed(
     safetensors: tensor `features`, the image order as JSON in the metadata key `paths`.
     npy: the array, with the image order in FILE.paths.txt (one JSON string per line).
     """
-    import sys
 
     import numpy as np
 
@@ -778,7 +777,7 @@ def embed(
     else:
         click.echo("no features written: no image could be read", err=True)
     if emb.errors or not emb.paths:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 DATA_FOLDER = click.Path(exists=True, file_okay=False)
@@ -862,7 +861,7 @@ def eval_command(
     else:
         click.echo("no accuracy: no image could be read (see the errors above)")
     if result.failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _stale(entry: dict) -> str:
@@ -1070,7 +1069,7 @@ def cache_verify(names, as_json, progress):
         click.echo(json.dumps(verdict.row()) if as_json else _verdict_line(verdict, in_cache))
         failed |= verdict.failed
     if failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 def _has_config(name: str) -> bool:
@@ -1461,7 +1460,7 @@ def probe_eval(
     if confusion:
         click.echo(f"wrote {confusion}", err=True)
     if result.failed:
-        sys.exit(1)
+        raise click.exceptions.Exit(1)
 
 
 if __name__ == "__main__":

@@ -1530,3 +1530,17 @@ def test_the_command_line_imports_no_heavy_module_until_a_command_needs_it():
     code = f"import sys, aim_mlx.cli; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_notebook_gets_a_failed_commands_exit_status_back(model_dir, tmp_path, capsys):
+    """main(..., standalone_mode=False) returns 1 where an image failed (was SystemExit), and
+    the rows of the images that worked are printed."""
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    rocket = REF / "images" / "rocket.jpg"
+    args = ["classify", str(rocket), str(tmp_path / "bad.jpg"), "-m", str(model_dir), "--json"]
+    assert main([*args, "--no-progress"], standalone_mode=False) == 1
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [("error" in r, r["path"]) for r in rows] == [
+        (False, str(rocket)),
+        (True, str(tmp_path / "bad.jpg")),
+    ]
