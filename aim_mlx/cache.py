@@ -17,7 +17,6 @@ would cost as much as reading the weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -98,7 +97,7 @@ def lock(key: str, on_wait=None, reads_downloads_of: str | None = None):
     called once if another process holds it (or, with `reads_downloads_of`, that gate).
     `reads_downloads_of`: the model whose downloads the holder reads; the entry's lock file is
     made while no other process removes them (`model_locks`), so that one sees and waits for it."""
-    path = ensure_writable() / ".locks" / f"{key}.lock"
+    path = _lock_file(key)
     on_wait = _once(on_wait)
     if reads_downloads_of:
         with _held(_downloads_gate(reads_downloads_of), on_wait):
@@ -123,6 +122,11 @@ def model_locks(name: str, on_wait=None):
         for key in keys:
             stack.enter_context(lock(key, waiting))
         yield
+
+
+def _lock_file(key: str) -> Path:
+    """Entry `key`'s lock file, in the cache made writable (CacheError where it cannot be)."""
+    return ensure_writable() / ".locks" / f"{key}.lock"
 
 
 def _once(on_wait):
@@ -357,7 +361,7 @@ def _held_unless_busy(key: str):
     """Yield True holding entry `key`'s lock, False if another process holds it; True without
     the lock where the cache cannot be written."""
     try:
-        path = ensure_writable() / ".locks" / f"{key}.lock"
+        path = _lock_file(key)
     except CacheError:
         yield True
         return
@@ -412,6 +416,8 @@ def _check_files(folder: Path, records, progress: bool, desc: str) -> dict[str, 
     for the files that differ."""
     from tqdm import tqdm
 
+    from .convert.checkpoint import sha256_of  # read afresh: never the memo of file_sha256
+
     problems = {}
     total = sum(size for _, size, _ in records)
     with tqdm(
@@ -431,24 +437,13 @@ def _check_files(folder: Path, records, progress: bool, desc: str) -> dict[str, 
                 problems[name] = f"{found} bytes, {size} when converted"
             else:
                 try:
-                    if _sha256(file, bar.update) != sha:
+                    if sha256_of(file, bar.update) != sha:
                         problems[name] = "its SHA-256 differs from the one recorded when converted"
                 except FileNotFoundError:
                     problems[name] = "missing"
                 except OSError as e:  # an I/O error: the disk fault a checksum is there for
                     problems[name] = f"cannot be read ({e.strerror or e})"
     return problems
-
-
-def _sha256(path: Path, on_read) -> str:
-    """A file's SHA-256 hex digest, read afresh (never remembered: the bytes may have changed
-    with no change of size or time); `on_read(n)` after each chunk."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 2**20):
-            digest.update(chunk)
-            on_read(len(chunk))
-    return digest.hexdigest()
 
 
 def remove_leftovers() -> int:

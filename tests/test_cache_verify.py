@@ -12,13 +12,12 @@ import threading
 
 import mlx.core as mx
 import pytest
-from click.testing import CliRunner
-from conftest import REF, convert_fixture
+from conftest import REF, convert_fixture, exited_cleanly
+from conftest import run_cli as cli
 
 import aim_mlx
 from aim_mlx import cache
-from aim_mlx.cli import main
-from aim_mlx.convert import FORMAT_VERSION, converter
+from aim_mlx.convert import FORMAT_VERSION, checkpoint, converter
 from aim_mlx.resolve import resolve
 
 pytestmark = pytest.mark.usefixtures("pin_cpu")
@@ -51,15 +50,9 @@ def entry(folder, key=KEY):
     return path
 
 
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def clean(result, code: int) -> str:
-    """stdout, after checking the exit status and that it was a clean exit (no exception)."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit) if code else result.exception is None
-    return result.stdout
+    """stdout, after `exited_cleanly`."""
+    return exited_cleanly(result, code).stdout
 
 
 def config_of(folder) -> dict:
@@ -289,13 +282,13 @@ def test_an_entry_being_converted_is_busy_not_a_traceback(model_dir):
 def test_an_entry_removed_meanwhile_is_said_so(model_dir, monkeypatch):
     """Deleted while its files are read (by a process that takes no lock: `rm -r`)."""
     path = entry(model_dir)
-    real = cache._sha256
+    real = checkpoint.sha256_of
 
     def remove_first(file, on_read):
         shutil.rmtree(path)
         return real(file, on_read)
 
-    monkeypatch.setattr(cache, "_sha256", remove_first)
+    monkeypatch.setattr(checkpoint, "sha256_of", remove_first)
     out = clean(cli("cache", "verify"), 0)
     assert out == f"removed      {KEY}: removed by another process meanwhile\n"
 

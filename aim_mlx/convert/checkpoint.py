@@ -639,23 +639,30 @@ def file_sha256(path: str | Path, *, progress: bool = False, stop: threading.Eve
     key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     if key in _DIGESTS:
         return _DIGESTS[key]
-    digest = hashlib.sha256()
     show = progress and st.st_size >= 64 * 2**20
-    with (
-        open(path, "rb") as f,
-        tqdm(
-            total=st.st_size,
-            unit="B",
-            unit_scale=True,
-            leave=False,
-            desc=f"checking {path.name}",
-            disable=not show,
-        ) as bar,
-    ):
+    with tqdm(
+        total=st.st_size,
+        unit="B",
+        unit_scale=True,
+        leave=False,
+        desc=f"checking {path.name}",
+        disable=not show,
+    ) as bar:
+        digest = sha256_of(path, bar.update, stop)
+    if digest is not None:
+        _DIGESTS[key] = digest
+    return digest
+
+
+def sha256_of(path: str | Path, on_read=None, stop: threading.Event | None = None) -> str | None:
+    """A file's SHA-256 hex digest, read afresh in 16 MiB chunks (`on_read(n)` after each);
+    None if `stop` is set midway."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
         while chunk := f.read(16 * 2**20):
             if stop is not None and stop.is_set():
                 return None
             digest.update(chunk)
-            bar.update(len(chunk))
-    _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
+            if on_read:
+                on_read(len(chunk))
+    return digest.hexdigest()
