@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import __version__
+from . import __version__, runtime
 from .constants import DTYPE_NAMES, GB, MB, MiB
 from .errors import AimMlxError, OptionError, OutputError
 from .export import COMPRESSIONS, PRECISIONS, TARGETS
@@ -49,13 +49,6 @@ def _reported(ctx: click.Context):
     except KeyboardInterrupt:
         click.echo("\ninterrupted", err=True)
         raise click.exceptions.Exit(INTERRUPTED) from None
-
-
-def _check_environment() -> None:
-    """The AIM_MLX_* settings read from the environment, checked before any work."""
-    from . import runtime
-
-    runtime.check_settings()
 
 
 class _Stdout:
@@ -140,7 +133,7 @@ class Command(click.Command):
     def invoke(self, ctx):
         with _reported(ctx):
             if _top_command(ctx) not in NO_SETTINGS:
-                _check_environment()
+                runtime.check_settings()  # the AIM_MLX_* settings, before any work
             _check_quantize_options(ctx)
             return super().invoke(ctx)
 
@@ -576,7 +569,7 @@ def _settings_state() -> str:
     from . import cache, hub, registry
 
     try:
-        _check_environment()
+        runtime.check_settings()
         registry.all_models()  # AIM_MLX_REGISTRY
         cache.cache_root()  # AIM_MLX_CACHE
         hub.check_endpoint()  # HF_ENDPOINT
@@ -733,8 +726,10 @@ def embed(
     check_layers(known_num_blocks(model) or 10**9)
 
     def prepare() -> tuple[Path, Path | None]:  # on the rank that writes; before any work
-        found = [it.path for it in images.collect(inputs) if not it.error]
-        if args := known_args(model):  # the features, held in memory until written, fit there
+        args = known_args(model)
+        needed = args or suffix == ".safetensors"  # the walk of the inputs, where it is used
+        found = [it.path for it in images.collect(inputs) if not it.error] if needed else []
+        if args:  # the features, held in memory until written, fit there
             size = img_size or args.img_size
             shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
             memory.check_features_fit(len(found), shape)
@@ -1048,10 +1043,11 @@ def cache_verify(names, as_json, progress):
     folders (`aim-mlx convert -o`), else every entry. Exit status 1 if a file is damaged or
     missing."""
     from . import cache as model_cache
+    from .resolve import is_converted
 
     entries = [e.key for e in model_cache.list_entries()]
     features = {e.key for e in model_cache.list_feature_sets()}
-    folders = [n for n in names if not _entries_of(n, entries) and _has_config(n)]
+    folders = [n for n in names if not _entries_of(n, entries) and is_converted(Path(n))]
     if feature_set := next((n for n in names if n in features and n not in entries), None):
         raise click.ClickException(
             f"{feature_set!r} is a feature set (probe train's cache); verify checks models"
@@ -1070,10 +1066,6 @@ def cache_verify(names, as_json, progress):
         failed |= verdict.failed
     if failed:
         raise click.exceptions.Exit(1)
-
-
-def _has_config(name: str) -> bool:
-    return (Path(name) / "config.json").is_file()
 
 
 def _verdict_line(verdict, in_cache: bool = True) -> str:
