@@ -215,3 +215,20 @@ def appears_before_publish(monkeypatch, out: Path, make) -> list:
     if original is not None:
         monkeypatch.setattr(aim_mlx.output, "_rename_noreplace", hooked(original))
     return made
+
+
+def run_cli(*args, **kwargs):
+    """aim-mlx run in this process on `args` (each as str): click's test Result."""
+    from click.testing import CliRunner
+
+    from aim_mlx.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
+
+
+def exited_cleanly(result, code: int):
+    """`result`, after checking its exit status and that it ended with no exception but its
+    exit (no traceback)."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) if code else result.exception is None
+    return result

@@ -8,7 +8,8 @@ import shutil
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from conftest import REF, convert_fixture
+from conftest import REF, convert_fixture, exited_cleanly
+from conftest import run_cli as cli
 
 import aim_mlx
 from aim_mlx.cli import main
@@ -32,15 +33,9 @@ def model_dir(tmp_path_factory):
     return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
 
 
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
 def clean(result, code: int) -> str:
-    """stderr, after checking the exit status and that it was a clean exit (no exception)."""
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit) if code else result.exception is None
-    return result.stderr
+    """stderr, after `exited_cleanly`."""
+    return exited_cleanly(result, code).stderr
 
 
 @pytest.mark.parametrize(

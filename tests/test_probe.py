@@ -19,8 +19,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import REF, appears_before_publish, convert_fixture, nan_weights, pending_operations
+from conftest import run_cli as cli
 from PIL import Image
 
 import aim_mlx
@@ -75,10 +75,6 @@ def heads(workdir, model_dir, data, tmp_path_factory):
             )
             for kind in ("attention", "linear")
         }  # fmt: skip
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def sha256(path: Path) -> str:
@@ -187,7 +183,6 @@ def test_top5_counts_ranks_and_needs_more_than_five_classes(classes):
 
 
 def test_cli_defaults_are_the_settings_defaults():
-    from aim_mlx.cli import main
 
     params = {p.name: p.default for p in main.commands["probe"].commands["train"].params}
     names = {"warmup": "warmup_epochs"}

@@ -11,11 +11,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import REF, convert_fixture
+from conftest import run_cli as cli
 from test_probe import draw_dataset
 
-from aim_mlx.cli import main
 from aim_mlx.probe import ProbeError, Settings, train
 
 ROCKET = REF / "images" / "rocket.jpg"
@@ -53,10 +52,6 @@ def head_dir(workdir, model_dir, data) -> Path:
     with pytest.MonkeyPatch.context() as mp, mx.stream(mx.cpu):
         mp.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
         return quick(model_dir, data, workdir / "head").out
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_damaged_feature_files_are_extracted_again(workdir, model_dir, data, head_dir, tmp_path):
