@@ -118,7 +118,8 @@ def random_model(args: ModelArgs, dtype: mx.Dtype, q_bits=None, group_size=64, s
     weights drawn directly; everything else is drawn in float32 one tensor at a time and
     stored in `dtype`. Peak memory stays at the final model plus one layer in float32.
     """
-    model = AIM(args)  # its own random init is lazy and never computed
+    with ops.random_key_kept():
+        model = AIM(args)  # its own random init is lazy and never computed
     if q_bits:
         nn.quantize(
             model,
@@ -191,7 +192,8 @@ def check(config: BenchConfig) -> None:
         if config.img_size is not None:  # as classify and embed check it; a folder's: in run
             images.input_size(SimpleNamespace(args=preset_args(config.model)), config.img_size)
         args = _preset_args(config)
-        params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))  # lazy: no memory
+        with ops.random_key_kept():  # lazy: no memory
+            params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))
         memory.check_model(config.model, params, config.dtype, config.q_bits)
         check_counts(config)
         floor = batch_floor(args, config.batch_size, args.img_size, MX_DTYPES[config.dtype])

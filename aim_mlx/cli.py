@@ -886,7 +886,8 @@ def models(as_json):
         click.echo(json.dumps(rows, indent=1))
         return
     for r in rows:
-        params = f"{r['params'] / 1e9:.2f}B params" if r["params"] else "params ?"
+        n = r["params"]
+        params = f"{n / 1e9:.2f}B params" if n >= 1e8 else f"{n / 1e6:.2f}M params"
         acc = ", ".join(f"{h} {v}%" for h, v in r["top1"].items())
         click.echo(f"{r['name']}  ({params}; ImageNet-1k top-1: {acc or 'n/a'})  hub: {r['repo']}")
         for f in r["files"]:
@@ -1288,7 +1289,7 @@ def probe():
     default=0.05,
     show_default=True,
     type=click.FloatRange(0),
-    help="AdamW's weight decay.",
+    help="AdamW's weight decay, of the weight matrices (not biases or the query).",
 )
 @click.option(
     "--warmup", default=3.0, show_default=True, type=click.FloatRange(0), help="Warmup epochs."

@@ -163,8 +163,8 @@ def load_model(path: str | Path) -> AIM:
     for f in files:
         _check_layout(path, f)
     _check_blocks(path, args, weights)  # before building them: config.json may claim millions
-    model = AIM(args)  # random init is lazy: never computed
-    ops.settle_random_key()
+    with ops.random_key_kept():
+        model = AIM(args)  # its random init is lazy, never computed: the weights replace it
     if q := config.get("quantization"):
         _quantize(path, model, q)
     _check_weights(path, model, weights, MX_DTYPES[config["dtype"]])

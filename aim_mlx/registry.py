@@ -86,7 +86,7 @@ class ModelSpec:
         )
 
     def param_count(self) -> int:
-        """The published count, else the float32 file size estimate's."""
+        """The published count, else the architecture's (backbone and head, as the files hold)."""
         return self.params or sum(estimated_sizes(self)) // 4
 
     def files(self, head: str) -> list[HubFile]:
@@ -124,7 +124,7 @@ class ModelSpec:
                 )
             if spec.params is not None and spec.params < 1:
                 raise ValueError(f"params must be a positive integer, got {spec.params!r}")
-            fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers", "extra"}
+            fields = {f.name for f in dataclasses.fields(ModelArgs)} - {"probe_layers"}
             if unknown := sorted(set(spec.arch) - fields):  # a typo would be silently a default
                 raise ValueError(
                     f"arch has unknown key(s) {', '.join(unknown)}; known: "

@@ -450,7 +450,7 @@ def models_overview(hf_cache_dir: str | Path | None = None) -> list[dict]:
             dict(
                 name=spec.name,
                 repo=spec.repo,
-                params=spec.params,
+                params=spec.param_count(),
                 top1=spec.top1,
                 probe_layers={h: list(v) for h, v in spec.probe_layers.items()},
                 files=files,

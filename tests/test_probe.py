@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from conftest import REF, appears_before_publish, convert_fixture, nan_weights, pending_operations
 from conftest import run_cli as cli
+from mlx.utils import tree_flatten, tree_unflatten
 from PIL import Image
 
 import aim_mlx
@@ -101,7 +102,9 @@ def test_head_learns_the_drawn_classes(heads, kind):
     assert config["metrics"]["val_top1"] == result.best.val_top1
     assert config["metrics"]["best_epoch"] == result.best.epoch
     assert config["training"]["seed"] == 0 and config["training"]["epochs"] == 30
-    assert config["training"]["optimizer"] == "AdamW, bias-corrected"  # earlier heads: "AdamW"
+    # earlier heads: "AdamW", then "AdamW, bias-corrected" (decay on every parameter)
+    optimizer = "AdamW, bias-corrected, no decay of biases and the query"
+    assert config["training"]["optimizer"] == optimizer
 
 
 def test_training_is_seeded(heads, model_dir, data, tmp_path):
@@ -117,17 +120,18 @@ def test_training_is_seeded(heads, model_dir, data, tmp_path):
 
 def test_training_does_not_reseed_mlxs_global_generator(heads, model_dir, data, tmp_path):
     """The seed decides the head (its initial weights are drawn from a key of their own), and
-    a user's random numbers after training follow from the user's own seed, not from it."""
-    after = []
+    a user's random numbers after training are those the user's own seed gives: training
+    neither reseeds MLX's generator nor draws from it."""
     for user_seed in (1, 2):
+        mx.random.seed(user_seed)
+        expected = np.array(mx.random.uniform(shape=(4,)))
         mx.random.seed(user_seed)
         res = train(model_dir, data, tmp_path / f"h{user_seed}",
                     settings=Settings(kind="attention", epochs=1), log=lambda _: None)  # fmt: skip
-        after.append(np.array(mx.random.uniform(shape=(4,))))
+        np.testing.assert_array_equal(np.array(mx.random.uniform(shape=(4,))), expected)
         head = mx.load(str(res.out / "head.safetensors"))
         if user_seed == 1:
             first = head
-    assert not np.array_equal(after[0], after[1])
     for k in first:
         assert np.array_equal(np.array(first[k]), np.array(head[k])), k
 
@@ -135,21 +139,32 @@ def test_training_does_not_reseed_mlxs_global_generator(heads, model_dir, data, 
 def test_the_optimizer_is_adamw_as_pytorch_defines_it():
     """Two steps against AdamW written out (bias-corrected moments, decoupled decay, the
     cosine schedule's rate at steps 0 and 1). MLX's AdamW leaves the correction out by
-    default: its first step was 3.2x lr."""
+    default: its first step was 3.2x lr. Weight matrices decay; biases and the attention
+    head's query do not (they decayed too)."""
     from aim_mlx.probe.training import make_optimizer
 
     lr, wd, total = 1e-2, 0.5, 40
     opt = make_optimizer(Settings(lr=lr, weight_decay=wd, warmup_epochs=0, epochs=1), total)
-    p = {"w": mx.array([1.0, -2.0, 0.5])}
+    shapes = {"linear.weight": (1, 3), "linear.bias": (3,), "cls_token": (1, 1, 3)}
+
+    def tree(values):
+        return tree_unflatten([(k, mx.array(values.reshape(s))) for k, s in shapes.items()])
+
+    start = np.array([1.0, -2.0, 0.5])
+    p = tree(start.astype(np.float32))
     grads = [np.array([0.3, -0.004, 2.0]), np.array([-0.1, 0.02, 1.0])]
-    want, m, v = np.array(p["w"], dtype=np.float64), 0.0, 0.0
+    want = {k: np.array(start, dtype=np.float64) for k in shapes}
+    m, v = 0.0, 0.0
     for t, g in enumerate(grads, start=1):
-        p = opt.apply_gradients({"w": mx.array(g.astype(np.float32))}, p)
+        p = opt.apply_gradients(tree(g.astype(np.float32)), p)
         rate = lr * 0.01 + (lr - lr * 0.01) * 0.5 * (1 + np.cos(np.pi * (t - 1) / total))
         m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
-        want = want * (1 - rate * wd)
-        want -= rate * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
-    np.testing.assert_allclose(np.array(p["w"]), want, rtol=1e-6, atol=1e-7)
+        step = rate * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        for k in want:
+            decay = 1 - rate * wd if k == "linear.weight" else 1.0
+            want[k] = want[k] * decay - step
+    for k, got in tree_flatten(p):
+        np.testing.assert_allclose(np.array(got).ravel(), want[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 @pytest.mark.parametrize("classes", [7, 5])
@@ -239,12 +254,16 @@ def test_head_folder_round_trip(heads, model_dir, data, kind):
 
 
 @pytest.mark.parametrize("kind", ["attention", "linear"])
-def test_loading_a_head_leaves_nothing_pending_on_the_random_key(heads, model_dir, kind):
+def test_loading_a_head_leaves_the_random_key_as_it_was(heads, model_dir, kind):
     """The new head's random initial weights, replaced by the trained ones, split MLX's global
-    key lazily: never computed, that chain grew with every head loaded."""
-    mx.eval(mx.random.state)
+    key lazily: a seeded program drew other numbers after, and the chain, never computed, grew
+    with every head loaded."""
+    mx.random.seed(11)
+    expected = np.array(mx.random.uniform(shape=(4,)))
+    mx.random.seed(11)
     aim_mlx.load(model_dir, head=heads[kind].out)
     assert pending_operations(mx.random.state[0]) == 0
+    np.testing.assert_array_equal(np.array(mx.random.uniform(shape=(4,))), expected)
 
 
 def test_probe_layers_last(model_dir, data, tmp_path, monkeypatch):

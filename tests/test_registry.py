@@ -5,8 +5,9 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import FIXTURE_CONFIG, REF, rel_err
+from conftest import FIXTURE_CONFIG, REF, rel_err, run_cli
 from hub_server import HubServer
+from mlx.utils import tree_flatten
 from test_hub import FILES, REPO, registry_entry
 
 import aim_mlx
@@ -14,7 +15,8 @@ from aim_mlx import cache, registry
 from aim_mlx.convert.converter import ConversionError
 from aim_mlx.errors import OptionError
 from aim_mlx.loader import read_config
-from aim_mlx.resolve import default_dtype, resolve
+from aim_mlx.models import AIM
+from aim_mlx.resolve import default_dtype, models_overview, resolve
 
 # Names, the cache and the CPU's default dtype: on the CPU whatever MLX's default device is.
 pytestmark = pytest.mark.usefixtures("pin_cpu")
@@ -381,3 +383,18 @@ def test_repo_ids_are_those_the_hub_accepts(repo):
     except HFValidationError:
         accepted = False
     assert registry._is_repo_id(repo) == accepted
+
+
+def test_models_shows_the_parameter_count_of_an_entry_without_one(tmp_path, monkeypatch):
+    """A registry entry need not state `params`: `aim-mlx models` counts the architecture's
+    (it printed "params ?")."""
+    assert "params" not in registry_entry()
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(json.dumps({"models": [registry_entry()]}))
+    monkeypatch.setenv(registry.REGISTRY_ENV, str(registry_file))
+    args = registry.get("aim-tiny").model_args("best")
+    built = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))
+    [row] = [r for r in models_overview() if r["name"] == "aim-tiny"]
+    assert row["params"] == built
+    result = run_cli("models")
+    assert f"aim-tiny  ({built / 1e6:.2f}M params;" in result.stdout

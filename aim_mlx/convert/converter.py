@@ -457,8 +457,8 @@ def _parameter_shapes(args: ModelArgs):
     """The model's parameters before its blocks, in one block (without `trunk.blocks.<i>.`) and
     after them, as (key, shape) lists in the model's order: from a model of one block, since
     a damaged or hostile checkpoint can claim millions (each built block takes memory)."""
-    one = AIM(dataclasses.replace(args, num_blocks=1, probe_layers=(0,)))
-    ops.settle_random_key()  # its random init is never used
+    with ops.random_key_kept():  # its random init is never used
+        one = AIM(dataclasses.replace(args, num_blocks=1, probe_layers=(0,)))
     flat = [(k, tuple(v.shape)) for k, v in tree_flatten(one.parameters())]
     prefix = "trunk.blocks.0."
     first = next(i for i, (k, _) in enumerate(flat) if k.startswith(prefix))

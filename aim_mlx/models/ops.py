@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import platform
 import threading
+from contextlib import contextmanager
 from functools import lru_cache, partial
 
 import mlx.core as mx
@@ -98,15 +99,22 @@ def compiled(fn, shapeless: bool = False, **constants):
     return made[key]
 
 
-def settle_random_key() -> None:
-    """Compute MLX's random key, after building layers whose weights are then loaded.
+@contextmanager
+def random_key_kept():
+    """Build layers whose random initial weights are then replaced by loaded ones, leaving MLX's
+    random key (this thread's) as it was: a program that seeds MLX draws the same numbers
+    whether or not it loads a model meanwhile.
 
-    Each layer built draws its initial weights from that key lazily, splitting it into a new
-    lazy key; loaded weights replace them, so the key is never computed and its chain of
-    splits (about 2 KB a layer) grew with every model loaded, for as long as the process ran.
+    Each layer built draws from the key lazily, splitting it into a new lazy key; restoring the
+    key also drops that chain of splits (about 2 KB a layer), which would otherwise be kept for
+    as long as the process ran.
     """
     this_thread()  # the key is the thread's
-    mx.eval(mx.random.state)
+    high, low = mx.random.state[0].tolist()
+    try:
+        yield
+    finally:
+        mx.random.seed((high << 32) | low)  # mx.random.key(s) is [s >> 32, s & 0xFFFFFFFF]
 
 
 @lru_cache(maxsize=1)

@@ -40,11 +40,13 @@ def is_head_folder(head) -> bool:
 
 
 def make_head(kind: str, args, num_classes: int) -> nn.Module:
-    """A new head for a trunk with ModelArgs `args`."""
-    if kind == "attention":
-        return AttentionPoolingHead(dataclasses.replace(args, num_classes=num_classes))
-    if kind == "linear":
-        return LinearPoolingHead(args.embed_dim, num_classes, eps=args.norm_eps)
+    """A new head for a trunk with ModelArgs `args`, its weights for the caller to replace (MLX's
+    random key is left as it was)."""
+    with ops.random_key_kept():
+        if kind == "attention":
+            return AttentionPoolingHead(dataclasses.replace(args, num_classes=num_classes))
+        if kind == "linear":
+            return LinearPoolingHead(args.embed_dim, num_classes, eps=args.norm_eps)
     raise ProbeError(f"head kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -160,7 +162,6 @@ def attach(model: AIM, folder: str | Path, trunk: TrunkInfo) -> AIM:
     check_trunk(config, trunk, folder)
     classes = config["classes"]
     head = make_head(config["kind"], model.args, len(classes))
-    ops.settle_random_key()  # its random init is replaced by the trained weights
     try:
         weights = mx.load(mlx_path(Path(folder) / WEIGHTS))
         if bad := next((k for k, v in weights.items() if v.dtype != mx.float32), None):

@@ -137,14 +137,22 @@ def schedule(settings: Settings, steps_per_epoch: int):
     )
 
 
-def make_optimizer(settings: Settings, steps_per_epoch: int) -> optim.AdamW:
+def decays(path: str, weight: mx.array) -> bool:
+    """Whether weight decay applies: to the weight matrices, not to biases or the attention
+    head's query (`cls_token`), as timm's and MAE's probes leave out biases, norms and tokens."""
+    return weight.ndim >= 2 and path.rsplit(".", 1)[-1] != "cls_token"
+
+
+def make_optimizer(settings: Settings, steps_per_epoch: int) -> optim.Optimizer:
     """AdamW as PyTorch and the paper define it: with Adam's bias correction (MLX's default
-    leaves it out, making the first few hundred steps up to 6.5x `lr`), decoupled decay."""
-    return optim.AdamW(
-        schedule(settings, steps_per_epoch),
-        weight_decay=settings.weight_decay,
-        bias_correction=True,
-    )
+    leaves it out, making the first few hundred steps up to 6.5x `lr`), decoupled decay of the
+    weight matrices (`decays`)."""
+
+    def adamw(weight_decay: float) -> optim.AdamW:
+        rate = schedule(settings, steps_per_epoch)
+        return optim.AdamW(rate, weight_decay=weight_decay, bias_correction=True)
+
+    return optim.MultiOptimizer([adamw(settings.weight_decay), adamw(0.0)], [decays])
 
 
 def evaluate_features(model: nn.Module, store, keys, labels, batch_size: int):
@@ -421,7 +429,7 @@ def train(
         trunk=dataclasses.asdict(trunk),
         training=dict(
             **dataclasses.asdict(settings),
-            optimizer="AdamW, bias-corrected",
+            optimizer="AdamW, bias-corrected, no decay of biases and the query",
             schedule="linear warmup, cosine decay to 1% of lr",
             train_dir=str(train_dir),
             val=str(val_dir) if val_dir is not None else f"split {val_split or 0.2}",
