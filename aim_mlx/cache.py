@@ -2,7 +2,7 @@
 
 Layout under the cache root (AIM_MLX_CACHE, else the user's cache folder + "aim-mlx"):
 
-    models/<name>--<head>--<dtype>[--q<bits>g<group>]/   config.json + safetensors
+    models/<name>--<head>--<dtype>[--q<bits>g<group>]/   config.json, safetensors, SHA256SUMS
     .locks/<key>.lock                                     held while that entry is converted
     .locks/downloads/<name>.lock                          held while <name>'s downloads are removed
 
@@ -10,9 +10,10 @@ Entries appear atomically (the converter writes a temporary folder and renames i
 need no lock; writers take the entry's lock so two processes never convert the same model at once.
 An entry written by another converter format version counts as absent and is converted again.
 
-The converter records each written file's size and SHA-256 in the entry's config.json ("files");
-`verify` reads the files again and compares (`aim-mlx cache verify`). Loading never hashes: it
-would cost as much as reading the weights.
+The converter lists the SHA-256 of every file it writes, config.json included, in the entry's
+SHA256SUMS (entries written before that file existed: the weights' sizes and SHA-256 in
+config.json's "files"); `verify` reads the files again and compares (`aim-mlx cache verify`).
+Loading never hashes: it would cost as much as reading the weights.
 """
 
 from __future__ import annotations
@@ -314,10 +315,10 @@ def remove(key: str, on_wait=None) -> int:
 @dataclass
 class Verdict:
     """What `verify` found in one entry. `status`: ok; damaged (a file differs from its record,
-    or the record cannot be read); missing (recorded files are gone); no-checksums (none recorded:
-    made by an older aim-mlx); newer (made by a newer aim-mlx: not checked); busy (another process
-    converts or removes it now); removed (not in the cache, or removed meanwhile). `problems`:
-    file name -> what is wrong with it."""
+    or the record cannot be read); missing (recorded files, or SHA256SUMS, are gone);
+    no-checksums (none recorded: made by an older aim-mlx); newer (made by a newer aim-mlx: not
+    checked); busy (another process converts or removes it now); removed (not in the cache, or
+    removed meanwhile). `problems`: file name -> what is wrong with it."""
 
     key: str
     path: Path
@@ -378,6 +379,7 @@ def _held_unless_busy(key: str):
 
 
 def _verify_files(key: str, path: Path, progress: bool) -> Verdict:
+    from .convert.converter import SUMS_FILE
     from .loader import ModelLoadError, read_config
 
     try:
@@ -386,14 +388,43 @@ def _verify_files(key: str, path: Path, progress: bool) -> Verdict:
         return Verdict(key, path, "damaged", {"config.json": str(e)})
     if _newer_version(config) is not None:
         return Verdict(key, path, "newer", {})
-    if "files" not in config:
+    if "checksums" in config or (path / SUMS_FILE).exists():
+        records, problems = _sums_records(path)
+    elif "files" in config:  # written before SHA256SUMS: the weights only, in config.json
+        records, problems = _file_records(config["files"]), {}
+        if records is None:
+            problems = {"config.json": "its record of files is malformed"}
+    else:
         return Verdict(key, path, "no-checksums", {})
-    records = _file_records(config["files"])
-    if records is None:
-        return Verdict(key, path, "damaged", {"config.json": "its record of files is malformed"})
-    problems = _check_files(path, records, progress, desc=f"verifying {key}")
+    if not problems:
+        problems = _check_files(path, records, progress, desc=f"verifying {key}")
     missing = problems and all(p == "missing" for p in problems.values())
     return Verdict(key, path, "missing" if missing else "damaged" if problems else "ok", problems)
+
+
+SUMS_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")  # as sha256sum writes it (text or binary)
+
+
+def _sums_records(folder: Path) -> tuple[list, dict[str, str]]:
+    """SHA256SUMS as (name, None, sha256) records, and {SHA256SUMS: what is wrong} if it is
+    missing, unreadable, malformed (a name that is not a file of the folder included) or
+    leaves out config.json or a weight file."""
+    from .convert.converter import SUMS_FILE
+
+    try:
+        data = (folder / SUMS_FILE).read_bytes()
+    except FileNotFoundError:
+        return [], {SUMS_FILE: "missing"}
+    except OSError as e:
+        return [], {SUMS_FILE: f"cannot be read ({e.strerror or e})"}
+    rows = [SUMS_LINE.fullmatch(line) for line in data.decode(errors="replace").splitlines()]
+    if not rows or not all(rows) or not all(_is_file_name(m[2]) for m in rows):
+        return [], {SUMS_FILE: "malformed: expected lines of a SHA-256 and a file name"}
+    listed = {m[2] for m in rows}
+    weights = [p.name for p in folder.glob("model*.safetensors*") if p.name not in listed]
+    if unlisted := sorted({"config.json"} - listed) + sorted(weights):
+        return [], {SUMS_FILE: f"does not list {', '.join(unlisted)}"}
+    return [(m[2], None, m[1]) for m in rows], {}
 
 
 def _file_records(files) -> list[tuple[str, int, str]] | None:
@@ -404,22 +435,27 @@ def _file_records(files) -> list[tuple[str, int, str]] | None:
     except (KeyError, TypeError):
         return None
     well_formed = all(
-        isinstance(name, str) and Path(name).name == name and name not in (".", "..")
-        and type(size) is int and isinstance(sha, str)
+        isinstance(name, str) and _is_file_name(name) and type(size) is int
+        and isinstance(sha, str)
         for name, size, sha in records
     )  # fmt: skip
     return records if records and well_formed else None
 
 
+def _is_file_name(name: str) -> bool:
+    """A file of the folder itself: never a path elsewhere."""
+    return Path(name).name == name and name not in ("", ".", "..")
+
+
 def _check_files(folder: Path, records, progress: bool, desc: str) -> dict[str, str]:
     """file name -> what differs from its record (missing, its size, its SHA-256, unreadable),
-    for the files that differ."""
+    for the files that differ. `records`: (name, size or None: not recorded, sha256)."""
     from tqdm import tqdm
 
     from .convert.checkpoint import sha256_of  # read afresh: never the memo of file_sha256
 
     problems = {}
-    total = sum(size for _, size, _ in records)
+    total = sum(file_size(folder / name) or 0 for name, _, _ in records)
     with tqdm(
         total=total,
         unit="B",
@@ -433,7 +469,7 @@ def _check_files(folder: Path, records, progress: bool, desc: str) -> dict[str, 
             file = folder / name
             if (found := file_size(file)) is None:
                 problems[name] = "missing"
-            elif found != size:
+            elif size is not None and found != size:
                 problems[name] = f"{found} bytes, {size} when converted"
             else:
                 try:

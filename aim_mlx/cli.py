@@ -1039,10 +1039,10 @@ def _entries_of(name: str, entries: list[str]) -> set[str]:
 @json_option("Print one JSON object per entry, one a line.")
 @progress_option
 def cache_verify(names, as_json, progress):
-    """Check converted models against the SHA-256 recorded when they were converted: the
-    entries named (keys as `aim-mlx cache list` shows them, or model names) and converted
-    folders (`aim-mlx convert -o`), else every entry. Exit status 1 if a file is damaged or
-    missing."""
+    """Check converted models against the SHA-256 recorded when they were converted (their
+    SHA256SUMS, config.json included): the entries named (keys as `aim-mlx cache list` shows
+    them, or model names) and converted folders (`aim-mlx convert -o`), else every entry. Exit
+    status 1 if a file is damaged or missing."""
     from . import cache as model_cache
     from .resolve import is_converted
 

@@ -12,7 +12,7 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from .constants import DTYPE_NAMES, MX_DTYPES
-from .convert.converter import FORMAT_VERSION, Q_BITS, Q_GROUP_SIZES
+from .convert.converter import FORMAT_VERSION, Q_BITS, Q_GROUP_SIZES, architecture_metadata
 from .errors import AimMlxError
 from .memory import check_fits
 from .models import AIM, ModelArgs, ops
@@ -161,7 +161,7 @@ def load_model(path: str | Path) -> AIM:
     # a file is refused just below, but may first claim more than the memory).
     check_fits(sum(v.nbytes for v in weights.values()), str(path))
     for f in files:
-        _check_layout(path, f)
+        _check_layout(path, f, args)
     _check_blocks(path, args, weights)  # before building them: config.json may claim millions
     with ops.random_key_kept():
         model = AIM(args)  # its random init is lazy, never computed: the weights replace it
@@ -234,15 +234,30 @@ def convert_again(path: Path) -> str:
     return "convert the model again"
 
 
-def _check_layout(path: Path, f: Path):
+def _check_layout(path: Path, f: Path, args: ModelArgs):
     """ModelLoadError unless each tensor of `f` has bytes of its own: MLX's reader lets tensors
     share bytes or skip some (a header edited to point a tensor at another's weights loaded a
-    silently different model). safetensors' own reader checks the byte ranges."""
+    silently different model). safetensors' own reader checks the byte ranges. The header's
+    metadata is checked against config.json's architecture too (`_check_architecture`)."""
     try:
-        with safe_open(mlx_path(f), framework="numpy"):
-            pass
+        with safe_open(mlx_path(f), framework="numpy") as weights:
+            metadata = weights.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ModelLoadError(f"{f}: damaged weights ({e}); {convert_again(path)}") from None
+    _check_architecture(path, f, args, metadata)
+
+
+def _check_architecture(path: Path, f: Path, args: ModelArgs, metadata: dict[str, str]):
+    """ModelLoadError if config.json's architecture differs from the one the converter recorded
+    in `f`'s metadata: the weights cannot tell an edited head count, which made a silently
+    different model. Folders converted before it was recorded have none: not checked."""
+    for name, value in architecture_metadata(args).items():
+        if name in metadata and metadata[name] != value:
+            raise ModelLoadError(
+                f"{path}/config.json says {name} {value}, but {f.name} was converted with "
+                f"{name} {metadata[name]}: config.json was edited or damaged; "
+                f"{convert_again(path)}"
+            )
 
 
 def _check_blocks(path: Path, args, weights: dict):

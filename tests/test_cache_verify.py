@@ -1,13 +1,16 @@
-"""Checksums of converted models: recorded by the converter as it writes, checked again by
-`aim-mlx cache verify` (a flipped byte, a missing shard), and older entries without them still
-served as they are."""
+"""Checksums of converted models: recorded by the converter as it writes (SHA256SUMS, config.json
+included), checked again by `aim-mlx cache verify` (a flipped byte, a missing shard, an edited
+config.json), and older entries (checksums in config.json's "files", or none) still served as
+they are."""
 
 import contextlib
 import errno
 import hashlib
 import io
 import json
+import re
 import shutil
+import subprocess
 import threading
 
 import mlx.core as mx
@@ -86,6 +89,17 @@ def held_elsewhere(key):
         other.join()
 
 
+def old_style(folder):
+    """`folder` as the aim-mlx before SHA256SUMS wrote it: the weights' sizes and SHA-256 in
+    config.json's "files"; returns it."""
+    (folder / "SHA256SUMS").unlink()
+    weights = sorted(p for p in folder.iterdir() if p.name != "config.json")
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in weights}
+    files = [{"file": p.name, "size": p.stat().st_size, "sha256": digest[p]} for p in weights]
+    edit_config(folder, lambda c: (c.pop("checksums"), c.update(files=files)))
+    return folder
+
+
 def flip_byte(file, offset=None) -> None:
     data = bytearray(file.read_bytes())
     offset = len(data) // 2 if offset is None else offset
@@ -97,20 +111,33 @@ def flip_byte(file, offset=None) -> None:
 
 
 @pytest.mark.parametrize("layout", ["one file", "shards"])
-def test_conversion_records_every_file_it_wrote_with_its_sha256(layout, model_dir, sharded_dir):
+def test_sha256sums_lists_every_file_the_conversion_wrote(layout, model_dir, sharded_dir):
     folder = model_dir if layout == "one file" else sharded_dir
-    written = sorted(p.name for p in folder.iterdir() if p.name != "config.json")
+    written = sorted(p.name for p in folder.iterdir() if p.name != "SHA256SUMS")
+    assert "config.json" in written
     if layout == "shards":
         assert len(written) > 3 and "model.safetensors.index.json" in written
-    expected = [
-        {
-            "file": name,
-            "size": (folder / name).stat().st_size,
-            "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
-        }
-        for name in written
-    ]
-    assert sorted(config_of(folder)["files"], key=lambda f: f["file"]) == expected
+    expected = "".join(
+        f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  {name}\n" for name in written
+    )
+    assert (folder / "SHA256SUMS").read_text() == expected
+    config = config_of(folder)
+    assert config["checksums"] == "SHA256SUMS" and "files" not in config  # one record
+
+
+@pytest.mark.skipif(not shutil.which("sha256sum"), reason="no sha256sum command on this machine")
+@pytest.mark.parametrize("layout", ["one file", "shards"])
+def test_sha256sum_checks_a_converted_folder(layout, model_dir, sharded_dir, tmp_path):
+    folder = model_dir if layout == "one file" else sharded_dir
+    run = subprocess.run(
+        ["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    names = sorted(p.name for p in folder.iterdir() if p.name != "SHA256SUMS")
+    assert run.stdout == "".join(f"{name}: OK\n" for name in names)
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    flip_byte(copy / "config.json")
+    assert subprocess.run(["sha256sum", "--quiet", "-c", "SHA256SUMS"], cwd=copy).returncode == 1
 
 
 def test_an_entry_with_checksums_is_current_and_served_as_it_is(tmp_path):
@@ -118,7 +145,7 @@ def test_an_entry_with_checksums_is_current_and_served_as_it_is(tmp_path):
     hub_style = tmp_path / "hf"
     shutil.copytree(REF / "hf_repo", hub_style)
     folder = resolve(hub_style, progress=False)
-    assert "files" in config_of(folder) and cache.is_current(folder)
+    assert (folder / "SHA256SUMS").is_file() and cache.is_current(folder)
     before = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve(hub_style, progress=False) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == before
@@ -145,6 +172,62 @@ def test_a_flipped_byte_is_named_and_fails(model_dir):
     assert verdict.status == "damaged" and list(verdict.problems) == ["model.safetensors"]
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_heads", 4), ("img_size", 224), ("mlp_ratio", 4), ("probe_layers", [1, 2, 3, 4, 5, 6])],
+)
+def test_a_flipped_digit_in_config_json_is_named_and_fails(model_dir, field, value):
+    """An edit that keeps config.json valid JSON (and the model loadable, for most of these)
+    passed before config.json had a checksum."""
+    path = entry(model_dir)
+    assert config_of(path)[field] == value
+    text = (path / "config.json").read_text()
+    start = text.index(f'"{field}"')
+    digit = re.compile(r"\d").search(text, start)
+    flipped = {"4": "2", "2": "9", "1": "2"}[digit[0]]
+    (path / "config.json").write_text(text[: digit.start()] + flipped + text[digit.end() :])
+    assert config_of(path)[field] != value  # still JSON, another value
+    out = clean(cli("cache", "verify", KEY), 1)
+    assert out == (
+        f"damaged      {KEY}: config.json: its SHA-256 differs from the one recorded when "
+        f"converted; remove it (`aim-mlx cache rm {KEY}`): the next use converts it again\n"
+    )
+    assert cache.verify(KEY).problems == {
+        "config.json": "its SHA-256 differs from the one recorded when converted"
+    }
+
+
+def test_a_removed_sha256sums_is_missing_and_fails(model_dir):
+    """config.json names the file: its removal is not taken for an entry without checksums."""
+    path = entry(model_dir)
+    (path / "SHA256SUMS").unlink()
+    out = clean(cli("cache", "verify", KEY), 1)
+    assert out.startswith(f"missing      {KEY}: SHA256SUMS: missing; remove it")
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda text: "", "malformed: expected lines of a SHA-256 and a file name"),
+        (lambda text: text + "hello\n", "malformed: expected lines of a SHA-256 and a file name"),
+        (lambda text: text.replace("  config.json", "  ../config.json"), "malformed: expected"),
+        (lambda text: text.splitlines()[0] + "\n", "does not list model.safetensors"),
+        (lambda text: text.splitlines()[1] + "\n", "does not list config.json"),
+        (lambda text: text.replace("config.json", "config.js\xf6n"), "does not list config.json"),
+    ],
+    ids=["empty", "a line more", "a path", "a line less", "first line lost", "not UTF-8"],
+)
+def test_a_damaged_or_shortened_sha256sums_is_damaged(model_dir, edit, problem):
+    """A SHA256SUMS that lost a line would check less than the folder holds."""
+    path = entry(model_dir)
+    sums = path / "SHA256SUMS"
+    sums.write_text(edit(sums.read_text()), encoding="latin-1")
+    verdict = cache.verify(KEY)
+    assert verdict.status == "damaged"
+    assert list(verdict.problems) == ["SHA256SUMS"]
+    assert verdict.problems["SHA256SUMS"].startswith(problem)
+
+
 def test_a_flipped_byte_in_the_shard_list_is_found(sharded_dir):
     path = entry(sharded_dir)
     flip_byte(path / "model.safetensors.index.json", offset=40)
@@ -152,7 +235,8 @@ def test_a_flipped_byte_in_the_shard_list_is_found(sharded_dir):
 
 
 def test_a_file_of_another_size_is_damaged(model_dir):
-    path = entry(model_dir)
+    """An entry written before SHA256SUMS: its record in config.json has the sizes."""
+    path = old_style(entry(model_dir))
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     verdict = cache.verify(KEY)
@@ -170,13 +254,31 @@ def test_a_missing_shard_is_named_and_fails(sharded_dir):
     assert cache.verify(KEY).problems == {shard.name: "missing"}
 
 
+def test_an_entry_with_checksums_in_config_json_is_verified_and_still_used(tmp_path, monkeypatch):
+    """An entry of the aim-mlx before SHA256SUMS (the weights' checksums in config.json's
+    "files"): verified through them, served as it is, never converted again for the new file."""
+    hub_style = tmp_path / "hf"
+    shutil.copytree(REF / "hf_repo", hub_style)
+    folder = old_style(resolve(hub_style, progress=False))
+    assert clean(cli("cache", "verify", folder.name), 0) == f"ok           {folder.name}\n"
+    assert cache.is_current(folder)
+    monkeypatch.setattr("aim_mlx.convert.convert", lambda *a, **k: pytest.fail("converted"))
+    assert aim_mlx.load(hub_style, progress=False).args.num_blocks == 8
+    assert not (folder / "SHA256SUMS").exists()
+    flip_byte(folder / "model.safetensors")
+    assert cache.verify(folder.name).problems == {
+        "model.safetensors": "its SHA-256 differs from the one recorded when converted"
+    }
+
+
 def test_an_entry_without_checksums_is_reported_and_still_used(tmp_path, monkeypatch):
-    """An entry made before the record existed: `verify` says how to get one (exit 0), and
+    """An entry made before any record existed: `verify` says how to get one (exit 0), and
     the entry is served as it is, never converted again for it."""
     hub_style = tmp_path / "hf"
     shutil.copytree(REF / "hf_repo", hub_style)
     folder = resolve(hub_style, progress=False)
-    edit_config(folder, lambda c: c.pop("files"))
+    (folder / "SHA256SUMS").unlink()
+    edit_config(folder, lambda c: c.pop("checksums"))
     out = clean(cli("cache", "verify", folder.name), 0)
     assert out == (
         f"no-checksums {folder.name}: made by an older aim-mlx, which recorded no checksums; "
@@ -185,7 +287,7 @@ def test_an_entry_without_checksums_is_reported_and_still_used(tmp_path, monkeyp
     assert cache.is_current(folder)
     monkeypatch.setattr("aim_mlx.convert.convert", lambda *a, **k: pytest.fail("converted"))
     assert aim_mlx.load(hub_style, progress=False).args.num_blocks == 8
-    assert "files" not in config_of(folder)
+    assert not (folder / "SHA256SUMS").exists()
 
 
 def test_unknown_names_are_one_error_before_any_check(model_dir):

@@ -211,7 +211,11 @@ def test_force_never_replaces_an_input_or_a_folder_it_did_not_write(tmp_path):
     out.mkdir()
     clean(cli(*base, "-o", out), 0)
     clean(cli(*base, "-o", out), 0)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS",
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_outputs_never_replace_the_model_or_another_commands_output(model_dir, tmp_path):

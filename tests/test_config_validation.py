@@ -6,6 +6,7 @@ import re
 import shutil
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import REF, convert_fixture, exited_cleanly
@@ -123,14 +124,78 @@ def test_hand_edited_converted_config_is_one_line(model_dir, tmp_path, change, m
         aim_mlx.load(folder)
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_heads", 8), ("probe_layers", [2, 3, 4, 5, 6, 7]), ("img_size", 294), ("norm_eps", 1e-5)],
+)
+def test_an_edited_architecture_is_refused_naming_the_field(model_dir, tmp_path, field, value):
+    """The weights cannot tell the head count (nor the probe layers, the image size, norm_eps):
+    an edited one made a silently different model. The converter records them in the weights'
+    metadata; the loader compares."""
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    was = config[field]
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
+    assert err.endswith(
+        f"Error: {folder}/config.json says {field} {json.dumps(value)}, but model.safetensors "
+        f"was converted with {field} {json.dumps(was)}: config.json was edited or damaged; "
+        "convert the model again\n"
+    )
+    with pytest.raises(ModelLoadError, match=f"says {field} "):
+        aim_mlx.load(folder)
+
+
+def test_an_edited_head_count_in_a_cache_entry_says_how_to_remove_it(model_dir):
+    from aim_mlx import cache
+
+    entry = cache.entry_dir("x--best--float32")
+    shutil.copytree(model_dir, entry)
+    config = json.loads((entry / "config.json").read_text())
+    (entry / "config.json").write_text(json.dumps({**config, "num_heads": 2}))
+    err = clean(cli("classify", ROCKET, "-m", entry, "--no-progress"), 1)
+    assert (
+        "config.json says num_heads 2, but model.safetensors was converted with num_heads 4" in err
+    )
+    assert err.endswith(
+        "remove it with `aim-mlx cache rm x--best--float32` (converted again on next use)\n"
+    )
+
+
+def test_a_folder_converted_before_the_architecture_was_recorded_loads(model_dir, tmp_path):
+    """Weights without the architecture in their metadata load as before, unchecked."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    without_architecture(folder)
+    with safe_open(folder / "model.safetensors", framework="numpy") as f:
+        assert f.metadata() == {"format": "mlx"}
+    x = mx.array(np.load(REF / "input.npy"))
+    np.testing.assert_array_equal(
+        np.array(aim_mlx.load(folder)(x)), np.array(aim_mlx.load(model_dir)(x))
+    )
+
+
+def without_architecture(folder) -> None:
+    """`folder`'s weights as the aim-mlx before the architecture was recorded wrote them."""
+    weights = mx.load(str(folder / "model.safetensors"))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights, metadata={"format": "mlx"})
+
+
+@pytest.mark.parametrize("recorded", [True, False])
 def test_a_config_claiming_millions_of_blocks_fails_before_building_them(
-    model_dir, tmp_path, monkeypatch
+    model_dir, tmp_path, monkeypatch, recorded
 ):
-    """Each block built takes memory (about 60 KB at this size): 10 million would exhaust it."""
+    """Each block built takes memory (about 60 KB at this size): 10 million would exhaust it.
+    The weights' record of the architecture says so; without one, the missing blocks do."""
     from aim_mlx import loader
 
     folder = tmp_path / "m"
     shutil.copytree(model_dir, folder)
+    if not recorded:
+        without_architecture(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_blocks": 10**7}))
     real_aim = loader.AIM
@@ -142,7 +207,10 @@ def test_a_config_claiming_millions_of_blocks_fails_before_building_them(
     monkeypatch.setattr(loader, "AIM", small_aim)
     err = clean(cli("classify", ROCKET, "-m", folder, "--no-progress"), 1)
     assert err.strip() == (
-        f"Error: {folder}: weights lack 'trunk.blocks.8.*' (config.json says num_blocks "
+        f"Error: {folder}/config.json says num_blocks 10000000, but model.safetensors was "
+        "converted with num_blocks 8: config.json was edited or damaged; convert the model again"
+        if recorded
+        else f"Error: {folder}: weights lack 'trunk.blocks.8.*' (config.json says num_blocks "
         "10000000); convert the model again"
     )
 

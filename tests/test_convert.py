@@ -53,9 +53,27 @@ def run(out, **kw):
     return convert(out, **kw)
 
 
+# The fixture's architecture as the weights' metadata records it (JSON text of each field).
+ARCHITECTURE = {
+    "embed_dim": "64",
+    "num_blocks": "8",
+    "num_heads": "4",
+    "probe_layers": "[1, 2, 3, 4, 5, 6]",
+    "patch_size": "14",
+    "img_size": "224",
+    "num_classes": "1000",
+    "mlp_ratio": "4",
+    "norm_eps": "1e-06",
+}
+
+
 def test_output_folder_layout(tmp_path):
     out = run(tmp_path / "m", dtype="bfloat16")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS",
+        "config.json",
+        "model.safetensors",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["format_version"] == aim_mlx.convert.FORMAT_VERSION
     assert (config["embed_dim"], config["num_blocks"], config["num_heads"]) == (64, 8, 4)
@@ -66,7 +84,7 @@ def test_output_folder_layout(tmp_path):
     # The safetensors library reads it; names are the official ones minus the dropped counter.
     official = set(open_checkpoint(BACKBONE).keys()) | set(open_checkpoint(HEAD_BEST).keys())
     with safe_open(out / "model.safetensors", framework="numpy") as f:
-        assert f.metadata() == {"format": "mlx"}
+        assert f.metadata() == {"format": "mlx", **ARCHITECTURE}
         assert set(f.keys()) == official - {"head.bn.num_batches_tracked"}
     weights = mx.load(str(out / "model.safetensors"))
     assert all(w.dtype == mx.bfloat16 for w in weights.values())
@@ -87,6 +105,8 @@ def test_sharded_output_loads_identically(tmp_path, monkeypatch):
     assert set(index["weight_map"].values()) == set(shards)
     for shard in shards:
         assert (out / shard).stat().st_size <= 300_000 + 64_000 + 10_000  # one tensor may spill
+        with safe_open(out / shard, framework="numpy") as f:
+            assert f.metadata() == {"format": "mlx", **ARCHITECTURE}
     logits = np.array(aim_mlx.load(out)(X))
     assert rel_err(logits, REF_BEST) < 1e-4
 
@@ -639,8 +659,8 @@ def test_loader_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="format version 0.*convert the checkpoints again"):
         aim_mlx.load(out)
     (out / "config.json").write_text(json.dumps({**config, "num_blocks": 9}))
-    with pytest.raises(ModelLoadError, match="lack 'trunk.blocks.8"):
-        aim_mlx.load(out)
+    with pytest.raises(ModelLoadError, match="says num_blocks 9, but model.safetensors was conv"):
+        aim_mlx.load(out)  # the weights' record of the architecture (else: blocks are missing)
 
 
 def test_load_is_lazy(tmp_path):

@@ -7,9 +7,11 @@ is dropped. Tensors are streamed one at a time from the checkpoint to the output
 at about one tensor whatever the model size. Everything is written to a temporary folder that is
 renamed into place at the end: a failed or interrupted conversion leaves nothing behind.
 
-config.json records the SHA-256 of the source files ("sources") and of every file the
-conversion wrote beside it ("files": name, size, SHA-256, hashed as they were written), which
-`aim-mlx cache verify` checks.
+config.json records the SHA-256 of the source files ("sources"). SHA256SUMS holds the SHA-256 of
+every file the conversion wrote, config.json included (hashed as they were written), in the
+format `sha256sum -c` reads; `aim-mlx cache verify` checks it. Each weight file's safetensors
+metadata records the architecture (`architecture_metadata`): the loader compares it with
+config.json, since the weights cannot tell an edited head count.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from .safetensors_writer import SafetensorsWriter, tensor_nbytes
 FORMAT_VERSION = 1
 SHARD_BYTES = 5 * GiB
 INDEX_FILE = "model.safetensors.index.json"
+SUMS_FILE = "SHA256SUMS"
 PATCH_WEIGHT = "preprocessor.patchifier.proj.weight"
 DROPPED_KEYS = ("head.bn.num_batches_tracked",)
 # The trunk's matmul weights are quantized. The head (k, v, linear: about 3% of the weights) stays
@@ -150,10 +153,18 @@ def convert(
         "preprocess": {**PREPROCESS, "crop_size": args.img_size},
         "layout": {PATCH_WEIGHT: "OHWI (PyTorch: OIHW)", "dropped": list(DROPPED_KEYS)},
         "converter": f"aim-mlx {__version__}",
+        "checksums": SUMS_FILE,  # the file beside it: `cache verify` says if it is removed
     }
     trunk_files = {Path(s.checkpoint.path) for s in sources if not s.key.startswith("head.")}
     hasher = _SourceHasher(files, trunk_files)
-    return _write_folder(out, plan, config, force, progress, hasher)
+    metadata = {"format": "mlx", **architecture_metadata(args)}
+    return _write_folder(out, plan, config, metadata, force, progress, hasher)
+
+
+def architecture_metadata(args: ModelArgs) -> dict[str, str]:
+    """The architecture as safetensors metadata (JSON text of each ModelArgs field): what the
+    weights cannot tell (num_heads, probe_layers, img_size, norm_eps) beside what they can."""
+    return {name: json.dumps(value) for name, value in args.to_dict().items()}
 
 
 def _check_source_bytes(sources: list[Source], files: list[Path]) -> None:
@@ -577,7 +588,9 @@ def _shards(plan) -> list[list]:
     return [*shards, current]
 
 
-def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, hasher) -> Path:
+def _write_folder(
+    out: Path, plan, config: dict, metadata: dict, force: bool, progress: bool, hasher
+) -> Path:
     from tqdm import tqdm
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -595,7 +608,7 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
             disable=not progress or None,  # None: only on a terminal
             file=sys.stderr,
         ) as bar:
-            index, written = {}, []
+            index, written = {}, {}  # written: file name -> SHA-256
             for i, shard in enumerate(shards):
                 name = (
                     "model.safetensors"
@@ -603,7 +616,7 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
                     else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 )
                 entries = [e for _, outputs in shard for e in outputs]
-                with SafetensorsWriter(tmp / name, entries, {"format": "mlx"}) as writer:
+                with SafetensorsWriter(tmp / name, entries, metadata) as writer:
                     for source, outputs in shard:
                         arrays = _produce(source, outputs, dtype, q)
                         for (key, _, _), array in zip(outputs, arrays, strict=True):
@@ -611,16 +624,14 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
                             index[key] = name
                         del arrays
                         bar.update(_source_nbytes(source))
-                written.append(_file_record(name, writer.size, writer.sha256))
+                written[name] = writer.sha256
             if len(shards) > 1:
                 shard_list = {"metadata": {"format": "mlx"}, "weight_map": index}
-                data = json.dumps(shard_list, indent=1).encode()
-                (tmp / INDEX_FILE).write_bytes(data)
-                digest = hashlib.sha256(data).hexdigest()
-                written.append(_file_record(INDEX_FILE, len(data), digest))
+                written[INDEX_FILE] = _write(tmp / INDEX_FILE, json.dumps(shard_list, indent=1))
             config["sources"] = hasher.result()
-            config["files"] = written
-            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            written["config.json"] = _write(tmp / "config.json", json.dumps(config, indent=2))
+            sums = "".join(f"{sha}  {name}\n" for name, sha in sorted(written.items()))
+            (tmp / SUMS_FILE).write_bytes(sums.encode())
         _move_into_place(tmp, out, force)
     except BaseException as e:
         hasher.stop.set()
@@ -632,9 +643,11 @@ def _write_folder(out: Path, plan, config: dict, force: bool, progress: bool, ha
     return out
 
 
-def _file_record(name: str, size: int, sha256: str) -> dict:
-    """A row of config.json's "files": a file the conversion wrote, as `cache verify` checks it."""
-    return {"file": name, "size": size, "sha256": sha256}
+def _write(file: Path, text: str) -> str:
+    """Write `text` and a newline to `file`; the SHA-256 of what was written."""
+    data = (text + "\n").encode()
+    file.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _move_into_place(tmp: Path, out: Path, force: bool):
