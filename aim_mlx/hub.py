@@ -239,12 +239,34 @@ def _is_connection_error(error: BaseException | None, no_answer: bool = False) -
     kinds = {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError"}
     if no_answer:
         kinds |= {"ReadTimeout", "TimeoutException"}
+    return _in_chain(error, kinds)
+
+
+def _stalled(error: BaseException | None) -> bool:
+    """A read that waited longer than HF_HUB_DOWNLOAD_TIMEOUT for data (httpx's or requests'
+    ReadTimeout, urllib3's ReadTimeoutError), anywhere in the exception's chain."""
+    return _in_chain(error, {"ReadTimeout", "ReadTimeoutError"})
+
+
+def _in_chain(error: BaseException | None, kinds: set[str]) -> bool:
+    """Whether an exception, or one it was raised from, is of a class named in `kinds`."""
     while error is not None:
-        names = {cls.__name__ for cls in type(error).__mro__}
-        if names & kinds:
+        if {cls.__name__ for cls in type(error).__mro__} & kinds:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _stall_error(where: str, endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    wait = getattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10)
+    return (
+        f"downloading {where} failed: the hub ({_endpoint(endpoint)}) stopped sending, no data "
+        f"for {wait} s on each of huggingface_hub's tries (it resumes while data comes). Try "
+        "again later, or check the network or proxy; HF_HUB_DOWNLOAD_TIMEOUT sets how many "
+        "seconds each try waits for data."
+    )
 
 
 ATTEMPTS = 3
@@ -252,7 +274,12 @@ ATTEMPTS = 3
 
 def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> Path:
     """hf_hub_download, tried again after a transient failure (huggingface_hub resumes or
-    restarts the file, depending on its version); failures become HubError messages."""
+    restarts the file, depending on its version); failures become HubError messages.
+
+    A read timeout is not tried again: huggingface_hub already tries again itself, resuming,
+    for as long as data comes, and gives up only after several tries in a row got none (a
+    stalled server); another attempt here would only multiply that wait.
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
@@ -281,6 +308,8 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                 f"{NO_NETWORK_HINT}"
             ) from None
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
+            if _stalled(e):
+                raise HubError(_stall_error(where, endpoint)) from None
             if _is_connection_error(e):
                 raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
             if isinstance(e, UnicodeEncodeError):

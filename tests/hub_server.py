@@ -3,8 +3,9 @@
 It answers what `huggingface_hub.hf_hub_download` asks: HEAD and GET on
 `/<org>/<repo>/resolve/<revision>/<file>` with the `ETag`, `X-Repo-Commit` and `Content-Length`
 headers, and `Range: bytes=N-` requests for resuming. It records every request, can close the
-connection part-way through a file once (an interrupted download) and can serve altered bytes
-(a corrupted file).
+connection part-way through a file once (an interrupted download), stall part-way through a
+file on every request (a server that stops sending without closing the connection) and can
+serve altered bytes (a corrupted file).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class HubServer:
     interrupt_once: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent first
     corrupt: set[str] = field(default_factory=set)  # filenames served with one byte flipped
     status: dict[str, int] = field(default_factory=dict)  # filename -> HTTP error answered
+    # filename -> offset where each GET stops sending (None: no answer at all, HEAD or GET)
+    stall: dict[str, int | None] = field(default_factory=dict)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> HubServer:
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -46,6 +50,7 @@ class HubServer:
         return self
 
     def stop(self):
+        self._stopping.set()  # stalled answers end
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -111,6 +116,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
             return
         m = _RESOLVE.match(self.path.split("?")[0])
+        if m and m["file"] in hub.stall and hub.stall[m["file"]] is None:
+            hub._stopping.wait()  # the connection accepted, the request read: no answer
+            return
         if m and m["file"] in hub.status:  # a server error, or a mirror without the file
             self.send_response(hub.status[m["file"]])
             self.send_header("Content-Length", "0")
@@ -133,6 +141,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         self.end_headers()
         if not body:
+            return
+        if (stop := hub.stall.get(m["file"])) is not None:  # a stall after the headers
+            self.wfile.write(data[start : max(start, stop)])
+            self.wfile.flush()
+            hub._stopping.wait()  # headers and bytes up to `stop` sent; then nothing
             return
         cut = hub.interrupt_once.pop(m["file"], None)
         if cut is not None and cut > start:

@@ -277,6 +277,22 @@ def test_interrupted_download_resumes_where_it_stopped(env, hub):
     assert cut < size
 
 
+@pytest.mark.parametrize("sent", [0, 300_000])
+def test_a_stalled_download_ends_with_one_clear_error(env, hub, sent):
+    """A hub that sends a file's headers (and `sent` bytes), then nothing, without closing the
+    connection: huggingface_hub tries again itself (resuming while data comes) and gives up;
+    aim-mlx does not start it all over twice more (18 requests, 3 min 20 s with the default
+    timeout), and says what happened and what to do. The user's HF_HUB_DOWNLOAD_TIMEOUT holds."""
+    hub.stall["backbone.pth"] = sent
+    result = aim_mlx({**env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"the hub ({hub.url}) stopped sending, no data for 1 s" in result.stderr
+    assert "HF_HUB_DOWNLOAD_TIMEOUT sets how many seconds" in result.stderr
+    assert "trying again" not in result.stderr
+    assert 1 < len(hub.downloads("backbone.pth")) < 10  # huggingface_hub's tries (6), once
+    assert not (Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY).exists()
+
+
 @pytest.mark.parametrize("sized", [False, True])
 def test_file_missing_on_the_hub_is_not_retried(env, hub, sized):
     if sized:  # a registry entry that gives the sizes: the hub is asked all the same
