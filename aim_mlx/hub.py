@@ -92,19 +92,22 @@ def plan(spec: ModelSpec, head: str, cache_dir=None, endpoint=None) -> list[Plan
 
 def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
     """The size the hub reports for a file, or None when it cannot be asked (offline). A file
-    the hub says it does not have, or will not give (HTTP 401, 403, 404), is a HubError here,
-    before any file is fetched (not after a backbone of many GB)."""
+    the hub says it does not have, or will not give (HTTP 401, 403, 404), or a hub that cannot
+    be reached or does not answer, is a HubError here, before any file is fetched (not after a
+    backbone of many GB; huggingface_hub asks a hub that does not answer again for minutes)."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     if constants.HF_HUB_OFFLINE:
         return None
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
-        return get_hf_file_metadata(url).size
+        return get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT).size
     except Exception as e:  # other problems: the download that follows reports them
+        where = f"{file.filename} from {spec.repo}"
         if (status := _http_status(e)) in (401, 403, 404):
-            where = f"{file.filename} from {spec.repo}"
             raise HubError(_http_error(where, status, endpoint)) from None
+        if _is_connection_error(e, no_answer=True):
+            raise HubError(_unreachable(where, e, endpoint)) from None
         return None
 
 
@@ -214,23 +217,32 @@ def check_download_cache(hub_dir: Path) -> None:
         ) from None
 
 
-REACH_TIMEOUT_S = 10  # huggingface_hub's own, for a metadata request
-
-
 def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
-    """Ask the hub about one file, once: a connection or name-resolution failure ends here, with
-    advice, rather than after huggingface_hub's retries. Other errors are left to the download."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    """Ask the hub about one file, once: a connection or name-resolution failure, or no answer
+    within HF_HUB_ETAG_TIMEOUT, ends here, with advice, rather than after huggingface_hub's
+    retries. Other errors are left to the download."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
-        get_hf_file_metadata(url, timeout=REACH_TIMEOUT_S)
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as e:
         if _is_connection_error(e, no_answer=True):
-            raise HubError(
-                f"cannot reach the hub ({_endpoint(endpoint)}) for {spec.repo} ({e}). "
-                f"{NO_NETWORK_HINT}"
-            ) from None
+            raise HubError(_unreachable(f"{file.filename} from {spec.repo}", e, endpoint)) from None
+
+
+def _unreachable(where: str, error: BaseException, endpoint: str | None) -> str:
+    """The hub cannot be reached, or did not answer a request about `where` in time."""
+    from huggingface_hub import constants
+
+    if _stalled(error):
+        wait = constants.HF_HUB_ETAG_TIMEOUT
+        return (
+            f"the hub ({_endpoint(endpoint)}) did not answer about {where} within {wait} s "
+            "(HF_HUB_ETAG_TIMEOUT sets the wait): try again later, or check the network or "
+            f"proxy. {NO_NETWORK_HINT}"
+        )
+    return f"cannot reach the hub ({_endpoint(endpoint)}) for {where} ({error}). {NO_NETWORK_HINT}"
 
 
 def _is_connection_error(error: BaseException | None, no_answer: bool = False) -> bool:

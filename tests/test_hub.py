@@ -293,6 +293,20 @@ def test_a_stalled_download_ends_with_one_clear_error(env, hub, sent):
     assert not (Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY).exists()
 
 
+def test_a_hub_that_stops_answering_for_one_file_ends_before_any_download(env, hub):
+    """The hub answers for the backbone, then not at all for the head: said before the backbone
+    is fetched, in HF_HUB_ETAG_TIMEOUT (the user's); huggingface_hub's download asks again with
+    a timeout of its own (60 s, 6 times: 6 min and more) after fetching the backbone."""
+    hub.stall["head_best_layers.pth"] = None
+    result = aim_mlx({**env, "HF_HUB_ETAG_TIMEOUT": "1"}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    expected = f"({hub.url}) did not answer about head_best_layers.pth from {REPO} within 1 s"
+    assert expected in result.stderr
+    assert hub.downloads() == []
+    asked = [r for r in hub.requests if r.path.endswith("/head_best_layers.pth")]
+    assert len(asked) == 1
+
+
 @pytest.mark.parametrize("sized", [False, True])
 def test_file_missing_on_the_hub_is_not_retried(env, hub, sized):
     if sized:  # a registry entry that gives the sizes: the hub is asked all the same
@@ -544,17 +558,19 @@ def test_no_access_names_the_token(env, hub):
 
 
 def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
+    from huggingface_hub import constants
+
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec
 
     spec = ModelSpec.from_dict(registry_entry())
-    monkeypatch.setattr(hub_module, "REACH_TIMEOUT_S", 1)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)  # the user's, as read at import
     with socket.socket() as silent:  # accepts connections (the backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
-        with pytest.raises(hub_module.HubError, match="cannot reach the hub"):
+        with pytest.raises(hub_module.HubError, match="did not answer about backbone.pth from"):
             hub_module.check_reachable(spec, spec.backbone, endpoint)
     assert time.monotonic() - start < 5
 
