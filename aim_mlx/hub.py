@@ -404,11 +404,11 @@ def verify(
     """
     try:
         digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # bar: terminals only
-    except FileNotFoundError:  # not under this cache's locks (`model_locks`): another AIM_MLX_CACHE
+    except FileNotFoundError:  # removed by a process that takes no lock of aim-mlx
         raise HubError(
             f"{file.filename} from {spec.repo} was removed from the download cache meanwhile, "
-            "by another process (`aim-mlx cache rm-downloads` with another AIM_MLX_CACHE, or "
-            "`hf cache rm`); run the command again to download it afresh"
+            "by another process (`hf cache rm`, or an older aim-mlx's `cache rm-downloads`); "
+            "run the command again to download it afresh"
         ) from None
     if digest.startswith(file.sha256):
         return
@@ -445,6 +445,26 @@ def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
     """The model's files that are in the download cache."""
     files = [spec.backbone, *spec.heads.values()]
     return [(f, path) for f in files if (path := cached_path(spec, f, cache_dir))]
+
+
+def readers_locks(name: str) -> tuple[Path, Path] | None:
+    """(gate, folder) of the locks that conversions of model `name` reading its downloads hold
+    (`cache.lock`) and `remove_downloads` waits for (`cache.model_locks`), kept beside
+    huggingface_hub's own locks in the download cache so that every AIM_MLX_CACHE sharing that
+    cache sees them. None where it cannot be written: nobody removes downloads from it then."""
+    check_endpoint()
+    from huggingface_hub import constants
+
+    from .cache import safe_name
+
+    folder = Path(constants.HF_HUB_CACHE) / ".locks" / "aim-mlx" / safe_name(name)
+    gate = folder.parent / f"{folder.name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        gate.touch()
+    except OSError:
+        return None
+    return gate, folder
 
 
 def remove_downloads(spec: ModelSpec, cache_dir=None, progress: bool = True) -> int:

@@ -630,6 +630,47 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     assert_ranks_match_reference(res.stdout)
 
 
+def test_rm_downloads_under_another_cache_waits_for_a_conversion(env, hub, tmp_path):
+    """Two AIM_MLX_CACHE roots sharing one HF_HOME: `cache rm-downloads` under one waits (saying
+    so) for a conversion under the other that reads the downloads, as it does within one root;
+    it removed them at once, from under the conversion (the locks were in each AIM_MLX_CACHE)."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    holder = f"""if True:  # a conversion reading aim-tiny's downloads, as resolve holds it
+        import pathlib, time
+        from aim_mlx import cache
+        with cache.lock("aim-tiny--last--float16", reads_downloads_of="aim-tiny"):
+            pathlib.Path({str(ready)!r}).touch()
+            start = time.monotonic()
+            while not pathlib.Path({str(go)!r}).exists() and time.monotonic() - start < 300:
+                time.sleep(0.05)
+    """
+    converting = subprocess.Popen([sys.executable, "-c", holder], env=env)
+    other = {**env, "AIM_MLX_CACHE": str(tmp_path / "other-cache")}
+    rm = None
+    try:
+        wait_until(lambda: ready.exists() or converting.poll() is not None)
+        with open(tmp_path / "rm.err", "w") as err:
+            rm = subprocess.Popen(
+                [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
+                env=other, stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+        waiting = "waiting for another process converting aim-tiny"
+        wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
+        assert rm.poll() is None and waiting in (tmp_path / "rm.err").read_text()
+        assert list(Path(env["HF_HOME"]).rglob("snapshots/*/backbone.pth"))  # not removed yet
+        go.touch()
+        rm_out, _ = rm.communicate(timeout=120)
+    finally:  # a failed assertion leaves neither process running
+        go.touch()
+        for proc in (converting, rm):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert converting.wait(timeout=60) == 0
+    assert rm.returncode == 0 and "removed aim-tiny downloads" in rm_out
+    assert not list(Path(env["HF_HOME"]).rglob("snapshots/*/backbone.pth"))
+
+
 def test_a_download_removed_before_its_check_is_one_error(tmp_path):
     """`cache rm-downloads` under another AIM_MLX_CACHE (whose locks this process does not
     see) removed a file between its download and its check: a HubError, not a traceback."""
