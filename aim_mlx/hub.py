@@ -235,14 +235,29 @@ def _unreachable(where: str, error: BaseException, endpoint: str | None) -> str:
     """The hub cannot be reached, or did not answer a request about `where` in time."""
     from huggingface_hub import constants
 
+    hub = f"the hub ({_endpoint(endpoint)}){_through_proxy(endpoint)}"
     if _stalled(error):
         wait = constants.HF_HUB_ETAG_TIMEOUT
         return (
-            f"the hub ({_endpoint(endpoint)}) did not answer about {where} within {wait} s "
-            "(HF_HUB_ETAG_TIMEOUT sets the wait): try again later, or check the network or "
-            f"proxy. {NO_NETWORK_HINT}"
+            f"{hub} did not answer about {where} within {wait} s (HF_HUB_ETAG_TIMEOUT sets the "
+            f"wait): try again later, or check the network or proxy. {NO_NETWORK_HINT}"
         )
-    return f"cannot reach the hub ({_endpoint(endpoint)}) for {where} ({error}). {NO_NETWORK_HINT}"
+    return f"cannot reach {hub} for {where} ({error}). {NO_NETWORK_HINT}"
+
+
+def _through_proxy(endpoint: str | None) -> str:
+    """' through the proxy P (...)' where the environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY,
+    less NO_PROXY) sends requests to the hub through one: a proxy that is down refuses the
+    connection as if the hub did."""
+    import urllib.request
+
+    parts = urlsplit(_endpoint(endpoint))
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return ""
+    variable = f"{parts.scheme.upper()}_PROXY" if parts.scheme in proxies else "ALL_PROXY"
+    return f" through the proxy {proxy} ({variable})"
 
 
 def _is_connection_error(error: BaseException | None, no_answer: bool = False) -> bool:

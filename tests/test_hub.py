@@ -557,6 +557,21 @@ def test_no_access_names_the_token(env, hub):
     assert "trying again" not in result.stderr
 
 
+def test_a_proxy_that_is_down_is_named(env, hub):
+    """HTTP_PROXY naming a port where nothing listens: the connection is refused by the proxy,
+    not by the hub (which is up); the message said 'cannot reach the hub' and stopped there."""
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in env.items() if k.lower() not in ("no_proxy", "all_proxy")}
+    result = aim_mlx({**env, "HTTP_PROXY": proxy}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot reach the hub ({hub.url}) through the proxy {proxy} (HTTP_PROXY)" in (
+        result.stderr
+    )
+    assert hub.requests == []
+
+
 def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
     from huggingface_hub import constants
 
