@@ -275,6 +275,13 @@ def _stalled(error: BaseException | None) -> bool:
     return _in_chain(error, {"ReadTimeout", "ReadTimeoutError"})
 
 
+def _dropped(error: BaseException | None) -> bool:
+    """A connection made, then reset or broken midway (httpx's ReadError, an OS
+    ConnectionResetError): huggingface_hub (2.x) does not resume it, another attempt can."""
+    kinds = {"ReadError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError"}
+    return _in_chain(error, kinds)
+
+
 def _in_chain(error: BaseException | None, kinds: set[str]) -> bool:
     """Whether an exception, or one it was raised from, is of a class named in `kinds`."""
     while error is not None:
@@ -305,7 +312,8 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
 
     A read timeout is not tried again: huggingface_hub already tries again itself, resuming,
     for as long as data comes, and gives up only after several tries in a row got none (a
-    stalled server); another attempt here would only multiply that wait.
+    stalled server); another attempt here would only multiply that wait. A connection reset
+    midway is tried again (huggingface_hub 2.x restarts the file then).
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import LocalEntryNotFoundError
@@ -337,7 +345,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
             if _stalled(e):
                 raise HubError(_stall_error(where, endpoint)) from None
-            if _is_connection_error(e):
+            if _is_connection_error(e) and not _dropped(e):
                 raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
             if isinstance(e, UnicodeEncodeError):
                 raise HubError(

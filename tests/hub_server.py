@@ -2,10 +2,10 @@
 
 It answers what `huggingface_hub.hf_hub_download` asks: HEAD and GET on
 `/<org>/<repo>/resolve/<revision>/<file>` with the `ETag`, `X-Repo-Commit` and `Content-Length`
-headers, and `Range: bytes=N-` requests for resuming. It records every request, can close the
-connection part-way through a file once (an interrupted download), stall part-way through a
-file on every request (a server that stops sending without closing the connection) and can
-serve altered bytes (a corrupted file).
+headers, and `Range: bytes=N-` requests for resuming. It records every request, can close (or
+reset) the connection part-way through a file once (an interrupted download), stall part-way
+through a file on every request (a server that stops sending without closing the connection)
+and can serve altered bytes (a corrupted file).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,6 +38,7 @@ class HubServer:
     repos: dict[str, dict[str, Path]]  # repo id -> {filename: local file}
     requests: list[Request] = field(default_factory=list)
     interrupt_once: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent first
+    reset_once: dict[str, int] = field(default_factory=dict)  # the same, then a reset (RST)
     corrupt: set[str] = field(default_factory=set)  # filenames served with one byte flipped
     status: dict[str, int] = field(default_factory=dict)  # filename -> HTTP error answered
     # filename -> offset where each GET stops sending (None: no answer at all, HEAD or GET)
@@ -153,6 +156,15 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return  # the client sees the connection close before Content-Length bytes
+        cut = hub.reset_once.pop(m["file"], None)
+        if cut is not None and cut > start:
+            self.wfile.write(data[start:cut])
+            self.wfile.flush()
+            linger = struct.pack("ii", 1, 0)  # close with a reset, as a dropped link or proxy
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            self.connection.close()
+            self.close_connection = True
+            return
         self.wfile.write(data[start:])
 
 

@@ -256,6 +256,19 @@ def test_interrupted_download_recovers(env, hub):
     assert len(hub.downloads("backbone.pth")) == 2
 
 
+def test_a_download_reset_midway_is_tried_again(env, hub):
+    """The connection reset (RST) half-way through the backbone: huggingface_hub does not resume
+    that one itself; it was taken for a hub that cannot be reached, and the command ended with
+    advice for working offline. It is tried again, and the run succeeds."""
+    hub.reset_once["backbone.pth"] = (REF / "backbone.pth").stat().st_size // 2
+    result = classify_json(env)
+    assert result.returncode == 0, result.stderr
+    assert_ranks_match_reference(result.stdout)
+    assert len(hub.downloads("backbone.pth")) == 2
+    assert "backbone.pth from aim-test-org/AIM-tiny: " in result.stderr
+    assert "; trying again (2/3)" in result.stderr
+
+
 # huggingface_hub writes what it received in 10 MB pieces, so a resume point exists only past
 # 10 MB; the fixture backbone is 1.7 MB. This run lowers that piece size to 64 KB.
 SMALL_CHUNKS = (
