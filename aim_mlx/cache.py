@@ -107,7 +107,7 @@ def lock(key: str, on_wait=None, reads_downloads_of: str | None = None):
     path = _lock_file(key)
     on_wait = _once(on_wait)
     with ExitStack() as stack:
-        if reads_downloads_of and (readers := _readers_locks(reads_downloads_of)):
+        if reads_downloads_of and (readers := _readers_locks(reads_downloads_of, reading=True)):
             gate, folder = readers  # seen by `model_locks` under another AIM_MLX_CACHE too
             reader = folder / f"{_root_id()}--{key}.lock"
             with _held(gate, on_wait):
@@ -127,7 +127,8 @@ def model_locks(name: str, on_wait=None):
     conversion of the model that starts meanwhile waits until these are released."""
     waiting = _once(on_wait)  # for whichever lock is held by another process
     with ExitStack() as stack:
-        if readers := _readers_locks(name):  # conversions under every AIM_MLX_CACHE, first
+        # first, conversions under every AIM_MLX_CACHE sharing the download cache
+        if readers := _readers_locks(name, reading=False):
             gate, folder = readers
             stack.enter_context(_held(gate, waiting))
             for reader in sorted(folder.glob("*.lock")):
@@ -143,10 +144,10 @@ def model_locks(name: str, on_wait=None):
         yield
 
 
-def _readers_locks(name: str) -> tuple[Path, Path] | None:
+def _readers_locks(name: str, reading: bool) -> tuple[Path, Path] | None:
     from .hub import readers_locks
 
-    return readers_locks(name)
+    return readers_locks(name, reading)
 
 
 def _root_id() -> str:

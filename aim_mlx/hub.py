@@ -470,16 +470,19 @@ def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
     return [(f, path) for f in files if (path := cached_path(spec, f, cache_dir))]
 
 
-def readers_locks(name: str) -> tuple[Path, Path] | None:
+def readers_locks(name: str, reading: bool) -> tuple[Path, Path] | None:
     """(gate, folder) of the locks that conversions of model `name` reading its downloads hold
-    (`cache.lock`) and `remove_downloads` waits for (`cache.model_locks`), kept beside
-    huggingface_hub's own locks in the download cache so that every AIM_MLX_CACHE sharing that
-    cache sees them. None where it cannot be written: nobody removes downloads from it then."""
+    (`cache.lock`, `reading`) and `remove_downloads` waits for (`cache.model_locks`), kept
+    beside huggingface_hub's own locks in the download cache so that every AIM_MLX_CACHE
+    sharing that cache sees them. None where it cannot be written (nobody removes downloads
+    from it then), or, not `reading`, where it does not exist (nothing to wait for)."""
     check_endpoint()
     from huggingface_hub import constants
 
     from .cache import safe_name
 
+    if not reading and not Path(constants.HF_HUB_CACHE).is_dir():
+        return None
     folder = Path(constants.HF_HUB_CACHE) / ".locks" / "aim-mlx" / safe_name(name)
     gate = folder.parent / f"{folder.name}.lock"
     try:

@@ -699,6 +699,13 @@ def test_rm_downloads_under_another_cache_waits_for_a_conversion(env, hub, tmp_p
     assert not list(Path(env["HF_HOME"]).rglob("snapshots/*/backbone.pth"))
 
 
+def test_rm_downloads_with_nothing_downloaded_makes_no_download_cache(env):
+    """The locks shared through the download cache are not made where there is none yet."""
+    result = aim_mlx(env, "cache", "rm-downloads")
+    assert result.returncode == 0 and "nothing to remove" in result.stdout
+    assert not Path(env["HF_HOME"]).exists()
+
+
 def test_a_download_removed_before_its_check_is_one_error(tmp_path):
     """`cache rm-downloads` under another AIM_MLX_CACHE (whose locks this process does not
     see) removed a file between its download and its check: a HubError, not a traceback."""
