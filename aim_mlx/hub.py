@@ -105,7 +105,7 @@ def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
     except Exception as e:  # other problems: the download that follows reports them
         where = f"{file.filename} from {spec.repo}"
         if (status := _http_status(e)) in (401, 403, 404):
-            raise HubError(_http_error(where, status, endpoint)) from None
+            raise HubError(_http_error(where, status, endpoint, e)) from None
         if _is_connection_error(e, no_answer=True):
             raise HubError(_unreachable(where, e, endpoint)) from None
         return None
@@ -337,7 +337,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
             )
         except LocalEntryNotFoundError as e:
             if status := _http_status(e):  # the server answered, with an error
-                raise HubError(_http_error(where, status, endpoint)) from None
+                raise HubError(_http_error(where, status, endpoint, e)) from None
             raise HubError(
                 f"{where} is not downloaded yet and the hub cannot be reached: {e} "
                 f"{NO_NETWORK_HINT}"
@@ -353,7 +353,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                     "not ASCII; check HF_TOKEN (and any other HF_* setting)"
                 ) from None
             if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
-                raise HubError(_http_error(where, status, endpoint)) from None
+                raise HubError(_http_error(where, status, endpoint, e)) from None
             reason = _first_line(e)
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {reason}") from e
@@ -378,13 +378,18 @@ def _http_status(error: BaseException | None) -> int | None:
     return None
 
 
-def _http_error(where: str, status: int, endpoint: str | None) -> str:
+def _http_error(where: str, status: int, endpoint: str | None, error=None) -> str:
     hints = {
         401: "Check HF_TOKEN (`hf auth login`) and that your account may read the repo.",
         404: "Check HF_ENDPOINT (a mirror may lack the file) and the model's repo, revision and "
         "file names (AIM_MLX_REGISTRY).",
     }
     hint = hints.get(401 if status == 403 else status, "Check HF_ENDPOINT, or try again later.")
+    if _in_chain(error, {"GatedRepoError"}):  # the hub's X-Error-Code: GatedRepo
+        hint = (
+            "The repo is gated: accept its conditions on its page on the hub, signed in with "
+            "the account whose token HF_TOKEN holds (`hf auth login`)."
+        )
     answer = f"the hub ({_endpoint(endpoint)}) answered HTTP {status}"
     return f"downloading {where} failed: {answer}. {hint}"
 

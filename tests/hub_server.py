@@ -41,6 +41,7 @@ class HubServer:
     reset_once: dict[str, int] = field(default_factory=dict)  # the same, then a reset (RST)
     corrupt: set[str] = field(default_factory=set)  # filenames served with one byte flipped
     status: dict[str, int] = field(default_factory=dict)  # filename -> HTTP error answered
+    error_code: dict[str, str] = field(default_factory=dict)  # filename -> its X-Error-Code
     # filename -> offset where each GET stops sending (None: no answer at all, HEAD or GET)
     stall: dict[str, int | None] = field(default_factory=dict)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -124,6 +125,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if m and m["file"] in hub.status:  # a server error, or a mirror without the file
             self.send_response(hub.status[m["file"]])
+            if code := hub.error_code.get(m["file"]):  # as the hub says why (GatedRepo, ...)
+                self.send_header("X-Error-Code", code)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

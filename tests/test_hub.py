@@ -585,6 +585,19 @@ def test_a_proxy_that_is_down_is_named(env, hub):
     assert hub.requests == []
 
 
+def test_a_gated_repo_says_to_accept_its_conditions(env, hub):
+    """HTTP 403 with X-Error-Code GatedRepo: a valid token is not enough, the account must accept
+    the repo's conditions first ('check HF_TOKEN' alone sent users after their token)."""
+    hub.status["backbone.pth"] = 403
+    hub.error_code["backbone.pth"] = "GatedRepo"
+    result = aim_mlx(env, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "answered HTTP 403. The repo is gated: accept its conditions on its page" in (
+        result.stderr
+    )
+    assert hub.downloads() == []
+
+
 def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
     from huggingface_hub import constants
 
