@@ -6,6 +6,12 @@ Layout under the cache root (AIM_MLX_CACHE, else the user's cache folder + "aim-
     .locks/<key>.lock                                     held while that entry is converted
     .locks/downloads/<name>.lock                          held while <name>'s downloads are removed
 
+and under the download cache (HF_HUB_CACHE, shared by every AIM_MLX_CACHE that uses it), beside
+huggingface_hub's own locks (`hub.readers_locks`):
+
+    .locks/aim-mlx/<name>.lock                            held while <name>'s downloads are removed
+    .locks/aim-mlx/<name>/<root id>--<key>.lock           held while <key> is converted from them
+
 Entries appear atomically (the converter writes a temporary folder and renames it), so readers
 need no lock; writers take the entry's lock so two processes never convert the same model at once.
 An entry written by another converter format version counts as absent and is converted again.
@@ -18,6 +24,7 @@ Loading never hashes: it would cost as much as reading the weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -100,10 +107,17 @@ def lock(key: str, on_wait=None, reads_downloads_of: str | None = None):
     made while no other process removes them (`model_locks`), so that one sees and waits for it."""
     path = _lock_file(key)
     on_wait = _once(on_wait)
-    if reads_downloads_of:
-        with _held(_downloads_gate(reads_downloads_of), on_wait):
-            path.touch()
-    with _held(path, on_wait):
+    with ExitStack() as stack:
+        if reads_downloads_of and (readers := _readers_locks(reads_downloads_of, reading=True)):
+            gate, folder = readers  # seen by `model_locks` under another AIM_MLX_CACHE too
+            reader = folder / f"{_root_id()}--{key}.lock"
+            with _held(gate, on_wait):
+                reader.touch()
+            stack.enter_context(_held(reader, on_wait))
+        if reads_downloads_of:
+            with _held(_downloads_gate(reads_downloads_of), on_wait):
+                path.touch()
+        stack.enter_context(_held(path, on_wait))
         yield
 
 
@@ -114,6 +128,12 @@ def model_locks(name: str, on_wait=None):
     conversion of the model that starts meanwhile waits until these are released."""
     waiting = _once(on_wait)  # for whichever lock is held by another process
     with ExitStack() as stack:
+        # first, conversions under every AIM_MLX_CACHE sharing the download cache
+        if readers := _readers_locks(name, reading=False):
+            gate, folder = readers
+            stack.enter_context(_held(gate, waiting))
+            for reader in sorted(folder.glob("*.lock")):
+                stack.enter_context(_held(reader, waiting))
         with suppress(CacheError):  # a cache that cannot be written has no conversion to wait for
             stack.enter_context(_held(_downloads_gate(name), waiting))
         folder = cache_root() / ".locks"
@@ -123,6 +143,17 @@ def model_locks(name: str, on_wait=None):
         for key in keys:
             stack.enter_context(lock(key, waiting))
         yield
+
+
+def _readers_locks(name: str, reading: bool) -> tuple[Path, Path] | None:
+    from .hub import readers_locks
+
+    return readers_locks(name, reading)
+
+
+def _root_id() -> str:
+    """A short name for this cache root, unique among those sharing a download cache."""
+    return hashlib.sha256(os.fsencode(cache_root())).hexdigest()[:12]
 
 
 def _lock_file(key: str) -> Path:

@@ -92,19 +92,22 @@ def plan(spec: ModelSpec, head: str, cache_dir=None, endpoint=None) -> list[Plan
 
 def remote_size(spec: ModelSpec, file: HubFile, endpoint=None) -> int | None:
     """The size the hub reports for a file, or None when it cannot be asked (offline). A file
-    the hub says it does not have, or will not give (HTTP 401, 403, 404), is a HubError here,
-    before any file is fetched (not after a backbone of many GB)."""
+    the hub says it does not have, or will not give (HTTP 401, 403, 404), or a hub that cannot
+    be reached or does not answer, is a HubError here, before any file is fetched (not after a
+    backbone of many GB; huggingface_hub asks a hub that does not answer again for minutes)."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     if constants.HF_HUB_OFFLINE:
         return None
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
-        return get_hf_file_metadata(url).size
+        return get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT).size
     except Exception as e:  # other problems: the download that follows reports them
+        where = f"{file.filename} from {spec.repo}"
         if (status := _http_status(e)) in (401, 403, 404):
-            where = f"{file.filename} from {spec.repo}"
-            raise HubError(_http_error(where, status, endpoint)) from None
+            raise HubError(_http_error(where, status, endpoint, e)) from None
+        if _is_connection_error(e, no_answer=True):
+            raise HubError(_unreachable(where, e, endpoint)) from None
         return None
 
 
@@ -214,23 +217,47 @@ def check_download_cache(hub_dir: Path) -> None:
         ) from None
 
 
-REACH_TIMEOUT_S = 10  # huggingface_hub's own, for a metadata request
-
-
 def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
-    """Ask the hub about one file, once: a connection or name-resolution failure ends here, with
-    advice, rather than after huggingface_hub's retries. Other errors are left to the download."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    """Ask the hub about one file, once: a connection or name-resolution failure, or no answer
+    within HF_HUB_ETAG_TIMEOUT, ends here, with advice, rather than after huggingface_hub's
+    retries. Other errors are left to the download."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
     try:
-        get_hf_file_metadata(url, timeout=REACH_TIMEOUT_S)
+        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     except Exception as e:
         if _is_connection_error(e, no_answer=True):
-            raise HubError(
-                f"cannot reach the hub ({_endpoint(endpoint)}) for {spec.repo} ({e}). "
-                f"{NO_NETWORK_HINT}"
-            ) from None
+            raise HubError(_unreachable(f"{file.filename} from {spec.repo}", e, endpoint)) from None
+
+
+def _unreachable(where: str, error: BaseException, endpoint: str | None) -> str:
+    """The hub cannot be reached, or did not answer a request about `where` in time."""
+    from huggingface_hub import constants
+
+    hub = f"the hub ({_endpoint(endpoint)}){_through_proxy(endpoint)}"
+    if _stalled(error):
+        wait = constants.HF_HUB_ETAG_TIMEOUT
+        return (
+            f"{hub} did not answer about {where} within {wait} s (HF_HUB_ETAG_TIMEOUT sets the "
+            f"wait): try again later, or check the network or proxy. {NO_NETWORK_HINT}"
+        )
+    return f"cannot reach {hub} for {where} ({error}). {NO_NETWORK_HINT}"
+
+
+def _through_proxy(endpoint: str | None) -> str:
+    """' through the proxy P (...)' where the environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY,
+    less NO_PROXY) sends requests to the hub through one: a proxy that is down refuses the
+    connection as if the hub did."""
+    import urllib.request
+
+    parts = urlsplit(_endpoint(endpoint))
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass_environment(parts.hostname or "", proxies):
+        return ""
+    variable = f"{parts.scheme.upper()}_PROXY" if parts.scheme in proxies else "ALL_PROXY"
+    return f" through the proxy {proxy} ({variable})"
 
 
 def _is_connection_error(error: BaseException | None, no_answer: bool = False) -> bool:
@@ -239,12 +266,41 @@ def _is_connection_error(error: BaseException | None, no_answer: bool = False) -
     kinds = {"ConnectError", "ConnectTimeout", "ConnectionError", "NameResolutionError"}
     if no_answer:
         kinds |= {"ReadTimeout", "TimeoutException"}
+    return _in_chain(error, kinds)
+
+
+def _stalled(error: BaseException | None) -> bool:
+    """A read that waited longer than HF_HUB_DOWNLOAD_TIMEOUT for data (httpx's or requests'
+    ReadTimeout, urllib3's ReadTimeoutError), anywhere in the exception's chain."""
+    return _in_chain(error, {"ReadTimeout", "ReadTimeoutError"})
+
+
+def _dropped(error: BaseException | None) -> bool:
+    """A connection made, then reset or broken midway (httpx's ReadError, an OS
+    ConnectionResetError): huggingface_hub (2.x) does not resume it, another attempt can."""
+    kinds = {"ReadError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError"}
+    return _in_chain(error, kinds)
+
+
+def _in_chain(error: BaseException | None, kinds: set[str]) -> bool:
+    """Whether an exception, or one it was raised from, is of a class named in `kinds`."""
     while error is not None:
-        names = {cls.__name__ for cls in type(error).__mro__}
-        if names & kinds:
+        if {cls.__name__ for cls in type(error).__mro__} & kinds:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def _stall_error(where: str, endpoint: str | None) -> str:
+    from huggingface_hub import constants
+
+    wait = getattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10)
+    return (
+        f"downloading {where} failed: the hub ({_endpoint(endpoint)}) stopped sending, no data "
+        f"for {wait} s on each of huggingface_hub's tries (it resumes while data comes). Try "
+        "again later, or check the network or proxy; HF_HUB_DOWNLOAD_TIMEOUT sets how many "
+        "seconds each try waits for data."
+    )
 
 
 ATTEMPTS = 3
@@ -252,7 +308,13 @@ ATTEMPTS = 3
 
 def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> Path:
     """hf_hub_download, tried again after a transient failure (huggingface_hub resumes or
-    restarts the file, depending on its version); failures become HubError messages."""
+    restarts the file, depending on its version); failures become HubError messages.
+
+    A read timeout is not tried again: huggingface_hub already tries again itself, resuming,
+    for as long as data comes, and gives up only after several tries in a row got none (a
+    stalled server); another attempt here would only multiply that wait. A connection reset
+    midway is tried again (huggingface_hub 2.x restarts the file then).
+    """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
@@ -275,13 +337,15 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
             )
         except LocalEntryNotFoundError as e:
             if status := _http_status(e):  # the server answered, with an error
-                raise HubError(_http_error(where, status, endpoint)) from None
+                raise HubError(_http_error(where, status, endpoint, e)) from None
             raise HubError(
                 f"{where} is not downloaded yet and the hub cannot be reached: {e} "
                 f"{NO_NETWORK_HINT}"
             ) from None
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
-            if _is_connection_error(e):
+            if _stalled(e):
+                raise HubError(_stall_error(where, endpoint)) from None
+            if _is_connection_error(e) and not _dropped(e):
                 raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
             if isinstance(e, UnicodeEncodeError):
                 raise HubError(
@@ -289,7 +353,7 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                     "not ASCII; check HF_TOKEN (and any other HF_* setting)"
                 ) from None
             if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
-                raise HubError(_http_error(where, status, endpoint)) from None
+                raise HubError(_http_error(where, status, endpoint, e)) from None
             reason = _first_line(e)
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {reason}") from e
@@ -314,13 +378,18 @@ def _http_status(error: BaseException | None) -> int | None:
     return None
 
 
-def _http_error(where: str, status: int, endpoint: str | None) -> str:
+def _http_error(where: str, status: int, endpoint: str | None, error=None) -> str:
     hints = {
         401: "Check HF_TOKEN (`hf auth login`) and that your account may read the repo.",
         404: "Check HF_ENDPOINT (a mirror may lack the file) and the model's repo, revision and "
         "file names (AIM_MLX_REGISTRY).",
     }
     hint = hints.get(401 if status == 403 else status, "Check HF_ENDPOINT, or try again later.")
+    if _in_chain(error, {"GatedRepoError"}):  # the hub's X-Error-Code: GatedRepo
+        hint = (
+            "The repo is gated: accept its conditions on its page on the hub, signed in with "
+            "the account whose token HF_TOKEN holds (`hf auth login`)."
+        )
     answer = f"the hub ({_endpoint(endpoint)}) answered HTTP {status}"
     return f"downloading {where} failed: {answer}. {hint}"
 
@@ -363,11 +432,11 @@ def verify(
     """
     try:
         digest = file_sha256(path, progress=progress and sys.stderr.isatty())  # bar: terminals only
-    except FileNotFoundError:  # not under this cache's locks (`model_locks`): another AIM_MLX_CACHE
+    except FileNotFoundError:  # removed by a process that takes no lock of aim-mlx
         raise HubError(
             f"{file.filename} from {spec.repo} was removed from the download cache meanwhile, "
-            "by another process (`aim-mlx cache rm-downloads` with another AIM_MLX_CACHE, or "
-            "`hf cache rm`); run the command again to download it afresh"
+            "by another process (`hf cache rm`, or an older aim-mlx's `cache rm-downloads`); "
+            "run the command again to download it afresh"
         ) from None
     if digest.startswith(file.sha256):
         return
@@ -404,6 +473,29 @@ def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
     """The model's files that are in the download cache."""
     files = [spec.backbone, *spec.heads.values()]
     return [(f, path) for f in files if (path := cached_path(spec, f, cache_dir))]
+
+
+def readers_locks(name: str, reading: bool) -> tuple[Path, Path] | None:
+    """(gate, folder) of the locks that conversions of model `name` reading its downloads hold
+    (`cache.lock`, `reading`) and `remove_downloads` waits for (`cache.model_locks`), kept
+    beside huggingface_hub's own locks in the download cache so that every AIM_MLX_CACHE
+    sharing that cache sees them. None where it cannot be written (nobody removes downloads
+    from it then), or, not `reading`, where it does not exist (nothing to wait for)."""
+    check_endpoint()
+    from huggingface_hub import constants
+
+    from .cache import safe_name
+
+    if not reading and not Path(constants.HF_HUB_CACHE).is_dir():
+        return None
+    folder = Path(constants.HF_HUB_CACHE) / ".locks" / "aim-mlx" / safe_name(name)
+    gate = folder.parent / f"{folder.name}.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        gate.touch()
+    except OSError:
+        return None
+    return gate, folder
 
 
 def remove_downloads(spec: ModelSpec, cache_dir=None, progress: bool = True) -> int:

@@ -2,9 +2,10 @@
 
 It answers what `huggingface_hub.hf_hub_download` asks: HEAD and GET on
 `/<org>/<repo>/resolve/<revision>/<file>` with the `ETag`, `X-Repo-Commit` and `Content-Length`
-headers, and `Range: bytes=N-` requests for resuming. It records every request, can close the
-connection part-way through a file once (an interrupted download) and can serve altered bytes
-(a corrupted file).
+headers, and `Range: bytes=N-` requests for resuming. It records every request, can close (or
+reset) the connection part-way through a file once (an interrupted download), stall part-way
+through a file on every request (a server that stops sending without closing the connection)
+and can serve altered bytes (a corrupted file).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
+import struct
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,8 +38,13 @@ class HubServer:
     repos: dict[str, dict[str, Path]]  # repo id -> {filename: local file}
     requests: list[Request] = field(default_factory=list)
     interrupt_once: dict[str, int] = field(default_factory=dict)  # filename -> bytes sent first
+    reset_once: dict[str, int] = field(default_factory=dict)  # the same, then a reset (RST)
     corrupt: set[str] = field(default_factory=set)  # filenames served with one byte flipped
     status: dict[str, int] = field(default_factory=dict)  # filename -> HTTP error answered
+    error_code: dict[str, str] = field(default_factory=dict)  # filename -> its X-Error-Code
+    # filename -> offset where each GET stops sending (None: no answer at all, HEAD or GET)
+    stall: dict[str, int | None] = field(default_factory=dict)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> HubServer:
         handler = type("Handler", (_Handler,), {"hub": self})
@@ -46,6 +54,7 @@ class HubServer:
         return self
 
     def stop(self):
+        self._stopping.set()  # stalled answers end
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -111,8 +120,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
             return
         m = _RESOLVE.match(self.path.split("?")[0])
+        if m and m["file"] in hub.stall and hub.stall[m["file"]] is None:
+            hub._stopping.wait()  # the connection accepted, the request read: no answer
+            return
         if m and m["file"] in hub.status:  # a server error, or a mirror without the file
             self.send_response(hub.status[m["file"]])
+            if code := hub.error_code.get(m["file"]):  # as the hub says why (GatedRepo, ...)
+                self.send_header("X-Error-Code", code)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
@@ -134,12 +148,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        if (stop := hub.stall.get(m["file"])) is not None:  # a stall after the headers
+            self.wfile.write(data[start : max(start, stop)])
+            self.wfile.flush()
+            hub._stopping.wait()  # headers and bytes up to `stop` sent; then nothing
+            return
         cut = hub.interrupt_once.pop(m["file"], None)
         if cut is not None and cut > start:
             self.wfile.write(data[start:cut])
             self.wfile.flush()
             self.close_connection = True
             return  # the client sees the connection close before Content-Length bytes
+        cut = hub.reset_once.pop(m["file"], None)
+        if cut is not None and cut > start:
+            self.wfile.write(data[start:cut])
+            self.wfile.flush()
+            linger = struct.pack("ii", 1, 0)  # close with a reset, as a dropped link or proxy
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            self.connection.close()
+            self.close_connection = True
+            return
         self.wfile.write(data[start:])
 
 

@@ -256,6 +256,19 @@ def test_interrupted_download_recovers(env, hub):
     assert len(hub.downloads("backbone.pth")) == 2
 
 
+def test_a_download_reset_midway_is_tried_again(env, hub):
+    """The connection reset (RST) half-way through the backbone: huggingface_hub does not resume
+    that one itself; it was taken for a hub that cannot be reached, and the command ended with
+    advice for working offline. It is tried again, and the run succeeds."""
+    hub.reset_once["backbone.pth"] = (REF / "backbone.pth").stat().st_size // 2
+    result = classify_json(env)
+    assert result.returncode == 0, result.stderr
+    assert_ranks_match_reference(result.stdout)
+    assert len(hub.downloads("backbone.pth")) == 2
+    assert "backbone.pth from aim-test-org/AIM-tiny: " in result.stderr
+    assert "; trying again (2/3)" in result.stderr
+
+
 # huggingface_hub writes what it received in 10 MB pieces, so a resume point exists only past
 # 10 MB; the fixture backbone is 1.7 MB. This run lowers that piece size to 64 KB.
 SMALL_CHUNKS = (
@@ -275,6 +288,36 @@ def test_interrupted_download_resumes_where_it_stopped(env, hub):
     gets = hub.downloads("backbone.pth")
     assert [g.range for g in gets] == [None, f"bytes={cut // 65536 * 65536}-"]
     assert cut < size
+
+
+@pytest.mark.parametrize("sent", [0, 300_000])
+def test_a_stalled_download_ends_with_one_clear_error(env, hub, sent):
+    """A hub that sends a file's headers (and `sent` bytes), then nothing, without closing the
+    connection: huggingface_hub tries again itself (resuming while data comes) and gives up;
+    aim-mlx does not start it all over twice more (18 requests, 3 min 20 s with the default
+    timeout), and says what happened and what to do. The user's HF_HUB_DOWNLOAD_TIMEOUT holds."""
+    hub.stall["backbone.pth"] = sent
+    result = aim_mlx({**env, "HF_HUB_DOWNLOAD_TIMEOUT": "1"}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"the hub ({hub.url}) stopped sending, no data for 1 s" in result.stderr
+    assert "HF_HUB_DOWNLOAD_TIMEOUT sets how many seconds" in result.stderr
+    assert "trying again" not in result.stderr
+    assert 1 < len(hub.downloads("backbone.pth")) < 10  # huggingface_hub's tries (6), once
+    assert not (Path(env["AIM_MLX_CACHE"]) / "models" / ENTRY).exists()
+
+
+def test_a_hub_that_stops_answering_for_one_file_ends_before_any_download(env, hub):
+    """The hub answers for the backbone, then not at all for the head: said before the backbone
+    is fetched, in HF_HUB_ETAG_TIMEOUT (the user's); huggingface_hub's download asks again with
+    a timeout of its own (60 s, 6 times: 6 min and more) after fetching the backbone."""
+    hub.stall["head_best_layers.pth"] = None
+    result = aim_mlx({**env, "HF_HUB_ETAG_TIMEOUT": "1"}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    expected = f"({hub.url}) did not answer about head_best_layers.pth from {REPO} within 1 s"
+    assert expected in result.stderr
+    assert hub.downloads() == []
+    asked = [r for r in hub.requests if r.path.endswith("/head_best_layers.pth")]
+    assert len(asked) == 1
 
 
 @pytest.mark.parametrize("sized", [False, True])
@@ -527,18 +570,48 @@ def test_no_access_names_the_token(env, hub):
     assert "trying again" not in result.stderr
 
 
+def test_a_proxy_that_is_down_is_named(env, hub):
+    """HTTP_PROXY naming a port where nothing listens: the connection is refused by the proxy,
+    not by the hub (which is up); the message said 'cannot reach the hub' and stopped there."""
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        proxy = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in env.items() if k.lower() not in ("no_proxy", "all_proxy")}
+    result = aim_mlx({**env, "HTTP_PROXY": proxy}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot reach the hub ({hub.url}) through the proxy {proxy} (HTTP_PROXY)" in (
+        result.stderr
+    )
+    assert hub.requests == []
+
+
+def test_a_gated_repo_says_to_accept_its_conditions(env, hub):
+    """HTTP 403 with X-Error-Code GatedRepo: a valid token is not enough, the account must accept
+    the repo's conditions first ('check HF_TOKEN' alone sent users after their token)."""
+    hub.status["backbone.pth"] = 403
+    hub.error_code["backbone.pth"] = "GatedRepo"
+    result = aim_mlx(env, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "answered HTTP 403. The repo is gated: accept its conditions on its page" in (
+        result.stderr
+    )
+    assert hub.downloads() == []
+
+
 def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
+    from huggingface_hub import constants
+
     from aim_mlx import hub as hub_module
     from aim_mlx.registry import ModelSpec
 
     spec = ModelSpec.from_dict(registry_entry())
-    monkeypatch.setattr(hub_module, "REACH_TIMEOUT_S", 1)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)  # the user's, as read at import
     with socket.socket() as silent:  # accepts connections (the backlog), never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
-        with pytest.raises(hub_module.HubError, match="cannot reach the hub"):
+        with pytest.raises(hub_module.HubError, match="did not answer about backbone.pth from"):
             hub_module.check_reachable(spec, spec.backbone, endpoint)
     assert time.monotonic() - start < 5
 
@@ -596,6 +669,54 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     res = classify_json(env, offline=True)  # the converted model needs no download
     assert res.returncode == 0, res.stderr
     assert_ranks_match_reference(res.stdout)
+
+
+def test_rm_downloads_under_another_cache_waits_for_a_conversion(env, hub, tmp_path):
+    """Two AIM_MLX_CACHE roots sharing one HF_HOME: `cache rm-downloads` under one waits (saying
+    so) for a conversion under the other that reads the downloads, as it does within one root;
+    it removed them at once, from under the conversion (the locks were in each AIM_MLX_CACHE)."""
+    assert aim_mlx(env, "cache", "add", "aim-tiny", "--dtype", "float32").returncode == 0
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    holder = f"""if True:  # a conversion reading aim-tiny's downloads, as resolve holds it
+        import pathlib, time
+        from aim_mlx import cache
+        with cache.lock("aim-tiny--last--float16", reads_downloads_of="aim-tiny"):
+            pathlib.Path({str(ready)!r}).touch()
+            start = time.monotonic()
+            while not pathlib.Path({str(go)!r}).exists() and time.monotonic() - start < 300:
+                time.sleep(0.05)
+    """
+    converting = subprocess.Popen([sys.executable, "-c", holder], env=env)
+    other = {**env, "AIM_MLX_CACHE": str(tmp_path / "other-cache")}
+    rm = None
+    try:
+        wait_until(lambda: ready.exists() or converting.poll() is not None)
+        with open(tmp_path / "rm.err", "w") as err:
+            rm = subprocess.Popen(
+                [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
+                env=other, stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+        waiting = "waiting for another process converting aim-tiny"
+        wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
+        assert rm.poll() is None and waiting in (tmp_path / "rm.err").read_text()
+        assert list(Path(env["HF_HOME"]).rglob("snapshots/*/backbone.pth"))  # not removed yet
+        go.touch()
+        rm_out, _ = rm.communicate(timeout=120)
+    finally:  # a failed assertion leaves neither process running
+        go.touch()
+        for proc in (converting, rm):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert converting.wait(timeout=60) == 0
+    assert rm.returncode == 0 and "removed aim-tiny downloads" in rm_out
+    assert not list(Path(env["HF_HOME"]).rglob("snapshots/*/backbone.pth"))
+
+
+def test_rm_downloads_with_nothing_downloaded_makes_no_download_cache(env):
+    """The locks shared through the download cache are not made where there is none yet."""
+    result = aim_mlx(env, "cache", "rm-downloads")
+    assert result.returncode == 0 and "nothing to remove" in result.stdout
+    assert not Path(env["HF_HOME"]).exists()
 
 
 def test_a_download_removed_before_its_check_is_one_error(tmp_path):
