@@ -4,10 +4,9 @@ Layout under the cache root (AIM_MLX_CACHE, else the user's cache folder + "aim-
 
     models/<name>--<head>--<dtype>[--q<bits>g<group>]/   config.json, safetensors, SHA256SUMS
     .locks/<key>.lock                                     held while that entry is converted
-    .locks/downloads/<name>.lock                          held while <name>'s downloads are removed
 
 and under the download cache (HF_HUB_CACHE, shared by every AIM_MLX_CACHE that uses it), beside
-huggingface_hub's own locks (`hub.readers_locks`):
+huggingface_hub's own locks (`hub.readers_folder`):
 
     .locks/aim-mlx/<name>.lock                            held while <name>'s downloads are removed
     .locks/aim-mlx/<name>/<root id>--<key>.lock           held while <key> is converted from them
@@ -100,55 +99,50 @@ def ensure_writable() -> Path:
 
 
 @contextmanager
-def lock(key: str, on_wait=None, reads_downloads_of: str | None = None):
+def lock(key: str, on_wait=None, readers: Path | None = None):
     """Hold the inter-process lock of one entry, waiting as long as it takes; `on_wait()` is
-    called once if another process holds it (or, with `reads_downloads_of`, that gate).
-    `reads_downloads_of`: the model whose downloads the holder reads; the entry's lock file is
-    made while no other process removes them (`model_locks`), so that one sees and waits for it."""
-    path = _lock_file(key)
+    called once if another process holds it (or, with `readers`, their gate).
+    `readers`: the folder of locks (`hub.readers_folder`) of the model whose downloads the holder
+    reads; a lock of this holder is made there while no removal of the downloads holds their
+    gate, and held too, so that `readers_held` (under any AIM_MLX_CACHE) waits for it."""
     on_wait = _once(on_wait)
     with ExitStack() as stack:
-        if reads_downloads_of and (readers := _readers_locks(reads_downloads_of, reading=True)):
-            gate, folder = readers  # seen by `model_locks` under another AIM_MLX_CACHE too
-            reader = folder / f"{_root_id()}--{key}.lock"
-            with _held(gate, on_wait):
-                reader.touch()
+        if readers is not None and (reader := _reader_lock(readers, key, on_wait)):
             stack.enter_context(_held(reader, on_wait))
-        if reads_downloads_of:
-            with _held(_downloads_gate(reads_downloads_of), on_wait):
-                path.touch()
-        stack.enter_context(_held(path, on_wait))
+        stack.enter_context(_held(_lock_file(key), on_wait))
         yield
+
+
+def _reader_lock(readers: Path, key: str, on_wait) -> Path | None:
+    """Entry `key`'s lock file among `readers`, made under their gate; None where the download
+    cache cannot be written (nothing can remove the downloads from it then either)."""
+    reader = readers / f"{_root_id()}--{key}.lock"
+    try:
+        readers.mkdir(parents=True, exist_ok=True)
+        with _held(_gate(readers), on_wait):
+            reader.touch()
+    except OSError:
+        return None
+    return reader
 
 
 @contextmanager
-def model_locks(name: str, on_wait=None):
-    """Hold the lock of every entry of the model `name` that was ever converted or is being
-    converted (their lock files stay), waiting for conversions that read its downloads; a
-    conversion of the model that starts meanwhile waits until these are released."""
+def readers_held(readers: Path, on_wait=None):
+    """Hold the gate of `readers` and every lock in it: wait for the conversions that read a
+    model's downloads (`lock`), under every AIM_MLX_CACHE sharing the download cache; one that
+    starts meanwhile waits at the gate until this is released."""
     waiting = _once(on_wait)  # for whichever lock is held by another process
     with ExitStack() as stack:
-        # first, conversions under every AIM_MLX_CACHE sharing the download cache
-        if readers := _readers_locks(name, reading=False):
-            gate, folder = readers
-            stack.enter_context(_held(gate, waiting))
-            for reader in sorted(folder.glob("*.lock")):
-                stack.enter_context(_held(reader, waiting))
-        with suppress(CacheError):  # a cache that cannot be written has no conversion to wait for
-            stack.enter_context(_held(_downloads_gate(name), waiting))
-        folder = cache_root() / ".locks"
-        keys = sorted(
-            p.name.removesuffix(".lock") for p in folder.glob(f"{safe_name(name)}--*.lock")
-        )
-        for key in keys:
-            stack.enter_context(lock(key, waiting))
+        with suppress(OSError):  # a download cache that cannot be written: no reader's lock
+            readers.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_held(_gate(readers), waiting))
+        for reader in sorted(readers.glob("*.lock")):
+            stack.enter_context(_held(reader, waiting))
         yield
 
 
-def _readers_locks(name: str, reading: bool) -> tuple[Path, Path] | None:
-    from .hub import readers_locks
-
-    return readers_locks(name, reading)
+def _gate(readers: Path) -> Path:
+    return readers.parent / f"{readers.name}.lock"
 
 
 def _root_id() -> str:
@@ -171,12 +165,6 @@ def _once(on_wait):
             on_wait()
 
     return once
-
-
-def _downloads_gate(name: str) -> Path:
-    folder = ensure_writable() / ".locks" / "downloads"
-    folder.mkdir(exist_ok=True)
-    return folder / f"{safe_name(name)}.lock"
 
 
 @contextmanager

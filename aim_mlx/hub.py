@@ -475,27 +475,17 @@ def downloaded(spec: ModelSpec, cache_dir=None) -> list[tuple[HubFile, Path]]:
     return [(f, path) for f in files if (path := cached_path(spec, f, cache_dir))]
 
 
-def readers_locks(name: str, reading: bool) -> tuple[Path, Path] | None:
-    """(gate, folder) of the locks that conversions of model `name` reading its downloads hold
-    (`cache.lock`, `reading`) and `remove_downloads` waits for (`cache.model_locks`), kept
-    beside huggingface_hub's own locks in the download cache so that every AIM_MLX_CACHE
-    sharing that cache sees them. None where it cannot be written (nobody removes downloads
-    from it then), or, not `reading`, where it does not exist (nothing to wait for)."""
+def readers_folder(name: str, cache_dir=None) -> Path:
+    """The folder of the locks that conversions reading model `name`'s downloads hold
+    (`cache.lock`) and that removing them waits for (`cache.readers_held`): beside
+    huggingface_hub's own locks in the download cache, so that every AIM_MLX_CACHE sharing that
+    cache sees them."""
     check_endpoint()
     from huggingface_hub import constants
 
     from .cache import safe_name
 
-    if not reading and not Path(constants.HF_HUB_CACHE).is_dir():
-        return None
-    folder = Path(constants.HF_HUB_CACHE) / ".locks" / "aim-mlx" / safe_name(name)
-    gate = folder.parent / f"{folder.name}.lock"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        gate.touch()
-    except OSError:
-        return None
-    return gate, folder
+    return Path(cache_dir or constants.HF_HUB_CACHE) / ".locks" / "aim-mlx" / safe_name(name)
 
 
 def remove_downloads(spec: ModelSpec, cache_dir=None, progress: bool = True) -> int:
@@ -508,7 +498,10 @@ def remove_downloads(spec: ModelSpec, cache_dir=None, progress: bool = True) -> 
         if progress:
             print(f"waiting for another process converting {spec.name}", file=sys.stderr)
 
-    with cache.model_locks(spec.name, on_wait=say_waiting):
+    readers = readers_folder(spec.name, cache_dir)
+    if not readers.parents[2].is_dir():  # no download cache: nothing to remove, none made
+        return 0
+    with cache.readers_held(readers, on_wait=say_waiting):
         freed = sum(remove_cached_file(path) for _, path in downloaded(spec, cache_dir))
         for partial in stale_partials(spec, cache_dir):
             freed += partial.stat().st_size

@@ -180,11 +180,13 @@ def _convert_into_cache(
     make_sources,
     expected: dict | None = None,
     hub_model: str | None = None,
+    hub_cache_dir: str | Path | None = None,
     **convert_kwargs,
 ) -> Path:
     """Convert once into the cache entry `key`; concurrent callers wait and reuse the result.
     `expected`: what the entry must have been made from (`cache.is_current`'s files, args);
-    `hub_model`: the registered model whose downloads `make_sources` returns."""
+    `hub_model`: the registered model whose downloads (in `hub_cache_dir`) `make_sources`
+    returns."""
     from .convert import convert
 
     out = cache.entry_dir(key)
@@ -195,7 +197,7 @@ def _convert_into_cache(
     with cache.lock(
         key,
         on_wait=lambda: say(f"waiting for another process {busy}", progress),
-        reads_downloads_of=hub_model,
+        readers=hub.readers_folder(hub_model, hub_cache_dir) if hub_model else None,
     ):
         if cache.is_current(out, **expected):  # another process converted it while we waited
             return out
@@ -237,6 +239,7 @@ def _from_hub(spec, head, dtype, quant, progress, endpoint, hf_cache_dir, keep) 
         download,
         dict(files=spec.files(head), settings=settings),  # a changed registry entry: again
         hub_model=spec.name,
+        hub_cache_dir=hf_cache_dir,
         **settings,
         dtype=dtype,
         name=spec.name,

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 # Full float32 matmuls on a GPU (MLX's CUDA backend multiplies float32 in TF32 by default), so
@@ -13,6 +14,10 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # the shell (huggingface_hub reads it at import) would refuse those local downloads too.
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
+# Nothing a test does reaches the user's own download cache (the locks aim-mlx keeps there
+# included): a download cache of the session's own, removed at its end (pytest_sessionfinish).
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="aim-mlx-tests-hf-")
 
 import signal  # noqa: E402
 
@@ -232,3 +237,7 @@ def exited_cleanly(result, code: int):
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
     assert isinstance(result.exception, SystemExit) if code else result.exception is None
     return result
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)

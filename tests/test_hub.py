@@ -422,11 +422,13 @@ def test_a_process_waits_while_another_holds_the_entry_lock(
     rm-downloads`: it holds every lock of the model, and the first conversion of an entry waits
     for it too): the conversion waits before downloading, then goes on."""
     from aim_mlx import cache
+    from aim_mlx import hub as hub_module
 
     monkeypatch.setenv("AIM_MLX_CACHE", env["AIM_MLX_CACHE"])
     args = [sys.executable, "-m", "aim_mlx.cli", "cache", "add", "aim-tiny", "--dtype", "float32"]
     log = tmp_path / "stderr.txt"
-    held = cache.lock(ENTRY) if holder == "entry lock" else cache.model_locks("aim-tiny")
+    readers = hub_module.readers_folder("aim-tiny", Path(env["HF_HOME"]) / "hub")
+    held = cache.lock(ENTRY) if holder == "entry lock" else cache.readers_held(readers)
     with held, open(log, "w") as stderr:
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 60
@@ -679,8 +681,8 @@ def test_rm_downloads_under_another_cache_waits_for_a_conversion(env, hub, tmp_p
     ready, go = tmp_path / "ready", tmp_path / "go"
     holder = f"""if True:  # a conversion reading aim-tiny's downloads, as resolve holds it
         import pathlib, time
-        from aim_mlx import cache
-        with cache.lock("aim-tiny--last--float16", reads_downloads_of="aim-tiny"):
+        from aim_mlx import cache, hub
+        with cache.lock("aim-tiny--last--float16", readers=hub.readers_folder("aim-tiny")):
             pathlib.Path({str(ready)!r}).touch()
             start = time.monotonic()
             while not pathlib.Path({str(go)!r}).exists() and time.monotonic() - start < 300:
@@ -757,22 +759,23 @@ def test_a_download_failure_is_one_line_without_python_api_advice(tmp_path, monk
     assert "force_download" not in capsys.readouterr().err
 
 
-def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch):
+def test_readers_held_says_it_waits_whichever_conversion_is_busy(tmp_path, monkeypatch):
     """Another process converting the model's second entry (not the first, in sorted order):
-    model_locks still says it waits, once, then holds every lock."""
+    the removal of the downloads still says it waits, once, then holds every lock."""
     import threading
 
     from aim_mlx import cache
 
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    readers = tmp_path / "hf" / ".locks" / "aim-mlx" / "aim-tiny"
     keys = [cache.entry_key("aim-tiny", "best", dtype) for dtype in ("float16", "float32")]
     for key in keys:
-        with cache.lock(key):  # its lock file stays, as after a conversion
+        with cache.lock(key, readers=readers):  # its lock file stays, as after a conversion
             pass
     said, holding = threading.Event(), threading.Event()
 
     def convert_second():  # another FileLock, as another process's
-        with cache.lock(keys[1]):
+        with cache.lock(keys[1], readers=readers):
             holding.set()
             said.wait(timeout=5)
 
@@ -780,7 +783,7 @@ def test_model_locks_say_they_wait_whichever_entry_is_busy(tmp_path, monkeypatch
     other.start()
     holding.wait(timeout=5)
     calls = []
-    with cache.model_locks("aim-tiny", on_wait=lambda: (calls.append(1), said.set())):
+    with cache.readers_held(readers, on_wait=lambda: (calls.append(1), said.set())):
         assert calls == [1] and said.is_set()
     other.join()
 
@@ -794,16 +797,17 @@ def test_conversion_starting_during_rm_downloads_waits_for_it(tmp_path, monkeypa
     from aim_mlx import cache
 
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    readers = tmp_path / "hf" / ".locks" / "aim-mlx" / "aim-tiny"
     removed, converting, waited = threading.Event(), threading.Event(), threading.Event()
     removed_before = []
+    key = cache.entry_key("aim-tiny", "last", "bfloat16")
 
     def convert_new_entry():  # another FileLock, as another process's
-        key = cache.entry_key("aim-tiny", "last", "bfloat16")
-        with cache.lock(key, on_wait=waited.set, reads_downloads_of="aim-tiny"):
+        with cache.lock(key, on_wait=waited.set, readers=readers):
             removed_before.append(removed.is_set())  # it reads no download being removed
             converting.set()
 
-    with cache.model_locks("aim-tiny"):
+    with cache.readers_held(readers):
         other = threading.Thread(target=convert_new_entry)
         other.start()
         assert waited.wait(timeout=10)  # blocked on the gate, saying so
@@ -811,8 +815,8 @@ def test_conversion_starting_during_rm_downloads_waits_for_it(tmp_path, monkeypa
         removed.set()
     other.join(timeout=10)
     assert converting.is_set() and removed_before == [True]
-    # and the next removal sees the new entry's lock file (and would wait for its conversion)
-    assert (tmp_path / "cache" / ".locks" / "aim-tiny--last--bfloat16.lock").is_file()
+    # and the next removal sees the new conversion's lock file (and would wait for it)
+    assert [p.name.split("--", 1)[1] for p in readers.glob("*.lock")] == [f"{key}.lock"]
 
 
 def test_a_conversion_waiting_on_both_locks_says_so_once(tmp_path, monkeypatch):
@@ -825,15 +829,18 @@ def test_a_conversion_waiting_on_both_locks_says_so_once(tmp_path, monkeypatch):
     from aim_mlx import cache
 
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    readers = tmp_path / "hf" / ".locks" / "aim-mlx" / "aim-tiny"
+    readers.mkdir(parents=True)
     key = cache.entry_key("aim-tiny", "best", "float16")
-    gate = FileLock(cache._downloads_gate("aim-tiny"))  # other processes' locks
+    gate = FileLock(cache._gate(readers))  # other processes' locks
+    (tmp_path / "cache" / ".locks").mkdir(parents=True)
     entry = FileLock(tmp_path / "cache" / ".locks" / f"{key}.lock")
     gate.acquire()
     entry.acquire()
     said, held = [], threading.Event()
 
     def convert():
-        with cache.lock(key, on_wait=lambda: said.append(1), reads_downloads_of="aim-tiny"):
+        with cache.lock(key, on_wait=lambda: said.append(1), readers=readers):
             held.set()
 
     other = threading.Thread(target=convert)
