@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 
 from . import images, memory
 from .errors import OptionError, OutputError
-from .output import keep_aside, place_file, signals_held, temp_path
+from .output import keep_aside, place_file, signals_held, temp_path, write_failure
 
 POOLS = ("mean", "tokens")
 # safetensors refuses a header (tensor list and metadata, as JSON) past 100 MB; the image paths
@@ -228,9 +228,7 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                     except OSError:  # kept under its old name rather than deleted
                         del olds[path]
         if isinstance(e, OSError | SafetensorError) and not isinstance(e, OutputError):
-            reason = getattr(e, "strerror", None) or e  # disk full, I/O error
-            if isinstance(e, OSError) and e.errno is None:  # numpy's "N requested and M written"
-                reason = f"{e} (bytes): is the disk full?"
+            reason = write_failure(e) if isinstance(e, OSError) else e  # disk full, I/O error
             raise OutputError(f"cannot write {current}: {reason}") from None
         raise
     finally:

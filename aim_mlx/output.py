@@ -390,6 +390,24 @@ def _reason(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+# numpy's .npy writer (`tofile`) reports a short write (a full disk) without an errno
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def write_failure(error: OSError) -> str:
+    """Why a write failed, for an error message: the system's reason ("No space left on
+    device"), or for numpy's short write "N requested and M written", what it means."""
+    if error.errno is None and (m := _SHORT_WRITE.search(str(error))):
+        return f"only {m[2]} of {m[1]} bytes were written: is the disk full?"
+    return _reason(error)
+
+
+def disk_full(error: OSError) -> bool:
+    """Whether a write failed for want of room (or quota), numpy's short write included."""
+    short = error.errno is None and _SHORT_WRITE.search(str(error)) is not None
+    return short or error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_atomic(path: str | os.PathLike, write, replace: bool = True) -> Path:
     """Write `path` through `write(binary file)` into a temporary file beside it, then move that
     into place: a failure midway leaves the old file, or none, never half of one. Without

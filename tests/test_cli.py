@@ -893,7 +893,7 @@ def test_embed_on_a_full_disk_says_so_and_keeps_the_old_pair(model_dir, tmp_path
 
     monkeypatch.setattr(np, "save", disk_full)
     err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
-    assert err.strip() == f"Error: cannot write {out}: 256 requested and 6 written (bytes): is " \
+    assert err.strip() == f"Error: cannot write {out}: only 6 of 256 bytes were written: is " \
         "the disk full?"  # fmt: skip
     assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
 
