@@ -843,6 +843,32 @@ def test_a_folder_made_while_training_is_kept(heads, model_dir, data, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["h"] and list(out.iterdir()) == []
 
 
+def test_a_head_another_run_wrote_while_training_is_kept(heads, model_dir, data, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    """Two runs to one -o: the one that finishes second finds the other's head there, made
+    after it checked -o, and says so (not "already exists", which it was not at the start)."""
+    from aim_mlx.probe import training
+
+    out = tmp_path / "h"
+    fit = training.fit
+
+    def other_run_finishes_first(*args, **kwargs):
+        shutil.copytree(heads["linear"].out, out)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", other_run_finishes_first)
+    res = cli("probe", "train", data, "-m", model_dir, "-o", out,
+              "--kind", "linear", "--epochs", "1", "--no-progress")  # fmt: skip
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: {out} appeared while this command ran (another process?) and is kept; choose "
+        "another output, or pass --force to replace it"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["h"]  # no temporary folder left
+    assert (out / "head.safetensors").read_bytes() == \
+        (heads["linear"].out / "head.safetensors").read_bytes()  # fmt: skip
+
+
 def test_a_confusion_picture_made_while_evaluating_is_kept(heads, model_dir, data, tmp_path,
                                                            monkeypatch):  # fmt: skip
     """Without --force, a --confusion file made by another process after it was checked (here
