@@ -765,7 +765,11 @@ def embed(
         report_error(path, reason)
     if emb.paths:
         meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
-        save(target, emb, meta, listing, replace=force)
+
+        def waiting():
+            click.echo(f"waiting for another process writing to {target.parent}", err=True)
+
+        save(target, emb, meta, listing, replace=force, on_wait=waiting)
         shape = "x".join(map(str, emb.features.shape))
         named = [out, listing_path(out)] if suffix == ".npy" else [out]  # as the user gave it
         click.echo(f"wrote {shape} features to {', '.join(map(str, named))}", err=True)

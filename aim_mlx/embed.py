@@ -6,7 +6,8 @@ import json
 import numbers
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 
 from . import images, memory
 from .errors import OptionError, OutputError
-from .output import keep_aside, place_file, signals_held, temp_path, write_failure
+from .output import folder_lock, keep_aside, place_file, signals_held, temp_path, write_failure
 
 POOLS = ("mean", "tokens")
 # safetensors refuses a header (tensor list and metadata, as JSON) past 100 MB; the image paths
@@ -150,11 +151,14 @@ def save(
     metadata: dict | None = None,
     listing: Path | None = None,
     replace: bool = True,
+    on_wait: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Write `.safetensors` (tensor `features`, the paths as JSON in metadata key `paths`) or
     `.npy` plus `<out>.paths.txt` (one line per row, each a JSON string, so that any file name
     round-trips; see `read_listing`). Written whole or not at all, with the usual file mode.
-    `replace=False`: a file already there, even one made while this ran, is kept: OutputError."""
+    `replace=False`: a file already there, even one made while this ran, is kept: OutputError.
+    A .npy and its listing are moved into place holding a lock on the .npy's folder, so that
+    two runs to one output leave one run's pair; `on_wait()` if another run holds it."""
     out = Path(out)
     if out.suffix not in (".safetensors", ".npy"):
         raise OptionError(f"{out}: the output must end in .safetensors or .npy")
@@ -180,6 +184,7 @@ def save(
             listing: lambda tmp: tmp.write_text(text, encoding="ascii"),
         },
         replace,
+        on_wait,
     )
     return [out, listing]
 
@@ -196,17 +201,21 @@ def check_safetensors_header(paths: list[str], size: int | None = None) -> None:
         )
 
 
-def _write_all(writers: dict, replace: bool = True) -> None:
+def _write_all(writers: dict, replace: bool = True, on_wait=None) -> None:
     """Write each {path: write(tmp_path)} to a temporary file, then move all of them into place;
     on failure the paths are as before (the old files put back, new ones removed). Without
-    `replace`, a path that exists by then (another process's) is kept: OutputError."""
+    `replace`, a path that exists by then (another process's) is kept: OutputError. Several
+    files are moved, and put back, holding the first one's `folder_lock`."""
     tmps = {p: temp_path(p, keep_suffix=True) for p in writers}
     olds, moved, current = {}, [], None
+    publishing = ExitStack()  # the lock, from the first rename to the last put back
     try:
         for current, write in writers.items():
             mode = _new_file_mode(tmps[current])
             write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
             os.chmod(tmps[current], mode)
+        if len(tmps) > 1:  # another run's files never mixed with these
+            publishing.enter_context(folder_lock(next(iter(tmps)).parent, on_wait))
         with signals_held():  # Ctrl-C cannot split the pair; after a SIGKILL here a listing
             if replace and len(tmps) > 1:  # is missing rather than another run's. The old
                 for current in tmps:  # pair is kept, to be put back (one file: os.replace keeps it)
@@ -235,6 +244,7 @@ def _write_all(writers: dict, replace: bool = True) -> None:
         for tmp in [*tmps.values(), *olds.values()]:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+        publishing.close()
 
 
 def _new_file_mode(path: Path) -> int:

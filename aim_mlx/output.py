@@ -22,6 +22,11 @@ from pathlib import Path
 
 from .errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: outputs are replaced without the folder's lock
+    fcntl = None
+
 
 def prepare_output(
     path: str | os.PathLike,
@@ -374,6 +379,32 @@ def signals_held():
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
     for s in caught:
         signal.raise_signal(s)
+
+
+@contextmanager
+def folder_lock(folder: Path, on_wait: Callable[[], None] | None = None):
+    """Hold an exclusive lock on `folder` itself (flock; no file is made in it) while replacing
+    files there that go together, such as a .npy and its listing: two runs never mix theirs.
+    `on_wait()` is called once if another process holds it. Where the file system cannot lock a
+    folder (NFS, a system without flock), nothing is held."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no locks on this file system
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> None:
