@@ -117,11 +117,13 @@ def embed(
         batch_size=batch_size,
         progress=progress,
         desc="embed",
+        into=out,  # under mlx.launch rank 0 gathers the rows there: held once
     ):
         if item.error:
             errors.append((item.path, item.error))
         else:
-            out[len(paths)] = row
+            if not np.may_share_memory(row, out):  # gathered there already
+                out[len(paths)] = row
             paths.append(item.path)
     # no readable image: no rows, in the shape `features` gives (they concatenate with others)
     return Embeddings(out[: len(paths)], paths, errors)

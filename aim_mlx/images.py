@@ -243,13 +243,15 @@ def run(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "images",
+    into: np.ndarray | None = None,
 ) -> Iterator[tuple[Item, np.ndarray | None]]:
     """Apply `fn` (a batch (B, 3, size, size) -> a numpy array with B rows) to every readable
     image; yield (item, its row) in input order, or (item with .error, None). A row holding
     NaN or Inf becomes the error `not_finite` (`not_finite_error`; None: rows are not checked).
 
     Under `mlx.launch` the items are shared out between the ranks and rank 0 alone yields them
-    all (`distributed.map_images`); without a launcher this is `run_here`."""
+    all (`distributed.map_images`; `into`: the array it gathers them in, whose rows it yields);
+    without a launcher this is `run_here`."""
     from . import distributed
 
     return distributed.map_images(
@@ -260,6 +262,7 @@ def run(
         batch_size=batch_size,
         progress=progress,
         desc=desc,
+        into=into,
     )
 
 
