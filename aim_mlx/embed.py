@@ -83,6 +83,8 @@ class Embeddings:
     features: np.ndarray  # one row per readable image
     paths: list[str]  # in the same order
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # (path, the path it repeats): files that overlapping inputs listed again, embedded once
+    repeats: list[tuple[str, str]] = field(default_factory=list)
 
 
 def embed(
@@ -96,13 +98,14 @@ def embed(
     img_size: int | None = None,
 ) -> Embeddings:
     """Features of image files and folders (searched recursively, sorted); `img_size`: the
-    input size, a multiple of the patch size (default: the model's)."""
+    input size, a multiple of the patch size (default: the model's). A file that overlapping
+    inputs list twice (`embed d d/x.jpg`) has one row, under its first path (`repeats`)."""
     images.check_model(model)
     check_pool(pool)
     layers = parse_layers(layers, model.args.num_blocks)
     images.check_positive("batch_size", batch_size)
     size = images.input_size(model, img_size)
-    items = images.collect(inputs)
+    items, repeats = images.drop_repeats(images.collect(inputs))
     shape = feature_shape(model.args, layers, pool, size)
     # every row goes straight into one array (rows kept apart, then stacked, took twice the
     # output's memory at the end), which must fit: refused before any image is read
@@ -126,7 +129,7 @@ def embed(
                 out[len(paths)] = row
             paths.append(item.path)
     # no readable image: no rows, in the shape `features` gives (they concatenate with others)
-    return Embeddings(out[: len(paths)], paths, errors)
+    return Embeddings(out[: len(paths)], paths, errors, repeats)
 
 
 def feature_shape(args, layers: str | tuple[int, ...], pool: str, size: int) -> tuple[int, ...]:

@@ -832,6 +832,29 @@ def test_two_runs_replacing_one_pair_leave_one_runs_pair(tmp_path, monkeypatch):
     assert waits == [1]
 
 
+def test_embed_overlapping_inputs_embed_a_file_once(model_dir, tmp_path):
+    """`embed d d/x.jpg` (or d twice, or through a link to d) embeds each image once, under the
+    first path that names it, with a note for the others (exit 0: nothing failed); two names of
+    one image in the folder (a link beside it) are two rows, as listed."""
+    images = tmp_path / "imgs"
+    shutil.copytree(REF / "images", images)
+    (images / "zz.jpg").symlink_to(images / "rocket.jpg")
+    (tmp_path / "again").symlink_to(images)
+    out = tmp_path / "f.npy"
+    res = cli("embed", images, images / "rocket.jpg", tmp_path / "again", "-m", model_dir,
+              "-o", out, "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    names = ["camera.png", "chelsea.png", "coffee.png", "rocket.jpg", "zz.jpg"]
+    assert read_listing(listing_path(out)) == [str(images / n) for n in names]
+    assert np.load(out).shape == (5, 64)
+    rocket = images / "rocket.jpg"
+    assert res.stderr.splitlines()[:6] == [
+        f"note: {rocket}: listed twice by the inputs; embedded once",
+        *(f"note: {tmp_path / 'again' / n}: the same file as {images / n}; embedded once"
+          for n in names),
+    ]  # fmt: skip
+
+
 def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
     """Ctrl-C while the .npy is moved into place (--force over another run's pair): the
     listing follows it before the interrupt is raised, never one run's features with the other

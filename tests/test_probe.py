@@ -626,6 +626,29 @@ def test_probe_eval_reports_unreadable_sub_folders(heads, model_dir, data, tmp_p
     assert out["images"] == 40 and f"error: {locked}: cannot read the folder" in res.stderr
 
 
+def test_probe_eval_counts_an_image_once_and_refuses_one_in_two_classes(heads, model_dir, data,
+                                                                        tmp_path):  # fmt: skip
+    """As `aim-mlx eval`: a second name of an image in its class is counted once and named (exit
+    1); an image in two classes is refused before the trunk is loaded."""
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    red = root / "red" / "000.png"
+    os.link(red, root / "red" / "zz.png")
+    head = heads["attention"].out
+    res = cli("probe", "eval", root, "-m", model_dir, "--head", head, "--json", "--no-progress")
+    assert res.exit_code == 1, res.output
+    out = json.loads(res.stdout)
+    assert out["images"] == 40 and out["failed"] == [
+        {"path": str(root / "red" / "zz.png"), "error": f"the same file as {red}: counted once"}
+    ]
+    (root / "blue" / "x.png").symlink_to(red)
+    res = cli("probe", "eval", root, "-m", tmp_path / "not-loaded", "--head", head)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: evaluation folder {root}: {root / 'blue' / 'x.png'} and {red} are one file (a "
+        "link) in two classes, 'blue' and 'red'; keep it in one class"
+    )
+
+
 def test_probe_eval_json_has_evals_keys(heads, model_dir, data, tmp_path):
     # README: `probe eval --json` has `aim-mlx eval --json`'s keys plus per_class and confusion
     imagenet = tmp_path / "imagenet" / "n01440764"

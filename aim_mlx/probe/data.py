@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from PIL import Image
 
 from .. import images, transforms
 from ..errors import AimMlxError
+from ..images import file_id
 
 
 class ProbeError(AimMlxError, ValueError):
@@ -153,17 +153,6 @@ def one_name_per_file(root, what: str, classes: list[str], samples: list[Sample]
                 f"{classes[other.label]!r} and {classes[s.label]!r}; keep it in one class"
             )
     return kept
-
-
-def file_id(path: str) -> tuple[int, int] | str:
-    """What is the same for every name of one file, links and hard links alike: its device and
-    inode, or its real path where the file system has no inode numbers or it cannot be looked at
-    (its error comes when it is read)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:
