@@ -728,7 +728,8 @@ def embed(
     def prepare() -> tuple[Path, Path | None]:  # on the rank that writes; before any work
         args = known_args(model)
         needed = args or suffix == ".safetensors"  # the walk of the inputs, where it is used
-        found = [it.path for it in images.collect(inputs) if not it.error] if needed else []
+        items = images.drop_repeats(images.collect(inputs))[0] if needed else []
+        found = [it.path for it in items if not it.error]
         if args:  # the features, held in memory until written, fit there
             size = img_size or args.img_size
             shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
@@ -761,11 +762,18 @@ def embed(
         emb = Embeddings(np.zeros((0,), np.float32), [], images.errors(inputs))
     if not distributed.is_root():  # under mlx.launch: rank 0 writes every rank's rows
         return
+    for path, first in emb.repeats:
+        again = "listed twice by the inputs" if path == first else f"the same file as {first}"
+        click.echo(one_line(f"note: {path}: {again}; embedded once"), err=True)
     for path, reason in emb.errors:
         report_error(path, reason)
     if emb.paths:
         meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
-        save(target, emb, meta, listing, replace=force)
+
+        def waiting():
+            click.echo(f"waiting for another process writing to {target.parent}", err=True)
+
+        save(target, emb, meta, listing, replace=force, on_wait=waiting)
         shape = "x".join(map(str, emb.features.shape))
         named = [out, listing_path(out)] if suffix == ".npy" else [out]  # as the user gave it
         click.echo(f"wrote {shape} features to {', '.join(map(str, named))}", err=True)

@@ -232,22 +232,31 @@ def gather_json(record) -> list:
     return [json.loads(b) for b in _gather_bytes(json.dumps(record).encode())]
 
 
-def gather_rows(rows: np.ndarray, counts: list[int]) -> np.ndarray | None:
+def gather_rows(
+    rows: np.ndarray, counts: list[int], into: np.ndarray | None = None
+) -> np.ndarray | None:
     """The ranks' `rows` (counts[r] rows of one shape and dtype on rank r) concatenated in rank
-    order, on rank 0 (None elsewhere); moved in rounds of at most GATHER_BYTES per rank."""
+    order, on rank 0 (None elsewhere); moved in rounds of at most GATHER_BYTES per rank. Each
+    round is written at its place in one array: `into`'s first rows, where rank 0's `rows` are
+    already (the rows of `into[:counts[0]]`), or a new array. No second copy is held."""
     row_bytes = max(1, int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.dtype.itemsize)
     step = max(1, GATHER_BYTES // row_bytes)
-    parts: list[list[np.ndarray]] = [[] for _ in counts]
+    offsets = np.cumsum([0, *counts]).tolist()
+    out = None
+    if is_root():
+        out = into if into is not None else np.empty((offsets[-1], *rows.shape[1:]), rows.dtype)
+        if not np.may_share_memory(rows, out):
+            out[: counts[0]] = rows[: counts[0]]
     for start in range(0, max(counts), step):
         n = min(step, max(counts) - start)
         block = np.zeros((n, *rows.shape[1:]), rows.dtype)
         mine = rows[start : start + n]
         block[: len(mine)] = mine
         gathered = _all_gather(block)
-        if is_root():
-            for r, count in enumerate(counts):
-                parts[r].append(gathered[r][: max(0, min(n, count - start))])
-    return np.concatenate([p for rank_parts in parts for p in rank_parts]) if is_root() else None
+        for r in range(1, len(counts)) if is_root() else ():
+            got = gathered[r][: max(0, min(n, counts[r] - start))]
+            out[offsets[r] + start : offsets[r] + start + len(got)] = got
+    return None if out is None else out[: offsets[-1]]
 
 
 def _digest(items) -> str:
@@ -327,11 +336,14 @@ def map_images(
     batch_size: int = 8,
     progress: bool = False,
     desc: str = "images",
+    into: np.ndarray | None = None,
 ) -> Iterator[tuple]:
     """`images.run` over the ranks: on rank 0, (item, row) for every item in input order, with
     rows computed on whichever rank held the item (or (item with .error, None)); on the other
     ranks, nothing (they compute their share and send it to rank 0). Every rank must call it
-    with the same items. Without a launcher, exactly `images.run_here`.
+    with the same items. Without a launcher, exactly `images.run_here`. `into`: an array
+    that rank 0 gathers the rows in (the k-th readable item's at `into[k]`), yielding its rows:
+    rank 0 then holds the rows once, not gathered and copied again (other ranks ignore it).
 
     Features for training (the probe) are extracted the same way: rank 0 gets them all.
     """
@@ -346,21 +358,24 @@ def map_images(
     wait = peer_wait()
     check_same_inputs(items, desc)
     mine = items[share(len(items)).start : share(len(items)).stop]
-    rows, errors, failure = [], {}, None
+    local, n, errors, failure = None, 0, {}, None  # this rank's rows, each written once
     started = time.monotonic()
     try:
         for i, (item, row) in enumerate(images.run_here(fn, mine, **settings)):
             if item.error:
                 errors[i] = item.error
-            else:
-                rows.append(row)
+                continue
+            if local is None:  # rank 0's rows come first: in place in `into` already
+                mine_only = into is None or not is_root()
+                local = np.empty((len(mine), *row.shape), row.dtype) if mine_only else into
+            local[n] = row
+            n += 1
     except Exception as e:  # reported by every rank, once all have finished their shares
         if not isinstance(e, AimMlxError):
             traceback.print_exc()
         failure = str(e) if isinstance(e, AimMlxError) else f"{type(e).__name__}: {e}"
-    n = len(rows)
     print(tag(f"{n} image{'' if n == 1 else 's'}"), file=sys.stderr, flush=True)
-    local = np.stack(rows) if rows else None
+    local = local[:n] if n else None
     shape = [list(local.shape[1:]), local.dtype.str] if local is not None else None
     with _collective(f"gathering the results of {desc}"):
         with _waiting_for_peers(wait, time.monotonic() - started):
@@ -380,7 +395,7 @@ def map_images(
             row_shape, dtype = next(rep["shape"] for rep in reports if rep["shape"])
             if local is None:
                 local = np.zeros((0, *row_shape), np.dtype(dtype))
-            everything = gather_rows(local, counts)
+            everything = gather_rows(local, counts, into if is_root() else None)
     if not is_root():
         return
     next_row = 0

@@ -6,7 +6,8 @@ import json
 import numbers
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 
 from . import images, memory
 from .errors import OptionError, OutputError
-from .output import keep_aside, place_file, signals_held, temp_path
+from .output import folder_lock, keep_aside, place_file, signals_held, temp_path, write_failure
 
 POOLS = ("mean", "tokens")
 # safetensors refuses a header (tensor list and metadata, as JSON) past 100 MB; the image paths
@@ -82,6 +83,8 @@ class Embeddings:
     features: np.ndarray  # one row per readable image
     paths: list[str]  # in the same order
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # (path, the path it repeats): files that overlapping inputs listed again, embedded once
+    repeats: list[tuple[str, str]] = field(default_factory=list)
 
 
 def embed(
@@ -95,13 +98,14 @@ def embed(
     img_size: int | None = None,
 ) -> Embeddings:
     """Features of image files and folders (searched recursively, sorted); `img_size`: the
-    input size, a multiple of the patch size (default: the model's)."""
+    input size, a multiple of the patch size (default: the model's). A file that overlapping
+    inputs list twice (`embed d d/x.jpg`) has one row, under its first path (`repeats`)."""
     images.check_model(model)
     check_pool(pool)
     layers = parse_layers(layers, model.args.num_blocks)
     images.check_positive("batch_size", batch_size)
     size = images.input_size(model, img_size)
-    items = images.collect(inputs)
+    items, repeats = images.drop_repeats(images.collect(inputs))
     shape = feature_shape(model.args, layers, pool, size)
     # every row goes straight into one array (rows kept apart, then stacked, took twice the
     # output's memory at the end), which must fit: refused before any image is read
@@ -116,14 +120,16 @@ def embed(
         batch_size=batch_size,
         progress=progress,
         desc="embed",
+        into=out,  # under mlx.launch rank 0 gathers the rows there: held once
     ):
         if item.error:
             errors.append((item.path, item.error))
         else:
-            out[len(paths)] = row
+            if not np.may_share_memory(row, out):  # gathered there already
+                out[len(paths)] = row
             paths.append(item.path)
     # no readable image: no rows, in the shape `features` gives (they concatenate with others)
-    return Embeddings(out[: len(paths)], paths, errors)
+    return Embeddings(out[: len(paths)], paths, errors, repeats)
 
 
 def feature_shape(args, layers: str | tuple[int, ...], pool: str, size: int) -> tuple[int, ...]:
@@ -150,11 +156,14 @@ def save(
     metadata: dict | None = None,
     listing: Path | None = None,
     replace: bool = True,
+    on_wait: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Write `.safetensors` (tensor `features`, the paths as JSON in metadata key `paths`) or
     `.npy` plus `<out>.paths.txt` (one line per row, each a JSON string, so that any file name
     round-trips; see `read_listing`). Written whole or not at all, with the usual file mode.
-    `replace=False`: a file already there, even one made while this ran, is kept: OutputError."""
+    `replace=False`: a file already there, even one made while this ran, is kept: OutputError.
+    A .npy and its listing are moved into place holding a lock on the .npy's folder, so that
+    two runs to one output leave one run's pair; `on_wait()` if another run holds it."""
     out = Path(out)
     if out.suffix not in (".safetensors", ".npy"):
         raise OptionError(f"{out}: the output must end in .safetensors or .npy")
@@ -180,6 +189,7 @@ def save(
             listing: lambda tmp: tmp.write_text(text, encoding="ascii"),
         },
         replace,
+        on_wait,
     )
     return [out, listing]
 
@@ -196,17 +206,21 @@ def check_safetensors_header(paths: list[str], size: int | None = None) -> None:
         )
 
 
-def _write_all(writers: dict, replace: bool = True) -> None:
+def _write_all(writers: dict, replace: bool = True, on_wait=None) -> None:
     """Write each {path: write(tmp_path)} to a temporary file, then move all of them into place;
     on failure the paths are as before (the old files put back, new ones removed). Without
-    `replace`, a path that exists by then (another process's) is kept: OutputError."""
+    `replace`, a path that exists by then (another process's) is kept: OutputError. Several
+    files are moved, and put back, holding the first one's `folder_lock`."""
     tmps = {p: temp_path(p, keep_suffix=True) for p in writers}
     olds, moved, current = {}, [], None
+    publishing = ExitStack()  # the lock, from the first rename to the last put back
     try:
         for current, write in writers.items():
             mode = _new_file_mode(tmps[current])
             write(tmps[current])  # np.save keeps the .npy suffix of the temporary name
             os.chmod(tmps[current], mode)
+        if len(tmps) > 1:  # another run's files never mixed with these
+            publishing.enter_context(folder_lock(next(iter(tmps)).parent, on_wait))
         with signals_held():  # Ctrl-C cannot split the pair; after a SIGKILL here a listing
             if replace and len(tmps) > 1:  # is missing rather than another run's. The old
                 for current in tmps:  # pair is kept, to be put back (one file: os.replace keeps it)
@@ -228,15 +242,14 @@ def _write_all(writers: dict, replace: bool = True) -> None:
                     except OSError:  # kept under its old name rather than deleted
                         del olds[path]
         if isinstance(e, OSError | SafetensorError) and not isinstance(e, OutputError):
-            reason = getattr(e, "strerror", None) or e  # disk full, I/O error
-            if isinstance(e, OSError) and e.errno is None:  # numpy's "N requested and M written"
-                reason = f"{e} (bytes): is the disk full?"
+            reason = write_failure(e) if isinstance(e, OSError) else e  # disk full, I/O error
             raise OutputError(f"cannot write {current}: {reason}") from None
         raise
     finally:
         for tmp in [*tmps.values(), *olds.values()]:
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
+        publishing.close()
 
 
 def _new_file_mode(path: Path) -> int:

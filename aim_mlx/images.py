@@ -209,6 +209,53 @@ def collect(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Ite
     return items
 
 
+def _entry(path: str) -> str:
+    """The folder entry `path` names: its folder's real path (links to folders resolved) and its
+    name, so that a file found through two inputs is seen once, while two names (a link, a hard
+    link) stay two entries."""
+    folder, name = os.path.split(path)
+    return os.path.join(os.path.realpath(folder or "."), name)
+
+
+def drop_repeats(items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:
+    """`items` with each folder entry once, the first, where inputs overlap (a file given beside
+    its folder, one folder twice or also through a link to it); and (path, the path kept) for
+    each one left out."""
+    first, kept, repeats = {}, [], []
+    for item in items:
+        seen = first.setdefault(_entry(item.path), item)
+        if seen is item:
+            kept.append(item)
+        else:
+            repeats.append((item.path, seen.path))
+    return kept, repeats
+
+
+def file_id(path: str) -> tuple[int, int] | str:
+    """What is the same for every name of one file, links and hard links alike: its device and
+    inode, or its real path where the file system has no inode numbers or it cannot be looked at
+    (its error comes when it is read)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+
+
+def one_name_per_file(pairs: list[tuple[str, int]]) -> tuple[list, list[tuple[tuple, tuple]]]:
+    """(image path, label) pairs with one name per file (`file_id`), the first; and (the pair
+    left out, the pair kept) for each other name, so that an image is counted once, and a file
+    in two classes (one image, two labels) can be refused."""
+    first, kept, others = {}, [], []
+    for i, pair in enumerate(pairs):
+        j = first.setdefault(file_id(pair[0]), i)
+        if j == i:
+            kept.append(pair)
+        else:
+            others.append((pair, pairs[j]))
+    return kept, others
+
+
 def errors(inputs: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     """(path, reason) for every input that `collect` finds nothing to read in."""
     return [(it.path, it.error) for it in collect(inputs) if it.error]
@@ -243,13 +290,15 @@ def run(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "images",
+    into: np.ndarray | None = None,
 ) -> Iterator[tuple[Item, np.ndarray | None]]:
     """Apply `fn` (a batch (B, 3, size, size) -> a numpy array with B rows) to every readable
     image; yield (item, its row) in input order, or (item with .error, None). A row holding
     NaN or Inf becomes the error `not_finite` (`not_finite_error`; None: rows are not checked).
 
     Under `mlx.launch` the items are shared out between the ranks and rank 0 alone yields them
-    all (`distributed.map_images`); without a launcher this is `run_here`."""
+    all (`distributed.map_images`; `into`: the array it gathers them in, whose rows it yields);
+    without a launcher this is `run_here`."""
     from . import distributed
 
     return distributed.map_images(
@@ -260,6 +309,7 @@ def run(
         batch_size=batch_size,
         progress=progress,
         desc=desc,
+        into=into,
     )
 
 

@@ -22,6 +22,11 @@ from pathlib import Path
 
 from .errors import OutputError
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: outputs are replaced without the folder's lock
+    fcntl = None
+
 
 def prepare_output(
     path: str | os.PathLike,
@@ -376,6 +381,32 @@ def signals_held():
         signal.raise_signal(s)
 
 
+@contextmanager
+def folder_lock(folder: Path, on_wait: Callable[[], None] | None = None):
+    """Hold an exclusive lock on `folder` itself (flock; no file is made in it) while replacing
+    files there that go together, such as a .npy and its listing: two runs never mix theirs.
+    `on_wait()` is called once if another process holds it. Where the file system cannot lock a
+    folder (NFS, a system without flock), nothing is held."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        fd = None
+    try:
+        if fd is not None and fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # no locks on this file system
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 def check_writable(folder: str | os.PathLike, what: str) -> None:
     """Raise OutputError("{what}: ...") unless a file can be created in `folder`."""
     try:
@@ -388,6 +419,24 @@ def check_writable(folder: str | os.PathLike, what: str) -> None:
 
 def _reason(error: OSError) -> str:
     return error.strerror or str(error)
+
+
+# numpy's .npy writer (`tofile`) reports a short write (a full disk) without an errno
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+
+
+def write_failure(error: OSError) -> str:
+    """Why a write failed, for an error message: the system's reason ("No space left on
+    device"), or for numpy's short write "N requested and M written", what it means."""
+    if error.errno is None and (m := _SHORT_WRITE.search(str(error))):
+        return f"only {m[2]} of {m[1]} bytes were written: is the disk full?"
+    return _reason(error)
+
+
+def disk_full(error: OSError) -> bool:
+    """Whether a write failed for want of room (or quota), numpy's short write included."""
+    short = error.errno is None and _SHORT_WRITE.search(str(error)) is not None
+    return short or error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def write_atomic(path: str | os.PathLike, write, replace: bool = True) -> Path:

@@ -659,6 +659,36 @@ def test_eval_names_images_in_no_class_folder(model_dir, tmp_path):
     assert f"error: {data / 'stray.png'}: directly in the dataset folder" in result.stderr
 
 
+def test_eval_counts_an_image_once_and_refuses_one_in_two_classes(model_dir, tmp_path):
+    """A second name of an image in its class (a link, a hard link) is counted once, the other
+    name said not to be (exit 1, as for any image not counted); one in another class, an image
+    with two labels, is refused before the model is loaded."""
+    placement = {name: expected_top(name)[0] for name in ("chelsea.png", "camera.png")}
+    data = imagenet_folder(tmp_path / "val", placement)
+    wnid = {c.index: c.wnid for c in imagenet_classes()}
+    cat, camera = (data / wnid[placement[n]] / n for n in ("chelsea.png", "camera.png"))
+    os.link(cat, cat.with_name("zz-hard.png"))
+    cat.with_name("zz-soft.png").symlink_to(cat)
+    result = cli("eval", data, "--model", model_dir, "--json", "--no-progress")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 1 and (report["top1"], report["images"]) == (100.0, 2)
+    why = f"the same file as {cat}: counted once"
+    assert report["failed"] == [
+        {"path": str(cat.with_name(name)), "error": why} for name in ("zz-hard.png", "zz-soft.png")
+    ]
+
+    camera.with_name("cat-too.png").symlink_to(cat)
+    result = cli("eval", data, "--model", tmp_path / "not-loaded", "--no-progress")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    # the classes are listed in WordNet-id order: the name met first is kept
+    names = sorted([(cat.parent.name, cat), (camera.parent.name, camera.with_name("cat-too.png"))])
+    (first_class, first), (second_class, second) = names
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {data}: {first} and {second} are one file (a link) in two classes, "
+        f"{first_class} and {second_class}; keep it in one class"
+    )
+
+
 def test_a_link_loop_in_the_dataset_folder_hides_no_loose_image(tmp_path):
     """A link to itself among the images directly in the folder: one entry that cannot be
     looked at, not a reason to leave the others unnamed."""

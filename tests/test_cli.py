@@ -803,6 +803,62 @@ def assert_pair_alone(out: Path, features, names: list) -> None:
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name, listing_path(out).name]
 
 
+def test_two_runs_replacing_one_pair_leave_one_runs_pair(tmp_path, monkeypatch):
+    """Two `embed --force` runs to one -o, the second finishing while the first is between its
+    two renames: it waits for the first's pair to be in place (saying so), then replaces it
+    whole; never the .npy of one run with the listing of the other."""
+    from aim_mlx import embed
+
+    out = tmp_path / "f.npy"
+    save(out, Embeddings(np.zeros((1, 2), np.float32), ["old.jpg"]))
+    waits, second_waits_or_is_done, threads = [], threading.Event(), []
+
+    def second_run():
+        try:
+            pair = Embeddings(np.ones((2, 2), np.float32), ["b1.jpg", "b2.jpg"])
+            save(out, pair, on_wait=lambda: (waits.append(1), second_waits_or_is_done.set()))
+        finally:
+            second_waits_or_is_done.set()
+
+    place = embed.place_file
+
+    def first_pauses_after_its_npy(tmp, path, replace):
+        place(tmp, path, replace)
+        if path == out and not threads:
+            threads.append(threading.Thread(target=second_run))
+            threads[0].start()
+            assert second_waits_or_is_done.wait(60)
+
+    monkeypatch.setattr(embed, "place_file", first_pauses_after_its_npy)
+    save(out, Embeddings(np.full((3, 2), 2, np.float32), ["a1.jpg", "a2.jpg", "a3.jpg"]))
+    threads[0].join()
+    assert_pair_alone(out, np.ones((2, 2)), ["b1.jpg", "b2.jpg"])  # the second run's, whole
+    assert waits == [1]
+
+
+def test_embed_overlapping_inputs_embed_a_file_once(model_dir, tmp_path):
+    """`embed d d/x.jpg` (or d twice, or through a link to d) embeds each image once, under the
+    first path that names it, with a note for the others (exit 0: nothing failed); two names of
+    one image in the folder (a link beside it) are two rows, as listed."""
+    images = tmp_path / "imgs"
+    shutil.copytree(REF / "images", images)
+    (images / "zz.jpg").symlink_to(images / "rocket.jpg")
+    (tmp_path / "again").symlink_to(images)
+    out = tmp_path / "f.npy"
+    res = cli("embed", images, images / "rocket.jpg", tmp_path / "again", "-m", model_dir,
+              "-o", out, "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    names = ["camera.png", "chelsea.png", "coffee.png", "rocket.jpg", "zz.jpg"]
+    assert read_listing(listing_path(out)) == [str(images / n) for n in names]
+    assert np.load(out).shape == (5, 64)
+    rocket = images / "rocket.jpg"
+    assert res.stderr.splitlines()[:6] == [
+        f"note: {rocket}: listed twice by the inputs; embedded once",
+        *(f"note: {tmp_path / 'again' / n}: the same file as {images / n}; embedded once"
+          for n in names),
+    ]  # fmt: skip
+
+
 def test_ctrl_c_cannot_split_a_npy_and_its_listing(tmp_path, monkeypatch):
     """Ctrl-C while the .npy is moved into place (--force over another run's pair): the
     listing follows it before the interrupt is raised, never one run's features with the other
@@ -897,7 +953,7 @@ def test_embed_on_a_full_disk_says_so_and_keeps_the_old_pair(model_dir, tmp_path
 
     monkeypatch.setattr(np, "save", disk_full)
     err = clean(cli("embed", ROCKET, "-m", model_dir, "-o", out, "--force"), 1)
-    assert err.strip() == f"Error: cannot write {out}: 256 requested and 6 written (bytes): is " \
+    assert err.strip() == f"Error: cannot write {out}: only 6 of 256 bytes were written: is " \
         "the disk full?"  # fmt: skip
     assert_pair_alone(out, np.zeros((2, 2)), ["a.jpg", "b.jpg"])
 

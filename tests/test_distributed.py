@@ -324,6 +324,37 @@ def test_parts_that_did_not_come_are_all_named(monkeypatch):
     assert str(e.value).startswith("rank 1/3: no answer from rank 0/3 or rank 2/3 while gathering")
 
 
+@pytest.mark.parametrize("into", [False, True])
+def test_rank_0_gathers_the_rows_in_one_array(monkeypatch, into):
+    """Rank 0 of two, in rounds of 2 rows: the other rank's 3 rows are written at their place,
+    after rank 0's 2, into one array; given one (embed's output), rank 0's rows are there
+    already and the result is that array: the rows are held once, not gathered then copied."""
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(distributed, "GATHER_BYTES", 2 * 3 * 4)  # 2 rows of 3 float32
+    theirs = np.arange(9, dtype=np.float32).reshape(3, 3) + 100
+    rounds = []
+
+    def all_gather(block):  # the other rank's next rows, padded as it pads them
+        start = 2 * len(rounds)
+        rounds.append(block.copy())
+        other = np.zeros_like(block)
+        other[: len(theirs[start : start + 2])] = theirs[start : start + 2]
+        return [block, other]
+
+    monkeypatch.setattr(distributed, "_all_gather", all_gather)
+    mine = np.arange(6, dtype=np.float32).reshape(2, 3)
+    array = np.full((6, 3), np.nan, np.float32)  # a row more than is gathered, as embed's
+    if into:
+        array[:2] = mine
+    rows = distributed.gather_rows(array[:2] if into else mine, [2, 3], array if into else None)
+    np.testing.assert_array_equal(rows, np.concatenate([mine, theirs]))
+    assert len(rounds) == 2  # three rows in rounds of two
+    assert np.shares_memory(rows, array) == into
+    if into:
+        assert np.isnan(array[5]).all()  # the row after them untouched
+
+
 def test_an_input_missing_on_one_rank_only_is_named(monkeypatch):
     """Same paths, but one is missing on rank 1's machine: the message names it (it said "rank 1
     found 2 inputs and rank 0 2, or other paths")."""

@@ -645,6 +645,29 @@ def test_probe_eval_reports_unreadable_sub_folders(heads, model_dir, data, tmp_p
     assert out["images"] == 40 and f"error: {locked}: cannot read the folder" in res.stderr
 
 
+def test_probe_eval_counts_an_image_once_and_refuses_one_in_two_classes(heads, model_dir, data,
+                                                                        tmp_path):  # fmt: skip
+    """As `aim-mlx eval`: a second name of an image in its class is counted once and named (exit
+    1); an image in two classes is refused before the trunk is loaded."""
+    root = make_classes(tmp_path / "d", data, ["red", "blue"])
+    red = root / "red" / "000.png"
+    os.link(red, root / "red" / "zz.png")
+    head = heads["attention"].out
+    res = cli("probe", "eval", root, "-m", model_dir, "--head", head, "--json", "--no-progress")
+    assert res.exit_code == 1, res.output
+    out = json.loads(res.stdout)
+    assert out["images"] == 40 and out["failed"] == [
+        {"path": str(root / "red" / "zz.png"), "error": f"the same file as {red}: counted once"}
+    ]
+    (root / "blue" / "x.png").symlink_to(red)
+    res = cli("probe", "eval", root, "-m", tmp_path / "not-loaded", "--head", head)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: evaluation folder {root}: {root / 'blue' / 'x.png'} and {red} are one file (a "
+        "link) in two classes, 'blue' and 'red'; keep it in one class"
+    )
+
+
 def test_probe_eval_json_has_evals_keys(heads, model_dir, data, tmp_path):
     # README: `probe eval --json` has `aim-mlx eval --json`'s keys plus per_class and confusion
     imagenet = tmp_path / "imagenet" / "n01440764"
@@ -860,6 +883,32 @@ def test_a_folder_made_while_training_is_kept(heads, model_dir, data, tmp_path, 
         "another output, or pass --force to replace it"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["h"] and list(out.iterdir()) == []
+
+
+def test_a_head_another_run_wrote_while_training_is_kept(heads, model_dir, data, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    """Two runs to one -o: the one that finishes second finds the other's head there, made
+    after it checked -o, and says so (not "already exists", which it was not at the start)."""
+    from aim_mlx.probe import training
+
+    out = tmp_path / "h"
+    fit = training.fit
+
+    def other_run_finishes_first(*args, **kwargs):
+        shutil.copytree(heads["linear"].out, out)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(training, "fit", other_run_finishes_first)
+    res = cli("probe", "train", data, "-m", model_dir, "-o", out,
+              "--kind", "linear", "--epochs", "1", "--no-progress")  # fmt: skip
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    assert res.stderr.splitlines()[-1] == (
+        f"Error: {out} appeared while this command ran (another process?) and is kept; choose "
+        "another output, or pass --force to replace it"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["h"]  # no temporary folder left
+    assert (out / "head.safetensors").read_bytes() == \
+        (heads["linear"].out / "head.safetensors").read_bytes()  # fmt: skip
 
 
 def test_a_confusion_picture_made_while_evaluating_is_kept(heads, model_dir, data, tmp_path,

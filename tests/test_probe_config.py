@@ -123,7 +123,11 @@ def test_a_diverged_epoch_is_never_the_best(model_dir, data, head_dir, tmp_path,
 @pytest.mark.parametrize(
     "error, advice",
     [  # numpy's short write on a full disk has no errno
-        (OSError("16384 requested and 4032 written"), "disk is full?); free some space, or set"),
+        (
+            OSError("16384 requested and 4032 written"),
+            "(only 4032 of 16384 bytes were written: is the disk full?); free some space, or set",
+        ),
+        (OSError(28, "No space left on device"), "device); free some space, or set"),
         (OSError(30, "Read-only file system"), "Read-only file system); set AIM_MLX_CACHE"),
     ],
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from PIL import Image
 
 from .. import images, transforms
 from ..errors import AimMlxError
+from ..images import file_id
 
 
 class ProbeError(AimMlxError, ValueError):
@@ -140,30 +140,15 @@ def one_name_per_file(root, what: str, classes: list[str], samples: list[Sample]
     """`samples` with one name per file: the split could otherwise train on one name of an image
     (a link or a hard link) and validate on another; the other names go to `skipped`. A file in
     two classes is refused: one image with two labels."""
-    seen, kept = {}, []
-    for s in samples:
-        other = seen.setdefault(file_id(s.path), s)
-        if other is s:
-            kept.append(s)
-        elif other.label == s.label:
-            skipped.append((s.path, f"the same file as {other.path}"))
-        else:
+    kept, others = images.one_name_per_file([(s.path, s.label) for s in samples])
+    for (path, label), (first, first_label) in others:
+        if label != first_label:
             raise ProbeError(
-                f"{what} {root}: {other.path} and {s.path} are one file (a link) in two classes, "
-                f"{classes[other.label]!r} and {classes[s.label]!r}; keep it in one class"
+                f"{what} {root}: {first} and {path} are one file (a link) in two classes, "
+                f"{classes[first_label]!r} and {classes[label]!r}; keep it in one class"
             )
-    return kept
-
-
-def file_id(path: str) -> tuple[int, int] | str:
-    """What is the same for every name of one file, links and hard links alike: its device and
-    inode, or its real path where the file system has no inode numbers or it cannot be looked at
-    (its error comes when it is read)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return os.path.realpath(path)
-    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+        skipped.append((path, f"the same file as {first}"))
+    return [Sample(path, label) for path, label in kept]
 
 
 def check_same_classes(train: Dataset, val: Dataset) -> None:

@@ -16,7 +16,6 @@ float32; aim-600M: 256 x 1536 x 2 bytes = 786 KB).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -27,7 +26,7 @@ import numpy as np
 from numpy.lib import format as npy
 
 from .. import cache, distributed, images
-from ..output import dead_leftovers, write_atomic
+from ..output import dead_leftovers, disk_full, write_atomic, write_failure
 from .data import ProbeError, Sample
 
 FEATURE_DTYPE = np.float16
@@ -147,12 +146,9 @@ class FeatureSet:
         try:
             write_atomic(self.path(key), lambda f: np.save(f, features))
         except OSError as e:
-            # numpy's short write has no errno: "16384 requested and 4032 written"
-            full = e.errno in (None, errno.ENOSPC, errno.EDQUOT)
-            why = e.strerror or f"{e}: the disk is full?"
-            fix = "free some space, or set" if full else "set"
+            fix = "free some space, or set" if disk_full(e) else "set"
             raise ProbeError(
-                f"cannot write the feature cache {self.folder} ({why}); {fix} "
+                f"cannot write the feature cache {self.folder} ({write_failure(e)}); {fix} "
                 f"{cache.CACHE_ENV} to a writable folder with room"
             ) from None
 

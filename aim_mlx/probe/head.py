@@ -76,9 +76,14 @@ def _is_head_output(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("format") == HEAD_FORMAT
 
 
-def save_head(out: str | Path, head: nn.Module, config: dict, force: bool = False) -> Path:
-    """Write the folder atomically (a temporary folder renamed at the end)."""
-    out = check_output(out, force)
+def save_head(
+    out: str | Path, head: nn.Module, config: dict, force: bool = False, checked: bool = False
+) -> Path:
+    """Write the folder atomically (a temporary folder renamed at the end). `checked`: `out`
+    is what `check_output` returned when the command started, so that without `force` a folder
+    there now appeared meanwhile and is kept (OutputError saying so)."""
+    if force or not checked:  # with force, never over a folder that is not a head's
+        out = check_output(out, force)
     tmp = temp_path(out)
     try:
         tmp.mkdir()

@@ -358,7 +358,8 @@ def train(
     settings = _checked(settings or Settings())
     if val_dir is not None and val_split is not None:
         raise ProbeError("give a validation folder or a validation split, not both")
-    distributed.on_root(lambda: head.check_output(out, force, inputs=[model, train_dir, val_dir]))
+    inputs = [model, train_dir, val_dir]
+    target = distributed.on_root(lambda: head.check_output(out, force, inputs=inputs))
     if probe_layers not in (None, "best", "last"):  # before a download or conversion
         parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=known_num_blocks(model)))
     dataset = data.read_dataset(train_dir)
@@ -448,7 +449,7 @@ def train(
         ),
         created_by=f"aim-mlx {__version__}",
     )
-    path = head.save_head(out, module, config, force)
+    path = head.save_head(target, module, config, force, checked=True)
     return TrainResult(
         path,
         history,
