@@ -209,21 +209,17 @@ def collect(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Ite
     return items
 
 
-def _entry(path: str) -> str:
-    """The folder entry `path` names: its folder's real path (links to folders resolved) and its
-    name, so that a file found through two inputs is seen once, while two names (a link, a hard
-    link) stay two entries."""
-    folder, name = os.path.split(path)
-    return os.path.join(os.path.realpath(folder or "."), name)
-
-
 def drop_repeats(items: list[Item]) -> tuple[list[Item], list[tuple[str, str]]]:
     """`items` with each folder entry once, the first, where inputs overlap (a file given beside
     its folder, one folder twice or also through a link to it); and (path, the path kept) for
-    each one left out."""
-    first, kept, repeats = {}, [], []
+    each one left out. An entry is its folder's real path and its name: two names of one file
+    (a link, a hard link) stay two entries."""
+    real, first, kept, repeats = {}, {}, [], []
     for item in items:
-        seen = first.setdefault(_entry(item.path), item)
+        folder, name = os.path.split(item.path)
+        if folder not in real:  # once per folder: realpath looks at every part of it
+            real[folder] = os.path.realpath(folder or ".")
+        seen = first.setdefault((real[folder], name), item)
         if seen is item:
             kept.append(item)
         else:
