@@ -52,8 +52,13 @@ def imagenet_folder(
         [(path, index[f.name]) for path in images.walk_images(str(f), unreadable, [root])]
         for f in folders
     ]
+    # one name per image: a link, a hard link or a folder linked inside a class counted it twice
     wnids = {index[f.name]: f.name for f in folders}
-    per_class = _one_name_per_file(root, per_class, unreadable, wnids)
+    flat = [p for pairs in per_class for p in pairs]
+    kept, others = images.one_name_per_file(flat, wnids, str(root), DatasetError)
+    unreadable += [(path, f"the same file as {first}: counted once") for path, first in others]
+    kept = set(kept)
+    per_class = [[p for p in pairs if p in kept] for pairs in per_class]
     pairs = [p for p in itertools.chain(*itertools.zip_longest(*per_class)) if p is not None]
     if not pairs:
         reasons = "".join(f"; {path}: {why}" for path, why in unreadable[:3])
@@ -61,22 +66,6 @@ def imagenet_folder(
     if errors is not None:
         errors += unreadable
     return pairs[:limit] if limit else pairs
-
-
-def _one_name_per_file(root: Path, per_class: list[list], unreadable: list, wnids: dict):
-    """Each class's (path, index) pairs with one name per image file: a link, a hard link or a
-    folder linked inside a class would count it twice (the other names go to `unreadable`). A
-    file in two classes, one image with two labels, is refused (DatasetError)."""
-    kept, others = images.one_name_per_file([p for pairs in per_class for p in pairs])
-    for (path, label), (first, first_label) in others:
-        if label != first_label:
-            raise DatasetError(
-                f"{root}: {first} and {path} are one file (a link) in two classes, "
-                f"{wnids[first_label]} and {wnids[label]}; keep it in one class"
-            )
-        unreadable.append((path, f"the same file as {first}: counted once"))
-    kept = set(kept)
-    return [[p for p in pairs if p in kept] for pairs in per_class]
 
 
 @dataclass

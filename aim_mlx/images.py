@@ -238,17 +238,26 @@ def file_id(path: str) -> tuple[int, int] | str:
     return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
 
 
-def one_name_per_file(pairs: list[tuple[str, int]]) -> tuple[list, list[tuple[tuple, tuple]]]:
-    """(image path, label) pairs with one name per file (`file_id`), the first; and (the pair
-    left out, the pair kept) for each other name, so that an image is counted once, and a file
-    in two classes (one image, two labels) can be refused."""
+def one_name_per_file(
+    pairs: list[tuple[str, int]], class_names, where: str, error: type[Exception]
+) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
+    """(image path, label) pairs with one name per file (`file_id`), the first, so that an image
+    is counted once; and (path, the path kept) for each other name. A file in two classes, one
+    image with two labels, is refused: `error` naming both (`where` first, then the paths and
+    `class_names[label]`)."""
     first, kept, others = {}, [], []
-    for i, pair in enumerate(pairs):
-        j = first.setdefault(file_id(pair[0]), i)
+    for i, (path, label) in enumerate(pairs):
+        j = first.setdefault(file_id(path), i)
         if j == i:
-            kept.append(pair)
-        else:
-            others.append((pair, pairs[j]))
+            kept.append((path, label))
+            continue
+        other, other_label = pairs[j]
+        if label != other_label:
+            raise error(
+                f"{where}: {other} and {path} are one file (a link) in two classes, "
+                f"{class_names[other_label]!r} and {class_names[label]!r}; keep it in one class"
+            )
+        others.append((path, other))
     return kept, others
 
 

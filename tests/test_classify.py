@@ -685,7 +685,7 @@ def test_eval_counts_an_image_once_and_refuses_one_in_two_classes(model_dir, tmp
     (first_class, first), (second_class, second) = names
     assert result.stderr.splitlines()[-1] == (
         f"Error: {data}: {first} and {second} are one file (a link) in two classes, "
-        f"{first_class} and {second_class}; keep it in one class"
+        f"{first_class!r} and {second_class!r}; keep it in one class"
     )
 
 

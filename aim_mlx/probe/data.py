@@ -140,14 +140,9 @@ def one_name_per_file(root, what: str, classes: list[str], samples: list[Sample]
     """`samples` with one name per file: the split could otherwise train on one name of an image
     (a link or a hard link) and validate on another; the other names go to `skipped`. A file in
     two classes is refused: one image with two labels."""
-    kept, others = images.one_name_per_file([(s.path, s.label) for s in samples])
-    for (path, label), (first, first_label) in others:
-        if label != first_label:
-            raise ProbeError(
-                f"{what} {root}: {first} and {path} are one file (a link) in two classes, "
-                f"{classes[first_label]!r} and {classes[label]!r}; keep it in one class"
-            )
-        skipped.append((path, f"the same file as {first}"))
+    pairs = [(s.path, s.label) for s in samples]
+    kept, others = images.one_name_per_file(pairs, classes, f"{what} {root}", ProbeError)
+    skipped += [(path, f"the same file as {first}") for path, first in others]
     return [Sample(path, label) for path, label in kept]
 
 

@@ -68,15 +68,10 @@ def labelled_images(
     pairs = [(p, index[name]) for name, paths in found.items() for p in paths]
     if not pairs:
         raise ProbeError(f"evaluation folder {data_path}: no images in its class sub-folders")
-    pairs, others = images.one_name_per_file(pairs)  # an image counted once
-    for (path, label), (first, first_label) in others:
-        if label != first_label:
-            raise ProbeError(
-                f"evaluation folder {data_path}: {first} and {path} are one file (a link) in two "
-                f"classes, {labels[first_label]!r} and {labels[label]!r}; keep it in one class"
-            )
-        if errors is not None:
-            errors.append((path, f"the same file as {first}: counted once"))
+    where = f"evaluation folder {data_path}"
+    pairs, others = images.one_name_per_file(pairs, labels, where, ProbeError)  # counted once
+    if errors is not None:
+        errors += [(path, f"the same file as {first}: counted once") for path, first in others]
     return pairs
 
 
