@@ -130,14 +130,17 @@ def _reader_lock(readers: Path, key: str, on_wait) -> Path | None:
 def readers_held(readers: Path, on_wait=None):
     """Hold the gate of `readers` and every lock in it: wait for the conversions that read a
     model's downloads (`lock`), under every AIM_MLX_CACHE sharing the download cache; one that
-    starts meanwhile waits at the gate until this is released."""
+    starts meanwhile waits at the gate until this is released. A lock that cannot be opened
+    here (a read-only download cache, another account's lock file) is not waited for, as
+    `lock` goes on without its own where it cannot make it."""
     waiting = _once(on_wait)  # for whichever lock is held by another process
     with ExitStack() as stack:
         with suppress(OSError):  # a download cache that cannot be written: no reader's lock
             readers.mkdir(parents=True, exist_ok=True)
             stack.enter_context(_held(_gate(readers), waiting))
         for reader in sorted(readers.glob("*.lock")):
-            stack.enter_context(_held(reader, waiting))
+            with suppress(OSError):
+                stack.enter_context(_held(reader, waiting))
         yield
 
 

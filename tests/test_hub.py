@@ -788,6 +788,34 @@ def test_readers_held_says_it_waits_whichever_conversion_is_busy(tmp_path, monke
     other.join()
 
 
+def test_readers_held_passes_over_a_lock_it_cannot_open(tmp_path, monkeypatch):
+    """A reader's lock that cannot be opened here (a read-only download cache, where its locks
+    were made while it was writable, or another account's lock file; here a folder in its place)
+    is not waited for: `cache rm-downloads` ended in a traceback. The others are still held."""
+    import concurrent.futures
+
+    from filelock import FileLock, Timeout
+
+    from aim_mlx import cache
+
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+    readers = tmp_path / "hf" / ".locks" / "aim-mlx" / "aim-tiny"
+    with cache.lock("aim-tiny--best--float32", readers=readers):  # its lock file stays
+        pass
+    (readers / "0--aim-tiny--best--float16.lock").mkdir()  # sorted first: cannot be opened
+    (reader,) = [p for p in readers.iterdir() if p.is_file()]
+
+    def try_reader():  # another thread: another FileLock, as another process's
+        try:
+            FileLock(reader).acquire(timeout=0)
+        except Timeout:
+            return "held"
+        return "free"
+
+    with cache.readers_held(readers), concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(try_reader).result(timeout=30) == "held"
+
+
 def test_conversion_starting_during_rm_downloads_waits_for_it(tmp_path, monkeypatch):
     """A conversion of a model entry never made before (so no lock file of it was listed) that
     starts while `cache rm-downloads` holds the model's locks waits, saying so, until the
