@@ -16,7 +16,9 @@ os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
 # Nothing a test does reaches the user's own download cache (the locks aim-mlx keeps there
 # included): a download cache of the session's own, removed at its end (pytest_sessionfinish).
+# huggingface_hub still reads the older name of HF_HUB_CACHE too.
 os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="aim-mlx-tests-hf-")
 
 import signal  # noqa: E402
