@@ -460,12 +460,19 @@ def verify(
 
 
 def remove_cached_file(path: Path) -> int:
-    """Delete a file from huggingface_hub's cache (the blob and its snapshot link); bytes freed."""
+    """Delete a file from huggingface_hub's cache (the blob and its snapshot link); bytes freed.
+    HubError where it cannot be deleted (a read-only cache, another account's files)."""
     blob = path.resolve()
     size = blob.stat().st_size if blob.exists() else 0
     for p in {blob, path}:
-        if p.is_symlink() or p.exists():
-            p.unlink()
+        try:
+            if p.is_symlink() or p.exists():
+                p.unlink()
+        except OSError as e:
+            raise HubError(
+                f"cannot remove {p} from the download cache ({e.strerror or e}); check that "
+                "you may write there (HF_HOME / HF_HUB_CACHE)"
+            ) from None
     return size
 
 

@@ -938,3 +938,25 @@ def test_convert_from_a_hub_repo_id(tmp_path):
         assert len(server.downloads("pytorch_model.bin")) == 1
     finally:
         server.stop()
+
+
+def test_a_download_that_cannot_be_removed_is_one_error(tmp_path, monkeypatch):
+    """A read-only download cache (or another account's files): `cache rm-downloads` ended in a
+    traceback of the unlink."""
+    import errno
+
+    from aim_mlx import hub as hub_module
+
+    blob = tmp_path / "blobs" / "abc"
+    blob.parent.mkdir()
+    blob.write_bytes(b"x" * 10)
+    link = tmp_path / "snapshots" / "rev" / "backbone.pth"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+
+    def read_only(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(hub_module.HubError, match=r"cannot remove .* \(Read-only file system\)"):
+        hub_module.remove_cached_file(link)
