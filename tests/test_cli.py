@@ -831,7 +831,8 @@ def test_two_runs_replacing_one_pair_leave_one_runs_pair(tmp_path, monkeypatch):
 
     monkeypatch.setattr(embed, "place_file", first_pauses_after_its_npy)
     save(out, Embeddings(np.full((3, 2), 2, np.float32), ["a1.jpg", "a2.jpg", "a3.jpg"]))
-    threads[0].join()
+    threads[0].join(timeout=60)
+    assert not threads[0].is_alive()  # the lock was released: the second run ended
     assert_pair_alone(out, np.ones((2, 2)), ["b1.jpg", "b2.jpg"])  # the second run's, whole
     assert waits == [1]
 

@@ -777,11 +777,11 @@ def test_readers_held_says_it_waits_whichever_conversion_is_busy(tmp_path, monke
     def convert_second():  # another FileLock, as another process's
         with cache.lock(keys[1], readers=readers):
             holding.set()
-            said.wait(timeout=5)
+            said.wait(timeout=60)
 
     other = threading.Thread(target=convert_second)
     other.start()
-    holding.wait(timeout=5)
+    assert holding.wait(timeout=60)
     calls = []
     with cache.readers_held(readers, on_wait=lambda: (calls.append(1), said.set())):
         assert calls == [1] and said.is_set()
