@@ -14,12 +14,6 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # the shell (huggingface_hub reads it at import) would refuse those local downloads too.
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
-# Nothing a test does reaches the user's own download cache (the locks aim-mlx keeps there
-# included): a download cache of the session's own, removed at its end (pytest_sessionfinish).
-# huggingface_hub still reads the older name of HF_HUB_CACHE too.
-os.environ.pop("HF_HUB_CACHE", None)
-os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
-os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="aim-mlx-tests-hf-")
 
 import signal  # noqa: E402
 
@@ -34,6 +28,18 @@ import aim_mlx  # noqa: E402, F401  (first: it loads an optimized BLAS before ml
 import mlx.core as mx
 import numpy as np
 import pytest
+
+# Nothing a test does reaches the user's own download cache (the locks aim-mlx keeps there
+# included): the session has one of its own, removed at its end (pytest_sessionfinish), which
+# the processes it starts (pytest-xdist's workers, scripts importing conftest) share. Set before
+# huggingface_hub is imported (it reads these then): nothing above imports it. It still reads
+# HF_HUB_CACHE's older name too.
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
+HF_HOME_PREFIX = "aim-mlx-tests-hf-"
+OWN_HF_HOME = None
+if not Path(os.environ.get("HF_HOME", "")).name.startswith(HF_HOME_PREFIX):
+    OWN_HF_HOME = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix=HF_HOME_PREFIX)
 
 REF = Path(__file__).parent / "fixtures" / "reference"
 FIXTURE_CONFIG = json.loads((REF / "fixtures.json").read_text())
@@ -242,4 +248,5 @@ def exited_cleanly(result, code: int):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(os.environ["HF_HOME"], ignore_errors=True)
+    if OWN_HF_HOME:
+        shutil.rmtree(OWN_HF_HOME, ignore_errors=True)
