@@ -1184,6 +1184,7 @@ def export_coreml(
 ):
     """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
     import mlx.core as mx
+    import mlx.nn as nn
     import numpy as np
 
     from .export import coreml
@@ -1232,6 +1233,12 @@ def export_coreml(
     )
     weights = coreml.weight_file_size(path)
     click.echo(f"wrote {out} (weights {weights / MiB:.1f} MiB)")
+    layers = (m for _, m in net.named_modules() if isinstance(m, nn.QuantizedLinear))
+    if compress == "none" and (bits := next((m.bits for m in layers), None)):
+        click.echo(
+            f"note: the model's {bits}-bit weights are in the package dequantized, at "
+            f"{precision}'s size; --compress int8 or palettize4 / palettize6 makes it smaller"
+        )
     if weights > coreml.ANE_WEIGHT_LIMIT:
         click.echo(
             "note: the weight file is over the Neural Engine's 2 GiB limit; Core ML will run "

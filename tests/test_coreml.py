@@ -635,6 +635,24 @@ def test_cli_exports_a_converted_folder(tmp_path, photos):
         assert "--compress int8, palettize6 or palettize4" in res.output
 
 
+def test_a_quantized_folder_is_exported_with_a_note(tmp_path):
+    """A folder converted with -q goes into the package dequantized (float weights, as README
+    says): the command says so, and which --compress makes the package small again."""
+    from aim_mlx.cli import main
+    from aim_mlx.convert import convert
+
+    model = convert(tmp_path / "q4", hf_path=REF / "hf_repo", quantize=True, q_bits=4,
+                    q_group_size=32, progress=False)  # fmt: skip
+    out = tmp_path / "m.mlpackage"
+    args = ["export", "coreml", "-m", str(model), "-o", str(out), "--precision", "float32"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "note: the model's 4-bit weights are in the package dequantized" in res.stdout
+    assert "--compress int8 or palettize4 / palettize6 makes it smaller" in res.stdout
+    res = CliRunner().invoke(main, [*args, "--force", "--compress", "int8"])
+    assert res.exit_code == 0 and "note:" not in res.stdout, res.output
+
+
 def test_a_package_made_during_the_export_is_kept(export, tmp_path, monkeypatch):
     """Without --force, a package another process wrote after the output was checked (here just
     before this one is renamed into place) is kept: one error line, nothing of this export left."""
