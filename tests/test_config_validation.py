@@ -753,6 +753,7 @@ def _train(model, out, **options):
             "probe_layers (--probe-layers) must be best, last or block indices like 3,4,5; got 'x'",
         ),
     ],
+    ids=["load", "load-bits", "convert", "classify", "embed", "bench-bits", "bench", "train"],
 )
 def test_python_api_errors_name_the_python_argument(model_dir, tmp_path, call, message):
     """A Python caller passed `head=`, `q_bits=`, `img_size=`: the error names that argument
