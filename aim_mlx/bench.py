@@ -194,7 +194,7 @@ def check(config: BenchConfig) -> None:
         args = _preset_args(config)
         with ops.random_key_kept():  # lazy: no memory
             params = sum(v.size for _, v in tree_flatten(AIM(args).parameters()))
-        memory.check_model(config.model, params, config.dtype, config.q_bits)
+        memory.check_model(config.model, params, config.dtype, config.q_bits, "q_bits")
         check_counts(config)
         floor = batch_floor(args, config.batch_size, args.img_size, MX_DTYPES[config.dtype])
         weights = memory.weights_lower_bound(params, config.dtype, config.q_bits)
@@ -203,11 +203,14 @@ def check(config: BenchConfig) -> None:
     path = Path(config.model)
     if not path.is_dir():
         names = ", ".join(PRESETS)
-        raise OptionError(f"--model {config.model!r}: not a preset ({names}) nor a model folder")
+        raise OptionError(
+            f"model (--model) {config.model!r}: not a preset ({names}) nor a model folder"
+        )
     if is_converted(path) and (config.q_bits or config.dtype != "float32" or config.head):
         raise OptionError(
-            f"--model {path}: a converted folder is benchmarked as it was converted, with its "
-            "own head; --dtype, --quantize and --head apply to sizes and checkpoint folders"
+            f"model (--model) {path}: a converted folder is benchmarked as it was converted, with "
+            "its own head; dtype, q_bits and head (--dtype, --quantize, --head) apply to sizes "
+            "and checkpoint folders"
         )
 
 

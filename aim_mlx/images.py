@@ -36,7 +36,9 @@ def input_size(model, img_size: int | None = None) -> int:
     patch = model.args.patch_size
     whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
     if not whole or img_size <= 0 or img_size % patch:
-        raise OptionError(f"--img-size must be a positive multiple of {patch}, got {img_size}")
+        raise OptionError(
+            f"img_size (--img-size) must be a positive multiple of {patch}, got {img_size}"
+        )
     return img_size
 
 
@@ -178,7 +180,8 @@ def not_finite_error(model) -> str:
     if model.activation_dtype() == mx.float16:
         return (
             f"{what}: float16 overflowed, or the weights hold NaN or Inf; load the model in "
-            "bfloat16 or float32 (--dtype), and if that gives NaN too, convert the checkpoint again"
+            "dtype bfloat16 or float32 (--dtype), and if that gives NaN too, convert the "
+            "checkpoint again"
         )
     return f"{what}: the model's weights may hold NaN or Inf; convert the checkpoint again"
 

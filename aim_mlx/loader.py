@@ -51,8 +51,8 @@ def check_format(path: str | Path, config: dict) -> None:
     """Raise ModelLoadError unless `config` was written by this converter format version."""
     if config.get("format") == "aim-mlx-trained-head":  # probe.head.HEAD_FORMAT
         raise ModelLoadError(
-            f"{path} is a trained head's folder, not a model: pass it as --head, with the "
-            "model it was trained on as -m/--model"
+            f"{path} is a trained head's folder, not a model: pass it as head (--head), with the "
+            "model it was trained on as model (-m/--model)"
         )
     version = config.get("format_version")
     if type(version) is int and version > FORMAT_VERSION:  # "convert again" would not help

@@ -67,10 +67,16 @@ def weights_lower_bound(params: int, dtype: str, quantize_bits: int | None = Non
     return params * quantize_bits // 8 if quantize_bits else params * ITEMSIZE[dtype]
 
 
-def check_model(name: str, params: int, dtype: str, quantize_bits: int | None = None) -> None:
+def check_model(
+    name: str,
+    params: int,
+    dtype: str,
+    quantize_bits: int | None = None,
+    bits_name: str = "quantize_bits",
+) -> None:
     """`check_fits` for the model `name` of `params` weights in `dtype` or `quantize_bits`."""
     what = f"{name} in {f'{quantize_bits}-bit' if quantize_bits else dtype}"
-    check_fits(weights_lower_bound(params, dtype, quantize_bits), what)
+    check_fits(weights_lower_bound(params, dtype, quantize_bits), what, bits_name)
 
 
 def check_enabled() -> bool:
@@ -80,14 +86,16 @@ def check_enabled() -> bool:
     return not switched_off(SKIP_VARIABLE)
 
 
-def check_fits(nbytes: int, what: str) -> None:
+def check_fits(nbytes: int, what: str, bits_name: str = "quantize_bits") -> None:
     """Raise NotEnoughMemoryError when `nbytes` of weights exceed the device's whole memory
-    (unless AIM_MLX_MEMORY_CHECK=off)."""
+    (unless AIM_MLX_MEMORY_CHECK=off). `bits_name`: the caller's argument for quantizing
+    (`aim_mlx.load`'s quantize_bits, `BenchConfig`'s q_bits), which the advice names."""
     if memory := _short_of(nbytes):
         raise NotEnoughMemoryError(
             f"{what}: the weights alone take {nbytes / GiB:.1f} GiB, more than {memory}; use "
-            "half precision (--dtype float16 or bfloat16), quantize (-q, --q-bits 8 or 4) or a "
-            f"smaller model ({SKIP_VARIABLE}=off to try anyway)"
+            "half precision: dtype float16 or bfloat16 (--dtype); quantize: "
+            f"{bits_name} 8 or 4 (-q, --q-bits); or a smaller model ({SKIP_VARIABLE}=off to "
+            "try anyway)"
         )
 
 
@@ -98,7 +106,7 @@ def check_batch_fits(nbytes: int, batch_size: int) -> None:
         raise NotEnoughMemoryError(
             f"a batch of {batch_size} images takes at least {nbytes / GiB:.1f} GiB (the weights, "
             f"the input and one layer's output), more than {memory}; use a smaller "
-            f"--batch-size ({SKIP_VARIABLE}=off to try anyway)"
+            f"batch_size (--batch-size); {SKIP_VARIABLE}=off to try anyway"
         )
 
 
@@ -110,7 +118,7 @@ def check_features_fit(n: int, shape: tuple[int, ...]) -> None:
         raise NotEnoughMemoryError(
             f"the features of {n} images, {' x '.join(map(str, shape))} float32 each, take "
             f"{nbytes / GiB:.1f} GiB, more than {memory}: embed fewer images per run, fewer "
-            f"--layers, or --pool mean ({SKIP_VARIABLE}=off to try anyway)"
+            f"layers (--layers), or pool 'mean' (--pool mean); {SKIP_VARIABLE}=off to try anyway"
         )
 
 

@@ -77,13 +77,13 @@ def resolve(
         raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
     if head is not None and head not in registry.HEADS:
         raise OptionError(
-            f"--head must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
+            f"head (--head) must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
         )
     dtype = dtype_name(dtype) or default_dtype()
     quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
     if quant:
         try:
-            check_quantize_options(quantize_bits, q_group_size)
+            check_quantize_options(quantize_bits, q_group_size, "quantize_bits")
         except ConversionError as e:
             raise OptionError(str(e)) from None
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
@@ -102,7 +102,8 @@ def resolve(
         if quant:
             raise ModelLoadError(
                 f"{path} is already converted; quantization applies when converting "
-                "(`aim-mlx convert -q`, or a model name or checkpoint folder with --quantize)"
+                "(`aim-mlx convert -q`, or quantize_bits (-q) with a model name or checkpoint "
+                "folder)"
             )
         if head is not None:
             _check_head(path, head)
@@ -296,7 +297,8 @@ def _check_head(path: Path, head: str) -> None:
         raise ModelLoadError(
             f"{path} is converted with {f'the {held}' if held else 'a custom'} head (probe "
             f"layers {list(config.get('probe_layers', []))}), not the {head} one: leave out "
-            f"--head to use it, or pass a model name or checkpoint folder with the {head} head"
+            f"head (--head) to use it, or pass a model name or checkpoint folder with the "
+            f"{head} head"
         )
 
 
@@ -315,7 +317,8 @@ def find_checkpoints(folder: Path, head: str) -> dict:
     if (folder / "config.json").is_file() and (folder / "pytorch_model.bin").is_file():
         if head != "best":
             raise ModelNotFoundError(
-                f"{folder} is a hub-style folder holding only the best-layers head; use --head best"
+                f"{folder} is a hub-style folder holding only the best-layers head; use "
+                "head 'best' (--head best)"
             )
         return dict(hf_path=folder)
     backbones = sorted(folder.glob("*backbone*.pth"))

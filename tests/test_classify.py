@@ -542,7 +542,9 @@ def test_python_api_names_what_it_takes(model, model_dir):
             run(model, np.zeros((32, 32, 3), np.uint8))  # before: the first row's repr
         with pytest.raises(TypeError, match=in_memory.format("array")):
             run(model, mx.zeros((1, 3, 28, 28)))
-        with pytest.raises(ValueError, match="img-size must be a positive multiple of 14"):
+        with pytest.raises(
+            ValueError, match=r"img_size \(--img-size\) must be a positive multiple of 14"
+        ):
             run(model, [rocket], img_size="224")
     assert aim_mlx.classify(model, rocket, img_size=np.int64(112))[0]["path"] == str(rocket)
 
@@ -633,7 +635,8 @@ def test_float16_overflow_is_named_and_float32_is_suggested(model_dir):
     rows = aim_mlx.classify(m, REF / "images", k=1)
     assert [r.get("error") for r in rows] == [
         "the model's output for this image is NaN or Inf: float16 overflowed, or the weights "
-        "hold NaN or Inf; load the model in bfloat16 or float32 (--dtype), and if that gives NaN "
+        "hold NaN or Inf; load the model in dtype bfloat16 or float32 (--dtype), and if that gives "
+        "NaN "
         "too, convert the checkpoint again"
     ] * 4
     m.compute_dtype = mx.float32  # the same weights: the reference's top-1 classes

@@ -655,13 +655,13 @@ def test_cache_treats_a_damaged_entry_as_absent(model_dir, tmp_path, monkeypatch
 
 def test_an_explicit_head_a_folder_cannot_honour_is_an_error(model_dir):
     err = clean(cli("classify", ROCKET, "-m", model_dir, "--head", "last"), 1)
-    assert "converted with the best head" in err and "leave out --head" in err
+    assert "converted with the best head" in err and "leave out head (--head)" in err
     with pytest.raises(ModelLoadError, match="not the last one"):
         aim_mlx.load(model_dir, head="last")
     assert aim_mlx.load(model_dir, head="best").args.probe_layers == tuple(PROBE)
     assert aim_mlx.load(model_dir).args.probe_layers == tuple(PROBE)
     err = clean(cli("classify", ROCKET, "-m", model_dir, "--head", "middle"), 2)
-    assert "--head middle: not best, last or a trained head's folder" in err
+    assert "head (--head) must be best, last or a trained head's folder, got 'middle'" in err
 
 
 def test_folder_head_from_probe_layers():
@@ -1288,7 +1288,9 @@ def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_pa
     for model in (model_dir, REF / "hf_repo"):  # a checkpoint folder: before converting it
         args = ["probe", "train", data, "-m", model, "-o", tmp_path / "h", "--probe-layers"]
         err = clean(cli(*args, "1,1"), 1)
-        assert "--probe-layers: probe layers [1, 1] name block 1 more than once" in err
+        assert (
+            "probe_layers (--probe-layers): probe layers [1, 1] name block 1 more than once" in err
+        )
     err = clean(cli(*args, "-1"), 1)  # the block count is not known yet: no made-up range
     assert "probe layers [-1] are not block indices (0 or more)" in err
     assert not (tmp_path / "cache" / "models").exists()
@@ -1525,7 +1527,7 @@ def test_bench_refuses_a_model_larger_than_memory_before_making_it(monkeypatch):
     # aim-1B: 1,219,813,376 parameters (upstream README) = 4.54 GiB in float32, 1.14 in 8 bits
     err = clean(cli("bench", "--model", "aim-1B", "--dtype", "float32"), 1)
     assert "aim-1B in float32: the weights alone take 4.5 GiB, more than this machine's " in err
-    assert "4.0 GiB of memory; use half precision (--dtype float16 or bfloat16)" in err
+    assert "4.0 GiB of memory; use half precision: dtype float16 or bfloat16 (--dtype)" in err
     monkeypatch.setattr(memory, "device_memory", lambda: (1 * 2**30, "memory"))
     err = clean(cli("bench", "--model", "aim-1B", "-q", "--q-bits", "8"), 1)
     assert "aim-1B in 8-bit: the weights alone take 1.1 GiB, more than this machine's 1.0" in err

@@ -308,7 +308,7 @@ def test_repeated_probe_layers_are_refused(tmp_path):
     )
     assert "probe layers [1, 1, 2, 3, 4, 5] name block 1 more than once" in err
     err = clean(cli(*args, "-o", tmp_path / "o", "--probe-layers", ","), 2)
-    assert "--probe-layers must be best, last or block indices" in err
+    assert "probe_layers (--probe-layers) must be best, last or block indices" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -317,7 +317,8 @@ def test_group_sizes_mlx_cannot_use_are_refused(tmp_path):
     kw.update(probe_layers="1,2,3,4,5,6", quantize=True, q_bits=4, progress=False)
     for size in (0, 16, 48):
         with pytest.raises(
-            ConversionError, match=f"--q-group-size must be one of 32, 64, 128, got {size}"
+            ConversionError,
+            match=rf"q_group_size \(--q-group-size\) must be one of 32, 64, 128, got {size}",
         ):
             convert(tmp_path / "o", q_group_size=size, **kw)
     folder = tmp_path / "checkpoints"
@@ -326,7 +327,9 @@ def test_group_sizes_mlx_cannot_use_are_refused(tmp_path):
         (folder / name).symlink_to(REF / name)
     from aim_mlx.errors import OptionError
 
-    with pytest.raises(OptionError, match="--q-group-size must be one of 32, 64, 128, got 48"):
+    with pytest.raises(
+        OptionError, match=r"q_group_size \(--q-group-size\) must be one of 32, 64, 128, got 48"
+    ):
         aim_mlx.load(folder, quantize_bits=4, q_group_size=48, progress=False)
 
 
@@ -595,8 +598,8 @@ def test_a_cache_that_is_a_file_is_an_error(tmp_path, monkeypatch):
     [
         (["-b", "1,,2"], "expected integers like 1,8,32, got '1,,2'"),
         (["--dtype", "float32,,float16"], "expected float32, float16 and/or bfloat16"),
-        (["--head", "last"], "--quantize and --head apply to sizes and checkpoint folders"),
-        (["--dtype", "float16"], "--quantize and --head apply to sizes and checkpoint folders"),
+        (["--head", "last"], "(--dtype, --quantize, --head) apply to sizes and checkpoint folders"),
+        (["--dtype", "float16"], "(--dtype, --quantize, --head) apply to sizes and checkpoint"),
     ],
 )
 def test_bench_refuses_what_it_cannot_honour_before_running(model_dir, args, message):
@@ -611,7 +614,7 @@ def test_bench_of_a_trained_head_folder_says_what_it_is(model_dir, tmp_path):
     config = {"format": "aim-mlx-trained-head", "format_version": 1, "embed_dim": 64}
     (folder / "config.json").write_text(json.dumps(config))
     err = clean(cli("bench", "-m", folder), 1)
-    assert f"{folder} is a trained head's folder, not a model: pass it as --head" in err
+    assert f"{folder} is a trained head's folder, not a model: pass it as head (--head)" in err
 
 
 def test_an_interrupted_cache_rm_leaves_no_damaged_entry(model_dir, monkeypatch):
@@ -689,3 +692,73 @@ def test_weights_sharing_bytes_are_checked_against_memory_by_what_they_take(
     monkeypatch.setattr(memory, "device_memory", lambda: (2 * file_size, "memory"))
     with pytest.raises(memory.NotEnoughMemoryError, match=f"{folder}: the weights alone take"):
         aim_mlx.load(folder)
+
+
+# ---- errors raised through the Python API ---------------------------------------------------
+
+HEADS = dict(backbone=REF / "backbone.pth", head=REF / "head_best_layers.pth", num_heads=4)
+
+
+def _bench(**options):
+    from aim_mlx import bench
+
+    bench.check(bench.BenchConfig(**options))
+
+
+def _embed(net, **options):
+    from aim_mlx.embed import embed
+
+    embed(net, ROCKET, **options)
+
+
+def _train(model, out, **options):
+    from aim_mlx.probe import train
+
+    train(model, REF / "images", out, **options)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda net, m, tmp: aim_mlx.load(m, head="x"),
+            "head (--head) must be best, last or a trained head's folder, got 'x'",
+        ),
+        (
+            lambda net, m, tmp: aim_mlx.load(REF, quantize_bits=3),
+            "quantize_bits (--q-bits) must be 4 or 8, got 3",
+        ),
+        (
+            lambda net, m, tmp: convert(tmp / "o", quantize=True, q_bits=3, **HEADS),
+            "q_bits (--q-bits) must be 4 or 8, got 3",
+        ),
+        (
+            lambda net, m, tmp: aim_mlx.classify(net, ROCKET, img_size=15),
+            "img_size (--img-size) must be a positive multiple of 14, got 15",
+        ),
+        (
+            lambda net, m, tmp: _embed(net, img_size=15),
+            "img_size (--img-size) must be a positive multiple of 14, got 15",
+        ),
+        (
+            lambda net, m, tmp: _bench(model="aim-600M", q_bits=3),
+            "q_bits (--q-bits) must be 4 or 8, got 3",
+        ),
+        (
+            lambda net, m, tmp: _bench(model=str(m), dtype="float16"),
+            "model (--model) {m}: a converted folder is benchmarked as it was converted",
+        ),
+        (
+            lambda net, m, tmp: _train(m, tmp / "h", probe_layers="x"),
+            "probe_layers (--probe-layers) must be best, last or block indices like 3,4,5; got 'x'",
+        ),
+    ],
+    ids=["load", "load-bits", "convert", "classify", "embed", "bench-bits", "bench", "train"],
+)
+def test_python_api_errors_name_the_python_argument(model_dir, tmp_path, call, message):
+    """A Python caller passed `head=`, `q_bits=`, `img_size=`: the error names that argument
+    (and the command line's option beside it), not only `--head` or `--q-bits`."""
+    net = aim_mlx.load(model_dir)
+    with pytest.raises(ValueError) as e:
+        call(net, model_dir, tmp_path)
+    assert str(e.value).startswith(message.format(m=model_dir))

@@ -300,7 +300,7 @@ def test_tensors_the_architecture_is_read_from_have_their_rank(tmp_path, key, sh
 
 
 def test_unresolvable_shapes_name_the_option(tmp_path):
-    with pytest.raises(ConversionError, match="--num-heads"):
+    with pytest.raises(ConversionError, match=r"pass num_heads \(--num-heads\)"):
         run(tmp_path / "o", num_heads=None)
     with pytest.raises(ConversionError, match="--probe-layers"):
         run(tmp_path / "o", probe_layers="best")  # not an official size
@@ -320,7 +320,9 @@ def test_probe_layers_from_python_are_integers(tmp_path):
     assert json.loads((out / "config.json").read_text())["probe_layers"] == [1, 2, 3, 4, 5, 6]
     for wrong, message in [([1.0, 2.5], "must be block indices"), ([True], "block indices"),
                            ([1, 1], "more than once"), (3, "must be a list")]:  # fmt: skip
-        with pytest.raises(ConversionError, match=f"--probe-layers: probe layers.*{message}"):
+        with pytest.raises(
+            ConversionError, match=rf"probe_layers \(--probe-layers\): probe layers.*{message}"
+        ):
             run(tmp_path / "o", probe_layers=wrong)
     assert not (tmp_path / "o").exists()
 
@@ -748,8 +750,8 @@ def test_weights_past_float16s_range_are_refused_in_float16_only(tmp_path):
     tensors["head.linear.weight"][3, 4] = -1.0e5  # float16's largest: 65504
     head = save_torch_zip(tmp_path / "head.pth", tensors)
     with pytest.raises(ConversionError, match=r"'head.linear.weight' has values of size up to "
-                       r"1e\+05, past float16's largest, 6.55e\+04; convert with --dtype "
-                       "bfloat16 or float32"):  # fmt: skip
+                       r"1e\+05, past float16's largest, 6.55e\+04; convert with dtype "
+                       r"bfloat16 or float32 \(--dtype\)"):  # fmt: skip
         run(tmp_path / "f16", head=head, dtype="float16")
     result = CliRunner().invoke(main, ["convert", "--backbone", BACKBONE, "--head", head,
                                        "--num-heads", "4", "--probe-layers", "1,2,3,4,5,6",

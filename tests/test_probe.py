@@ -480,7 +480,8 @@ def test_options_the_split_cannot_satisfy_are_refused_before_any_work(
     with pytest.raises(ProbeError, match=rf"\[{blocks + 90}\] are outside blocks 0..{blocks - 1}"):
         train(model_dir, data, tmp_path / "h", probe_layers=f"0,{blocks + 90}")
     res = cli("probe", "train", data, "-m", model_dir, "-o", tmp_path / "h", "--probe-layers", "x")
-    assert res.exit_code == 1 and "--probe-layers must be best, last or block indices" in res.output
+    must = "probe_layers (--probe-layers) must be best, last or block indices"
+    assert res.exit_code == 1 and must in res.output
 
 
 def test_python_settings_are_checked_as_the_cli_options_are(data, model_dir, tmp_path, no_trunk):
@@ -805,7 +806,8 @@ def test_head_keywords_win_over_folders(heads, model_dir, tmp_path, monkeypatch)
     assert aim_mlx.load(model_dir, head="best").args.num_classes == 1000
     assert aim_mlx.load(model_dir, head="./best").args.num_classes == 5
     res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", "nowhere")
-    assert res.exit_code == 2 and "not best, last or a trained head's folder" in res.output
+    must = "head (--head) must be best, last or a trained head's folder, got 'nowhere'"
+    assert res.exit_code == 2 and must in res.output
     res = cli("classify", REF / "images" / "rocket.jpg", "-m", model_dir, "--head", tmp_path)
     assert res.exit_code == 1 and "no config.json" in res.output
 

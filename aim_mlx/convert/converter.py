@@ -192,13 +192,16 @@ def _is_model_folder(folder: Path) -> bool:
     )
 
 
-def check_quantize_options(bits, group_size) -> None:
-    """ConversionError unless MLX can quantize with these bits and group size."""
+def check_quantize_options(bits, group_size, bits_name: str = "q_bits") -> None:
+    """ConversionError unless MLX can quantize with these bits and group size; `bits_name`:
+    the caller's argument for the bits (`aim_mlx.load` takes quantize_bits)."""
     if type(bits) is not int or bits not in Q_BITS:  # 8.0 passed `in`, then failed in MLX
-        raise ConversionError(f"--q-bits must be 4 or 8, got {bits!r}")
+        raise ConversionError(f"{bits_name} (--q-bits) must be 4 or 8, got {bits!r}")
     if type(group_size) is not int or group_size not in Q_GROUP_SIZES:
         sizes = ", ".join(map(str, Q_GROUP_SIZES))
-        raise ConversionError(f"--q-group-size must be one of {sizes}, got {group_size!r}")
+        raise ConversionError(
+            f"q_group_size (--q-group-size) must be one of {sizes}, got {group_size!r}"
+        )
 
 
 def _check_quantizable(sources, q, dtype, progress) -> list[str]:
@@ -210,7 +213,7 @@ def _check_quantizable(sources, q, dtype, progress) -> list[str]:
     if not layers:
         raise ConversionError(
             f"no trunk layer's input size is a multiple of the group size {g}: nothing to "
-            "quantize; pass a smaller --q-group-size"
+            "quantize; pass a smaller q_group_size (--q-group-size)"
         )
     if len(layers) < total and progress:
         print(
@@ -232,19 +235,23 @@ def parse_probe_layers(value: str | Sequence[int] | None):
             layers = ()
         if not layers:
             raise ConversionError(
-                f"--probe-layers must be best, last or block indices like 12,13,14; got {value!r}"
+                "probe_layers (--probe-layers) must be best, last or block indices like 12,13,14; "
+                f"got {value!r}"
             )
         return layers
     try:
         return check_probe_layers(value, None)  # integers only: 2.5 is not rounded to 2
     except ValueError as e:
-        raise ConversionError(f"--probe-layers: {e}") from None
+        raise ConversionError(f"probe_layers (--probe-layers): {e}") from None
 
 
 def _source_files(backbone, head, hf_path, progress=True) -> tuple[list[Path], dict]:
     if hf_path is not None:
         if backbone or head:
-            raise ConversionError("give either --hf-path or --backbone/--head, not both")
+            raise ConversionError(
+                "give either hf_path (--hf-path) or backbone and head (--backbone, --head), "
+                "not both"
+            )
         folder = _hub_folder(hf_path, progress)
         config = _hub_config(folder / "config.json")
         files = sorted(folder.glob("model*.safetensors")) or sorted(
@@ -257,8 +264,8 @@ def _source_files(backbone, head, hf_path, progress=True) -> tuple[list[Path], d
         return files, config
     if not backbone or not head:
         raise ConversionError(
-            "give --backbone FILE and --head FILE (official *_backbone.pth and *_head_*.pth), "
-            "or --hf-path FOLDER_OR_REPO"
+            "give backbone and head files (--backbone, --head: official *_backbone.pth and "
+            "*_head_*.pth), or hf_path (--hf-path), a hub-style folder or repo id"
         )
     for f in (backbone, head):
         if not Path(f).is_file():
@@ -350,7 +357,7 @@ def _resolve_args(tensors, hub_config, files, probe_layers, num_heads, img_size)
     if num_heads is None:
         raise ConversionError(
             f"the weights (embed_dim {embed_dim}, {num_blocks} blocks) are not an official AIM "
-            "size, and the head count cannot be read from them: pass --num-heads"
+            "size, and the head count cannot be read from them: pass num_heads (--num-heads)"
         )
     layers = _resolve_probe_layers(
         parse_probe_layers(probe_layers), hub_config, files, preset, num_blocks
@@ -403,16 +410,16 @@ def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tupl
             choice = "best"  # the official hub repos carry the best-layers head
         else:
             raise ConversionError(
-                "cannot tell which blocks the head reads: pass --probe-layers best, last or "
-                "a list like 1,2,3,4,5,6"
+                "cannot tell which blocks the head reads: pass probe_layers (--probe-layers) "
+                "best, last or block indices like 1,2,3,4,5,6"
             )
     if choice == "last":
         return last_probe_layers(num_blocks)
     if choice == "best":
         if not preset:
             raise ConversionError(
-                "--probe-layers best is only known for the official sizes; pass the block "
-                "indices, e.g. --probe-layers 1,2,3,4,5,6"
+                "probe_layers 'best' (--probe-layers best) is only known for the official sizes; "
+                "pass block indices like 1,2,3,4,5,6"
             )
         return tuple(PRESETS[preset]["best"])
     return choice
@@ -554,7 +561,7 @@ def _check_finite(source: Source, w: mx.array) -> None:
     largest = mx.max(mx.abs(raw)).item()
     raise ConversionError(
         f"{where} has values of size up to {largest:.4g}, past {str(w.dtype).split('.')[-1]}'s "
-        f"largest, {mx.finfo(w.dtype).max:.4g}; convert with --dtype bfloat16 or float32"
+        f"largest, {mx.finfo(w.dtype).max:.4g}; convert with dtype bfloat16 or float32 (--dtype)"
     )
 
 

@@ -187,6 +187,6 @@ def check_apart(train: Dataset, val: Dataset) -> None:
         raise ProbeError(
             f"{len(shared)} image(s) of the validation folder {val.root} are training images "
             f"of {train.root} too (e.g. {shared[0]}): the best epoch would be chosen on images "
-            "the head was trained on; pass a separate folder, or leave out --val to hold out a "
-            "part of the training folder"
+            "the head was trained on; pass a separate folder, or leave out val_dir (--val) to "
+            "hold out a part of the training folder"
         )

@@ -100,13 +100,15 @@ def read_head_config(folder: str | Path) -> dict:
     folder = Path(folder)
     file = folder / "config.json"
     if not folder.is_dir():
-        raise OptionError(f"--head {folder}: not best, last or a trained head's folder")
+        raise OptionError(
+            f"head (--head) must be best, last or a trained head's folder, got {str(folder)!r}"
+        )
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
         raise ProbeError(
-            f"--head {folder}: no config.json; not a trained head's folder (make one with "
-            "`aim-mlx probe train`)"
+            f"head (--head) {folder}: no config.json; not a trained head's folder (make one "
+            "with `aim-mlx probe train`)"
         ) from None
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise ProbeError(f"{file}: cannot read it ({e})") from None

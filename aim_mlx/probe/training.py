@@ -84,12 +84,13 @@ def parse_probe_layers(value, args) -> tuple[int, ...]:
             layers = tuple(int(i) for i in value.split(","))
         except ValueError:
             raise ProbeError(
-                f"--probe-layers must be best, last or block indices like 3,4,5; got {value!r}"
+                "probe_layers (--probe-layers) must be best, last or block indices like "
+                f"3,4,5; got {value!r}"
             ) from None
     try:
         return check_probe_layers(layers, args.num_blocks)  # distinct blocks of the trunk
     except ValueError as e:
-        raise ProbeError(f"--probe-layers: {e}") from None
+        raise ProbeError(f"probe_layers (--probe-layers): {e}") from None
 
 
 def feature_stats(store: features.FeatureSet, keys: list[str], batch: int = 64):
@@ -376,7 +377,7 @@ def train(
         if not val_samples:  # a class of one image stays for training
             raise ProbeError(
                 f"the validation split of {train_dir} leaves no image: every class has a single "
-                "image; add images or pass a validation folder (--val DIR)"
+                "image; add images or pass a validation folder, val_dir (--val DIR)"
             )
 
     net, trunk = head.load_trunk(model, dtype, quantize_bits=quantize_bits, progress=progress)
