@@ -434,7 +434,7 @@ def convert(
     try:
         parse_probe_layers(probe_layers)
     except ConversionError as e:
-        raise click.BadParameter(str(e), param_hint="--probe-layers") from None
+        raise click.UsageError(str(e)) from None  # it names --probe-layers
     run_convert(
         out,
         backbone=backbone,

@@ -1390,7 +1390,7 @@ def test_usage_errors_exit_2(model_dir, tmp_path):
     both = cli("convert", "--hf-path", "x", "--backbone", "b.pth", "-o", tmp_path / "m")
     assert "not both" in clean(both, 2)
     bad_layers = cli("convert", "--hf-path", "x", "--probe-layers", "a,b", "-o", tmp_path / "m")
-    assert "--probe-layers" in clean(bad_layers, 2)
+    assert "Error: probe_layers (--probe-layers) must be best, last" in clean(bad_layers, 2)
     assert "multiple of 14" in clean(cli("classify", ROCKET, "-m", model_dir, "--img-size", 30), 2)
     assert "missing the data folder" in clean(cli("eval", "-m", model_dir), 2)
     assert not (tmp_path / "m").exists()
