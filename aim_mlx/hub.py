@@ -130,12 +130,9 @@ def download(
 
     hub_dir = Path(cache_dir or constants.HF_HUB_CACHE)
     files = spec.files(head)
-    if not constants.HF_HUB_OFFLINE and (
-        first := next((f for f in files if cached_path(spec, f, cache_dir) is None), None)
-    ):  # before asking the hub for sizes: an unreachable hub ends here, once
+    if not constants.HF_HUB_OFFLINE and any(cached_path(spec, f, cache_dir) is None for f in files):
         check_download_cache(hub_dir)
-        check_reachable(spec, first, endpoint)
-    planned = plan(spec, head, cache_dir, endpoint)
+    planned = plan(spec, head, cache_dir, endpoint)  # an unreachable hub ends here, once
     missing = [p for p in planned if p.local is None]
     names = ", ".join(p.file.filename for p in missing)
     if missing and constants.HF_HUB_OFFLINE:
@@ -215,20 +212,6 @@ def check_download_cache(hub_dir: Path) -> None:
             f"cannot write the download cache {hub_dir} ({e.strerror or e}); set HF_HOME (or "
             "HF_HUB_CACHE) to a writable folder"
         ) from None
-
-
-def check_reachable(spec: ModelSpec, file: HubFile, endpoint=None) -> None:
-    """Ask the hub about one file, once: a connection or name-resolution failure, or no answer
-    within HF_HUB_ETAG_TIMEOUT, ends here, with advice, rather than after huggingface_hub's
-    retries. Other errors are left to the download."""
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-
-    url = hf_hub_url(spec.repo, file.filename, revision=spec.revision, endpoint=endpoint)
-    try:
-        get_hf_file_metadata(url, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except Exception as e:
-        if _is_connection_error(e, no_answer=True):
-            raise HubError(_unreachable(f"{file.filename} from {spec.repo}", e, endpoint)) from None
 
 
 def _unreachable(where: str, error: BaseException, endpoint: str | None) -> str:

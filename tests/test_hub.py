@@ -614,7 +614,7 @@ def test_a_hub_that_never_answers_ends_quickly(monkeypatch):
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         start = time.monotonic()
         with pytest.raises(hub_module.HubError, match="did not answer about backbone.pth from"):
-            hub_module.check_reachable(spec, spec.backbone, endpoint)
+            hub_module.remote_size(spec, spec.backbone, endpoint)
     assert time.monotonic() - start < 5
 
 
