@@ -625,6 +625,25 @@ def wait_until(condition, timeout=60):
         time.sleep(0.05)
 
 
+WAITING = "waiting for another process converting aim-tiny"
+
+
+def rm_downloads_until_waiting(env, err_file):
+    """`aim-mlx cache rm-downloads aim-tiny` started under `env` (stderr to `err_file`), once it
+    says it waits, or has ended."""
+    with open(err_file, "w") as err:
+        rm = subprocess.Popen(
+            [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
+            env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: rm.poll() is not None or WAITING in err_file.read_text())
+    except BaseException:  # nothing left running
+        rm.kill()
+        raise
+    return rm
+
+
 def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     """`cache rm-downloads` while another process has downloaded a model and is checking and
     converting it: it waits for that process (saying so), which then succeeds, and removes
@@ -651,13 +670,7 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
     try:
         wait_until(lambda: ready.exists() or add.poll() is not None)
         assert ready.exists(), add.communicate()
-        with open(tmp_path / "rm.err", "w") as err:
-            rm = subprocess.Popen(
-                [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
-                env=env, stdout=subprocess.PIPE, stderr=err, text=True,
-            )  # fmt: skip
-        waiting = "waiting for another process converting aim-tiny"
-        wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
+        rm = rm_downloads_until_waiting(env, tmp_path / "rm.err")
         go.touch()
         add_out, add_err = add.communicate(timeout=120)
         rm_out, _ = rm.communicate(timeout=120)
@@ -667,7 +680,7 @@ def test_rm_downloads_waits_for_a_conversion_reading_them(env, hub, tmp_path):
                 proc.kill()
     assert add.returncode == 0, add_err
     assert rm.returncode == 0 and "removed aim-tiny downloads" in rm_out
-    assert waiting in (tmp_path / "rm.err").read_text()
+    assert WAITING in (tmp_path / "rm.err").read_text()
     res = classify_json(env, offline=True)  # the converted model needs no download
     assert res.returncode == 0, res.stderr
     assert_ranks_match_reference(res.stdout)
@@ -693,14 +706,8 @@ def test_rm_downloads_under_another_cache_waits_for_a_conversion(env, hub, tmp_p
     rm = None
     try:
         wait_until(lambda: ready.exists() or converting.poll() is not None)
-        with open(tmp_path / "rm.err", "w") as err:
-            rm = subprocess.Popen(
-                [sys.executable, "-m", "aim_mlx.cli", "cache", "rm-downloads", "aim-tiny"],
-                env=other, stdout=subprocess.PIPE, stderr=err, text=True,
-            )  # fmt: skip
-        waiting = "waiting for another process converting aim-tiny"
-        wait_until(lambda: rm.poll() is not None or waiting in (tmp_path / "rm.err").read_text())
-        assert rm.poll() is None and waiting in (tmp_path / "rm.err").read_text()
+        rm = rm_downloads_until_waiting(other, tmp_path / "rm.err")
+        assert rm.poll() is None and WAITING in (tmp_path / "rm.err").read_text()
         assert list(Path(env["HF_HOME"]).rglob("snapshots/*/backbone.pth"))  # not removed yet
         go.touch()
         rm_out, _ = rm.communicate(timeout=120)
