@@ -697,89 +697,49 @@ def embed(
     npy: the array, with the image order in FILE.paths.txt (one JSON string per line).
     """
 
-    import numpy as np
+    from .embed import embed_to_file, parse_layers
+    from .resolve import known_num_blocks
 
-    from . import distributed, images, memory
-    from .embed import (
-        Embeddings,
-        check_safetensors_header,
-        feature_shape,
-        listing_path,
-        parse_layers,
-        save,
-    )
-    from .embed import embed as embed_images
-    from .output import prepare_output, remove_leftovers
-    from .resolve import known_args, known_num_blocks
-
-    suffix = Path(out).suffix  # as `save` reads it: ".npy" alone is a name without a suffix
-    if suffix not in (".safetensors", ".npy"):
+    # the library checks these too: here, before anything, they name their option
+    if Path(out).suffix not in (".safetensors", ".npy"):  # ".npy" alone has no suffix
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
+    try:
+        parse_layers(layers, known_num_blocks(model) or 10**9)  # unknown blocks: the syntax
+    except OptionError as e:
+        raise click.BadParameter(str(e), param_hint="--layers") from None
 
-    def check_layers(num_blocks: int) -> None:
-        try:
-            parse_layers(layers, num_blocks)
-        except OptionError as e:
-            raise click.BadParameter(str(e), param_hint="--layers") from None
+    def waiting(folder):
+        click.echo(f"waiting for another process writing to {folder}", err=True)
 
-    # before creating folders and loading (downloading) the model; unknown block count: syntax
-    check_layers(known_num_blocks(model) or 10**9)
-
-    def prepare() -> tuple[Path, Path | None]:  # on the rank that writes; before any work
-        args = known_args(model)
-        needed = args or suffix == ".safetensors"  # the walk of the inputs, where it is used
-        items = images.drop_repeats(images.collect(inputs))[0] if needed else []
-        found = [it.path for it in items if not it.error]
-        if args:  # the features, held in memory until written, fit there
-            size = img_size or args.img_size
-            shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
-            memory.check_features_fit(len(found), shape)
-        if suffix == ".npy":  # a killed run's partial listing, even where a check below fails
-            remove_leftovers(Path(os.path.realpath(listing_path(Path(out).expanduser()))))
-        target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
-        listing = None  # beside the .npy as the user named it, where they will look for it
-        if suffix == ".npy":
-            listing = prepare_output(listing_path(out), force=force, inputs=[model, head])
-        else:  # every path that may be written fits in the metadata
-            check_safetensors_header(found)
-        return target, listing
-
-    target, listing = distributed.on_root(prepare) or (None, None)
-    # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
-    if distributed.on_any(images.any_image(inputs)):
-        net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-        check_layers(net.args.num_blocks)
-        emb = embed_images(
-            net,
-            inputs,
-            layers=layers,
-            pool=pool,
-            batch_size=batch_size,
-            progress=progress,
-            img_size=img_size,
-        )
-    else:  # every input missing or an empty folder: said without loading (downloading) a model
-        emb = Embeddings(np.zeros((0,), np.float32), [], images.errors(inputs))
-    if not distributed.is_root():  # under mlx.launch: rank 0 writes every rank's rows
+    result = embed_to_file(
+        model,
+        inputs,
+        out,
+        head=head,
+        dtype=dtype,
+        quantize_bits=_bits(quantize, q_bits),
+        layers=layers,
+        pool=pool,
+        batch_size=batch_size,
+        img_size=img_size,
+        force=force,
+        progress=progress,
+        on_wait=waiting,
+    )
+    if result is None:  # under mlx.launch, a rank other than 0: rank 0 writes every rank's rows
         return
-    for path, first in emb.repeats:
+    for path, first in result.repeats:
         again = "listed twice by the inputs" if path == first else f"the same file as {first}"
         click.echo(one_line(f"note: {path}: {again}; embedded once"), err=True)
-    for path, reason in emb.errors:
+    for path, reason in result.errors:
         report_error(path, reason)
-    if emb.paths:
-        meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
-
-        def waiting():
-            click.echo(f"waiting for another process writing to {target.parent}", err=True)
-
-        save(target, emb, meta, listing, replace=force, on_wait=waiting)
-        shape = "x".join(map(str, emb.features.shape))
-        named = [out, listing_path(out)] if suffix == ".npy" else [out]  # as the user gave it
-        click.echo(f"wrote {shape} features to {', '.join(map(str, named))}", err=True)
+    if result.files:
+        shape = "x".join(map(str, result.shape))
+        named = [out, *map(str, result.files[1:])]  # the output as the user gave it
+        click.echo(f"wrote {shape} features to {', '.join(named)}", err=True)
     else:
         click.echo("no features written: no image could be read", err=True)
-    if emb.errors or not emb.paths:
+    if result.errors or not result.files:
         raise click.exceptions.Exit(1)
 
 
@@ -817,27 +777,14 @@ def eval_command(
     """Top-1 / top-5 accuracy on DATA, an ImageNet-style folder (one sub-folder of images per
     WordNet id, like n01440764)."""
     from . import distributed
-    from .evaluate import evaluate_pairs, imagenet_folder
-    from .probe.head import is_head_folder
+    from .evaluate import check_eval_head, evaluate_pairs, imagenet_folder
 
     if data and data_path and Path(data).resolve() != Path(data_path).resolve():
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
-    if is_head_folder(head):
-        if (Path(head) / "model.safetensors").is_file() or (
-            Path(head) / "model.safetensors.index.json"
-        ).is_file():
-            raise click.BadParameter(
-                f"{head} is a converted model, not a head: give it as -m", param_hint="--head"
-            )
-        if not (Path(head) / "head.safetensors").is_file():  # a typo, or another kind of folder
-            raise click.BadParameter(f"must be best or last, got {head!r}", param_hint="--head")
-        raise click.UsageError(
-            f"--head {head}: a trained head's classes are not ImageNet's; evaluate it with "
-            f"`aim-mlx probe eval DATA -m MODEL --head {head}` (one sub-folder per class)"
-        )
+    check_eval_head(head)
     # before loading (perhaps downloading) the model
     pairs = imagenet_folder(data, limit, unreadable := [])
     net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
@@ -1183,16 +1130,11 @@ def export_coreml(
     progress,
 ):
     """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    import numpy as np
-
     from .export import coreml
-    from .probe.head import is_head_folder
-    from .resolve import resolve
-    from .transforms import ImageError, open_image, preprocess
+    from .transforms import ImageError
 
     one_process("export coreml")
+    # the library checks these too: here, before anything, they name their option
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
     if sample and precision == "float32":
@@ -1201,45 +1143,30 @@ def export_coreml(
             "--precision float16 or mixed)",
             param_hint="--sample",
         )
-    coreml.require_coremltools()
-    coreml.check_output(out, force, inputs=[model, head])  # before a download or conversion
-    pictures = []
-    for path in sample:  # decoded before the model is loaded too
-        try:
-            pictures.append(open_image(path))
-        except ImageError as e:
-            raise click.BadParameter(f"{path}: {e}", param_hint="--sample") from None
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    size = img_size or net.args.img_size
-    images = [preprocess(picture, size) for picture in pictures]
-    images = mx.array(np.stack(images)) if images else None
-    trunk_head = None if is_head_folder(head) else head  # a trained head: its trunk's folder
-    name, source = coreml.describe_model_ref(
-        resolve(model, trunk_head, dtype, quantize_bits=_bits(quantize, q_bits), progress=False)
-    )  # cached by now
-    path = coreml.export_coreml(
-        net,
-        out,
-        precision=precision,
-        compress=compress,
-        img_size=img_size,
-        target=target,
-        features=features,
-        name=name,
-        source=source,
-        sample=images,
-        overwrite=force,
-        progress=progress,
-    )
-    weights = coreml.weight_file_size(path)
-    click.echo(f"wrote {out} (weights {weights / MiB:.1f} MiB)")
-    layers = (m for _, m in net.named_modules() if isinstance(m, nn.QuantizedLinear))
-    if compress == "none" and (bits := next((m.bits for m in layers), None)):
+    try:
+        result = coreml.export_model(
+            model,
+            out,
+            head=head,
+            dtype=dtype,
+            precision=precision,
+            compress=compress,
+            img_size=img_size,
+            target=target,
+            features=features,
+            sample_paths=sample,
+            force=force,
+            progress=progress,
+        )
+    except ImageError as e:  # a --sample image (decoded before the model is loaded)
+        raise click.BadParameter(str(e), param_hint="--sample") from None
+    click.echo(f"wrote {out} (weights {result.weight_bytes / MiB:.1f} MiB)")
+    if compress == "none" and (bits := result.dequantized_bits):
         click.echo(
             f"note: the model's {bits}-bit weights are in the package dequantized, at "
             f"{precision}'s size; --compress int8 or palettize4 / palettize6 makes it smaller"
         )
-    if weights > coreml.ANE_WEIGHT_LIMIT:
+    if result.weight_bytes > coreml.ANE_WEIGHT_LIMIT:
         click.echo(
             "note: the weight file is over the Neural Engine's 2 GiB limit; Core ML will run "
             "it on the GPU/CPU. --compress palettize4 / palettize6 / int8 make it smaller."

@@ -15,11 +15,21 @@ import mlx.core as mx
 import numpy as np
 from safetensors import SafetensorError
 
-from . import images, memory
+from . import distributed, images, memory
 from .errors import OptionError, OutputError
-from .output import folder_lock, keep_aside, place_file, signals_held, temp_path, write_failure
+from .output import (
+    folder_lock,
+    keep_aside,
+    place_file,
+    prepare_output,
+    remove_leftovers,
+    signals_held,
+    temp_path,
+    write_failure,
+)
 
 POOLS = ("mean", "tokens")
+SUFFIXES = (".safetensors", ".npy")
 # safetensors refuses a header (tensor list and metadata, as JSON) past 100 MB; the image paths
 # go in its metadata, so a very large image set fits only in a .npy and its listing.
 SAFETENSORS_HEADER_MAX = 100_000_000
@@ -164,9 +174,7 @@ def save(
     `replace=False`: a file already there, even one made while this ran, is kept: OutputError.
     A .npy and its listing are moved into place holding a lock on the .npy's folder, so that
     two runs to one output leave one run's pair; `on_wait()` if another run holds it."""
-    out = Path(out)
-    if out.suffix not in (".safetensors", ".npy"):
-        raise OptionError(f"{out}: the output must end in .safetensors or .npy")
+    out = check_suffix(out)
     if out.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
@@ -192,6 +200,104 @@ def save(
         on_wait,
     )
     return [out, listing]
+
+
+@dataclass
+class EmbedFileResult:
+    """What `embed_to_file` wrote."""
+
+    files: list[Path]  # as `out` was given: it, and a .npy's listing; none if no image was read
+    shape: tuple[int, ...]  # of the features written: one row per image
+    errors: list[tuple[str, str]]  # (path, reason): images left out
+    repeats: list[tuple[str, str]]  # (path, the path it repeats): files embedded once
+
+
+def embed_to_file(
+    model: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    head: str | None = None,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    layers: str | Iterable[int] = "head",
+    pool: str = "mean",
+    batch_size: int = 8,
+    img_size: int | None = None,
+    force: bool = False,
+    progress: bool = False,
+    on_wait: Callable[[Path], None] | None = None,
+) -> EmbedFileResult | None:
+    """`embed` the images with the model that `aim_mlx.load(model, head, dtype, quantize_bits=)`
+    gives, and `save` the features to `out` (.safetensors, or .npy and its listing), the model
+    and options in the metadata.
+
+    Checked before the model is loaded (perhaps downloaded): the options, the output and its
+    listing (an existing one is refused unless `force`; missing folders are created), that the
+    features fit in memory and their paths in a .safetensors header. Inputs holding no image at
+    all: no model is loaded, nothing written (`files` empty). `on_wait(folder)` if another run
+    is writing a .npy pair there (this one waits). Under `mlx.launch` every rank embeds its
+    share; rank 0 writes and returns the result, the other ranks return None.
+    """
+    from .resolve import known_num_blocks, load
+
+    check_suffix(out)
+    check_pool(pool)
+    images.check_positive("batch_size", batch_size)
+    parse_layers(layers, known_num_blocks(model) or 10**9)  # unknown blocks: the syntax
+    options = dict(layers=layers, pool=pool, img_size=img_size)
+    target, listing = distributed.on_root(
+        lambda: _prepare_outputs(out, model, head, inputs, force, **options)
+    ) or (None, None)
+    # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
+    if distributed.on_any(images.any_image(inputs)):
+        net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)
+        emb = embed(net, inputs, batch_size=batch_size, progress=progress, **options)
+    else:  # every input missing or an empty folder: said without loading (downloading) a model
+        emb = Embeddings(np.zeros((0,), np.float32), [], images.errors(inputs))
+    if not distributed.is_root():  # under mlx.launch: rank 0 writes every rank's rows
+        return None
+    files = []
+    if emb.paths:
+        meta = dict(model=model, head=head, layers=layers, pool=pool, img_size=img_size)
+        wait = on_wait and (lambda: on_wait(target.parent))
+        save(target, emb, meta, listing, replace=force, on_wait=wait)
+        files = [Path(out), listing_path(out)] if listing else [Path(out)]
+    return EmbedFileResult(files, emb.features.shape, emb.errors, emb.repeats)
+
+
+def _prepare_outputs(out, model, head, inputs, force, *, layers, pool, img_size):
+    """`embed_to_file`'s checks of its output, before any work: (where to write the features,
+    where their listing or None), links resolved."""
+    from .resolve import known_args
+
+    npy = Path(out).suffix == ".npy"
+    args = known_args(model)
+    needed = args or not npy  # the walk of the inputs, where it is used
+    items = images.drop_repeats(images.collect(inputs))[0] if needed else []
+    found = [it.path for it in items if not it.error]
+    if args:  # the features, held in memory until written, fit there
+        size = img_size or args.img_size
+        shape = feature_shape(args, parse_layers(layers, args.num_blocks), pool, size)
+        memory.check_features_fit(len(found), shape)
+    if npy:  # a killed run's partial listing, even where a check below fails
+        remove_leftovers(Path(os.path.realpath(listing_path(Path(out).expanduser()))))
+    target = prepare_output(out, force=force, inputs=[model, head])  # a link: its target
+    listing = None  # beside the .npy as the user named it, where they will look for it
+    if npy:
+        listing = prepare_output(listing_path(out), force=force, inputs=[model, head])
+    else:  # every path that may be written fits in the metadata
+        check_safetensors_header(found)
+    return target, listing
+
+
+def check_suffix(out: str | Path) -> Path:
+    """`out` as a Path, if it ends in .safetensors or .npy (".npy" alone is a name without a
+    suffix); else OptionError."""
+    out = Path(out)
+    if out.suffix not in SUFFIXES:
+        raise OptionError(f"{out}: the output must end in .safetensors or .npy")
+    return out
 
 
 def check_safetensors_header(paths: list[str], size: int | None = None) -> None:

@@ -108,13 +108,36 @@ def check_imagenet_head(model) -> None:
     if model.labels is not None:
         raise OptionError(
             f"the model's head is a trained head ({n} classes of its own), not ImageNet-1k's: "
-            "evaluate it with `aim-mlx probe eval` (aim_mlx.probe.evaluate_head)"
+            "evaluate it with `aim-mlx probe eval` (aim_mlx.probe.evaluate.evaluate_head)"
         )
     if n != len(imagenet_classes()):
         raise OptionError(
             f"the model's head has {n} classes, not ImageNet-1k's 1000: eval measures ImageNet "
             "accuracy; give a model with an ImageNet head"
         )
+
+
+def check_eval_head(head) -> None:
+    """OptionError unless `head` names an official head (None, best or last), which holds
+    ImageNet-1k's classes: a trained head's folder, or a converted model's given as the head."""
+    from .probe.head import is_head_folder
+
+    if not is_head_folder(head):
+        return
+    folder = Path(head)
+    if any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    ):
+        raise OptionError(
+            f"head (--head) {head} is a converted model, not a head: give it as -m (model)"
+        )
+    if not (folder / "head.safetensors").is_file():  # a typo, or another kind of folder
+        raise OptionError(f"head (--head) must be best or last, got {head!r}")
+    raise OptionError(
+        f"head (--head) {head} is a trained head: its classes are not ImageNet's; evaluate it "
+        f"with `aim-mlx probe eval DATA -m MODEL --head {head}` (one sub-folder per class; "
+        "aim_mlx.probe.evaluate.evaluate_head)"
+    )
 
 
 def evaluate(

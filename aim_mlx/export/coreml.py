@@ -21,7 +21,9 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -673,6 +675,80 @@ def export_coreml(
     return out
 
 
+@dataclass
+class ExportResult:
+    """What `export_model` wrote."""
+
+    path: Path  # the package (links resolved)
+    weight_bytes: int  # of its weight file: over ANE_WEIGHT_LIMIT, the Neural Engine refuses it
+    dequantized_bits: int | None  # the model's quantized weights, now float in the package
+
+
+def export_model(
+    model: str | Path,
+    out: str | Path,
+    *,
+    head: str | None = None,
+    dtype: str | None = None,
+    precision: str = "float16",
+    compress: str = "none",
+    img_size: int | None = None,
+    target: str = "iOS17",
+    features: bool = False,
+    sample_paths: Iterable[str | Path] = (),
+    force: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """`export_coreml` of the model `aim_mlx.load(model, head, dtype)` gives (a name or a
+    folder; `head` may be a trained head's folder), its name and source in the metadata.
+
+    Checked before the model is loaded (perhaps downloaded): the options, coremltools, the output
+    (an existing package is replaced only with `force`) and the `sample_paths` images, decoded
+    for the float16 range check (none with precision float32). A sample that cannot be read:
+    ImageError naming it.
+    """
+    from ..probe.head import is_head_folder
+    from ..resolve import load, resolve
+    from ..transforms import ImageError, open_image, preprocess
+
+    _check_choices(precision, compress, target)
+    if sample_paths and precision == "float32":
+        raise ExportError(
+            "sample_paths (--sample): images for the float16 range check; a float32 package has "
+            "none (use them with precision float16 or mixed)"
+        )
+    require_coremltools()
+    check_output(out, force, inputs=[model, head])  # before a download or conversion
+    pictures = []
+    for path in sample_paths:
+        try:
+            pictures.append(open_image(path))
+        except ImageError as e:
+            raise ImageError(f"{path}: {e}") from None
+    net = load(model, head, dtype, progress=progress)
+    size = img_size or net.args.img_size
+    _check_options(precision, compress, target, size, net.args.patch_size)  # before preprocess
+    sample = mx.array(np.stack([preprocess(p, size) for p in pictures])) if pictures else None
+    trunk_head = None if is_head_folder(head) else head  # a trained head: its trunk's folder
+    name, source = describe_model_ref(resolve(model, trunk_head, dtype, progress=False))
+    path = export_coreml(
+        net,
+        out,
+        precision=precision,
+        compress=compress,
+        img_size=img_size,
+        target=target,
+        features=features,
+        name=name,
+        source=source,
+        sample=sample,
+        overwrite=force,
+        progress=progress,
+    )
+    layers = (m for _, m in net.named_modules() if isinstance(m, nn.QuantizedLinear))
+    return ExportResult(path, weight_file_size(path), next((m.bits for m in layers), None))
+
+
 _TEMPDIR_LOCK = threading.Lock()
 
 
@@ -705,7 +781,7 @@ def check_output(out: str | Path, overwrite: bool = False, inputs=()) -> Path:
         raise ExportError(str(e)) from None
 
 
-def _check_options(precision, compress, target, img_size, patch):
+def _check_choices(precision, compress, target):
     for what, value, choices in (
         ("precision", precision, PRECISIONS),
         ("compress", compress, COMPRESSIONS),
@@ -713,6 +789,10 @@ def _check_options(precision, compress, target, img_size, patch):
     ):
         if value not in choices:
             raise ExportError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_options(precision, compress, target, img_size, patch):
+    _check_choices(precision, compress, target)
     whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
     if not whole or img_size <= 0 or img_size % patch:
         raise ExportError(
