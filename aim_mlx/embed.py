@@ -241,6 +241,7 @@ def embed_to_file(
     """
     from .resolve import known_num_blocks, load
 
+    inputs = images.as_inputs(inputs)  # one path, or several
     check_suffix(out)
     check_pool(pool)
     images.check_positive("batch_size", batch_size)

@@ -1,0 +1,224 @@
+"""The library's whole-job functions, through Python: embed_to_file, export_model and
+check_eval_head do what the commands do, checks and all, without the command line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import REF, convert_fixture
+from mlx.utils import tree_flatten
+
+import aim_mlx
+from aim_mlx import resolve
+from aim_mlx.embed import embed, embed_to_file, listing_path, read_listing
+from aim_mlx.errors import OptionError, OutputError
+from aim_mlx.evaluate import check_eval_head, check_imagenet_head
+from aim_mlx.transforms import ImageError
+
+pytestmark = pytest.mark.usefixtures("pin_cpu")
+
+IMAGES = REF / "images"
+ROCKET = IMAGES / "rocket.jpg"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading a model fails the test: what is checked must be checked before."""
+    monkeypatch.setattr(resolve, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+# ---- embed_to_file ----------------------------------------------------------------------------
+
+
+def test_embed_to_file_writes_what_embed_gives_and_reports_a_missing_input(model_dir, tmp_path):
+    gone = str(tmp_path / "gone.png")
+    inputs = [str(IMAGES), gone, str(ROCKET)]  # rocket.jpg a second time: one row
+    out = tmp_path / "new" / "f.npy"
+    result = embed_to_file(model_dir, inputs, out, layers="last", batch_size=3)
+    expected = embed(aim_mlx.load(model_dir), inputs, layers="last", batch_size=3)
+    found = [str(IMAGES / n) for n in ("camera.png", "chelsea.png", "coffee.png", "rocket.jpg")]
+    assert read_listing(listing_path(out)) == found
+    np.testing.assert_array_equal(np.load(out), expected.features)
+    assert np.load(out).shape == (4, 64)
+    assert result.files == [out, listing_path(out)]
+    assert result.shape == (4, 64)
+    assert result.errors == [(gone, "no such file or folder")]
+    assert result.repeats == [(str(ROCKET), str(IMAGES / "rocket.jpg"))]
+
+
+def test_embed_to_file_records_the_model_and_options_in_safetensors(model_dir, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "f.safetensors"
+    result = embed_to_file(model_dir, ROCKET, out, layers=[1, -1], pool="tokens")
+    assert result.files == [out] and result.shape == (1, 2, 256, 64)
+    with safe_open(str(out), "np") as f:
+        meta = f.metadata()
+        features = f.get_tensor("features")
+    assert json.loads(meta["paths"]) == [str(ROCKET)]
+    assert (meta["model"], meta["layers"], meta["pool"]) == (str(model_dir), "[1, -1]", "tokens")
+    want = embed(aim_mlx.load(model_dir), ROCKET, layers=[1, 7], pool="tokens").features
+    np.testing.assert_array_equal(features, want)
+
+
+def test_embed_to_file_keeps_an_existing_output_unless_forced(model_dir, tmp_path):
+    out = tmp_path / "f.npy"
+    out.write_bytes(b"theirs")
+    with pytest.raises(OutputError, match=re.escape(f"{out} already exists")):
+        embed_to_file(model_dir, ROCKET, out)
+    assert out.read_bytes() == b"theirs" and not listing_path(out).exists()
+    result = embed_to_file(model_dir, ROCKET, out, force=True)
+    assert result.files == [out, listing_path(out)] and np.load(out).shape == (1, 64)
+
+
+def test_embed_to_file_without_any_image_loads_no_model_and_writes_nothing(tmp_path, no_load):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "f.npy"
+    result = embed_to_file("no-such-model", [tmp_path / "gone.jpg", empty], out)
+    assert result.files == [] and result.shape == (0,)
+    assert [path for path, _ in result.errors] == [str(tmp_path / "gone.jpg"), str(empty)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"pool": "max"}, "pool must be one of mean, tokens, got 'max'"),
+        ({"layers": "abc"}, "layers must be head, last or block numbers"),
+        ({"layers": [8]}, r"blocks \[8\] do not exist: the model has 8 blocks"),
+        ({"batch_size": 0}, "batch_size must be a positive whole number, got 0"),
+        ({"out": "f.txt"}, "the output must end in .safetensors or .npy"),
+    ],
+    ids=["pool", "layers", "blocks", "batch-size", "suffix"],
+)
+def test_embed_to_file_refuses_a_bad_option_before_any_work(
+    model_dir, tmp_path, no_load, options, message
+):
+    out = tmp_path / "new" / options.pop("out", "f.npy")
+    with pytest.raises(OptionError, match=message):
+        embed_to_file(model_dir, ROCKET, out, **options)
+    assert list(tmp_path.iterdir()) == []  # not even the output's folder
+
+
+# ---- export_model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coreml():
+    from aim_mlx.export import coreml
+
+    try:
+        coreml.require_coremltools()
+    except coreml.ExportError:
+        pytest.skip("coremltools is not installed (the `coreml` extra)")
+    return coreml
+
+
+@pytest.fixture(scope="module")
+def hub_model(tmp_path_factory) -> Path:
+    """The fixture converted from its hub-style folder, under the name "tiny"."""
+    from aim_mlx.convert import convert
+
+    out = tmp_path_factory.mktemp("hub") / "fixture"
+    return convert(out, hf_path=REF / "hf_repo", progress=False, name="tiny")
+
+
+def test_export_model_writes_a_package_with_the_models_name(coreml, hub_model, tmp_path):
+    import coremltools as ct
+
+    out = tmp_path / "new" / "m.mlpackage"
+    result = coreml.export_model(hub_model, out, precision="float32", progress=False)
+    assert result.path == out and (out / "Manifest.json").is_file()
+    meta = ct.models.MLModel(str(out), skip_model_load=True).get_spec().description.metadata
+    assert meta.userDefined["aim_mlx.model"] == "tiny"
+    assert "pytorch_model.bin" in meta.userDefined["aim_mlx.source"]
+    assert result.dequantized_bits is None
+    params = sum(v.size for _, v in tree_flatten(aim_mlx.load(hub_model).parameters()))
+    assert 0.9 * 4 * params < result.weight_bytes < 1.1 * 4 * params  # float32 weights
+
+
+def test_export_model_keeps_an_existing_package_unless_forced(coreml, hub_model, tmp_path):
+    out = tmp_path / "m.mlpackage"
+    out.mkdir()
+    (out / "Manifest.json").write_text("theirs")
+    with pytest.raises(coreml.ExportError, match=re.escape(f"{out} already exists")):
+        coreml.export_model(hub_model, out, precision="float32", progress=False)
+    assert (out / "Manifest.json").read_text() == "theirs"
+    coreml.export_model(hub_model, out, precision="float32", force=True, progress=False)
+    assert (out / "Manifest.json").read_text() != "theirs"
+
+
+def test_export_model_names_a_quantized_models_bits(coreml, tmp_path):
+    from aim_mlx.convert import convert
+
+    q4 = convert(tmp_path / "q4", hf_path=REF / "hf_repo", quantize=True, q_bits=4,
+                 q_group_size=32, progress=False)  # fmt: skip
+    out = tmp_path / "q.mlpackage"
+    result = coreml.export_model(q4, out, precision="float32", progress=False)
+    assert result.dequantized_bits == 4 and out.is_dir()
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"precision": "float8"}, "ExportError", "precision must be one of"),
+        ({"compress": "zip"}, "ExportError", "compress must be one of"),
+        ({"precision": "float32", "sample_paths": [ROCKET]}, "ExportError", "float32 package"),
+        ({"sample_paths": ["NOTES"]}, "ImageError", "notes.jpg"),
+        ({"out": "m.zip"}, "ExportError", "the output must end in .mlpackage"),
+    ],
+    ids=["precision", "compress", "float32-sample", "unreadable-sample", "suffix"],
+)
+def test_export_model_refuses_a_bad_option_before_loading(
+    coreml, tmp_path, no_load, options, error, message
+):
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not an image")
+    options["sample_paths"] = [
+        notes if p == "NOTES" else p for p in options.get("sample_paths", [])
+    ]
+    out = tmp_path / "new" / options.pop("out", "m.mlpackage")
+    exception = ImageError if error == "ImageError" else coreml.ExportError
+    with pytest.raises(exception, match=message):
+        coreml.export_model("aim-600M", out, progress=False, **options)
+    assert not (tmp_path / "new" / "m.mlpackage").exists()
+
+
+# ---- eval's head ------------------------------------------------------------------------------
+
+
+def test_check_eval_head_refuses_what_has_no_imagenet_classes(tmp_path, model_dir):
+    for head in (None, "best", "last"):
+        check_eval_head(head)
+    converted = re.escape(f"head (--head) {model_dir} is a converted model, not a head")
+    with pytest.raises(OptionError, match=converted):
+        check_eval_head(str(model_dir))
+    with pytest.raises(OptionError, match="head \\(--head\\) must be best or last, got 'BEST'"):
+        check_eval_head("BEST")
+    trained = tmp_path / "my-head"
+    trained.mkdir()
+    (trained / "head.safetensors").write_bytes(b"")
+    with pytest.raises(OptionError, match="a trained head: its classes are not ImageNet's"):
+        check_eval_head(trained)
+
+
+def test_a_trained_head_refused_by_eval_is_sent_to_a_function_that_exists():
+    model = SimpleNamespace(args=SimpleNamespace(num_classes=2), labels=["cat", "dog"])
+    with pytest.raises(OptionError) as refused:
+        check_imagenet_head(model)
+    named = str(refused.value).rsplit("(", 1)[1].rstrip(")")
+    module, _, function = named.rpartition(".")
+    assert module.startswith("aim_mlx.")
+    assert callable(getattr(importlib.import_module(module), function))
