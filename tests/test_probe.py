@@ -984,14 +984,16 @@ def test_the_log_reads_well(data, model_dir, tmp_path):
     assert "(32 training, 8 validation images, 2 classes; " in res.stderr
 
 
-def test_the_readmes_python_examples_run_as_written(heads, model_dir, data):
+def test_the_readmes_python_examples_run_as_written(heads, model_dir, data, tmp_path, monkeypatch):
     """The README's Python blocks, run in order with the tiny model, its images and a trained
     head in place of aim-600M, photos and my-head: what their comments say holds."""
+    import importlib.util
     import re
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 4
+    monkeypatch.chdir(tmp_path)  # where the embed and Core ML examples write their files
     photo, photos, new_image = REF / "images" / "rocket.jpg", REF / "images", data / "green"
     new_image = sorted(new_image.iterdir())[0]
     places = {
@@ -1002,13 +1004,21 @@ def test_the_readmes_python_examples_run_as_written(heads, model_dir, data):
         '"new.jpg"': new_image,
     }
     scope, results = {}, []
+    coremltools = importlib.util.find_spec("coremltools") is not None
     for block in blocks:
         for name, path in places.items():
             block = block.replace(name, repr(str(path)))
-        exec(compile(block, "README.md", "exec"), scope)
+        if coremltools or "coreml" not in block:  # the Core ML example needs coremltools
+            exec(compile(block, "README.md", "exec"), scope)
         results.append(dict(scope))
 
-    first, second = results
+    first, embedded, second, exported = results
+    assert embedded["emb"].features.shape == (4, 64) and embedded["result"].shape == (4, 64)
+    assert embedded["result"].files == [Path("feats.npy"), Path("feats.npy.paths.txt")]
+    np.testing.assert_array_equal(np.load(tmp_path / "feats.npy"), embedded["emb"].features)
+    if coremltools:
+        assert exported["result"].path == (tmp_path / "AIM600M.mlpackage").resolve()
+        assert (tmp_path / "m.mlpackage" / "Manifest.json").is_file()
     assert first["x"].dtype == np.float32 and first["x"].shape == (3, 224, 224)
     assert first["logits"].dtype == mx.float32 and first["logits"].shape == (1, 1000)
     assert len(first["features"]) == 1 + 6  # blocks 0..6: 6 is the best head's last probe layer
