@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import mlx.core as mx
 import numpy as np
 
-from . import images
+from . import distributed, images
 from .labels import imagenet_classes, label
 
 
@@ -68,6 +68,43 @@ def classify_iter(
             yield {"path": item.path, "error": item.error}
         else:
             yield {"path": item.path, "top_k": top_k(row, k, labels)}
+
+
+def load_and_classify(
+    model: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
+    *,
+    head: str | None = None,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    k: int = 5,
+    batch_size: int = 8,
+    img_size: int | None = None,
+    progress: bool = False,
+) -> Iterator[dict] | None:
+    """`classify_iter`'s rows, with the model that `aim_mlx.load(model, head, dtype,
+    quantize_bits=)` gives, loaded before this returns. Inputs holding no image at all: one
+    error row per input, and no model is loaded (perhaps downloaded). Under `mlx.launch` every
+    rank classifies its share; rank 0 gets every row, the other ranks None once theirs is done.
+    """
+    from .resolve import load
+
+    inputs = images.as_inputs(inputs)  # one path, or several
+    images.check_positive("k", k)  # before the model is loaded (classify_iter: when it runs)
+    images.check_positive("batch_size", batch_size)
+    # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
+    if distributed.on_any(images.any_image(inputs)):
+        net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)
+        rows = classify_iter(
+            net, inputs, k=k, batch_size=batch_size, progress=progress, img_size=img_size
+        )
+    else:  # every input missing or an empty folder: said without loading a model
+        rows = ({"path": path, "error": why} for path, why in images.errors(inputs))
+    if distributed.is_root():
+        return rows
+    for _ in rows:  # under mlx.launch: this rank's share goes to rank 0
+        pass
+    return None
 
 
 def classify(

@@ -612,22 +612,22 @@ def classify(
     trained head's (--head DIR; --top-k is clamped to its number of classes)."""
     import csv
 
-    from . import distributed, images
-    from .classifier import classify_iter
+    from .classifier import load_and_classify
 
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")
-    # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
-    if distributed.on_any(images.any_image(inputs)):
-        net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-        rows = classify_iter(
-            net, inputs, k=top_k, batch_size=batch_size, progress=progress, img_size=img_size
-        )
-    else:  # every input missing or an empty folder: said without loading (downloading) a model
-        rows = ({"path": path, "error": why} for path, why in images.errors(inputs))
-    if not distributed.is_root():  # under mlx.launch: rank 0 prints every rank's rows
-        for _ in rows:
-            pass
+    rows = load_and_classify(
+        model,
+        inputs,
+        head=head,
+        dtype=dtype,
+        quantize_bits=_bits(quantize, q_bits),
+        k=top_k,
+        batch_size=batch_size,
+        img_size=img_size,
+        progress=progress,
+    )
+    if rows is None:  # under mlx.launch, a rank other than 0: rank 0 prints every rank's rows
         return
     writer = csv.writer(_Echo(), lineterminator="\n") if as_csv else None
     if writer:

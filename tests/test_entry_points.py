@@ -112,6 +112,33 @@ def test_embed_to_file_refuses_a_bad_option_before_any_work(
     assert list(tmp_path.iterdir()) == []  # not even the output's folder
 
 
+# ---- load_and_classify ------------------------------------------------------------------------
+
+
+def test_load_and_classify_gives_classifys_rows(model_dir, tmp_path):
+    from aim_mlx.classifier import load_and_classify
+
+    gone = str(tmp_path / "gone.png")
+    rows = load_and_classify(model_dir, [ROCKET, gone], k=3, batch_size=1)
+    assert rows is not None and not isinstance(rows, list)  # rows as they come
+    rows = list(rows)
+    assert rows == aim_mlx.classify(aim_mlx.load(model_dir), [ROCKET, gone], k=3)
+    assert [r["path"] for r in rows] == [str(ROCKET), gone] and len(rows[0]["top_k"]) == 3
+    assert rows[1] == {"path": gone, "error": "no such file or folder"}
+    (row,) = load_and_classify(model_dir, ROCKET, k=1)  # one path
+    assert row["top_k"] == rows[0]["top_k"][:1]
+
+
+def test_load_and_classify_without_any_image_loads_no_model(tmp_path, no_load):
+    from aim_mlx.classifier import load_and_classify
+
+    rows = list(load_and_classify("no-such-model", [tmp_path / "gone.jpg"]))
+    assert rows == [{"path": str(tmp_path / "gone.jpg"), "error": "no such file or folder"}]
+    for option in ({"k": 0}, {"batch_size": 0}):  # refused before loading, not when iterated
+        with pytest.raises(OptionError, match=f"{next(iter(option))} must be a positive whole"):
+            load_and_classify("no-such-model", ROCKET, **option)
+
+
 # ---- export_model -------------------------------------------------------------------------------
 
 
