@@ -330,6 +330,11 @@ def _bits(quantize: bool, q_bits: str) -> int | None:
     return int(q_bits) if quantize else None
 
 
+def _weights(head, dtype, quantize: bool, q_bits: str) -> dict:
+    """The library's keywords for which weights to load: head, dtype, quantize_bits."""
+    return dict(head=head, dtype=dtype, quantize_bits=_bits(quantize, q_bits))
+
+
 def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
     from . import distributed
     from .resolve import load
@@ -619,9 +624,7 @@ def classify(
     rows = load_and_classify(
         model,
         inputs,
-        head=head,
-        dtype=dtype,
-        quantize_bits=_bits(quantize, q_bits),
+        **_weights(head, dtype, quantize, q_bits),
         k=top_k,
         batch_size=batch_size,
         img_size=img_size,
@@ -715,9 +718,7 @@ def embed(
         model,
         inputs,
         out,
-        head=head,
-        dtype=dtype,
-        quantize_bits=_bits(quantize, q_bits),
+        **_weights(head, dtype, quantize, q_bits),
         layers=layers,
         pool=pool,
         batch_size=batch_size,
