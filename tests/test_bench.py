@@ -317,3 +317,17 @@ def test_cli_info():
     info = dict(line.split(": ", 1) for line in res.output.splitlines())
     assert info["mlx_version"] == mx.__version__
     assert set(info) >= {"device", "chip", "blas", "aim_mlx_version"}
+
+
+def test_python_bench_takes_numpy_integers(converted):
+    """A sweep over np.arange gives numpy integers: batch_size=np.int64(2) was "batch_size must
+    be a whole number of 1 or more, got np.int64(2)", q_bits=np.int64(8) "must be 4 or 8"."""
+    config = bench.BenchConfig(
+        str(converted), batch_size=np.int64(2), iters=np.int32(1), warmup=np.int64(0)
+    )
+    row = bench.run(config)
+    assert json.loads(json.dumps(row))["batch_size"] == 2  # Python ints: the row is JSON
+    quantized = bench.BenchConfig("aim-600M", q_bits=np.int64(8), q_group_size=np.int64(64))
+    assert (quantized.q_bits, quantized.q_group_size) == (8, 64)
+    assert type(quantized.q_bits) is int and type(quantized.q_group_size) is int
+    bench.check(quantized)

@@ -164,6 +164,19 @@ def test_quantization_options_are_whole_numbers(tmp_path, options):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_quantization_options_take_numpy_integers(tmp_path, monkeypatch):
+    """np.int64(8) from a sweep over np.arange was refused ("must be 4 or 8, got np.int64(8)");
+    the folder's config.json holds plain integers, and aim_mlx.load takes them too."""
+    out = run(tmp_path / "m", quantize=True, q_bits=np.int64(8), q_group_size=np.int32(32))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["quantization"]["bits"], config["quantization"]["group_size"]) == (8, 32)
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))  # converted on load, there
+    model = aim_mlx.load(REF / "hf_repo", quantize_bits=np.int64(8), q_group_size=np.int64(32))
+    fc1 = model.trunk.blocks[0].mlp.fc1
+    assert (fc1.bits, fc1.group_size) == (8, 32)
+    np.testing.assert_array_equal(np.array(model(X)), np.array(aim_mlx.load(out)(X)))
+
+
 def test_quantized_8bit_close_and_4bit_runs(tmp_path):
     q8 = aim_mlx.load(run(tmp_path / "q8", quantize=True, q_bits=8))
     # Trunk quantized, head in full precision.
