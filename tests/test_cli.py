@@ -32,19 +32,10 @@ from aim_mlx.errors import AimMlxError, OutputError, SettingError
 from aim_mlx.loader import ModelLoadError, read_config
 from aim_mlx.transforms import ImageError, open_image, preprocess
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 PROBE = FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
 ROCKET = REF / "images" / "rocket.jpg"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "aim-tiny"
-    return convert_fixture(out)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture

@@ -22,6 +22,8 @@ from aim_mlx import distributed
 from aim_mlx.cli import main
 from aim_mlx.errors import AimMlxError
 
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 
 def tool(name: str) -> str:
     """A console script of this environment: beside the interpreter (a virtual environment), else
@@ -101,11 +103,6 @@ def assert_same_rows(two: str, one: str):
 
 def cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture()
