@@ -7,6 +7,7 @@ Linux has no Core ML runtime, so `tests/mil_numpy.py` runs the saved ML Program 
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -116,16 +117,24 @@ def inputs(model):
     )
 
 
+EXPORT_DEFAULTS = {
+    name: p.default
+    for name, p in inspect.signature(coreml.export_coreml).parameters.items()
+    if p.kind is p.KEYWORD_ONLY
+}
+
+
 @pytest.fixture(scope="module")
 def export(model, tmp_path_factory):
-    """export(**options) -> path of the fixture model's package (built once per options)."""
+    """export(**options) -> path of the fixture model's package, built once per set of options
+    (a default given or left out: one package)."""
     built = {}
     root = tmp_path_factory.mktemp("coreml")
 
     def get(**options):
-        key = tuple(sorted(options.items()))
+        key = tuple(sorted({**EXPORT_DEFAULTS, **options}.items()))
         if key not in built:
-            name = "-".join(f"{v}" for _, v in key) or "default"
+            name = "-".join(f"{v}" for _, v in sorted(options.items())) or "default"
             built[key] = coreml.export_coreml(model, root / f"{name}.mlpackage", **options)
         return built[key]
 
