@@ -136,6 +136,22 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder the tests of a module share: its model cache (shared_cache) and what its
+    module-scoped fixtures make."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture
+def shared_cache(workdir, monkeypatch):
+    """The module's cache, workdir / "cache" (AIM_MLX_CACHE), for a test run on MLX's CPU
+    stream. A module takes it with `pytestmark = pytest.mark.usefixtures("shared_cache")`."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+    with mx.stream(mx.cpu):
+        yield
+
+
 def reference_weights(variant: str) -> dict:
     """The fixture's backbone + head in the MLX layout, read straight from the .pth files."""
     from aim_mlx.convert.checkpoint import open_checkpoint

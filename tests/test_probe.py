@@ -48,20 +48,12 @@ def draw_dataset(root: Path, per_class: int = 20, seed: int = 10, size: int = 64
     return draw(root, per_class, colour_noise=0.08, seed=seed, size=size)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("probe")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(workdir, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
 def model_dir(workdir) -> Path:
+    """The fixture converted beside the module's cache, named aim-tiny (not conftest's)."""
     return convert_fixture(workdir / "aim-tiny", name="aim-tiny")
 
 
