@@ -19,7 +19,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, appears_before_publish, rel_err
+from conftest import REF, appears_before_publish, exited_cleanly, rel_err
 from safetensors import safe_open
 from torch_zip import save_torch_zip
 
@@ -640,8 +640,7 @@ def test_cli_convert(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "m" / "config.json").read_text())["dtype"] == "float16"
     again = runner.invoke(main, args)
-    assert again.exit_code == 1
-    assert "already exists" in again.output and "Traceback" not in again.output
+    assert "already exists" in exited_cleanly(again, 1).output
     bad = runner.invoke(
         main,
         [
@@ -769,8 +768,8 @@ def test_weights_past_float16s_range_are_refused_in_float16_only(tmp_path):
     result = CliRunner().invoke(main, ["convert", "--backbone", BACKBONE, "--head", head,
                                        "--num-heads", "4", "--probe-layers", "1,2,3,4,5,6",
                                        "--dtype", "float16", "-o", tmp_path / "cli"])  # fmt: skip
-    assert result.exit_code == 1 and "past float16's largest" in result.output
-    assert "Traceback" not in result.output and not (tmp_path / "cli").exists()
+    assert "past float16's largest" in exited_cleanly(result, 1).output
+    assert not (tmp_path / "cli").exists()
     for dtype in ("float32", "bfloat16"):
         folder = run(tmp_path / dtype, head=head, dtype=dtype)
         weights = aim_mlx.load(folder).head.linear.weight
