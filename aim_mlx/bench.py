@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, blas, images, memory, runtime
+from .checks import is_whole
 from .constants import MX_DTYPES, GiB, as_dtype_name
 from .convert.converter import (
     Q_GROUP_SIZE_DEFAULT,
@@ -50,6 +51,9 @@ class BenchConfig:
     def __post_init__(self):
         self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
         self.model = preset_name(self.model)
+        for name in ("batch_size", "q_bits", "q_group_size", "img_size", "warmup", "iters"):
+            if is_whole(value := getattr(self, name)):  # numpy's: as Python's, in the JSON rows
+                setattr(self, name, int(value))
 
 
 def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:
@@ -218,7 +222,7 @@ def check_counts(config: BenchConfig) -> None:
     """OptionError for a batch size or a number of iterations that cannot be timed."""
     for name, low in (("batch_size", 1), ("iters", 1), ("warmup", 0)):
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_whole(value) or value < low:
             raise OptionError(f"{name} must be a whole number of {low} or more, got {value!r}")
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
+from .checks import is_whole
 from .errors import OptionError
 from .transforms import AVIF_SUFFIXES, HEIF_SUFFIXES, ImageError, preprocess
 
@@ -34,12 +35,11 @@ def input_size(model, img_size: int | None = None) -> int:
     if img_size is None:
         return model.args.img_size
     patch = model.args.patch_size
-    whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
-    if not whole or img_size <= 0 or img_size % patch:
+    if not is_whole(img_size) or img_size <= 0 or img_size % patch:
         raise OptionError(
             f"img_size (--img-size) must be a positive multiple of {patch}, got {img_size}"
         )
-    return img_size
+    return int(img_size)
 
 
 def is_image_name(name: str) -> bool:
@@ -188,7 +188,7 @@ def not_finite_error(model) -> str:
 
 def check_positive(name: str, value) -> int:
     """`value` if it is a positive whole number, else a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_whole(value) or value < 1:
         raise OptionError(f"{name} must be a positive whole number, got {value!r}")
     return int(value)
 

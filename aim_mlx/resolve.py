@@ -80,12 +80,13 @@ def resolve(
             f"head (--head) must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
         )
     dtype = dtype_name(dtype) or default_dtype()
-    quant = {"bits": quantize_bits, "group_size": q_group_size} if quantize_bits else None
-    if quant:
+    quant = None
+    if quantize_bits:
         try:
-            check_quantize_options(quantize_bits, q_group_size, "quantize_bits")
+            bits, group = check_quantize_options(quantize_bits, q_group_size, "quantize_bits")
         except ConversionError as e:
             raise OptionError(str(e)) from None
+        quant = {"bits": bits, "group_size": group}
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
 
     if registry.is_known(str(model)):

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 
+from .checks import is_whole
 from .constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .errors import AimMlxError, SettingError
 from .process_wide import ProcessWide
@@ -234,7 +235,7 @@ def preprocess(image: str | Path | Image.Image | np.ndarray, size: int = 224) ->
     Paths are opened with `open_image` (EXIF orientation, 16-bit scaling, bomb check); a PIL
     image is turned upright as its EXIF orientation says (as a path is) and converted to RGB.
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0 or size % 14:
+    if not is_whole(size) or size <= 0 or size % 14:
         raise ValueError(f"size must be a positive multiple of 14 (the patch size), got {size!r}")
     if isinstance(image, (str, os.PathLike)):
         img = open_image(image)

@@ -122,6 +122,36 @@ def converted(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The fixture converted once per test module (best head, float32), into a folder named
+    aim-tiny."""
+    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A model cache of the test's own, tmp_path / "cache" (AIM_MLX_CACHE). A module takes it
+    for every test with `pytestmark = pytest.mark.usefixtures("private_cache")`."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder the tests of a module share: its model cache (shared_cache) and what its
+    module-scoped fixtures make."""
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture
+def shared_cache(workdir, monkeypatch):
+    """The module's cache, workdir / "cache" (AIM_MLX_CACHE), for a test run on MLX's CPU
+    stream. A module takes it with `pytestmark = pytest.mark.usefixtures("shared_cache")`."""
+    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
+    with mx.stream(mx.cpu):
+        yield
+
+
 def reference_weights(variant: str) -> dict:
     """The fixture's backbone + head in the MLX layout, read straight from the .pth files."""
     from aim_mlx.convert.checkpoint import open_checkpoint

@@ -8,7 +8,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, convert_fixture, reference_args
+from conftest import REF, convert_fixture, exited_cleanly, reference_args
 from mlx.utils import tree_flatten
 
 from aim_mlx import bench
@@ -153,9 +153,7 @@ def test_cli_bench_table_and_compile(converted):
 )
 def test_cli_bench_bad_input(args, message):
     res = CliRunner().invoke(main, ["bench", *args])
-    assert res.exit_code == 2  # a usage error
-    assert message in res.output
-    assert "Traceback" not in res.output
+    assert message in exited_cleanly(res, 2).output  # a usage error
 
 
 @pytest.mark.parametrize(
@@ -211,14 +209,16 @@ def test_a_batch_that_cannot_fit_is_refused_before_it_is_made(converted, monkeyp
     bench.check(config)
 
 
-@pytest.mark.parametrize("img_size", [30, -14, 0, 14.0, True])
-@pytest.mark.parametrize("preset", [False, True])
+@pytest.mark.parametrize(
+    "preset, img_size",
+    [(False, size) for size in (30, -14, 0, 14.0, True)]
+    # not 0 for a size: without the check, aim-600M would be built and timed at 224 px
+    + [(True, size) for size in (30, -14, 14.0, True)],
+)
 def test_python_bench_checks_img_size_as_classify_does(converted, img_size, preset):
     """As the CLI's --img-size and aim_mlx.classify / embed check it (was, for a folder: 0
     benchmarked 224 px, 14.0 a TypeError from mx.random.normal, -14 "[bits] Negative
     dimensions", 30 a ValueError from the forward pass; for a size, ValueErrors of ModelArgs)."""
-    if preset and img_size == 0:  # (without the check: aim-600M built and timed at 224)
-        pytest.skip("the folder covers it")
     config = bench.BenchConfig("aim-600M" if preset else str(converted), img_size=img_size)
     with pytest.raises(
         OptionError, match=r"img_size \(--img-size\) must be a positive multiple of 14, got"
@@ -317,3 +317,17 @@ def test_cli_info():
     info = dict(line.split(": ", 1) for line in res.output.splitlines())
     assert info["mlx_version"] == mx.__version__
     assert set(info) >= {"device", "chip", "blas", "aim_mlx_version"}
+
+
+def test_python_bench_takes_numpy_integers(converted):
+    """A sweep over np.arange gives numpy integers: batch_size=np.int64(2) was "batch_size must
+    be a whole number of 1 or more, got np.int64(2)", q_bits=np.int64(8) "must be 4 or 8"."""
+    config = bench.BenchConfig(
+        str(converted), batch_size=np.int64(2), iters=np.int32(1), warmup=np.int64(0)
+    )
+    row = bench.run(config)
+    assert json.loads(json.dumps(row))["batch_size"] == 2  # Python ints: the row is JSON
+    quantized = bench.BenchConfig("aim-600M", q_bits=np.int64(8), q_group_size=np.int64(64))
+    assert (quantized.q_bits, quantized.q_group_size) == (8, 64)
+    assert type(quantized.q_bits) is int and type(quantized.q_group_size) is int
+    bench.check(quantized)

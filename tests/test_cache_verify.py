@@ -23,19 +23,9 @@ from aim_mlx import cache
 from aim_mlx.convert import FORMAT_VERSION, checkpoint, converter
 from aim_mlx.resolve import resolve
 
-pytestmark = pytest.mark.usefixtures("pin_cpu")
+pytestmark = pytest.mark.usefixtures("pin_cpu", "private_cache")
 
 KEY = "x--best--float32"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
 
 
 @pytest.fixture(scope="module")

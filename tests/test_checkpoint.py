@@ -145,13 +145,17 @@ def test_malicious_payload_inside_a_real_state_dict(tmp_path, ref_dir):
 
 
 def test_reduce_and_build_only_on_allowed_objects(tmp_path):
-    # BUILD applied to a tensor (not an OrderedDict) is refused.
+    # BUILD sets only an OrderedDict's _metadata: applied to a tensor (with that state), or
+    # with any other state, it is refused.
     legit = state_dict_pickle([("w", np.float32, (2,), (1,), 0, 2)])
-    build_on_dict = legit[:-2] + pickle.EMPTY_DICT + _str("x") + _str("y") + pickle.SETITEM
-    bad_build = build_on_dict + pickle.BUILD + pickle.SETITEMS + pickle.STOP
-    path = save_torch_zip(tmp_path / "b.pth", {}, pickle_bytes=bad_build)
-    with pytest.raises(UnsafePickleError):
-        open_checkpoint(path)
+    metadata = pickle.EMPTY_DICT + _str("_metadata") + pickle.EMPTY_DICT + pickle.SETITEM
+    on_a_tensor = legit[:-2] + metadata + pickle.BUILD + pickle.SETITEMS + pickle.STOP
+    other = pickle.EMPTY_DICT + _str("x") + _str("y") + pickle.SETITEM
+    other_state = legit[:-1] + other + pickle.BUILD + pickle.STOP
+    for data, target in ((on_a_tensor, "TensorInfo"), (other_state, "OrderedDict")):
+        path = save_torch_zip(tmp_path / "b.pth", {}, pickle_bytes=data)
+        with pytest.raises(UnsafePickleError, match=f"refusing BUILD on {target}$"):
+            open_checkpoint(path)
     # Object-creating opcodes are refused even for an allowed class.
     newobj = (
         pickle.PROTO

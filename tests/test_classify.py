@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_CONFIG, REF, convert_fixture, nan_weights
+from conftest import FIXTURE_CONFIG, REF, nan_weights
 from PIL import Image
 from test_preprocess import png_header
 
@@ -26,26 +26,15 @@ from aim_mlx.transforms import ImageError
 
 # classify / embed / eval machinery, checked against float32 reference values at CPU bounds:
 # MLX's default device (a GPU where there is one, with float16 by default) is pinned to the CPU.
-pytestmark = pytest.mark.usefixtures("pin_cpu")
+pytestmark = pytest.mark.usefixtures("pin_cpu", "private_cache")
 
 LOGITS = np.load(REF / "logits_images_best.npz")
 PROBE = FIXTURE_CONFIG["variants"]["best"]["probe_layers"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "aim-tiny"
-    return convert_fixture(out)
-
-
-@pytest.fixture(scope="module")
 def model(model_dir):
     return aim_mlx.load(model_dir)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
 
 
 def cli(*args):

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, convert_fixture, exited_cleanly
+from conftest import REF, exited_cleanly
 from conftest import run_cli as cli
 
 import aim_mlx
@@ -18,20 +18,10 @@ from aim_mlx.convert import ConversionError, convert
 from aim_mlx.loader import ModelLoadError
 from aim_mlx.models import ModelArgs
 
-pytestmark = pytest.mark.usefixtures("pin_cpu")
+pytestmark = pytest.mark.usefixtures("pin_cpu", "private_cache")
 
 ROCKET = REF / "images" / "rocket.jpg"
 ARCH = dict(embed_dim=64, num_blocks=8, num_heads=4, probe_layers=[1, 2, 3])
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
 
 
 def clean(result, code: int) -> str:

@@ -13,14 +13,14 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import HALF_BOUND, REF
 from safetensors import safe_open
-from test_classify import LOGITS, expected_top, imagenet_folder
+from test_classify import LOGITS, cli, expected_top, imagenet_folder
 
 from aim_mlx import distributed
-from aim_mlx.cli import main
 from aim_mlx.errors import AimMlxError
+
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def tool(name: str) -> str:
@@ -97,15 +97,6 @@ def assert_same_rows(two: str, one: str):
         assert tops[0] == tops[1]
         probs = [[t["prob"] for t in row.get("top_k", [])] for row in (got, want)]
         np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5, atol=0)
-
-
-def cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import REF, convert_fixture
+from conftest import REF
 from mlx.utils import tree_flatten
 
 import aim_mlx
@@ -25,11 +25,6 @@ pytestmark = pytest.mark.usefixtures("pin_cpu")
 
 IMAGES = REF / "images"
 ROCKET = IMAGES / "rocket.jpg"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return convert_fixture(tmp_path_factory.mktemp("model") / "aim-tiny")
 
 
 @pytest.fixture

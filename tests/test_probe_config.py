@@ -20,20 +20,12 @@ from aim_mlx.probe import ProbeError, Settings, train
 ROCKET = REF / "images" / "rocket.jpg"
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("probe-config")
-
-
-@pytest.fixture(autouse=True)
-def shared_cache(workdir, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(workdir / "cache"))
-    with mx.stream(mx.cpu):
-        yield
+pytestmark = pytest.mark.usefixtures("shared_cache")
 
 
 @pytest.fixture(scope="module")
 def model_dir(workdir) -> Path:
+    """The fixture converted beside the module's cache, named aim-tiny (not conftest's)."""
     return convert_fixture(workdir / "aim-tiny", name="aim-tiny")
 
 

@@ -25,8 +25,8 @@ SHAPES = json.loads((REF / "official_parameter_shapes.json").read_text())
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
+def private_registry(private_cache, monkeypatch):
+    """No registry file from the environment; what a test registers is forgotten after it."""
     monkeypatch.delenv(registry.REGISTRY_ENV, raising=False)
     yield
     registry._registered.clear()

@@ -33,6 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__
+from ..checks import is_whole
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, MX_DTYPES, GiB, as_dtype_name
 from ..errors import AimMlxError, OutputError
 from ..models import ops
@@ -114,7 +115,7 @@ def convert(
     if dtype not in MX_DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
     if quantize:
-        check_quantize_options(q_bits, q_group_size)
+        q_bits, q_group_size = check_quantize_options(q_bits, q_group_size)
     elif (q_bits, q_group_size) != (Q_BITS_DEFAULT, Q_GROUP_SIZE_DEFAULT):  # as --q-bits without -q
         raise ConversionError(
             f"q_bits={q_bits!r}, q_group_size={q_group_size!r} apply with quantize=True only; "
@@ -192,16 +193,17 @@ def _is_model_folder(folder: Path) -> bool:
     )
 
 
-def check_quantize_options(bits, group_size, bits_name: str = "q_bits") -> None:
-    """ConversionError unless MLX can quantize with these bits and group size; `bits_name`:
-    the caller's argument for the bits (`aim_mlx.load` takes quantize_bits)."""
-    if type(bits) is not int or bits not in Q_BITS:  # 8.0 passed `in`, then failed in MLX
+def check_quantize_options(bits, group_size, bits_name: str = "q_bits") -> tuple[int, int]:
+    """(bits, group_size) as Python ints, if MLX can quantize with them, else ConversionError;
+    `bits_name`: the caller's argument for the bits (`aim_mlx.load` takes quantize_bits)."""
+    if not is_whole(bits) or bits not in Q_BITS:  # 8.0 passed `in`, then failed in MLX
         raise ConversionError(f"{bits_name} (--q-bits) must be 4 or 8, got {bits!r}")
-    if type(group_size) is not int or group_size not in Q_GROUP_SIZES:
+    if not is_whole(group_size) or group_size not in Q_GROUP_SIZES:
         sizes = ", ".join(map(str, Q_GROUP_SIZES))
         raise ConversionError(
             f"q_group_size (--q-group-size) must be one of {sizes}, got {group_size!r}"
         )
+    return int(bits), int(group_size)
 
 
 def _check_quantizable(sources, q, dtype, progress) -> list[str]:

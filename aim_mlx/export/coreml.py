@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__, images
+from ..checks import is_whole
 from ..classifier import class_names
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from ..errors import AimMlxError, OutputError
@@ -793,8 +794,7 @@ def _check_choices(precision, compress, target):
 
 def _check_options(precision, compress, target, img_size, patch):
     _check_choices(precision, compress, target)
-    whole = isinstance(img_size, (int, np.integer)) and not isinstance(img_size, bool)
-    if not whole or img_size <= 0 or img_size % patch:
+    if not is_whole(img_size) or img_size <= 0 or img_size % patch:
         raise ExportError(
             f"img_size must be a positive multiple of the patch size {patch}, got {img_size!r}"
         )

@@ -21,6 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import __version__, distributed
+from ..checks import is_whole
 from ..models import AIM, PRESETS, last_probe_layers
 from ..models.aim import check_probe_layers
 from ..resolve import known_num_blocks
@@ -295,7 +296,7 @@ def _checked(settings: Settings) -> Settings:
     s = settings
     if s.kind not in head.KINDS:
         raise ProbeError(f"head kind must be one of {', '.join(head.KINDS)}, got {s.kind!r}")
-    if not all(_whole(v) and v >= 1 for v in (s.epochs, s.batch_size)):
+    if not all(is_whole(v) and v >= 1 for v in (s.epochs, s.batch_size)):
         raise ProbeError(
             f"epochs and batch size must be whole numbers of at least 1, got {s.epochs!r}, "
             f"{s.batch_size!r}"
@@ -308,7 +309,7 @@ def _checked(settings: Settings) -> Settings:
             "lr must be above 0, weight decay and warmup epochs 0 or more, all finite; got "
             f"{s.lr!r}, {s.weight_decay!r}, {s.warmup_epochs!r}"
         )
-    if not _whole(s.seed) or not 0 <= s.seed <= MAX_SEED:  # numpy's and MLX's generators
+    if not is_whole(s.seed) or not 0 <= s.seed <= MAX_SEED:  # numpy's and MLX's generators
         raise ProbeError(f"the seed must be a whole number from 0 to 2^64 - 1, got {s.seed!r}")
     return dataclasses.replace(
         s,
@@ -319,10 +320,6 @@ def _checked(settings: Settings) -> Settings:
         warmup_epochs=float(s.warmup_epochs),
         seed=int(s.seed),
     )
-
-
-def _whole(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def train(
