@@ -744,7 +744,7 @@ def test_embed_refuses_features_larger_than_memory_before_any_work(
     with pytest.raises(memory.NotEnoughMemoryError, match=r"of 4 images, 256 x 64 float32 each"):
         embed(model, [REF / "images"], pool="tokens")
     out = tmp_path / "new" / "f.npy"
-    monkeypatch.setattr("aim_mlx.cli.load_for_cli", lambda *a: pytest.fail("model loaded"))
+    monkeypatch.setattr("aim_mlx.resolve.load", lambda *a, **k: pytest.fail("model loaded"))
     result = cli("embed", REF / "images", "-o", out, "--pool", "tokens", "-m", model_dir)
     assert result.exit_code == 1 and read == []
     assert "Error: the features of 4 images, 256 x 64 float32 each, take 0.0 GiB, more than " \
