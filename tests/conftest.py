@@ -277,6 +277,12 @@ def exited_cleanly(result, code: int):
     return result
 
 
+def clean(result, code: int) -> str:
+    """The result's stderr, after `exited_cleanly` (in this process a bug's traceback never
+    reaches result.output: the exception is what tells it)."""
+    return exited_cleanly(result, code).stderr
+
+
 def pytest_sessionfinish(session, exitstatus):
     if OWN_HF_HOME:
         shutil.rmtree(OWN_HF_HOME, ignore_errors=True)

@@ -20,7 +20,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import FIXTURE_CONFIG, REF, appears_before_publish, convert_fixture, exited_cleanly
+from conftest import (
+    FIXTURE_CONFIG,
+    REF,
+    appears_before_publish,
+    clean,
+    convert_fixture,
+    exited_cleanly,
+)
 from conftest import run_cli as cli
 from PIL import Image
 from test_hub import registry_entry
@@ -54,10 +61,14 @@ def read_only(tmp_path) -> Path:
         pytest.skip("no read-only folder for root on this system")
 
 
-def clean(result, code: int) -> str:
-    """The result's stderr, after `exited_cleanly` (in this process a bug's traceback never
-    reaches result.output: the exception is what tells it)."""
-    return exited_cleanly(result, code).stderr
+@pytest.fixture
+def two_classes(tmp_path) -> Path:
+    """tmp_path / "photos": cat/a.jpg and dog/a.jpg, a folder `probe train` takes."""
+    data = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        shutil.copy(ROCKET, data / cls / "a.jpg")
+    return data
 
 
 # ---- Output locations are checked before any work ---------------------------------------
@@ -205,15 +216,14 @@ def test_force_never_replaces_an_input_or_a_folder_it_did_not_write(tmp_path):
     ]
 
 
-def test_outputs_never_replace_the_model_or_another_commands_output(model_dir, tmp_path):
+def test_outputs_never_replace_the_model_or_another_commands_output(
+    model_dir, tmp_path, two_classes
+):
     from aim_mlx.probe.head import HEAD_FORMAT
 
     model = tmp_path / "model"
     shutil.copytree(model_dir, model)
-    data = tmp_path / "photos"
-    for cls in ("cat", "dog"):
-        (data / cls).mkdir(parents=True)
-        shutil.copy(ROCKET, data / cls / "a.jpg")
+    data = two_classes
     train = ["probe", "train", data, "--epochs", "1", "--force"]
     # the model a head is trained on, and a file inside it
     err = clean(cli(*train, "-m", model, "-o", model), 1)
@@ -332,13 +342,10 @@ def test_a_stale_cache_entry_that_is_a_link_or_a_file_is_converted_again(tmp_pat
     assert again.exit_code == 0 and again.stdout == first.stdout, again.output
 
 
-def test_probe_train_force_never_replaces_its_images(tmp_path):
+def test_probe_train_force_never_replaces_its_images(tmp_path, two_classes):
     from aim_mlx.probe import train
 
-    data = tmp_path / "photos"
-    for cls in ("cat", "dog"):
-        (data / cls).mkdir(parents=True)
-        shutil.copy(ROCKET, data / cls / "a.jpg")
+    data = two_classes
     for out in (data, tmp_path):  # refused before the model is looked at
         with pytest.raises(OutputError, match="the input"):
             train("no-such-model", data, out, force=True)
@@ -409,24 +416,18 @@ def test_a_failed_safetensors_write_is_one_error_line(model_dir, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
-def test_probe_train_output_errors_name_the_output(tmp_path):
-    data = tmp_path / "photos"
-    for cls in ("cat", "dog"):
-        (data / cls).mkdir(parents=True)
-        shutil.copy(ROCKET, data / cls / "a.jpg")
+def test_probe_train_output_errors_name_the_output(tmp_path, two_classes):
+    data = two_classes
     out = tmp_path / "head"
     out.mkdir()
     err = clean(cli("probe", "train", data, "-m", "no-such-model", "-o", out), 1)
     assert f"{out} already exists" in err and "feature cache" not in err
 
 
-def test_an_output_inside_the_cache_folders_is_refused(model_dir, tmp_path):
+def test_an_output_inside_the_cache_folders_is_refused(model_dir, tmp_path, two_classes):
     # A head written into the cache's models/ folder was listed as an old-format entry and
     # deleted by `cache rm --all`.
-    data = tmp_path / "photos"
-    for cls in ("cat", "dog"):
-        (data / cls).mkdir(parents=True)
-        shutil.copy(ROCKET, data / cls / "a.jpg")
+    data = two_classes
     models = tmp_path / "cache" / "models"
     err = clean(cli("probe", "train", data, "-m", model_dir, "-o", models / "head"), 1)
     assert f"the output {models / 'head'} is inside the cache folder {models}" in err
@@ -765,7 +766,6 @@ def test_npy_and_listing_are_written_both_or_neither(tmp_path, monkeypatch):
 def test_a_cache_entry_removed_while_loading_is_made_again(tmp_path, monkeypatch):
     """`aim-mlx cache rm --all` in another process just after this one found its cache entry:
     the entry is converted again, rather than "no config.json; not a converted folder"."""
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
     folder = shutil.copytree(REF / "hf_repo", tmp_path / "checkpoints")
     convert_into_cache, calls = resolve._convert_into_cache, []
 
@@ -1126,7 +1126,6 @@ def test_listings_leave_out_a_download_removed_while_they_list(monkeypatch, tmp_
     """`cache list` and `models` while `cache rm-downloads` runs in another process: a file
     found in huggingface_hub's cache and removed before its size is read is left out (listed as
     not downloaded), not a FileNotFoundError traceback."""
-    monkeypatch.setenv("AIM_MLX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub, "cached_path", lambda *args, **kwargs: tmp_path / "removed.pth")
     listing = cli("cache", "list", "--json")
     assert listing.exit_code == 0, listing.output
@@ -1267,11 +1266,8 @@ def test_info_json_shows_an_unusable_registry(monkeypatch, tmp_path):
     assert "cannot read the registry file" in info["cache"]["error"]
 
 
-def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_path):
-    data = tmp_path / "photos"
-    for cls in ("cat", "dog"):
-        (data / cls).mkdir(parents=True)
-        shutil.copy(ROCKET, data / cls / "a.jpg")
+def test_probe_layers_named_twice_are_one_error_before_loading(model_dir, tmp_path, two_classes):
+    data = two_classes
     for model in (model_dir, REF / "hf_repo"):  # a checkpoint folder: before converting it
         args = ["probe", "train", data, "-m", model, "-o", tmp_path / "h", "--probe-layers"]
         err = clean(cli(*args, "1,1"), 1)

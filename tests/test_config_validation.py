@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, exited_cleanly
+from conftest import REF, clean
 from conftest import run_cli as cli
 
 import aim_mlx
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.usefixtures("pin_cpu", "private_cache")
 
 ROCKET = REF / "images" / "rocket.jpg"
 ARCH = dict(embed_dim=64, num_blocks=8, num_heads=4, probe_layers=[1, 2, 3])
-
-
-def clean(result, code: int) -> str:
-    """stderr, after `exited_cleanly`."""
-    return exited_cleanly(result, code).stderr
 
 
 @pytest.mark.parametrize(
