@@ -60,10 +60,7 @@ def test_half_precision(converted, variant, dtype, native, input_name):
     ref = np.load(REF / f"logits_{variant}{INPUTS[input_name]}.npy")
     out = logits(model, input_name)
     tol = TOLERANCE[dtype]
-    assert rel_err(out, ref) < tol
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol * ref.std()
-    np.testing.assert_array_equal(out.argmax(1)[clear], ref.argmax(1)[clear])
+    assert rel_err(out, ref) < tol  # a max error: top-1 kept wherever top-2 are 2 x tol apart
 
 
 def test_half_precision_compute_dtype(converted):
