@@ -335,26 +335,6 @@ def _weights(head, dtype, quantize: bool, q_bits: str) -> dict:
     return dict(head=head, dtype=dtype, quantize_bits=_bits(quantize, q_bits))
 
 
-def load_for_cli(model, head, dtype, quantize, q_bits, progress=True):
-    from . import distributed
-    from .resolve import load
-
-    distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
-    return load(model, head, dtype, quantize_bits=_bits(quantize, q_bits), progress=progress)
-
-
-def one_process(command: str) -> None:
-    """Under mlx.launch with several ranks: an error on every rank, for a command whose ranks
-    would each do the whole job (timings on shared cores, one package written twice)."""
-    from . import distributed
-
-    if distributed.size() > 1:
-        raise distributed.DistributedError(
-            f"{command} runs in one process: start it without mlx.launch (classify, embed, eval "
-            "and probe share their work between ranks)"
-        )
-
-
 def _count(n: int, word: str) -> str:
     """A count and its noun: 1 image, 2 images, 1 class, 3 classes."""
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
@@ -525,8 +505,9 @@ def bench(
 ):
     """Images/s, latency and memory of a model (offline: sizes use random weights)."""
     from . import bench as lib
+    from . import distributed
 
-    one_process("bench")
+    distributed.one_process("bench")
     rows = []
     for config in lib.configs(
         model,
@@ -777,40 +758,50 @@ def eval_command(
 ):
     """Top-1 / top-5 accuracy on DATA, an ImageNet-style folder (one sub-folder of images per
     WordNet id, like n01440764)."""
-    from . import distributed
-    from .evaluate import check_eval_head, evaluate_pairs, imagenet_folder
+    from .evaluate import evaluate_model
 
     if data and data_path and Path(data).resolve() != Path(data_path).resolve():
         raise click.UsageError("give the data folder once: DATA or --data-path")
     data = data or data_path
     if not data:
         raise click.UsageError("missing the data folder: aim-mlx eval DATA")
-    check_eval_head(head)
-    # before loading (perhaps downloading) the model
-    pairs = imagenet_folder(data, limit, unreadable := [])
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    result = evaluate_pairs(
-        net, pairs, batch_size=batch_size, progress=progress, img_size=img_size, failed=unreadable
+    evaluation = evaluate_model(
+        model,
+        data,
+        **_weights(head, dtype, quantize, q_bits),
+        limit=limit,
+        batch_size=batch_size,
+        img_size=img_size,
+        progress=progress,
     )
-    if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
+    _report_evaluation(evaluation, as_json)
+
+
+def _report_evaluation(evaluation, as_json: bool, wrote: str | None = None) -> None:
+    """What eval and probe eval print: the images that failed (stderr), then the --json object
+    or the accuracy lines; exit status 1 if an image failed. Nothing where `evaluation` is None
+    (under mlx.launch, a rank other than 0: rank 0 reports every rank's counts)."""
+    if evaluation is None:
         return
+    result = evaluation.result
     for path, reason in result.failed:
         report_error(path, reason)
     if as_json:
-        from .resolve import folder_head
-
-        used = head or folder_head(net.args.to_dict())  # the official head the model holds
-        info = dict(model=model, head=used, dtype=str(net.dtype).split(".")[-1])
+        click.echo(json.dumps(evaluation.to_dict()))
+    elif result.top1 is None:
+        click.echo("no accuracy: no image could be read (see the errors above)")
+    else:
+        top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""  # <= 5 classes
         click.echo(
-            json.dumps({**info, "img_size": img_size or net.args.img_size, **result.to_dict()})
-        )
-    elif result.images:
-        click.echo(
-            f"top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+            f"top-1 {result.top1:.2f}%{top5}  "
             f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
         )
-    else:
-        click.echo("no accuracy: no image could be read (see the errors above)")
+        per_class = result.per_class() if hasattr(result, "per_class") else {}  # probe eval
+        for name, row in per_class.items():
+            acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
+            click.echo(f"  {acc}  {one_line(name)}  ({_count(row['images'], 'image')})")
+    if wrote:  # the confusion matrix
+        click.echo(f"wrote {wrote}", err=True)
     if result.failed:
         raise click.exceptions.Exit(1)
 
@@ -1131,10 +1122,11 @@ def export_coreml(
     progress,
 ):
     """Write a Core ML .mlpackage (an Xcode-ready image classifier by default)."""
+    from . import distributed
     from .export import coreml
     from .transforms import ImageError
 
-    one_process("export coreml")
+    distributed.one_process("export coreml")
     # the library checks these too: here, before anything, they name their option
     if out.suffix != ".mlpackage":
         raise click.BadParameter(f"must end in .mlpackage, got {out}", param_hint="--out")
@@ -1353,50 +1345,20 @@ def probe_eval(
 ):
     """Top-1 (top-5 with more than 5 classes) and per-class accuracy of a trained head
     (--head DIR) on VAL_DIR, one sub-folder per class."""
-    import json
+    from .probe.evaluate import evaluate_trained_head
 
-    from . import distributed
-    from .output import prepare_output
-    from .probe.evaluate import evaluate_head, heading_of, labelled_images, save_confusion
-    from .probe.head import is_head_folder, read_head_config
-
-    if not is_head_folder(head):
-        raise click.UsageError("--head must be a trained head's folder (from `probe train`)")
-    if confusion:
-        target = Path(confusion)
-        if target.suffix.lower() != ".png":
-            raise click.BadParameter("must end in .png", param_hint="--confusion")
-        inputs = [model, head, val_dir]  # checked by rank 0, which writes it (mlx.launch)
-        target = distributed.on_root(lambda: prepare_output(confusion, force=force, inputs=inputs))
-    labels = read_head_config(head)["classes"]
-    labelled_images(val_dir, labels, head)  # before loading (perhaps downloading) the trunk
-    net = load_for_cli(model, head, dtype, quantize, q_bits, progress)
-    result = evaluate_head(net, val_dir, batch_size=batch_size, progress=progress)
-    if not distributed.is_root():  # under mlx.launch: rank 0 reports every rank's counts
-        return
-    for path, reason in result.failed:
-        report_error(path, reason)
-    if confusion:
-        title = f"{Path(head).name}: {heading_of(result)} of {val_dir}"
-        save_confusion(result, target, title, replace=force)
-    if as_json:
-        info = dict(model=model, head=str(head), dtype=str(net.dtype).split(".")[-1])
-        click.echo(json.dumps({**info, "img_size": net.args.img_size, **result.to_dict()}))
-    elif result.top1 is None:
-        click.echo("no accuracy: no image could be read (see the errors above)")
-    else:
-        top5 = f"  top-5 {result.top5:.2f}%" if result.top5 is not None else ""
-        click.echo(
-            f"top-1 {result.top1:.2f}%{top5}  "
-            f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
-        )
-        for name, row in result.per_class().items():
-            acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
-            click.echo(f"  {acc}  {one_line(name)}  ({_count(row['images'], 'image')})")
-    if confusion:
-        click.echo(f"wrote {confusion}", err=True)
-    if result.failed:
-        raise click.exceptions.Exit(1)
+    evaluation = evaluate_trained_head(
+        model,
+        val_dir,
+        head,
+        dtype=dtype,
+        quantize_bits=_bits(quantize, q_bits),
+        batch_size=batch_size,
+        confusion=confusion,
+        force=force,
+        progress=progress,
+    )
+    _report_evaluation(evaluation, as_json, wrote=confusion)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,16 @@ def tag(message: str) -> str:
     return f"rank {rank()}/{size()}: {message}" if size() > 1 else message
 
 
+def one_process(command: str) -> None:
+    """Under mlx.launch with several ranks: DistributedError on every rank, for a job whose ranks
+    would each do the whole of it (timings on shared cores, one package written twice)."""
+    if size() > 1:
+        raise DistributedError(
+            f"{command} runs in one process: start it without mlx.launch (classify, embed, eval "
+            "and probe share their work between ranks)"
+        )
+
+
 def share(n: int, of_rank: int | None = None) -> range:
     """The indices of `n` inputs that a rank computes: a contiguous block, sizes differing by at
     most one, in rank order (so the gathered blocks are the input order)."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 
-from . import images
+from . import distributed, images
+from .constants import as_dtype_name
 from .errors import AimMlxError, OptionError
 from .labels import imagenet_classes, wnid_to_index
 
@@ -80,6 +83,23 @@ class EvalResult:
         d = asdict(self)
         d["failed"] = [{"path": p, "error": e} for p, e in self.failed]
         return d
+
+
+@dataclass
+class Evaluation:
+    """An evaluation and what it ran: what `evaluate_model` and
+    `aim_mlx.probe.evaluate.evaluate_trained_head` return."""
+
+    model: str  # as given: a name or a folder
+    head: str | None  # the head used: best, last or a trained head's folder (None: custom layers)
+    dtype: str  # of the weights: "float32", ...
+    img_size: int  # the images' side, in pixels
+    result: EvalResult  # or a trained head's HeadEvalResult
+
+    def to_dict(self) -> dict:
+        """What `aim-mlx eval --json` (and `probe eval --json`) prints."""
+        info = dict(model=self.model, head=self.head, dtype=self.dtype, img_size=self.img_size)
+        return {**info, **self.result.to_dict()}
 
 
 def top5_predictions(model, paths: list[str], *, size: int, batch_size: int, progress: bool):
@@ -197,3 +217,43 @@ def evaluate_pairs(
         classes.add(y)
     top1, top5 = (100.0 * hits1 / n, 100.0 * hits5 / n) if n else (None, None)
     return EvalResult(top1, top5, n, len(classes), failed)
+
+
+def evaluate_model(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    head: str | None = None,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    img_size: int | None = None,
+    progress: bool = False,
+) -> Evaluation | None:
+    """`evaluate` with the model that `aim_mlx.load(model, head, dtype, quantize_bits=)` gives
+    (`head`: an official one, best or last), on the ImageNet-style folder `data`.
+
+    Checked before the model is loaded (perhaps downloaded): the head, the options (img_size
+    where the model's patch size is known without loading it) and the folder, listed. Under
+    `mlx.launch` every rank evaluates its share; rank 0 returns the result, the other ranks None.
+    """
+    from .resolve import folder_head, known_args, load
+
+    check_eval_head(head)
+    images.check_positive("batch_size (--batch-size)", batch_size)
+    if limit is not None:  # imagenet_folder takes 0 as no limit, and -1 as all but one
+        images.check_positive("limit (--limit)", limit)
+    if img_size is not None and (args := known_args(model)):
+        images.input_size(SimpleNamespace(args=args), img_size)
+    pairs = imagenet_folder(data, limit, unreadable := [])
+    distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
+    net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)
+    result = evaluate_pairs(
+        net, pairs, batch_size=batch_size, progress=progress, img_size=img_size, failed=unreadable
+    )
+    if not distributed.is_root():  # under mlx.launch: rank 0 has every rank's counts
+        return None
+    used = head or folder_head(net.args.to_dict())  # the official head the model holds
+    size = img_size or net.args.img_size
+    return Evaluation(str(model), used, as_dtype_name(net.dtype), size, result)

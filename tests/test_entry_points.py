@@ -1,11 +1,13 @@
-"""The library's whole-job functions, through Python: embed_to_file, export_model and
-check_eval_head do what the commands do, checks and all, without the command line."""
+"""The library's whole-job functions, through Python: embed_to_file, load_and_classify,
+export_model, evaluate_model and evaluate_trained_head do what the commands do, checks and all,
+without the command line."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,12 +15,21 @@ import numpy as np
 import pytest
 from conftest import REF
 from mlx.utils import tree_flatten
+from PIL import Image
 
 import aim_mlx
-from aim_mlx import resolve
+from aim_mlx import distributed, resolve
 from aim_mlx.embed import embed, embed_to_file, listing_path, read_listing
 from aim_mlx.errors import OptionError, OutputError
-from aim_mlx.evaluate import check_eval_head, check_imagenet_head
+from aim_mlx.evaluate import (
+    DatasetError,
+    check_eval_head,
+    check_imagenet_head,
+    evaluate,
+    evaluate_model,
+)
+from aim_mlx.probe import ProbeError, Settings, train
+from aim_mlx.probe.evaluate import evaluate_head, evaluate_trained_head
 from aim_mlx.transforms import ImageError
 
 pytestmark = pytest.mark.usefixtures("pin_cpu")
@@ -192,6 +203,18 @@ def test_export_model_names_a_quantized_models_bits(coreml, tmp_path):
     assert result.dequantized_bits == 4 and out.is_dir()
 
 
+def test_export_model_runs_in_one_process(tmp_path, monkeypatch, no_load):
+    """Under mlx.launch each rank would write the package: refused on every rank, first."""
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    from aim_mlx.export.coreml import export_model  # without coremltools too
+
+    with pytest.raises(distributed.DistributedError, match=re.escape(
+            "export_model (aim-mlx export coreml) runs in one process: start it without "
+            "mlx.launch")):  # fmt: skip
+        export_model("aim-600M", tmp_path / "new" / "m.mlpackage", compress="zip")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "options, error, message",
     [
@@ -244,3 +267,176 @@ def test_a_trained_head_refused_by_eval_is_sent_to_a_function_that_exists():
     module, _, function = named.rpartition(".")
     assert module.startswith("aim_mlx.")
     assert callable(getattr(importlib.import_module(module), function))
+
+
+# ---- evaluate_model ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    """camera and chelsea in their top-1 class, coffee in its fourth, rocket in its 100th (the
+    reference logits); a file that is no image. Top-1 2 of 4, top-5 3 of 4."""
+    from test_classify import LOGITS, expected_top, imagenet_folder
+
+    placement = {
+        "camera.png": expected_top("camera.png")[0],
+        "chelsea.png": expected_top("chelsea.png")[0],
+        "coffee.png": expected_top("coffee.png")[3],
+        "rocket.jpg": int(np.argsort(-LOGITS["rocket.jpg"])[99]),
+    }
+    root = imagenet_folder(tmp_path_factory.mktemp("imagenet") / "val", placement)
+    (next(root.glob("*/rocket.jpg")).parent / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_evaluate_model_gives_what_evaluate_gives(model_dir, imagenet):
+    evaluation = evaluate_model(model_dir, imagenet, batch_size=3)
+    result = evaluation.result
+    assert result == evaluate(aim_mlx.load(model_dir), imagenet, batch_size=3)
+    assert (result.top1, result.top5, result.images, result.classes) == (50.0, 75.0, 4, 4)
+    broken = str(next(imagenet.glob("*/broken.png")))
+    assert [path for path, _ in result.failed] == [broken]
+    assert (evaluation.model, evaluation.head) == (str(model_dir), "best")  # the folder's own
+    assert (evaluation.dtype, evaluation.img_size) == ("float32", 224)
+    assert evaluation.to_dict() == {
+        "model": str(model_dir), "head": "best", "dtype": "float32", "img_size": 224,
+        **result.to_dict(),
+    }  # fmt: skip
+    assert list(evaluation.to_dict())[:5] == ["model", "head", "dtype", "img_size", "top1"]
+
+
+def test_evaluate_model_takes_the_image_size_and_a_limit(model_dir, imagenet):
+    small = evaluate_model(model_dir, imagenet, img_size=112, limit=2)
+    assert small.img_size == 112 and small.result.images == 2
+    assert small.result == evaluate(aim_mlx.load(model_dir), imagenet, img_size=112, limit=2)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"head": "BEST"}, OptionError, r"head \(--head\) must be best or last, got 'BEST'"),
+        ({"head": "TRAINED"}, OptionError, r"head \(--head\) .* is a trained head"),
+        ({"batch_size": 0}, OptionError, r"batch_size \(--batch-size\) must be a positive"),
+        ({"limit": 0}, OptionError, r"limit \(--limit\) must be a positive whole number, got 0"),
+        ({"limit": -1}, OptionError, r"limit \(--limit\) must be a positive whole number"),
+        ({"img_size": 100}, OptionError, r"img_size \(--img-size\) must be a positive multiple"),
+        ({"data": "cats"}, DatasetError, "sub-folders must be ImageNet-1k WordNet ids"),
+    ],
+    ids=["head", "trained-head", "batch-size", "limit", "negative-limit", "img-size", "data"],
+)
+def test_evaluate_model_refuses_a_bad_option_before_loading(
+    imagenet, tmp_path, no_load, options, error, message
+):
+    if options.get("head") == "TRAINED":
+        options["head"] = tmp_path / "my-head"
+        options["head"].mkdir()
+        (options["head"] / "head.safetensors").write_bytes(b"")
+    data = options.pop("data", imagenet)
+    if data == "cats":
+        data = tmp_path / "cats"
+        (data / "cats").mkdir(parents=True)
+        (data / "cats" / "a.jpg").write_bytes(ROCKET.read_bytes())
+    with pytest.raises(error, match=message):
+        evaluate_model("aim-600M", data, **options)  # registered: its patch size is known
+
+
+def test_evaluate_model_and_trained_head_give_none_on_other_ranks(
+    model_dir, imagenet, trained, tmp_path, monkeypatch
+):
+    """Under mlx.launch a rank other than 0 does its share and gets None (rank 0 reports); it
+    writes no picture."""
+    monkeypatch.setattr(distributed, "is_root", lambda: False)
+    assert evaluate_model(model_dir, imagenet) is None
+    picture = tmp_path / "c.png"
+    assert evaluate_trained_head(model_dir, trained.data, trained.out, confusion=picture) is None
+    assert not picture.exists()
+
+
+# ---- evaluate_trained_head --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+    """A linear head trained for one epoch on three classes of drawn colours (four images each);
+    `.data` is the folder."""
+    from test_probe import draw_dataset
+
+    root = tmp_path_factory.mktemp("probe")
+    data = draw_dataset(root / "data", per_class=4, size=32)
+    for name in sorted(p.name for p in data.iterdir())[3:]:
+        shutil.rmtree(data / name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIM_MLX_CACHE", str(root / "cache"))  # the feature cache
+        settings = Settings(kind="linear", epochs=1)
+        result = train(model_dir, data, root / "head", settings=settings, log=lambda _: None)
+    result.data = data
+    return result
+
+
+def test_evaluate_trained_head_gives_what_evaluate_head_gives(model_dir, trained, tmp_path):
+    picture = tmp_path / "new" / "c.png"
+    evaluation = evaluate_trained_head(
+        model_dir, trained.data, trained.out, batch_size=5, confusion=picture
+    )
+    result = evaluation.result
+    want = evaluate_head(aim_mlx.load(model_dir, head=trained.out), trained.data, batch_size=5)
+    assert result.to_dict() == want.to_dict()
+    assert result.labels == trained.classes and len(trained.classes) == 3
+    assert (result.images, result.classes, result.failed) == (12, 3, [])
+    assert result.confusion.sum(axis=1).tolist() == [4, 4, 4]
+    assert result.top1 == 100 * np.trace(result.confusion) / 12 and result.top5 is None
+    assert evaluation.to_dict() == {
+        "model": str(model_dir), "head": str(trained.out), "dtype": "float32", "img_size": 224,
+        **result.to_dict(),
+    }  # fmt: skip
+    with Image.open(picture) as img:
+        assert img.format == "PNG"
+    assert [p.name for p in picture.parent.iterdir()] == ["c.png"]
+
+
+def test_evaluate_trained_head_keeps_an_existing_picture_unless_forced(
+    model_dir, trained, tmp_path, monkeypatch
+):
+    picture = tmp_path / "c.png"
+    picture.write_bytes(b"theirs")
+    with monkeypatch.context() as mp:  # refused before the model is loaded
+        mp.setattr(resolve, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+        with pytest.raises(OutputError, match=re.escape(f"{picture} already exists")):
+            evaluate_trained_head(model_dir, trained.data, trained.out, confusion=picture)
+    assert picture.read_bytes() == b"theirs"
+    evaluate_trained_head(model_dir, trained.data, trained.out, confusion=picture, force=True)
+    with Image.open(picture) as img:
+        assert img.format == "PNG"
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"head": None}, OptionError,
+         r"head \(--head\) must be a trained head's folder \(from `probe train`\)$"),
+        ({"head": "best"}, OptionError,
+         r"head \(--head\) must be a trained head's folder \(from `probe train`\), got 'best'"),
+        ({"head": "NOWHERE"}, OptionError, r"head \(--head\) must be best, last or a trained"),
+        ({"confusion": "c.jpg"}, OptionError,
+         r"confusion \(--confusion\) must end in .png, got '.*c.jpg'"),
+        ({"confusion": "DATA/c.png"}, OutputError, "is inside the input"),
+        ({"batch_size": 0}, OptionError, r"batch_size \(--batch-size\) must be a positive"),
+        ({"data": "OTHER"}, ProbeError, r"class sub-folder\(s\) \['purple'\] are not classes"),
+    ],
+    ids=["no-head", "keyword", "no-folder", "suffix", "inside-data", "batch-size", "classes"],
+)  # fmt: skip
+def test_evaluate_trained_head_refuses_a_bad_option_before_loading(
+    trained, tmp_path, no_load, options, error, message
+):
+    data = trained.data
+    if options.get("data") == "OTHER":
+        data = tmp_path / "other"
+        shutil.copytree(trained.data / trained.classes[0], data / "purple")
+    where = {"NOWHERE": tmp_path / "nowhere", "DATA/c.png": trained.data / "c.png"}
+    options = {k: where.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    if isinstance(options.get("confusion"), str):
+        options["confusion"] = tmp_path / "new" / options["confusion"]
+    options = {"head": trained.out, **options, "data": data}
+    with pytest.raises(error, match=message):
+        evaluate_trained_head("no-such-model", options.pop("data"), **options)
+    assert not (tmp_path / "new").exists() and not (trained.data / "c.png").exists()

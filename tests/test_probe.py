@@ -991,8 +991,12 @@ def test_the_readmes_python_examples_run_as_written(heads, model_dir, data, tmp_
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    assert len(blocks) == 4
-    monkeypatch.chdir(tmp_path)  # where the embed and Core ML examples write their files
+    assert len(blocks) == 5
+    monkeypatch.chdir(tmp_path)  # where the embed, eval and Core ML examples write their files
+    wnid = tmp_path / "imagenet" / "val" / "n01440764"  # the eval examples' folders, there
+    wnid.mkdir(parents=True)
+    shutil.copy(REF / "images" / "rocket.jpg", wnid)
+    make_classes(tmp_path / "held-out", data, ["green", "red"])
     photo, photos, new_image = REF / "images" / "rocket.jpg", REF / "images", data / "green"
     new_image = sorted(new_image.iterdir())[0]
     places = {
@@ -1011,7 +1015,7 @@ def test_the_readmes_python_examples_run_as_written(heads, model_dir, data, tmp_
             exec(compile(block, "README.md", "exec"), scope)
         results.append(dict(scope))
 
-    first, embedded, second, exported = results
+    first, embedded, evaluated, second, exported = results
     assert embedded["emb"].features.shape == (4, 64) and embedded["result"].shape == (4, 64)
     assert embedded["result"].files == [Path("feats.npy"), Path("feats.npy.paths.txt")]
     np.testing.assert_array_equal(np.load(tmp_path / "feats.npy"), embedded["emb"].features)
@@ -1031,6 +1035,19 @@ def test_the_readmes_python_examples_run_as_written(heads, model_dir, data, tmp_
     labels = [t["label"] for t in row["top_k"]]
     assert row["path"] == str(new_image) and len(labels) == 3 and set(labels) <= set(COLOURS)
     assert labels[0] == "green"  # the class names of the head, which learnt them
+    evaluation = evaluated["evaluation"]
+    assert evaluation.result.images == 1 and evaluation.result.failed == []
+    res = cli("eval", "imagenet/val", "-m", model_dir, "--limit", "5000", "--json")
+    assert res.exit_code == 0, res.output
+    assert evaluation.to_dict() == json.loads(res.stdout)  # what `--json` prints
+    evaluation = second["evaluation"]
+    assert evaluation.result.images == 40 and (tmp_path / "confusion.png").is_file()
+    per_class = evaluation.result.per_class()
+    assert [name for name, row in per_class.items() if row["images"]] == ["green", "red"]
+    res = cli("probe", "eval", "held-out/", "-m", model_dir, "--head", heads["linear"].out,
+              "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert evaluation.to_dict() == json.loads(res.stdout)
 
 
 def test_images_in_no_class_folder_are_named_not_dropped_silently(data, tmp_path, heads,

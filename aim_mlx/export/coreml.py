@@ -31,7 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .. import __version__, images
+from .. import __version__, distributed, images
 from ..checks import is_whole
 from ..classifier import class_names
 from ..constants import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
@@ -706,12 +706,14 @@ def export_model(
     Checked before the model is loaded (perhaps downloaded): the options, coremltools, the output
     (an existing package is replaced only with `force`) and the `sample_paths` images, decoded
     for the float16 range check (none with precision float32). A sample that cannot be read:
-    ImageError naming it.
+    ImageError naming it. Under `mlx.launch` with several ranks: DistributedError, before any
+    work (every rank would write the package).
     """
     from ..probe.head import is_head_folder
     from ..resolve import load, resolve
     from ..transforms import ImageError, open_image, preprocess
 
+    distributed.one_process("export_model (aim-mlx export coreml)")
     _check_choices(precision, compress, target)
     if sample_paths and precision == "float32":
         raise ExportError(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .. import images
-from ..evaluate import top5_predictions
-from ..output import write_atomic
+from .. import distributed, images
+from ..constants import as_dtype_name
+from ..errors import OptionError
+from ..evaluate import Evaluation, top5_predictions
+from ..output import prepare_output, write_atomic
 from .data import ProbeError, class_folders, class_name
 
 
@@ -109,6 +112,53 @@ def evaluate_head(
     top5 = 100.0 * hits5 / n if n and C > 5 else None  # with 5 classes it is always 100
     present = int((confusion.sum(axis=1) > 0).sum())
     return HeadEvalResult(top1, top5, n, present, labels, confusion, failed)
+
+
+def evaluate_trained_head(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    head: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    batch_size: int = 8,
+    confusion: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = False,
+) -> Evaluation | None:
+    """`evaluate_head` of the trained head in the folder `head` on the trunk `model`, as
+    `aim_mlx.load(model, head, dtype, quantize_bits=)` gives them, on `data` (one sub-folder per
+    class); with `confusion`, the confusion matrix drawn to that .png file.
+
+    Checked before the model is loaded (perhaps downloaded): the head's folder, the options,
+    the picture's path (an existing file is replaced only with `force`; missing folders are
+    created) and `data`'s classes. Under `mlx.launch` every rank evaluates its share; rank 0
+    writes the picture and returns the result, the other ranks None.
+    """
+    from ..resolve import load
+    from .head import is_head_folder, read_head_config
+
+    if not is_head_folder(head):
+        given = "" if head is None else f", got {head!r}"
+        raise OptionError(
+            f"head (--head) must be a trained head's folder (from `probe train`){given}"
+        )
+    images.check_positive("batch_size (--batch-size)", batch_size)
+    if confusion is not None:
+        if Path(confusion).suffix.lower() != ".png":
+            raise OptionError(f"confusion (--confusion) must end in .png, got {str(confusion)!r}")
+        inputs = [model, head, data]  # checked by rank 0, which writes it (mlx.launch)
+        target = distributed.on_root(lambda: prepare_output(confusion, force=force, inputs=inputs))
+    labelled_images(data, read_head_config(head)["classes"], head)  # before loading the trunk
+    distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
+    net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)
+    result = evaluate_head(net, data, batch_size=batch_size, progress=progress)
+    if not distributed.is_root():  # under mlx.launch: rank 0 has every rank's counts
+        return None
+    if confusion is not None:
+        title = f"{Path(head).name}: {heading_of(result)} of {data}"
+        save_confusion(result, target, title, replace=force)
+    return Evaluation(str(model), str(head), as_dtype_name(net.dtype), net.args.img_size, result)
 
 
 def _font(size: int):
