@@ -47,8 +47,8 @@ def classify_iter(
 ) -> Iterator[dict]:
     """Like `classify`, one row at a time as batches finish."""
     images.check_model(model)
-    k = min(images.check_positive("k", k), model.args.num_classes)
-    images.check_positive("batch_size", batch_size)
+    k = min(images.check_positive("k (--top-k)", k), model.args.num_classes)
+    images.check_positive("batch_size (--batch-size)", batch_size)
     items = images.collect(inputs)
     labels = class_names(model)  # None: ImageNet-1k's
 
@@ -90,8 +90,10 @@ def load_and_classify(
     from .resolve import load
 
     inputs = images.as_inputs(inputs)  # one path, or several
-    images.check_positive("k", k)  # before the model is loaded (classify_iter: when it runs)
-    images.check_positive("batch_size", batch_size)
+    images.check_positive(
+        "k (--top-k)", k
+    )  # before the model is loaded (classify_iter: when it runs)
+    images.check_positive("batch_size (--batch-size)", batch_size)
     # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
     if distributed.on_any(images.any_image(inputs)):
         net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)

@@ -113,7 +113,7 @@ def embed(
     images.check_model(model)
     check_pool(pool)
     layers = parse_layers(layers, model.args.num_blocks)
-    images.check_positive("batch_size", batch_size)
+    images.check_positive("batch_size (--batch-size)", batch_size)
     size = images.input_size(model, img_size)
     items, repeats = images.drop_repeats(images.collect(inputs))
     shape = feature_shape(model.args, layers, pool, size)
@@ -244,7 +244,7 @@ def embed_to_file(
     inputs = images.as_inputs(inputs)  # one path, or several
     check_suffix(out)
     check_pool(pool)
-    images.check_positive("batch_size", batch_size)
+    images.check_positive("batch_size (--batch-size)", batch_size)
     parse_layers(layers, known_num_blocks(model) or 10**9)  # unknown blocks: the syntax
     options = dict(layers=layers, pool=pool, img_size=img_size)
     target, listing = distributed.on_root(

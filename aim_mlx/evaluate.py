@@ -30,6 +30,8 @@ def imagenet_folder(
     With `limit`, images are taken round-robin over the classes (the first of each class, then
     the second, ...) so that a small limit still covers every class.
     """
+    if limit is not None:  # 0 was taken as no limit, -1 as all images but one
+        images.check_positive("limit (--limit)", limit)
     root = Path(data_path)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
@@ -194,7 +196,7 @@ def evaluate_pairs(
 ) -> EvalResult:
     """`evaluate` on (image path, class index) pairs, as `imagenet_folder` lists them;
     `failed`: (path, reason) of what could not be listed (unreadable folders), reported first."""
-    images.check_positive("batch_size", batch_size)
+    images.check_positive("batch_size (--batch-size)", batch_size)
     check_imagenet_head(model)
     target = dict(pairs)
     hits1 = hits5 = n = 0
@@ -242,8 +244,6 @@ def evaluate_model(
 
     check_eval_head(head)
     images.check_positive("batch_size (--batch-size)", batch_size)
-    if limit is not None:  # imagenet_folder takes 0 as no limit, and -1 as all but one
-        images.check_positive("limit (--limit)", limit)
     if img_size is not None and (args := known_args(model)):
         images.input_size(SimpleNamespace(args=args), img_size)
     pairs = imagenet_folder(data, limit, unreadable := [])

@@ -542,11 +542,12 @@ def test_python_api_checks_its_arguments(model, model_dir):
     from aim_mlx.embed import embed
 
     rocket = REF / "images" / "rocket.jpg"
-    for options, name in [({"batch_size": -1}, "batch_size"), ({"batch_size": 0}, "batch_size"),
-                          ({"k": -1}, "k"), ({"k": 0}, "k")]:  # fmt: skip
+    batch, k = r"batch_size \(--batch-size\)", r"k \(--top-k\)"  # the argument, the option
+    for options, name in [({"batch_size": -1}, batch), ({"batch_size": 0}, batch),
+                          ({"k": -1}, k), ({"k": 0}, k)]:  # fmt: skip
         with pytest.raises(ValueError, match=f"^{name} must be a positive whole number"):
             aim_mlx.classify(model, [rocket], **options)
-    with pytest.raises(ValueError, match="batch_size must be a positive whole number, got -2"):
+    with pytest.raises(ValueError, match=rf"^{batch} must be a positive whole number, got -2"):
         embed(model, [rocket], batch_size=-2)
     for wrong in (bytes(rocket), [bytes(rocket)], [rocket, 3]):  # never a row per character
         with pytest.raises(TypeError, match="give paths as str or pathlib.Path"):

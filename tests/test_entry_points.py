@@ -104,7 +104,7 @@ def test_embed_to_file_without_any_image_loads_no_model_and_writes_nothing(tmp_p
         ({"pool": "max"}, "pool must be one of mean, tokens, got 'max'"),
         ({"layers": "abc"}, "layers must be head, last or block numbers"),
         ({"layers": [8]}, r"blocks \[8\] do not exist: the model has 8 blocks"),
-        ({"batch_size": 0}, "batch_size must be a positive whole number, got 0"),
+        ({"batch_size": 0}, r"batch_size \(--batch-size\) must be a positive whole number"),
         ({"out": "f.txt"}, "the output must end in .safetensors or .npy"),
     ],
     ids=["pool", "layers", "blocks", "batch-size", "suffix"],
@@ -140,8 +140,8 @@ def test_load_and_classify_without_any_image_loads_no_model(tmp_path, no_load):
 
     rows = list(load_and_classify("no-such-model", [tmp_path / "gone.jpg"]))
     assert rows == [{"path": str(tmp_path / "gone.jpg"), "error": "no such file or folder"}]
-    for option in ({"k": 0}, {"batch_size": 0}):  # refused before loading, not when iterated
-        with pytest.raises(OptionError, match=f"{next(iter(option))} must be a positive whole"):
+    for option, name in (({"k": 0}, "k (--top-k)"), ({"batch_size": 0}, "batch_size (--batc")):
+        with pytest.raises(OptionError, match=re.escape(name)):  # before loading, not iterating
             load_and_classify("no-such-model", ROCKET, **option)
 
 
@@ -309,6 +309,10 @@ def test_evaluate_model_takes_the_image_size_and_a_limit(model_dir, imagenet):
     small = evaluate_model(model_dir, imagenet, img_size=112, limit=2)
     assert small.img_size == 112 and small.result.images == 2
     assert small.result == evaluate(aim_mlx.load(model_dir), imagenet, img_size=112, limit=2)
+    model = aim_mlx.load(model_dir)
+    for limit in (0, -1):  # 0 was no limit (4 images), -1 all images but one (3)
+        with pytest.raises(OptionError, match=rf"limit \(--limit\) must be .*, got {limit}$"):
+            evaluate(model, imagenet, limit=limit)
 
 
 @pytest.mark.parametrize(
