@@ -777,10 +777,11 @@ def eval_command(
     _report_evaluation(evaluation, as_json)
 
 
-def _report_evaluation(evaluation, as_json: bool, wrote: str | None = None) -> None:
+def _report_evaluation(evaluation, as_json: bool, per_class=False, wrote=None) -> None:
     """What eval and probe eval print: the images that failed (stderr), then the --json object
-    or the accuracy lines; exit status 1 if an image failed. Nothing where `evaluation` is None
-    (under mlx.launch, a rank other than 0: rank 0 reports every rank's counts)."""
+    or the accuracy lines (with `per_class`, one per class too); exit status 1 if an image
+    failed. Nothing where `evaluation` is None (under mlx.launch, a rank other than 0: rank 0
+    reports every rank's counts)."""
     if evaluation is None:
         return
     result = evaluation.result
@@ -796,8 +797,7 @@ def _report_evaluation(evaluation, as_json: bool, wrote: str | None = None) -> N
             f"top-1 {result.top1:.2f}%{top5}  "
             f"({_count(result.images, 'image')}, {_count(result.classes, 'class')})"
         )
-        per_class = result.per_class() if hasattr(result, "per_class") else {}  # probe eval
-        for name, row in per_class.items():
+        for name, row in result.per_class().items() if per_class else ():
             acc = f"{row['top1']:6.2f}%" if row["top1"] is not None else "     -"
             click.echo(f"  {acc}  {one_line(name)}  ({_count(row['images'], 'image')})")
     if wrote:  # the confusion matrix
@@ -1358,7 +1358,7 @@ def probe_eval(
         force=force,
         progress=progress,
     )
-    _report_evaluation(evaluation, as_json, wrote=confusion)
+    _report_evaluation(evaluation, as_json, per_class=True, wrote=confusion)
 
 
 if __name__ == "__main__":
