@@ -321,6 +321,9 @@ def test_classify_and_probe_eval_agree(heads, model_dir, data, tmp_path):
     res = cli("probe", "eval", data, "-m", model_dir, "--head", head, "--confusion", nested)
     assert res.exit_code == 0, res.output
     assert [p.name for p in nested.parent.iterdir()] == ["c.png"]  # no temporary file left
+    per_class = [f"  {out['per_class'][n]['top1']:6.2f}%  {n}  (20 images)" for n in classes]
+    top1 = f"top-1 {out['top1']:.2f}%  (100 images, 5 classes)"  # no top-5 with 5 classes
+    assert res.stdout.splitlines() == [top1, *per_class]
 
 
 @pytest.mark.parametrize("kind", ["attention", "linear"])
