@@ -87,13 +87,13 @@ def load_and_classify(
     error row per input, and no model is loaded (perhaps downloaded). Under `mlx.launch` every
     rank classifies its share; rank 0 gets every row, the other ranks None once theirs is done.
     """
-    from .resolve import load
+    from .resolve import check_img_size, load
 
     inputs = images.as_inputs(inputs)  # one path, or several
-    images.check_positive(
-        "k (--top-k)", k
-    )  # before the model is loaded (classify_iter: when it runs)
+    # before the model is loaded (classify_iter checks them when it runs)
+    images.check_positive("k (--top-k)", k)
     images.check_positive("batch_size (--batch-size)", batch_size)
+    check_img_size(model, img_size)
     # under mlx.launch: a rank that finds no image still runs, and the ranks compare inputs
     if distributed.on_any(images.any_image(inputs)):
         net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)

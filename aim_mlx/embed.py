@@ -239,13 +239,14 @@ def embed_to_file(
     is writing a .npy pair there (this one waits). Under `mlx.launch` every rank embeds its
     share; rank 0 writes and returns the result, the other ranks return None.
     """
-    from .resolve import known_num_blocks, load
+    from .resolve import check_img_size, known_num_blocks, load
 
     inputs = images.as_inputs(inputs)  # one path, or several
     check_suffix(out)
     check_pool(pool)
     images.check_positive("batch_size (--batch-size)", batch_size)
     parse_layers(layers, known_num_blocks(model) or 10**9)  # unknown blocks: the syntax
+    check_img_size(model, img_size)
     options = dict(layers=layers, pool=pool, img_size=img_size)
     target, listing = distributed.on_root(
         lambda: _prepare_outputs(out, model, head, inputs, force, **options)

@@ -6,7 +6,6 @@ import itertools
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -240,12 +239,11 @@ def evaluate_model(
     where the model's patch size is known without loading it) and the folder, listed. Under
     `mlx.launch` every rank evaluates its share; rank 0 returns the result, the other ranks None.
     """
-    from .resolve import folder_head, known_args, load
+    from .resolve import check_img_size, folder_head, load
 
     check_eval_head(head)
     images.check_positive("batch_size (--batch-size)", batch_size)
-    if img_size is not None and (args := known_args(model)):
-        images.input_size(SimpleNamespace(args=args), img_size)
+    check_img_size(model, img_size)
     pairs = imagenet_folder(data, limit, unreadable := [])
     distributed.group()  # under mlx.launch: join the other ranks, share this machine's cores
     net = load(model, head, dtype, quantize_bits=quantize_bits, progress=progress)

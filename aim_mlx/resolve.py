@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 
@@ -164,6 +165,15 @@ def known_args(model: str | Path) -> ModelArgs | None:
     if path.is_dir() and is_converted(path):
         return model_args(path, read_config(path))
     return None
+
+
+def check_img_size(model: str | Path, img_size: int | None) -> None:
+    """OptionError for an `img_size` that a registered model or a converted folder cannot take,
+    read without loading (or downloading) it; other models' is checked once they are loaded."""
+    from . import images
+
+    if img_size is not None and (args := known_args(model)):
+        images.input_size(SimpleNamespace(args=args), img_size)
 
 
 def check_memory(model: str | Path, dtype: str | None, quantize_bits: int | None) -> None:

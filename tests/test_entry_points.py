@@ -106,8 +106,9 @@ def test_embed_to_file_without_any_image_loads_no_model_and_writes_nothing(tmp_p
         ({"layers": [8]}, r"blocks \[8\] do not exist: the model has 8 blocks"),
         ({"batch_size": 0}, r"batch_size \(--batch-size\) must be a positive whole number"),
         ({"out": "f.txt"}, "the output must end in .safetensors or .npy"),
+        ({"img_size": 15}, r"img_size \(--img-size\) must be a positive multiple of 14, got 15"),
     ],
-    ids=["pool", "layers", "blocks", "batch-size", "suffix"],
+    ids=["pool", "layers", "blocks", "batch-size", "suffix", "img-size"],
 )
 def test_embed_to_file_refuses_a_bad_option_before_any_work(
     model_dir, tmp_path, no_load, options, message
@@ -143,6 +144,8 @@ def test_load_and_classify_without_any_image_loads_no_model(tmp_path, no_load):
     for option, name in (({"k": 0}, "k (--top-k)"), ({"batch_size": 0}, "batch_size (--batc")):
         with pytest.raises(OptionError, match=re.escape(name)):  # before loading, not iterating
             load_and_classify("no-such-model", ROCKET, **option)
+    with pytest.raises(OptionError, match=re.escape("img_size (--img-size) must be a positive")):
+        load_and_classify("aim-600M", ROCKET, img_size=15)  # registered: its patch size is known
 
 
 # ---- export_model -------------------------------------------------------------------------------
@@ -223,8 +226,9 @@ def test_export_model_runs_in_one_process(tmp_path, monkeypatch, no_load):
         ({"precision": "float32", "sample_paths": [ROCKET]}, "ExportError", "float32 package"),
         ({"sample_paths": ["NOTES"]}, "ImageError", "notes.jpg"),
         ({"out": "m.zip"}, "ExportError", "the output must end in .mlpackage"),
+        ({"img_size": 15}, "ExportError", "img_size must be a positive multiple of the patch"),
     ],
-    ids=["precision", "compress", "float32-sample", "unreadable-sample", "suffix"],
+    ids=["precision", "compress", "float32-sample", "unreadable-sample", "suffix", "img-size"],
 )
 def test_export_model_refuses_a_bad_option_before_loading(
     coreml, tmp_path, no_load, options, error, message
