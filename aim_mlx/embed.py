@@ -6,7 +6,7 @@ import json
 import numbers
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +245,8 @@ def embed_to_file(
     check_suffix(out)
     check_pool(pool)
     images.check_positive("batch_size (--batch-size)", batch_size)
+    if isinstance(layers, Iterator):  # a generator: a list, for the checks and embed to read
+        layers = list(layers)
     parse_layers(layers, known_num_blocks(model) or 10**9)  # unknown blocks: the syntax
     check_img_size(model, img_size)
     options = dict(layers=layers, pool=pool, img_size=img_size)

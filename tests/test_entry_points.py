@@ -78,6 +78,15 @@ def test_embed_to_file_records_the_model_and_options_in_safetensors(model_dir, t
     np.testing.assert_array_equal(features, want)
 
 
+def test_embed_to_file_takes_layers_as_any_iterable(model_dir, tmp_path):
+    """A generator, read once, as `embed` takes it (it was read by a check first: no blocks)."""
+    out = tmp_path / "f.npy"
+    result = embed_to_file(model_dir, ROCKET, out, layers=(i for i in (1, -1)))
+    assert result.shape == (1, 2, 64)
+    want = embed(aim_mlx.load(model_dir), ROCKET, layers=[1, 7]).features
+    np.testing.assert_array_equal(np.load(out), want)
+
+
 def test_embed_to_file_keeps_an_existing_output_unless_forced(model_dir, tmp_path):
     out = tmp_path / "f.npy"
     out.write_bytes(b"theirs")
