@@ -457,3 +457,27 @@ def test_evaluate_trained_head_refuses_a_bad_option_before_loading(
     with pytest.raises(error, match=message):
         evaluate_trained_head("no-such-model", options.pop("data"), **options)
     assert not (tmp_path / "new").exists() and not (trained.data / "c.png").exists()
+
+
+# ---- under mlx.launch ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["embed", "classify", "eval", "probe-eval"])
+def test_the_ranks_share_the_cores_before_the_model_is_loaded(
+    model_dir, imagenet, trained, tmp_path, monkeypatch, entry
+):
+    """`distributed.group()` joins the ranks and divides the machine's cores between them: each
+    entry point asks for it before it loads the model (which it then runs on those cores)."""
+    from aim_mlx.classifier import load_and_classify
+
+    calls, group, load = [], distributed.group, resolve.load
+    monkeypatch.setattr(distributed, "group", lambda: calls.append("group") or group())
+    monkeypatch.setattr(resolve, "load", lambda *a, **k: calls.append("load") or load(*a, **k))
+    run = {
+        "embed": lambda: embed_to_file(model_dir, ROCKET, tmp_path / "f.npy"),
+        "classify": lambda: list(load_and_classify(model_dir, ROCKET)),
+        "eval": lambda: evaluate_model(model_dir, imagenet, limit=1),
+        "probe-eval": lambda: evaluate_trained_head(model_dir, trained.data, trained.out),
+    }
+    run[entry]()
+    assert "group" in calls[: calls.index("load")]
