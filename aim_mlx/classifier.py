@@ -87,8 +87,9 @@ def load_and_classify(
     error row per input, and no model is loaded (perhaps downloaded). Under `mlx.launch` every
     rank classifies its share; rank 0 gets every row, the other ranks None once theirs is done.
     """
-    from .resolve import check_img_size, load
+    from .resolve import check_img_size, check_model_ref, load
 
+    check_model_ref(model)
     inputs = images.as_inputs(inputs)  # one path, or several
     # before the model is loaded (classify_iter checks them when it runs)
     images.check_positive("k (--top-k)", k)

@@ -239,8 +239,9 @@ def embed_to_file(
     is writing a .npy pair there (this one waits). Under `mlx.launch` every rank embeds its
     share; rank 0 writes and returns the result, the other ranks return None.
     """
-    from .resolve import check_img_size, known_num_blocks, load
+    from .resolve import check_img_size, check_model_ref, known_num_blocks, load
 
+    check_model_ref(model)
     inputs = images.as_inputs(inputs)  # one path, or several
     check_suffix(out)
     check_pool(pool)

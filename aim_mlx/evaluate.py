@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import distributed, images
+from .checks import check_path
 from .constants import as_dtype_name
 from .errors import AimMlxError, OptionError
 from .labels import imagenet_classes, wnid_to_index
@@ -31,6 +32,7 @@ def imagenet_folder(
     """
     if limit is not None:  # 0 was taken as no limit, -1 as all images but one
         images.check_positive("limit (--limit)", limit)
+    check_path("the data folder", data_path)
     root = Path(data_path)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
@@ -157,7 +159,7 @@ def check_eval_head(head) -> None:
     raise OptionError(
         f"head (--head) {head} is a trained head: its classes are not ImageNet's; evaluate it "
         f"with `aim-mlx probe eval DATA -m MODEL --head {head}` (one sub-folder per class; "
-        "aim_mlx.probe.evaluate.evaluate_head)"
+        "aim_mlx.probe.evaluate.evaluate_trained_head)"
     )
 
 
@@ -239,8 +241,9 @@ def evaluate_model(
     where the model's patch size is known without loading it) and the folder, listed. Under
     `mlx.launch` every rank evaluates its share; rank 0 returns the result, the other ranks None.
     """
-    from .resolve import check_img_size, folder_head, load
+    from .resolve import check_img_size, check_model_ref, folder_head, load
 
+    check_model_ref(model)
     check_eval_head(head)
     images.check_positive("batch_size (--batch-size)", batch_size)
     check_img_size(model, img_size)

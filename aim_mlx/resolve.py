@@ -72,10 +72,7 @@ def resolve(
     folder that does not hold the head asked for is an error. `dtype` None picks
     `default_dtype()`.
     """
-    # str(None) would look up "None"; "" (`-m "$MODEL"`, MODEL unset) was the working folder
-    if not isinstance(model, (str, os.PathLike)) or str(model) == "":
-        known = ", ".join(registry.all_models())
-        raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
+    check_model_ref(model)
     if head is not None and head not in registry.HEADS:
         raise OptionError(
             f"head (--head) must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
@@ -146,6 +143,14 @@ def load_resolved(model, head, dtype, **kwargs) -> tuple[Path, object]:
             raise  # the user's own folder, or a damaged entry: the error says what to do
     folder = resolve(model, head, dtype, **kwargs)
     return folder, load_model(folder)
+
+
+def check_model_ref(model) -> None:
+    """OptionError unless `model` can name a model: a non-empty str or path."""
+    # str(None) would look up "None"; "" (`-m "$MODEL"`, MODEL unset) was the working folder
+    if not isinstance(model, (str, os.PathLike)) or str(model) == "":
+        known = ", ".join(registry.all_models())
+        raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
 
 
 def known_num_blocks(model: str | Path) -> int | None:

@@ -270,6 +270,9 @@ def test_check_eval_head_refuses_what_has_no_imagenet_classes(tmp_path, model_di
     (trained / "head.safetensors").write_bytes(b"")
     with pytest.raises(OptionError, match="a trained head: its classes are not ImageNet's"):
         check_eval_head(trained)
+    with pytest.raises(OptionError) as refused:  # a function taking a model name, as -m does
+        check_eval_head(trained)
+    assert str(refused.value).endswith("aim_mlx.probe.evaluate.evaluate_trained_head)")
 
 
 def test_a_trained_head_refused_by_eval_is_sent_to_a_function_that_exists():
@@ -481,3 +484,35 @@ def test_the_ranks_share_the_cores_before_the_model_is_loaded(
     }
     run[entry]()
     assert "group" in calls[: calls.index("load")]
+
+
+# ---- a model or a folder that is not a path -----------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [None, "", 600])
+@pytest.mark.parametrize("entry", ["embed", "classify", "export", "eval", "probe-eval"])
+def test_a_model_that_is_not_a_path_is_one_clear_error(entry, model, tmp_path, no_load):
+    """None was a TypeError from pathlib in embed_to_file; "" would be the working folder."""
+    from aim_mlx.classifier import load_and_classify
+    from aim_mlx.export.coreml import export_model
+
+    calls = {
+        "embed": lambda: embed_to_file(model, ROCKET, tmp_path / "f.npy"),
+        "classify": lambda: load_and_classify(model, ROCKET),
+        "export": lambda: export_model(model, tmp_path / "m.mlpackage"),
+        "eval": lambda: evaluate_model(model, IMAGES),
+        "probe-eval": lambda: evaluate_trained_head(model, IMAGES, tmp_path),
+    }
+    with pytest.raises(
+        OptionError, match=rf"^model must be a model name \(aim-600M, .*got {model!r}"
+    ):
+        calls[entry]()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_folder_that_is_not_a_path_is_one_clear_error(trained, tmp_path, no_load):
+    """None was a TypeError from pathlib ("expected str, bytes or os.PathLike object")."""
+    with pytest.raises(OptionError, match="^the data folder must be a path, got None$"):
+        evaluate_model("aim-600M", None)
+    with pytest.raises(OptionError, match="^the evaluation folder must be a path, got None$"):
+        evaluate_trained_head("aim-600M", None, trained.out)

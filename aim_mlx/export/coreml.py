@@ -710,10 +710,11 @@ def export_model(
     work (every rank would write the package).
     """
     from ..probe.head import is_head_folder
-    from ..resolve import known_args, load, resolve
+    from ..resolve import check_model_ref, known_args, load, resolve
     from ..transforms import ImageError, open_image, preprocess
 
     distributed.one_process("export_model (aim-mlx export coreml)")
+    check_model_ref(model)
     _check_choices(precision, compress, target)
     if img_size is not None and (args := known_args(model)):  # else: once the model is loaded
         _check_options(precision, compress, target, img_size, args.patch_size)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .. import images, transforms
+from ..checks import check_path
 from ..errors import AimMlxError
 from ..images import file_id
 
@@ -60,6 +61,7 @@ def class_folders(
     """{class name (`class_name`): image paths} of the non-hidden sub-folders of `root`, sorted
     by name; folders that cannot be read, and images directly in `root` (in no class), are
     added to `errors` as (path, reason)."""
+    check_path(f"the {what}", root)
     root = Path(root)
     if not root.is_dir():
         raise ProbeError(f"{what} {root} is not a folder")

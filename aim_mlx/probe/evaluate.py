@@ -135,9 +135,10 @@ def evaluate_trained_head(
     created) and `data`'s classes. Under `mlx.launch` every rank evaluates its share; rank 0
     writes the picture and returns the result, the other ranks None.
     """
-    from ..resolve import load
+    from ..resolve import check_model_ref, load
     from .head import is_head_folder, read_head_config
 
+    check_model_ref(model)
     if not is_head_folder(head):
         given = "" if head is None else f", got {head!r}"
         raise OptionError(
