@@ -1,3 +1,4 @@
+import atexit
 import io
 import json
 import math
@@ -40,6 +41,8 @@ HF_HOME_PREFIX = "aim-mlx-tests-hf-"
 OWN_HF_HOME = None
 if not Path(os.environ.get("HF_HOME", "")).name.startswith(HF_HOME_PREFIX):
     OWN_HF_HOME = os.environ["HF_HOME"] = tempfile.mkdtemp(prefix=HF_HOME_PREFIX)
+    # removed at exit: also where a script imports conftest outside pytest (no session end)
+    atexit.register(shutil.rmtree, OWN_HF_HOME, ignore_errors=True)
 
 REF = Path(__file__).parent / "fixtures" / "reference"
 FIXTURE_CONFIG = json.loads((REF / "fixtures.json").read_text())
@@ -281,8 +284,3 @@ def clean(result, code: int) -> str:
     """The result's stderr, after `exited_cleanly` (in this process a bug's traceback never
     reaches result.output: the exception is what tells it)."""
     return exited_cleanly(result, code).stderr
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if OWN_HF_HOME:
-        shutil.rmtree(OWN_HF_HOME, ignore_errors=True)
