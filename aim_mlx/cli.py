@@ -681,11 +681,11 @@ def embed(
     npy: the array, with the image order in FILE.paths.txt (one JSON string per line).
     """
 
-    from .embed import embed_to_file, parse_layers
+    from .embed import SUFFIXES, embed_to_file, parse_layers
     from .resolve import known_num_blocks
 
     # the library checks these too: here, before anything, they name their option
-    if Path(out).suffix not in (".safetensors", ".npy"):  # ".npy" alone has no suffix
+    if Path(out).suffix not in SUFFIXES:  # ".npy" alone has no suffix
         raise click.BadParameter("must end in .safetensors or .npy", param_hint="--out")
     try:
         parse_layers(layers, known_num_blocks(model) or 10**9)  # unknown blocks: the syntax
