@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import __version__, blas, images, memory, runtime
-from .checks import is_whole
+from .checks import is_path, is_whole
 from .constants import MX_DTYPES, GiB, as_dtype_name
 from .convert.converter import (
     Q_GROUP_SIZE_DEFAULT,
@@ -178,7 +178,7 @@ def check(config: BenchConfig) -> None:
     folder of checkpoints is converted with them);
     NotEnoughMemoryError for a size whose weights, or a batch of whose inputs and activations
     (`batch_floor`), cannot fit."""
-    if not isinstance(config.model, (str, os.PathLike)) or config.model == "":  # "": as load
+    if not is_path(config.model):  # as load
         names = ", ".join(PRESETS)
         raise OptionError(f"model must be a size ({names}) or a folder, got {config.model!r}")
     if config.dtype not in MX_DTYPES:

@@ -11,8 +11,12 @@ def is_whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def is_path(value) -> bool:
+    """A non-empty str or os.PathLike: None was a TypeError from pathlib, "" the working folder."""
+    return isinstance(value, (str, os.PathLike)) and str(value) != ""
+
+
 def check_path(what: str, value) -> None:
-    """OptionError unless `value` is a path (a non-empty str or os.PathLike): None was a
-    TypeError from pathlib, and "" the working folder."""
-    if not isinstance(value, (str, os.PathLike)) or str(value) == "":
+    """OptionError unless `value` is a path (`is_path`)."""
+    if not is_path(value):
         raise OptionError(f"{what} must be a path, got {value!r}")

@@ -5,7 +5,6 @@ converted MLX model folder, downloading and converting into the cache on first u
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from . import cache, hub, memory, registry
+from .checks import is_path
 from .constants import DTYPE_NAMES, ITEMSIZE, as_dtype_name
 from .convert.converter import (
     Q_GROUP_SIZE_DEFAULT,
@@ -147,8 +147,7 @@ def load_resolved(model, head, dtype, **kwargs) -> tuple[Path, object]:
 
 def check_model_ref(model) -> None:
     """OptionError unless `model` can name a model: a non-empty str or path."""
-    # str(None) would look up "None"; "" (`-m "$MODEL"`, MODEL unset) was the working folder
-    if not isinstance(model, (str, os.PathLike)) or str(model) == "":
+    if not is_path(model):  # str(None) would look up "None"; "" (`-m "$MODEL"`, MODEL unset)
         known = ", ".join(registry.all_models())
         raise OptionError(f"model must be a model name ({known}) or a folder, got {model!r}")
 
