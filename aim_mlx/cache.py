@@ -30,6 +30,7 @@ import re
 import shutil
 import stat
 import sys
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -334,6 +335,66 @@ def remove(key: str, on_wait=None) -> int:
     return size
 
 
+def entries_named(names: Iterable[str], entries: list[str] | None = None) -> list[str]:
+    """The keys, sorted, of the entries (of `entries`, else the cache's) that `names` pick: an
+    entry's key (in any case) picks that entry, a model name (aim-1B) every entry of the model.
+    Every name is checked first: CacheError for one that picks nothing."""
+    entries = [e.key for e in list_entries()] if entries is None else entries
+    chosen = set()
+    for name in names:
+        if not (matches := _entries_of(name, entries)):
+            raise CacheError(f"nothing cached under {name!r}; see `aim-mlx cache list`")
+        chosen |= matches
+    return sorted(chosen)
+
+
+def _entries_of(name: str, entries: list[str]) -> set[str]:
+    prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
+    return {key for key in entries if key.lower() == name.lower()} or {
+        key for key in entries if key.lower().startswith(prefix)
+    }
+
+
+def to_remove(names: Iterable[str] = (), remove_all: bool = False) -> tuple[list, list]:
+    """What `aim-mlx cache rm` removes: the keys of the model entries and of the feature sets
+    that `names` pick (a feature set by its key; see `entries_named`), or all of both; checked
+    before anything is removed."""
+    names = list(names)
+    entries = [e.key for e in list_entries()]
+    feature_sets = sorted(e.key for e in list_feature_sets())
+    if remove_all:
+        return entries, feature_sets
+    models = entries_named([n for n in names if n not in feature_sets], entries)
+    return models, [key for key in feature_sets if key in names]
+
+
+def verify_named(
+    names: Iterable[str | os.PathLike] = (), progress: bool = False
+) -> Iterator[Verdict]:
+    """`verify` the entries that `names` pick (`entries_named`) and `verify_folder` the converted
+    folders they name (`aim-mlx convert -o`), else every entry: one Verdict at a time. The names
+    are checked before the first: CacheError for one that picks nothing or is a feature set."""
+    from .resolve import is_converted
+
+    names = [os.fspath(n) for n in names]  # a folder may be a Path
+    entries = [e.key for e in list_entries()]
+    features = {e.key for e in list_feature_sets()}
+    folders = [n for n in names if not _entries_of(n, entries) and is_converted(Path(n))]
+    if feature_set := next((n for n in names if n in features and n not in entries), None):
+        raise CacheError(
+            f"{feature_set!r} is a feature set (probe train's cache); verify checks models"
+        )
+    keys = entries_named([n for n in names if n not in folders], entries) if names else entries
+    return _verdicts(keys, folders, progress)
+
+
+def _verdicts(keys: list[str], folders: list[str], progress: bool) -> Iterator[Verdict]:
+    for key in keys:
+        yield verify(key, progress)
+    for folder in folders:
+        yield verify_folder(folder, progress)
+
+
 @dataclass
 class Verdict:
     """What `verify` found in one entry. `status`: ok; damaged (a file differs from its record,
@@ -346,6 +407,7 @@ class Verdict:
     path: Path
     status: str
     problems: dict[str, str]
+    in_cache: bool = True  # False: a converted folder elsewhere (`verify_folder`)
 
     @property
     def failed(self) -> bool:
@@ -376,7 +438,9 @@ def verify(key: str, progress: bool = False) -> Verdict:
 def verify_folder(path: str | Path, progress: bool = False) -> Verdict:
     """`verify` for a converted folder outside the cache (`aim-mlx convert -o`): no lock."""
     path = Path(path)
-    return _verify_files(str(path), path, progress)
+    verdict = _verify_files(str(path), path, progress)
+    verdict.in_cache = False
+    return verdict
 
 
 @contextmanager

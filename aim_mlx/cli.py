@@ -943,42 +943,18 @@ def cache_rm(names, remove_all):
 
     if not names and not remove_all:
         raise click.UsageError("name entries or models to remove, or pass --all")
-    entries = [e.key for e in model_cache.list_entries()]
-    feature_sets = {e.key for e in model_cache.list_feature_sets()}
-    features = feature_sets if remove_all else feature_sets & set(names)
-    chosen = _entries_named([n for n in names if n not in feature_sets], entries)
-    if remove_all:
-        chosen = set(entries)
+    chosen, features = model_cache.to_remove(names, remove_all)
     leftovers = model_cache.remove_leftovers() if remove_all else 0  # of killed processes
     if leftovers:
         click.echo(f"removed what interrupted conversions left ({_gb(leftovers)})")
     if not chosen and not features and not leftovers:
         click.echo("nothing to remove: the cache holds no converted models or feature sets")
-    for key in sorted(features):
+    for key in features:
         click.echo(f"removed features {key} ({_gb(model_cache.remove_feature_set(key))})")
-    for key in sorted(chosen):
+    for key in chosen:
         wait = f"waiting for another process using {key} (converting or verifying it)"
         freed = model_cache.remove(key, on_wait=lambda: click.echo(wait, err=True))  # noqa: B023
         click.echo(f"removed {key} ({_gb(freed)})")
-
-
-def _entries_named(names, entries: list[str]) -> set[str]:
-    """The cache entries that `names` pick: an entry's key (in any case) that one entry, a model
-    name every entry of the model. Every name is checked first: one that picks nothing is an
-    error."""
-    chosen = set()
-    for name in names:
-        if not (matches := _entries_of(name, entries)):
-            raise click.ClickException(f"nothing cached under {name!r}; see `aim-mlx cache list`")
-        chosen |= matches
-    return chosen
-
-
-def _entries_of(name: str, entries: list[str]) -> set[str]:
-    prefix = name.lower() + "--"  # an entry's key names that one entry, not its -q ones
-    return {key for key in entries if key.lower() == name.lower()} or {
-        key for key in entries if key.lower().startswith(prefix)
-    }
 
 
 @cache.command("verify")
@@ -991,36 +967,24 @@ def cache_verify(names, as_json, progress):
     them, or model names) and converted folders (`aim-mlx convert -o`), else every entry. Exit
     status 1 if a file is damaged or missing."""
     from . import cache as model_cache
-    from .resolve import is_converted
 
-    entries = [e.key for e in model_cache.list_entries()]
-    features = {e.key for e in model_cache.list_feature_sets()}
-    folders = [n for n in names if not _entries_of(n, entries) and is_converted(Path(n))]
-    if feature_set := next((n for n in names if n in features and n not in entries), None):
-        raise click.ClickException(
-            f"{feature_set!r} is a feature set (probe train's cache); verify checks models"
-        )
-    named = [n for n in names if n not in folders]
-    keys = sorted(_entries_named(named, entries)) if names else entries
-    if not keys and not folders and not as_json:
-        click.echo("nothing to verify: the cache holds no converted models")
-    checks = [(model_cache.verify, k) for k in keys]
-    checks += [(model_cache.verify_folder, f) for f in folders]
-    failed = False
-    for check, name in checks:
-        verdict = check(name, progress)
-        in_cache = check is model_cache.verify
-        click.echo(json.dumps(verdict.row()) if as_json else _verdict_line(verdict, in_cache))
+    verdicts = model_cache.verify_named(names, progress)  # the names checked first
+    failed = checked = False
+    for verdict in verdicts:
+        checked = True
+        click.echo(json.dumps(verdict.row()) if as_json else _verdict_line(verdict))
         failed |= verdict.failed
+    if not checked and not as_json:
+        click.echo("nothing to verify: the cache holds no converted models")
     if failed:
         raise click.exceptions.Exit(1)
 
 
-def _verdict_line(verdict, in_cache: bool = True) -> str:
+def _verdict_line(verdict) -> str:
     """`cache verify`'s line for one entry or folder: its status, and what to do about it."""
     key = verdict.key
     problems = "; ".join(f"{name}: {what}" for name, what in verdict.problems.items())
-    if in_cache:
+    if verdict.in_cache:
         remedy = f"remove it (`aim-mlx cache rm {key}`): the next use converts it again"
         again = f"`aim-mlx cache rm {key}` and use the model again"
     else:

@@ -431,3 +431,25 @@ def test_a_full_disk_ends_the_hashing_thread(tmp_path, monkeypatch):
     ):
         writer.write("t", mx.zeros(4))
     assert not writer._hash._thread.is_alive()
+
+
+def test_the_library_picks_entries_as_the_commands_do(model_dir, monkeypatch):
+    """`cache.entries_named`, `to_remove` and `verify_named`: what `cache rm` and `cache verify`
+    call, usable from Python."""
+    keys = [KEY, "x--best--float32--q8g64", "x--last--float32", "z--best--float32"]
+    assert cache.entries_named(["X"], keys) == keys[:3]  # a model name: all of its entries
+    assert cache.entries_named(["X--BEST--FLOAT32"], keys) == [KEY]  # a key: that one only
+    with pytest.raises(cache.CacheError, match="nothing cached under 'typo'"):
+        cache.entries_named(["z", "typo"], keys)
+    for key in (KEY, "z--best--float32"):
+        entry(model_dir, key)
+    monkeypatch.setattr(cache, "list_feature_sets", lambda: [type("E", (), {"key": "f1"})])
+    assert cache.to_remove(["f1", "z"]) == (["z--best--float32"], ["f1"])
+    assert cache.to_remove(remove_all=True) == ([KEY, "z--best--float32"], ["f1"])
+    with pytest.raises(cache.CacheError, match="'f1' is a feature set"):
+        cache.verify_named(["z", "f1"])  # refused before any check
+    verdicts = list(cache.verify_named(["z", model_dir]))
+    assert [(v.key, v.status, v.in_cache) for v in verdicts] == [
+        ("z--best--float32", "ok", True),
+        (str(model_dir), "ok", False),
+    ]
