@@ -39,7 +39,7 @@ from .resolve import is_converted, resolve
 class BenchConfig:
     model: str  # a preset name, a converted folder or a folder of checkpoints
     batch_size: int = 1
-    dtype: str = "float32"
+    dtype: str | None = None  # None: float32, or a converted folder's own
     q_bits: int | None = None  # None: not quantized
     q_group_size: int = Q_GROUP_SIZE_DEFAULT
     compile: bool = False
@@ -49,8 +49,11 @@ class BenchConfig:
     iters: int = 5
 
     def __post_init__(self):
-        self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
         self.model = preset_name(self.model)
+        if self.dtype is not None:
+            self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
+        elif not (is_path(self.model) and is_converted(Path(self.model))):
+            self.dtype = "float32"
         for name in ("batch_size", "q_bits", "q_group_size", "img_size", "warmup", "iters"):
             if is_whole(value := getattr(self, name)):  # numpy's: as Python's, in the JSON rows
                 setattr(self, name, int(value))
@@ -181,7 +184,7 @@ def check(config: BenchConfig) -> None:
     if not is_path(config.model):  # as load
         names = ", ".join(PRESETS)
         raise OptionError(f"model must be a size ({names}) or a folder, got {config.model!r}")
-    if config.dtype not in MX_DTYPES:
+    if config.dtype not in (None, *MX_DTYPES):
         raise OptionError(f"dtype must be one of {', '.join(MX_DTYPES)}, got {config.dtype!r}")
     if config.head not in (None, "best", "last"):  # any other was the last layers, silently
         raise OptionError(f"head must be best, last or None, got {config.head!r}")
@@ -210,12 +213,27 @@ def check(config: BenchConfig) -> None:
         raise OptionError(
             f"model (--model) {config.model!r}: not a preset ({names}) nor a model folder"
         )
-    if is_converted(path) and (config.q_bits or config.dtype != "float32" or config.head):
+    if not is_converted(path):
+        return
+    own = _converted_dtype(path)
+    if config.q_bits or config.head or config.dtype not in (None, own):
+        as_converted = f"as it was converted ({own})" if own else "as it was converted"
         raise OptionError(
-            f"model (--model) {path}: a converted folder is benchmarked as it was converted, with "
+            f"model (--model) {path}: a converted folder is benchmarked {as_converted}, with "
             "its own head; dtype, q_bits and head (--dtype, --quantize, --head) apply to sizes "
             "and checkpoint folders"
         )
+
+
+def _converted_dtype(path: Path) -> str | None:
+    """The dtype a converted folder's config.json records (None if it cannot be read: loading
+    says why)."""
+    from .loader import ModelLoadError, read_config
+
+    try:
+        return read_config(path).get("dtype")
+    except ModelLoadError:
+        return None
 
 
 def check_counts(config: BenchConfig) -> None:

@@ -448,7 +448,9 @@ def _int_list(ctx, param, value: str) -> list[int]:
     return items
 
 
-def _dtype_list(ctx, param, value: str) -> list[str]:
+def _dtype_list(ctx, param, value: str | None) -> list[str | None]:
+    if value is None:  # float32, or a converted folder's own
+        return [None]
     items = [v.strip() for v in value.split(",")]
     if any(v not in DTYPE_NAMES for v in items):
         raise click.BadParameter(
@@ -467,10 +469,9 @@ def _dtype_list(ctx, param, value: str) -> list[str]:
 )
 @click.option(
     "--dtype",
-    default="float32",
     callback=_dtype_list,
-    show_default=True,
-    help="Weight dtypes, e.g. float32,float16,bfloat16.",
+    help="Weight dtypes, e.g. float32,float16,bfloat16.  [default: float32; a converted "
+    "folder's own]",
 )
 @quantize_option
 @q_bits_option
@@ -522,7 +523,8 @@ def bench(
     ):
         if not as_json:
             click.echo(
-                f"running {config.model} batch {config.batch_size} {config.dtype} ...", err=True
+                f"running {config.model} batch {config.batch_size} {config.dtype or ''} ...",
+                err=True,
             )
         row = lib.run(config)
         rows.append(row)

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REF, clean
+from conftest import REF, clean, convert_fixture, exited_cleanly
 from conftest import run_cli as cli
 
 import aim_mlx
@@ -600,6 +600,21 @@ def test_bench_of_a_trained_head_folder_says_what_it_is(model_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     err = clean(cli("bench", "-m", folder), 1)
     assert f"{folder} is a trained head's folder, not a model: pass it as head (--head)" in err
+
+
+def test_bench_of_a_converted_folder_takes_its_own_dtype_only(tmp_path):
+    """A converted folder runs in the dtype it was converted to: that dtype given is fine,
+    another one (float32, the default for sizes, included) is refused, not ignored."""
+    from aim_mlx import bench
+
+    folder = convert_fixture(tmp_path / "f16", dtype="float16")
+    assert bench.BenchConfig(str(folder)).dtype is None  # the folder's own
+    assert bench.BenchConfig("aim-600M").dtype == "float32"
+    err = clean(cli("bench", "-m", folder, "--dtype", "float32"), 2)
+    assert f"{folder}: a converted folder is benchmarked as it was converted (float16)" in err
+    for given in ([], ["--dtype", "float16"]):
+        result = cli("bench", "-m", folder, "--json", "--iters", "1", "--warmup", "0", *given)
+        assert json.loads(exited_cleanly(result, 0).stdout)["dtype"] == "float16"
 
 
 def test_an_interrupted_cache_rm_leaves_no_damaged_entry(model_dir, monkeypatch):
