@@ -368,16 +368,37 @@ def map_images(
     wait = peer_wait()
     check_same_inputs(items, desc)
     mine = items[share(len(items)).start : share(len(items)).stop]
-    local, n, errors, failure = None, 0, {}, None  # this rank's rows, each written once
     started = time.monotonic()
+    local, errors, failure = _run_share(images.run_here(fn, mine, **settings), len(mine), into)
+    shape = [list(local.shape[1:]), local.dtype.str] if local is not None else None
+    with _collective(f"gathering the results of {desc}"):
+        with _waiting_for_peers(wait, time.monotonic() - started):
+            reports = gather_json({"failure": failure, "errors": errors, "shape": shape})
+        found = _checked_reports(reports, desc)
+        counts = [len(share(len(items), r)) - len(rep["errors"]) for r, rep in enumerate(reports)]
+        everything = None
+        if found is not None:
+            row_shape, dtype = found
+            if local is None:
+                local = np.zeros((0, *row_shape), np.dtype(dtype))
+            everything = gather_rows(local, counts, into if is_root() else None)
+    if not is_root():
+        return
+    yield from _in_input_order(items, reports, everything)
+
+
+def _run_share(results: Iterator[tuple], count: int, into: np.ndarray | None):
+    """Run this rank's share (`results`: `images.run_here`'s (item, row) for its `count` items):
+    (its rows, or None without any; {index in the share: error}; why it failed, or None)."""
+    local, n, errors, failure = None, 0, {}, None  # this rank's rows, each written once
     try:
-        for i, (item, row) in enumerate(images.run_here(fn, mine, **settings)):
+        for i, (item, row) in enumerate(results):
             if item.error:
                 errors[i] = item.error
                 continue
             if local is None:  # rank 0's rows come first: in place in `into` already
                 mine_only = into is None or not is_root()
-                local = np.empty((len(mine), *row.shape), row.dtype) if mine_only else into
+                local = np.empty((count, *row.shape), row.dtype) if mine_only else into
             local[n] = row
             n += 1
     except Exception as e:  # reported by every rank, once all have finished their shares
@@ -385,29 +406,27 @@ def map_images(
             traceback.print_exc()
         failure = str(e) if isinstance(e, AimMlxError) else f"{type(e).__name__}: {e}"
     print(tag(f"{n} image{'' if n == 1 else 's'}"), file=sys.stderr, flush=True)
-    local = local[:n] if n else None
-    shape = [list(local.shape[1:]), local.dtype.str] if local is not None else None
-    with _collective(f"gathering the results of {desc}"):
-        with _waiting_for_peers(wait, time.monotonic() - started):
-            reports = gather_json({"failure": failure, "errors": errors, "shape": shape})
-        failed = [(r, rep["failure"]) for r, rep in enumerate(reports) if rep["failure"]]
-        if failed:
-            r, why = failed[0]
-            raise DistributedError(
-                f"rank {r}/{group().size()} failed during {desc}: {why}. Nothing was written."
-            )
-        shapes = {tuple(map(str, rep["shape"])) for rep in reports if rep["shape"]}
-        if len(shapes) > 1:
-            raise DistributedError(tag(f"the ranks' results have different shapes: {shapes}"))
-        counts = [len(share(len(items), r)) - len(rep["errors"]) for r, rep in enumerate(reports)]
-        everything = None
-        if shapes:
-            row_shape, dtype = next(rep["shape"] for rep in reports if rep["shape"])
-            if local is None:
-                local = np.zeros((0, *row_shape), np.dtype(dtype))
-            everything = gather_rows(local, counts, into if is_root() else None)
-    if not is_root():
-        return
+    return (local[:n] if n else None), errors, failure
+
+
+def _checked_reports(reports: list[dict], desc: str) -> list | None:
+    """DistributedError if a rank failed or the ranks' rows differ in shape; else the rows'
+    [shape, dtype], None when no rank has any."""
+    failed = [(r, rep["failure"]) for r, rep in enumerate(reports) if rep["failure"]]
+    if failed:
+        r, why = failed[0]
+        raise DistributedError(
+            f"rank {r}/{group().size()} failed during {desc}: {why}. Nothing was written."
+        )
+    shapes = {tuple(map(str, rep["shape"])) for rep in reports if rep["shape"]}
+    if len(shapes) > 1:
+        raise DistributedError(tag(f"the ranks' results have different shapes: {shapes}"))
+    return next((rep["shape"] for rep in reports if rep["shape"]), None)
+
+
+def _in_input_order(items: list, reports: list[dict], rows: np.ndarray | None) -> Iterator[tuple]:
+    """(item, row) for every item, its error (`item.error`) set from the ranks' `reports`:
+    (item, None) for an error, else the next of the gathered `rows`."""
     next_row = 0
     for r, rep in enumerate(reports):
         for i, global_i in enumerate(share(len(items), r)):
@@ -416,5 +435,5 @@ def map_images(
             if item.error:
                 yield item, None
             else:
-                yield item, everything[next_row]
+                yield item, rows[next_row]
                 next_row += 1

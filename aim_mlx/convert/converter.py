@@ -114,24 +114,9 @@ def convert(
     dtype = as_dtype_name(dtype)  # mx.float16 too, as aim_mlx.load takes it
     if dtype not in MX_DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(MX_DTYPES)}")
-    if quantize:
-        q_bits, q_group_size = check_quantize_options(q_bits, q_group_size)
-    elif (q_bits, q_group_size) != (Q_BITS_DEFAULT, Q_GROUP_SIZE_DEFAULT):  # as --q-bits without -q
-        raise ConversionError(
-            f"q_bits={q_bits!r}, q_group_size={q_group_size!r} apply with quantize=True only; "
-            "without it the weights are not quantized"
-        )
+    q = _quantization(quantize, q_bits, q_group_size)
     sources_given = [] if into_cache else [backbone, head, hf_path]
-    try:
-        out = prepare_output(
-            out,
-            force=force,
-            inputs=sources_given,
-            replaceable=_is_model_folder,
-            cache_entry=into_cache,
-        )
-    except OutputError as e:
-        raise ConversionError(str(e)) from None
+    out = _check_output(out, force, sources_given, into_cache)
 
     files, hub_config = _source_files(backbone, head, hf_path, progress)
     checkpoints = [_open(f, verified) for f in files]
@@ -140,13 +125,49 @@ def convert(
     sources = _match(tensors, args)
     _check_source_bytes(sources, files)
 
-    q = {"bits": q_bits, "group_size": q_group_size, "mode": "affine"} if quantize else None
     if q:
         q["layers"] = _check_quantizable(sources, q, dtype, progress)
     plan = _plan(sources, MX_DTYPES[dtype], q)
-    config = {
+    config = _folder_config(name or _default_name(args), args, dtype, q)
+    trunk_files = {Path(s.checkpoint.path) for s in sources if not s.key.startswith("head.")}
+    hasher = _SourceHasher(files, trunk_files)
+    metadata = {"format": "mlx", **architecture_metadata(args)}
+    return _write_folder(out, plan, config, metadata, force, progress, hasher)
+
+
+def _quantization(quantize: bool, bits, group_size) -> dict | None:
+    """The config's "quantization" (None without `quantize`), its options checked; the
+    "layers" it applies to are added once the checkpoints are read."""
+    if quantize:
+        bits, group_size = check_quantize_options(bits, group_size)
+        return {"bits": bits, "group_size": group_size, "mode": "affine"}
+    if (bits, group_size) != (Q_BITS_DEFAULT, Q_GROUP_SIZE_DEFAULT):  # as --q-bits without -q
+        raise ConversionError(
+            f"q_bits={bits!r}, q_group_size={group_size!r} apply with quantize=True only; "
+            "without it the weights are not quantized"
+        )
+    return None
+
+
+def _check_output(out: str | Path, force: bool, inputs: list, into_cache: bool) -> Path:
+    """`output.prepare_output` for a model folder, its refusal a ConversionError."""
+    try:
+        return prepare_output(
+            out,
+            force=force,
+            inputs=inputs,
+            replaceable=_is_model_folder,
+            cache_entry=into_cache,
+        )
+    except OutputError as e:
+        raise ConversionError(str(e)) from None
+
+
+def _folder_config(name: str, args: ModelArgs, dtype: str, q: dict | None) -> dict:
+    """The converted folder's config.json."""
+    return {
         "model_type": "aim-v1",
-        "name": name or _default_name(args),
+        "name": name,
         **args.to_dict(),
         "dtype": dtype,
         "quantization": q,
@@ -156,10 +177,6 @@ def convert(
         "converter": f"aim-mlx {__version__}",
         "checksums": SUMS_FILE,  # the file beside it: `cache verify` says if it is removed
     }
-    trunk_files = {Path(s.checkpoint.path) for s in sources if not s.key.startswith("head.")}
-    hasher = _SourceHasher(files, trunk_files)
-    metadata = {"format": "mlx", **architecture_metadata(args)}
-    return _write_folder(out, plan, config, metadata, force, progress, hasher)
 
 
 def architecture_metadata(args: ModelArgs) -> dict[str, str]:

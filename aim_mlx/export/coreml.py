@@ -553,6 +553,49 @@ def _describe(
         )
 
 
+def _checked_labels(model, labels: list[str] | None) -> list[str]:
+    """The classifier's labels: `labels`, else the model's class names (`export_coreml`),
+    checked: one per class, distinct, UTF-8 text."""
+    num_classes = model.args.num_classes
+    names = class_names(model)  # a trained head's, "class I" for a head of another size
+    labels = labels or (imagenet_labels() if names is None else list(names))
+    if len(labels) != num_classes:
+        raise ExportError(
+            f"the model has {num_classes} classes but {len(labels)} labels were given"
+        )
+    repeated = [label for label, n in Counter(labels).items() if n > 1]
+    if repeated:  # classLabel_probs maps each label to one probability: one would be lost
+        raise ExportError(f"the label {repeated[0]!r} is given more than once")
+    for label in labels:  # a Linux folder name's bytes that are not UTF-8 (surrogates)
+        try:
+            str(label).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ExportError(
+                f"the label {label!r} is not UTF-8 text, which Core ML's labels must be"
+            ) from None
+    return labels
+
+
+def _convert(ct, program, shape: tuple[int, ...], opset, labels: list[str] | None):
+    """The MIL `program` as an mlprogram taking an RGB image of `shape`: a classifier of
+    `labels`, or (None) a feature extractor."""
+    # No constant deduplication: a linear layer's zero bias merged with a LayerNorm's zero beta
+    # (as in freshly initialised weights) makes the compressors refuse the shared constant.
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes({"common::const_deduplication"})
+    image_input = ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")
+    return ct.convert(
+        program,
+        pass_pipeline=pipeline,
+        inputs=[image_input],
+        classifier_config=None if labels is None else ct.ClassifierConfig(labels),
+        minimum_deployment_target=opset,
+        compute_precision=ct.precision.FLOAT32,  # dtypes set op by op in the program
+        convert_to="mlprogram",
+        skip_model_load=True,
+    )
+
+
 def export_coreml(
     model,
     out: str | Path,
@@ -590,24 +633,7 @@ def export_coreml(
     img_size = args.img_size if img_size is None else img_size
     _check_options(precision, compress, target, img_size, args.patch_size)
     img_size = int(img_size)
-    trained = getattr(model, "trained_head", None)
-    if not features:
-        names = class_names(model)  # a trained head's, "class I" for a head of another size
-        labels = labels or (imagenet_labels() if names is None else list(names))
-        if len(labels) != args.num_classes:
-            raise ExportError(
-                f"the model has {args.num_classes} classes but {len(labels)} labels were given"
-            )
-        repeated = [label for label, n in Counter(labels).items() if n > 1]
-        if repeated:  # classLabel_probs maps each label to one probability: one would be lost
-            raise ExportError(f"the label {repeated[0]!r} is given more than once")
-        for label in labels:  # a Linux folder name's bytes that are not UTF-8 (surrogates)
-            try:
-                str(label).encode("utf-8")
-            except UnicodeEncodeError:
-                raise ExportError(
-                    f"the label {label!r} is not UTF-8 text, which Core ML's labels must be"
-                ) from None
+    labels = None if features else _checked_labels(model, labels)
     out = check_output(out, overwrite)  # once the options are known good: it creates folders
     ct = require_coremltools()
     from coremltools.converters.mil import Builder as mb
@@ -625,28 +651,14 @@ def export_coreml(
     def program(image):
         return graph.forward(image, img_size, features)
 
-    # No constant deduplication: a linear layer's zero bias merged with a LayerNorm's zero beta
-    # (as in freshly initialised weights) makes the compressors refuse the shared constant.
-    pipeline = ct.PassPipeline.DEFAULT
-    pipeline.remove_passes({"common::const_deduplication"})
     # coremltools' temporary packages (as big as the model, one per compression step) go
     # beside the output: on the disk checked for it, and cleared after a SIGKILL by the next run.
-    image_input = ct.ImageType(name="image", shape=shape, scale=1 / 255, color_layout="RGB")
     work = temp_path(out)
     work.mkdir()
     try:
         with _temporary_files_in(work):
             with _progress_bars(progress):
-                mlmodel = ct.convert(
-                    program,
-                    pass_pipeline=pipeline,
-                    inputs=[image_input],
-                    classifier_config=None if features else ct.ClassifierConfig(labels),
-                    minimum_deployment_target=opset,
-                    compute_precision=ct.precision.FLOAT32,  # dtypes set op by op in the program
-                    convert_to="mlprogram",
-                    skip_model_load=True,
-                )
+                mlmodel = _convert(ct, program, shape, opset, labels)
                 del program
                 mlmodel = _compress(ct, mlmodel, compress, target)
             _describe(
@@ -660,7 +672,7 @@ def export_coreml(
                 compress=compress,
                 target=target,
                 features=features,
-                trained_head=trained,
+                trained_head=getattr(model, "trained_head", None),
             )
             mlmodel.save(str(work / out.name))
             move_into_place(work / out.name, out, replace=overwrite)

@@ -192,18 +192,9 @@ class Extracted:
     computed: int  # images run through the trunk now (the others came from the cache)
 
 
-def extract(
-    model,
-    trunk: TrunkInfo,
-    samples: list[Sample],
-    *,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> tuple[FeatureSet, Extracted]:
-    """Make sure every readable image of `samples` has its features in the cache.
-
-    `model`: the trunk (an AIM whose `args.probe_layers` are the layers to average).
-    """
+def _open_set(model, trunk: TrunkInfo) -> FeatureSet:
+    """The feature set of `model` (an AIM: its dtype, probe layers and image size) with the
+    weights of `trunk`."""
     args = model.args
     dtype = str(model.dtype).split(".")[-1]
     key = set_key(trunk, args.probe_layers, args.img_size, dtype)
@@ -216,8 +207,12 @@ def extract(
         feature_dtype=np.dtype(FEATURE_DTYPE).name,
     )
     shape = ((args.img_size // args.patch_size) ** 2, args.embed_dim)
-    store = FeatureSet.open(key, info, shape)
+    return FeatureSet.open(key, info, shape)
 
+
+def _read_keys(samples: list[Sample]) -> tuple[list[images.Item], list[str]]:
+    """Each sample's image item and feature key (its file's SHA-256); a file that cannot be
+    read: an item with its error, and the key ""."""
     items, keys = [], []
     for s in samples:
         try:
@@ -226,13 +221,35 @@ def extract(
         except OSError as e:
             keys.append("")
             items.append(images.Item(s.path, f"cannot read the file ({e.strerror})"))
+    return items, keys
+
+
+def _missing(store: FeatureSet, items: list[images.Item], keys: list[str]) -> list[int]:
+    """The indices of the readable items whose features `store` lacks, one per key."""
     todo, seen = [], set()
     for i, (item, k) in enumerate(zip(items, keys, strict=True)):
         if item.error is None and not store.has(k) and k not in seen:
             todo.append(i)
             seen.add(k)
+    return todo
+
+
+def extract(
+    model,
+    trunk: TrunkInfo,
+    samples: list[Sample],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[FeatureSet, Extracted]:
+    """Make sure every readable image of `samples` has its features in the cache.
+
+    `model`: the trunk (an AIM whose `args.probe_layers` are the layers to average).
+    """
+    store = _open_set(model, trunk)
+    items, keys = _read_keys(samples)
     # Under mlx.launch the ranks share out rank 0's list (its cache holds the features).
-    todo = [(items[i], keys[i]) for i in distributed.from_root(todo)]
+    todo = [(items[i], keys[i]) for i in distributed.from_root(_missing(store, items, keys))]
 
     def head_input(x: mx.array) -> np.ndarray:
         out = model.head_input(model.extract_features(x)).astype(mx.float32)
@@ -244,7 +261,7 @@ def extract(
         head_input,
         [item for item, _ in todo],
         not_finite=images.not_finite_error(model),
-        size=args.img_size,
+        size=model.args.img_size,
         batch_size=batch_size,
         progress=progress,
         desc="features",

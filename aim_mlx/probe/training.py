@@ -322,6 +322,43 @@ def _checked(settings: Settings) -> Settings:
     )
 
 
+def _split(dataset: data.Dataset, val_dir, val_split: float | None, seed: int):
+    """(training samples, validation samples, skipped files): those of `dataset` and the
+    folder `val_dir` (the same classes, no shared image), or a stratified `val_split` of
+    `dataset` (0.2 by default)."""
+    if val_dir is not None:
+        val_set = data.read_dataset(val_dir, "validation folder")
+        data.check_same_classes(dataset, val_set)
+        data.check_apart(dataset, val_set)
+        return dataset.samples, val_set.samples, dataset.skipped + val_set.skipped
+    split = 0.2 if val_split is None else val_split
+    train_samples, val_samples = data.stratified_split(dataset, split, seed)
+    if not val_samples:  # a class of one image stays for training
+        raise ProbeError(
+            f"the validation split of {dataset.root} leaves no image: every class has a single "
+            "image; add images or pass a validation folder, val_dir (--val DIR)"
+        )
+    return train_samples, val_samples, dataset.skipped
+
+
+def _keyed(samples: list[Sample], what: str, classes: list[str], usable: dict, failed: dict):
+    """(feature keys, labels) of the `samples` whose features were extracted (`usable`: path ->
+    key; `failed`: path -> why not). ProbeError when none is left, or for the training set
+    when a class is left without one."""
+    ok = [s for s in samples if s.path in usable]
+    have = {s.label for s in ok}
+    missing = [c for i, c in enumerate(classes) if i not in have]
+    # the errors are listed after training: name one of a class left empty here
+    lost = [s.path for s in samples if s.label not in have and s.path in failed]
+    why = f"; {lost[0]}: {failed[lost[0]]}" if lost else ""
+    if what == "training" and missing:
+        names = ", ".join(map(repr, missing))
+        raise ProbeError(f"no readable {what} image left in class(es) {names}{why}")
+    if not ok:
+        raise ProbeError(f"no readable {what} image{why}")
+    return [usable[s.path] for s in ok], np.array([s.label for s in ok], dtype=np.int32)
+
+
 def train(
     model,
     train_dir: str | Path,
@@ -361,21 +398,7 @@ def train(
     if probe_layers not in (None, "best", "last"):  # before a download or conversion
         parse_probe_layers(probe_layers, SimpleNamespace(num_blocks=known_num_blocks(model)))
     dataset = data.read_dataset(train_dir)
-    if val_dir is not None:
-        val_set = data.read_dataset(val_dir, "validation folder")
-        data.check_same_classes(dataset, val_set)
-        data.check_apart(dataset, val_set)
-        train_samples, val_samples = dataset.samples, val_set.samples
-        skipped = dataset.skipped + val_set.skipped
-    else:
-        split = 0.2 if val_split is None else val_split
-        train_samples, val_samples = data.stratified_split(dataset, split, settings.seed)
-        skipped = dataset.skipped
-        if not val_samples:  # a class of one image stays for training
-            raise ProbeError(
-                f"the validation split of {train_dir} leaves no image: every class has a single "
-                "image; add images or pass a validation folder, val_dir (--val DIR)"
-            )
+    train_samples, val_samples, skipped = _split(dataset, val_dir, val_split, settings.seed)
 
     net, trunk = head.load_trunk(model, dtype, quantize_bits=quantize_bits, progress=progress)
     layers = parse_probe_layers(probe_layers, net.args)
@@ -390,22 +413,8 @@ def train(
     failed = dict(ext.errors)
     val_samples, copies = _without_training_copies(train_samples, val_samples, usable)
     skipped = skipped + copies
-
-    def keyed(samples: list[Sample], what: str):
-        ok = [s for s in samples if s.path in usable]
-        have = {s.label for s in ok}
-        missing = [c for i, c in enumerate(dataset.classes) if i not in have]
-        # the errors are listed after training: name one of a class left empty here
-        lost = [s.path for s in samples if s.label not in have and s.path in failed]
-        why = f"; {lost[0]}: {failed[lost[0]]}" if lost else ""
-        if what == "training" and missing:
-            names = ", ".join(map(repr, missing))
-            raise ProbeError(f"no readable {what} image left in class(es) {names}{why}")
-        if not ok:
-            raise ProbeError(f"no readable {what} image{why}")
-        return [usable[s.path] for s in ok], np.array([s.label for s in ok], dtype=np.int32)
-
-    train_data, val_data = keyed(train_samples, "training"), keyed(val_samples, "validation")
+    train_data = _keyed(train_samples, "training", dataset.classes, usable, failed)
+    val_data = _keyed(val_samples, "validation", dataset.classes, usable, failed)
 
     module = head.make_head(settings.kind, net.args, len(dataset.classes))
     draw_initial_weights(module, settings.seed)
