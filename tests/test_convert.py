@@ -315,8 +315,15 @@ def test_tensors_the_architecture_is_read_from_have_their_rank(tmp_path, key, sh
 def test_unresolvable_shapes_name_the_option(tmp_path):
     with pytest.raises(ConversionError, match=r"pass num_heads \(--num-heads\)"):
         run(tmp_path / "o", num_heads=None)
-    with pytest.raises(ConversionError, match="--probe-layers"):
+    with pytest.raises(ConversionError, match="--probe-layers") as given:
         run(tmp_path / "o", probe_layers="best")  # not an official size
+    with pytest.raises(ConversionError) as named:  # "best" from the head file's name
+        run(tmp_path / "o", probe_layers=None)
+    assert str(given.value).startswith("probe_layers 'best' (--probe-layers best) reads blocks")
+    assert str(named.value) == (
+        "the head head_best_layers.pth (best layers, by its name) reads blocks known for the "
+        "official sizes only; pass probe_layers (--probe-layers) block indices like 1,2,3,4,5,6"
+    )
     renamed = tmp_path / "my_head.pth"
     renamed.write_bytes(HEAD_BEST.read_bytes())
     with pytest.raises(ConversionError, match="--probe-layers"):

@@ -419,6 +419,7 @@ def _shape(tensors, key: str, layout: str) -> tuple[int, ...]:
 
 
 def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tuple[int, ...]:
+    given = "probe_layers 'best' (--probe-layers best)"
     if choice is None:
         if "probe_layers" in hub_config:
             return hub_config["probe_layers"]  # checked by ModelArgs
@@ -427,6 +428,8 @@ def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tupl
             choice = "last"
         elif "best_layers" in names or (hub_config and preset):
             choice = "best"  # the official hub repos carry the best-layers head
+            named = next((f.name for f in files if "best_layers" in f.name), "")
+            given = f"the head {named} (best layers, by its name)"
         else:
             raise ConversionError(
                 "cannot tell which blocks the head reads: pass probe_layers (--probe-layers) "
@@ -437,8 +440,8 @@ def _resolve_probe_layers(choice, hub_config, files, preset, num_blocks) -> tupl
     if choice == "best":
         if not preset:
             raise ConversionError(
-                "probe_layers 'best' (--probe-layers best) is only known for the official sizes; "
-                "pass block indices like 1,2,3,4,5,6"
+                f"{given} reads blocks known for the official sizes only; pass probe_layers "
+                "(--probe-layers) block indices like 1,2,3,4,5,6"
             )
         return tuple(PRESETS[preset]["best"])
     return choice

@@ -381,7 +381,7 @@ def train(
     `model`: what `aim_mlx.load` accepts (its trunk is used, frozen). Validation: `val_dir` with
     the same classes, or a stratified, seeded `val_split` of `train_dir` (0.2 by default).
     `settings.seed` decides the split, the head's initial weights and the batches' order;
-    MLX's global generator is not reseeded (building the trunk and head draws from it).
+    MLX's global generator is neither reseeded nor drawn from.
     Everything the user can get wrong (output, folders, classes, options) is checked before any
     download, conversion or extraction. Under `mlx.launch` every rank extracts its share of the
     features; rank 0 trains, writes and returns the result, the other ranks return None.
