@@ -326,23 +326,32 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                 f"{NO_NETWORK_HINT}"
             ) from None
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
-            if _stalled(e):
-                raise HubError(_stall_error(where, endpoint)) from None
-            if _is_connection_error(e) and not _dropped(e):
-                raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
-            if isinstance(e, UnicodeEncodeError):
-                raise HubError(
-                    f"downloading {where} failed: a request header holds a character that is "
-                    "not ASCII; check HF_TOKEN (and any other HF_* setting)"
-                ) from None
-            if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
-                raise HubError(_http_error(where, status, endpoint, e)) from None
+            if message := _final_failure(e, where, endpoint):
+                raise HubError(message) from None
             reason = _first_line(e)
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {reason}") from e
             attempt += 1
             print(f"{where}: {reason}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
             time.sleep(attempt - 1)
+
+
+def _final_failure(error: Exception, where: str, endpoint: str | None) -> str | None:
+    """The message of a failed download of `where` that `fetch` reports at once, in its own
+    words (a stalled hub, no connection, a header that is not ASCII, HTTP 401, 403 or 404);
+    None for the others."""
+    if _stalled(error):
+        return _stall_error(where, endpoint)
+    if _is_connection_error(error) and not _dropped(error):
+        return f"downloading {where} failed: {error}. {NO_NETWORK_HINT}"
+    if isinstance(error, UnicodeEncodeError):
+        return (
+            f"downloading {where} failed: a request header holds a character that is not "
+            "ASCII; check HF_TOKEN (and any other HF_* setting)"
+        )
+    if (status := _http_status(error)) in (401, 403, 404):  # one line, not the hub's text
+        return _http_error(where, status, endpoint, error)
+    return None
 
 
 def _first_line(error: BaseException) -> str:
