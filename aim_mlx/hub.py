@@ -148,25 +148,29 @@ def download(
     if missing and progress:
         total = sum(p.size for p in missing)
         print(f"downloading {names} ({human(total)}) from {spec.repo}", file=sys.stderr)
+    return [_verified(spec, p, cache_dir, endpoint, progress) for p in planned]
 
-    paths = []
-    for p in planned:
+
+def _verified(spec: ModelSpec, p: PlannedFile, cache_dir, endpoint, progress: bool) -> Path:
+    """`download`'s path of a planned file, verified: its cached copy, else (or, unless offline,
+    when that copy does not match) one fetched now."""
+    from huggingface_hub import constants
+
+    with hub_bars(progress):
+        path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+    try:
+        verify(spec, p.file, path, progress=progress)
+    except ChecksumError:
+        if not p.local or constants.HF_HUB_OFFLINE:
+            raise
+        # another version (its registry entry changed since) or damaged: fetched afresh
+        if progress:
+            print(f"{p.file.filename}: the cached copy does not match; downloading it again",
+                  file=sys.stderr)  # fmt: skip
         with hub_bars(progress):
-            path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-        try:
-            verify(spec, p.file, path, progress=progress)
-        except ChecksumError:
-            if not p.local or constants.HF_HUB_OFFLINE:
-                raise
-            # another version (its registry entry changed since) or damaged: fetched afresh
-            if progress:
-                print(f"{p.file.filename}: the cached copy does not match; downloading it again",
-                      file=sys.stderr)  # fmt: skip
-            with hub_bars(progress):
-                path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-            verify(spec, p.file, path, progress=progress, again=True)
-        paths.append(path)
-    return paths
+            path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+        verify(spec, p.file, path, progress=progress, again=True)
+    return path
 
 
 def _bars_off() -> bool:
