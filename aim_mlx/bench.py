@@ -318,6 +318,19 @@ def _setting(read):
         return f"invalid: {e}"
 
 
+def _timed_passes(forward, x: mx.array, warmup: int, iters: int) -> list[float]:
+    """The seconds of each of `iters` passes of forward(x), after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + iters):
+        if i == warmup:  # the peak of the timed passes (weights included: still held)
+            mx.reset_peak_memory()
+        start = time.perf_counter()
+        mx.eval(forward(x))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def run(config: BenchConfig, model: AIM | None = None) -> dict:
     """Time `config`; returns one result row (see `aim-mlx bench --json`)."""
     check_counts(config)
@@ -333,14 +346,7 @@ def run(config: BenchConfig, model: AIM | None = None) -> dict:
     x = mx.random.normal((config.batch_size, 3, size, size), key=mx.random.key(1))
     mx.eval(x)
     forward = mx.compile(model) if config.compile else model
-    times = []
-    for i in range(config.warmup + config.iters):
-        if i == config.warmup:  # the peak of the timed passes (weights included: still held)
-            mx.reset_peak_memory()
-        start = time.perf_counter()
-        mx.eval(forward(x))
-        if i >= config.warmup:
-            times.append(time.perf_counter() - start)
+    times = _timed_passes(forward, x, config.warmup, config.iters)
     blocks = blocks_run(args)
     flops = flops_per_image(args, blocks, size, size)
     images_per_s = config.batch_size * len(times) / sum(times)

@@ -36,6 +36,22 @@ def imagenet_folder(
     root = Path(data_path)
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder")
+    folders, loose = _class_folders(root)
+    unreadable = [(path, images.LOOSE) for path in loose]
+    per_class = _images_per_class(root, folders, unreadable)
+    # round-robin over the classes
+    pairs = [p for p in itertools.chain(*itertools.zip_longest(*per_class)) if p is not None]
+    if not pairs:
+        reasons = "".join(f"; {path}: {why}" for path, why in unreadable[:3])
+        raise DatasetError(f"{root}: no images found in WordNet-id sub-folders{reasons}")
+    if errors is not None:
+        errors += unreadable
+    return pairs[:limit] if limit else pairs
+
+
+def _class_folders(root: Path) -> tuple[list[Path], list[str]]:
+    """(the class folders in `root`, the images lying directly in it); DatasetError where it
+    cannot be read, holds images but no folder, or has a folder not named by a WordNet id."""
     try:
         folders, loose = images.dataset_listing(root)
     except OSError as e:
@@ -53,7 +69,13 @@ def imagenet_folder(
             f"{root}: sub-folders must be ImageNet-1k WordNet ids like n01440764; "
             f"not: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
         )
-    unreadable = [(path, images.LOOSE) for path in loose]
+    return folders, loose
+
+
+def _images_per_class(root: Path, folders: list[Path], unreadable: list) -> list[list]:
+    """Each class folder's (image path, class index) pairs; the paths that cannot be read, and
+    the repeats of an image, are added to `unreadable` as (path, reason)."""
+    index = wnid_to_index()
     per_class = [
         [(path, index[f.name]) for path in images.walk_images(str(f), unreadable, [root])]
         for f in folders
@@ -64,14 +86,7 @@ def imagenet_folder(
     kept, others = images.one_name_per_file(flat, wnids, str(root), DatasetError)
     unreadable += [(path, f"the same file as {first}: counted once") for path, first in others]
     kept = set(kept)
-    per_class = [[p for p in pairs if p in kept] for pairs in per_class]
-    pairs = [p for p in itertools.chain(*itertools.zip_longest(*per_class)) if p is not None]
-    if not pairs:
-        reasons = "".join(f"; {path}: {why}" for path, why in unreadable[:3])
-        raise DatasetError(f"{root}: no images found in WordNet-id sub-folders{reasons}")
-    if errors is not None:
-        errors += unreadable
-    return pairs[:limit] if limit else pairs
+    return [[p for p in pairs if p in kept] for pairs in per_class]
 
 
 @dataclass

@@ -148,25 +148,29 @@ def download(
     if missing and progress:
         total = sum(p.size for p in missing)
         print(f"downloading {names} ({human(total)}) from {spec.repo}", file=sys.stderr)
+    return [_verified(spec, p, cache_dir, endpoint, progress) for p in planned]
 
-    paths = []
-    for p in planned:
+
+def _verified(spec: ModelSpec, p: PlannedFile, cache_dir, endpoint, progress: bool) -> Path:
+    """`download`'s path of a planned file, verified: its cached copy, else (or, unless offline,
+    when that copy does not match) one fetched now."""
+    from huggingface_hub import constants
+
+    with hub_bars(progress):
+        path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+    try:
+        verify(spec, p.file, path, progress=progress)
+    except ChecksumError:
+        if not p.local or constants.HF_HUB_OFFLINE:
+            raise
+        # another version (its registry entry changed since) or damaged: fetched afresh
+        if progress:
+            print(f"{p.file.filename}: the cached copy does not match; downloading it again",
+                  file=sys.stderr)  # fmt: skip
         with hub_bars(progress):
-            path = p.local or fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-        try:
-            verify(spec, p.file, path, progress=progress)
-        except ChecksumError:
-            if not p.local or constants.HF_HUB_OFFLINE:
-                raise
-            # another version (its registry entry changed since) or damaged: fetched afresh
-            if progress:
-                print(f"{p.file.filename}: the cached copy does not match; downloading it again",
-                      file=sys.stderr)  # fmt: skip
-            with hub_bars(progress):
-                path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
-            verify(spec, p.file, path, progress=progress, again=True)
-        paths.append(path)
-    return paths
+            path = fetch(spec, p.file, cache_dir=cache_dir, endpoint=endpoint)
+        verify(spec, p.file, path, progress=progress, again=True)
+    return path
 
 
 def _bars_off() -> bool:
@@ -326,23 +330,32 @@ def fetch(spec: ModelSpec, file: HubFile, *, cache_dir=None, endpoint=None) -> P
                 f"{NO_NETWORK_HINT}"
             ) from None
         except Exception as e:  # network and HTTP errors of huggingface_hub and its HTTP client
-            if _stalled(e):
-                raise HubError(_stall_error(where, endpoint)) from None
-            if _is_connection_error(e) and not _dropped(e):
-                raise HubError(f"downloading {where} failed: {e}. {NO_NETWORK_HINT}") from None
-            if isinstance(e, UnicodeEncodeError):
-                raise HubError(
-                    f"downloading {where} failed: a request header holds a character that is "
-                    "not ASCII; check HF_TOKEN (and any other HF_* setting)"
-                ) from None
-            if (status := _http_status(e)) in (401, 403, 404):  # one line, not the hub's text
-                raise HubError(_http_error(where, status, endpoint, e)) from None
+            if message := _final_failure(e, where, endpoint):
+                raise HubError(message) from None
             reason = _first_line(e)
             if _is_permanent(e) or attempt == ATTEMPTS:
                 raise HubError(f"downloading {where} failed: {reason}") from e
             attempt += 1
             print(f"{where}: {reason}; trying again ({attempt}/{ATTEMPTS})", file=sys.stderr)
             time.sleep(attempt - 1)
+
+
+def _final_failure(error: Exception, where: str, endpoint: str | None) -> str | None:
+    """The message of a failed download of `where` that `fetch` reports at once, in its own
+    words (a stalled hub, no connection, a header that is not ASCII, HTTP 401, 403 or 404);
+    None for the others."""
+    if _stalled(error):
+        return _stall_error(where, endpoint)
+    if _is_connection_error(error) and not _dropped(error):
+        return f"downloading {where} failed: {error}. {NO_NETWORK_HINT}"
+    if isinstance(error, UnicodeEncodeError):
+        return (
+            f"downloading {where} failed: a request header holds a character that is not "
+            "ASCII; check HF_TOKEN (and any other HF_* setting)"
+        )
+    if (status := _http_status(error)) in (401, 403, 404):  # one line, not the hub's text
+        return _http_error(where, status, endpoint, error)
+    return None
 
 
 def _first_line(error: BaseException) -> str:

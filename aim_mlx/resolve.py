@@ -78,13 +78,7 @@ def resolve(
             f"head (--head) must be one of {', '.join(registry.HEADS)} (or left out), got {head!r}"
         )
     dtype = dtype_name(dtype) or default_dtype()
-    quant = None
-    if quantize_bits:
-        try:
-            bits, group = check_quantize_options(quantize_bits, q_group_size, "quantize_bits")
-        except ConversionError as e:
-            raise OptionError(str(e)) from None
-        quant = {"bits": bits, "group_size": group}
+    quant = _quantization(quantize_bits, q_group_size)
     options = dict(head=head, dtype=dtype, quant=quant, progress=progress)
 
     if registry.is_known(str(model)):
@@ -108,6 +102,18 @@ def resolve(
             _check_head(path, head)
         return path  # the loader checks its format version
     return _from_checkpoints(path, **options)
+
+
+def _quantization(bits: int | None, group_size: int) -> dict | None:
+    """`resolve`'s quantize_bits (-q) and q_group_size, checked, as {"bits", "group_size"};
+    None without quantize_bits."""
+    if not bits:
+        return None
+    try:
+        bits, group = check_quantize_options(bits, group_size, "quantize_bits")
+    except ConversionError as e:
+        raise OptionError(str(e)) from None
+    return {"bits": bits, "group_size": group}
 
 
 def load(model: str | Path, head: str | None = None, dtype: str | None = None, **kwargs):

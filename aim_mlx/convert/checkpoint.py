@@ -405,37 +405,49 @@ class TorchCheckpoint:
             size = info.file_size - start if size is None else size
             check = not self.verified and name not in self._checked
             if info.compress_type == zipfile.ZIP_STORED:
-                with open(self.path, "rb") as f:
-                    offset = self._data_offset(f, info)
-                    if not check:
-                        f.seek(offset + start)
-                        out = self._stream(f, size, name, keep=True)[0]
-                    elif size == info.file_size:  # a whole record, the common case
-                        f.seek(offset)
-                        out = self._stream(f, size, name, keep=True)[0]
-                        crc = crc32(out)
-                    else:  # part of a record (a view): the rest streams through the CRC too
-                        f.seek(offset)
-                        crc = self._stream(f, start, name, False, 0)[1]
-                        out, crc = self._stream(f, size, name, True, crc)
-                        crc = self._stream(f, info.file_size - start - size, name, False, crc)[1]
+                out, crc = self._read_stored(info, start, size, check)
             else:  # zipfile checks the CRC itself when a record is read to its end
-                if info.file_size > max(self._size, MAX_INFLATED):  # all of it is inflated
-                    raise CheckpointError(
-                        f"{self.path}: record {name} inflates to {info.file_size} bytes, more "
-                        f"than the whole file's {self._size}: damaged, or a zip bomb"
-                    )
-                with self._zip.open(info) as f:
-                    self._stream(f, start, name, keep=False)
-                    out = self._stream(f, size, name, keep=True)[0]
-                    self._stream(f, info.file_size - start - size, name, keep=False)
-                check = False
+                out, check = self._read_compressed(info, start, size), False
             if check and crc != info.CRC:
                 raise CheckpointError(
                     f"{self.path}: record {name} is corrupted (CRC-32 mismatch); {_AGAIN}"
                 )
             self._checked.add(name)
             return out
+
+    def _read_stored(self, info: zipfile.ZipInfo, start: int, size: int, check: bool):
+        """(bytes [start, start + size) of a stored record, the CRC-32 of all of it if `check`
+        else None)."""
+        name = info.filename
+        with open(self.path, "rb") as f:
+            offset = self._data_offset(f, info)
+            if not check:
+                f.seek(offset + start)
+                return self._stream(f, size, name, keep=True)[0], None
+            f.seek(offset)
+            if size == info.file_size:  # a whole record, the common case
+                out = self._stream(f, size, name, keep=True)[0]
+                return out, crc32(out)
+            # part of a record (a view): the rest streams through the CRC too
+            crc = self._stream(f, start, name, False, 0)[1]
+            out, crc = self._stream(f, size, name, True, crc)
+            crc = self._stream(f, info.file_size - start - size, name, False, crc)[1]
+            return out, crc
+
+    def _read_compressed(self, info: zipfile.ZipInfo, start: int, size: int) -> np.ndarray:
+        """Bytes [start, start + size) of a compressed record, inflated to its end (where
+        zipfile checks its CRC-32)."""
+        name = info.filename
+        if info.file_size > max(self._size, MAX_INFLATED):  # all of it is inflated
+            raise CheckpointError(
+                f"{self.path}: record {name} inflates to {info.file_size} bytes, more "
+                f"than the whole file's {self._size}: damaged, or a zip bomb"
+            )
+        with self._zip.open(info) as f:
+            self._stream(f, start, name, keep=False)
+            out = self._stream(f, size, name, keep=True)[0]
+            self._stream(f, info.file_size - start - size, name, keep=False)
+        return out
 
     def _data_offset(self, f, info: zipfile.ZipInfo) -> int:
         """File offset of a stored record's bytes, after checking its local header and size."""

@@ -723,7 +723,7 @@ def export_model(
     """
     from ..probe.head import is_head_folder
     from ..resolve import check_model_ref, known_args, load, resolve
-    from ..transforms import ImageError, open_image, preprocess
+    from ..transforms import preprocess
 
     distributed.one_process("export_model (aim-mlx export coreml)")
     check_model_ref(model)
@@ -737,12 +737,7 @@ def export_model(
         )
     require_coremltools()
     check_output(out, force, inputs=[model, head])  # before a download or conversion
-    pictures = []
-    for path in sample_paths:
-        try:
-            pictures.append(open_image(path))
-        except ImageError as e:
-            raise ImageError(f"{path}: {e}") from None
+    pictures = _open_samples(sample_paths)
     net = load(model, head, dtype, progress=progress)
     size = img_size or net.args.img_size
     _check_options(precision, compress, target, size, net.args.patch_size)  # before preprocess
@@ -765,6 +760,19 @@ def export_model(
     )
     layers = (m for _, m in net.named_modules() if isinstance(m, nn.QuantizedLinear))
     return ExportResult(path, weight_file_size(path), next((m.bits for m in layers), None))
+
+
+def _open_samples(paths: Iterable[str | Path]) -> list:
+    """`export_model`'s sample images, decoded; ImageError naming one that cannot be."""
+    from ..transforms import ImageError, open_image
+
+    pictures = []
+    for path in paths:
+        try:
+            pictures.append(open_image(path))
+        except ImageError as e:
+            raise ImageError(f"{path}: {e}") from None
+    return pictures
 
 
 _TEMPDIR_LOCK = threading.Lock()

@@ -178,15 +178,41 @@ def heading_of(result: HeadEvalResult) -> str:
 MATRIX_PIXELS = 8192  # the matrix's side at most: 1000 classes at 28 px took 3.4 GB and 27 s
 
 
+def _cell_size(classes: int) -> int:
+    """A matrix cell's side in pixels: 28 to 64, less where the matrix would be wider than
+    MATRIX_PIXELS."""
+    cell = max(28, min(64, 900 // max(classes, 1)))
+    if classes * cell > MATRIX_PIXELS:
+        cell = max(1, MATRIX_PIXELS // classes)
+    return cell
+
+
+def _cell_colours(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each cell's share of its row, the cells' RGB colours): blue on the diagonal, red
+    elsewhere, the deeper the larger the share."""
+    rows = m.sum(axis=1, keepdims=True)
+    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)
+    level = (255 * (1 - share)).astype(np.uint8)
+    colours = np.stack([level, level, np.full_like(level, 255)], axis=-1)
+    off = ~np.eye(len(m), dtype=bool)
+    colours[off] = np.stack([np.full_like(level, 255), level, level], axis=-1)[off]
+    return share, colours
+
+
+def _upwards(text: str, font, fill, width: int) -> Image.Image:
+    """`text` (`width` pixels wide) on white, written upwards."""
+    strip = Image.new("RGB", (width + 4, 18), "white")
+    ImageDraw.Draw(strip).text((2, 0), text, fill=fill, font=font)
+    return strip.rotate(90, expand=True)
+
+
 def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
     """The confusion matrix as a picture: rows are the true classes, columns the predicted
     ones; each cell is shaded by the share of its row and shows the count. With hundreds of
     classes the cells shrink (MATRIX_PIXELS across), without counts, then without names."""
     labels, m = result.labels, result.confusion
     C = len(labels)
-    cell = max(28, min(64, 900 // max(C, 1)))
-    if C * cell > MATRIX_PIXELS:
-        cell = max(1, MATRIX_PIXELS // C)
+    cell = _cell_size(C)
     counts, names = cell >= 28, cell >= 14  # what fits in a cell
     font, small = _font(max(11, cell // 3)), _font(14)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -202,12 +228,7 @@ def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
     img = Image.new("RGB", (wide, top + C * cell + 20), "white")
     draw = ImageDraw.Draw(img)
     draw.text((10, 8), heading, fill="black", font=_font(16))
-    rows = m.sum(axis=1, keepdims=True)
-    share = np.divide(m, rows, out=np.zeros(m.shape), where=rows > 0)
-    level = (255 * (1 - share)).astype(np.uint8)  # blue on the diagonal, red elsewhere
-    colours = np.stack([level, level, np.full_like(level, 255)], axis=-1)
-    off = ~np.eye(C, dtype=bool)
-    colours[off] = np.stack([np.full_like(level, 255), level, level], axis=-1)[off]
+    share, colours = _cell_colours(m)
     cells = Image.fromarray(colours).resize((C * cell, C * cell), Image.Resampling.NEAREST)
     img.paste(cells, (left, top))
     if cell >= 4:  # the grid
@@ -225,15 +246,10 @@ def confusion_image(result: HeadEvalResult, title: str = "") -> Image.Image:
     for i, name in enumerate(labels if names else ()):  # true classes down the left
         y = top + i * cell + cell / 2 - 7
         draw.text((left - 8 - width(name, small), y), name, fill="black", font=small)
-        # predicted classes across the top, written upwards
-        strip = Image.new("RGB", (width(name, small) + 4, 18), "white")
-        ImageDraw.Draw(strip).text((2, 0), name, fill="black", font=small)
-        strip = strip.rotate(90, expand=True)
+        strip = _upwards(name, small, "black", width(name, small))  # predicted, across the top
         img.paste(strip, (int(left + i * cell + cell / 2 - 9), top - 8 - strip.height))
     draw.text((left, top - margin - 26), "predicted", fill=(90, 90, 90), font=small)
-    axis = Image.new("RGB", (width("true", small) + 4, 18), "white")
-    ImageDraw.Draw(axis).text((2, 0), "true", fill=(90, 90, 90), font=small)
-    axis = axis.rotate(90, expand=True)
+    axis = _upwards("true", small, (90, 90, 90), width("true", small))
     img.paste(axis, (4, int(top + C * cell / 2 - axis.height / 2)))
     return img
 

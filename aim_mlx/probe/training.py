@@ -207,21 +207,9 @@ def model_classes(module: nn.Module) -> int:
     return module.linear.weight.shape[0]
 
 
-def fit(
-    module: nn.Module,
-    store: features.FeatureSet,
-    train: tuple[list[str], np.ndarray],
-    val: tuple[list[str], np.ndarray],
-    settings: Settings,
-    log: Callable[[str], None],
-) -> tuple[list[EpochStats], EpochStats]:
-    """Train `module` in place on cached features; it ends holding the best epoch's weights
-    (the best validation top-1, then loss, of the epochs whose loss is finite)."""
-    train_keys, train_labels = train
-    rng = np.random.default_rng(settings.seed)
-    batch = min(settings.batch_size, len(train_keys))
-    steps = -(-len(train_keys) // batch)
-    optimizer = make_optimizer(settings, steps)
+def _step_function(module: nn.Module, optimizer: optim.Optimizer):
+    """step(x, y): one optimizer update of `module` on a batch, returning (summed loss,
+    correct predictions)."""
 
     def loss_fn(m, x, y):
         logits = m(x)
@@ -236,37 +224,64 @@ def fit(
         mx.eval(module.parameters(), optimizer.state, loss, hits)
         return loss.item() * len(y), hits.item()
 
-    log(f"epoch {'loss':>8} {'train top-1':>11} {'val loss':>9} {'val top-1':>9} {'time':>7}")
+    return step
+
+
+def _train_epoch(module: nn.Module, step, store, train, batch: int, order) -> tuple[float, float]:
+    """(mean loss, top-1 %) of one pass of `step` over the training features, in `order`."""
+    train_keys, train_labels = train
+    module.train()
+    total = hits = 0.0
+    for x, y in batches(store, train_keys, train_labels, batch, order):
+        loss, h = step(x, y)
+        total, hits = total + loss, hits + h
+    return total / len(train_keys), 100 * hits / len(train_keys)
+
+
+EPOCH_HEADER = f"epoch {'loss':>8} {'train top-1':>11} {'val loss':>9} {'val top-1':>9} {'time':>7}"
+
+
+def _epoch_row(stats: EpochStats, improved: bool) -> str:
+    """An epoch's line under `EPOCH_HEADER`, starred when it is the best so far."""
+    return (
+        f"{stats.epoch:>5} {stats.loss:>8.4f} {stats.train_top1:>10.1f}% "
+        f"{stats.val_loss:>9.4f} {stats.val_top1:>8.1f}% {stats.seconds:>6.2f}s"
+        f"{'  *' if improved else ''}"
+    )
+
+
+def fit(
+    module: nn.Module,
+    store: features.FeatureSet,
+    train: tuple[list[str], np.ndarray],
+    val: tuple[list[str], np.ndarray],
+    settings: Settings,
+    log: Callable[[str], None],
+) -> tuple[list[EpochStats], EpochStats]:
+    """Train `module` in place on cached features; it ends holding the best epoch's weights
+    (the best validation top-1, then loss, of the epochs whose loss is finite)."""
+    n = len(train[0])  # training images
+    rng = np.random.default_rng(settings.seed)
+    batch = min(settings.batch_size, n)
+    steps = -(-n // batch)
+    step = _step_function(module, make_optimizer(settings, steps))
+    log(EPOCH_HEADER)
     history, best, best_weights = [], None, None
     for epoch in range(1, settings.epochs + 1):
         start = time.perf_counter()
-        module.train()
-        total = hits = 0.0
-        order = rng.permutation(len(train_keys))
-        for x, y in batches(store, train_keys, train_labels, batch, order):
-            loss, h = step(x, y)
-            total, hits = total + loss, hits + h
+        order = rng.permutation(n)
+        loss, top1 = _train_epoch(module, step, store, train, batch, order)
         module.eval()
         val_loss, val_top1, val_top5 = evaluate_features(module, store, *val, batch)
-        stats = EpochStats(
-            epoch,
-            total / len(train_keys),
-            100 * hits / len(train_keys),
-            val_loss,
-            val_top1,
-            val_top5,
-            time.perf_counter() - start,
-        )
+        seconds = time.perf_counter() - start
+        stats = EpochStats(epoch, loss, top1, val_loss, val_top1, val_top5, seconds)
         history.append(stats)
         score = (stats.val_top1, -stats.val_loss)
         finite = math.isfinite(stats.val_loss)  # NaN logits: a head that classifies nothing
         improved = finite and (best is None or score > (best.val_top1, -best.val_loss))
         if improved:
             best, best_weights = stats, tree_flatten(module.parameters())
-        log(
-            f"{epoch:>5} {stats.loss:>8.4f} {stats.train_top1:>10.1f}% {stats.val_loss:>9.4f} "
-            f"{stats.val_top1:>8.1f}% {stats.seconds:>6.2f}s{'  *' if improved else ''}"
-        )
+        log(_epoch_row(stats, improved))
     if best is None:
         raise ProbeError(
             f"training diverged: the validation loss of every epoch is nan or inf (the last: "
