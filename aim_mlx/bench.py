@@ -52,11 +52,17 @@ class BenchConfig:
         self.model = preset_name(self.model)
         if self.dtype is not None:
             self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
-        elif not (is_path(self.model) and is_converted(Path(self.model))):
+        elif not _converted_folder(self.model):
             self.dtype = "float32"
         for name in ("batch_size", "q_bits", "q_group_size", "img_size", "warmup", "iters"):
             if is_whole(value := getattr(self, name)):  # numpy's: as Python's, in the JSON rows
                 setattr(self, name, int(value))
+
+
+def _converted_folder(model) -> bool:
+    """Whether `model` is a converted folder; a size's name is the size, even beside a folder of
+    that name (as `check` takes it)."""
+    return is_path(model) and model not in PRESETS and is_converted(Path(model))
 
 
 def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:

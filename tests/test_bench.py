@@ -259,6 +259,8 @@ def test_a_size_beside_a_converted_folder_of_its_name_is_a_size(converted, tmp_p
     monkeypatch.chdir(tmp_path)
     shutil.copytree(converted, tmp_path / "aim-600M")
     config = bench.BenchConfig("aim-600M", iters=1, warmup=0)
+    bench.check(config)  # was a KeyError: the folder's own dtype (None) taken for the size's
+    assert config.dtype == "float32"
     row = bench.run(config, model=bench.random_model(reference_args("last"), mx.float32))
     assert (row["model"], row["head"]) == ("aim-600M", "best")
 
