@@ -222,7 +222,8 @@ def check(config: BenchConfig) -> None:
     if not is_converted(path):
         return
     own = _converted_dtype(path)
-    if config.q_bits or config.head or config.dtype not in (None, own):
+    other_dtype = own is not None and config.dtype not in (None, own)  # else loading says why
+    if config.q_bits or config.head or other_dtype:
         as_converted = f"as it was converted ({own})" if own else "as it was converted"
         raise OptionError(
             f"model (--model) {path}: a converted folder is benchmarked {as_converted}, with "
@@ -232,14 +233,15 @@ def check(config: BenchConfig) -> None:
 
 
 def _converted_dtype(path: Path) -> str | None:
-    """The dtype a converted folder's config.json records (None if it cannot be read: loading
-    says why)."""
+    """The dtype a converted folder's config.json records (None if it cannot be read or is not
+    a dtype: loading says why)."""
     from .loader import ModelLoadError, read_config
 
     try:
-        return read_config(path).get("dtype")
+        dtype = read_config(path).get("dtype")
     except ModelLoadError:
         return None
+    return dtype if isinstance(dtype, str) and dtype in MX_DTYPES else None
 
 
 def check_counts(config: BenchConfig) -> None:

@@ -286,6 +286,17 @@ def test_cli_bench_folder_refuses_dtype(converted):
     assert res.exit_code == 2 and "converted folder" in res.output
 
 
+@pytest.mark.parametrize("config", ["{damaged", '{"dtype": "float64"}'])
+def test_cli_bench_folder_with_a_bad_config_says_so_with_dtype_too(converted, tmp_path, config):
+    """Its dtype unknown, --dtype is not refused as another one: loading says what is wrong."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(converted, folder)
+    (folder / "config.json").write_text(config)
+    res = CliRunner().invoke(main, ["bench", "--model", str(folder), "--dtype", "float32"])
+    assert res.exit_code == 1 and "converted folder" not in res.output
+    assert f"{folder}/config.json: " in exited_cleanly(res, 1).output
+
+
 @pytest.mark.parametrize("warmup", [1, 0])
 def test_peak_memory_is_that_of_the_timed_passes(warmup):
     """peak_memory_gb: mx.get_peak_memory over the timed passes, weights included (the
