@@ -139,6 +139,7 @@ def test_cli_bench_table_and_compile(converted):
     assert header[:3] == ["model", "blocks", "batch"] and "img/s" in header
     row = lines[5].split()
     assert row[:5] == ["tiny", "7", "1", "float32", "-"] and row[5] == "True"
+    assert res.stderr == f"running {converted} batch 1 ...\n"  # its own dtype: in the row
 
 
 @pytest.mark.parametrize(
