@@ -52,11 +52,17 @@ class BenchConfig:
         self.model = preset_name(self.model)
         if self.dtype is not None:
             self.dtype = as_dtype_name(self.dtype)  # mx.float16 too, as aim_mlx.load takes it
-        elif not (is_path(self.model) and is_converted(Path(self.model))):
+        elif not _converted_folder(self.model):
             self.dtype = "float32"
         for name in ("batch_size", "q_bits", "q_group_size", "img_size", "warmup", "iters"):
             if is_whole(value := getattr(self, name)):  # numpy's: as Python's, in the JSON rows
                 setattr(self, name, int(value))
+
+
+def _converted_folder(model) -> bool:
+    """Whether `model` is a converted folder; a size's name is the size, even beside a folder of
+    that name (as `check` takes it)."""
+    return is_path(model) and model not in PRESETS and is_converted(Path(model))
 
 
 def flops_per_image(args: ModelArgs, num_blocks: int, img_h: int, img_w: int) -> int:
@@ -216,7 +222,8 @@ def check(config: BenchConfig) -> None:
     if not is_converted(path):
         return
     own = _converted_dtype(path)
-    if config.q_bits or config.head or config.dtype not in (None, own):
+    other_dtype = own is not None and config.dtype not in (None, own)  # else loading says why
+    if config.q_bits or config.head or other_dtype:
         as_converted = f"as it was converted ({own})" if own else "as it was converted"
         raise OptionError(
             f"model (--model) {path}: a converted folder is benchmarked {as_converted}, with "
@@ -226,14 +233,15 @@ def check(config: BenchConfig) -> None:
 
 
 def _converted_dtype(path: Path) -> str | None:
-    """The dtype a converted folder's config.json records (None if it cannot be read: loading
-    says why)."""
+    """The dtype a converted folder's config.json records (None if it cannot be read or is not
+    a dtype: loading says why)."""
     from .loader import ModelLoadError, read_config
 
     try:
-        return read_config(path).get("dtype")
+        dtype = read_config(path).get("dtype")
     except ModelLoadError:
         return None
+    return dtype if isinstance(dtype, str) and dtype in MX_DTYPES else None
 
 
 def check_counts(config: BenchConfig) -> None:

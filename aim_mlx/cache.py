@@ -357,14 +357,14 @@ def _entries_of(name: str, entries: list[str]) -> set[str]:
 
 def to_remove(names: Iterable[str] = (), remove_all: bool = False) -> tuple[list, list]:
     """What `aim-mlx cache rm` removes: the keys of the model entries and of the feature sets
-    that `names` pick (a feature set by its key; see `entries_named`), or all of both; checked
-    before anything is removed."""
+    that `names` pick (a feature set by its key; see `entries_named`), or all of both; the names
+    are checked before anything is removed, with `remove_all` too."""
     names = list(names)
     entries = [e.key for e in list_entries()]
     feature_sets = sorted(e.key for e in list_feature_sets())
+    models = entries_named([n for n in names if n not in feature_sets], entries)  # --all too
     if remove_all:
         return entries, feature_sets
-    models = entries_named([n for n in names if n not in feature_sets], entries)
     return models, [key for key in feature_sets if key in names]
 
 

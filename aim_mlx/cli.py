@@ -522,10 +522,8 @@ def bench(
         iters,
     ):
         if not as_json:
-            click.echo(
-                f"running {config.model} batch {config.batch_size} {config.dtype or ''} ...",
-                err=True,
-            )
+            dtype = f" {config.dtype}" if config.dtype else ""  # None: a converted folder's own
+            click.echo(f"running {config.model} batch {config.batch_size}{dtype} ...", err=True)
         row = lib.run(config)
         rows.append(row)
         if as_json:

@@ -139,6 +139,7 @@ def test_cli_bench_table_and_compile(converted):
     assert header[:3] == ["model", "blocks", "batch"] and "img/s" in header
     row = lines[5].split()
     assert row[:5] == ["tiny", "7", "1", "float32", "-"] and row[5] == "True"
+    assert res.stderr == f"running {converted} batch 1 ...\n"  # its own dtype: in the row
 
 
 @pytest.mark.parametrize(
@@ -259,6 +260,8 @@ def test_a_size_beside_a_converted_folder_of_its_name_is_a_size(converted, tmp_p
     monkeypatch.chdir(tmp_path)
     shutil.copytree(converted, tmp_path / "aim-600M")
     config = bench.BenchConfig("aim-600M", iters=1, warmup=0)
+    bench.check(config)  # was a KeyError: the folder's own dtype (None) taken for the size's
+    assert config.dtype == "float32"
     row = bench.run(config, model=bench.random_model(reference_args("last"), mx.float32))
     assert (row["model"], row["head"]) == ("aim-600M", "best")
 
@@ -282,6 +285,17 @@ def test_cli_bench_converts_a_folder_of_checkpoints_as_asked(tmp_path, monkeypat
 def test_cli_bench_folder_refuses_dtype(converted):
     res = CliRunner().invoke(main, ["bench", "--model", str(converted), "--dtype", "float16"])
     assert res.exit_code == 2 and "converted folder" in res.output
+
+
+@pytest.mark.parametrize("config", ["{damaged", '{"dtype": "float64"}'])
+def test_cli_bench_folder_with_a_bad_config_says_so_with_dtype_too(converted, tmp_path, config):
+    """Its dtype unknown, --dtype is not refused as another one: loading says what is wrong."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(converted, folder)
+    (folder / "config.json").write_text(config)
+    res = CliRunner().invoke(main, ["bench", "--model", str(folder), "--dtype", "float32"])
+    assert res.exit_code == 1 and "converted folder" not in res.output
+    assert f"{folder}/config.json: " in exited_cleanly(res, 1).output
 
 
 @pytest.mark.parametrize("warmup", [1, 0])

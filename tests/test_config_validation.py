@@ -501,6 +501,9 @@ def test_cache_rm_checks_every_name_before_removing_any():
     err = clean(cli("cache", "rm", "set-1", "typo"), 1)
     assert "nothing cached under 'typo'" in err
     assert folder.exists()
+    err = clean(cli("cache", "rm", "typo", "--all"), 1)  # a mistyped name is refused with --all too
+    assert "nothing cached under 'typo'" in err
+    assert folder.exists()
     result = cli("cache", "rm", "set-1")
     clean(result, 0)
     assert result.stdout == "removed features set-1 (0.0 MB)\n"
