@@ -423,10 +423,13 @@ def format_table(rows: list[dict]) -> str:
 
 def preset_name(model):
     """A size named in any case (aim-600m) as PRESETS spells it, as the other commands take
-    model names; a folder or anything else as it is."""
+    model names; a folder with `~` expanded (as `aim_mlx.load` takes it); anything else as it
+    is."""
     if isinstance(model, str) and not Path(model).is_dir():
-        return next((name for name in PRESETS if name.lower() == model.lower()), model)
-    return model
+        model = next((name for name in PRESETS if name.lower() == model.lower()), model)
+    if isinstance(model, os.PathLike):
+        return Path(model).expanduser()
+    return os.path.expanduser(model) if isinstance(model, str) else model
 
 
 def configs(model, batch_sizes, dtypes, q_bits, compile_, img_size, head, warmup, iters):

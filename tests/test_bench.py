@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -345,3 +346,16 @@ def test_python_bench_takes_numpy_integers(converted):
     assert (quantized.q_bits, quantized.q_group_size) == (8, 64)
     assert type(quantized.q_bits) is int and type(quantized.q_group_size) is int
     bench.check(quantized)
+
+
+def test_a_folder_under_home_is_taken_with_its_tilde(converted, tmp_path, monkeypatch):
+    """`--model=~/folder` (no shell expands it there): the folder, as aim_mlx.load takes it."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(converted, tmp_path / "mine")
+    for model in ("~/mine", Path("~/mine")):
+        config = bench.BenchConfig(model, iters=1, warmup=0)
+        bench.check(config)  # was "not a preset ... nor a model folder"
+        assert Path(config.model) == tmp_path / "mine" and config.dtype is None
+    res = CliRunner().invoke(main, ["bench", "--model=~/mine", "--iters", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["model"] == "mine"
