@@ -967,3 +967,12 @@ def test_a_download_that_cannot_be_removed_is_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "unlink", read_only)
     with pytest.raises(hub_module.HubError, match=r"cannot remove .* \(Read-only file system\)"):
         hub_module.remove_cached_file(link)
+
+
+def test_a_token_that_is_not_ascii_is_named(env, hub):
+    """A header value HTTP cannot carry (a token pasted with a typographic quote): one line
+    naming HF_TOKEN, not the HTTP client's UnicodeEncodeError."""
+    result = aim_mlx({**env, "HF_TOKEN": "hf_\u2019abc"}, "cache", "add", "aim-tiny")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "a request header holds a character that is not ASCII; check HF_TOKEN" in result.stderr
+    assert "trying again" not in result.stderr and hub.downloads() == []
